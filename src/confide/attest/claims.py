@@ -1,0 +1,68 @@
+"""What every evidence verifier returns: the verified claims of one piece of evidence.
+
+A verifier checks authenticity only (signatures, certificate chains, collateral validity at a
+given time). Whether the claims are acceptable is the policy's job (confide.policy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Claims:
+    backend: str  # "sim" | "sgx" | "tdx" | "sev-snp" | "nitro"
+    measurement: str  # hex: MRENCLAVE / MRTD / SNP measurement / Nitro PCR0 / sim measurement
+    signer: str  # hex: MRSIGNER, sim signer; "" where the format has none
+    product_id: int
+    security_version: int
+    debug: bool
+    report_data: bytes  # 64 bytes chosen by the enclave (zero-padded where the format has fewer)
+    simulated: bool
+    issued_at: int | None = None  # unix seconds, when the evidence carries a time
+    tcb_status: str = ""  # e.g. "UpToDate", "SWHardeningNeeded" (DCAP); "" where not applicable
+    advisories: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific (PCRs, enclave keys, ...)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "simulated": self.simulated,
+            "measurement": self.measurement,
+            "signer": self.signer,
+            "product_id": self.product_id,
+            "security_version": self.security_version,
+            "debug": self.debug,
+            "report_data": self.report_data.hex(),
+            "issued_at": self.issued_at,
+            "tcb_status": self.tcb_status,
+            "advisories": list(self.advisories),
+            "extra": self.extra,
+        }
+
+
+@dataclass(frozen=True)
+class TrustAnchors:
+    """Roots a verifier may chain to. Paths/PEM/DER bytes are loaded by the caller."""
+
+    sim_roots: tuple[bytes, ...] = ()  # DER certificates of simulated vendor roots
+    intel_sgx_roots: tuple[bytes, ...] = ()  # DER
+    amd_ark_chains: tuple[bytes, ...] = ()  # PEM bundles (ASK/ASVK + ARK)
+    nitro_roots: tuple[bytes, ...] = ()  # PEM
+
+
+class Verifier(Protocol):
+    """One evidence format. Registered in confide.attest.VERIFIERS."""
+
+    name: str
+
+    def sniff(self, evidence: bytes) -> bool:
+        """Cheap check: does this look like my format? Never raises."""
+        ...
+
+    def verify(
+        self, evidence: bytes, *, at: int, anchors: TrustAnchors, collateral: bytes | None = None
+    ) -> Claims:
+        """Verify authenticity at unix time `at`; raise EvidenceError naming what failed."""
+        ...

@@ -1,0 +1,108 @@
+"""Verifier for the Confide sim backend's evidence. Authentic means: signed by a platform key whose
+certificate chains to a trusted simulated vendor root, valid at the time checked. It is still
+simulated: the policy rejects it unless it explicitly allows simulation."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from confide.enclave.backend import REPORT_DATA_LEN, SIM_EVIDENCE_FORMAT
+from confide.enclave.encoding import b64d, check_fields, get_typed, hexd, parse_json_object
+from confide.enclave.errors import EvidenceError, FormatError
+
+from .claims import Claims, TrustAnchors
+
+W = "sim evidence"
+_BODY_FIELDS = (
+    "backend", "simulated", "notice", "measurement", "signer", "product_id", "security_version",
+    "debug", "report_data", "time", "extra",
+)
+
+
+def _verify_cert(cert: x509.Certificate, issuer: x509.Certificate, *, at: int, what: str) -> None:
+    key = issuer.public_key()
+    if not isinstance(key, Ed25519PublicKey):
+        raise EvidenceError(f"{what}: issuer key is not Ed25519", where=W)
+    if cert.issuer != issuer.subject:
+        raise EvidenceError(f"{what}: issuer does not match the trusted root's subject", where=W)
+    try:
+        key.verify(cert.signature, cert.tbs_certificate_bytes)
+    except InvalidSignature:
+        raise EvidenceError(f"{what}: certificate signature does not verify under the trusted root", where=W) from None
+    when = dt.datetime.fromtimestamp(at, dt.UTC)
+    if not cert.not_valid_before_utc <= when <= cert.not_valid_after_utc:
+        raise EvidenceError(
+            f"{what}: certificate not valid at {when:%Y-%m-%dT%H:%M:%SZ} (valid "
+            f"{cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ} .. {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ})",
+            where=W,
+        )
+
+
+class SimVerifier:
+    name = "sim"
+
+    def sniff(self, evidence: bytes) -> bool:
+        return evidence.lstrip()[:1] == b"{" and SIM_EVIDENCE_FORMAT.encode() in evidence[:200]
+
+    def verify(
+        self, evidence: bytes, *, at: int, anchors: TrustAnchors, collateral: bytes | None = None
+    ) -> Claims:
+        try:
+            return self._verify(evidence, at=at, anchors=anchors)
+        except FormatError as exc:
+            raise EvidenceError(exc.message, where=exc.where or W) from None
+
+    def _verify(self, evidence: bytes, *, at: int, anchors: TrustAnchors) -> Claims:
+        outer = parse_json_object(evidence, where=W)
+        check_fields(outer, required=("format", "body", "signature", "certificates"), where=W)
+        if outer["format"] != SIM_EVIDENCE_FORMAT:
+            raise EvidenceError(f"unknown format {outer['format']!r}", where=W)
+        body = b64d(outer["body"], field="body", where=W)
+        signature = b64d(outer["signature"], field="signature", where=W, length=64)
+        certs = get_typed(outer, "certificates", list, where=W)
+        if len(certs) != 1:
+            raise EvidenceError("expected exactly one platform certificate", where=W)
+        try:
+            pak = x509.load_der_x509_certificate(b64d(certs[0], field="certificates[0]", where=W))
+        except ValueError:
+            raise EvidenceError("platform certificate is not valid DER X.509", where=W) from None
+        if not anchors.sim_roots:
+            raise EvidenceError("no simulated vendor root is trusted (no sim root in the trust anchors)", where=W)
+        errors = []
+        for der in anchors.sim_roots:
+            try:
+                _verify_cert(pak, x509.load_der_x509_certificate(der), at=at, what="platform certificate")
+                break
+            except EvidenceError as exc:
+                errors.append(exc.message)
+        else:
+            raise EvidenceError("; ".join(errors), where=W)
+        pak_key = pak.public_key()
+        if not isinstance(pak_key, Ed25519PublicKey):
+            raise EvidenceError("platform key is not Ed25519", where=W)
+        try:
+            pak_key.verify(signature, SIM_EVIDENCE_FORMAT.encode() + b"\0" + body)
+        except InvalidSignature:
+            raise EvidenceError("evidence signature does not verify under the platform key", where=W) from None
+        bw = f"{W} body"
+        claims = parse_json_object(body, where=bw)
+        check_fields(claims, required=_BODY_FIELDS, where=bw)
+        if claims["backend"] != "sim" or claims["simulated"] is not True:
+            raise EvidenceError("sim evidence must declare backend 'sim' and simulated true", where=bw)
+        extra = get_typed(claims, "extra", dict, where=bw)
+        return Claims(
+            backend="sim",
+            measurement=hexd(claims["measurement"], field="measurement", where=bw, length=32).hex(),
+            signer=hexd(claims["signer"], field="signer", where=bw, length=32).hex(),
+            product_id=get_typed(claims, "product_id", int, where=bw),
+            security_version=get_typed(claims, "security_version", int, where=bw),
+            debug=get_typed(claims, "debug", bool, where=bw),
+            report_data=hexd(claims["report_data"], field="report_data", where=bw, length=REPORT_DATA_LEN),
+            simulated=True,
+            issued_at=get_typed(claims, "time", int, where=bw),
+            extra={"notice": get_typed(claims, "notice", str, where=bw), **extra},
+        )

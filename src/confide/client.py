@@ -1,0 +1,170 @@
+"""The client side: what a party runs on its own machine. Verifies evidence, seals requests to the
+attested enclave, checks the receipt. Trusted by the party that runs it, and nothing else is."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from confide.attest import Claims, TrustAnchors, verify_evidence
+from confide.enclave.encoding import b64d, b64e
+from confide.enclave.errors import ConfideError, EvidenceError, IntegrityError
+from confide.enclave.keys import Identity, PublicIdentity
+from confide.enclave.request import (
+    InputGrant,
+    OutputSpec,
+    RunRequest,
+    function_digest,
+    new_request_id,
+    params_digest,
+    verify_receipt,
+)
+from confide.enclave.sealed_file import open_reader
+from confide.enclave.sim_platform import SimPlatform
+from confide.host import EnclaveProcess
+from confide.policy import Policy, evaluate
+
+DEFAULT_MAX_OUTPUT = 256 << 20
+
+
+@dataclass(frozen=True)
+class Home:
+    """A Confide installation directory ($CONFIDE_HOME, default ~/.confide)."""
+
+    root: Path
+
+    @property
+    def platform_dir(self) -> Path:
+        return self.root / "platform"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "enclave-state"
+
+    @property
+    def policy_path(self) -> Path:
+        return self.root / "policy.toml"
+
+    def platform(self) -> SimPlatform:
+        return SimPlatform.load_or_create(self.platform_dir)
+
+    def anchors(self) -> TrustAnchors:
+        roots = (SimPlatform.load(self.platform_dir).root_der,) if (self.platform_dir / "pak.crt").exists() else ()
+        return TrustAnchors(sim_roots=roots)
+
+    def policy(self, path: Path | None) -> Policy:
+        if path is not None:
+            return Policy.load(path)
+        if self.policy_path.exists():
+            return Policy.load(self.policy_path)
+        return Policy()
+
+    def start_enclave(self, config: Path | None = None) -> EnclaveProcess:
+        self.platform()
+        return EnclaveProcess(platform_dir=self.platform_dir, state_dir=self.state_dir, config=config)
+
+
+def attest(enclave: EnclaveProcess, policy: Policy, anchors: TrustAnchors) -> tuple[Claims, PublicIdentity]:
+    """Fresh-nonce attestation: returns the verified claims and the enclave key they vouch for."""
+    nonce = os.urandom(32)
+    evidence = enclave.evidence(nonce)
+    now = int(time.time())
+    claims = verify_evidence(evidence, at=now, anchors=anchors)
+    line = claims.extra.get("enclave")
+    if not isinstance(line, str):
+        raise EvidenceError("evidence names no enclave key", where="evidence")
+    enclave_pub = PublicIdentity.from_line(line, where="evidence: enclave key")
+    evaluate(policy, claims, at=now, nonce=nonce, enclave_keys=enclave_pub)
+    return claims, enclave_pub
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    ok: bool
+    category: str
+    receipt: dict[str, Any] | None
+    claims: Claims
+    duration_s: float
+
+
+def run_function(
+    enclave: EnclaveProcess,
+    *,
+    source: str,
+    inputs: dict[str, Path],
+    outputs: dict[str, Path],
+    recipients: list[PublicIdentity],
+    params: dict[str, Any],
+    identity: Identity,
+    policy: Policy,
+    anchors: TrustAnchors,
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT,
+    error_report: Path | None = None,
+) -> RunOutcome:
+    claims, enclave_pub = attest(enclave, policy, anchors)
+    grants: dict[str, InputGrant] = {}
+    for name, path in inputs.items():
+        fh, reader = open_reader(path)
+        with fh:
+            reader.unlock(identity=identity)
+            grants[name] = InputGrant(reader.data_key, reader.header.digest.hex())
+    req = RunRequest(
+        request_id=new_request_id(),
+        function_sha256=function_digest(source),
+        params=params,
+        inputs=grants,
+        outputs={n: OutputSpec(tuple(recipients), max_output_bytes) for n in outputs},
+        error_recipients=(identity.public, *recipients),
+        client=identity.public,
+    )
+    args: dict[str, Any] = {
+        "source": source,
+        "request": b64e(req.seal_to(enclave_pub)),
+        "inputs": {n: str(p.resolve()) for n, p in inputs.items()},
+        "outputs": {n: str(p.resolve()) for n, p in outputs.items()},
+    }
+    if error_report is not None:
+        args["error_report"] = str(error_report.resolve())
+    result = enclave.call("run", **args)
+    if not result.get("ok"):
+        return RunOutcome(False, str(result.get("category")), None, claims, float(result.get("duration_s", 0)))
+    receipt = check_receipt(
+        b64d(result["receipt"], field="receipt", where="enclave reply"), enclave_pub, req, outputs, where="receipt"
+    )
+    return RunOutcome(True, "ok", receipt, claims, float(result.get("duration_s", 0)))
+
+
+def check_receipt(
+    data: bytes, enclave_pub: PublicIdentity, req: RunRequest, outputs: dict[str, Path], *, where: str
+) -> dict[str, Any]:
+    body = verify_receipt(data, enclave_pub, where=where)
+    expect = {
+        "request_id": req.request_id,
+        "function_sha256": req.function_sha256,
+        "params_sha256": params_digest(req.params),
+        "inputs": {n: g.header_sha256 for n, g in sorted(req.inputs.items())},
+    }
+    for key, value in expect.items():
+        if body.get(key) != value:
+            raise IntegrityError(f"receipt field {key!r} does not match the request", where=where)
+    for name, path in outputs.items():
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        if body["outputs"].get(name) != digest:
+            raise IntegrityError(f"output {name!r} on disk is not the output the enclave signed", where=str(path))
+    return {**body, "raw": data.decode()}
+
+
+def parse_assignments(items: tuple[str, ...], *, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfideError(f"expected NAME=VALUE, got {item!r}", where=what)
+        if name in out:
+            raise ConfideError(f"{name!r} given twice", where=what)
+        out[name] = value
+    return out

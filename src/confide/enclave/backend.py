@@ -1,0 +1,117 @@
+"""TEE backends: what the hardware gives an enclave, behind one interface.
+
+Every backend offers the same three things (DESIGN.md, "TEE backends"):
+  * evidence binding 64 bytes of report data chosen by the enclave,
+  * an identity (measurement, signer, product id, security version, debug flag),
+  * sealing keys bound to that identity.
+The enclave runtime only sees ``TeeBackend``. ``SimBackend`` is the one implemented here; Gramine-SGX
+(/dev/attestation), configfs-tsm (SEV-SNP/TDX) and Nitro (NSM device) providers implement the same
+three methods; their evidence is checked by the verifiers in ``confide.attest``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .encoding import b64e, canonical_json
+from .keys import PublicIdentity
+from .sim_platform import SimPlatform
+
+REPORT_DATA_LEN = 64
+SIM_EVIDENCE_FORMAT = "confide-sim-evidence-v1"
+SIM_NOTICE = (
+    "SIMULATED TEE: produced by the Confide sim backend. It gives NO protection against the host: "
+    "anyone with the platform directory can forge this evidence and read enclave memory."
+)
+# The simulated signer (MRSIGNER): constant across releases so per-signer sealing survives upgrades.
+SIM_SIGNER = hashlib.sha256(b"confide-sim-signer-v1:confide-dev-release-key").hexdigest()
+
+SealPolicy = Literal["measurement", "signer"]
+
+
+def keys_binding(enclave: PublicIdentity) -> bytes:
+    return hashlib.sha256(b"confide-enclave-keys-v1\0" + enclave.sign_pub + enclave.kem_pub).digest()
+
+
+def nonce_binding(nonce: bytes | None) -> bytes:
+    return bytes(32) if not nonce else hashlib.sha256(b"confide-nonce-v1\0" + nonce).digest()
+
+
+def report_data_for(enclave: PublicIdentity, nonce: bytes | None) -> bytes:
+    """Report data of a Confide enclave: H(enclave public keys) || H(verifier's nonce) (zeros if none)."""
+    return keys_binding(enclave) + nonce_binding(nonce)
+
+
+@dataclass(frozen=True)
+class EnclaveIdentity:
+    backend: str
+    measurement: str
+    signer: str
+    product_id: int
+    security_version: int
+    debug: bool
+
+
+class TeeBackend(Protocol):
+    @property
+    def identity(self) -> EnclaveIdentity: ...
+
+    def evidence(self, report_data: bytes, *, extra: dict[str, str]) -> bytes:
+        """Evidence binding `report_data` (64 bytes); `extra` is carried unsigned-by-hardware but
+        covered where the format allows (the enclave's public keys)."""
+        ...
+
+    def sealing_key(self, policy: SealPolicy, label: bytes) -> bytes: ...
+
+
+class SimBackend:
+    """The simulated TEE: evidence signed by the installation's simulated platform key."""
+
+    def __init__(self, platform: SimPlatform, identity: EnclaveIdentity) -> None:
+        self._platform = platform
+        self._identity = identity
+
+    @property
+    def identity(self) -> EnclaveIdentity:
+        return self._identity
+
+    def evidence(self, report_data: bytes, *, extra: dict[str, str]) -> bytes:
+        if len(report_data) != REPORT_DATA_LEN:
+            raise ValueError(f"report data must be {REPORT_DATA_LEN} bytes")
+        ident = self._identity
+        body = canonical_json(
+            {
+                "backend": "sim",
+                "simulated": True,
+                "notice": SIM_NOTICE,
+                "measurement": ident.measurement,
+                "signer": ident.signer,
+                "product_id": ident.product_id,
+                "security_version": ident.security_version,
+                "debug": ident.debug,
+                "report_data": report_data.hex(),
+                "time": int(time.time()),
+                "extra": extra,
+            }
+        )
+        signature = self._platform.pak_key.sign(SIM_EVIDENCE_FORMAT.encode() + b"\0" + body)
+        return canonical_json(
+            {
+                "format": SIM_EVIDENCE_FORMAT,
+                "body": b64e(body),
+                "signature": b64e(signature),
+                "certificates": [b64e(self._platform.pak_der)],
+            }
+        )
+
+    def sealing_key(self, policy: SealPolicy, label: bytes) -> bytes:
+        ident = self._identity
+        bound = ident.measurement if policy == "measurement" else f"{ident.signer}/{ident.product_id}"
+        info = b"confide-seal-v1\0" + policy.encode() + b"\0" + bound.encode() + b"\0" + label
+        return HKDF(hashes.SHA256(), 32, salt=None, info=info).derive(self._platform.secret)

@@ -1,0 +1,142 @@
+"""The framed channel between host and enclave, and the fixed table of enclave calls (ECALLs).
+
+Frame: a 4-byte big-endian length, then that many bytes of UTF-8 JSON. The enclave treats every
+frame as hostile: it caps the length before reading, parses strictly (no duplicate keys, no NaN),
+and checks the call's arguments against the call's schema before anything else looks at them.
+A bad frame gets an error reply; it never takes the enclave down.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from .encoding import canonical_json, check_fields, get_typed, parse_json_object
+from .errors import ConfideError, FormatError
+
+HEADER = struct.Struct(">I")
+MAX_NAME_LEN = 64
+MAX_PATH_LEN = 4096
+MAX_SOURCE_LEN = 1 << 20
+MAX_NONCE_LEN = 64
+
+
+class ChannelClosed(ConfideError):
+    """The peer closed the channel."""
+
+
+class FrameTooLarge(FormatError):
+    """A frame longer than the receiver accepts (its payload has been skipped)."""
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ChannelClosed("channel closed" if got == 0 else "channel closed inside a frame")
+        got += k
+    return bytes(buf)
+
+
+def _discard(sock: socket.socket, n: int) -> None:
+    while n:
+        chunk = sock.recv(min(n, 1 << 16))
+        if not chunk:
+            raise ChannelClosed("channel closed inside an oversized frame")
+        n -= len(chunk)
+
+
+def read_frame(sock: socket.socket, max_bytes: int) -> bytes:
+    (length,) = HEADER.unpack(_recv_exact(sock, HEADER.size))
+    if length > max_bytes:
+        _discard(sock, length)  # keep the stream in step; never buffer the oversized payload
+        raise FrameTooLarge(f"frame of {length} bytes exceeds the {max_bytes}-byte limit", where="channel")
+    return _recv_exact(sock, length)
+
+
+def write_frame(sock: socket.socket, payload: bytes) -> None:
+    sock.sendall(HEADER.pack(len(payload)) + payload)
+
+
+def send_message(sock: socket.socket, obj: dict[str, Any]) -> None:
+    write_frame(sock, canonical_json(obj))
+
+
+# ---- call table ---------------------------------------------------------------------------------
+
+Kind = type | tuple[type, ...]
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    required: dict[str, Kind]
+    optional: dict[str, Kind]
+    doc: str
+
+
+CALLS: dict[str, CallSpec] = {
+    "ping": CallSpec({}, {}, "liveness; measures the round trip"),
+    "info": CallSpec({}, {}, "measurement, backend, enclave public keys, sandbox layers"),
+    "evidence": CallSpec({"nonce": str}, {}, "evidence binding the enclave keys and a verifier's nonce (hex)"),
+    "run": CallSpec(
+        {"source": str, "request": str, "inputs": dict, "outputs": dict},
+        {"error_report": str},
+        "run a function on sealed inputs; outputs sealed to the recipients the client approved",
+    ),
+    "shutdown": CallSpec({}, {}, "stop the enclave"),
+}
+
+
+@dataclass(frozen=True)
+class Call:
+    id: int
+    name: str
+    args: dict[str, Any]
+
+
+def parse_call(frame: bytes) -> Call:
+    """Strictly parse and schema-check one request frame."""
+    obj = parse_json_object(frame, where="enclave call")
+    check_fields(obj, required=("id", "call", "args"), where="enclave call")
+    call_id = get_typed(obj, "id", int, where="enclave call")
+    name = get_typed(obj, "call", str, where="enclave call")
+    spec = CALLS.get(name)
+    if spec is None:
+        raise FormatError(f"unknown enclave call {name[:MAX_NAME_LEN]!r} (known: {', '.join(CALLS)})", where="enclave call")
+    where = f"enclave call {name!r}"
+    args = get_typed(obj, "args", dict, where=where)
+    check_fields(args, required=spec.required, optional=spec.optional, where=where)
+    for key, kind in {**spec.required, **spec.optional}.items():
+        if key in args:
+            get_typed(args, key, kind, where=where)
+    if name == "evidence" and len(args["nonce"]) > 2 * MAX_NONCE_LEN:
+        raise FormatError(f"nonce longer than {MAX_NONCE_LEN} bytes", where=where)
+    if name == "run":
+        if len(args["source"]) > MAX_SOURCE_LEN:
+            raise FormatError(f"function source longer than {MAX_SOURCE_LEN} bytes", where=where)
+        for table in ("inputs", "outputs"):
+            _check_path_table(args[table], f"{where}: {table}")
+        if "error_report" in args:
+            _check_path(args["error_report"], f"{where}: error_report")
+    return Call(call_id, name, args)
+
+
+def _check_path(path: str, where: str) -> None:
+    if not path or len(path) > MAX_PATH_LEN or "\0" in path:
+        raise FormatError("path must be 1..4096 characters without NUL", where=where)
+
+
+def _check_path_table(table: dict[str, Any], where: str) -> None:
+    if len(table) > 64:
+        raise FormatError("more than 64 entries", where=where)
+    for name, path in table.items():
+        if not name.isidentifier() or len(name) > MAX_NAME_LEN:
+            raise FormatError(f"name {name[:MAX_NAME_LEN]!r} must be an identifier of at most 64 characters", where=where)
+        if not isinstance(path, str):
+            raise FormatError(f"path of {name!r} must be a string", where=where)
+        _check_path(path, f"{where}.{name}")

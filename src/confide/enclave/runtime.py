@@ -1,0 +1,352 @@
+"""The enclave runtime: the process the host starts, and the enclave calls it serves.
+
+Start-up order matters. The sandbox zygote is forked first, while this process is single-threaded
+and holds no secret; then the measurement is taken, the backend set up, and the enclave's keys
+unsealed (or created and sealed) and bound into its evidence. Then calls are served one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import fcntl
+import hashlib
+import os
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from . import channel
+from .backend import SIM_SIGNER, EnclaveIdentity, SimBackend, TeeBackend, report_data_for
+from .config import EnclaveConfig
+from .encoding import b64d, b64e, hexd
+from .errors import ConfideError, EnclaveError, FormatError, IntegrityError
+from .keys import Identity
+from .measurement import measure
+from .memory import MemoryBudget
+from .request import RunRequest, make_receipt, open_request
+from .sandbox import SandboxLimits, Zygote
+from .sealed_file import SealedReader, SealedWriter, write_atomically
+from .sim_platform import SimPlatform
+
+STATE_AAD = b"confide-enclave-state-v1"
+F_ADD_SEALS = 1033
+F_SEAL_ALL = 1 | 2 | 4 | 8  # SEAL | SHRINK | GROW | WRITE
+PR_SET_DUMPABLE = 4
+MIN_WORKING_MEMORY = 16 << 20
+
+
+# ---- sealed state: the enclave's keys survive a restart of the same build and no other ----------------
+
+
+def load_or_create_keys(backend: TeeBackend, state_dir: Path) -> Identity:
+    key = backend.sealing_key("measurement", b"enclave-identity")
+    path = state_dir / f"enclave-{backend.identity.measurement[:16]}.sealed"
+    aad = STATE_AAD + bytes.fromhex(backend.identity.measurement)
+    if path.exists():
+        blob = path.read_bytes()
+        try:
+            plain = AESGCM(key).decrypt(blob[:12], blob[12:], aad)
+        except (InvalidTag, ValueError):
+            raise IntegrityError(
+                "sealed enclave state does not unseal: made by another build or platform, or tampered",
+                where=str(path),
+            ) from None
+        return Identity.from_private_bytes(plain, where=str(path))
+    identity = Identity.generate("confide-enclave")
+    nonce = os.urandom(12)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_atomically(path, lambda fh: fh.write(nonce + AESGCM(key).encrypt(nonce, identity.private_bytes(), aad)))
+    return identity
+
+
+# ---- inputs and outputs of a run ----------------------------------------------------------------------
+
+
+def decrypt_to_memfd(reader: SealedReader, name: str) -> int:
+    """Decrypt an input into a sealed (immutable) memfd the sandbox child can only read."""
+    fd = os.memfd_create(f"confide-input-{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        with os.fdopen(os.dup(fd), "wb") as fh:
+            reader.decrypt_to(fh)
+        fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_ALL)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class _HashingFile:
+    """Pass-through writer that hashes what goes to disk (the sealed bytes)."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh = fh
+        self.sha = hashlib.sha256()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.sha.update(data)
+        return self.fh.write(data)
+
+
+class OutputFile:
+    """A declared output: sealed to its recipients as the function writes it; published only on success."""
+
+    def __init__(self, path: Path, writer_factory: Callable[[_HashingFile], SealedWriter]) -> None:
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        self.fh = os.fdopen(fd, "wb")
+        self.hashing = _HashingFile(self.fh)
+        self.writer = writer_factory(self.hashing)
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def publish(self) -> str:
+        self.writer.close()
+        self.fh.close()
+        os.replace(self.tmp, self.path)
+        return self.hashing.sha.hexdigest()
+
+    def discard(self) -> None:
+        self.fh.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+# ---- the runtime --------------------------------------------------------------------------------------
+
+
+class EnclaveRuntime:
+    def __init__(
+        self,
+        *,
+        backend: TeeBackend,
+        keys: Identity,
+        zygote: Zygote,
+        config: EnclaveConfig,
+        simulated: bool,
+    ) -> None:
+        self.backend = backend
+        self.keys = keys
+        self.zygote = zygote
+        self.config = config
+        self.simulated = simulated
+        self.budget = MemoryBudget(config.memory_budget_bytes)
+        self.seen_requests: set[str] = set()
+        self.running = True
+
+    def info(self) -> dict[str, Any]:
+        ident = self.backend.identity
+        return {
+            "backend": ident.backend,
+            "simulated": self.simulated,
+            "measurement": ident.measurement,
+            "signer": ident.signer,
+            "debug": ident.debug,
+            "enclave": self.keys.public.to_line(),
+            "fingerprint": self.keys.fingerprint,
+            "sandbox_layers": self.zygote.layers,
+            "config": self.config.to_dict(),
+        }
+
+    def handle(self, call: channel.Call) -> dict[str, Any]:
+        if call.name == "ping":
+            return {"pong": True}
+        if call.name == "info":
+            return self.info()
+        if call.name == "evidence":
+            nonce = hexd(call.args["nonce"], field="nonce", where="enclave call 'evidence'")
+            rd = report_data_for(self.keys.public, nonce or None)
+            ev = self.backend.evidence(rd, extra={"enclave": self.keys.public.to_line()})
+            return {"evidence": b64e(ev)}
+        if call.name == "run":
+            return self.run(call.args)
+        if call.name == "shutdown":
+            self.running = False
+            return {"bye": True}
+        raise FormatError(f"unhandled call {call.name!r}", where="enclave")  # table and handler out of step
+
+    # -- run a function on sealed inputs ------------------------------------------------------------
+    def run(self, args: dict[str, Any]) -> dict[str, Any]:
+        sealed = b64d(args["request"], field="request", where="enclave call 'run'")
+        req = open_request(sealed, self.keys)
+        if req.request_id in self.seen_requests:
+            raise EnclaveError(f"request {req.request_id} was already used (replay rejected)", where="run request")
+        if hashlib.sha256(args["source"].encode()).hexdigest() != req.function_sha256:
+            raise EnclaveError(
+                "the function the host passed is not the function the client approved (digest mismatch)",
+                where="run request",
+            )
+        for table, approved in (("inputs", req.inputs), ("outputs", req.outputs)):
+            if set(args[table]) != set(approved):
+                raise EnclaveError(
+                    f"host's {table} {sorted(args[table])} differ from the approved {sorted(approved)}",
+                    where="run request",
+                )
+        self.seen_requests.add(req.request_id)
+
+        reserved = 0
+        fds: dict[str, int] = {}
+        outputs: dict[str, OutputFile] = {}
+        try:
+            for name, grant in sorted(req.inputs.items()):
+                path = args["inputs"][name]
+                try:
+                    fh = open(path, "rb")  # noqa: SIM115 - closed below
+                except OSError as exc:
+                    raise EnclaveError(f"cannot open input ({exc.strerror})", where=f"input {name!r} ({path})") from None
+                with fh:
+                    reader = SealedReader(fh, where=f"input {name!r} ({path})")
+                    if reader.header.digest.hex() != grant.header_sha256:
+                        raise IntegrityError(
+                            "input file is not the file the client approved (header digest mismatch)",
+                            where=f"input {name!r} ({path})",
+                        )
+                    reader.unlock(data_key=grant.data_key)
+                    reserved += self.budget.reserve(reader.plaintext_size, f"input {name!r}")
+                    fds[name] = decrypt_to_memfd(reader, name)
+            if self.budget.free < MIN_WORKING_MEMORY:
+                self.budget.reserve(MIN_WORKING_MEMORY, "the function's working memory (minimum)")
+            allowance = self.budget.free
+            reserved += self.budget.reserve(allowance, "the function's working memory")
+            cap = self.config.max_output_mib << 20
+            for name, spec in req.outputs.items():
+                out_path = Path(args["outputs"][name])
+                try:
+                    outputs[name] = OutputFile(
+                        out_path,
+                        lambda dst, s=spec, n=name: SealedWriter(
+                            dst, recipients=s.recipients, metadata={"output": n, "request_id": req.request_id}
+                        ),
+                    )
+                except OSError as exc:
+                    raise EnclaveError(f"cannot create output ({exc.strerror})", where=f"output {name!r} ({out_path})") from None
+            limits = SandboxLimits(
+                memory_bytes=allowance,
+                cpu_seconds=self.config.cpu_seconds,
+                wall_seconds=float(self.config.wall_seconds),
+                max_output_bytes=min([cap, *(s.max_bytes for s in req.outputs.values())]),
+            )
+            started = time.monotonic()
+            result = self.zygote.run(args["source"], params=req.params, inputs=fds, outputs=dict(outputs), limits=limits)
+            elapsed = time.monotonic() - started
+            if not result.ok:
+                for out in outputs.values():
+                    out.discard()
+                outputs.clear()
+                report = args.get("error_report")
+                if report:
+                    self._write_error_report(Path(report), req, result.category, result.detail)
+                return {
+                    "ok": False,
+                    "category": result.category,
+                    "duration_s": round(elapsed, 6),
+                    "error_report": bool(report),
+                }
+            digests = {name: out.publish() for name, out in sorted(outputs.items())}
+            outputs.clear()
+            receipt = make_receipt(
+                self.keys,
+                request=req,
+                outputs=digests,
+                measurement=self.backend.identity.measurement,
+                backend=self.backend.identity.backend,
+                simulated=self.simulated,
+            )
+            return {
+                "ok": True,
+                "category": "ok",
+                "duration_s": round(elapsed, 6),
+                "output_sizes": result.output_sizes,
+                "receipt": b64e(receipt),
+            }
+        finally:
+            for out in outputs.values():
+                out.discard()
+            for fd in fds.values():
+                os.close(fd)
+            self.budget.release(reserved)
+
+    def _write_error_report(self, path: Path, req: RunRequest, category: str, detail: str) -> None:
+        """The function's own error text may carry data: it goes sealed to the approved recipients only."""
+        text = f"category: {category}\n\n{detail}".encode()
+
+        def fill(fh: BinaryIO) -> None:
+            with SealedWriter(
+                fh, recipients=req.error_recipients, metadata={"error_report": req.request_id}
+            ) as writer:
+                writer.write(text)
+
+        write_atomically(path, fill)
+
+    # -- the call loop ------------------------------------------------------------------------------
+    def serve(self, sock: socket.socket) -> None:
+        while self.running:
+            try:
+                frame = channel.read_frame(sock, self.config.max_frame_bytes)
+            except channel.ChannelClosed:
+                return
+            except channel.FrameTooLarge as exc:
+                channel.send_message(sock, _error(None, exc))
+                continue
+            call_id: int | None = None
+            try:
+                call = channel.parse_call(frame)
+                call_id = call.id
+                reply = {"id": call.id, "ok": True, "result": self.handle(call)}
+            except ConfideError as exc:
+                reply = _error(call_id, exc)
+            except Exception as exc:  # never let one call take the enclave down; say what happened
+                reply = _error(call_id, EnclaveError(f"internal error: {type(exc).__name__}: {exc}"))
+                traceback.print_exc(file=sys.stderr)
+            channel.send_message(sock, reply)
+
+
+def _error(call_id: int | None, exc: ConfideError) -> dict[str, Any]:
+    return {"id": call_id, "ok": False, "error": {"kind": type(exc).__name__, "message": str(exc)}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="confide.enclave", description="Confide enclave runtime (started by the host)")
+    parser.add_argument("--fd", type=int, required=True, help="channel socket inherited from the host")
+    parser.add_argument("--platform", type=Path, required=True, help="simulated platform directory")
+    parser.add_argument("--state", type=Path, required=True, help="where sealed enclave state is kept")
+    parser.add_argument("--config", type=Path, default=None, help="enclave configuration (TOML)")
+    args = parser.parse_args(argv)
+    sock = socket.socket(fileno=args.fd)
+    try:
+        config = EnclaveConfig.load(args.config)
+        # 1. the zygote first: this process is still single-threaded and holds no secret
+        zygote = Zygote.start(strict=config.sandbox == "strict")
+        # 2. the simulated CPU measures the enclave and provides evidence and sealing keys
+        ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+        measurement = measure(config)
+        identity = EnclaveIdentity(
+            backend="sim",
+            measurement=measurement.value,
+            signer=SIM_SIGNER,
+            product_id=config.product_id,
+            security_version=config.security_version,
+            debug=config.debug,
+        )
+        backend = SimBackend(SimPlatform.load(args.platform), identity)
+        keys = load_or_create_keys(backend, args.state)
+        runtime = EnclaveRuntime(backend=backend, keys=keys, zygote=zygote, config=config, simulated=True)
+    except ConfideError as exc:
+        channel.send_message(sock, {"ready": False, "error": str(exc)})
+        print(f"confide enclave: {exc}", file=sys.stderr)
+        return 1
+    channel.send_message(sock, {"ready": True, "info": runtime.info()})
+    try:
+        runtime.serve(sock)
+    finally:
+        zygote.close()
+    return 0

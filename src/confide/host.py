@@ -1,0 +1,116 @@
+"""The untrusted host's side of an enclave: start the enclave process and make enclave calls.
+
+Nothing here is trusted. The host relays sealed requests and stores ciphertext; whatever it says
+about the enclave is checked by the client against verified evidence.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from confide.enclave import channel
+from confide.enclave.encoding import canonical_json, parse_json_object
+from confide.enclave.errors import ConfideError, EnclaveError
+
+MAX_REPLY_BYTES = 64 << 20
+START_TIMEOUT_S = 120.0
+
+
+class EnclaveProcess:
+    """An enclave runtime running as its own process, reached over a socketpair."""
+
+    def __init__(
+        self,
+        *,
+        platform_dir: Path,
+        state_dir: Path,
+        config: Path | None = None,
+        stderr: int | None = None,
+    ) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        cmd = [
+            sys.executable, "-m", "confide.enclave", "--fd", str(child.fileno()),
+            "--platform", str(platform_dir), "--state", str(state_dir),
+        ]
+        if config is not None:
+            cmd += ["--config", str(config)]
+        started = time.monotonic()
+        self.proc = subprocess.Popen(
+            cmd, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stderr=stderr, close_fds=True
+        )
+        child.close()
+        self.sock = parent
+        self.sock.settimeout(START_TIMEOUT_S)
+        self._ids = itertools.count(1)
+        try:
+            hello = parse_json_object(channel.read_frame(self.sock, MAX_REPLY_BYTES), where="enclave start")
+        except (channel.ChannelClosed, TimeoutError, OSError):
+            self.close()
+            raise EnclaveError(f"enclave process exited during start-up (exit code {self.proc.poll()})") from None
+        if not hello.get("ready"):
+            self.close()
+            raise EnclaveError(f"enclave failed to start: {hello.get('error', 'no reason given')}")
+        self.start_seconds = time.monotonic() - started
+        self.info: dict[str, Any] = hello["info"]
+        self.sock.settimeout(None)
+
+    def call(self, name: str, **args: Any) -> dict[str, Any]:
+        call_id = next(self._ids)
+        channel.send_message(self.sock, {"id": call_id, "call": name, "args": args})
+        reply = self.read_reply()
+        if reply.get("id") != call_id and reply.get("id") is not None:
+            raise EnclaveError(f"reply to call {reply.get('id')} while waiting for {call_id}")
+        if not reply.get("ok"):
+            err = reply.get("error") or {}
+            raise EnclaveError(str(err.get("message", "enclave call failed")), where=f"enclave call {name!r}")
+        return reply["result"]
+
+    def read_reply(self) -> dict[str, Any]:
+        try:
+            return parse_json_object(channel.read_frame(self.sock, MAX_REPLY_BYTES), where="enclave reply")
+        except channel.ChannelClosed:
+            raise EnclaveError(f"enclave closed the channel (exit code {self.proc.poll()})") from None
+
+    def send_raw(self, payload: bytes) -> None:
+        """For tests and fuzzing: put arbitrary bytes on the channel."""
+        self.sock.sendall(payload)
+
+    def evidence(self, nonce: bytes) -> bytes:
+        return base64.b64decode(self.call("evidence", nonce=nonce.hex())["evidence"])
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            try:
+                channel.send_message(self.sock, {"id": 0, "call": "shutdown", "args": {}})
+                self.read_reply()
+            except (ConfideError, OSError):
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.sock.close()
+
+    def __enter__(self) -> EnclaveProcess:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def frame(obj: dict[str, Any]) -> bytes:
+    payload = canonical_json(obj)
+    return channel.HEADER.pack(len(payload)) + payload
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("CONFIDE_HOME", Path.home() / ".confide"))
