@@ -5,6 +5,7 @@ simulated: the policy rejects it unless it explicitly allows simulation."""
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -17,6 +18,7 @@ from confide.enclave.errors import EvidenceError, FormatError
 from .claims import Claims, TrustAnchors
 
 W = "sim evidence"
+_FORMAT_RE = re.compile(rb'"format"\s*:\s*"' + re.escape(SIM_EVIDENCE_FORMAT.encode()) + rb'"')
 _BODY_FIELDS = (
     "backend", "simulated", "notice", "measurement", "signer", "product_id", "security_version",
     "debug", "report_data", "time", "extra",
@@ -46,7 +48,7 @@ class SimVerifier:
     name = "sim"
 
     def sniff(self, evidence: bytes) -> bool:
-        return evidence.lstrip()[:1] == b"{" and SIM_EVIDENCE_FORMAT.encode() in evidence[:200]
+        return evidence.lstrip()[:1] == b"{" and _FORMAT_RE.search(evidence) is not None
 
     def verify(
         self, evidence: bytes, *, at: int, anchors: TrustAnchors, collateral: bytes | None = None

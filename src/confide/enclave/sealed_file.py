@@ -104,6 +104,18 @@ def _encode_header(
     return MAGIC + struct.pack(">I", len(body)) + body
 
 
+def _fill_buffer(src: BinaryIO, buf: bytearray) -> int:
+    """Read until `buf` is full or the stream ends; returns the byte count."""
+    view = memoryview(buf)
+    got = 0
+    while got < len(buf):
+        n = src.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
 def _read_exact(src: BinaryIO, n: int) -> bytes:
     data = src.read(n)
     return data if data is not None else b""
@@ -177,7 +189,8 @@ class SealedWriter:
         self._aad = self.header.digest
         self._dst = dst
         self._chunk = chunk_size
-        self._pending = bytearray()
+        self._pending = bytearray(chunk_size)  # the held-back chunk: full ones are emitted only when more data comes
+        self._fill = 0
         self._out = bytearray(chunk_size + TAG_LEN)
         self._index = 0
         self._closed = False
@@ -195,22 +208,44 @@ class SealedWriter:
         if self._closed:
             raise ValueError("write to a closed SealedWriter")
         self.plaintext_bytes += len(data)
-        view = memoryview(data)
-        if not self._pending and len(view) > self._chunk:
-            # fast path: encrypt whole chunks straight from the caller's buffer, keep the tail pending
+        view = memoryview(data).cast("B")
+        if self._fill == 0 and len(view) > self._chunk:
+            # fast path: encrypt whole chunks straight from the caller's buffer, hold back the tail
             whole = (len(view) - 1) // self._chunk * self._chunk
             for off in range(0, whole, self._chunk):
                 self._emit(view[off : off + self._chunk], final=False)
             view = view[whole:]
-        self._pending += view
-        while len(self._pending) > self._chunk:
-            self._emit(memoryview(self._pending)[: self._chunk], final=False)
-            del self._pending[: self._chunk]
+        while len(view):
+            if self._fill == self._chunk:  # more data follows the held-back chunk: it is not the final one
+                self._emit(self._pending, final=False)
+                self._fill = 0
+            take = min(len(view), self._chunk - self._fill)
+            self._pending[self._fill : self._fill + take] = view[:take]
+            self._fill += take
+            view = view[take:]
+
+    def write_chunks_from(self, src: BinaryIO, progress: Progress | None = None) -> None:
+        """Encrypt everything readable from `src` with two alternating buffers and no extra copy."""
+        if self._fill:
+            raise ValueError("write_chunks_from needs an empty writer")
+        bufs = (bytearray(self._chunk), bytearray(self._chunk))
+        n = _fill_buffer(src, bufs[0])
+        current = 0
+        while True:
+            following = 1 - current
+            m = _fill_buffer(src, bufs[following]) if n == self._chunk else 0
+            self._emit(memoryview(bufs[current])[:n], final=m == 0)
+            self.plaintext_bytes += n
+            if progress:
+                progress(n)
+            if m == 0:
+                self._closed = True
+                return
+            current, n = following, m
 
     def close(self) -> None:
         if not self._closed:
-            self._emit(self._pending, final=True)
-            self._pending = bytearray()
+            self._emit(memoryview(self._pending)[: self._fill], final=True)
             self._closed = True
 
     def __enter__(self) -> SealedWriter:
@@ -354,16 +389,7 @@ def encrypt_stream(
     progress: Progress | None = None,
 ) -> SealedWriter:
     writer = SealedWriter(dst, recipients=recipients, data_key=data_key, metadata=metadata, chunk_size=chunk_size)
-    buf = bytearray(chunk_size)
-    view = memoryview(buf)
-    while True:
-        n = src.readinto(view)
-        if not n:
-            break
-        writer.write(view[:n])
-        if progress:
-            progress(n)
-    writer.close()
+    writer.write_chunks_from(src, progress)
     return writer
 
 

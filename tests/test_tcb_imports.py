@@ -1,0 +1,38 @@
+"""The TCB package imports only the standard library, itself, and its listed third-party packages."""
+
+from __future__ import annotations
+
+import ast
+import sys
+
+from confide.enclave import measurement
+
+ALLOWED_THIRD_PARTY = {"cryptography", "pyseccomp"}  # the sandbox zygote also pre-imports numpy/pandas/xgboost
+
+
+def test_tcb_imports_only_what_is_listed() -> None:
+    offenders = []
+    for path in measurement.tcb_files():
+        if path.suffix != ".py":
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top in ALLOWED_THIRD_PARTY:
+                    continue
+                if top == "confide" and name.startswith("confide.enclave"):
+                    continue
+                offenders.append(f"{path.name}: {name}")
+    assert offenders == []
+
+
+def test_listed_distributions_are_measured() -> None:
+    listed = {d.replace("-cpu", "") for d in measurement.TCB_DISTRIBUTIONS}
+    assert ALLOWED_THIRD_PARTY <= listed
