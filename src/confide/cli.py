@@ -335,3 +335,6 @@ def run(
         click.echo(f"  output {name}: {path} (sealed to {', '.join(p.fingerprint for p in pubs)})")
     if receipt_path is not None:
         click.echo(f"  receipt: {receipt_path} (signed by the enclave, verified)")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The confide command: clear errors and exit codes, never a traceback, never lost data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from confide.cli import main
+
+
+def cli(*args: str, ok: bool = True) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    out = result.output  # click mixes stderr into output
+    if ok:
+        assert result.exit_code == 0, out
+    return result.exit_code, out
+
+
+@pytest.fixture
+def keys(tmp_path: Path, home: Path) -> Path:
+    cli("keygen", "alice", "--out-dir", str(tmp_path))
+    cli("keygen", "bob", "--out-dir", str(tmp_path))
+    return tmp_path
+
+
+def test_keygen_encrypt_decrypt_round_trip(keys: Path) -> None:
+    src = keys / "data.csv"
+    src.write_bytes(b"x,y\n" + b"1,2\n" * 50000)
+    cli("encrypt", str(src), "--to", str(keys / "bob.pub"), "--to", str(keys / "alice.pub"),
+        "--meta", "dataset=d1", "--out", str(keys / "data.sealed"))
+    assert b"1,2" not in (keys / "data.sealed").read_bytes()
+    _, out = cli("decrypt", str(keys / "data.sealed"), "--identity", str(keys / "bob.key"), "--out", str(keys / "o.csv"))
+    assert (keys / "o.csv").read_bytes() == src.read_bytes()
+    assert '"dataset": "d1"' in out
+    assert oct(os.stat(keys / "alice.key").st_mode & 0o777) == "0o600"
+
+
+def test_wrong_identity_fails_cleanly_and_writes_nothing(keys: Path) -> None:
+    src = keys / "d.txt"
+    src.write_text("secret")
+    cli("encrypt", str(src), "--to", str(keys / "bob.pub"), "--out", str(keys / "d.sealed"))
+    code, out = cli("decrypt", str(keys / "d.sealed"), "--identity", str(keys / "alice.key"),
+                    "--out", str(keys / "o.txt"), ok=False)
+    assert code == 1 and "not addressed to identity" in out and "Traceback" not in out
+    assert not (keys / "o.txt").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["encrypt", "missing.csv", "--to", "bob.pub", "--out", "x"], "cannot read"),
+        (["encrypt", "d.txt", "--to", "confide-pub1:nonsense", "--out", "x"], "64 bytes"),
+        (["encrypt", "d.txt", "--to", "bob.pub", "--out", "x", "--meta", "novalue"], "NAME=VALUE"),
+        (["decrypt", "d.txt", "--identity", "alice.key", "--out", "x"], "bad magic"),
+        (["decrypt", "d.txt", "--identity", "bob.pub", "--out", "x"], "accessible by other users"),
+        (["verify", "d.txt"], "unrecognised evidence format"),
+        (["verify", "nothere.json"], "cannot read evidence"),
+        (["verify", "d.txt", "--nonce", "xyz"], "not valid hex"),
+    ],
+)
+def test_bad_input_gives_clear_error(keys: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str) -> None:
+    monkeypatch.chdir(keys)
+    (keys / "d.txt").write_text("not sealed")
+    code, out = cli(*args, ok=False)
+    assert code == 1, out
+    assert out.startswith("error: ") and message in out and "Traceback" not in out
+
+
+def test_usage_errors_exit_2(home: Path) -> None:
+    assert cli("encrypt", ok=False)[0] == 2
+    assert cli("nosuchcommand", ok=False)[0] == 2
+    assert cli("encrypt", "a", "--to", "b", "--out", "c", "--chunk-size", "7", ok=False)[0] == 2
+
+
+def test_measure_prints_a_stable_hex_digest(home: Path, tmp_path: Path) -> None:
+    _, a = cli("measure")
+    _, b = cli("measure")
+    assert a == b and len(a.strip()) == 64
+    cfg = tmp_path / "e.toml"
+    cfg.write_text("[enclave]\nmemory_budget_mib = 2048\n")
+    _, c = cli("measure", "--config", str(cfg))
+    assert c != a
+    _, j = cli("measure", "--json")
+    assert json.loads(j)["measurement"] == a.strip()
+
+
+def test_policy_init_writes_loadable_policies(home: Path, tmp_path: Path) -> None:
+    from confide.policy import Policy
+
+    cli("policy", "init", "--dev", "--out", str(tmp_path / "dev.toml"))
+    dev = Policy.load(tmp_path / "dev.toml")
+    assert dev.allow_simulation and dev.backends == ("sim",) and len(dev.measurements) == 1
+    cli("policy", "init", "--out", str(tmp_path / "prod.toml"))
+    assert Policy.load(tmp_path / "prod.toml").allow_simulation is False
+
+
+def test_real_process_never_prints_a_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "CONFIDE_HOME": str(tmp_path / "h")}
+    bad = tmp_path / "bad.sealed"
+    bad.write_bytes(b"CNFSEAL1\xff\xff\xff\xff")
+    proc = subprocess.run(
+        [sys.executable, "-m", "confide.cli", "decrypt", str(bad), "--identity", str(bad), "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, env=env,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stderr.startswith("error:")
