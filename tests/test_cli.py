@@ -109,3 +109,75 @@ def test_real_process_never_prints_a_traceback(tmp_path: Path) -> None:
         capture_output=True, text=True, env=env,
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stderr.startswith("error:")
+
+
+# ---- `confide verify` on real evidence captured on real hardware -----------------------------------
+
+from conftest import TESTVECTORS  # noqa: E402
+
+SGX_AT = "1750377600"
+
+
+def write_policy(path: Path, **values: object) -> Path:
+    lines = []
+    for k, v in values.items():
+        if isinstance(v, bool):
+            lines.append(f"{k} = {str(v).lower()}")
+        elif isinstance(v, list):
+            lines.append(f"{k} = [" + ", ".join(f'"{x}"' for x in v) + "]")
+        else:
+            lines.append(f"{k} = {v}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def sgx_measurement(tmp_path: Path) -> str:
+    """The quote's MRENCLAVE, read from the policy's refusal (authentic, but not pinned yet)."""
+    _, out = cli("verify", str(TESTVECTORS / "sgx/sgx_quote.bin"), "--collateral",
+                 str(TESTVECTORS / "sgx/sgx_quote_collateral.json"), "--roots", str(TESTVECTORS / "roots"),
+                 "--at", SGX_AT, "--policy", str(write_policy(tmp_path / "empty.toml")), ok=False)
+    return out.split("measurement ")[1].split(" ")[0]
+
+
+def test_verify_real_sgx_quote_with_a_matching_policy(home: Path, tmp_path: Path) -> None:
+    meas = sgx_measurement(tmp_path)
+    assert meas.startswith("33d8736db756ed49")
+    policy = write_policy(
+        tmp_path / "sgx.toml", backends=["sgx"], measurements=[meas], require_nonce=False, max_age_seconds=0,
+        accepted_tcb_status=["UpToDate", "ConfigurationAndSWHardeningNeeded"],
+    )
+    args = ["verify", str(TESTVECTORS / "sgx/sgx_quote.bin"), "--collateral", str(TESTVECTORS / "sgx/sgx_quote_collateral.json"),
+            "--roots", str(TESTVECTORS / "roots"), "--policy", str(policy), "--json"]
+    _, out = cli(*args, "--at", SGX_AT)
+    claims = json.loads(out)["claims"]
+    assert claims["backend"] == "sgx" and claims["debug"] is False
+    assert bytes.fromhex(claims["report_data"]).startswith(b"Hello, world!")
+    assert claims["tcb_status"] == "ConfigurationAndSWHardeningNeeded"
+    # after the collateral window: fails closed
+    code, out = cli(*args, "--at", "1760000000", ok=False)
+    assert code == 1 and "expired" in out.lower()
+    # a policy accepting only UpToDate refuses it, naming the advisories
+    strict = write_policy(tmp_path / "strict.toml", backends=["sgx"], measurements=[meas], require_nonce=False,
+                          max_age_seconds=0)
+    code, out = cli(*args[:-3], "--policy", str(strict), "--at", SGX_AT, ok=False)
+    assert code == 1 and "INTEL-SA-00289" in out
+
+
+def test_verify_real_snp_report_debug_rejected_by_production_policy(home: Path, tmp_path: Path) -> None:
+    args = ["verify", str(TESTVECTORS / "snp/snp_report_milan.bin"), "--collateral",
+            str(TESTVECTORS / "snp/snp_vcek_milan.der"), "--roots", str(TESTVECTORS / "roots"), "--at", "1750377600"]
+    code, out = cli(*args, "--policy", str(write_policy(tmp_path / "p.toml", require_nonce=False)), ok=False)
+    assert code == 1 and "DEBUG enclave" in out
+    code, out = cli(*args, "--json", "--policy", str(write_policy(tmp_path / "dbg.toml", require_nonce=False,
+                    allow_debug=True, backends=["sev-snp"], measurements=["b07af9620f3b839b" + "0" * 48])), ok=False)
+    assert "measurement b07af9620f3b839b" in out  # authentic; only the measurement pin differs
+
+
+def test_verify_real_nitro_document(home: Path, tmp_path: Path) -> None:
+    policy = write_policy(tmp_path / "p.toml", backends=["nitro"], require_nonce=False, max_age_seconds=0)
+    code, out = cli("verify", str(TESTVECTORS / "nitro/nitro_attestation.b64"), "--roots", str(TESTVECTORS / "roots"),
+                    "--at", "1725720000", "--policy", str(policy), ok=False)
+    assert code == 1 and "measurement" in out and "not accepted" in out and "DEBUG" not in out
+    code, out = cli("verify", str(TESTVECTORS / "nitro/nitro_attestation_debug.b64"), "--roots",
+                    str(TESTVECTORS / "roots"), "--at", "1725720000", "--policy", str(policy), ok=False)
+    assert code == 1 and "DEBUG enclave" in out

@@ -139,9 +139,9 @@ def test_evidence_from_another_platform_is_not_trusted(platform: SimPlatform, al
 
 def test_expired_platform_certificate(platform: SimPlatform, alice: Identity) -> None:
     ev = make(platform, alice, b"n")
-    with pytest.raises(EvidenceError, match="not valid at 2050"):
+    with pytest.raises(EvidenceError, match="platform certificate .* expired: .*checked at 2050"):
         verify_evidence(ev, at=2524608000, anchors=anchors(platform))  # 2050-01-01
-    with pytest.raises(EvidenceError, match="not valid at 2000"):
+    with pytest.raises(EvidenceError, match="not yet valid.*checked at 2000"):
         verify_evidence(ev, at=946684800, anchors=anchors(platform))
 
 

@@ -17,7 +17,8 @@ from typing import Any
 import click
 
 from confide import __version__
-from confide.attest import TrustAnchors, verify_evidence
+from confide.attest import verify_evidence
+from confide.attest.anchors import anchors_from_directory, merge_anchors
 from confide.client import Home, parse_assignments, run_function
 from confide.enclave.config import EnclaveConfig
 from confide.enclave.errors import ConfideError, EvidenceError
@@ -140,6 +141,13 @@ def measure_cmd(config: Path | None, as_json: bool) -> None:
         click.echo(m.value)
 
 
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfideError(f"cannot read {what} ({exc.strerror})", where=str(path)) from None
+
+
 def _read_evidence(path: Path) -> bytes:
     try:
         data = path.read_bytes()
@@ -161,11 +169,15 @@ def _read_evidence(path: Path) -> bytes:
 @click.option("--at", "at", type=int, default=None, help="verify as of this UNIX time (default: now)")
 @click.option("--collateral", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--endorsement", multiple=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--roots", multiple=True, type=click.Path(path_type=Path),
+    help="trust-anchor file or folder (Intel SGX root, AMD ASK+ARK bundles, AWS Nitro root)",
+)
 @click.option("--json", "as_json", is_flag=True)
 @friendly
 def verify(
     evidence: Path, policy_path: Path | None, nonce: str | None, at: int | None, collateral: Path | None,
-    endorsement: tuple[Path, ...], as_json: bool,
+    endorsement: tuple[Path, ...], roots: tuple[Path, ...], as_json: bool,
 ) -> None:
     """Verify EVIDENCE and check it against a policy. Exit 0 and print the claims, or exit 1 with the reason."""
     home = _home()
@@ -175,10 +187,13 @@ def verify(
         nonce_bytes = bytes.fromhex(nonce) if nonce is not None else None
     except ValueError:
         raise ConfideError("not valid hex", where="--nonce") from None
-    anchors: TrustAnchors = home.anchors()
-    coll = collateral.read_bytes() if collateral else None
+    anchors = merge_anchors(home.anchors(), *(anchors_from_directory(r) for r in roots))
+    try:
+        coll = collateral.read_bytes() if collateral else None
+    except OSError as exc:
+        raise ConfideError(f"cannot read collateral ({exc.strerror})", where=str(collateral)) from None
     claims = verify_evidence(_read_evidence(evidence), at=when, anchors=anchors, collateral=coll)
-    endorsed = tuple(check_endorsement(p.read_bytes(), where=str(p)) for p in endorsement)
+    endorsed = tuple(check_endorsement(_read(p, "endorsement"), where=str(p)) for p in endorsement)
     evaluate(policy, claims, at=when, nonce=nonce_bytes, endorsements=endorsed)
     if as_json:
         click.echo(json.dumps({"verified": True, "policy": policy.source, "claims": claims.to_json()}, indent=2))

@@ -16,6 +16,9 @@ from .claims import Claims, TrustAnchors, Verifier
 # (module, class): one entry per evidence format. Order matters only for sniffing.
 _REGISTRY: tuple[tuple[str, str], ...] = (
     ("confide.attest.sim", "SimVerifier"),
+    ("confide.attest.sgx_dcap", "DcapVerifier"),  # SGX and TDX quotes
+    ("confide.attest.sev_snp", "SevSnpVerifier"),
+    ("confide.attest.nitro", "NitroVerifier"),
 )
 
 

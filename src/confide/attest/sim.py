@@ -4,7 +4,6 @@ simulated: the policy rejects it unless it explicitly allows simulation."""
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 
 from cryptography import x509
@@ -15,6 +14,7 @@ from confide.enclave.backend import REPORT_DATA_LEN, SIM_EVIDENCE_FORMAT
 from confide.enclave.encoding import b64d, check_fields, get_typed, hexd, parse_json_object
 from confide.enclave.errors import EvidenceError, FormatError
 
+from .anchors import check_validity, parse_der_certificate
 from .claims import Claims, TrustAnchors
 
 W = "sim evidence"
@@ -35,13 +35,7 @@ def _verify_cert(cert: x509.Certificate, issuer: x509.Certificate, *, at: int, w
         key.verify(cert.signature, cert.tbs_certificate_bytes)
     except InvalidSignature:
         raise EvidenceError(f"{what}: certificate signature does not verify under the trusted root", where=W) from None
-    when = dt.datetime.fromtimestamp(at, dt.UTC)
-    if not cert.not_valid_before_utc <= when <= cert.not_valid_after_utc:
-        raise EvidenceError(
-            f"{what}: certificate not valid at {when:%Y-%m-%dT%H:%M:%SZ} (valid "
-            f"{cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ} .. {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ})",
-            where=W,
-        )
+    check_validity(cert, at, what, where=W)
 
 
 class SimVerifier:
@@ -68,16 +62,14 @@ class SimVerifier:
         certs = get_typed(outer, "certificates", list, where=W)
         if len(certs) != 1:
             raise EvidenceError("expected exactly one platform certificate", where=W)
-        try:
-            pak = x509.load_der_x509_certificate(b64d(certs[0], field="certificates[0]", where=W))
-        except ValueError:
-            raise EvidenceError("platform certificate is not valid DER X.509", where=W) from None
+        pak = parse_der_certificate(b64d(certs[0], field="certificates[0]", where=W), "platform certificate", where=W)
         if not anchors.sim_roots:
             raise EvidenceError("no simulated vendor root is trusted (no sim root in the trust anchors)", where=W)
         errors = []
         for der in anchors.sim_roots:
             try:
-                _verify_cert(pak, x509.load_der_x509_certificate(der), at=at, what="platform certificate")
+                root = parse_der_certificate(der, "simulated vendor root", where="trust anchors")
+                _verify_cert(pak, root, at=at, what="platform")
                 break
             except EvidenceError as exc:
                 errors.append(exc.message)

@@ -1,0 +1,297 @@
+"""Trust anchors for real TEE evidence: load them from files and folders, and small certificate helpers.
+
+A verifier only trusts the roots it is given in a `TrustAnchors`. This module builds one:
+
+- `load_trust_anchors(intel_sgx=..., amd=..., nitro=..., sim=...)`: each argument is a list of files or
+  folders (every *.pem, *.der, *.crt, *.cer in a folder), each file one certificate or a PEM bundle.
+- `anchors_from_directory(path)`: sorts every certificate file in a folder by who issued it
+  (Intel SGX Root CA, an AMD ASK/ASVK + ARK bundle, the AWS Nitro Enclaves root).
+- `default_test_anchors(testvectors_dir)`: the roots shipped with the shared test vectors, each checked
+  against the SHA-256 fingerprint pinned below (the vendors' published roots).
+
+Loading problems (missing file, not a certificate, unknown issuer) raise `FormatError` naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from confide.attest.claims import TrustAnchors
+from confide.enclave.errors import EvidenceError, FormatError
+
+__all__ = [
+    "AMD_ARK_SHA256",
+    "AWS_NITRO_ROOT_SHA256",
+    "INTEL_SGX_ROOT_CA_SHA256",
+    "anchors_from_directory",
+    "cert_fingerprint",
+    "cert_name",
+    "check_validity",
+    "default_test_anchors",
+    "load_certificates",
+    "load_trust_anchors",
+    "merge_anchors",
+    "name_text",
+    "parse_der_certificate",
+    "parse_pem_certificates",
+    "public_key",
+    "utc_iso",
+]
+
+# SHA-256 over the DER of the vendors' root certificates.
+INTEL_SGX_ROOT_CA_SHA256 = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
+AWS_NITRO_ROOT_SHA256 = "641a0321a3e244efe456463195d606317ed7cdcc3c1756e09893f3c68f79bb5b"
+AMD_ARK_SHA256 = {
+    "ARK-Milan": "69d063b45344d26a2e94e1f4210de49ef555308287d4c174445c95639a540bcd",
+    "ARK-Genoa": "4c6598d19c18719c5dfd4a7d335f674e5bfe1d8f800cea2cf270c10d103db2f1",
+}
+
+_CERT_SUFFIXES = {".pem", ".der", ".crt", ".cer"}
+
+
+# ----------------------------------------------------------------------------------------------
+# certificate helpers shared by the verifiers
+
+
+def utc_iso(ts: float) -> str:
+    """Unix seconds as '2025-07-19T10:01:18Z' (or the raw number if out of range)."""
+    try:
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return f"unix {ts}"
+
+
+def cert_name(cert: x509.Certificate) -> str:
+    """A short human name for a certificate: its subject's CN, else the whole subject."""
+    try:
+        cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        if cns:
+            return str(cns[0].value)
+        return cert.subject.rfc4514_string() or "(empty subject)"
+    except Exception:  # names are parsed lazily; a malformed one must not hide the real error
+        return "(unreadable subject)"
+
+
+def name_text(cert: x509.Certificate, which: str = "issuer") -> str:
+    """The certificate's issuer (or subject) as RFC 4514 text, for messages; never raises."""
+    try:
+        return (cert.issuer if which == "issuer" else cert.subject).rfc4514_string()
+    except Exception:
+        return f"(unreadable {which})"
+
+
+def cert_fingerprint(cert: x509.Certificate) -> str:
+    return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
+
+
+def check_validity(cert: x509.Certificate, at: int, what: str, *, where: str) -> None:
+    """Raise EvidenceError unless `at` (unix seconds) is inside the certificate's validity window."""
+    start = cert.not_valid_before_utc.timestamp()
+    end = cert.not_valid_after_utc.timestamp()
+    if at < start or at > end:
+        state = "not yet valid" if at < start else "expired"
+        raise EvidenceError(
+            f"{what} certificate {cert_name(cert)!r} {state}: valid {utc_iso(start)} … {utc_iso(end)}, "
+            f"checked at {utc_iso(at)}",
+            where=where,
+        )
+
+
+def parse_der_certificate(der: bytes, what: str, *, where: str) -> x509.Certificate:
+    """Parse one DER certificate from untrusted input; EvidenceError when it is not one."""
+    try:
+        with warnings.catch_warnings():
+            # AMD and some vendor certificates use serial numbers that RFC 5280 disallows.
+            warnings.simplefilter("ignore")
+            return x509.load_der_x509_certificate(bytes(der))
+    except Exception as e:  # ValueError, InvalidVersion, ...: any parse failure of untrusted bytes
+        raise EvidenceError(f"{what} is not a valid DER X.509 certificate ({e})", where=where) from e
+
+
+def public_key(cert: x509.Certificate, what: str, *, where: str) -> PublicKeyTypes:
+    """The certificate's public key; EvidenceError when it cannot be decoded."""
+    try:
+        return cert.public_key()
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:  # key parsed lazily, on first use
+        raise EvidenceError(
+            f"{what} certificate {cert_name(cert)!r} has an unusable public key ({e})", where=where
+        ) from e
+
+
+def parse_pem_certificates(pem: bytes, what: str, *, where: str) -> list[x509.Certificate]:
+    """Parse a PEM bundle (one or more certificates); EvidenceError when it holds none."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            certs = x509.load_pem_x509_certificates(bytes(pem))
+    except Exception as e:  # ValueError, InvalidVersion, ...: any parse failure
+        raise EvidenceError(f"{what} is not a PEM certificate bundle ({e})", where=where) from e
+    if not certs:
+        raise EvidenceError(f"{what} holds no certificate", where=where)
+    return certs
+
+
+# ----------------------------------------------------------------------------------------------
+# loading anchors from files
+
+
+def load_certificates(path: str | Path) -> list[x509.Certificate]:
+    """All certificates in one file (PEM bundle or a single DER certificate)."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise FormatError(f"cannot read trust anchor file: {e.strerror or e}", where=str(p)) from e
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if b"-----BEGIN" in data:
+                certs = x509.load_pem_x509_certificates(data)
+            else:
+                certs = [x509.load_der_x509_certificate(data)]
+    except Exception as e:  # ValueError, InvalidVersion, ...
+        raise FormatError(f"not a PEM or DER X.509 certificate file ({e})", where=str(p)) from e
+    if not certs:
+        raise FormatError("no certificate in file", where=str(p))
+    return certs
+
+
+def _files(paths: Iterable[str | Path]) -> list[Path]:
+    out: list[Path] = []
+    for item in paths:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in _CERT_SUFFIXES))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise FormatError("trust anchor file or folder does not exist", where=str(p))
+    return out
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(Encoding.DER)
+
+
+def _pem_bundle(certs: Iterable[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(Encoding.PEM) for c in certs)
+
+
+def _is_self_signed_name(cert: x509.Certificate) -> bool:
+    return cert.subject == cert.issuer
+
+
+def _check_amd_bundle(certs: list[x509.Certificate], where: str) -> None:
+    names = [cert_name(c) for c in certs]
+    if len(certs) < 2 or not _is_self_signed_name(certs[-1]) or not names[-1].startswith("ARK-"):
+        raise FormatError(
+            f"an AMD trust anchor must be a PEM bundle of ASK (or ASVK) then ARK; found {names}", where=where
+        )
+
+
+def load_trust_anchors(
+    *,
+    intel_sgx: Iterable[str | Path] = (),
+    amd: Iterable[str | Path] = (),
+    nitro: Iterable[str | Path] = (),
+    sim: Iterable[str | Path] = (),
+) -> TrustAnchors:
+    """Build TrustAnchors from files or folders, one argument per kind of root.
+
+    intel_sgx: Intel SGX Root CA certificates (any encoding; stored as DER).
+    amd: AMD ASK/ASVK + ARK PEM bundles (as AMD's KDS serves cert_chain), one chain per file.
+    nitro: AWS Nitro Enclaves root certificates (stored as PEM).
+    sim: simulated vendor roots (stored as DER).
+    """
+    intel_roots = tuple(_der(c) for f in _files(intel_sgx) for c in load_certificates(f))
+    sim_roots = tuple(_der(c) for f in _files(sim) for c in load_certificates(f))
+    nitro_roots = tuple(c.public_bytes(Encoding.PEM) for f in _files(nitro) for c in load_certificates(f))
+    amd_chains: list[bytes] = []
+    for f in _files(amd):
+        certs = load_certificates(f)
+        _check_amd_bundle(certs, str(f))
+        amd_chains.append(_pem_bundle(certs))
+    return TrustAnchors(
+        sim_roots=sim_roots,
+        intel_sgx_roots=intel_roots,
+        amd_ark_chains=tuple(amd_chains),
+        nitro_roots=nitro_roots,
+    )
+
+
+def _kind(certs: list[x509.Certificate]) -> str | None:
+    names = [cert_name(c) for c in certs]
+    if len(certs) >= 2 and names[-1].startswith("ARK-"):
+        return "amd"
+    if len(certs) == 1 and names[0] == "Intel SGX Root CA":
+        return "intel_sgx"
+    if len(certs) == 1 and names[0] == "aws.nitro-enclaves":
+        return "nitro"
+    return None
+
+
+def anchors_from_directory(path: str | Path) -> TrustAnchors:
+    """Sort every certificate file in a folder by kind of root (simulated roots are not recognised:
+    pass those with `load_trust_anchors(sim=...)`)."""
+    sorted_files: dict[str, list[Path]] = {"intel_sgx": [], "amd": [], "nitro": []}
+    for f in _files([path]):
+        kind = _kind(load_certificates(f))
+        if kind is None:
+            raise FormatError(
+                "not a recognised root (Intel SGX Root CA, AMD ASK/ASVK+ARK bundle, AWS Nitro root); "
+                "pass it to load_trust_anchors() under the right kind",
+                where=str(f),
+            )
+        sorted_files[kind].append(f)
+    return load_trust_anchors(**sorted_files)
+
+
+def merge_anchors(*anchors: TrustAnchors) -> TrustAnchors:
+    """The union of several TrustAnchors, in order, without duplicates."""
+
+    def uniq(items: Iterable[bytes]) -> tuple[bytes, ...]:
+        return tuple(dict.fromkeys(items))
+
+    return TrustAnchors(
+        sim_roots=uniq(r for a in anchors for r in a.sim_roots),
+        intel_sgx_roots=uniq(r for a in anchors for r in a.intel_sgx_roots),
+        amd_ark_chains=uniq(r for a in anchors for r in a.amd_ark_chains),
+        nitro_roots=uniq(r for a in anchors for r in a.nitro_roots),
+    )
+
+
+def _pinned(path: Path, expected: str) -> None:
+    for c in load_certificates(path):
+        if cert_name(c).startswith(("Intel SGX Root CA", "aws.nitro-enclaves", "ARK-")):
+            got = cert_fingerprint(c)
+            if got != expected:
+                raise FormatError(
+                    f"root {cert_name(c)!r} has SHA-256 {got}, expected the vendor's {expected}",
+                    where=str(path),
+                )
+
+
+def default_test_anchors(testvectors_dir: str | Path) -> TrustAnchors:
+    """The real vendor roots shipped in the shared test vectors (roots/), fingerprints checked."""
+    roots = Path(testvectors_dir) / "roots"
+    intel = roots / "intel_sgx_root_ca.der"
+    nitro = roots / "aws_nitro_root.pem"
+    amd = {
+        roots / "amd_ask_ark_milan.pem": AMD_ARK_SHA256["ARK-Milan"],
+        roots / "amd_asvk_ark_milan.pem": AMD_ARK_SHA256["ARK-Milan"],
+        roots / "amd_ask_ark_genoa.pem": AMD_ARK_SHA256["ARK-Genoa"],
+    }
+    _pinned(intel, INTEL_SGX_ROOT_CA_SHA256)
+    _pinned(nitro, AWS_NITRO_ROOT_SHA256)
+    for f, fp in amd.items():
+        _pinned(f, fp)
+    return load_trust_anchors(intel_sgx=[intel], amd=list(amd), nitro=[nitro])

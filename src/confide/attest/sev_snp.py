@@ -1,0 +1,365 @@
+"""AMD SEV-SNP attestation reports (as read from /dev/sev-guest or configfs-tsm), verified with pyca.
+
+Evidence: the 1184-byte ATTESTATION_REPORT (SEV-SNP firmware ABI spec, table "ATTESTATION_REPORT
+Structure"). Collateral: the DER (or PEM) certificate of the key that signed it: the chip's VCEK, or
+the cloud provider's VLEK, as served by AMD's KDS. Trust anchors: AMD's PEM bundles ASK (or ASVK)
+followed by ARK, one per product (TrustAnchors.amd_ark_chains).
+
+Checks: report layout and signature algorithm; ECDSA P-384/SHA-384 signature (r and s stored as
+72-byte little-endian numbers) over bytes 0x000..0x29F with the VCEK/VLEK public key; VCEK/VLEK <-
+ASK/ASVK <- ARK, each an RSA-PSS SHA-384 signature with a 48-byte salt, ARK self-signed, every
+certificate valid at the time checked; the VCEK's hardware ID and TCB extensions match the report's
+CHIP_ID and REPORTED_TCB.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from confide.attest.anchors import (
+    cert_name,
+    check_validity,
+    name_text,
+    parse_der_certificate,
+    parse_pem_certificates,
+    public_key,
+)
+from confide.attest.claims import Claims, TrustAnchors
+from confide.enclave.errors import EvidenceError
+
+__all__ = ["SevSnpVerifier"]
+
+REPORT_LEN = 0x4A0  # 1184
+SIGNED_LEN = 0x2A0  # the signature covers bytes 0x000..0x29F
+SIG_OFFSET = 0x2A0
+SIG_COMPONENT_LEN = 72  # r and s: little-endian, zero-extended to 72 bytes
+SIG_ALGO_ECDSA_P384_SHA384 = 1
+POLICY_DEBUG_BIT = 19
+SUPPORTED_VERSIONS = (2, 3, 4, 5)
+SIGNING_KEYS = {0: "vcek", 1: "vlek", 7: "none"}
+TURIN_FAMILY = 0x1A
+
+# AMD KDS certificate extensions (VCEK/VLEK specification)
+OID_BL_SPL = "1.3.6.1.4.1.3704.1.3.1"
+OID_TEE_SPL = "1.3.6.1.4.1.3704.1.3.2"
+OID_SNP_SPL = "1.3.6.1.4.1.3704.1.3.3"
+OID_UCODE_SPL = "1.3.6.1.4.1.3704.1.3.8"
+OID_FMC_SPL = "1.3.6.1.4.1.3704.1.3.9"
+OID_HWID = "1.3.6.1.4.1.3704.1.4"
+
+_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
+_WHERE = "sev-snp report"
+
+
+def _fail(message: str) -> EvidenceError:
+    return EvidenceError(message, where=_WHERE)
+
+
+def _decode_tcb(raw: int, turin: bool) -> dict[str, int]:
+    """TCB_VERSION (8 bytes, little-endian). Milan/Genoa: BL, TEE, 4 reserved, SNP, microcode;
+    Turin: FMC, BL, TEE, SNP, 3 reserved, microcode."""
+    b = raw.to_bytes(8, "little")
+    if turin:
+        return {"fmc": b[0], "bootloader": b[1], "tee": b[2], "snp": b[3], "microcode": b[7]}
+    return {"bootloader": b[0], "tee": b[1], "snp": b[6], "microcode": b[7]}
+
+
+def _der_small_uint(value: bytes, what: str) -> int:
+    """A KDS TCB extension value: a DER INTEGER (tag 0x02, short length, non-negative)."""
+    if len(value) < 3 or value[0] != 0x02 or value[1] != len(value) - 2 or value[1] > 9 or value[2] & 0x80:
+        raise _fail(f"{what} is not a small non-negative DER INTEGER ({value[:12].hex()})")
+    return int.from_bytes(value[2:], "big")
+
+
+def _ext(cert: x509.Certificate, oid: str) -> bytes | None:
+    try:
+        ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(oid))
+    except x509.ExtensionNotFound:
+        return None
+    except ValueError as e:
+        raise _fail(f"{cert_name(cert)} certificate has malformed extensions ({e})") from e
+    value = ext.value
+    return value.value if isinstance(value, x509.UnrecognizedExtension) else None
+
+
+def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    try:
+        return child.issuer == parent.subject
+    except Exception:  # names are parsed lazily; a malformed name matches nothing
+        return False
+
+
+def _verify_pss(child: x509.Certificate, parent: x509.Certificate, what: str) -> None:
+    key = public_key(parent, what, where=_WHERE)
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise _fail(f"{what}: issuer {cert_name(parent)!r} does not hold an RSA key")
+    try:
+        pss_sha384 = child.signature_algorithm_oid == x509.SignatureAlgorithmOID.RSASSA_PSS and isinstance(
+            child.signature_hash_algorithm, hashes.SHA384
+        )
+    except Exception:  # unknown or malformed algorithm parameters
+        pss_sha384 = False
+    if not pss_sha384:
+        raise _fail(f"{what}: certificate {cert_name(child)!r} is not signed with RSASSA-PSS SHA-384")
+    if not _issued_by(child, parent):
+        raise _fail(
+            f"{what}: certificate {cert_name(child)!r} names issuer {name_text(child)!r}, "
+            f"not {name_text(parent, 'subject')!r}"
+        )
+    try:
+        key.verify(child.signature, child.tbs_certificate_bytes, _PSS, hashes.SHA384())
+    except InvalidSignature:
+        raise _fail(
+            f"{what}: RSA-PSS SHA-384 signature on {cert_name(child)!r} does not verify "
+            f"with the key of {cert_name(parent)!r}"
+        ) from None
+
+
+class SevSnpVerifier:
+    """AMD SEV-SNP attestation report signed by a VCEK (or VLEK), chained to AMD's ARK."""
+
+    name = "sev-snp"
+    backends: tuple[str, ...] = ("sev-snp",)
+
+    def sniff(self, evidence: bytes) -> bool:
+        try:
+            if len(evidence) != REPORT_LEN:
+                return False
+            (version,) = struct.unpack_from("<I", evidence, 0x00)
+            (algo,) = struct.unpack_from("<I", evidence, 0x34)
+            return version in SUPPORTED_VERSIONS and algo == SIG_ALGO_ECDSA_P384_SHA384
+        except (TypeError, struct.error):
+            return False
+
+    def verify(
+        self, evidence: bytes, *, at: int, anchors: TrustAnchors, collateral: bytes | None = None
+    ) -> Claims:
+        try:
+            return self._verify(evidence, at=at, anchors=anchors, collateral=collateral)
+        except EvidenceError:
+            raise
+        except Exception as e:  # a parser deep in a library choked on hostile input
+            raise _fail(f"malformed input (unexpected {type(e).__name__}: {e})") from e
+
+    def _verify(self, evidence: bytes, *, at: int, anchors: TrustAnchors, collateral: bytes | None) -> Claims:
+        if not isinstance(evidence, bytes | bytearray | memoryview):
+            raise _fail(f"evidence must be bytes, got {type(evidence).__name__}")
+        r = bytes(evidence)
+        if isinstance(at, bool) or not isinstance(at, int) or at < 0:
+            raise _fail(f"verification time must be a non-negative integer of unix seconds, got {at!r}")
+        if len(r) != REPORT_LEN:
+            raise _fail(f"report is {len(r)} bytes; an SEV-SNP ATTESTATION_REPORT is exactly {REPORT_LEN}")
+        f = self._parse(r)
+
+        if f["signature_algo"] != SIG_ALGO_ECDSA_P384_SHA384:
+            raise _fail(
+                f"SIGNATURE_ALGO (offset 0x34) is {f['signature_algo']}, expected 1 (ECDSA P-384 with SHA-384)"
+            )
+        if f["signing_key"] not in ("vcek", "vlek"):
+            raise _fail(f"report was not signed by a VCEK or VLEK (SIGNING_KEY field = {f['signing_key']})")
+
+        leaf = self._leaf(collateral, f["signing_key"])
+        self._check_report_signature(r, leaf)
+        self._check_chain(leaf, at, anchors)
+        self._check_leaf_matches_report(leaf, f)
+        return self._claims(f)
+
+    # -- parsing ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _parse(r: bytes) -> dict[str, Any]:
+        version, guest_svn, policy = struct.unpack_from("<IIQ", r, 0x00)
+        if version not in SUPPORTED_VERSIONS:
+            raise _fail(f"unsupported report VERSION {version} (offset 0x00; supported {SUPPORTED_VERSIONS})")
+        vmpl, signature_algo, current_tcb, platform_info, key_info = struct.unpack_from("<IIQQI", r, 0x30)
+        (reported_tcb,) = struct.unpack_from("<Q", r, 0x180)
+        cpuid_fam, cpuid_mod, cpuid_step = r[0x188], r[0x189], r[0x18A]
+        (committed_tcb,) = struct.unpack_from("<Q", r, 0x1E0)
+        cur_build, cur_minor, cur_major = r[0x1E8], r[0x1E9], r[0x1EA]
+        com_build, com_minor, com_major = r[0x1EC], r[0x1ED], r[0x1EE]
+        (launch_tcb,) = struct.unpack_from("<Q", r, 0x1F0)
+        # CPUID fields exist from report version 3; Turin (family 0x1A) lays TCB_VERSION out differently.
+        turin = version >= 3 and cpuid_fam == TURIN_FAMILY
+        return {
+            "version": version,
+            "guest_svn": guest_svn,
+            "policy": policy,
+            "family_id": r[0x10:0x20],
+            "image_id": r[0x20:0x30],
+            "vmpl": vmpl,
+            "signature_algo": signature_algo,
+            "current_tcb": current_tcb,
+            "platform_info": platform_info,
+            "author_key_en": bool(key_info & 0x1),
+            "mask_chip_key": bool(key_info & 0x2),
+            "signing_key": SIGNING_KEYS.get((key_info >> 2) & 0x7, f"reserved ({(key_info >> 2) & 0x7})"),
+            "report_data": r[0x50:0x90],
+            "measurement": r[0x90:0xC0],
+            "host_data": r[0xC0:0xE0],
+            "id_key_digest": r[0xE0:0x110],
+            "author_key_digest": r[0x110:0x140],
+            "report_id": r[0x140:0x160],
+            "report_id_ma": r[0x160:0x180],
+            "reported_tcb": reported_tcb,
+            "cpuid": (cpuid_fam, cpuid_mod, cpuid_step) if version >= 3 else None,
+            "chip_id": r[0x1A0:0x1E0],
+            "committed_tcb": committed_tcb,
+            "current_fw": f"{cur_major}.{cur_minor}.{cur_build}",
+            "committed_fw": f"{com_major}.{com_minor}.{com_build}",
+            "launch_tcb": launch_tcb,
+            "turin": turin,
+            "signature": r[SIG_OFFSET:REPORT_LEN],
+        }
+
+    @staticmethod
+    def _leaf(collateral: bytes | None, signing_key: str) -> x509.Certificate:
+        label = signing_key.upper()
+        if collateral is None:
+            raise _fail(f"SEV-SNP verification needs the {label} certificate as collateral (DER or PEM)")
+        if not isinstance(collateral, bytes | bytearray | memoryview):
+            raise _fail(f"collateral must be the {label} certificate bytes, got {type(collateral).__name__}")
+        data = bytes(collateral)
+        if b"-----BEGIN" in data:
+            leaf = parse_pem_certificates(data, f"{label} collateral", where=_WHERE)[0]
+        else:
+            leaf = parse_der_certificate(data, f"{label} collateral", where=_WHERE)
+        expected_cn = "SEV-VCEK" if signing_key == "vcek" else "SEV-VLEK"
+        if cert_name(leaf) != expected_cn:
+            raise _fail(
+                f"report says it is signed by the {label} but the collateral certificate is "
+                f"{cert_name(leaf)!r}, not {expected_cn!r}"
+            )
+        return leaf
+
+    # -- checks ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_report_signature(r: bytes, leaf: x509.Certificate) -> None:
+        key = public_key(leaf, "signing key", where=_WHERE)
+        if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
+            raise _fail(f"{cert_name(leaf)} certificate does not hold an ECDSA P-384 public key")
+        sig = r[SIG_OFFSET:REPORT_LEN]
+        rr = int.from_bytes(sig[0:SIG_COMPONENT_LEN], "little")
+        ss = int.from_bytes(sig[SIG_COMPONENT_LEN : 2 * SIG_COMPONENT_LEN], "little")
+        if any(sig[2 * SIG_COMPONENT_LEN :]):
+            raise _fail("reserved bytes after the signature's R and S (offset 0x330..0x49F) are not zero")
+        if rr == 0 or ss == 0:
+            raise _fail("report signature has a zero R or S component (offset 0x2A0)")
+        try:
+            key.verify(encode_dss_signature(rr, ss), r[:SIGNED_LEN], ec.ECDSA(hashes.SHA384()))
+        except InvalidSignature:
+            raise _fail(
+                f"ECDSA P-384 signature over report bytes 0x000..0x29F does not verify with the "
+                f"{cert_name(leaf)} public key (report altered, or collateral is another chip's/TCB's key)"
+            ) from None
+
+    @staticmethod
+    def _check_chain(leaf: x509.Certificate, at: int, anchors: TrustAnchors) -> None:
+        if not anchors.amd_ark_chains:
+            raise _fail("no AMD ASK/ARK chain in the trust anchors (TrustAnchors.amd_ark_chains is empty)")
+        tried: list[str] = []
+        errors: list[EvidenceError] = []
+        for i, bundle in enumerate(anchors.amd_ark_chains):
+            certs = parse_pem_certificates(bundle, f"AMD trust anchor #{i + 1}", where="trust anchors")
+            if len(certs) != 2:
+                raise EvidenceError(
+                    f"AMD trust anchor #{i + 1} holds {len(certs)} certificates, expected ASK (or ASVK) + ARK",
+                    where="trust anchors",
+                )
+            ask, ark = certs
+            tried.append(cert_name(ask))
+            if not _issued_by(leaf, ask):
+                continue
+            try:
+                _verify_pss(leaf, ask, f"{cert_name(leaf)} <- {cert_name(ask)}")
+                _verify_pss(ask, ark, f"{cert_name(ask)} <- {cert_name(ark)}")
+                _verify_pss(ark, ark, f"{cert_name(ark)} self-signature")
+                for cert, role in (
+                    (leaf, "signing key (VCEK/VLEK)"),
+                    (ask, "AMD ASK/ASVK"),
+                    (ark, "AMD ARK"),
+                ):
+                    check_validity(cert, at, role, where=_WHERE)
+                return
+            except EvidenceError as e:
+                errors.append(e)
+        if errors:
+            raise errors[0] if len(errors) == 1 else _fail("; ".join(str(e.message) for e in errors))
+        raise _fail(
+            f"{cert_name(leaf)} certificate was issued by {name_text(leaf)!r}, which is not "
+            f"the ASK/ASVK of any trusted AMD chain (trusted: {', '.join(tried)})"
+        )
+
+    @staticmethod
+    def _check_leaf_matches_report(leaf: x509.Certificate, f: dict[str, Any]) -> None:
+        hwid = _ext(leaf, OID_HWID)
+        chip_id: bytes = f["chip_id"]
+        if hwid is not None and any(chip_id) and chip_id[: len(hwid)] != hwid:
+            raise _fail(
+                f"VCEK hardware ID {hwid.hex()[:16]}… does not match the report's CHIP_ID {chip_id.hex()[:16]}…"
+            )
+        tcb = _decode_tcb(f["reported_tcb"], f["turin"])
+        oids = {"bootloader": OID_BL_SPL, "tee": OID_TEE_SPL, "snp": OID_SNP_SPL, "microcode": OID_UCODE_SPL}
+        if f["turin"]:
+            oids["fmc"] = OID_FMC_SPL
+        for part, oid in oids.items():
+            value = _ext(leaf, oid)
+            if value is None:
+                continue
+            spl = _der_small_uint(value, f"{cert_name(leaf)} extension {oid}")
+            if spl != tcb[part]:
+                raise _fail(
+                    f"{cert_name(leaf)} is for {part} SPL {spl} but the report's REPORTED_TCB has "
+                    f"{part} {tcb[part]} (collateral is for another TCB version)"
+                )
+
+    # -- claims ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _claims(f: dict[str, Any]) -> Claims:
+        turin = f["turin"]
+        extra: dict[str, Any] = {
+            "report_version": f["version"],
+            "policy": f["policy"],
+            "policy_hex": f"0x{f['policy']:016x}",
+            "vmpl": f["vmpl"],
+            "signing_key": f["signing_key"],
+            "reported_tcb": _decode_tcb(f["reported_tcb"], turin),
+            "reported_tcb_raw": f"0x{f['reported_tcb']:016x}",
+            "current_tcb": _decode_tcb(f["current_tcb"], turin),
+            "committed_tcb": _decode_tcb(f["committed_tcb"], turin),
+            "launch_tcb": _decode_tcb(f["launch_tcb"], turin),
+            "current_firmware": f["current_fw"],
+            "committed_firmware": f["committed_fw"],
+            "platform_info": f["platform_info"],
+            "family_id": f["family_id"].hex(),
+            "image_id": f["image_id"].hex(),
+            "host_data": f["host_data"].hex(),
+            "report_id": f["report_id"].hex(),
+            "report_id_ma": f["report_id_ma"].hex(),
+            "chip_id": f["chip_id"].hex(),
+        }
+        if f["cpuid"] is not None:
+            extra["cpuid_family"], extra["cpuid_model"], extra["cpuid_stepping"] = f["cpuid"]
+        if any(f["id_key_digest"]):
+            extra["id_key_digest"] = f["id_key_digest"].hex()
+        if f["author_key_en"]:
+            extra["author_key_digest"] = f["author_key_digest"].hex()
+        return Claims(
+            backend="sev-snp",
+            measurement=f["measurement"].hex(),
+            signer="",  # SNP has no signer measurement; the ID key digest (if any) is in extra
+            product_id=0,
+            security_version=f["guest_svn"],
+            debug=bool(f["policy"] >> POLICY_DEBUG_BIT & 1),
+            report_data=f["report_data"],
+            simulated=False,
+            extra=extra,
+        )
