@@ -51,6 +51,8 @@ class SimVerifier:
             return self._verify(evidence, at=at, anchors=anchors)
         except FormatError as exc:
             raise EvidenceError(exc.message, where=exc.where or W) from None
+        except (ValueError, TypeError) as exc:  # pyca parses certificate fields lazily, on first access
+            raise EvidenceError(f"malformed certificate or field ({exc})", where=W) from None
 
     def _verify(self, evidence: bytes, *, at: int, anchors: TrustAnchors) -> Claims:
         outer = parse_json_object(evidence, where=W)

@@ -1,0 +1,99 @@
+"""Hypothesis fuzzing of every parser that reads hostile input: only Confide errors may escape."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from confide.attest import TrustAnchors, verify_evidence
+from confide.enclave import channel
+from confide.enclave.backend import SIM_SIGNER, EnclaveIdentity, SimBackend, report_data_for
+from confide.enclave.errors import ConfideError, EvidenceError, FormatError
+from confide.enclave.keys import Identity, PublicIdentity
+from confide.enclave.request import open_request
+from confide.enclave.sim_platform import SimPlatform
+from confide.policy import Policy, check_endorsement
+
+ENCLAVE = Identity.generate("enclave")
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_parse_call_random_bytes(frame: bytes) -> None:
+    try:
+        channel.parse_call(frame)
+    except FormatError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.fixed_dictionaries({"id": json_values, "call": st.sampled_from([*channel.CALLS, "x"]), "args": json_values}))
+def test_parse_call_structured(obj: dict) -> None:
+    import json
+
+    try:
+        call = channel.parse_call(json.dumps(obj).encode())
+    except FormatError:
+        return
+    assert call.name in channel.CALLS and isinstance(call.args, dict)
+
+
+@pytest.fixture(scope="module")
+def sim_evidence(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, TrustAnchors]:
+    plat = SimPlatform.create(tmp_path_factory.mktemp("p") / "platform")
+    backend = SimBackend(plat, EnclaveIdentity("sim", "ab" * 32, SIM_SIGNER, 1, 1, False))
+    ev = backend.evidence(report_data_for(ENCLAVE.public, b"n"), extra={"enclave": ENCLAVE.public.to_line()})
+    return ev, TrustAnchors(sim_roots=(plat.root_der,))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_sim_evidence_mutations(sim_evidence: tuple[bytes, TrustAnchors], data: st.DataObject) -> None:
+    ev, anchors = sim_evidence
+    blob = bytearray(ev)
+    pos = data.draw(st.integers(0, len(blob) - 1))
+    blob[pos] = data.draw(st.integers(0, 255))
+    try:
+        claims = verify_evidence(bytes(blob), at=int(time.time()), anchors=anchors)
+    except EvidenceError:
+        return
+    # a mutation that still verifies must not have changed anything signed
+    assert claims == verify_evidence(ev, at=int(time.time()), anchors=anchors)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_run_request_random(blob: bytes) -> None:
+    with pytest.raises(ConfideError):
+        open_request(blob, ENCLAVE)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300))
+def test_policy_random_text(text: str) -> None:
+    try:
+        Policy.from_toml(text, where="fuzz")
+    except FormatError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_identity_endorsement_and_public_line_random(blob: bytes) -> None:
+    for parse in (
+        lambda: Identity.from_private_bytes(blob, where="fuzz"),
+        lambda: check_endorsement(blob, where="fuzz"),
+        lambda: PublicIdentity.from_line(blob.decode("utf-8", "replace")),
+    ):
+        try:
+            parse()
+        except ConfideError:
+            pass
