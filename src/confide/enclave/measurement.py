@@ -31,6 +31,7 @@ TCB_DISTRIBUTIONS: tuple[str, ...] = (
     "numpy",  # pre-imported in the sandbox zygote for untrusted functions
     "pandas",  # idem
     "xgboost-cpu",  # idem (GBDT)
+    "scikit-learn",  # imported lazily in the sandbox by xgboost's sklearn API
 )
 
 _SKIP_DIST_FILES = {"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"}
