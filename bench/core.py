@@ -71,7 +71,9 @@ def _run_worker(op: str, src: Path, dst: Path, key_hex: str) -> dict[str, float]
     os.sync()
     out = subprocess.run(
         [sys.executable, __file__, "--worker", op, str(src), str(dst), key_hex],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return json.loads(out.stdout)
 
@@ -89,13 +91,21 @@ def bench_sealed_files(size_mib: int, repeats: int, workdir: Path) -> dict[str, 
     ident = Identity.generate("bench")
     raw_key = AESGCM.generate_key(256).hex()
     ident_hex = ident.private_bytes().hex()
-    runs: dict[str, list[dict[str, float]]] = {k: [] for k in ("raw-encrypt", "sealed-encrypt", "raw-decrypt", "sealed-decrypt")}
+    runs: dict[str, list[dict[str, float]]] = {
+        k: [] for k in ("raw-encrypt", "sealed-encrypt", "raw-decrypt", "sealed-decrypt")
+    }
     print(f"sealed files: {size_mib} MiB x {repeats} repeats, alternating raw/sealed", file=sys.stderr)
     for r in range(repeats):
         runs["raw-encrypt"].append(_run_worker("raw-encrypt", plain, workdir / "raw.enc", raw_key))
-        runs["sealed-encrypt"].append(_run_worker("sealed-encrypt", plain, workdir / "file.sealed", ident_hex))
-        runs["raw-decrypt"].append(_run_worker("raw-decrypt", workdir / "raw.enc", workdir / "raw.dec", raw_key))
-        runs["sealed-decrypt"].append(_run_worker("sealed-decrypt", workdir / "file.sealed", workdir / "file.dec", ident_hex))
+        runs["sealed-encrypt"].append(
+            _run_worker("sealed-encrypt", plain, workdir / "file.sealed", ident_hex)
+        )
+        runs["raw-decrypt"].append(
+            _run_worker("raw-decrypt", workdir / "raw.enc", workdir / "raw.dec", raw_key)
+        )
+        runs["sealed-decrypt"].append(
+            _run_worker("sealed-decrypt", workdir / "file.sealed", workdir / "file.dec", ident_hex)
+        )
         print(f"  repeat {r + 1}/{repeats} done", file=sys.stderr)
     assert (workdir / "file.dec").read_bytes()[:CHUNK] == plain.read_bytes()[:CHUNK]
     mib = float(size_mib)
@@ -142,12 +152,18 @@ def bench_in_memory(size_mib: int, repeats: int) -> dict[str, Any]:
     ident = Identity.generate("bench")
     aead = AESGCM(AESGCM.generate_key(256))
     out = bytearray(CHUNK + 16)
-    times: dict[str, list[float]] = {"raw-encrypt": [], "sealed-encrypt": [], "raw-decrypt": [], "sealed-decrypt": []}
+    times: dict[str, list[float]] = {
+        "raw-encrypt": [],
+        "sealed-encrypt": [],
+        "raw-decrypt": [],
+        "sealed-decrypt": [],
+    }
     view = memoryview(data)
     sealed = io.BytesIO()
     SealedWriter(sealed, recipients=[ident.public]).write_chunks_from(io.BytesIO(data))
     raw_ct = b"".join(
-        aead.encrypt(struct.pack(">Q4x", i), bytes(view[i * CHUNK : (i + 1) * CHUNK]), None) for i in range(size_mib)
+        aead.encrypt(struct.pack(">Q4x", i), bytes(view[i * CHUNK : (i + 1) * CHUNK]), None)
+        for i in range(size_mib)
     )
     inbuf = bytearray(CHUNK + 16)
     for _ in range(repeats):
@@ -177,14 +193,21 @@ def bench_in_memory(size_mib: int, repeats: int) -> dict[str, Any]:
     res: dict[str, Any] = {op: round(size_mib / statistics.median(t), 1) for op, t in times.items()}
     res = {f"{op}_mib_s": v for op, v in res.items()}
     for phase in ("encrypt", "decrypt"):
-        res[f"{phase}_ratio_sealed_over_raw"] = round(res[f"sealed-{phase}_mib_s"] / res[f"raw-{phase}_mib_s"], 3)
+        res[f"{phase}_ratio_sealed_over_raw"] = round(
+            res[f"sealed-{phase}_mib_s"] / res[f"raw-{phase}_mib_s"], 3
+        )
     res["note"] = "same data from memory to a null sink: the format's own cost, without disk noise"
     return res
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:
     qs = statistics.quantiles(samples, n=100)
-    return {"p50": round(statistics.median(samples), 2), "p90": round(qs[89], 2), "p99": round(qs[98], 2), "n": len(samples)}
+    return {
+        "p50": round(statistics.median(samples), 2),
+        "p90": round(qs[89], 2),
+        "p99": round(qs[98], 2),
+        "n": len(samples),
+    }
 
 
 def bench_enclave(workdir: Path, calls: int, starts: int) -> dict[str, Any]:
@@ -238,7 +261,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "core.json")
     args = parser.parse_args()
     results: dict[str, Any] = {
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+        },
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     # the sandbox zygote must fork from a single-threaded process: measure it first

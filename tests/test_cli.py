@@ -32,10 +32,27 @@ def keys(tmp_path: Path, home: Path) -> Path:
 def test_keygen_encrypt_decrypt_round_trip(keys: Path) -> None:
     src = keys / "data.csv"
     src.write_bytes(b"x,y\n" + b"1,2\n" * 50000)
-    cli("encrypt", str(src), "--to", str(keys / "bob.pub"), "--to", str(keys / "alice.pub"),
-        "--meta", "dataset=d1", "--out", str(keys / "data.sealed"))
+    cli(
+        "encrypt",
+        str(src),
+        "--to",
+        str(keys / "bob.pub"),
+        "--to",
+        str(keys / "alice.pub"),
+        "--meta",
+        "dataset=d1",
+        "--out",
+        str(keys / "data.sealed"),
+    )
     assert b"1,2" not in (keys / "data.sealed").read_bytes()
-    _, out = cli("decrypt", str(keys / "data.sealed"), "--identity", str(keys / "bob.key"), "--out", str(keys / "o.csv"))
+    _, out = cli(
+        "decrypt",
+        str(keys / "data.sealed"),
+        "--identity",
+        str(keys / "bob.key"),
+        "--out",
+        str(keys / "o.csv"),
+    )
     assert (keys / "o.csv").read_bytes() == src.read_bytes()
     assert '"dataset": "d1"' in out
     assert oct(os.stat(keys / "alice.key").st_mode & 0o777) == "0o600"
@@ -45,8 +62,15 @@ def test_wrong_identity_fails_cleanly_and_writes_nothing(keys: Path) -> None:
     src = keys / "d.txt"
     src.write_text("secret")
     cli("encrypt", str(src), "--to", str(keys / "bob.pub"), "--out", str(keys / "d.sealed"))
-    code, out = cli("decrypt", str(keys / "d.sealed"), "--identity", str(keys / "alice.key"),
-                    "--out", str(keys / "o.txt"), ok=False)
+    code, out = cli(
+        "decrypt",
+        str(keys / "d.sealed"),
+        "--identity",
+        str(keys / "alice.key"),
+        "--out",
+        str(keys / "o.txt"),
+        ok=False,
+    )
     assert code == 1 and "not addressed to identity" in out and "Traceback" not in out
     assert not (keys / "o.txt").exists()
 
@@ -64,7 +88,9 @@ def test_wrong_identity_fails_cleanly_and_writes_nothing(keys: Path) -> None:
         (["verify", "d.txt", "--nonce", "xyz"], "not valid hex"),
     ],
 )
-def test_bad_input_gives_clear_error(keys: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str) -> None:
+def test_bad_input_gives_clear_error(
+    keys: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
+) -> None:
     monkeypatch.chdir(keys)
     (keys / "d.txt").write_text("not sealed")
     code, out = cli(*args, ok=False)
@@ -105,8 +131,20 @@ def test_real_process_never_prints_a_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.sealed"
     bad.write_bytes(b"CNFSEAL1\xff\xff\xff\xff")
     proc = subprocess.run(
-        [sys.executable, "-m", "confide.cli", "decrypt", str(bad), "--identity", str(bad), "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "confide.cli",
+            "decrypt",
+            str(bad),
+            "--identity",
+            str(bad),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stderr.startswith("error:")
 
@@ -133,9 +171,19 @@ def write_policy(path: Path, **values: object) -> Path:
 
 def sgx_measurement(tmp_path: Path) -> str:
     """The quote's MRENCLAVE, read from the policy's refusal (authentic, but not pinned yet)."""
-    _, out = cli("verify", str(TESTVECTORS / "sgx/sgx_quote.bin"), "--collateral",
-                 str(TESTVECTORS / "sgx/sgx_quote_collateral.json"), "--roots", str(TESTVECTORS / "roots"),
-                 "--at", SGX_AT, "--policy", str(write_policy(tmp_path / "empty.toml")), ok=False)
+    _, out = cli(
+        "verify",
+        str(TESTVECTORS / "sgx/sgx_quote.bin"),
+        "--collateral",
+        str(TESTVECTORS / "sgx/sgx_quote_collateral.json"),
+        "--roots",
+        str(TESTVECTORS / "roots"),
+        "--at",
+        SGX_AT,
+        "--policy",
+        str(write_policy(tmp_path / "empty.toml")),
+        ok=False,
+    )
     return out.split("measurement ")[1].split(" ")[0]
 
 
@@ -143,11 +191,24 @@ def test_verify_real_sgx_quote_with_a_matching_policy(home: Path, tmp_path: Path
     meas = sgx_measurement(tmp_path)
     assert meas.startswith("33d8736db756ed49")
     policy = write_policy(
-        tmp_path / "sgx.toml", backends=["sgx"], measurements=[meas], require_nonce=False, max_age_seconds=0,
+        tmp_path / "sgx.toml",
+        backends=["sgx"],
+        measurements=[meas],
+        require_nonce=False,
+        max_age_seconds=0,
         accepted_tcb_status=["UpToDate", "ConfigurationAndSWHardeningNeeded"],
     )
-    args = ["verify", str(TESTVECTORS / "sgx/sgx_quote.bin"), "--collateral", str(TESTVECTORS / "sgx/sgx_quote_collateral.json"),
-            "--roots", str(TESTVECTORS / "roots"), "--policy", str(policy), "--json"]
+    args = [
+        "verify",
+        str(TESTVECTORS / "sgx/sgx_quote.bin"),
+        "--collateral",
+        str(TESTVECTORS / "sgx/sgx_quote_collateral.json"),
+        "--roots",
+        str(TESTVECTORS / "roots"),
+        "--policy",
+        str(policy),
+        "--json",
+    ]
     _, out = cli(*args, "--at", SGX_AT)
     claims = json.loads(out)["claims"]
     assert claims["backend"] == "sgx" and claims["debug"] is False
@@ -157,27 +218,71 @@ def test_verify_real_sgx_quote_with_a_matching_policy(home: Path, tmp_path: Path
     code, out = cli(*args, "--at", "1760000000", ok=False)
     assert code == 1 and "expired" in out.lower()
     # a policy accepting only UpToDate refuses it, naming the advisories
-    strict = write_policy(tmp_path / "strict.toml", backends=["sgx"], measurements=[meas], require_nonce=False,
-                          max_age_seconds=0)
+    strict = write_policy(
+        tmp_path / "strict.toml",
+        backends=["sgx"],
+        measurements=[meas],
+        require_nonce=False,
+        max_age_seconds=0,
+    )
     code, out = cli(*args[:-3], "--policy", str(strict), "--at", SGX_AT, ok=False)
     assert code == 1 and "INTEL-SA-00289" in out
 
 
 def test_verify_real_snp_report_debug_rejected_by_production_policy(home: Path, tmp_path: Path) -> None:
-    args = ["verify", str(TESTVECTORS / "snp/snp_report_milan.bin"), "--collateral",
-            str(TESTVECTORS / "snp/snp_vcek_milan.der"), "--roots", str(TESTVECTORS / "roots"), "--at", "1750377600"]
+    args = [
+        "verify",
+        str(TESTVECTORS / "snp/snp_report_milan.bin"),
+        "--collateral",
+        str(TESTVECTORS / "snp/snp_vcek_milan.der"),
+        "--roots",
+        str(TESTVECTORS / "roots"),
+        "--at",
+        "1750377600",
+    ]
     code, out = cli(*args, "--policy", str(write_policy(tmp_path / "p.toml", require_nonce=False)), ok=False)
     assert code == 1 and "DEBUG enclave" in out
-    code, out = cli(*args, "--json", "--policy", str(write_policy(tmp_path / "dbg.toml", require_nonce=False,
-                    allow_debug=True, backends=["sev-snp"], measurements=["b07af9620f3b839b" + "0" * 48])), ok=False)
+    code, out = cli(
+        *args,
+        "--json",
+        "--policy",
+        str(
+            write_policy(
+                tmp_path / "dbg.toml",
+                require_nonce=False,
+                allow_debug=True,
+                backends=["sev-snp"],
+                measurements=["b07af9620f3b839b" + "0" * 48],
+            )
+        ),
+        ok=False,
+    )
     assert "measurement b07af9620f3b839b" in out  # authentic; only the measurement pin differs
 
 
 def test_verify_real_nitro_document(home: Path, tmp_path: Path) -> None:
     policy = write_policy(tmp_path / "p.toml", backends=["nitro"], require_nonce=False, max_age_seconds=0)
-    code, out = cli("verify", str(TESTVECTORS / "nitro/nitro_attestation.b64"), "--roots", str(TESTVECTORS / "roots"),
-                    "--at", "1725720000", "--policy", str(policy), ok=False)
+    code, out = cli(
+        "verify",
+        str(TESTVECTORS / "nitro/nitro_attestation.b64"),
+        "--roots",
+        str(TESTVECTORS / "roots"),
+        "--at",
+        "1725720000",
+        "--policy",
+        str(policy),
+        ok=False,
+    )
     assert code == 1 and "measurement" in out and "not accepted" in out and "DEBUG" not in out
-    code, out = cli("verify", str(TESTVECTORS / "nitro/nitro_attestation_debug.b64"), "--roots",
-                    str(TESTVECTORS / "roots"), "--at", "1725720000", "--policy", str(policy), ok=False)
+    code, out = cli(
+        "verify",
+        str(TESTVECTORS / "nitro/nitro_attestation_debug.b64"),
+        "--roots",
+        str(TESTVECTORS / "roots"),
+        "--at",
+        "1725720000",
+        "--policy",
+        str(policy),
+        ok=False,
+    )
     assert code == 1 and "DEBUG enclave" in out

@@ -123,14 +123,24 @@ def raw_call(enclave: EnclaveProcess, payload: bytes) -> dict:
         (b'{"id":1,"id":2,"call":"ping","args":{}}', "duplicate key"),
         (b'{"id":1,"call":"ping","args":{"a":NaN}}', "not valid JSON"),
         (b"\xff\xfe", "not valid JSON"),
-        (b'{"id":1,"call":"run","args":{"source":"","request":"","inputs":{"../x":"/etc/passwd"},"outputs":{}}}',
-         "must be an identifier"),
-        (b'{"id":1,"call":"run","args":{"source":"","request":"!!","inputs":{},"outputs":{}}}', "not valid base64"),
-        (b'{"id":1,"call":"run","args":{"source":"","request":"AAAA","inputs":{},"outputs":{}}}', "too short"),
+        (
+            b'{"id":1,"call":"run","args":{"source":"","request":"","inputs":{"../x":"/etc/passwd"},"outputs":{}}}',
+            "must be an identifier",
+        ),
+        (
+            b'{"id":1,"call":"run","args":{"source":"","request":"!!","inputs":{},"outputs":{}}}',
+            "not valid base64",
+        ),
+        (
+            b'{"id":1,"call":"run","args":{"source":"","request":"AAAA","inputs":{},"outputs":{}}}',
+            "too short",
+        ),
         (b"[" * 100000 + b"]" * 100000, "not valid JSON"),
     ],
 )
-def test_malformed_frames_are_rejected_and_the_enclave_keeps_serving(env, payload: bytes, message: str) -> None:
+def test_malformed_frames_are_rejected_and_the_enclave_keeps_serving(
+    env, payload: bytes, message: str
+) -> None:
     _, enclave, _, _ = env
     reply = raw_call(enclave, payload)
     assert reply["ok"] is False and message in reply["error"]["message"], reply
@@ -163,8 +173,15 @@ def test_run_end_to_end_with_receipt(env, owner: Identity, tmp_path: Path) -> No
     before = src.read_bytes()
     out = tmp_path / "out.sealed"
     outcome = run_function(
-        enclave, source=COPY_UPPER, inputs={"data": src}, outputs={"out": out}, recipients=[bob.public],
-        params={"suffix": "!"}, identity=owner, policy=policy, anchors=home.anchors(),
+        enclave,
+        source=COPY_UPPER,
+        inputs={"data": src},
+        outputs={"out": out},
+        recipients=[bob.public],
+        params={"suffix": "!"},
+        identity=owner,
+        policy=policy,
+        anchors=home.anchors(),
     )
     assert outcome.ok and outcome.receipt is not None
     assert open_output(out, bob) == b"HELLO ENCLAVE!"
@@ -181,16 +198,24 @@ def _request(enclave_pub, owner: Identity, src: Path, recipients, *, source: str
         reader.unlock(identity=owner)
         grant = InputGrant(reader.data_key, reader.header.digest.hex())
     return RunRequest(
-        request_id=new_request_id(), function_sha256=function_digest(source), params={},
-        inputs={"data": grant}, outputs={"out": OutputSpec(tuple(recipients), 1 << 20)},
-        error_recipients=(owner.public,), client=owner.public,
+        request_id=new_request_id(),
+        function_sha256=function_digest(source),
+        params={},
+        inputs={"data": grant},
+        outputs={"out": OutputSpec(tuple(recipients), 1 << 20)},
+        error_recipients=(owner.public,),
+        client=owner.public,
     )
 
 
 def _send(enclave: EnclaveProcess, req_blob: bytes, src: Path, out: Path, source: str = COPY_UPPER, **extra):
     return enclave.call(
-        "run", source=source, request=base64.b64encode(req_blob).decode(),
-        inputs={"data": str(src)}, outputs={"out": str(out)}, **extra,
+        "run",
+        source=source,
+        request=base64.b64encode(req_blob).decode(),
+        inputs={"data": str(src)},
+        outputs={"out": str(out)},
+        **extra,
     )
 
 
@@ -212,13 +237,22 @@ def test_host_cannot_swap_function_inputs_or_outputs(env, owner: Identity, tmp_p
     other = sealed_input(tmp_path / "other.sealed", b"other data", owner)
     evil = COPY_UPPER.replace("upper()", "lower()")
     with pytest.raises(EnclaveError, match="not the function the client approved"):
-        _send(enclave, _request(key, owner, src, [owner.public]).seal_to(key), src, tmp_path / "o.sealed", source=evil)
+        _send(
+            enclave,
+            _request(key, owner, src, [owner.public]).seal_to(key),
+            src,
+            tmp_path / "o.sealed",
+            source=evil,
+        )
     with pytest.raises(EnclaveError, match="not the file the client approved"):
         _send(enclave, _request(key, owner, src, [owner.public]).seal_to(key), other, tmp_path / "o.sealed")
     with pytest.raises(EnclaveError, match="differ from the approved"):
         enclave.call(
-            "run", source=COPY_UPPER, request=base64.b64encode(_request(key, owner, src, [owner.public]).seal_to(key)).decode(),
-            inputs={"data": str(src)}, outputs={"out": str(tmp_path / "o.sealed"), "leak": str(tmp_path / "leak")},
+            "run",
+            source=COPY_UPPER,
+            request=base64.b64encode(_request(key, owner, src, [owner.public]).seal_to(key)).decode(),
+            inputs={"data": str(src)},
+            outputs={"out": str(tmp_path / "o.sealed"), "leak": str(tmp_path / "leak")},
         )
     assert not (tmp_path / "o.sealed").exists() and not (tmp_path / "leak").exists()
 
@@ -228,7 +262,12 @@ def test_request_sealed_to_another_key_does_not_open(env, owner: Identity, tmp_p
     impostor = Identity.generate()
     src = sealed_input(tmp_path / "in.sealed", b"x", owner)
     with pytest.raises(EnclaveError, match="does not open"):
-        _send(enclave, _request(impostor.public, owner, src, [owner.public]).seal_to(impostor.public), src, tmp_path / "o")
+        _send(
+            enclave,
+            _request(impostor.public, owner, src, [owner.public]).seal_to(impostor.public),
+            src,
+            tmp_path / "o",
+        )
 
 
 def test_tampered_input_fails_and_nothing_is_published(env, owner: Identity, tmp_path: Path) -> None:
@@ -252,8 +291,12 @@ def test_failing_function_reports_only_a_category_to_the_host(env, owner: Identi
     before = src.read_bytes()
     report = tmp_path / "err.sealed"
     result = _send(
-        enclave, _request(key, owner, src, [owner.public], source=FAILING).seal_to(key), src,
-        tmp_path / "o.sealed", source=FAILING, error_report=str(report),
+        enclave,
+        _request(key, owner, src, [owner.public], source=FAILING).seal_to(key),
+        src,
+        tmp_path / "o.sealed",
+        source=FAILING,
+        error_report=str(report),
     )
     assert result["ok"] is False and result["category"] == "exception"
     assert "TOP-SECRET" not in json.dumps(result)
@@ -290,15 +333,29 @@ def test_memory_budget_is_enforced(tmp_path: Path, owner: Identity) -> None:
         src = sealed_input(tmp_path / "big.sealed", os.urandom(8 << 20), owner)
         with pytest.raises(EnclaveError, match=r"needs 16\.0 MiB of enclave memory but only 12\.0 MiB"):
             run_function(
-                enclave, source=COPY_UPPER, inputs={"data": src}, outputs={"out": tmp_path / "o"},
-                recipients=[owner.public], params={}, identity=owner, policy=policy, anchors=home.anchors(),
+                enclave,
+                source=COPY_UPPER,
+                inputs={"data": src},
+                outputs={"out": tmp_path / "o"},
+                recipients=[owner.public],
+                params={},
+                identity=owner,
+                policy=policy,
+                anchors=home.anchors(),
             )
         assert enclave.call("ping") == {"pong": True}
         # the budget was released: a small input still runs
         small = sealed_input(tmp_path / "small.sealed", b"ok", owner)
         outcome = run_function(
-            enclave, source=COPY_UPPER, inputs={"data": small}, outputs={"out": tmp_path / "o"},
-            recipients=[owner.public], params={}, identity=owner, policy=policy, anchors=home.anchors(),
+            enclave,
+            source=COPY_UPPER,
+            inputs={"data": small},
+            outputs={"out": tmp_path / "o"},
+            recipients=[owner.public],
+            params={},
+            identity=owner,
+            policy=policy,
+            anchors=home.anchors(),
         )
         assert outcome.ok and open_output(tmp_path / "o", owner) == b"OK"
 
@@ -308,8 +365,15 @@ def test_function_exceeding_its_memory_allowance(env, owner: Identity, tmp_path:
     hog = "def run(ctx):\n    x = bytearray(8 << 30)\n    ctx.outputs['out'].write(b'never')\n"
     src = sealed_input(tmp_path / "in.sealed", b"x", owner)
     outcome = run_function(
-        enclave, source=hog, inputs={"data": src}, outputs={"out": tmp_path / "o"}, recipients=[owner.public],
-        params={}, identity=owner, policy=policy, anchors=home.anchors(),
+        enclave,
+        source=hog,
+        inputs={"data": src},
+        outputs={"out": tmp_path / "o"},
+        recipients=[owner.public],
+        params={},
+        identity=owner,
+        policy=policy,
+        anchors=home.anchors(),
     )
     assert not outcome.ok and outcome.category in ("memory-limit", "exception")
     assert not (tmp_path / "o").exists()
@@ -321,8 +385,15 @@ def test_sealed_reader_of_enclave_output_has_metadata(env, owner: Identity, tmp_
     src = sealed_input(tmp_path / "in.sealed", b"m", owner)
     out = tmp_path / "o.sealed"
     outcome = run_function(
-        enclave, source=COPY_UPPER, inputs={"data": src}, outputs={"out": out}, recipients=[owner.public],
-        params={}, identity=owner, policy=policy, anchors=home.anchors(),
+        enclave,
+        source=COPY_UPPER,
+        inputs={"data": src},
+        outputs={"out": out},
+        recipients=[owner.public],
+        params={},
+        identity=owner,
+        policy=policy,
+        anchors=home.anchors(),
     )
     with open(out, "rb") as fh:
         meta = SealedReader(fh).header.metadata

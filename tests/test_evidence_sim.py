@@ -24,7 +24,9 @@ def platform(tmp_path: Path) -> SimPlatform:
     return SimPlatform.create(tmp_path / "platform")
 
 
-def backend(platform: SimPlatform, *, debug: bool = False, svn: int = 3, measurement: str = MEAS) -> SimBackend:
+def backend(
+    platform: SimPlatform, *, debug: bool = False, svn: int = 3, measurement: str = MEAS
+) -> SimBackend:
     return SimBackend(platform, EnclaveIdentity("sim", measurement, SIM_SIGNER, 1, svn, debug))
 
 
@@ -71,13 +73,17 @@ def test_default_policy_rejects_simulated_evidence(platform: SimPlatform, alice:
     ],
 )
 def test_policy_mismatches(platform, alice, kw, policy_kw, nonce, message) -> None:
-    claims = verify_evidence(make(platform, alice, b"n", **kw), at=int(time.time()), anchors=anchors(platform))
+    claims = verify_evidence(
+        make(platform, alice, b"n", **kw), at=int(time.time()), anchors=anchors(platform)
+    )
     with pytest.raises(PolicyError, match=message):
         evaluate(dev_policy(**policy_kw), claims, at=int(time.time()), nonce=nonce)
 
 
 def test_debug_allowed_only_when_policy_says_so(platform: SimPlatform, alice: Identity) -> None:
-    claims = verify_evidence(make(platform, alice, b"n", debug=True), at=int(time.time()), anchors=anchors(platform))
+    claims = verify_evidence(
+        make(platform, alice, b"n", debug=True), at=int(time.time()), anchors=anchors(platform)
+    )
     evaluate(dev_policy(allow_debug=True), claims, at=int(time.time()), nonce=b"n")
 
 
@@ -90,7 +96,9 @@ def test_stale_and_future_evidence(platform: SimPlatform, alice: Identity) -> No
         evaluate(dev_policy(), claims, at=now - 3600, nonce=b"n")
 
 
-def test_keys_not_bound_in_report_data_are_rejected(platform: SimPlatform, alice: Identity, bob: Identity) -> None:
+def test_keys_not_bound_in_report_data_are_rejected(
+    platform: SimPlatform, alice: Identity, bob: Identity
+) -> None:
     claims = verify_evidence(make(platform, alice, b"n"), at=int(time.time()), anchors=anchors(platform))
     with pytest.raises(PolicyError, match="not the keys bound"):
         evaluate(dev_policy(), claims, at=int(time.time()), nonce=b"n", enclave_keys=bob.public)
@@ -128,7 +136,9 @@ def test_tampered_signature_and_certificate(platform: SimPlatform, alice: Identi
         verify_evidence(json.dumps(bad).encode(), at=int(time.time()), anchors=anchors(platform))
 
 
-def test_evidence_from_another_platform_is_not_trusted(platform: SimPlatform, alice: Identity, tmp_path: Path) -> None:
+def test_evidence_from_another_platform_is_not_trusted(
+    platform: SimPlatform, alice: Identity, tmp_path: Path
+) -> None:
     other = SimPlatform.create(tmp_path / "other")
     ev = make(other, alice, b"n")
     with pytest.raises(EvidenceError, match="issuer|does not verify"):
@@ -147,8 +157,14 @@ def test_expired_platform_certificate(platform: SimPlatform, alice: Identity) ->
 
 @pytest.mark.parametrize(
     "blob",
-    [b"", b"{", b"[]", b'{"format":"confide-sim-evidence-v1"}', b"\x00" * 100,
-     b'{"format":"confide-sim-evidence-v1","body":"!!","signature":"","certificates":[]}'],
+    [
+        b"",
+        b"{",
+        b"[]",
+        b'{"format":"confide-sim-evidence-v1"}',
+        b"\x00" * 100,
+        b'{"format":"confide-sim-evidence-v1","body":"!!","signature":"","certificates":[]}',
+    ],
 )
 def test_malformed_evidence(platform: SimPlatform, blob: bytes) -> None:
     with pytest.raises(EvidenceError):
@@ -206,7 +222,9 @@ def test_policy_file_parsing(tmp_path: Path) -> None:
 def test_sealing_keys_bound_to_identity(platform: SimPlatform) -> None:
     a = backend(platform, measurement=MEAS)
     b = backend(platform, measurement="cd" * 32)
-    assert a.sealing_key("measurement", b"x") == backend(platform, measurement=MEAS).sealing_key("measurement", b"x")
+    assert a.sealing_key("measurement", b"x") == backend(platform, measurement=MEAS).sealing_key(
+        "measurement", b"x"
+    )
     assert a.sealing_key("measurement", b"x") != b.sealing_key("measurement", b"x")
     assert a.sealing_key("signer", b"x") == b.sealing_key("signer", b"x")  # same signer: upgrade-safe
     assert a.sealing_key("measurement", b"x") != a.sealing_key("measurement", b"y")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -28,14 +29,16 @@ json_values = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=512))
 def test_parse_call_random_bytes(frame: bytes) -> None:
-    try:
+    with contextlib.suppress(FormatError):
         channel.parse_call(frame)
-    except FormatError:
-        pass
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.fixed_dictionaries({"id": json_values, "call": st.sampled_from([*channel.CALLS, "x"]), "args": json_values}))
+@given(
+    st.fixed_dictionaries(
+        {"id": json_values, "call": st.sampled_from([*channel.CALLS, "x"]), "args": json_values}
+    )
+)
 def test_parse_call_structured(obj: dict) -> None:
     import json
 
@@ -79,10 +82,8 @@ def test_run_request_random(blob: bytes) -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=300))
 def test_policy_random_text(text: str) -> None:
-    try:
+    with contextlib.suppress(FormatError):
         Policy.from_toml(text, where="fuzz")
-    except FormatError:
-        pass
 
 
 @settings(max_examples=200, deadline=None)
@@ -93,7 +94,5 @@ def test_identity_endorsement_and_public_line_random(blob: bytes) -> None:
         lambda: check_endorsement(blob, where="fuzz"),
         lambda: PublicIdentity.from_line(blob.decode("utf-8", "replace")),
     ):
-        try:
+        with contextlib.suppress(ConfideError):
             parse()
-        except ConfideError:
-            pass

@@ -66,7 +66,10 @@ def test_signature_verification(alice: Identity, bob: Identity) -> None:
 
 def test_hpke_context_binding(alice: Identity, bob: Identity) -> None:
     ct = hpke_box.seal(b"key material", alice.public.kem_key, "dataset-key", dataset="d1", task="t1")
-    assert hpke_box.open_sealed(ct, alice.kem_key, "dataset-key", where="t", dataset="d1", task="t1") == b"key material"
+    assert (
+        hpke_box.open_sealed(ct, alice.kem_key, "dataset-key", where="t", dataset="d1", task="t1")
+        == b"key material"
+    )
     for purpose, binding in [
         ("other-purpose", {"dataset": "d1", "task": "t1"}),
         ("dataset-key", {"dataset": "d2", "task": "t1"}),

@@ -36,7 +36,9 @@ def test_dependency_change_changes_the_value(monkeypatch: pytest.MonkeyPatch) ->
     before = m.measure(EnclaveConfig()).value
     real = m._dist_digest
     monkeypatch.setattr(
-        m, "_dist_digest", lambda name: {**real(name), "version": "0.0.0"} if name == "pyseccomp" else real(name)
+        m,
+        "_dist_digest",
+        lambda name: {**real(name), "version": "0.0.0"} if name == "pyseccomp" else real(name),
     )
     assert m.measure(EnclaveConfig()).value != before
 

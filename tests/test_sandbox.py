@@ -47,8 +47,15 @@ def zygote() -> Iterator[Zygote]:
     z.close()
 
 
-def run(z: Zygote, source: str, *, params: dict | None = None, inputs: dict[str, bytes] | None = None,
-        outputs: tuple[str, ...] = (), limits: SandboxLimits = LIMITS) -> tuple[RunResult, dict[str, bytes]]:
+def run(
+    z: Zygote,
+    source: str,
+    *,
+    params: dict | None = None,
+    inputs: dict[str, bytes] | None = None,
+    outputs: tuple[str, ...] = (),
+    limits: SandboxLimits = LIMITS,
+) -> tuple[RunResult, dict[str, bytes]]:
     fds = {name: make_input_memfd(data) for name, data in (inputs or {}).items()}
     sinks = {name: Sink() for name in outputs}
     try:
@@ -71,14 +78,19 @@ def test_layer_report_lists_every_layer_ok(zygote: Zygote) -> None:
 
 def test_inputs_and_outputs_round_trip(zygote: Zygote) -> None:
     big = os.urandom(3 * 2**20 + 17)  # larger than a pipe buffer: outputs must stream
-    result, out = run(zygote, """
+    result, out = run(
+        zygote,
+        """
         import hashlib
         def run(ctx):
             data = ctx.inputs["big"].read()
             ctx.outputs["copy"].write(data[::-1])
             text = ctx.inputs["text"].read().decode()
             ctx.outputs["digest"].write(hashlib.sha256(data).hexdigest().encode() + text.upper().encode())
-    """, inputs={"big": big, "text": b"hello"}, outputs=("copy", "digest"))
+    """,
+        inputs={"big": big, "text": b"hello"},
+        outputs=("copy", "digest"),
+    )
     assert result.ok, result.detail
     assert result.category == "ok" and result.exit_code == 0 and result.signal is None
     assert out["copy"] == big[::-1]
@@ -88,11 +100,16 @@ def test_inputs_and_outputs_round_trip(zygote: Zygote) -> None:
 
 def test_params_arrive(zygote: Zygote) -> None:
     params = {"k": 3, "name": "zürich", "nested": {"xs": [1, 2.5, None, True]}}
-    result, out = run(zygote, """
+    result, out = run(
+        zygote,
+        """
         import json
         def run(ctx):
             ctx.outputs["p"].write(json.dumps(ctx.params).encode())
-    """, params=params, outputs=("p",))
+    """,
+        params=params,
+        outputs=("p",),
+    )
     assert result.ok, result.detail
     assert json.loads(out["p"]) == params
 
@@ -106,13 +123,19 @@ def test_input_offset_independent_and_seekable(zygote: Zygote) -> None:
     fd = make_input_memfd(b"0123456789")
     os.lseek(fd, 7, os.SEEK_SET)
     try:
-        result = zygote.run(textwrap.dedent("""
+        result = zygote.run(
+            textwrap.dedent("""
             def run(ctx):
                 f = ctx.inputs["d"]
                 first = f.read(3)
                 f.seek(5)
                 ctx.outputs["o"].write(first + f.read())
-        """), params={}, inputs={"d": fd}, outputs={"o": (sink := Sink())}, limits=LIMITS)
+        """),
+            params={},
+            inputs={"d": fd},
+            outputs={"o": (sink := Sink())},
+            limits=LIMITS,
+        )
         assert result.ok, result.detail
         assert bytes(sink.data) == b"01256789"
         assert os.lseek(fd, 0, os.SEEK_CUR) == 7  # the child had its own open file description
@@ -122,7 +145,9 @@ def test_input_offset_independent_and_seekable(zygote: Zygote) -> None:
 
 def test_numpy_pandas_xgboost_work(zygote: Zygote) -> None:
     rows = ["x1,x2,label"] + [f"{i % 7},{(i * 13) % 11},{int(i % 7 > 3)}" for i in range(200)]
-    result, out = run(zygote, """
+    result, out = run(
+        zygote,
+        """
         import json
         import numpy as np
         import pandas as pd
@@ -135,7 +160,10 @@ def test_numpy_pandas_xgboost_work(zygote: Zygote) -> None:
             pred = booster.predict(dm)
             acc = float(np.mean((pred > 0.5) == y.to_numpy()))
             ctx.outputs["r"].write(json.dumps({"n": len(df), "acc": acc, "mean_x1": float(np.mean(X["x1"]))}).encode())
-    """, inputs={"data": "\n".join(rows).encode()}, outputs=("r",))
+    """,
+        inputs={"data": "\n".join(rows).encode()},
+        outputs=("r",),
+    )
     assert result.ok, result.detail
     report = json.loads(out["r"])
     assert report["n"] == 200
@@ -144,8 +172,12 @@ def test_numpy_pandas_xgboost_work(zygote: Zygote) -> None:
 
 
 def test_xgboost_sklearn_api(zygote: Zygote) -> None:
-    pytest.importorskip("sklearn", reason="xgboost.XGBClassifier needs scikit-learn, not installed in this venv")
-    result, out = run(zygote, """
+    pytest.importorskip(
+        "sklearn", reason="xgboost.XGBClassifier needs scikit-learn, not installed in this venv"
+    )
+    result, out = run(
+        zygote,
+        """
         import pandas as pd
         import xgboost as xgb
         def run(ctx):
@@ -153,19 +185,24 @@ def test_xgboost_sklearn_api(zygote: Zygote) -> None:
             y = [0, 1, 0, 1] * 10
             model = xgb.XGBClassifier(n_estimators=5, n_jobs=1).fit(X, y)
             ctx.outputs["p"].write(bytes(int(v) for v in model.predict(X)[:4]))
-    """, outputs=("p",))
+    """,
+        outputs=("p",),
+    )
     assert result.ok, result.detail
     assert out["p"] == bytes([0, 1, 0, 1])
 
 
 def test_exception_gives_category_and_traceback(zygote: Zygote) -> None:
-    result, _ = run(zygote, """
+    result, _ = run(
+        zygote,
+        """
         def helper(x):
             raise ValueError(f"boom {x}")
 
         def run(ctx):
             helper(42)
-    """)
+    """,
+    )
     assert not result.ok
     assert result.category == "exception"
     assert result.exit_code == 1
@@ -192,30 +229,41 @@ def test_sys_exit_and_os_exit(zygote: Zygote) -> None:
 
 
 def test_stdout_and_stderr_go_to_detail_capped(zygote: Zygote) -> None:
-    result, _ = run(zygote, """
+    result, _ = run(
+        zygote,
+        """
         import sys
         def run(ctx):
             print("to stdout")
             print("to stderr", file=sys.stderr)
-    """)
+    """,
+    )
     assert result.ok
     assert "to stdout" in result.detail and "to stderr" in result.detail
-    result, _ = run(zygote, """
+    result, _ = run(
+        zygote,
+        """
         def run(ctx):
             print("y" * 2_000_000)
             raise RuntimeError("x" * 1_000_000)
-    """)
+    """,
+    )
     assert result.category == "exception"
     assert len(result.detail.encode()) <= DETAIL_CAP
 
 
 def test_output_limit_kills_the_child(zygote: Zygote) -> None:
     limits = SandboxLimits(wall_seconds=20.0, max_output_bytes=100_000)
-    result, out = run(zygote, """
+    result, out = run(
+        zygote,
+        """
         def run(ctx):
             while True:  # would never end by itself
                 ctx.outputs["o"].write(b"x" * 65536)
-    """, outputs=("o",), limits=limits)
+    """,
+        outputs=("o",),
+        limits=limits,
+    )
     assert result.category == "output-limit"
     assert not result.ok
     assert result.output_sizes["o"] == len(out["o"]) == 100_000
@@ -224,8 +272,9 @@ def test_output_limit_kills_the_child(zygote: Zygote) -> None:
 
 def test_output_exactly_at_limit_is_ok(zygote: Zygote) -> None:
     limits = SandboxLimits(wall_seconds=20.0, max_output_bytes=100_000)
-    result, out = run(zygote, 'def run(ctx):\n    ctx.outputs["o"].write(b"z" * 100_000)\n',
-                      outputs=("o",), limits=limits)
+    result, out = run(
+        zygote, 'def run(ctx):\n    ctx.outputs["o"].write(b"z" * 100_000)\n', outputs=("o",), limits=limits
+    )
     assert result.ok, result.detail
     assert len(out["o"]) == 100_000
 
@@ -233,22 +282,38 @@ def test_output_exactly_at_limit_is_ok(zygote: Zygote) -> None:
 def test_environment_is_scrubbed(zygote: Zygote) -> None:
     os.environ["CONFIDE_TEST_SECRET"] = "hunter2"  # set in the caller: must never be visible
     try:
-        result, out = run(zygote, """
+        result, out = run(
+            zygote,
+            """
             import json, os
             def run(ctx):
                 ctx.outputs["env"].write(json.dumps(dict(os.environ)).encode())
-        """, outputs=("env",))
+        """,
+            outputs=("env",),
+        )
     finally:
         del os.environ["CONFIDE_TEST_SECRET"]
     assert result.ok, result.detail
     env = json.loads(out["env"])
     assert "CONFIDE_TEST_SECRET" not in env
     assert env["OMP_NUM_THREADS"] == "1" and env["OPENBLAS_NUM_THREADS"] == "1"
-    assert set(env) <= {"PATH", "LANG", "LC_ALL", "HOME", "TZ", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                        "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS",
-                        "GOTO_NUM_THREADS",
-                        # set by scikit-learn at import (xgboost imports it when installed)
-                        "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK"}
+    assert set(env) <= {
+        "PATH",
+        "LANG",
+        "LC_ALL",
+        "HOME",
+        "TZ",
+        "OMP_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "NUMEXPR_NUM_THREADS",
+        "VECLIB_MAXIMUM_THREADS",
+        "BLIS_NUM_THREADS",
+        "GOTO_NUM_THREADS",
+        # set by scikit-learn at import (xgboost imports it when installed)
+        "KMP_DUPLICATE_LIB_OK",
+        "KMP_INIT_AT_FORK",
+    }
 
 
 def test_make_input_memfd_is_sealed(tmp_path) -> None:
@@ -354,11 +419,15 @@ def test_children_as_uid_65534() -> None:
             # exactly why Zygote.start does not pick 65534 here: the stdlib becomes unreadable
             assert layers["landlock-fs"].startswith("MISSING"), layers["landlock-fs"]
             assert "standard library became unreadable" in layers["landlock-fs"]
-        result, out = run(z, """
+        result, out = run(
+            z,
+            """
             import os
             def run(ctx):
                 ctx.outputs["ids"].write(repr((os.getresuid(), os.getresgid(), os.getgroups())).encode())
-        """, outputs=("ids",))
+        """,
+            outputs=("ids",),
+        )
         assert result.ok, result.detail
         assert out["ids"] == b"((65534, 65534, 65534), (65534, 65534, 65534), [])"
 
@@ -389,11 +458,17 @@ def test_zygote_memory_never_holds_run_data() -> None:
             _zygote_memory_contains(z.pid, [b"x"])
         except PermissionError:
             pytest.skip("cannot read the zygote's memory from here (no CAP_SYS_PTRACE)")
-        result, out = run(z, f"""
-            TOKEN = {tokens['source'].decode()!r}
+        result, out = run(
+            z,
+            f"""
+            TOKEN = {tokens["source"].decode()!r}
             def run(ctx):
                 ctx.outputs["o"].write(ctx.inputs["i"].read() + ctx.params["p"].encode() + TOKEN.encode())
-        """, params={"p": tokens["param"].decode()}, inputs={"i": tokens["input"]}, outputs=("o",))
+        """,
+            params={"p": tokens["param"].decode()},
+            inputs={"i": tokens["input"]},
+            outputs=("o",),
+        )
         assert result.ok, result.detail
         assert out["o"] == tokens["input"] + tokens["param"] + tokens["source"]  # the child did see them
         assert _zygote_memory_contains(z.pid, list(tokens.values())) == set()
@@ -434,8 +509,13 @@ def test_sink_error_propagates_and_the_zygote_survives(zygote: Zygote) -> None:
             raise OSError(errno.ENOSPC, "caller's disk is full")
 
     with pytest.raises(OSError, match="disk is full"):
-        zygote.run('def run(ctx):\n    while True:\n        ctx.outputs["o"].write(b"x" * 4096)\n',
-                   params={}, inputs={}, outputs={"o": Broken()}, limits=LIMITS)
+        zygote.run(
+            'def run(ctx):\n    while True:\n        ctx.outputs["o"].write(b"x" * 4096)\n',
+            params={},
+            inputs={},
+            outputs={"o": Broken()},
+            limits=LIMITS,
+        )
     result, out = run(zygote, 'def run(ctx):\n    ctx.outputs["o"].write(b"fine")\n', outputs=("o",))
     assert result.ok and out["o"] == b"fine"
 

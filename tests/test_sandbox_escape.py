@@ -61,29 +61,50 @@ def zygote_still_serves(zygote: Zygote) -> Iterator[None]:
     sink = Sink()
     fd = make_input_memfd(b"21")
     try:
-        result = zygote.run("def run(ctx):\n    ctx.outputs['o'].write(str(2 * int(ctx.inputs['i'].read())).encode())\n",
-                            params={}, inputs={"i": fd}, outputs={"o": sink}, limits=LIMITS)
+        result = zygote.run(
+            "def run(ctx):\n    ctx.outputs['o'].write(str(2 * int(ctx.inputs['i'].read())).encode())\n",
+            params={},
+            inputs={"i": fd},
+            outputs={"o": sink},
+            limits=LIMITS,
+        )
     finally:
         os.close(fd)
     assert result.ok, result.detail
     assert bytes(sink.data) == b"42"
 
 
-def attempt(z: Zygote, body: str, *, params: dict[str, Any] | None = None, inputs: dict[str, bytes] | None = None,
-            limits: SandboxLimits = LIMITS) -> tuple[RunResult, dict[str, Any] | None]:
+def attempt(
+    z: Zygote,
+    body: str,
+    *,
+    params: dict[str, Any] | None = None,
+    inputs: dict[str, bytes] | None = None,
+    limits: SandboxLimits = LIMITS,
+) -> tuple[RunResult, dict[str, Any] | None]:
     fds = {name: make_input_memfd(data) for name, data in (inputs or {}).items()}
     sink = Sink()
     try:
-        result = z.run(textwrap.dedent(body) + WRAPPER, params=params or {}, inputs=fds,
-                       outputs={"report": sink}, limits=limits)
+        result = z.run(
+            textwrap.dedent(body) + WRAPPER,
+            params=params or {},
+            inputs=fds,
+            outputs={"report": sink},
+            limits=limits,
+        )
     finally:
         for fd in fds.values():
             os.close(fd)
     return result, (json.loads(sink.data) if sink.data else None)
 
 
-def assert_blocked(result: RunResult, report: dict[str, Any] | None, *, errnos: set[int] = BLOCKED_ERRNOS,
-                   exc: str | None = None) -> None:
+def assert_blocked(
+    result: RunResult,
+    report: dict[str, Any] | None,
+    *,
+    errnos: set[int] = BLOCKED_ERRNOS,
+    exc: str | None = None,
+) -> None:
     if result.category == "sandbox-violation":
         return
     assert result.ok, result.detail
@@ -96,15 +117,20 @@ def assert_blocked(result: RunResult, report: dict[str, Any] | None, *, errnos: 
 
 # -- network --------------------------------------------------------------------------------------
 
+
 def test_tcp_connect_to_localhost(zygote: Zygote) -> None:
     with socket.create_server(("127.0.0.1", 0)) as server:
         server.settimeout(0.3)
         port = server.getsockname()[1]
-        result, report = attempt(zygote, """
+        result, report = attempt(
+            zygote,
+            """
             import socket
             def attempt(ctx):
                 return socket.create_connection(("127.0.0.1", ctx.params["port"]), timeout=2)
-        """, params={"port": port})
+        """,
+            params={"port": port},
+        )
         assert_blocked(result, report)
         with pytest.raises(TimeoutError):
             server.accept()
@@ -114,12 +140,16 @@ def test_udp_send(zygote: Zygote) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
         receiver.bind(("127.0.0.1", 0))
         receiver.settimeout(0.3)
-        result, report = attempt(zygote, """
+        result, report = attempt(
+            zygote,
+            """
             import socket
             def attempt(ctx):
                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 return s.sendto(b"leak", ("127.0.0.1", ctx.params["port"]))
-        """, params={"port": receiver.getsockname()[1]})
+        """,
+            params={"port": receiver.getsockname()[1]},
+        )
         assert_blocked(result, report)
         with pytest.raises(TimeoutError):
             receiver.recvfrom(100)
@@ -131,13 +161,17 @@ def test_unix_socket_path(zygote: Zygote, tmp_path: Path) -> None:
         server.bind(path)
         server.listen()
         server.settimeout(0.3)
-        result, report = attempt(zygote, """
+        result, report = attempt(
+            zygote,
+            """
             import socket
             def attempt(ctx):
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.connect(ctx.params["path"])
                 return s.send(b"leak")
-        """, params={"path": path})
+        """,
+            params={"path": path},
+        )
         assert_blocked(result, report)
         with pytest.raises(TimeoutError):
             server.accept()
@@ -149,26 +183,35 @@ def test_abstract_unix_socket(zygote: Zygote) -> None:
         server.bind("\0" + name)
         server.listen()
         server.settimeout(0.3)
-        result, report = attempt(zygote, """
+        result, report = attempt(
+            zygote,
+            """
             import socket
             def attempt(ctx):
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.connect("\\0" + ctx.params["name"])
                 return s.send(b"leak")
-        """, params={"name": name})
+        """,
+            params={"name": name},
+        )
         assert_blocked(result, report)
         with pytest.raises(TimeoutError):
             server.accept()
 
 
 def test_socketpair_and_raw_socket_syscall(zygote: Zygote) -> None:
-    result, report = attempt(zygote, """
+    result, report = attempt(
+        zygote,
+        """
         import socket
         def attempt(ctx):
             return socket.socketpair()
-    """)
+    """,
+    )
     assert_blocked(result, report)
-    result, report = attempt(zygote, """
+    result, report = attempt(
+        zygote,
+        """
         import ctypes
         def attempt(ctx):
             libc = ctypes.CDLL(None, use_errno=True)
@@ -176,39 +219,57 @@ def test_socketpair_and_raw_socket_syscall(zygote: Zygote) -> None:
             if fd < 0:
                 raise OSError(ctypes.get_errno(), "raw socket")
             return fd
-    """)
+    """,
+    )
     assert_blocked(result, report)
 
 
 # -- file system ----------------------------------------------------------------------------------
 
+
 def test_read_etc_passwd(zygote: Zygote) -> None:
-    result, report = attempt(zygote, """
+    result, report = attempt(
+        zygote,
+        """
         def attempt(ctx):
             return open("/etc/passwd").read()
-    """)
+    """,
+    )
     assert_blocked(result, report, errnos={errno.EACCES})
 
 
 def test_read_input_by_its_original_path(zygote: Zygote, tmp_path: Path) -> None:
     plaintext = tmp_path / "plaintext.csv"
     plaintext.write_bytes(b"name,salary\nalice,100\n")
-    result, report = attempt(zygote, """
+    result, report = attempt(
+        zygote,
+        """
         def attempt(ctx):
             assert ctx.inputs["data"].read() == b"name,salary\\nalice,100\\n"  # the input itself works
             return open(ctx.params["path"], "rb").read()
-    """, params={"path": str(plaintext)}, inputs={"data": plaintext.read_bytes()})
+    """,
+        params={"path": str(plaintext)},
+        inputs={"data": plaintext.read_bytes()},
+    )
     assert_blocked(result, report, errnos={errno.EACCES})
 
 
 def test_read_other_processes_via_proc(zygote: Zygote) -> None:
-    for path in (f"/proc/{zygote.pid}/mem", f"/proc/{zygote.pid}/environ", f"/proc/{os.getpid()}/environ",
-                 "/proc/self/mem"):
-        result, report = attempt(zygote, """
+    for path in (
+        f"/proc/{zygote.pid}/mem",
+        f"/proc/{zygote.pid}/environ",
+        f"/proc/{os.getpid()}/environ",
+        "/proc/self/mem",
+    ):
+        result, report = attempt(
+            zygote,
+            """
             def attempt(ctx):
                 with open(ctx.params["path"], "rb") as f:
                     return f.read(16)
-        """, params={"path": path})
+        """,
+            params={"path": path},
+        )
         assert_blocked(result, report, errnos={errno.EACCES})
 
 
@@ -216,13 +277,19 @@ def test_read_other_processes_via_proc(zygote: Zygote) -> None:
 def test_write_a_file(zygote: Zygote, tmp_path: Path, where: str) -> None:
     import sys
 
-    directory = {"tmp_path": str(tmp_path), "/tmp": "/tmp", "/dev/shm": "/dev/shm", "sys.prefix": sys.prefix}[where]
+    directory = {"tmp_path": str(tmp_path), "/tmp": "/tmp", "/dev/shm": "/dev/shm", "sys.prefix": sys.prefix}[
+        where
+    ]
     target = os.path.join(directory, f"confide-escape-{uuid.uuid4().hex}")
-    result, report = attempt(zygote, """
+    result, report = attempt(
+        zygote,
+        """
         def attempt(ctx):
             with open(ctx.params["target"], "wb") as f:
                 return f.write(b"leaked")
-    """, params={"target": target})
+    """,
+        params={"target": target},
+    )
     created = os.path.exists(target)
     if created:  # clean up before failing
         os.unlink(target)
@@ -231,7 +298,9 @@ def test_write_a_file(zygote: Zygote, tmp_path: Path, where: str) -> None:
 
 
 def test_write_to_the_input(zygote: Zygote) -> None:
-    result, report = attempt(zygote, """
+    result, report = attempt(
+        zygote,
+        """
         import os, mmap
         def attempt(ctx):
             fd = ctx.inputs["data"].fileno()
@@ -240,37 +309,49 @@ def test_write_to_the_input(zygote: Zygote) -> None:
             except OSError as exc:
                 assert exc.errno == 9, exc  # EBADF: the child's descriptor is read-only
             return mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    """, inputs={"data": b"original"})
+    """,
+        inputs={"data": b"original"},
+    )
     assert_blocked(result, report)
 
 
 # -- processes ------------------------------------------------------------------------------------
 
+
 def test_execv_shell(zygote: Zygote, tmp_path: Path) -> None:
     marker = tmp_path / "escaped"
-    result, report = attempt(zygote, """
+    result, report = attempt(
+        zygote,
+        """
         import os
         def attempt(ctx):
             os.execv("/bin/sh", ["sh", "-c", "echo escaped > " + ctx.params["marker"]])
-    """, params={"marker": str(marker)})
+    """,
+        params={"marker": str(marker)},
+    )
     assert_blocked(result, report)
     assert not marker.exists()
 
 
 def test_fork(zygote: Zygote) -> None:
-    result, report = attempt(zygote, """
+    result, report = attempt(
+        zygote,
+        """
         import os
         def attempt(ctx):
             pid = os.fork()
             if pid == 0:
                 os._exit(0)
             return pid
-    """)
+    """,
+    )
     assert_blocked(result, report)
 
 
 def test_raw_fork_and_clone_syscalls(zygote: Zygote) -> None:
-    result, report = attempt(zygote, """
+    result, report = attempt(
+        zygote,
+        """
         import ctypes
         def attempt(ctx):
             libc = ctypes.CDLL(None, use_errno=True)
@@ -284,21 +365,27 @@ def test_raw_fork_and_clone_syscalls(zygote: Zygote) -> None:
             if all(r == -1 and e in (1, 38) for r, e in results.values()):
                 raise PermissionError(1, str(results))
             return results
-    """)
+    """,
+    )
     assert_blocked(result, report)
 
 
 def test_subprocess_run(zygote: Zygote) -> None:
-    result, report = attempt(zygote, """
+    result, report = attempt(
+        zygote,
+        """
         import subprocess
         def attempt(ctx):
             return subprocess.run(["id"], capture_output=True)
-    """)
+    """,
+    )
     assert_blocked(result, report)
 
 
 def test_thread_then_fork_in_thread(zygote: Zygote) -> None:
-    result, report = attempt(zygote, """
+    result, report = attempt(
+        zygote,
+        """
         import os, threading
         def attempt(ctx):
             outcome = []
@@ -317,11 +404,13 @@ def test_thread_then_fork_in_thread(zygote: Zygote) -> None:
             if kind == "blocked":
                 raise PermissionError(value, "fork in a thread")
             return outcome
-    """)
+    """,
+    )
     assert_blocked(result, report)
 
 
 # -- signals --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("target", ["parent", "zygote", "enclave", "group", "everyone"])
 def test_kill_other_processes(zygote: Zygote, target: str) -> None:
@@ -330,32 +419,41 @@ def test_kill_other_processes(zygote: Zygote, target: str) -> None:
     # sandbox cannot take down every uid-0 process on the machine.
     pids = {"parent": None, "zygote": zygote.pid, "enclave": os.getpid(), "group": 0, "everyone": -1}
     sig = signal.SIGTERM if target in ("parent", "zygote") else 0
-    result, report = attempt(zygote, """
+    result, report = attempt(
+        zygote,
+        """
         import os
         def attempt(ctx):
             pid = os.getppid() if ctx.params["pid"] is None else ctx.params["pid"]
             os.kill(pid, ctx.params["sig"])
-    """, params={"pid": pids[target], "sig": int(sig)})
+    """,
+        params={"pid": pids[target], "sig": int(sig)},
+    )
     assert_blocked(result, report, errnos={errno.EPERM})
     os.kill(zygote.pid, 0)  # still there
 
 
 def test_signals_to_itself_still_work(zygote: Zygote) -> None:
-    result, report = attempt(zygote, """
+    result, report = attempt(
+        zygote,
+        """
         import os, signal
         def attempt(ctx):
             got = []
             signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
             os.kill(os.getpid(), signal.SIGUSR1)
             return got
-    """)
+    """,
+    )
     assert result.ok and report == {"blocked": False, "result": "[1]"}
 
 
 def test_sigio_owner_aimed_at_the_zygote(zygote: Zygote) -> None:
     """F_SETOWN + O_ASYNC on an output pipe would make the kernel send SIGIO (default: terminate) to
     the owner whenever the reader drains the full pipe."""
-    result, report = attempt(zygote, """
+    result, report = attempt(
+        zygote,
+        """
         import fcntl, os
         def attempt(ctx):
             fd = ctx.outputs["report"].fileno()
@@ -364,17 +462,25 @@ def test_sigio_owner_aimed_at_the_zygote(zygote: Zygote) -> None:
             finally:
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
                 os.write(fd, b" " * 65536 * 4)  # fill the pipe so the reader frees space
-    """, params={"zygote": zygote.pid})
-    assert_blocked(result, report, errnos={errno.EPERM})  # report is preceded by the padding (JSON whitespace)
+    """,
+        params={"zygote": zygote.pid},
+    )
+    assert_blocked(
+        result, report, errnos={errno.EPERM}
+    )  # report is preceded by the padding (JSON whitespace)
     assert zygote.alive()
 
 
-@pytest.mark.parametrize("call", ["sched_setaffinity", "setpriority", "setpriority_user", "sched_setscheduler"])
+@pytest.mark.parametrize(
+    "call", ["sched_setaffinity", "setpriority", "setpriority_user", "sched_setscheduler"]
+)
 def test_scheduling_of_other_processes(zygote: Zygote, call: str) -> None:
     """Changing how the zygote (or a sibling sandbox) is scheduled would leave a trace for the next run.
     Each attempt re-applies the current value, so it would change nothing even if it got through."""
     before = (os.sched_getaffinity(zygote.pid), os.getpriority(os.PRIO_PROCESS, zygote.pid))
-    result, report = attempt(zygote, """
+    result, report = attempt(
+        zygote,
+        """
         import os
         def attempt(ctx):
             pid, call = ctx.params["zygote"], ctx.params["call"]
@@ -386,28 +492,36 @@ def test_scheduling_of_other_processes(zygote: Zygote, call: str) -> None:
                 os.setpriority(os.PRIO_USER, 0, os.getpriority(os.PRIO_USER, 0))
             else:
                 os.sched_setscheduler(pid, os.sched_getscheduler(pid), os.sched_getparam(pid))
-    """, params={"zygote": zygote.pid, "call": call})
+    """,
+        params={"zygote": zygote.pid, "call": call},
+    )
     assert_blocked(result, report, errnos={errno.EPERM})
     assert (os.sched_getaffinity(zygote.pid), os.getpriority(os.PRIO_PROCESS, zygote.pid)) == before
 
 
 def test_ptrace_attach_parent(zygote: Zygote) -> None:
-    result, report = attempt(zygote, """
+    result, report = attempt(
+        zygote,
+        """
         import ctypes, os
         def attempt(ctx):
             libc = ctypes.CDLL(None, use_errno=True)
             libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
             if libc.ptrace(16, os.getppid(), None, None) != 0:  # PTRACE_ATTACH
                 raise OSError(ctypes.get_errno(), "ptrace")
-    """)
+    """,
+    )
     assert_blocked(result, report, errnos={errno.EPERM})
 
 
 # -- limits and privileges ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("which", ["RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_NOFILE"])
 def test_raise_rlimit(zygote: Zygote, which: str) -> None:
-    result, report = attempt(zygote, """
+    result, report = attempt(
+        zygote,
+        """
         import resource
         def attempt(ctx):
             which = getattr(resource, ctx.params["which"])
@@ -416,19 +530,26 @@ def test_raise_rlimit(zygote: Zygote, which: str) -> None:
                 resource.setrlimit(which, (hard, hard) if soft < hard else (resource.RLIM_INFINITY,) * 2)
             finally:
                 assert resource.getrlimit(which) == (soft, hard)
-    """, params={"which": which})
+    """,
+        params={"which": which},
+    )
     assert_blocked(result, report, exc="ValueError")  # CPython turns EPERM from setrlimit into ValueError
     assert "not allowed" in report["msg"]
 
 
 def test_setuid_and_capset(zygote: Zygote) -> None:
-    result, report = attempt(zygote, """
+    result, report = attempt(
+        zygote,
+        """
         import os
         def attempt(ctx):
             os.setuid(0)
-    """)
+    """,
+    )
     assert_blocked(result, report, errnos={errno.EPERM})
-    result, report = attempt(zygote, """
+    result, report = attempt(
+        zygote,
+        """
         import ctypes
         def attempt(ctx):
             libc = ctypes.CDLL(None, use_errno=True)
@@ -436,12 +557,15 @@ def test_setuid_and_capset(zygote: Zygote) -> None:
             data = (ctypes.c_uint32 * 6)(*([0xFFFFFFFF] * 6))
             if libc.syscall(126, header, data) != 0:  # capset: all capabilities back
                 raise OSError(ctypes.get_errno(), "capset")
-    """)
+    """,
+    )
     assert_blocked(result, report, errnos={errno.EPERM})
 
 
 def test_namespace_and_kernel_surface_syscalls(zygote: Zygote) -> None:
-    result, report = attempt(zygote, """
+    result, report = attempt(
+        zygote,
+        """
         import ctypes
         def attempt(ctx):
             libc = ctypes.CDLL(None, use_errno=True)
@@ -456,80 +580,110 @@ def test_namespace_and_kernel_surface_syscalls(zygote: Zygote) -> None:
             if all(r == -1 and e == 1 for r, e in got.values()):
                 raise PermissionError(1, str(got))
             return got
-    """)
+    """,
+    )
     assert_blocked(result, report, errnos={errno.EPERM})
 
 
 def test_memory_4gib(zygote: Zygote) -> None:
     sink = Sink()
-    result = zygote.run(textwrap.dedent("""
+    result = zygote.run(
+        textwrap.dedent("""
         def run(ctx):
             buf = bytearray(4 * 2**30)
             ctx.outputs["o"].write(b"%d" % len(buf))
-    """), params={}, inputs={}, outputs={"o": sink}, limits=LIMITS)
+    """),
+        params={},
+        inputs={},
+        outputs={"o": sink},
+        limits=LIMITS,
+    )
     assert result.category == "memory-limit", result.detail
     assert "MemoryError" in result.detail
     assert not sink.data
 
 
 def test_memory_4gib_caught_by_the_function(zygote: Zygote) -> None:
-    result, report = attempt(zygote, """
+    result, report = attempt(
+        zygote,
+        """
         def attempt(ctx):
             return len(bytearray(4 * 2**30))
-    """)
+    """,
+    )
     assert_blocked(result, report, exc="MemoryError")
 
 
 def test_memory_many_small_allocations(zygote: Zygote) -> None:
     sink = Sink()
-    result = zygote.run(textwrap.dedent("""
+    result = zygote.run(
+        textwrap.dedent("""
         def run(ctx):
             hoard = []
             while True:
                 hoard.append(bytearray(2**20))
-    """), params={}, inputs={}, outputs={"o": sink},
-        limits=SandboxLimits(memory_bytes=256 * 2**20, wall_seconds=20.0))
+    """),
+        params={},
+        inputs={},
+        outputs={"o": sink},
+        limits=SandboxLimits(memory_bytes=256 * 2**20, wall_seconds=20.0),
+    )
     assert result.category == "memory-limit", result.detail
 
 
 def test_cpu_busy_loop(zygote: Zygote) -> None:
-    result, _ = attempt(zygote, """
+    result, _ = attempt(
+        zygote,
+        """
         def attempt(ctx):
             while True:
                 pass
-    """, limits=SandboxLimits(cpu_seconds=1, wall_seconds=20.0))
+    """,
+        limits=SandboxLimits(cpu_seconds=1, wall_seconds=20.0),
+    )
     assert result.category == "cpu-limit", result
     assert result.duration_s < 5
 
 
 def test_cpu_limit_ignoring_sigxcpu(zygote: Zygote) -> None:
-    result, _ = attempt(zygote, """
+    result, _ = attempt(
+        zygote,
+        """
         import signal
         def attempt(ctx):
             signal.signal(signal.SIGXCPU, signal.SIG_IGN)
             while True:
                 pass
-    """, limits=SandboxLimits(cpu_seconds=1, wall_seconds=20.0))
+    """,
+        limits=SandboxLimits(cpu_seconds=1, wall_seconds=20.0),
+    )
     assert result.category == "cpu-limit", result
     assert result.signal == signal.SIGKILL
 
 
 def test_sleep_forever_hits_wall_timeout(zygote: Zygote) -> None:
-    result, _ = attempt(zygote, """
+    result, _ = attempt(
+        zygote,
+        """
         import time
         def attempt(ctx):
             while True:
                 time.sleep(1)
-    """, limits=SandboxLimits(wall_seconds=1.0))
+    """,
+        limits=SandboxLimits(wall_seconds=1.0),
+    )
     assert result.category == "wall-timeout", result
     assert 0.9 < result.duration_s < 5
 
 
 # -- the seccomp kill path ------------------------------------------------------------------------
 
+
 def test_i386_syscall_abi_is_killed(zygote: Zygote) -> None:
     """int 0x80 reaches the kernel as the i386 ABI, whose numbers differ: the filter kills it."""
-    result, _ = attempt(zygote, """
+    result, _ = attempt(
+        zygote,
+        """
         import ctypes, mmap
         def attempt(ctx):
             code = bytes([0xB8, 0x14, 0, 0, 0,  # mov eax, 20 (getpid on i386)
@@ -539,16 +693,20 @@ def test_i386_syscall_abi_is_killed(zygote: Zygote) -> None:
             page.write(code)
             address = ctypes.addressof(ctypes.c_char.from_buffer(page))
             return ctypes.CFUNCTYPE(ctypes.c_int)(address)()
-    """)
+    """,
+    )
     assert result.category == "sandbox-violation", result
     assert result.signal == signal.SIGSYS
 
 
 def test_x32_syscall_numbers_are_killed(zygote: Zygote) -> None:
-    result, _ = attempt(zygote, """
+    result, _ = attempt(
+        zygote,
+        """
         import ctypes
         def attempt(ctx):
             libc = ctypes.CDLL(None, use_errno=True)
             return libc.syscall(0x40000000 | 41, 2, 1, 0)  # x32 socket()
-    """)
+    """,
+    )
     assert result.category == "sandbox-violation", result

@@ -23,6 +23,11 @@ def run(ctx):
     )
     model.fit(frame.loc[~test, features], frame.loc[~test, label])
     accuracy = float((model.predict(frame.loc[test, features]) == frame.loc[test, label]).mean())
-    report = {"rows": len(frame), "features": features, "held_out_rows": int(test.sum()), "accuracy": accuracy}
+    report = {
+        "rows": len(frame),
+        "features": features,
+        "held_out_rows": int(test.sum()),
+        "accuracy": accuracy,
+    }
     ctx.outputs["report"].write(json.dumps(report, indent=2).encode())
     ctx.outputs["model"].write(bytes(model.get_booster().save_raw("json")))

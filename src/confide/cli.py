@@ -75,7 +75,9 @@ def main() -> None:
 
 @main.command()
 @click.argument("name")
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True)
+@click.option(
+    "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True
+)
 @friendly
 def keygen(name: str, out_dir: Path) -> None:
     """Create a party identity: NAME.key (private, mode 0600) and NAME.pub (one shareable line)."""
@@ -97,7 +99,11 @@ def keygen(name: str, out_dir: Path) -> None:
 @click.option("--progress/--no-progress", default=None, help="progress bar (default: on a terminal)")
 @friendly
 def encrypt(
-    source: Path, recipients: tuple[str, ...], out: Path, meta: tuple[str, ...], chunk_size: int,
+    source: Path,
+    recipients: tuple[str, ...],
+    out: Path,
+    meta: tuple[str, ...],
+    chunk_size: int,
     progress: bool | None,
 ) -> None:
     """Seal a file to one or more recipients (chunked AES-256-GCM, key wrapped with HPKE)."""
@@ -105,8 +111,12 @@ def encrypt(
     metadata = parse_assignments(meta, what="--meta")
     size = source.stat().st_size if source.exists() else 0
     with byte_progress(f"sealing {source.name}", size, force=bool(progress)) as advance:
-        header = encrypt_file(source, out, recipients=pubs, metadata=metadata, chunk_size=chunk_size, progress=advance)
-    click.echo(f"sealed {source} -> {out} for {', '.join(p.fingerprint for p in pubs)} (header {header.digest.hex()[:16]})")
+        header = encrypt_file(
+            source, out, recipients=pubs, metadata=metadata, chunk_size=chunk_size, progress=advance
+        )
+    click.echo(
+        f"sealed {source} -> {out} for {', '.join(p.fingerprint for p in pubs)} (header {header.digest.hex()[:16]})"
+    )
 
 
 @main.command()
@@ -122,14 +132,18 @@ def decrypt(source: Path, identity: Path, out: Path, progress: bool | None) -> N
     fh.close()
     with byte_progress(f"opening {source.name}", reader.plaintext_size, force=bool(progress)) as advance:
         reader = decrypt_file(source, out, identity=ident, progress=advance)
-    click.echo(f"opened {source} -> {out} ({reader.plaintext_size} bytes, metadata {json.dumps(reader.header.metadata)})")
+    click.echo(
+        f"opened {source} -> {out} ({reader.plaintext_size} bytes, metadata {json.dumps(reader.header.metadata)})"
+    )
 
 
 # ---- measurement, evidence, policy ---------------------------------------------------------------
 
 
 @main.command(name="measure")
-@click.option("--config", type=click.Path(dir_okay=False, path_type=Path), default=None, help="enclave config (TOML)")
+@click.option(
+    "--config", type=click.Path(dir_okay=False, path_type=Path), default=None, help="enclave config (TOML)"
+)
 @click.option("--json", "as_json", is_flag=True, help="print the full measured manifest")
 @friendly
 def measure_cmd(config: Path | None, as_json: bool) -> None:
@@ -154,7 +168,9 @@ def _read_evidence(path: Path) -> bytes:
     except OSError as exc:
         raise EvidenceError(f"cannot read evidence ({exc.strerror})", where=str(path)) from None
     stripped = data.strip()
-    if stripped[:1] not in (b"{", b"") and all(c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n\r" for c in stripped[:64]):
+    if stripped[:1] not in (b"{", b"") and all(
+        c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n\r" for c in stripped[:64]
+    ):
         try:
             return base64.b64decode(stripped, validate=False)
         except (binascii.Error, ValueError):
@@ -170,14 +186,22 @@ def _read_evidence(path: Path) -> bytes:
 @click.option("--collateral", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--endorsement", multiple=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
-    "--roots", multiple=True, type=click.Path(path_type=Path),
+    "--roots",
+    multiple=True,
+    type=click.Path(path_type=Path),
     help="trust-anchor file or folder (Intel SGX root, AMD ASK+ARK bundles, AWS Nitro root)",
 )
 @click.option("--json", "as_json", is_flag=True)
 @friendly
 def verify(
-    evidence: Path, policy_path: Path | None, nonce: str | None, at: int | None, collateral: Path | None,
-    endorsement: tuple[Path, ...], roots: tuple[Path, ...], as_json: bool,
+    evidence: Path,
+    policy_path: Path | None,
+    nonce: str | None,
+    at: int | None,
+    collateral: Path | None,
+    endorsement: tuple[Path, ...],
+    roots: tuple[Path, ...],
+    as_json: bool,
 ) -> None:
     """Verify EVIDENCE and check it against a policy. Exit 0 and print the claims, or exit 1 with the reason."""
     home = _home()
@@ -196,7 +220,9 @@ def verify(
     endorsed = tuple(check_endorsement(_read(p, "endorsement"), where=str(p)) for p in endorsement)
     evaluate(policy, claims, at=when, nonce=nonce_bytes, endorsements=endorsed)
     if as_json:
-        click.echo(json.dumps({"verified": True, "policy": policy.source, "claims": claims.to_json()}, indent=2))
+        click.echo(
+            json.dumps({"verified": True, "policy": policy.source, "claims": claims.to_json()}, indent=2)
+        )
         return
     click.echo(f"OK: {claims.backend} evidence verified and accepted by {policy.source}")
     for key, value in claims.to_json().items():
@@ -235,9 +261,13 @@ def policy_init(out: Path | None, dev: bool, config: Path | None) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     if dev:
         pol = Policy(
-            backends=("sim",), measurements=(measure(EnclaveConfig.load(config)).value,), allow_simulation=True
+            backends=("sim",),
+            measurements=(measure(EnclaveConfig.load(config)).value,),
+            allow_simulation=True,
         )
-        head = "# DEVELOPMENT policy: accepts the SIMULATED backend, which protects nothing against the host.\n"
+        head = (
+            "# DEVELOPMENT policy: accepts the SIMULATED backend, which protects nothing against the host.\n"
+        )
     else:
         pol = Policy()
         head = "# Production policy: add the measurements (or auditor keys) you accept.\n"
@@ -276,7 +306,9 @@ def enclave_evidence(nonce: str, out: Path, config: Path | None) -> None:
         raise ConfideError("not valid hex", where="--nonce") from None
     with _home().start_enclave(config) as enc:
         _write_new(out, enc.evidence(raw))
-        click.echo(f"evidence of enclave {enc.info['fingerprint']} (measurement {enc.info['measurement']}) -> {out}")
+        click.echo(
+            f"evidence of enclave {enc.info['fingerprint']} (measurement {enc.info['measurement']}) -> {out}"
+        )
 
 
 @enclave.command(name="info")
@@ -303,8 +335,15 @@ def enclave_info(config: Path | None) -> None:
 @click.option("--receipt", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @friendly
 def run(
-    function: Path, inputs: tuple[str, ...], outputs: tuple[str, ...], recipients: tuple[str, ...],
-    params: tuple[str, ...], identity: Path, policy_path: Path | None, config: Path | None, receipt: Path | None,
+    function: Path,
+    inputs: tuple[str, ...],
+    outputs: tuple[str, ...],
+    recipients: tuple[str, ...],
+    params: tuple[str, ...],
+    identity: Path,
+    policy_path: Path | None,
+    config: Path | None,
+    receipt: Path | None,
 ) -> None:
     """Run FUNCTION (def run(ctx)) in an attested enclave on sealed inputs; outputs are sealed to --to."""
     home = _home()
@@ -330,8 +369,16 @@ def run(
     error_path = receipt_path.with_suffix(".error.sealed") if receipt_path else None
     with home.start_enclave(config) as enc:
         outcome = run_function(
-            enc, source=source, inputs=in_map, outputs=out_map, recipients=pubs, params=param_map,
-            identity=ident, policy=pol, anchors=home.anchors(), error_report=error_path,
+            enc,
+            source=source,
+            inputs=in_map,
+            outputs=out_map,
+            recipients=pubs,
+            params=param_map,
+            identity=ident,
+            policy=pol,
+            anchors=home.anchors(),
+            error_report=error_path,
         )
     if outcome.claims.simulated:
         click.echo("WARNING: ran on the SIMULATED backend - no protection against the host", err=True)
@@ -345,11 +392,14 @@ def run(
     assert outcome.receipt is not None
     if receipt_path is not None:
         _write_new(receipt_path, outcome.receipt["raw"].encode())
-    click.echo(f"ran {function.name} in enclave {outcome.claims.measurement[:16]}… in {outcome.duration_s:.3f} s")
+    click.echo(
+        f"ran {function.name} in enclave {outcome.claims.measurement[:16]}… in {outcome.duration_s:.3f} s"
+    )
     for name, path in out_map.items():
         click.echo(f"  output {name}: {path} (sealed to {', '.join(p.fingerprint for p in pubs)})")
     if receipt_path is not None:
         click.echo(f"  receipt: {receipt_path} (signed by the enclave, verified)")
+
 
 if __name__ == "__main__":
     main()

@@ -53,7 +53,11 @@ class Home:
         return SimPlatform.load_or_create(self.platform_dir)
 
     def anchors(self) -> TrustAnchors:
-        roots = (SimPlatform.load(self.platform_dir).root_der,) if (self.platform_dir / "pak.crt").exists() else ()
+        roots = (
+            (SimPlatform.load(self.platform_dir).root_der,)
+            if (self.platform_dir / "pak.crt").exists()
+            else ()
+        )
         return TrustAnchors(sim_roots=roots)
 
     def policy(self, path: Path | None) -> Policy:
@@ -131,9 +135,15 @@ def run_function(
         args["error_report"] = str(error_report.resolve())
     result = enclave.call("run", **args)
     if not result.get("ok"):
-        return RunOutcome(False, str(result.get("category")), None, claims, float(result.get("duration_s", 0)))
+        return RunOutcome(
+            False, str(result.get("category")), None, claims, float(result.get("duration_s", 0))
+        )
     receipt = check_receipt(
-        b64d(result["receipt"], field="receipt", where="enclave reply"), enclave_pub, req, outputs, where="receipt"
+        b64d(result["receipt"], field="receipt", where="enclave reply"),
+        enclave_pub,
+        req,
+        outputs,
+        where="receipt",
     )
     return RunOutcome(True, "ok", receipt, claims, float(result.get("duration_s", 0)))
 
@@ -154,7 +164,9 @@ def check_receipt(
     for name, path in outputs.items():
         digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
         if body["outputs"].get(name) != digest:
-            raise IntegrityError(f"output {name!r} on disk is not the output the enclave signed", where=str(path))
+            raise IntegrityError(
+                f"output {name!r} on disk is not the output the enclave signed", where=str(path)
+            )
     return {**body, "raw": data.decode()}
 
 

@@ -37,8 +37,15 @@ class EnclaveProcess:
     ) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         cmd = [
-            sys.executable, "-m", "confide.enclave", "--fd", str(child.fileno()),
-            "--platform", str(platform_dir), "--state", str(state_dir),
+            sys.executable,
+            "-m",
+            "confide.enclave",
+            "--fd",
+            str(child.fileno()),
+            "--platform",
+            str(platform_dir),
+            "--state",
+            str(state_dir),
         ]
         if config is not None:
             cmd += ["--config", str(config)]
@@ -54,7 +61,9 @@ class EnclaveProcess:
             hello = parse_json_object(channel.read_frame(self.sock, MAX_REPLY_BYTES), where="enclave start")
         except (channel.ChannelClosed, TimeoutError, OSError):
             self.close()
-            raise EnclaveError(f"enclave process exited during start-up (exit code {self.proc.poll()})") from None
+            raise EnclaveError(
+                f"enclave process exited during start-up (exit code {self.proc.poll()})"
+            ) from None
         if not hello.get("ready"):
             self.close()
             raise EnclaveError(f"enclave failed to start: {hello.get('error', 'no reason given')}")

@@ -162,9 +162,13 @@ def evaluate(
             "allow simulation (allow_simulation = false)"
         )
     if claims.backend not in policy.backends and not (claims.simulated and policy.allow_simulation):
-        problems.append(f"backend {claims.backend!r} not accepted (policy accepts: {', '.join(policy.backends)})")
+        problems.append(
+            f"backend {claims.backend!r} not accepted (policy accepts: {', '.join(policy.backends)})"
+        )
     if claims.debug and not policy.allow_debug:
-        problems.append("evidence comes from a DEBUG enclave (its memory is readable by the host); allow_debug = false")
+        problems.append(
+            "evidence comes from a DEBUG enclave (its memory is readable by the host); allow_debug = false"
+        )
     if claims.security_version < policy.min_security_version:
         problems.append(
             f"security version {claims.security_version} below the minimum {policy.min_security_version}"
@@ -172,9 +176,11 @@ def evaluate(
     auditors = {PublicIdentity.from_line(k).fingerprint for k in policy.auditor_keys}
     endorsed = any(m == claims.measurement and a.fingerprint in auditors for m, a in endorsements)
     if claims.measurement not in policy.measurements and not endorsed:
-        why = "no measurements or auditor keys in the policy" if not (
-            policy.measurements or policy.auditor_keys
-        ) else "not in the policy's measurements and not endorsed by an accepted auditor"
+        why = (
+            "no measurements or auditor keys in the policy"
+            if not (policy.measurements or policy.auditor_keys)
+            else "not in the policy's measurements and not endorsed by an accepted auditor"
+        )
         problems.append(f"measurement {claims.measurement} not accepted ({why})")
     if claims.tcb_status and claims.tcb_status not in policy.accepted_tcb_status:
         problems.append(
@@ -192,7 +198,9 @@ def evaluate(
         problems.append("evidence carries no time and no nonce was checked: freshness unknown")
     if nonce is not None:
         if claims.report_data[32:] != nonce_binding(nonce):
-            problems.append("nonce mismatch: the evidence does not bind the nonce given (replayed or stale evidence)")
+            problems.append(
+                "nonce mismatch: the evidence does not bind the nonce given (replayed or stale evidence)"
+            )
     elif policy.require_nonce:
         problems.append("policy requires a nonce (require_nonce = true) and none was given")
     if enclave_keys is not None and claims.report_data[:32] != keys_binding(enclave_keys):

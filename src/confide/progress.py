@@ -12,7 +12,9 @@ THRESHOLD_BYTES = 8 << 20
 
 
 @contextmanager
-def byte_progress(description: str, total: int, *, force: bool = False) -> Iterator[Callable[[int], None] | None]:
+def byte_progress(
+    description: str, total: int, *, force: bool = False
+) -> Iterator[Callable[[int], None] | None]:
     """Yields an `advance(n)` callback, or None when no bar is wanted (small file, not a terminal)."""
     if not force and (total < THRESHOLD_BYTES or not sys.stderr.isatty()):
         yield None
@@ -20,8 +22,13 @@ def byte_progress(description: str, total: int, *, force: bool = False) -> Itera
     from rich.console import Console
 
     with Progress(
-        "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TimeRemainingColumn(), console=Console(stderr=True), transient=False,
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=False,
     ) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)

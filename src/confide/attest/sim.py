@@ -20,8 +20,17 @@ from .claims import Claims, TrustAnchors
 W = "sim evidence"
 _FORMAT_RE = re.compile(rb'"format"\s*:\s*"' + re.escape(SIM_EVIDENCE_FORMAT.encode()) + rb'"')
 _BODY_FIELDS = (
-    "backend", "simulated", "notice", "measurement", "signer", "product_id", "security_version",
-    "debug", "report_data", "time", "extra",
+    "backend",
+    "simulated",
+    "notice",
+    "measurement",
+    "signer",
+    "product_id",
+    "security_version",
+    "debug",
+    "report_data",
+    "time",
+    "extra",
 )
 
 
@@ -34,7 +43,9 @@ def _verify_cert(cert: x509.Certificate, issuer: x509.Certificate, *, at: int, w
     try:
         key.verify(cert.signature, cert.tbs_certificate_bytes)
     except InvalidSignature:
-        raise EvidenceError(f"{what}: certificate signature does not verify under the trusted root", where=W) from None
+        raise EvidenceError(
+            f"{what}: certificate signature does not verify under the trusted root", where=W
+        ) from None
     check_validity(cert, at, what, where=W)
 
 
@@ -64,9 +75,13 @@ class SimVerifier:
         certs = get_typed(outer, "certificates", list, where=W)
         if len(certs) != 1:
             raise EvidenceError("expected exactly one platform certificate", where=W)
-        pak = parse_der_certificate(b64d(certs[0], field="certificates[0]", where=W), "platform certificate", where=W)
+        pak = parse_der_certificate(
+            b64d(certs[0], field="certificates[0]", where=W), "platform certificate", where=W
+        )
         if not anchors.sim_roots:
-            raise EvidenceError("no simulated vendor root is trusted (no sim root in the trust anchors)", where=W)
+            raise EvidenceError(
+                "no simulated vendor root is trusted (no sim root in the trust anchors)", where=W
+            )
         errors = []
         for der in anchors.sim_roots:
             try:
@@ -83,7 +98,9 @@ class SimVerifier:
         try:
             pak_key.verify(signature, SIM_EVIDENCE_FORMAT.encode() + b"\0" + body)
         except InvalidSignature:
-            raise EvidenceError("evidence signature does not verify under the platform key", where=W) from None
+            raise EvidenceError(
+                "evidence signature does not verify under the platform key", where=W
+            ) from None
         bw = f"{W} body"
         claims = parse_json_object(body, where=bw)
         check_fields(claims, required=_BODY_FIELDS, where=bw)

@@ -82,7 +82,9 @@ class CallSpec:
 CALLS: dict[str, CallSpec] = {
     "ping": CallSpec({}, {}, "liveness; measures the round trip"),
     "info": CallSpec({}, {}, "measurement, backend, enclave public keys, sandbox layers"),
-    "evidence": CallSpec({"nonce": str}, {}, "evidence binding the enclave keys and a verifier's nonce (hex)"),
+    "evidence": CallSpec(
+        {"nonce": str}, {}, "evidence binding the enclave keys and a verifier's nonce (hex)"
+    ),
     "run": CallSpec(
         {"source": str, "request": str, "inputs": dict, "outputs": dict},
         {"error_report": str},
@@ -107,7 +109,9 @@ def parse_call(frame: bytes) -> Call:
     name = get_typed(obj, "call", str, where="enclave call")
     spec = CALLS.get(name)
     if spec is None:
-        raise FormatError(f"unknown enclave call {name[:MAX_NAME_LEN]!r} (known: {', '.join(CALLS)})", where="enclave call")
+        raise FormatError(
+            f"unknown enclave call {name[:MAX_NAME_LEN]!r} (known: {', '.join(CALLS)})", where="enclave call"
+        )
     where = f"enclave call {name!r}"
     args = get_typed(obj, "args", dict, where=where)
     check_fields(args, required=spec.required, optional=spec.optional, where=where)
@@ -136,7 +140,9 @@ def _check_path_table(table: dict[str, Any], where: str) -> None:
         raise FormatError("more than 64 entries", where=where)
     for name, path in table.items():
         if not name.isidentifier() or len(name) > MAX_NAME_LEN:
-            raise FormatError(f"name {name[:MAX_NAME_LEN]!r} must be an identifier of at most 64 characters", where=where)
+            raise FormatError(
+                f"name {name[:MAX_NAME_LEN]!r} must be an identifier of at most 64 characters", where=where
+            )
         if not isinstance(path, str):
             raise FormatError(f"path of {name!r} must be a string", where=where)
         _check_path(path, f"{where}.{name}")

@@ -81,9 +81,7 @@ class PublicIdentity:
         try:
             self.verify_key.verify(signature, message)
         except InvalidSignature:
-            raise IntegrityError(
-                f"signature by {self.fingerprint} does not verify", where=what
-            ) from None
+            raise IntegrityError(f"signature by {self.fingerprint} does not verify", where=what) from None
 
 
 @dataclass(frozen=True)
@@ -129,7 +127,9 @@ class Identity:
         label = get_typed(obj, "label", str, where=where)
         sign = b64d(obj["sign"], field="sign", where=where, length=32)
         kem = b64d(obj["kem"], field="kem", where=where, length=32)
-        return cls(Ed25519PrivateKey.from_private_bytes(sign), X25519PrivateKey.from_private_bytes(kem), label)
+        return cls(
+            Ed25519PrivateKey.from_private_bytes(sign), X25519PrivateKey.from_private_bytes(kem), label
+        )
 
     def save(self, path: Path, *, overwrite: bool = False) -> None:
         """Write with mode 0600, never following a symlink and never widening permissions."""

@@ -54,7 +54,8 @@ class RunRequest:
             "function_sha256": self.function_sha256,
             "params": self.params,
             "inputs": {
-                n: {"data_key": b64e(g.data_key), "header_sha256": g.header_sha256} for n, g in self.inputs.items()
+                n: {"data_key": b64e(g.data_key), "header_sha256": g.header_sha256}
+                for n, g in self.inputs.items()
             },
             "outputs": {
                 n: {"recipients": [r.to_line() for r in o.recipients], "max_bytes": o.max_bytes}
@@ -65,7 +66,9 @@ class RunRequest:
         }
 
     def seal_to(self, enclave: PublicIdentity) -> bytes:
-        return hpke_box.seal(canonical_json(self.to_json()), enclave.kem_key, REQUEST_PURPOSE, enclave=enclave.fingerprint)
+        return hpke_box.seal(
+            canonical_json(self.to_json()), enclave.kem_key, REQUEST_PURPOSE, enclave=enclave.fingerprint
+        )
 
 
 def new_request_id() -> str:
@@ -89,11 +92,22 @@ def _recipients(value: Any, where: str) -> tuple[PublicIdentity, ...]:
 def open_request(sealed: bytes, enclave: Identity) -> RunRequest:
     """Enclave side: open and strictly parse a sealed run request."""
     w = "run request"
-    plain = hpke_box.open_sealed(sealed, enclave.kem_key, REQUEST_PURPOSE, where=w, enclave=enclave.fingerprint)
+    plain = hpke_box.open_sealed(
+        sealed, enclave.kem_key, REQUEST_PURPOSE, where=w, enclave=enclave.fingerprint
+    )
     obj = parse_json_object(plain, where=w)
     check_fields(
         obj,
-        required=("format", "request_id", "function_sha256", "params", "inputs", "outputs", "error_recipients", "client"),
+        required=(
+            "format",
+            "request_id",
+            "function_sha256",
+            "params",
+            "inputs",
+            "outputs",
+            "error_recipients",
+            "client",
+        ),
         where=w,
     )
     if obj["format"] != REQUEST_FORMAT:

@@ -63,7 +63,9 @@ def load_or_create_keys(backend: TeeBackend, state_dir: Path) -> Identity:
     identity = Identity.generate("confide-enclave")
     nonce = os.urandom(12)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_atomically(path, lambda fh: fh.write(nonce + AESGCM(key).encrypt(nonce, identity.private_bytes(), aad)))
+    write_atomically(
+        path, lambda fh: fh.write(nonce + AESGCM(key).encrypt(nonce, identity.private_bytes(), aad))
+    )
     return identity
 
 
@@ -179,7 +181,9 @@ class EnclaveRuntime:
         sealed = b64d(args["request"], field="request", where="enclave call 'run'")
         req = open_request(sealed, self.keys)
         if req.request_id in self.seen_requests:
-            raise EnclaveError(f"request {req.request_id} was already used (replay rejected)", where="run request")
+            raise EnclaveError(
+                f"request {req.request_id} was already used (replay rejected)", where="run request"
+            )
         if hashlib.sha256(args["source"].encode()).hexdigest() != req.function_sha256:
             raise EnclaveError(
                 "the function the host passed is not the function the client approved (digest mismatch)",
@@ -202,7 +206,9 @@ class EnclaveRuntime:
                 try:
                     fh = open(path, "rb")  # noqa: SIM115 - closed below
                 except OSError as exc:
-                    raise EnclaveError(f"cannot open input ({exc.strerror})", where=f"input {name!r} ({path})") from None
+                    raise EnclaveError(
+                        f"cannot open input ({exc.strerror})", where=f"input {name!r} ({path})"
+                    ) from None
                 with fh:
                     reader = SealedReader(fh, where=f"input {name!r} ({path})")
                     if reader.header.digest.hex() != grant.header_sha256:
@@ -228,7 +234,9 @@ class EnclaveRuntime:
                         ),
                     )
                 except OSError as exc:
-                    raise EnclaveError(f"cannot create output ({exc.strerror})", where=f"output {name!r} ({out_path})") from None
+                    raise EnclaveError(
+                        f"cannot create output ({exc.strerror})", where=f"output {name!r} ({out_path})"
+                    ) from None
             limits = SandboxLimits(
                 memory_bytes=allowance,
                 cpu_seconds=self.config.cpu_seconds,
@@ -236,7 +244,9 @@ class EnclaveRuntime:
                 max_output_bytes=min([cap, *(s.max_bytes for s in req.outputs.values())]),
             )
             started = time.monotonic()
-            result = self.zygote.run(args["source"], params=req.params, inputs=fds, outputs=dict(outputs), limits=limits)
+            result = self.zygote.run(
+                args["source"], params=req.params, inputs=fds, outputs=dict(outputs), limits=limits
+            )
             elapsed = time.monotonic() - started
             if not result.ok:
                 for out in outputs.values():
@@ -315,7 +325,9 @@ def _error(call_id: int | None, exc: ConfideError) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="confide.enclave", description="Confide enclave runtime (started by the host)")
+    parser = argparse.ArgumentParser(
+        prog="confide.enclave", description="Confide enclave runtime (started by the host)"
+    )
     parser.add_argument("--fd", type=int, required=True, help="channel socket inherited from the host")
     parser.add_argument("--platform", type=Path, required=True, help="simulated platform directory")
     parser.add_argument("--state", type=Path, required=True, help="where sealed enclave state is kept")

@@ -134,9 +134,13 @@ def read_header(src: BinaryIO, *, where: str) -> SealedHeader:
         raise FormatError("file ends inside the header (truncated)", where=where)
     hw = f"{where}: header"
     obj = parse_json_object(body, where=hw)
-    check_fields(obj, required=("version", "alg", "chunk_size", "file_id", "metadata", "recipients"), where=hw)
+    check_fields(
+        obj, required=("version", "alg", "chunk_size", "file_id", "metadata", "recipients"), where=hw
+    )
     if obj["version"] != VERSION:
-        raise FormatError(f"unsupported format version {obj['version']!r} (this build reads {VERSION})", where=hw)
+        raise FormatError(
+            f"unsupported format version {obj['version']!r} (this build reads {VERSION})", where=hw
+        )
     if obj["alg"] != "AES-256-GCM":
         raise FormatError(f"unsupported algorithm {obj['alg']!r}", where=hw)
     chunk_size = get_typed(obj, "chunk_size", int, where=hw)
@@ -189,7 +193,9 @@ class SealedWriter:
         self._aad = self.header.digest
         self._dst = dst
         self._chunk = chunk_size
-        self._pending = bytearray(chunk_size)  # the held-back chunk: full ones are emitted only when more data comes
+        self._pending = bytearray(
+            chunk_size
+        )  # the held-back chunk: full ones are emitted only when more data comes
         self._fill = 0
         self._out = bytearray(chunk_size + TAG_LEN)
         self._index = 0
@@ -290,7 +296,10 @@ class SealedReader:
                 f"file is not addressed to identity {fp} (recipients: {listed})", where=self.where
             )
         return hpke_box.open_sealed(
-            wrapped, identity.kem_key, WRAP_PURPOSE, where=f"{self.where}: wrapped key for {fp}",
+            wrapped,
+            identity.kem_key,
+            WRAP_PURPOSE,
+            where=f"{self.where}: wrapped key for {fp}",
             file_id=self.header.file_id.hex(),
         )
 
@@ -304,7 +313,9 @@ class SealedReader:
         fid = self.header.file_id
         expect = hmac.new(_derive(data_key, fid, b"header-mac"), self.header.raw, hashlib.sha256).digest()
         if not hmac.compare_digest(expect, self._mac):
-            raise IntegrityError("header authentication failed (tampered header or wrong data key)", where=self.where)
+            raise IntegrityError(
+                "header authentication failed (tampered header or wrong data key)", where=self.where
+            )
         self._aead = AESGCM(_derive(data_key, fid, b"chunks"))
         self.data_key = data_key
         return self
@@ -388,7 +399,9 @@ def encrypt_stream(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: Progress | None = None,
 ) -> SealedWriter:
-    writer = SealedWriter(dst, recipients=recipients, data_key=data_key, metadata=metadata, chunk_size=chunk_size)
+    writer = SealedWriter(
+        dst, recipients=recipients, data_key=data_key, metadata=metadata, chunk_size=chunk_size
+    )
     writer.write_chunks_from(src, progress)
     return writer
 

@@ -28,7 +28,10 @@ _FILES = ("vendor_root.key", "vendor_root.crt", "pak.key", "pak.crt", "platform_
 
 def _name(cn: str) -> x509.Name:
     return x509.Name(
-        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Confide simulation"), x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Confide simulation"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
     )
 
 
@@ -47,9 +50,15 @@ def _cert(
         .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=not ca, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
-                encipher_only=False, decipher_only=False,
+                digital_signature=not ca,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=ca,
+                crl_sign=ca,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -91,7 +100,9 @@ class SimPlatform:
         pak = _cert(PAK_CN, ROOT_CN, pak_key.public_key(), root_key, ca=False, years=10)
         pem = serialization.PrivateFormat.PKCS8
         enc = serialization.NoEncryption()
-        _write_private(directory / "vendor_root.key", root_key.private_bytes(serialization.Encoding.PEM, pem, enc))
+        _write_private(
+            directory / "vendor_root.key", root_key.private_bytes(serialization.Encoding.PEM, pem, enc)
+        )
         _write_private(directory / "pak.key", pak_key.private_bytes(serialization.Encoding.PEM, pem, enc))
         _write_private(directory / "platform_secret", os.urandom(SECRET_LEN))
         (directory / "vendor_root.crt").write_bytes(root.public_bytes(serialization.Encoding.PEM))

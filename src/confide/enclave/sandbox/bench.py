@@ -33,7 +33,8 @@ def bench_child_start(zygote: Zygote, n: int) -> list[float]:
         started = time.monotonic()
         result = zygote.run(_FIRST_INSTRUCTION, params={}, inputs={}, outputs={"t": sink}, limits=limits)
         if not result.ok:
-            raise SandboxError(f"benchmark function failed: {result.category}: {result.detail}",
-                               where="bench_child_start")
+            raise SandboxError(
+                f"benchmark function failed: {result.category}: {result.detail}", where="bench_child_start"
+            )
         samples.append(float(sink.data.decode()) - started)
     return samples

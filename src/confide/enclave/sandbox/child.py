@@ -49,7 +49,7 @@ def write_status(fd: int, record: dict[str, Any]) -> None:
     data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def format_exception(exc: BaseException) -> str:
@@ -81,15 +81,27 @@ def _child(plan: SandboxPlan, fds: ChildFds, probe_mode: bool) -> int:
     fresh_problem = probe.check_fresh() if probe is not None else None
     try:
         run, inputs, limit_table = apply_all(
-            plan, status_fd=fds.status, log_fd=fds.log, input_fds=fds.inputs, output_fds=fds.outputs,
-            limits=request["limits"], probe=probe)
+            plan,
+            status_fd=fds.status,
+            log_fd=fds.log,
+            input_fds=fds.inputs,
+            output_fds=fds.outputs,
+            limits=request["limits"],
+            probe=probe,
+        )
     except LayerFailed as exc:
         write_status(fds.status, {"outcome": "setup-failed", "layer": exc.layer, "detail": str(exc)})
         return EXIT_SETUP_FAILED
     if probe is not None:
         io_problem = _probe_io(inputs, fds.outputs)
-        report = verify(run, probe, expected_fds={0, 1, 2, fds.status, *inputs, *fds.outputs},
-                        read_only=inputs, limit_table=limit_table, fresh_problem=fresh_problem)
+        report = verify(
+            run,
+            probe,
+            expected_fds={0, 1, 2, fds.status, *inputs, *fds.outputs},
+            read_only=inputs,
+            limit_table=limit_table,
+            fresh_problem=fresh_problem,
+        )
         write_status(fds.status, {"outcome": "probe", "layers": report, "io_problem": io_problem})
         return EXIT_OK
     return _run_function(request, inputs, fds.outputs, fds.status)
@@ -104,8 +116,9 @@ def _probe_io(inputs: tuple[int, ...], outputs: tuple[int, ...]) -> str | None:
     return None
 
 
-def _run_function(request: dict[str, Any], input_fds: tuple[int, ...], output_fds: tuple[int, ...],
-                  status_fd: int) -> int:
+def _run_function(
+    request: dict[str, Any], input_fds: tuple[int, ...], output_fds: tuple[int, ...], status_fd: int
+) -> int:
     # Keep our own references: the function may monkeypatch any module.
     write, cap, fmt = write_status, _cap, format_exception
     sys.dont_write_bytecode = True

@@ -13,7 +13,9 @@ class Context:
 
     __slots__ = ("inputs", "outputs", "params")
 
-    def __init__(self, params: dict[str, Any], inputs: dict[str, BinaryIO], outputs: dict[str, BinaryIO]) -> None:
+    def __init__(
+        self, params: dict[str, Any], inputs: dict[str, BinaryIO], outputs: dict[str, BinaryIO]
+    ) -> None:
         self.params: dict[str, Any] = params
         self.inputs: Mapping[str, BinaryIO] = MappingProxyType(inputs)
         self.outputs: Mapping[str, BinaryIO] = MappingProxyType(outputs)

@@ -16,5 +16,11 @@ THREAD_ENV = {
 
 
 def zygote_environment() -> dict[str, str]:
-    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": "/nonexistent",
-            "TZ": "UTC", **THREAD_ENV}
+    return {
+        "PATH": "/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "HOME": "/nonexistent",
+        "TZ": "UTC",
+        **THREAD_ENV,
+    }

@@ -73,8 +73,13 @@ class _PathBeneathAttr(ctypes.Structure):
 def abi_version() -> int:
     """The running kernel's Landlock ABI; 0 when Landlock is unsupported or disabled."""
     try:
-        return syscall(SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
-                       ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION), what="landlock_create_ruleset")
+        return syscall(
+            SYS_LANDLOCK_CREATE_RULESET,
+            None,
+            ctypes.c_size_t(0),
+            ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION),
+            what="landlock_create_ruleset",
+        )
     except OSError:
         return 0
 
@@ -98,8 +103,13 @@ def restrict(abi: int, read_paths: tuple[str, ...], *, fs: bool, net: bool, scop
         (SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL) if scope else 0,
     )
     size = 24 if abi >= 6 else 16 if abi >= 4 else 8
-    ruleset_fd = syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size),
-                         ctypes.c_uint32(0), what="landlock_create_ruleset")
+    ruleset_fd = syscall(
+        SYS_LANDLOCK_CREATE_RULESET,
+        ctypes.byref(attr),
+        ctypes.c_size_t(size),
+        ctypes.c_uint32(0),
+        what="landlock_create_ruleset",
+    )
     allowed: list[str] = []
     try:
         if fs:
@@ -110,8 +120,14 @@ def restrict(abi: int, read_paths: tuple[str, ...], *, fs: bool, net: bool, scop
                     continue
                 try:
                     rule = _PathBeneathAttr(READ_ONLY, path_fd)
-                    syscall(SYS_LANDLOCK_ADD_RULE, ruleset_fd, LANDLOCK_RULE_PATH_BENEATH,
-                            ctypes.byref(rule), ctypes.c_uint32(0), what=f"landlock_add_rule({path})")
+                    syscall(
+                        SYS_LANDLOCK_ADD_RULE,
+                        ruleset_fd,
+                        LANDLOCK_RULE_PATH_BENEATH,
+                        ctypes.byref(rule),
+                        ctypes.c_uint32(0),
+                        what=f"landlock_add_rule({path})",
+                    )
                     allowed.append(path)
                 finally:
                     os.close(path_fd)

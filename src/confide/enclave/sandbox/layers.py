@@ -36,10 +36,10 @@ VERIFIED = {
     "rlimits": "verified: getrlimit matches",
     "not-dumpable": "verified: PR_GET_DUMPABLE 0, PR_GET_NO_NEW_PRIVS 1",
     "namespaces": "verified: /proc/self/ns/{net,ipc,uts,mnt} differ from the zygote's, hostname changed, "
-                  "/ read-only+noatime",
+    "/ read-only+noatime",
     "uid": "verified: Cap{Inh,Prm,Eff,Bnd,Amb} all 0 and securebits locked",
     "seccomp": "verified: Seccomp 2; socket, socketpair, execve, write-open, kill(zygote), setrlimit, "
-               "fork → EPERM",
+    "fork → EPERM",
 }
 
 
@@ -114,7 +114,8 @@ def apply_all(
     if os.getppid() != plan.zygote_pid:
         raise LayerFailed("fresh-process", "the zygote is gone")
     run.applied["fresh-process"] = (
-        f"ok: forked from the zygote (pid {plan.zygote_pid}, single-threaded, holds no secrets)")
+        f"ok: forked from the zygote (pid {plan.zygote_pid}, single-threaded, holds no secrets)"
+    )
 
     # fds-closed: stdin from /dev/null, stdout/stderr into the capped log pipe, inputs read-only
     os.dup2(plan.devnull_fd, 0, inheritable=False)
@@ -127,13 +128,19 @@ def apply_all(
 
     def close_fds() -> str:
         close_all_but(keep)
-        return (f"stdin /dev/null, stdout+stderr to the log pipe, status pipe, {len(inputs)} input(s) "
-                f"reopened read-only, {len(output_fds)} output pipe(s); everything else closed")
+        return (
+            f"stdin /dev/null, stdout+stderr to the log pipe, status pipe, {len(inputs)} input(s) "
+            f"reopened read-only, {len(output_fds)} output pipe(s); everything else closed"
+        )
 
     run.apply("fds-closed", close_fds)
 
-    limit_table = rlimits.plan(vm_size=rlimits.read_vm_size(), memory_bytes=limits["memory_bytes"],
-                               cpu_seconds=limits["cpu_seconds"], max_open_files=limits["max_open_files"])
+    limit_table = rlimits.plan(
+        vm_size=rlimits.read_vm_size(),
+        memory_bytes=limits["memory_bytes"],
+        cpu_seconds=limits["cpu_seconds"],
+        max_open_files=limits["max_open_files"],
+    )
     run.apply("rlimits", lambda: rlimits.apply(limit_table))
     prctl(PR_SET_NO_NEW_PRIVS, 1)  # needed by Landlock and seccomp once capabilities are gone
 
@@ -150,8 +157,10 @@ def apply_all(
         privileges.drop(to_nobody=plan.to_nobody, last_cap=plan.last_cap)
         if plan.to_nobody:
             return "uid/gid 65534, no supplementary groups, no capabilities, securebits locked"
-        return (f"uid 0 without capabilities ({plan.uid_reason}); effective, permitted, inheritable, "
-                "ambient and bounding sets empty; securebits NOROOT|NO_SETUID_FIXUP (+locks)")
+        return (
+            f"uid 0 without capabilities ({plan.uid_reason}); effective, permitted, inheritable, "
+            "ambient and bounding sets empty; securebits NOROOT|NO_SETUID_FIXUP (+locks)"
+        )
 
     run.apply("uid", drop)
 
@@ -163,12 +172,20 @@ def apply_all(
             run.applied[name] = f"MISSING: {DISABLED}"
         elif plan.landlock_abi < LANDLOCK_MIN_ABI[name]:
             wanted[name] = False  # a weak sandbox still gets the Landlock parts the kernel has
-            run.fail(name, f"Landlock ABI {plan.landlock_abi} of this kernel lacks it "
-                           f"(needs ABI {LANDLOCK_MIN_ABI[name]})")
+            run.fail(
+                name,
+                f"Landlock ABI {plan.landlock_abi} of this kernel lacks it "
+                f"(needs ABI {LANDLOCK_MIN_ABI[name]})",
+            )
     if any(wanted.values()):
         try:
-            summary = landlock.restrict(plan.landlock_abi, plan.read_paths, fs=wanted["landlock-fs"],
-                                        net=wanted["landlock-net"], scope=wanted["landlock-scope"])
+            summary = landlock.restrict(
+                plan.landlock_abi,
+                plan.read_paths,
+                fs=wanted["landlock-fs"],
+                net=wanted["landlock-net"],
+                scope=wanted["landlock-scope"],
+            )
         except Exception as exc:
             for name, on in wanted.items():
                 if on:
@@ -187,8 +204,15 @@ def apply_all(
     return run, inputs, limit_table
 
 
-def verify(run: LayerRun, probe: Probe, *, expected_fds: set[int], read_only: tuple[int, ...],
-           limit_table: dict[int, tuple[int, int]], fresh_problem: str | None) -> dict[str, str]:
+def verify(
+    run: LayerRun,
+    probe: Probe,
+    *,
+    expected_fds: set[int],
+    read_only: tuple[int, ...],
+    limit_table: dict[int, tuple[int, int]],
+    fresh_problem: str | None,
+) -> dict[str, str]:
     """Probe only: check every layer by behaviour and produce the layer report."""
     problems: dict[str, str | None] = {
         "fresh-process": fresh_problem,

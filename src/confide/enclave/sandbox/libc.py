@@ -79,7 +79,10 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
 
 
 def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    if _libc.mount(source.encode(), target.encode(), fstype.encode(), ctypes.c_ulong(flags), data.encode()) != 0:
+    if (
+        _libc.mount(source.encode(), target.encode(), fstype.encode(), ctypes.c_ulong(flags), data.encode())
+        != 0
+    ):
         _raise_errno(f"mount({target})")
 
 
@@ -110,8 +113,9 @@ def capset_empty() -> None:
 def close_range(first: int, last: int = 0xFFFFFFFF) -> None:
     """Close every fd in [first, last]; falls back to os.closerange when close_range(2) is missing."""
     try:
-        syscall(SYS_CLOSE_RANGE, ctypes.c_uint(first), ctypes.c_uint(last), ctypes.c_uint(0),
-                what="close_range")
+        syscall(
+            SYS_CLOSE_RANGE, ctypes.c_uint(first), ctypes.c_uint(last), ctypes.c_uint(0), what="close_range"
+        )
     except OSError:
         top = max((int(n) for n in os.listdir("/proc/self/fd")), default=first)
         os.closerange(first, min(last, top) + 1)

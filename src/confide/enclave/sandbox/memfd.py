@@ -28,8 +28,9 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[n:]
 
 
-def make_input_memfd(data_or_file: bytes | bytearray | memoryview | BinaryIO, *,
-                     name: str = "confide-input") -> int:
+def make_input_memfd(
+    data_or_file: bytes | bytearray | memoryview | BinaryIO, *, name: str = "confide-input"
+) -> int:
     """Copy bytes (or a binary file object, streamed) into a memfd, seal it against any change and
     rewind it. Returns the fd (close-on-exec); the caller owns it and closes it after the run."""
     fd = _memfd(name)
@@ -55,8 +56,9 @@ def check_input_fd(name: str, fd: int) -> None:
     try:
         mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
     except OSError as exc:
-        raise SandboxError(f"input {name!r}: fd {fd} is not open ({exc.strerror})",
-                           where="Zygote.run") from None
+        raise SandboxError(
+            f"input {name!r}: fd {fd} is not open ({exc.strerror})", where="Zygote.run"
+        ) from None
     if mode == os.O_RDONLY:
         return
     try:

@@ -32,8 +32,12 @@ _MS_PRIVATE = 1 << 18
 
 
 class _MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
 
 
 def ns_inodes() -> dict[str, int]:
@@ -57,9 +61,19 @@ def enter_private() -> str:
     # later run could see), nosuid, nodev. Attributes are per mount, so the host's mounts are untouched.
     attr = _MountAttr(
         attr_set=_MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOATIME | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV,
-        attr_clr=_MOUNT_ATTR__ATIME, propagation=_MS_PRIVATE, userns_fd=0)
-    syscall(SYS_MOUNT_SETATTR, ctypes.c_int(_AT_FDCWD), b"/", ctypes.c_uint(_AT_RECURSIVE), ctypes.byref(attr),
-            ctypes.c_size_t(ctypes.sizeof(attr)), what="mount_setattr")
+        attr_clr=_MOUNT_ATTR__ATIME,
+        propagation=_MS_PRIVATE,
+        userns_fd=0,
+    )
+    syscall(
+        SYS_MOUNT_SETATTR,
+        ctypes.c_int(_AT_FDCWD),
+        b"/",
+        ctypes.c_uint(_AT_RECURSIVE),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+        what="mount_setattr",
+    )
     return "unshared net, ipc, uts, mnt; every mount private, read-only, noatime, nosuid, nodev"
 
 

@@ -135,8 +135,11 @@ class Probe:
             ("mkdir in a writable /tmp", lambda: os.mkdir(scratch), (errno.EACCES,)),
             ("create a file in a writable /tmp", lambda: open(scratch + ".f", "xb").close(), (errno.EACCES,)),
             # the stdlib's mount is read-only too, so EROFS may come first
-            ("open the stdlib for writing", lambda: os.close(os.open(os.__file__, os.O_WRONLY)),
-             (errno.EACCES, errno.EROFS)),
+            (
+                "open the stdlib for writing",
+                lambda: os.close(os.open(os.__file__, os.O_WRONLY)),
+                (errno.EACCES, errno.EROFS),
+            ),
         ):
             ok, got = _blocked(call, expect=expect)
             if not ok:
@@ -151,9 +154,11 @@ class Probe:
         except OSError as exc:
             fs_problems.append(f"the standard library became unreadable: {exc}")
         self.landlock["landlock-fs"] = (
-            "; ".join(fs_problems) if fs_problems else
-            "verified: reading /etc/passwd, listing /tmp, mkdir and file creation in a writable tmpfs "
-            "→ EACCES; stdlib still readable")
+            "; ".join(fs_problems)
+            if fs_problems
+            else "verified: reading /etc/passwd, listing /tmp, mkdir and file creation in a writable tmpfs "
+            "→ EACCES; stdlib still readable"
+        )
 
         net_problems = []
 
@@ -170,7 +175,8 @@ class Probe:
             if not ok:
                 net_problems.append(f"{what}: {got}")
         self.landlock["landlock-net"] = (
-            "; ".join(net_problems) if net_problems else "verified: TCP bind and connect → EACCES")
+            "; ".join(net_problems) if net_problems else "verified: TCP bind and connect → EACCES"
+        )
 
         scope_problems = []
 
@@ -185,8 +191,10 @@ class Probe:
         if not ok:
             scope_problems.append(f"signal to a same-uid process outside the domain: {got}")
         self.landlock["landlock-scope"] = (
-            "; ".join(scope_problems) if scope_problems else
-            "verified: abstract unix connect and signal outside the domain → EPERM")
+            "; ".join(scope_problems)
+            if scope_problems
+            else "verified: abstract unix connect and signal outside the domain → EPERM"
+        )
 
     def landlock_problem(self, layer: str) -> str | None:
         text = self.landlock.get(layer, "not checked")

@@ -24,8 +24,9 @@ _HDR = struct.Struct("!I")
 
 def send_msg(sock: socket.socket, obj: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
     if len(fds) > MAX_FDS:
-        raise SandboxError(f"too many descriptors in one message ({len(fds)} > {MAX_FDS})",
-                           where="sandbox.protocol")
+        raise SandboxError(
+            f"too many descriptors in one message ({len(fds)} > {MAX_FDS})", where="sandbox.protocol"
+        )
     data = json.dumps(obj, separators=(",", ":")).encode()
     frame = _HDR.pack(len(data)) + data
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
@@ -37,8 +38,9 @@ def send_msg(sock: socket.socket, obj: dict[str, Any], fds: list[int] | tuple[in
 def _recv_exact(sock: socket.socket, n: int, fds: list[int]) -> bytes | None:
     buf = bytearray()
     while len(buf) < n:
-        data, anc, flags, _ = sock.recvmsg(n - len(buf), socket.CMSG_SPACE(MAX_FDS * 4),
-                                           socket.MSG_CMSG_CLOEXEC)
+        data, anc, flags, _ = sock.recvmsg(
+            n - len(buf), socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+        )
         for level, kind, payload in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 usable = len(payload) - len(payload) % 4

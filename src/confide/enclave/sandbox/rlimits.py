@@ -16,7 +16,9 @@ def read_vm_size() -> int:
     raise OSError("VmSize missing from /proc/self/status")
 
 
-def plan(*, vm_size: int, memory_bytes: int, cpu_seconds: int, max_open_files: int) -> dict[int, tuple[int, int]]:
+def plan(
+    *, vm_size: int, memory_bytes: int, cpu_seconds: int, max_open_files: int
+) -> dict[int, tuple[int, int]]:
     address_space = vm_size + memory_bytes
     return {
         resource.RLIMIT_AS: (address_space, address_space),

@@ -40,8 +40,14 @@ PROBE_TIMEOUT_S = 30.0
 
 def read_paths() -> tuple[str, ...]:
     """Directories the child may read (and nothing else): the interpreter, its packages, system libs."""
-    candidates = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *site.getsitepackages(),
-                  *SYSTEM_LIB_DIRS]
+    candidates = [
+        sys.prefix,
+        sys.base_prefix,
+        sys.exec_prefix,
+        sys.base_exec_prefix,
+        *site.getsitepackages(),
+        *SYSTEM_LIB_DIRS,
+    ]
     out: list[str] = []
     seen: set[str] = set()
     for path in candidates:
@@ -84,13 +90,19 @@ class ZygoteServer:
             importlib.import_module(name)
         threads = _thread_count()
         if threads != 1:
-            raise SandboxError(f"zygote has {threads} threads after pre-importing {self.cfg['preimport']}; "
-                               "it must stay single-threaded to fork safely", where="zygote")
+            raise SandboxError(
+                f"zygote has {threads} threads after pre-importing {self.cfg['preimport']}; "
+                "it must stay single-threaded to fork safely",
+                where="zygote",
+            )
         prctl(PR_SET_DUMPABLE, 0)
-        signal.signal(signal.SIGIO, signal.SIG_IGN)  # second wall against F_SETOWN tricks (see seccomp_filter)
+        signal.signal(
+            signal.SIGIO, signal.SIG_IGN
+        )  # second wall against F_SETOWN tricks (see seccomp_filter)
         paths = read_paths()
         unreadable = privileges.first_unreadable_by_nobody(
-            [*paths, os.path.realpath(sys.executable), *_module_files()])
+            [*paths, os.path.realpath(sys.executable), *_module_files()]
+        )
         devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         disabled = frozenset(self.cfg["disable_layers"])
         force_nobody = bool(self.cfg.get("force_nobody"))
@@ -114,13 +126,25 @@ class ZygoteServer:
         self.plan = dataclasses.replace(plan, tolerated=tolerated)
         gc.collect()
         gc.freeze()  # children share these pages copy-on-write and never scan them
-        return {"event": "hello", "pid": os.getpid(), "layers": self.layers, "threads": _thread_count(),
-                "landlock_abi": plan.landlock_abi, "read_paths": list(paths), "uid_reason": plan.uid_reason}
+        return {
+            "event": "hello",
+            "pid": os.getpid(),
+            "layers": self.layers,
+            "threads": _thread_count(),
+            "landlock_abi": plan.landlock_abi,
+            "read_paths": list(paths),
+            "uid_reason": plan.uid_reason,
+        }
 
     def _probe(self, plan: SandboxPlan) -> tuple[dict[str, str], str | None]:
         """Fork one child that applies every layer and checks each by behaviour."""
-        payload = json.dumps({"limits": {"memory_bytes": 512 * 2**20, "cpu_seconds": 30, "max_open_files": 64},
-                              "inputs": ["probe"], "outputs": ["probe"]}).encode()
+        payload = json.dumps(
+            {
+                "limits": {"memory_bytes": 512 * 2**20, "cpu_seconds": 30, "max_open_files": 64},
+                "inputs": ["probe"],
+                "outputs": ["probe"],
+            }
+        ).encode()
         token = b"confide-probe-" + os.urandom(8).hex().encode()
         payload_fd = make_input_memfd(payload)
         input_fd = make_input_memfd(token)
@@ -135,7 +159,9 @@ class ZygoteServer:
             child.child_main(plan, fds, probe_mode=True)
         for fd in (payload_fd, input_fd, status_w, log_w, out_w):
             os.close(fd)
-        collected = _collect({status_r: b"", log_r: b"", out_r: b""}, deadline=time.monotonic() + PROBE_TIMEOUT_S)
+        collected = _collect(
+            {status_r: b"", log_r: b"", out_r: b""}, deadline=time.monotonic() + PROBE_TIMEOUT_S
+        )
         if collected is None:
             os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
@@ -147,9 +173,12 @@ class ZygoteServer:
         except (ValueError, IndexError):
             raise SandboxError(
                 f"the probe child failed (wait status {status}): {status_text[-2000:]!r} {log_text[-2000:]!r}",
-                where="zygote probe") from None
+                where="zygote probe",
+            ) from None
         if record.get("outcome") != "probe":
-            raise SandboxError(f"the probe child failed: {record.get('detail', record)}", where="zygote probe")
+            raise SandboxError(
+                f"the probe child failed: {record.get('detail', record)}", where="zygote probe"
+            )
         layers = {name: str(record["layers"].get(name, "MISSING: not reported")) for name in LAYER_NAMES}
         io_problem = record.get("io_problem")
         if io_problem is None and out != token:
@@ -176,10 +205,17 @@ class ZygoteServer:
         if len(fds) != 3 + n_in + n_out:
             for fd in fds:
                 os.close(fd)
-            send_msg(self.sock, {"event": "exit", "error": f"expected {3 + n_in + n_out} fds, got {len(fds)}"})
+            send_msg(
+                self.sock, {"event": "exit", "error": f"expected {3 + n_in + n_out} fds, got {len(fds)}"}
+            )
             return
-        child_fds = ChildFds(payload=fds[0], status=fds[1], log=fds[2], inputs=tuple(fds[3:3 + n_in]),
-                             outputs=tuple(fds[3 + n_in:]))
+        child_fds = ChildFds(
+            payload=fds[0],
+            status=fds[1],
+            log=fds[2],
+            inputs=tuple(fds[3 : 3 + n_in]),
+            outputs=tuple(fds[3 + n_in :]),
+        )
         sys.stdout.flush()
         sys.stderr.flush()
         started = time.monotonic()
@@ -197,15 +233,18 @@ class ZygoteServer:
         send_msg(self.sock, {"event": "started", "pid": pid})
         wall_timeout, killed = self._wait(pid, deadline=started + float(obj["wall_seconds"]))
         _, status, usage = os.wait4(pid, 0)
-        send_msg(self.sock, {
-            "event": "exit",
-            "status": status,
-            "duration": time.monotonic() - started,
-            "cpu": usage.ru_utime + usage.ru_stime,
-            "maxrss_kib": usage.ru_maxrss,
-            "wall_timeout": wall_timeout,
-            "killed_on_request": killed,
-        })
+        send_msg(
+            self.sock,
+            {
+                "event": "exit",
+                "status": status,
+                "duration": time.monotonic() - started,
+                "cpu": usage.ru_utime + usage.ru_stime,
+                "maxrss_kib": usage.ru_maxrss,
+                "wall_timeout": wall_timeout,
+                "killed_on_request": killed,
+            },
+        )
 
     def _wait(self, pid: int, *, deadline: float) -> tuple[bool, bool]:
         """Wait until the child exits; SIGKILL it at the deadline or when the enclave asks."""

@@ -135,8 +135,11 @@ class Zygote:
             zygote.close()
             names = ", ".join(missing)
             reasons = "; ".join(f"{k}: {v}" for k, v in missing.items())
-            raise SandboxError(f"sandbox layer(s) missing: {names} — refusing to run untrusted code "
-                               f"(strict=True). {reasons}", where="Zygote.start")
+            raise SandboxError(
+                f"sandbox layer(s) missing: {names} — refusing to run untrusted code "
+                f"(strict=True). {reasons}",
+                where="Zygote.start",
+            )
         return zygote
 
     def close(self) -> None:
@@ -194,20 +197,26 @@ class Zygote:
             if len(inputs) + len(outputs) + 3 > MAX_FDS:
                 raise SandboxError(f"too many inputs and outputs (max {MAX_FDS - 3})", where="Zygote.run")
             try:
-                payload = json.dumps({
-                    "source": source,
-                    "params": params,
-                    "inputs": list(inputs),
-                    "outputs": list(outputs),
-                    "limits": {"memory_bytes": limits.memory_bytes, "cpu_seconds": limits.cpu_seconds,
-                               "max_open_files": limits.max_open_files},
-                }).encode()
+                payload = json.dumps(
+                    {
+                        "source": source,
+                        "params": params,
+                        "inputs": list(inputs),
+                        "outputs": list(outputs),
+                        "limits": {
+                            "memory_bytes": limits.memory_bytes,
+                            "cpu_seconds": limits.cpu_seconds,
+                            "max_open_files": limits.max_open_files,
+                        },
+                    }
+                ).encode()
             except (TypeError, ValueError) as exc:
                 raise SandboxError(f"params must be JSON values: {exc}", where="Zygote.run") from exc
             return self._run_locked(payload, inputs, outputs, limits)
 
-    def _run_locked(self, payload: bytes, inputs: dict[str, int], outputs: dict[str, OutputSink],
-                    limits: SandboxLimits) -> RunResult:
+    def _run_locked(
+        self, payload: bytes, inputs: dict[str, int], outputs: dict[str, OutputSink], limits: SandboxLimits
+    ) -> RunResult:
         payload_fd = make_input_memfd(payload, name="confide-request")
         out_pipes = {name: os.pipe2(os.O_CLOEXEC) for name in outputs}
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
@@ -216,9 +225,16 @@ class Zygote:
         read_ends = [status_r, log_r, *(r for r, _ in out_pipes.values())]
         try:
             try:
-                send_msg(self._sock, {"op": "run", "n_inputs": len(inputs), "n_outputs": len(outputs),
-                                      "wall_seconds": limits.wall_seconds},
-                         [payload_fd, status_w, log_w, *inputs.values(), *(w for _, w in out_pipes.values())])
+                send_msg(
+                    self._sock,
+                    {
+                        "op": "run",
+                        "n_inputs": len(inputs),
+                        "n_outputs": len(outputs),
+                        "wall_seconds": limits.wall_seconds,
+                    },
+                    [payload_fd, status_w, log_w, *inputs.values(), *(w for _, w in out_pipes.values())],
+                )
             except OSError as exc:
                 self._abandon()
                 raise SandboxError(f"the zygote is gone: {exc}", where="Zygote.run") from exc
@@ -226,15 +242,23 @@ class Zygote:
                 os.close(payload_fd)
                 for fd in write_ends:
                     os.close(fd)
-            obs = self._pump(status_r, log_r, {name: r for name, (r, _) in out_pipes.items()}, outputs, limits)
+            obs = self._pump(
+                status_r, log_r, {name: r for name, (r, _) in out_pipes.items()}, outputs, limits
+            )
         finally:
             for fd in read_ends:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         return classify(obs, cpu_seconds=limits.cpu_seconds, max_output_bytes=limits.max_output_bytes)
 
-    def _pump(self, status_r: int, log_r: int, out_r: dict[str, int], sinks: dict[str, OutputSink],
-              limits: SandboxLimits) -> Observed:
+    def _pump(
+        self,
+        status_r: int,
+        log_r: int,
+        out_r: dict[str, int],
+        sinks: dict[str, OutputSink],
+        limits: SandboxLimits,
+    ) -> Observed:
         """Stream outputs into sinks and collect status/log until the child exited and pipes closed."""
         obs = Observed(output_sizes=dict.fromkeys(sinks, 0))
         sel = selectors.DefaultSelector()
@@ -258,8 +282,9 @@ class Zygote:
                     break  # something still holds a write end; the child itself is gone
                 if exited_at is None and now > hard_deadline:
                     self._abandon()
-                    raise SandboxError("the zygote did not report the child's exit; zygote killed",
-                                       where="Zygote.run")
+                    raise SandboxError(
+                        "the zygote did not report the child's exit; zygote killed", where="Zygote.run"
+                    )
                 timeout = (exited_at + DRAIN_S - now) if exited_at is not None else (hard_deadline - now)
                 for key, _ in sel.select(max(timeout, 0.0)):
                     kind, name = key.data
