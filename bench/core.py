@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import struct
 import subprocess
@@ -111,9 +112,9 @@ def bench_sealed_files(size_mib: int, repeats: int, workdir: Path) -> dict[str, 
     mib = float(size_mib)
 
     def summary(op: str) -> dict[str, float]:
-        secs = statistics.median(x["seconds"] for x in runs[op])
+        secs = min(x["seconds"] for x in runs[op])  # best of the alternating runs: the least disturbed
         return {
-            "median_seconds": round(secs, 4),
+            "best_seconds": round(secs, 4),
             "throughput_mib_s": round(mib / secs, 1),
             "peak_rss_mib": round(max(x["peak_rss_mib"] for x in runs[op]), 1),
             "baseline_rss_mib": round(max(x["baseline_rss_mib"] for x in runs[op]), 1),
@@ -255,7 +256,7 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mib", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--calls", type=int, default=5000)
     parser.add_argument("--children", type=int, default=100)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "core.json")
@@ -272,7 +273,13 @@ def main() -> None:
     results["sandbox"] = bench_sandbox(args.children)
     with tempfile.TemporaryDirectory(dir=HERE) as tmp:
         results["enclave"] = bench_enclave(Path(tmp), args.calls, starts=4)
+    # Files live on tmpfs when there is room: on this VM's disk, first-time block allocation for a
+    # fresh 512 MiB file swings a run by 10x whichever side it hits, which hides the format's cost.
+    shm = Path("/dev/shm")
+    file_dir = shm if shm.is_dir() and shutil.disk_usage(shm).free > 5 * args.size_mib * CHUNK else HERE
+    with tempfile.TemporaryDirectory(dir=file_dir) as tmp:
         results["sealed_files"] = bench_sealed_files(args.size_mib, args.repeats, Path(tmp))
+        results["sealed_files"]["filesystem"] = "tmpfs (/dev/shm)" if file_dir == shm else str(file_dir)
     results["sealed_files_in_memory"] = bench_in_memory(min(args.size_mib, 256), max(args.repeats, 5))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

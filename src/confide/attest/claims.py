@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from confide.enclave.errors import EvidenceError, FormatError
+
 
 @dataclass(frozen=True)
 class Claims:
@@ -66,3 +68,36 @@ class Verifier(Protocol):
     ) -> Claims:
         """Verify authenticity at unix time `at`; raise EvidenceError naming what failed."""
         ...
+
+
+class VerifierBase:
+    """Shared front door of every verifier: checks argument types and turns any exception a library
+    parser raises on hostile input into an EvidenceError naming the format. Subclasses implement
+    `_verify(evidence: bytes, ...)` and may raise FormatError or EvidenceError."""
+
+    name: str = ""
+    where: str = "evidence"
+
+    def verify(
+        self, evidence: bytes, *, at: int, anchors: TrustAnchors, collateral: bytes | None = None
+    ) -> Claims:
+        if not isinstance(evidence, bytes | bytearray | memoryview):
+            raise EvidenceError(f"evidence must be bytes, got {type(evidence).__name__}", where=self.where)
+        if isinstance(at, bool) or not isinstance(at, int) or not 0 <= at < 1 << 63:
+            raise EvidenceError(
+                f"verification time must be a non-negative integer of unix seconds, got {at!r}",
+                where=self.where,
+            )
+        try:
+            return self._verify(bytes(evidence), at=at, anchors=anchors, collateral=collateral)
+        except EvidenceError:
+            raise
+        except FormatError as exc:
+            raise EvidenceError(exc.message, where=exc.where or self.where) from None
+        except Exception as exc:  # a parser deep in a library choked on hostile input
+            raise EvidenceError(
+                f"malformed input (unexpected {type(exc).__name__}: {exc})", where=self.where
+            ) from exc
+
+    def _verify(self, evidence: bytes, *, at: int, anchors: TrustAnchors, collateral: bytes | None) -> Claims:
+        raise NotImplementedError  # abstract: every registered verifier overrides it

@@ -36,7 +36,7 @@ from confide.attest.anchors import (
     parse_pem_certificates,
     public_key,
 )
-from confide.attest.claims import Claims, TrustAnchors
+from confide.attest.claims import Claims, TrustAnchors, VerifierBase
 from confide.enclave.errors import EvidenceError
 
 __all__ = ["NitroVerifier"]
@@ -82,10 +82,11 @@ def _bytes_field(payload: Mapping[Any, Any], key: str, *, optional: bool, lo: in
     return value
 
 
-class NitroVerifier:
+class NitroVerifier(VerifierBase):
     """AWS Nitro Enclaves attestation document (COSE_Sign1, ES384) chained to the AWS Nitro root."""
 
     name = "nitro"
+    where = _WHERE
     backends: tuple[str, ...] = ("nitro",)
 
     def sniff(self, evidence: bytes) -> bool:
@@ -98,22 +99,8 @@ class NitroVerifier:
         # array(4) whose first item is a byte string (the protected header)
         return len(head) >= 2 and head[0] == 0x84 and 0x40 <= head[1] <= 0x5B
 
-    def verify(
-        self, evidence: bytes, *, at: int, anchors: TrustAnchors, collateral: bytes | None = None
-    ) -> Claims:
-        try:
-            return self._verify(evidence, at=at, anchors=anchors, collateral=collateral)
-        except EvidenceError:
-            raise
-        except Exception as e:  # a parser deep in a library choked on hostile input
-            raise _fail(f"malformed input (unexpected {type(e).__name__}: {e})") from e
-
     def _verify(self, evidence: bytes, *, at: int, anchors: TrustAnchors, collateral: bytes | None) -> Claims:
-        if not isinstance(evidence, bytes | bytearray | memoryview):
-            raise _fail(f"evidence must be bytes, got {type(evidence).__name__}")
-        doc = bytes(evidence)
-        if isinstance(at, bool) or not isinstance(at, int) or at < 0:
-            raise _fail(f"verification time must be a non-negative integer of unix seconds, got {at!r}")
+        doc = evidence
         if len(doc) > MAX_DOC_LEN:
             raise _fail(f"document is {len(doc)} bytes, more than {MAX_DOC_LEN}")
         protected, payload_bytes, signature = self._cose(doc)

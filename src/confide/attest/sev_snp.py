@@ -31,7 +31,7 @@ from confide.attest.anchors import (
     parse_pem_certificates,
     public_key,
 )
-from confide.attest.claims import Claims, TrustAnchors
+from confide.attest.claims import Claims, TrustAnchors, VerifierBase
 from confide.enclave.errors import EvidenceError
 
 __all__ = ["SevSnpVerifier"]
@@ -122,10 +122,11 @@ def _verify_pss(child: x509.Certificate, parent: x509.Certificate, what: str) ->
         ) from None
 
 
-class SevSnpVerifier:
+class SevSnpVerifier(VerifierBase):
     """AMD SEV-SNP attestation report signed by a VCEK (or VLEK), chained to AMD's ARK."""
 
     name = "sev-snp"
+    where = _WHERE
     backends: tuple[str, ...] = ("sev-snp",)
 
     def sniff(self, evidence: bytes) -> bool:
@@ -138,22 +139,8 @@ class SevSnpVerifier:
         except (TypeError, struct.error):
             return False
 
-    def verify(
-        self, evidence: bytes, *, at: int, anchors: TrustAnchors, collateral: bytes | None = None
-    ) -> Claims:
-        try:
-            return self._verify(evidence, at=at, anchors=anchors, collateral=collateral)
-        except EvidenceError:
-            raise
-        except Exception as e:  # a parser deep in a library choked on hostile input
-            raise _fail(f"malformed input (unexpected {type(e).__name__}: {e})") from e
-
     def _verify(self, evidence: bytes, *, at: int, anchors: TrustAnchors, collateral: bytes | None) -> Claims:
-        if not isinstance(evidence, bytes | bytearray | memoryview):
-            raise _fail(f"evidence must be bytes, got {type(evidence).__name__}")
-        r = bytes(evidence)
-        if isinstance(at, bool) or not isinstance(at, int) or at < 0:
-            raise _fail(f"verification time must be a non-negative integer of unix seconds, got {at!r}")
+        r = evidence
         if len(r) != REPORT_LEN:
             raise _fail(f"report is {len(r)} bytes; an SEV-SNP ATTESTATION_REPORT is exactly {REPORT_LEN}")
         f = self._parse(r)

@@ -23,7 +23,7 @@ import dcap_qvl  # type: ignore[import-untyped]  # ships .pyi stubs but no py.ty
 from cryptography import x509
 
 from confide.attest.anchors import cert_fingerprint, parse_der_certificate, utc_iso
-from confide.attest.claims import Claims, TrustAnchors
+from confide.attest.claims import Claims, TrustAnchors, VerifierBase
 from confide.enclave.errors import EvidenceError
 
 __all__ = ["DcapVerifier"]
@@ -183,10 +183,11 @@ def _int_field(report: dict[str, Any], name: str) -> int:
     return value
 
 
-class DcapVerifier:
+class DcapVerifier(VerifierBase):
     """Intel DCAP ECDSA quotes: SGX (quote v3/v4/v5) and TDX (v4 TDREPORT 1.0, v5 TDREPORT 1.0/1.5)."""
 
     name = "dcap"
+    where = "dcap quote"
     backends: tuple[str, ...] = ("sgx", "tdx")
 
     def sniff(self, evidence: bytes) -> bool:
@@ -203,22 +204,8 @@ class DcapVerifier:
         except (TypeError, struct.error):
             return False
 
-    def verify(
-        self, evidence: bytes, *, at: int, anchors: TrustAnchors, collateral: bytes | None = None
-    ) -> Claims:
-        try:
-            return self._verify(evidence, at=at, anchors=anchors, collateral=collateral)
-        except EvidenceError:
-            raise
-        except Exception as e:  # a parser deep in a library choked on hostile input
-            raise _fail(f"malformed input (unexpected {type(e).__name__}: {e})") from e
-
     def _verify(self, evidence: bytes, *, at: int, anchors: TrustAnchors, collateral: bytes | None) -> Claims:
-        if not isinstance(evidence, bytes | bytearray | memoryview):
-            raise _fail(f"evidence must be bytes, got {type(evidence).__name__}")
-        quote = bytes(evidence)
-        if isinstance(at, bool) or not isinstance(at, int) or not 0 <= at < 1 << 63:
-            raise _fail(f"verification time must be a non-negative integer of unix seconds, got {at!r}")
+        quote = evidence
         if len(quote) > MAX_QUOTE_LEN:
             raise _fail(f"quote is {len(quote)} bytes, larger than any DCAP quote ({MAX_QUOTE_LEN})")
         version, tee_type, _ = _layout(quote)

@@ -12,10 +12,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from confide.enclave.backend import REPORT_DATA_LEN, SIM_EVIDENCE_FORMAT
 from confide.enclave.encoding import b64d, check_fields, get_typed, hexd, parse_json_object
-from confide.enclave.errors import EvidenceError, FormatError
+from confide.enclave.errors import EvidenceError
 
 from .anchors import check_validity, parse_der_certificate
-from .claims import Claims, TrustAnchors
+from .claims import Claims, TrustAnchors, VerifierBase
 
 W = "sim evidence"
 _FORMAT_RE = re.compile(rb'"format"\s*:\s*"' + re.escape(SIM_EVIDENCE_FORMAT.encode()) + rb'"')
@@ -49,23 +49,14 @@ def _verify_cert(cert: x509.Certificate, issuer: x509.Certificate, *, at: int, w
     check_validity(cert, at, what, where=W)
 
 
-class SimVerifier:
+class SimVerifier(VerifierBase):
     name = "sim"
+    where = W
 
     def sniff(self, evidence: bytes) -> bool:
         return evidence.lstrip()[:1] == b"{" and _FORMAT_RE.search(evidence) is not None
 
-    def verify(
-        self, evidence: bytes, *, at: int, anchors: TrustAnchors, collateral: bytes | None = None
-    ) -> Claims:
-        try:
-            return self._verify(evidence, at=at, anchors=anchors)
-        except FormatError as exc:
-            raise EvidenceError(exc.message, where=exc.where or W) from None
-        except (ValueError, TypeError) as exc:  # pyca parses certificate fields lazily, on first access
-            raise EvidenceError(f"malformed certificate or field ({exc})", where=W) from None
-
-    def _verify(self, evidence: bytes, *, at: int, anchors: TrustAnchors) -> Claims:
+    def _verify(self, evidence: bytes, *, at: int, anchors: TrustAnchors, collateral: bytes | None) -> Claims:
         outer = parse_json_object(evidence, where=W)
         check_fields(outer, required=("format", "body", "signature", "certificates"), where=W)
         if outer["format"] != SIM_EVIDENCE_FORMAT:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import fcntl
 import hashlib
 import os
 import socket
@@ -32,13 +31,11 @@ from .keys import Identity
 from .measurement import measure
 from .memory import MemoryBudget
 from .request import RunRequest, make_receipt, open_request
-from .sandbox import SandboxLimits, Zygote
+from .sandbox import SandboxLimits, Zygote, make_input_memfd
 from .sealed_file import SealedReader, SealedWriter, write_atomically
 from .sim_platform import SimPlatform
 
 STATE_AAD = b"confide-enclave-state-v1"
-F_ADD_SEALS = 1033
-F_SEAL_ALL = 1 | 2 | 4 | 8  # SEAL | SHRINK | GROW | WRITE
 PR_SET_DUMPABLE = 4
 MIN_WORKING_MEMORY = 16 << 20
 
@@ -70,20 +67,6 @@ def load_or_create_keys(backend: TeeBackend, state_dir: Path) -> Identity:
 
 
 # ---- inputs and outputs of a run ----------------------------------------------------------------------
-
-
-def decrypt_to_memfd(reader: SealedReader, name: str) -> int:
-    """Decrypt an input into a sealed (immutable) memfd the sandbox child can only read."""
-    fd = os.memfd_create(f"confide-input-{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        with os.fdopen(os.dup(fd), "wb") as fh:
-            reader.decrypt_to(fh)
-        fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_ALL)
-        os.lseek(fd, 0, os.SEEK_SET)
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 class _HashingFile:
@@ -218,7 +201,7 @@ class EnclaveRuntime:
                         )
                     reader.unlock(data_key=grant.data_key)
                     reserved += self.budget.reserve(reader.plaintext_size, f"input {name!r}")
-                    fds[name] = decrypt_to_memfd(reader, name)
+                    fds[name] = make_input_memfd(reader.iter_chunks(), name=f"confide-input-{name}")
             if self.budget.free < MIN_WORKING_MEMORY:
                 self.budget.reserve(MIN_WORKING_MEMORY, "the function's working memory (minimum)")
             allowance = self.budget.free

@@ -104,7 +104,7 @@ def _encode_header(
     return MAGIC + struct.pack(">I", len(body)) + body
 
 
-def _fill_buffer(src: BinaryIO, buf: bytearray) -> int:
+def _fill_buffer(src: BinaryIO, buf: bytearray | memoryview) -> int:
     """Read until `buf` is full or the stream ends; returns the byte count."""
     view = memoryview(buf)
     got = 0
@@ -117,8 +117,9 @@ def _fill_buffer(src: BinaryIO, buf: bytearray) -> int:
 
 
 def _read_exact(src: BinaryIO, n: int) -> bytes:
-    data = src.read(n)
-    return data if data is not None else b""
+    """Up to `n` bytes: fewer only at end of file (unbuffered files may return short reads)."""
+    buf = bytearray(n)
+    return bytes(buf[: _fill_buffer(src, buf)])
 
 
 def read_header(src: BinaryIO, *, where: str) -> SealedHeader:
@@ -285,6 +286,7 @@ class SealedReader:
             raise IntegrityError("file is truncated inside a chunk tag", where=where)
         self.plaintext_size = body - self.n_chunks * TAG_LEN
         self._aead: AESGCM | None = None
+        self._pos = end
 
     # ---- keys --------------------------------------------------------------------------------
     def unwrap_key(self, identity: Identity) -> bytes:
@@ -333,9 +335,12 @@ class SealedReader:
         if not 0 <= index < self.n_chunks:
             raise IndexError(f"chunk {index} out of range 0..{self.n_chunks - 1}")
         n = self._chunk_len(index)
-        self._src.seek(self.header.body_offset + index * (self.header.chunk_size + TAG_LEN))
+        offset = self.header.body_offset + index * (self.header.chunk_size + TAG_LEN)
+        if offset != self._pos:
+            self._src.seek(offset)
         cview = memoryview(cbuf)[:n]
-        got = self._src.readinto(cview)
+        got = _fill_buffer(self._src, cview)
+        self._pos = offset + got
         if got != n:
             raise IntegrityError(f"chunk {index} is short (file changed while reading?)", where=self.where)
         out = memoryview(buf)[: n - TAG_LEN]
@@ -450,7 +455,7 @@ def encrypt_file(
 
 def open_reader(path: Path) -> tuple[BinaryIO, SealedReader]:
     try:
-        fh = open(path, "rb")  # noqa: SIM115 - returned to the caller
+        fh = open(path, "rb", buffering=0)  # noqa: SIM115 - returned to the caller; chunks are read whole
     except OSError as exc:
         raise ConfideError(f"cannot read sealed file ({exc.strerror})", where=str(path)) from None
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Iterable
 from typing import BinaryIO
 
 from confide.enclave.errors import SandboxError
@@ -29,19 +30,22 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
 
 
 def make_input_memfd(
-    data_or_file: bytes | bytearray | memoryview | BinaryIO, *, name: str = "confide-input"
+    data_or_file: bytes | bytearray | memoryview | BinaryIO | Iterable[bytes | bytearray | memoryview],
+    *,
+    name: str = "confide-input",
 ) -> int:
-    """Copy bytes (or a binary file object, streamed) into a memfd, seal it against any change and
-    rewind it. Returns the fd (close-on-exec); the caller owns it and closes it after the run."""
+    """Copy bytes, a binary file object (streamed) or an iterable of chunks (e.g. the decrypted chunks
+    of a sealed file) into a memfd, seal it against any change and rewind it. Returns the fd
+    (close-on-exec); the caller owns it and closes it after the run."""
     fd = _memfd(name)
     try:
         if isinstance(data_or_file, bytes | bytearray | memoryview):
             _write_all(fd, data_or_file)
+        elif hasattr(data_or_file, "read"):
+            while chunk := data_or_file.read(_CHUNK):
+                _write_all(fd, chunk)
         else:
-            while True:
-                chunk = data_or_file.read(_CHUNK)
-                if not chunk:
-                    break
+            for chunk in data_or_file:
                 _write_all(fd, chunk)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
         os.lseek(fd, 0, os.SEEK_SET)
