@@ -99,6 +99,18 @@ def test_keys_survive_restart_of_the_same_build_only(tmp_path: Path) -> None:
         home.start_enclave()
 
 
+def test_unknown_backend_is_refused_at_start(tmp_path: Path) -> None:
+    home = Home(tmp_path / "home")
+    home.platform()
+    with pytest.raises(EnclaveError, match="unknown TEE backend 'sgx-magic'"):
+        EnclaveProcess(platform_dir=home.platform_dir, state_dir=home.state_dir, backend="sgx-magic")
+
+
+def test_missing_platform_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(EnclaveError, match="no simulated platform here"):
+        EnclaveProcess(platform_dir=tmp_path / "nowhere", state_dir=tmp_path / "state")
+
+
 # ---- malformed frames -----------------------------------------------------------------------------
 
 

@@ -33,6 +33,7 @@ class EnclaveProcess:
         platform_dir: Path,
         state_dir: Path,
         config: Path | None = None,
+        backend: str = "sim",
         stderr: int | None = None,
     ) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -46,6 +47,8 @@ class EnclaveProcess:
             str(platform_dir),
             "--state",
             str(state_dir),
+            "--backend",
+            backend,
         ]
         if config is not None:
             cmd += ["--config", str(config)]

@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .config import EnclaveConfig
 from .encoding import b64e, canonical_json
+from .errors import ConfideError
 from .keys import PublicIdentity
+from .measurement import measure
 from .sim_platform import SimPlatform
 
 REPORT_DATA_LEN = 64
@@ -59,6 +64,8 @@ class EnclaveIdentity:
 
 
 class TeeBackend(Protocol):
+    simulated: bool  # True only for the sim backend: it protects nothing against the host
+
     @property
     def identity(self) -> EnclaveIdentity: ...
 
@@ -72,6 +79,8 @@ class TeeBackend(Protocol):
 
 class SimBackend:
     """The simulated TEE: evidence signed by the installation's simulated platform key."""
+
+    simulated = True
 
     def __init__(self, platform: SimPlatform, identity: EnclaveIdentity) -> None:
         self._platform = platform
@@ -115,3 +124,30 @@ class SimBackend:
         bound = ident.measurement if policy == "measurement" else f"{ident.signer}/{ident.product_id}"
         info = b"confide-seal-v1\0" + policy.encode() + b"\0" + bound.encode() + b"\0" + label
         return HKDF(hashes.SHA256(), 32, salt=None, info=info).derive(self._platform.secret)
+
+
+def _sim(platform_dir: Path, config: EnclaveConfig) -> TeeBackend:
+    # the simulated CPU measures the enclave, as a real one would at load time
+    identity = EnclaveIdentity(
+        backend="sim",
+        measurement=measure(config).value,
+        signer=SIM_SIGNER,
+        product_id=config.product_id,
+        security_version=config.security_version,
+        debug=config.debug,
+    )
+    return SimBackend(SimPlatform.load(platform_dir), identity)
+
+
+# Evidence providers by name. A Gramine-SGX, configfs-tsm or Nitro provider is one more entry here;
+# the enclave runtime only ever sees the TeeBackend interface.
+BACKENDS: dict[str, Callable[[Path, EnclaveConfig], TeeBackend]] = {"sim": _sim}
+
+
+def create_backend(name: str, *, platform_dir: Path, config: EnclaveConfig) -> TeeBackend:
+    factory = BACKENDS.get(name)
+    if factory is None:
+        raise ConfideError(
+            f"unknown TEE backend {name!r} (this build provides: {', '.join(BACKENDS)})", where="--backend"
+        )
+    return factory(platform_dir, config)

@@ -23,17 +23,15 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import channel
-from .backend import SIM_SIGNER, EnclaveIdentity, SimBackend, TeeBackend, report_data_for
+from .backend import TeeBackend, create_backend, report_data_for
 from .config import EnclaveConfig
 from .encoding import b64d, b64e, hexd
 from .errors import ConfideError, EnclaveError, FormatError, IntegrityError
 from .keys import Identity
-from .measurement import measure
 from .memory import MemoryBudget
 from .request import RunRequest, make_receipt, open_request
 from .sandbox import SandboxLimits, Zygote, make_input_memfd
 from .sealed_file import SealedReader, SealedWriter, write_atomically
-from .sim_platform import SimPlatform
 
 STATE_AAD = b"confide-enclave-state-v1"
 PR_SET_DUMPABLE = 4
@@ -117,13 +115,12 @@ class EnclaveRuntime:
         keys: Identity,
         zygote: Zygote,
         config: EnclaveConfig,
-        simulated: bool,
     ) -> None:
         self.backend = backend
         self.keys = keys
         self.zygote = zygote
         self.config = config
-        self.simulated = simulated
+        self.simulated = backend.simulated
         self.budget = MemoryBudget(config.memory_budget_bytes)
         self.seen_requests: set[str] = set()
         self.running = True
@@ -312,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="confide.enclave", description="Confide enclave runtime (started by the host)"
     )
     parser.add_argument("--fd", type=int, required=True, help="channel socket inherited from the host")
+    parser.add_argument("--backend", default="sim", help="TEE backend (evidence provider)")
     parser.add_argument("--platform", type=Path, required=True, help="simulated platform directory")
     parser.add_argument("--state", type=Path, required=True, help="where sealed enclave state is kept")
     parser.add_argument("--config", type=Path, default=None, help="enclave configuration (TOML)")
@@ -321,20 +319,12 @@ def main(argv: list[str] | None = None) -> int:
         config = EnclaveConfig.load(args.config)
         # 1. the zygote first: this process is still single-threaded and holds no secret
         zygote = Zygote.start(strict=config.sandbox == "strict")
-        # 2. the simulated CPU measures the enclave and provides evidence and sealing keys
+        # 2. the backend (the CPU) gives the enclave its identity, evidence and sealing keys
         ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-        measurement = measure(config)
-        identity = EnclaveIdentity(
-            backend="sim",
-            measurement=measurement.value,
-            signer=SIM_SIGNER,
-            product_id=config.product_id,
-            security_version=config.security_version,
-            debug=config.debug,
-        )
-        backend = SimBackend(SimPlatform.load(args.platform), identity)
+        backend = create_backend(args.backend, platform_dir=args.platform, config=config)
+        # 3. keys: unsealed if this build sealed them before, else created and sealed
         keys = load_or_create_keys(backend, args.state)
-        runtime = EnclaveRuntime(backend=backend, keys=keys, zygote=zygote, config=config, simulated=True)
+        runtime = EnclaveRuntime(backend=backend, keys=keys, zygote=zygote, config=config)
     except ConfideError as exc:
         channel.send_message(sock, {"ready": False, "error": str(exc)})
         print(f"confide enclave: {exc}", file=sys.stderr)
