@@ -21,7 +21,7 @@ from confide.attest import verify_evidence
 from confide.attest.anchors import anchors_from_directory, merge_anchors
 from confide.client import Home, parse_assignments, run_function
 from confide.enclave.config import EnclaveConfig
-from confide.enclave.errors import ConfideError, EvidenceError
+from confide.enclave.errors import ConfideError
 from confide.enclave.keys import Identity, load_public
 from confide.enclave.measurement import measure
 from confide.enclave.sealed_file import decrypt_file, encrypt_file, open_reader
@@ -163,19 +163,12 @@ def _read(path: Path, what: str) -> bytes:
 
 
 def _read_evidence(path: Path) -> bytes:
+    """Evidence as stored: raw bytes (quotes, reports, sim JSON) or base64 text (Nitro documents)."""
+    data = _read(path, "evidence")
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise EvidenceError(f"cannot read evidence ({exc.strerror})", where=str(path)) from None
-    stripped = data.strip()
-    if stripped[:1] not in (b"{", b"") and all(
-        c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n\r" for c in stripped[:64]
-    ):
-        try:
-            return base64.b64decode(stripped, validate=False)
-        except (binascii.Error, ValueError):
-            pass
-    return data
+        return base64.b64decode(b"".join(data.split()), validate=True) if data[:1] != b"{" else data
+    except (binascii.Error, ValueError):
+        return data
 
 
 @main.command()

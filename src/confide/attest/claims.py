@@ -6,6 +6,7 @@ given time). Whether the claims are acceptable is the policy's job (confide.poli
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -70,7 +71,7 @@ class Verifier(Protocol):
         ...
 
 
-class VerifierBase:
+class VerifierBase(ABC):
     """Shared front door of every verifier: checks argument types and turns any exception a library
     parser raises on hostile input into an EvidenceError naming the format. Subclasses implement
     `_verify(evidence: bytes, ...)` and may raise FormatError or EvidenceError."""
@@ -99,5 +100,6 @@ class VerifierBase:
                 f"malformed input (unexpected {type(exc).__name__}: {exc})", where=self.where
             ) from exc
 
+    @abstractmethod
     def _verify(self, evidence: bytes, *, at: int, anchors: TrustAnchors, collateral: bytes | None) -> Claims:
-        raise NotImplementedError  # abstract: every registered verifier overrides it
+        """Verify `evidence` (already bytes) at `at`; raise EvidenceError or FormatError naming the fault."""
