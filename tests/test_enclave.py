@@ -411,3 +411,45 @@ def test_sealed_reader_of_enclave_output_has_metadata(env, owner: Identity, tmp_
         meta = SealedReader(fh).header.metadata
     assert meta["output"] == "out" and meta["request_id"] == outcome.receipt["request_id"]
     assert time.time() - outcome.receipt["time"] < 60
+
+
+def test_function_cannot_read_enclave_secrets_or_ciphertext_by_path(
+    env, owner: Identity, tmp_path: Path
+) -> None:
+    """The platform secret, the sealed enclave state and the host's files are out of the sandbox's reach."""
+    home, enclave, policy, _ = env
+    probe = (
+        "def run(ctx):\n"
+        "    got = []\n"
+        "    for p in ctx.params['paths']:\n"
+        "        try:\n"
+        "            open(p, 'rb').read(1)\n"
+        "            got.append(p)\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    ctx.outputs['out'].write(repr(got).encode())\n"
+    )
+    src = sealed_input(tmp_path / "in.sealed", b"x", owner)
+    targets = [
+        str(home.platform_dir / "platform_secret"),
+        str(home.platform_dir / "pak.key"),
+        *(str(p) for p in home.state_dir.glob("*.sealed")),
+        str(src),
+        "/etc/shadow",
+        "/proc/1/environ",
+    ]
+    out = tmp_path / "o.sealed"
+    outcome = run_function(
+        enclave,
+        source=probe,
+        inputs={"data": src},
+        outputs={"out": out},
+        recipients=[owner.public],
+        params={"paths": targets},
+        identity=owner,
+        policy=policy,
+        anchors=home.anchors(),
+    )
+    assert outcome.ok
+    assert open_output(out, owner) == b"[]"  # every open failed
+    assert len(targets) >= 5
