@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -27,7 +27,7 @@ from .backend import TeeBackend, create_backend, report_data_for
 from .config import EnclaveConfig
 from .encoding import b64d, b64e, hexd
 from .errors import ConfideError, EnclaveError, FormatError, IntegrityError
-from .keys import Identity
+from .keys import Identity, PublicIdentity
 from .memory import MemoryBudget
 from .request import RunRequest, make_receipt, open_request
 from .sandbox import SandboxLimits, Zygote, make_input_memfd
@@ -82,13 +82,13 @@ class _HashingFile:
 class OutputFile:
     """A declared output: sealed to its recipients as the function writes it; published only on success."""
 
-    def __init__(self, path: Path, writer_factory: Callable[[_HashingFile], SealedWriter]) -> None:
+    def __init__(self, path: Path, recipients: Sequence[PublicIdentity], metadata: dict[str, str]) -> None:
         self.path = path
         self.tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
         fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         self.fh = os.fdopen(fd, "wb")
         self.hashing = _HashingFile(self.fh)
-        self.writer = writer_factory(self.hashing)
+        self.writer = SealedWriter(self.hashing, recipients=recipients, metadata=metadata)  # type: ignore[arg-type]
 
     def write(self, data: bytes) -> None:
         self.writer.write(data)
@@ -208,10 +208,7 @@ class EnclaveRuntime:
                 out_path = Path(args["outputs"][name])
                 try:
                     outputs[name] = OutputFile(
-                        out_path,
-                        lambda dst, s=spec, n=name: SealedWriter(
-                            dst, recipients=s.recipients, metadata={"output": n, "request_id": req.request_id}
-                        ),
+                        out_path, spec.recipients, {"output": name, "request_id": req.request_id}
                     )
                 except OSError as exc:
                     raise EnclaveError(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import os
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -53,6 +54,7 @@ MAX_RECIPIENTS = 256
 WRAP_PURPOSE = "sealed-file-key"
 
 Progress = Callable[[int], None]
+ReadStream = io.RawIOBase | io.BufferedIOBase  # anything with readinto and seek: files, BytesIO
 
 
 def _derive(data_key: bytes, file_id: bytes, label: bytes) -> bytes:
@@ -104,7 +106,7 @@ def _encode_header(
     return MAGIC + struct.pack(">I", len(body)) + body
 
 
-def _fill_buffer(src: BinaryIO, buf: bytearray | memoryview) -> int:
+def _fill_buffer(src: ReadStream, buf: bytearray | memoryview) -> int:
     """Read until `buf` is full or the stream ends; returns the byte count."""
     view = memoryview(buf)
     got = 0
@@ -116,13 +118,13 @@ def _fill_buffer(src: BinaryIO, buf: bytearray | memoryview) -> int:
     return got
 
 
-def _read_exact(src: BinaryIO, n: int) -> bytes:
+def _read_exact(src: ReadStream, n: int) -> bytes:
     """Up to `n` bytes: fewer only at end of file (unbuffered files may return short reads)."""
     buf = bytearray(n)
     return bytes(buf[: _fill_buffer(src, buf)])
 
 
-def read_header(src: BinaryIO, *, where: str) -> SealedHeader:
+def read_header(src: ReadStream, *, where: str) -> SealedHeader:
     """Parse (but not yet authenticate) the header of a sealed file. `src` is positioned at 0."""
     prefix = _read_exact(src, len(MAGIC) + 4)
     if len(prefix) < len(MAGIC) + 4 or not prefix.startswith(MAGIC):
@@ -231,7 +233,7 @@ class SealedWriter:
             self._fill += take
             view = view[take:]
 
-    def write_chunks_from(self, src: BinaryIO, progress: Progress | None = None) -> None:
+    def write_chunks_from(self, src: ReadStream, progress: Progress | None = None) -> None:
         """Encrypt everything readable from `src` with two alternating buffers and no extra copy."""
         if self._fill:
             raise ValueError("write_chunks_from needs an empty writer")
@@ -266,7 +268,7 @@ class SealedWriter:
 class SealedReader:
     """Reads a sealed file: parse header, unlock with an identity or a data key, then read chunks."""
 
-    def __init__(self, src: BinaryIO, *, where: str = "sealed file") -> None:
+    def __init__(self, src: ReadStream, *, where: str = "sealed file") -> None:
         self.where = where
         self._src = src
         src.seek(0)
@@ -395,7 +397,7 @@ class SealedReader:
 
 
 def encrypt_stream(
-    src: BinaryIO,
+    src: ReadStream,
     dst: BinaryIO,
     *,
     recipients: Sequence[PublicIdentity] = (),
@@ -453,7 +455,7 @@ def encrypt_file(
     return writer.header
 
 
-def open_reader(path: Path) -> tuple[BinaryIO, SealedReader]:
+def open_reader(path: Path) -> tuple[io.FileIO, SealedReader]:
     try:
         fh = open(path, "rb", buffering=0)  # noqa: SIM115 - returned to the caller; chunks are read whole
     except OSError as exc:
