@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -286,3 +287,130 @@ def test_verify_real_nitro_document(home: Path, tmp_path: Path) -> None:
         ok=False,
     )
     assert code == 1 and "DEBUG enclave" in out
+
+
+# ---- the local flow through the real command ---------------------------------------------------------
+
+
+def test_enclave_evidence_and_verify_debug_enclave_rejected(keys: Path, tmp_path: Path) -> None:
+    debug_cfg = tmp_path / "debug.toml"
+    debug_cfg.write_text("[enclave]\ndebug = true\n")
+    nonce = os.urandom(32).hex()
+    for cfg, name in ((None, "prod"), (debug_cfg, "debug")):
+        extra = ["--config", str(cfg)] if cfg else []
+        cli("enclave", "evidence", "--nonce", nonce, "--out", str(tmp_path / f"{name}.json"), *extra)
+        cli("policy", "init", "--dev", "--out", str(tmp_path / f"{name}.toml"), *extra)
+    _, out = cli(
+        "verify", str(tmp_path / "prod.json"), "--nonce", nonce, "--policy", str(tmp_path / "prod.toml")
+    )
+    assert "OK: sim evidence verified" in out
+    code, out = cli(
+        "verify",
+        str(tmp_path / "debug.json"),
+        "--nonce",
+        nonce,
+        "--policy",
+        str(tmp_path / "debug.toml"),
+        ok=False,
+    )
+    assert code == 1 and "DEBUG enclave" in out
+    code, out = cli(
+        "verify",
+        str(tmp_path / "prod.json"),
+        "--nonce",
+        "00" * 32,
+        "--policy",
+        str(tmp_path / "prod.toml"),
+        ok=False,
+    )
+    assert code == 1 and "nonce mismatch" in out
+    # tampered evidence file
+    ev = json.loads((tmp_path / "prod.json").read_text())
+    sig = bytearray(base64.b64decode(ev["signature"]))
+    sig[10] ^= 1
+    ev["signature"] = base64.b64encode(bytes(sig)).decode()
+    (tmp_path / "bad.json").write_text(json.dumps(ev))
+    code, out = cli(
+        "verify",
+        str(tmp_path / "bad.json"),
+        "--nonce",
+        nonce,
+        "--policy",
+        str(tmp_path / "prod.toml"),
+        ok=False,
+    )
+    assert code == 1 and "signature does not verify" in out
+
+
+def test_confide_run_success_and_failure(keys: Path, tmp_path: Path) -> None:
+    data = keys / "d.csv"
+    data.write_text("a,b\n1,2\n3,4\n")
+    cli("encrypt", str(data), "--to", str(keys / "alice.pub"), "--out", str(keys / "d.sealed"))
+    cli("policy", "init", "--dev", "--out", str(tmp_path / "dev.toml"))
+    fn = tmp_path / "sum.py"
+    fn.write_text(
+        "import pandas as pd\n"
+        "def run(ctx):\n"
+        "    df = pd.read_csv(ctx.inputs['data'])\n"
+        "    ctx.outputs['total'].write(str(int(df[ctx.params['col']].sum()) * ctx.params['times']).encode())\n"
+    )
+    common = [
+        "--input",
+        f"data={keys / 'd.sealed'}",
+        "--to",
+        str(keys / "bob.pub"),
+        "--identity",
+        str(keys / "alice.key"),
+        "--policy",
+        str(tmp_path / "dev.toml"),
+    ]
+    _, out = cli(
+        "run",
+        str(fn),
+        *common,
+        "--output",
+        f"total={tmp_path / 't.sealed'}",
+        "--param",
+        "col=b",
+        "--param",
+        "times=10",
+    )
+    assert "receipt" in out
+    cli(
+        "decrypt",
+        str(tmp_path / "t.sealed"),
+        "--identity",
+        str(keys / "bob.key"),
+        "--out",
+        str(tmp_path / "t.txt"),
+    )
+    assert (tmp_path / "t.txt").read_text() == "60"
+    assert json.loads((tmp_path / "t.receipt.json").read_text())["body"]["outputs"]["total"]
+    # a failing function: exit 1, no output, details sealed to the caller and recipients
+    code, out = cli(
+        "run",
+        str(fn),
+        *common,
+        "--output",
+        f"total={tmp_path / 'u.sealed'}",
+        "--param",
+        "col=zzz",
+        "--param",
+        "times=1",
+        ok=False,
+    )
+    assert code == 1 and "function failed (exception)" in out and not (tmp_path / "u.sealed").exists()
+    cli(
+        "decrypt",
+        str(tmp_path / "u.receipt.error.sealed"),
+        "--identity",
+        str(keys / "alice.key"),
+        "--out",
+        str(tmp_path / "e.txt"),
+    )
+    assert "KeyError: 'zzz'" in (tmp_path / "e.txt").read_text()
+    # the default (production) policy refuses the simulated enclave before any key leaves the client
+    code, out = cli("run", str(fn), *common[:-2], "--output", f"total={tmp_path / 'v.sealed'}", ok=False)
+    assert code == 1 and "SIMULATED" in out and not (tmp_path / "v.sealed").exists()
+    code, out = cli("run", str(fn), *common, "--input", "bad", "--output", "x=y", ok=False)
+    assert code == 1 and "NAME=VALUE" in out
