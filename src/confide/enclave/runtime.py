@@ -31,6 +31,7 @@ from .keys import Identity, PublicIdentity
 from .memory import MemoryBudget
 from .request import RunRequest, make_receipt, open_request
 from .sandbox import SandboxLimits, Zygote, make_input_memfd
+from .sandbox.zygote import PendingZygote
 from .sealed_file import SealedReader, SealedWriter, write_atomically
 
 STATE_AAD = b"confide-enclave-state-v1"
@@ -312,17 +313,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=None, help="enclave configuration (TOML)")
     args = parser.parse_args(argv)
     sock = socket.socket(fileno=args.fd)
+    pending: PendingZygote | None = None
     try:
         config = EnclaveConfig.load(args.config)
-        # 1. the zygote first: this process is still single-threaded and holds no secret
-        zygote = Zygote.start(strict=config.sandbox == "strict")
+        # 1. the zygote first, before this process holds any secret; it imports and probes its layers
+        #    in its own process while this one measures itself
+        pending = Zygote.spawn(strict=config.sandbox == "strict")
         # 2. the backend (the CPU) gives the enclave its identity, evidence and sealing keys
         ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
         backend = create_backend(args.backend, platform_dir=args.platform, config=config)
         # 3. keys: unsealed if this build sealed them before, else created and sealed
         keys = load_or_create_keys(backend, args.state)
+        zygote = pending.wait()
+        pending = None
         runtime = EnclaveRuntime(backend=backend, keys=keys, zygote=zygote, config=config)
     except ConfideError as exc:
+        if pending is not None:
+            pending.abandon()
         channel.send_message(sock, {"ready": False, "error": str(exc)})
         print(f"confide enclave: {exc}", file=sys.stderr)
         return 1

@@ -86,6 +86,21 @@ class Zygote:
 
         Test hooks: `_disable_layers` switches layers off to simulate a host without them;
         `_force_nobody` makes children setresuid(65534) even when that uid cannot read the interpreter."""
+        return cls.spawn(
+            strict=strict, preimport=preimport, _disable_layers=_disable_layers, _force_nobody=_force_nobody
+        ).wait()
+
+    @classmethod
+    def spawn(
+        cls,
+        *,
+        strict: bool = True,
+        preimport: tuple[str, ...] = ("numpy", "pandas", "xgboost"),
+        _disable_layers: tuple[str, ...] = (),
+        _force_nobody: bool = False,
+    ) -> PendingZygote:
+        """Start the zygote process and return at once; `.wait()` gives the Zygote once its imports and
+        layer probe are done, so the caller can do other start-up work meanwhile. Same checks as start()."""
         unknown = set(_disable_layers) - (set(LAYER_NAMES) - {"fresh-process"})
         if unknown:
             raise SandboxError(f"cannot disable unknown layer(s) {sorted(unknown)}", where="Zygote.start")
@@ -115,6 +130,10 @@ class Zygote:
             raise SandboxError(f"cannot start the zygote interpreter: {exc}", where="Zygote.start") from exc
         finally:
             zygote_sock.close()
+        return PendingZygote(cls, proc, parent_sock, strict)
+
+    @classmethod
+    def _await_hello(cls, proc: subprocess.Popen[bytes], parent_sock: socket.socket, strict: bool) -> Zygote:
         try:
             parent_sock.settimeout(START_TIMEOUT_S)
             msg = recv_msg(parent_sock)
@@ -367,3 +386,19 @@ class Zygote:
             os.kill(self._proc.pid, signal.SIGKILL)
         self._proc.wait()
         self._sock.close()
+
+
+class PendingZygote:
+    """A zygote that is starting (see Zygote.spawn)."""
+
+    def __init__(
+        self, cls: type[Zygote], proc: subprocess.Popen[bytes], sock: socket.socket, strict: bool
+    ) -> None:
+        self._cls, self._proc, self._sock, self._strict = cls, proc, sock, strict
+
+    def wait(self) -> Zygote:
+        return self._cls._await_hello(self._proc, self._sock, self._strict)
+
+    def abandon(self) -> None:
+        """Stop a zygote whose start is no longer wanted."""
+        _kill_process(self._proc, self._sock)
