@@ -72,7 +72,8 @@ def test_info_and_sandbox_layers(env) -> None:
 
 def test_evidence_verifies_under_dev_policy_and_not_under_default(env) -> None:
     home, enclave, policy, _ = env
-    claims, key = attest(enclave, policy, home.anchors())
+    att = attest(enclave, policy, home.anchors())
+    claims, key = att.claims, att.enclave
     assert key.to_line() == enclave.info["enclave"]
     assert claims.measurement == enclave.info["measurement"]
     with pytest.raises(PolicyError, match="SIMULATED"):
@@ -204,13 +205,23 @@ def test_run_end_to_end_with_receipt(env, owner: Identity, tmp_path: Path) -> No
     assert src.read_bytes() == before
 
 
-def _request(enclave_pub, owner: Identity, src: Path, recipients, *, source: str = COPY_UPPER) -> RunRequest:
+def _request(env, owner: Identity, src: Path, recipients, *, source: str = COPY_UPPER):
+    """A fresh attestation and a request that spends it: (enclave key, request)."""
+    home, enclave, policy, _ = env
+    att = attest(enclave, policy, home.anchors())
+    return att.enclave, _request_for(att.nonce, owner, src, recipients, source=source)
+
+
+def _request_for(
+    nonce: bytes, owner: Identity, src: Path, recipients, *, source: str = COPY_UPPER
+) -> RunRequest:
     fh, reader = open_reader(src)
     with fh:
         reader.unlock(identity=owner)
         grant = InputGrant(reader.data_key, reader.header.digest.hex())
     return RunRequest(
         request_id=new_request_id(),
+        attestation_nonce=nonce.hex(),
         function_sha256=function_digest(source),
         params={},
         inputs={"data": grant},
@@ -232,37 +243,52 @@ def _send(enclave: EnclaveProcess, req_blob: bytes, src: Path, out: Path, source
 
 
 def test_replayed_request_is_rejected(env, owner: Identity, tmp_path: Path) -> None:
-    home, enclave, policy, _ = env
-    _, key = attest(enclave, policy, home.anchors())
+    _, enclave, _, _ = env
     src = sealed_input(tmp_path / "in.sealed", b"x", owner)
-    blob = _request(key, owner, src, [owner.public]).seal_to(key)
+    key, req = _request(env, owner, src, [owner.public])
+    blob = req.seal_to(key)
     assert _send(enclave, blob, src, tmp_path / "o1.sealed")["ok"]
     with pytest.raises(EnclaveError, match="replay rejected"):
         _send(enclave, blob, src, tmp_path / "o2.sealed")
     assert not (tmp_path / "o2.sealed").exists()
 
 
+def test_request_must_spend_a_fresh_attestation_of_this_boot(tmp_path: Path, owner: Identity) -> None:
+    home = Home(tmp_path / "home")
+    src = sealed_input(tmp_path / "in.sealed", b"x", owner)
+    with home.start_enclave() as enclave:
+        policy = Policy(backends=("sim",), measurements=(enclave.info["measurement"],), allow_simulation=True)
+        env = (home, enclave, policy, tmp_path)
+        key, req = _request(env, owner, src, [owner.public])
+        blob = req.seal_to(key)
+        # a nonce the enclave never attested to
+        forged = _request_for(os.urandom(32), owner, src, [owner.public]).seal_to(key)
+        with pytest.raises(EnclaveError, match="does not follow an attestation"):
+            _send(enclave, forged, src, tmp_path / "o0.sealed")
+    with home.start_enclave() as restarted:  # same build: same keys, so the old request still opens
+        assert restarted.info["enclave"] == key.to_line()
+        with pytest.raises(EnclaveError, match="replayed after a restart"):
+            _send(restarted, blob, src, tmp_path / "o.sealed")
+    assert not (tmp_path / "o.sealed").exists()
+
+
 def test_host_cannot_swap_function_inputs_or_outputs(env, owner: Identity, tmp_path: Path) -> None:
-    home, enclave, policy, _ = env
-    _, key = attest(enclave, policy, home.anchors())
+    _, enclave, _, _ = env
     src = sealed_input(tmp_path / "in.sealed", b"approved data", owner)
     other = sealed_input(tmp_path / "other.sealed", b"other data", owner)
     evil = COPY_UPPER.replace("upper()", "lower()")
+    key, req = _request(env, owner, src, [owner.public])
     with pytest.raises(EnclaveError, match="not the function the client approved"):
-        _send(
-            enclave,
-            _request(key, owner, src, [owner.public]).seal_to(key),
-            src,
-            tmp_path / "o.sealed",
-            source=evil,
-        )
+        _send(enclave, req.seal_to(key), src, tmp_path / "o.sealed", source=evil)
+    key, req = _request(env, owner, src, [owner.public])
     with pytest.raises(EnclaveError, match="not the file the client approved"):
-        _send(enclave, _request(key, owner, src, [owner.public]).seal_to(key), other, tmp_path / "o.sealed")
+        _send(enclave, req.seal_to(key), other, tmp_path / "o.sealed")
+    key, req = _request(env, owner, src, [owner.public])
     with pytest.raises(EnclaveError, match="differ from the approved"):
         enclave.call(
             "run",
             source=COPY_UPPER,
-            request=base64.b64encode(_request(key, owner, src, [owner.public]).seal_to(key)).decode(),
+            request=base64.b64encode(req.seal_to(key)).decode(),
             inputs={"data": str(src)},
             outputs={"out": str(tmp_path / "o.sealed"), "leak": str(tmp_path / "leak")},
         )
@@ -273,20 +299,15 @@ def test_request_sealed_to_another_key_does_not_open(env, owner: Identity, tmp_p
     _, enclave, _, _ = env
     impostor = Identity.generate()
     src = sealed_input(tmp_path / "in.sealed", b"x", owner)
+    _, req = _request(env, owner, src, [owner.public])
     with pytest.raises(EnclaveError, match="does not open"):
-        _send(
-            enclave,
-            _request(impostor.public, owner, src, [owner.public]).seal_to(impostor.public),
-            src,
-            tmp_path / "o",
-        )
+        _send(enclave, req.seal_to(impostor.public), src, tmp_path / "o")
 
 
 def test_tampered_input_fails_and_nothing_is_published(env, owner: Identity, tmp_path: Path) -> None:
-    home, enclave, policy, _ = env
-    _, key = attest(enclave, policy, home.anchors())
+    _, enclave, _, _ = env
     src = sealed_input(tmp_path / "in.sealed", os.urandom(3 << 20), owner)
-    req = _request(key, owner, src, [owner.public])
+    key, req = _request(env, owner, src, [owner.public])
     data = bytearray(src.read_bytes())
     data[-100] ^= 1
     src.write_bytes(bytes(data))
@@ -297,18 +318,13 @@ def test_tampered_input_fails_and_nothing_is_published(env, owner: Identity, tmp
 
 
 def test_failing_function_reports_only_a_category_to_the_host(env, owner: Identity, tmp_path: Path) -> None:
-    home, enclave, policy, _ = env
-    _, key = attest(enclave, policy, home.anchors())
+    _, enclave, _, _ = env
     src = sealed_input(tmp_path / "in.sealed", b"TOP-SECRET", owner)
     before = src.read_bytes()
     report = tmp_path / "err.sealed"
+    key, req = _request(env, owner, src, [owner.public], source=FAILING)
     result = _send(
-        enclave,
-        _request(key, owner, src, [owner.public], source=FAILING).seal_to(key),
-        src,
-        tmp_path / "o.sealed",
-        source=FAILING,
-        error_report=str(report),
+        enclave, req.seal_to(key), src, tmp_path / "o.sealed", source=FAILING, error_report=str(report)
     )
     assert result["ok"] is False and result["category"] == "exception"
     assert "TOP-SECRET" not in json.dumps(result)
@@ -319,10 +335,9 @@ def test_failing_function_reports_only_a_category_to_the_host(env, owner: Identi
 
 
 def test_receipt_check_catches_a_swapped_output(env, owner: Identity, tmp_path: Path) -> None:
-    home, enclave, policy, _ = env
-    _, key = attest(enclave, policy, home.anchors())
+    _, enclave, _, _ = env
     src = sealed_input(tmp_path / "in.sealed", b"abc", owner)
-    req = _request(key, owner, src, [owner.public])
+    key, req = _request(env, owner, src, [owner.public])
     out = tmp_path / "o.sealed"
     result = _send(enclave, req.seal_to(key), src, out)
     receipt = base64.b64decode(result["receipt"])

@@ -72,8 +72,15 @@ class Home:
         return EnclaveProcess(platform_dir=self.platform_dir, state_dir=self.state_dir, config=config)
 
 
-def attest(enclave: EnclaveProcess, policy: Policy, anchors: TrustAnchors) -> tuple[Claims, PublicIdentity]:
-    """Fresh-nonce attestation: returns the verified claims and the enclave key they vouch for."""
+@dataclass(frozen=True)
+class Attestation:
+    claims: Claims
+    enclave: PublicIdentity  # the enclave key the evidence vouches for
+    nonce: bytes  # fresh, 32 bytes; a run request spends it
+
+
+def attest(enclave: EnclaveProcess, policy: Policy, anchors: TrustAnchors) -> Attestation:
+    """Fresh-nonce attestation: verified claims, the enclave key they vouch for, and the nonce."""
     nonce = os.urandom(32)
     evidence = enclave.evidence(nonce)
     now = int(time.time())
@@ -83,7 +90,7 @@ def attest(enclave: EnclaveProcess, policy: Policy, anchors: TrustAnchors) -> tu
         raise EvidenceError("evidence names no enclave key", where="evidence")
     enclave_pub = PublicIdentity.from_line(line, where="evidence: enclave key")
     evaluate(policy, claims, at=now, nonce=nonce, enclave_keys=enclave_pub)
-    return claims, enclave_pub
+    return Attestation(claims, enclave_pub, nonce)
 
 
 @dataclass(frozen=True)
@@ -109,7 +116,8 @@ def run_function(
     max_output_bytes: int = DEFAULT_MAX_OUTPUT,
     error_report: Path | None = None,
 ) -> RunOutcome:
-    claims, enclave_pub = attest(enclave, policy, anchors)
+    att = attest(enclave, policy, anchors)
+    claims, enclave_pub = att.claims, att.enclave
     grants: dict[str, InputGrant] = {}
     for name, path in inputs.items():
         fh, reader = open_reader(path)
@@ -118,6 +126,7 @@ def run_function(
             grants[name] = InputGrant(reader.data_key, reader.header.digest.hex())
     req = RunRequest(
         request_id=new_request_id(),
+        attestation_nonce=att.nonce.hex(),
         function_sha256=function_digest(source),
         params=params,
         inputs=grants,

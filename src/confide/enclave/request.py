@@ -40,6 +40,7 @@ class OutputSpec:
 @dataclass(frozen=True)
 class RunRequest:
     request_id: str
+    attestation_nonce: str  # hex: the nonce of the attestation this request follows (single use, this boot)
     function_sha256: str
     params: dict[str, Any]
     inputs: dict[str, InputGrant]
@@ -51,6 +52,7 @@ class RunRequest:
         return {
             "format": REQUEST_FORMAT,
             "request_id": self.request_id,
+            "attestation_nonce": self.attestation_nonce,
             "function_sha256": self.function_sha256,
             "params": self.params,
             "inputs": {
@@ -101,6 +103,7 @@ def open_request(sealed: bytes, enclave: Identity) -> RunRequest:
         required=(
             "format",
             "request_id",
+            "attestation_nonce",
             "function_sha256",
             "params",
             "inputs",
@@ -134,6 +137,7 @@ def open_request(sealed: bytes, enclave: Identity) -> RunRequest:
         outputs[name] = OutputSpec(_recipients(o["recipients"], ow), max_bytes)
     return RunRequest(
         request_id=hexd(obj["request_id"], field="request_id", where=w, length=16).hex(),
+        attestation_nonce=hexd(obj["attestation_nonce"], field="attestation_nonce", where=w, length=32).hex(),
         function_sha256=hexd(obj["function_sha256"], field="function_sha256", where=w, length=32).hex(),
         params=get_typed(obj, "params", dict, where=w),
         inputs=inputs,

@@ -37,6 +37,8 @@ from .sealed_file import SealedReader, SealedWriter, write_atomically
 STATE_AAD = b"confide-enclave-state-v1"
 PR_SET_DUMPABLE = 4
 MIN_WORKING_MEMORY = 16 << 20
+ATTESTATION_NONCE_LEN = 32
+MAX_ATTESTED_NONCES = 4096
 
 
 # ---- sealed state: the enclave's keys survive a restart of the same build and no other ----------------
@@ -124,6 +126,8 @@ class EnclaveRuntime:
         self.simulated = backend.simulated
         self.budget = MemoryBudget(config.memory_budget_bytes)
         self.seen_requests: set[str] = set()
+        # nonces this boot has attested to, oldest first; a run request must spend one (see run())
+        self.attested_nonces: dict[str, None] = {}
         self.running = True
 
     def info(self) -> dict[str, Any]:
@@ -148,6 +152,10 @@ class EnclaveRuntime:
         if call.name == "evidence":
             nonce = hexd(call.args["nonce"], field="nonce", where="enclave call 'evidence'")
             rd = report_data_for(self.keys.public, nonce or None)
+            if len(nonce) == ATTESTATION_NONCE_LEN:
+                self.attested_nonces[nonce.hex()] = None
+                while len(self.attested_nonces) > MAX_ATTESTED_NONCES:
+                    del self.attested_nonces[next(iter(self.attested_nonces))]
             ev = self.backend.evidence(rd, extra={"enclave": self.keys.public.to_line()})
             return {"evidence": b64e(ev)}
         if call.name == "run":
@@ -165,6 +173,12 @@ class EnclaveRuntime:
             raise EnclaveError(
                 f"request {req.request_id} was already used (replay rejected)", where="run request"
             )
+        if req.attestation_nonce not in self.attested_nonces:
+            raise EnclaveError(
+                "request does not follow an attestation by this enclave since it started "
+                "(stale request, or replayed after a restart)",
+                where="run request",
+            )
         if hashlib.sha256(args["source"].encode()).hexdigest() != req.function_sha256:
             raise EnclaveError(
                 "the function the host passed is not the function the client approved (digest mismatch)",
@@ -177,6 +191,7 @@ class EnclaveRuntime:
                     where="run request",
                 )
         self.seen_requests.add(req.request_id)
+        del self.attested_nonces[req.attestation_nonce]  # each attestation authorises one run
 
         reserved = 0
         fds: dict[str, int] = {}
