@@ -60,6 +60,23 @@ def open_output(path: Path, who: Identity) -> bytes:
         return b"".join(bytes(c) for c in reader.unlock(identity=who).iter_chunks())
 
 
+def run_one(
+    home, enclave, policy, owner: Identity, source: str, src: Path, out: Path, *, to=None, params=None
+):
+    """The client's whole run: attest, seal the request, run, check the receipt."""
+    return run_function(
+        enclave,
+        source=source,
+        inputs={"data": src},
+        outputs={"out": out},
+        recipients=[(to or owner).public],
+        params=params or {},
+        identity=owner,
+        policy=policy,
+        anchors=home.anchors(),
+    )
+
+
 # ---- start-up, evidence, sealed state -------------------------------------------------------------
 
 
@@ -185,17 +202,7 @@ def test_run_end_to_end_with_receipt(env, owner: Identity, tmp_path: Path) -> No
     src = sealed_input(tmp_path / "in.sealed", b"hello enclave", owner)
     before = src.read_bytes()
     out = tmp_path / "out.sealed"
-    outcome = run_function(
-        enclave,
-        source=COPY_UPPER,
-        inputs={"data": src},
-        outputs={"out": out},
-        recipients=[bob.public],
-        params={"suffix": "!"},
-        identity=owner,
-        policy=policy,
-        anchors=home.anchors(),
-    )
+    outcome = run_one(home, enclave, policy, owner, COPY_UPPER, src, out, to=bob, params={"suffix": "!"})
     assert outcome.ok and outcome.receipt is not None
     assert open_output(out, bob) == b"HELLO ENCLAVE!"
     with pytest.raises(ConfideError, match="not addressed"):
@@ -359,31 +366,11 @@ def test_memory_budget_is_enforced(tmp_path: Path, owner: Identity) -> None:
         policy = Policy(backends=("sim",), measurements=(enclave.info["measurement"],), allow_simulation=True)
         src = sealed_input(tmp_path / "big.sealed", os.urandom(8 << 20), owner)
         with pytest.raises(EnclaveError, match=r"needs 16\.0 MiB of enclave memory but only 12\.0 MiB"):
-            run_function(
-                enclave,
-                source=COPY_UPPER,
-                inputs={"data": src},
-                outputs={"out": tmp_path / "o"},
-                recipients=[owner.public],
-                params={},
-                identity=owner,
-                policy=policy,
-                anchors=home.anchors(),
-            )
+            run_one(home, enclave, policy, owner, COPY_UPPER, src, tmp_path / "o")
         assert enclave.call("ping") == {"pong": True}
         # the budget was released: a small input still runs
         small = sealed_input(tmp_path / "small.sealed", b"ok", owner)
-        outcome = run_function(
-            enclave,
-            source=COPY_UPPER,
-            inputs={"data": small},
-            outputs={"out": tmp_path / "o"},
-            recipients=[owner.public],
-            params={},
-            identity=owner,
-            policy=policy,
-            anchors=home.anchors(),
-        )
+        outcome = run_one(home, enclave, policy, owner, COPY_UPPER, small, tmp_path / "o")
         assert outcome.ok and open_output(tmp_path / "o", owner) == b"OK"
 
 
@@ -391,17 +378,7 @@ def test_function_exceeding_its_memory_allowance(env, owner: Identity, tmp_path:
     home, enclave, policy, _ = env
     hog = "def run(ctx):\n    x = bytearray(8 << 30)\n    ctx.outputs['out'].write(b'never')\n"
     src = sealed_input(tmp_path / "in.sealed", b"x", owner)
-    outcome = run_function(
-        enclave,
-        source=hog,
-        inputs={"data": src},
-        outputs={"out": tmp_path / "o"},
-        recipients=[owner.public],
-        params={},
-        identity=owner,
-        policy=policy,
-        anchors=home.anchors(),
-    )
+    outcome = run_one(home, enclave, policy, owner, hog, src, tmp_path / "o")
     assert not outcome.ok and outcome.category in ("memory-limit", "exception")
     assert not (tmp_path / "o").exists()
     assert enclave.call("ping") == {"pong": True}
@@ -411,17 +388,7 @@ def test_sealed_reader_of_enclave_output_has_metadata(env, owner: Identity, tmp_
     home, enclave, policy, _ = env
     src = sealed_input(tmp_path / "in.sealed", b"m", owner)
     out = tmp_path / "o.sealed"
-    outcome = run_function(
-        enclave,
-        source=COPY_UPPER,
-        inputs={"data": src},
-        outputs={"out": out},
-        recipients=[owner.public],
-        params={},
-        identity=owner,
-        policy=policy,
-        anchors=home.anchors(),
-    )
+    outcome = run_one(home, enclave, policy, owner, COPY_UPPER, src, out)
     with open(out, "rb") as fh:
         meta = SealedReader(fh).header.metadata
     assert meta["output"] == "out" and meta["request_id"] == outcome.receipt["request_id"]
@@ -454,17 +421,7 @@ def test_function_cannot_read_enclave_secrets_or_ciphertext_by_path(
         "/proc/1/environ",
     ]
     out = tmp_path / "o.sealed"
-    outcome = run_function(
-        enclave,
-        source=probe,
-        inputs={"data": src},
-        outputs={"out": out},
-        recipients=[owner.public],
-        params={"paths": targets},
-        identity=owner,
-        policy=policy,
-        anchors=home.anchors(),
-    )
+    outcome = run_one(home, enclave, policy, owner, probe, src, out, params={"paths": targets})
     assert outcome.ok
     assert open_output(out, owner) == b"[]"  # every open failed
     assert len(targets) >= 5
