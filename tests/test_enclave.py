@@ -425,3 +425,35 @@ def test_function_cannot_read_enclave_secrets_or_ciphertext_by_path(
     assert outcome.ok
     assert open_output(out, owner) == b"[]"  # every open failed
     assert len(targets) >= 5
+
+
+def test_confidential_code_never_reaches_the_host(env, owner: Identity, tmp_path: Path, monkeypatch) -> None:
+    """ScriptShield-style: the function travels sealed to the enclave; the host relays ciphertext only."""
+    home, enclave, policy, _ = env
+    secret_code = COPY_UPPER.replace("def run(ctx):", "def run(ctx):\n    # proprietary-algorithm-7731")
+    seen: list[str] = []
+    real_call = enclave.call
+
+    def spy(name: str, **args):
+        seen.append(json.dumps(args))
+        return real_call(name, **args)
+
+    monkeypatch.setattr(enclave, "call", spy)
+    src = sealed_input(tmp_path / "in.sealed", b"data", owner)
+    outcome = run_one(home, enclave, policy, owner, secret_code, src, tmp_path / "o.sealed")
+    assert outcome.ok and open_output(tmp_path / "o.sealed", owner) == b"DATA"
+    assert outcome.receipt["function_sha256"] == function_digest(secret_code)
+    assert seen and not any("proprietary-algorithm-7731" in frame for frame in seen)
+    # a host that adds a function of its own next to the sealed one is refused
+    key, req = _request(env, owner, src, [owner.public], source=secret_code)
+    sealed = RunRequest(**{**req.__dict__, "source": secret_code}).seal_to(key)
+    with pytest.raises(EnclaveError, match="other than the sealed one"):
+        _send(enclave, sealed, src, tmp_path / "o2.sealed", source=COPY_UPPER)
+    key, req = _request(env, owner, src, [owner.public])
+    with pytest.raises(EnclaveError, match="neither the request nor the call"):
+        enclave.call(
+            "run",
+            request=base64.b64encode(req.seal_to(key)).decode(),
+            inputs={"data": str(src)},
+            outputs={"out": str(tmp_path / "o3.sealed")},
+        )

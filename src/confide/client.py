@@ -115,7 +115,11 @@ def run_function(
     anchors: TrustAnchors,
     max_output_bytes: int = DEFAULT_MAX_OUTPUT,
     error_report: Path | None = None,
+    confidential_code: bool = True,
 ) -> RunOutcome:
+    """Attest, seal the request to the attested key, run, and check the receipt. With
+    `confidential_code` the function travels inside the sealed request and the host never sees it;
+    otherwise the host relays it in clear and the enclave checks it against the approved digest."""
     att = attest(enclave, policy, anchors)
     claims, enclave_pub = att.claims, att.enclave
     grants: dict[str, InputGrant] = {}
@@ -133,13 +137,15 @@ def run_function(
         outputs={n: OutputSpec(tuple(recipients), max_output_bytes) for n in outputs},
         error_recipients=(identity.public, *recipients),
         client=identity.public,
+        source=source if confidential_code else None,
     )
     args: dict[str, Any] = {
-        "source": source,
         "request": b64e(req.seal_to(enclave_pub)),
         "inputs": {n: str(p.resolve()) for n, p in inputs.items()},
         "outputs": {n: str(p.resolve()) for n, p in outputs.items()},
     }
+    if not confidential_code:
+        args["source"] = source
     if error_report is not None:
         args["error_report"] = str(error_report.resolve())
     result = enclave.call("run", **args)

@@ -86,8 +86,8 @@ CALLS: dict[str, CallSpec] = {
         {"nonce": str}, {}, "evidence binding the enclave keys and a verifier's nonce (hex)"
     ),
     "run": CallSpec(
-        {"source": str, "request": str, "inputs": dict, "outputs": dict},
-        {"error_report": str},
+        {"request": str, "inputs": dict, "outputs": dict},
+        {"source": str, "error_report": str},  # no "source": the code travels sealed in the request
         "run a function on sealed inputs; outputs sealed to the recipients the client approved",
     ),
     "shutdown": CallSpec({}, {}, "stop the enclave"),
@@ -121,7 +121,7 @@ def parse_call(frame: bytes) -> Call:
     if name == "evidence" and len(args["nonce"]) > 2 * MAX_NONCE_LEN:
         raise FormatError(f"nonce longer than {MAX_NONCE_LEN} bytes", where=where)
     if name == "run":
-        if len(args["source"]) > MAX_SOURCE_LEN:
+        if len(args.get("source", "")) > MAX_SOURCE_LEN:
             raise FormatError(f"function source longer than {MAX_SOURCE_LEN} bytes", where=where)
         for table in ("inputs", "outputs"):
             _check_path_table(args[table], f"{where}: {table}")

@@ -47,6 +47,7 @@ class RunRequest:
     outputs: dict[str, OutputSpec]
     error_recipients: tuple[PublicIdentity, ...]
     client: PublicIdentity
+    source: str | None = None  # the function itself, when its code is confidential (never seen by the host)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -65,6 +66,7 @@ class RunRequest:
             },
             "error_recipients": [r.to_line() for r in self.error_recipients],
             "client": self.client.to_line(),
+            **({"source": self.source} if self.source is not None else {}),
         }
 
     def seal_to(self, enclave: PublicIdentity) -> bytes:
@@ -111,6 +113,7 @@ def open_request(sealed: bytes, enclave: Identity) -> RunRequest:
             "error_recipients",
             "client",
         ),
+        optional=("source",),
         where=w,
     )
     if obj["format"] != REQUEST_FORMAT:
@@ -144,6 +147,7 @@ def open_request(sealed: bytes, enclave: Identity) -> RunRequest:
         outputs=outputs,
         error_recipients=_recipients(obj["error_recipients"], f"{w}: error_recipients"),
         client=PublicIdentity.from_line(get_typed(obj, "client", str, where=w), where=f"{w}: client"),
+        source=get_typed(obj, "source", str, where=w) if "source" in obj else None,
     )
 
 

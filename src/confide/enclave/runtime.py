@@ -179,7 +179,14 @@ class EnclaveRuntime:
                 "(stale request, or replayed after a restart)",
                 where="run request",
             )
-        if hashlib.sha256(args["source"].encode()).hexdigest() != req.function_sha256:
+        source = req.source if req.source is not None else args.get("source")
+        if source is None:
+            raise EnclaveError(
+                "no function: neither the request nor the call carries its source", where="run request"
+            )
+        if "source" in args and req.source is not None and args["source"] != req.source:
+            raise EnclaveError("the host passed a function other than the sealed one", where="run request")
+        if hashlib.sha256(source.encode()).hexdigest() != req.function_sha256:
             raise EnclaveError(
                 "the function the host passed is not the function the client approved (digest mismatch)",
                 where="run request",
@@ -238,7 +245,7 @@ class EnclaveRuntime:
             )
             started = time.monotonic()
             result = self.zygote.run(
-                args["source"], params=req.params, inputs=fds, outputs=dict(outputs), limits=limits
+                source, params=req.params, inputs=fds, outputs=dict(outputs), limits=limits
             )
             elapsed = time.monotonic() - started
             if not result.ok:
