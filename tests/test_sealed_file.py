@@ -243,3 +243,60 @@ def test_fuzz_mutations_of_a_valid_file_always_fail_cleanly(data: st.DataObject)
     mutated = bytes(blob[:cut]) if data.draw(st.booleans()) else bytes(blob)
     with pytest.raises(ConfideError):
         unseal(mutated, ident)
+
+
+class _Zeros(io.RawIOBase):
+    """A readable stream of `n` zero bytes that holds nothing in memory."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        k = min(len(buf), self.left)
+        buf[:k] = bytes(k)
+        self.left -= k
+        return k
+
+
+class _Sink(io.RawIOBase):
+    def __init__(self) -> None:
+        self.count = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.count += len(data)
+        return len(data)
+
+
+def _peaks(path: Path, who: Identity, mib: int) -> tuple[int, int]:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with open(path, "wb") as dst:
+            encrypt_stream(_Zeros(mib << 20), dst, recipients=[who.public])  # type: ignore[arg-type]
+        _, enc_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        sink = _Sink()
+        with open(path, "rb", buffering=0) as src:
+            SealedReader(src).unlock(identity=who).decrypt_to(sink)  # type: ignore[arg-type]
+        _, dec_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sink.count == mib << 20
+    return enc_peak, dec_peak
+
+
+def test_encrypting_and_decrypting_use_memory_independent_of_file_size(
+    tmp_path: Path, alice: Identity
+) -> None:
+    small = _peaks(tmp_path / "small.sealed", alice, 4)
+    big = _peaks(tmp_path / "big.sealed", alice, 128)
+    # a few 1 MiB chunk buffers (and the test stream's own 1 MiB block) for 4 MiB and 128 MiB alike
+    assert big[0] < 6 << 20 and big[1] < 3 << 20, big
+    assert abs(big[0] - small[0]) < 64 << 10 and abs(big[1] - small[1]) < 64 << 10, (small, big)

@@ -224,6 +224,8 @@ class SealedWriter:
             for off in range(0, whole, self._chunk):
                 self._emit(view[off : off + self._chunk], final=False)
             view = view[whole:]
+        if len(view) and not self._pending:
+            self._pending = bytearray(self._chunk)
         while len(view):
             if self._fill == self._chunk:  # more data follows the held-back chunk: it is not the final one
                 self._emit(self._pending, final=False)
