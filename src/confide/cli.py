@@ -360,6 +360,7 @@ def run(
     pol = home.policy(policy_path)
     receipt_path = receipt or (next(iter(out_map.values())).with_suffix(".receipt.json") if out_map else None)
     error_path = receipt_path.with_suffix(".error.sealed") if receipt_path else None
+    click.echo("starting the enclave…", err=True)
     with home.start_enclave(config) as enc:
         outcome = run_function(
             enc,
@@ -372,6 +373,7 @@ def run(
             policy=pol,
             anchors=home.anchors(),
             error_report=error_path,
+            say=lambda msg: click.echo(msg, err=True),
         )
     if outcome.claims.simulated:
         click.echo("WARNING: ran on the SIMULATED backend - no protection against the host", err=True)

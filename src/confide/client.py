@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,12 +117,17 @@ def run_function(
     max_output_bytes: int = DEFAULT_MAX_OUTPUT,
     error_report: Path | None = None,
     confidential_code: bool = True,
+    say: Callable[[str], None] = lambda _msg: None,
 ) -> RunOutcome:
     """Attest, seal the request to the attested key, run, and check the receipt. With
     `confidential_code` the function travels inside the sealed request and the host never sees it;
     otherwise the host relays it in clear and the enclave checks it against the approved digest."""
+    say("attesting the enclave (fresh nonce)")
     att = attest(enclave, policy, anchors)
     claims, enclave_pub = att.claims, att.enclave
+    say(
+        f"enclave {enclave_pub.fingerprint} accepted: {claims.backend} measurement {claims.measurement[:16]}…"
+    )
     grants: dict[str, InputGrant] = {}
     for name, path in inputs.items():
         fh, reader = open_reader(path)
@@ -148,6 +154,7 @@ def run_function(
         args["source"] = source
     if error_report is not None:
         args["error_report"] = str(error_report.resolve())
+    say(f"running the function on {len(inputs)} sealed input(s)")
     result = enclave.call("run", **args)
     if not result.get("ok"):
         return RunOutcome(
