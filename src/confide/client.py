@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from confide.attest import Claims, TrustAnchors, verify_evidence
+from confide.attest.anchors import load_trust_anchors
 from confide.enclave.encoding import b64d, b64e
 from confide.enclave.errors import ConfideError, EvidenceError, IntegrityError
 from confide.enclave.keys import Identity, PublicIdentity
@@ -54,12 +55,9 @@ class Home:
         return SimPlatform.load_or_create(self.platform_dir)
 
     def anchors(self) -> TrustAnchors:
-        roots = (
-            (SimPlatform.load(self.platform_dir).root_der,)
-            if (self.platform_dir / "pak.crt").exists()
-            else ()
-        )
-        return TrustAnchors(sim_roots=roots)
+        """Trust this installation's simulated vendor root (only its public certificate is read)."""
+        root = self.platform_dir / "vendor_root.crt"
+        return load_trust_anchors(sim=[root]) if root.exists() else TrustAnchors()
 
     def policy(self, path: Path | None) -> Policy:
         if path is not None:
@@ -184,7 +182,13 @@ def check_receipt(
         if body.get(key) != value:
             raise IntegrityError(f"receipt field {key!r} does not match the request", where=where)
     for name, path in outputs.items():
-        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        try:
+            with open(path, "rb") as fh:
+                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        except OSError as exc:
+            raise IntegrityError(
+                f"cannot read output to check it ({exc.strerror})", where=str(path)
+            ) from None
         if body["outputs"].get(name) != digest:
             raise IntegrityError(
                 f"output {name!r} on disk is not the output the enclave signed", where=str(path)
