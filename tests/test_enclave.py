@@ -457,3 +457,11 @@ def test_confidential_code_never_reaches_the_host(env, owner: Identity, tmp_path
             inputs={"data": str(src)},
             outputs={"out": str(tmp_path / "o3.sealed")},
         )
+
+
+def test_output_in_a_missing_directory_is_a_clear_error(env, owner: Identity, tmp_path: Path) -> None:
+    home, enclave, policy, _ = env
+    src = sealed_input(tmp_path / "in.sealed", b"x", owner)
+    with pytest.raises(EnclaveError, match="nope.o.sealed: cannot create output .No such file or directory"):
+        run_one(home, enclave, policy, owner, COPY_UPPER, src, tmp_path / "nope" / "o.sealed")
+    assert enclave.call("ping") == {"pong": True}

@@ -32,7 +32,7 @@ from .memory import MemoryBudget
 from .request import RunRequest, make_receipt, open_request
 from .sandbox import SandboxLimits, Zygote, make_input_memfd
 from .sandbox.zygote import PendingZygote
-from .sealed_file import SealedReader, SealedWriter, write_atomically
+from .sealed_file import SealedReader, SealedWriter, create_partial, write_atomically
 
 STATE_AAD = b"confide-enclave-state-v1"
 PR_SET_DUMPABLE = 4
@@ -87,9 +87,7 @@ class OutputFile:
 
     def __init__(self, path: Path, recipients: Sequence[PublicIdentity], metadata: dict[str, str]) -> None:
         self.path = path
-        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        self.fh = os.fdopen(fd, "wb")
+        self.tmp, self.fh = create_partial(path)
         self.hashing = _HashingFile(self.fh)
         self.writer = SealedWriter(self.hashing, recipients=recipients, metadata=metadata)  # type: ignore[arg-type]
 
@@ -228,15 +226,11 @@ class EnclaveRuntime:
             reserved += self.budget.reserve(allowance, "the function's working memory")
             cap = self.config.max_output_mib << 20
             for name, spec in req.outputs.items():
-                out_path = Path(args["outputs"][name])
-                try:
-                    outputs[name] = OutputFile(
-                        out_path, spec.recipients, {"output": name, "request_id": req.request_id}
-                    )
-                except OSError as exc:
-                    raise EnclaveError(
-                        f"cannot create output ({exc.strerror})", where=f"output {name!r} ({out_path})"
-                    ) from None
+                outputs[name] = OutputFile(
+                    Path(args["outputs"][name]),
+                    spec.recipients,
+                    {"output": name, "request_id": req.request_id},
+                )
             limits = SandboxLimits(
                 memory_bytes=allowance,
                 cpu_seconds=self.config.cpu_seconds,

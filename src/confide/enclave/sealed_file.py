@@ -415,17 +415,23 @@ def encrypt_stream(
     return writer
 
 
-def write_atomically(path: Path, fill: Callable[[BinaryIO], Any]) -> Any:
-    """Write `path` via a temporary file in the same directory; on any failure nothing is left behind
-    (no partial plaintext, and an existing file at `path` stays as it was)."""
-    path = Path(path)
+def create_partial(path: Path) -> tuple[Path, BinaryIO]:
+    """A new private temporary file beside `path`, to be renamed onto it once complete."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
         raise ConfideError(f"cannot create output ({exc.strerror})", where=str(path)) from None
+    return tmp, os.fdopen(fd, "wb")
+
+
+def write_atomically(path: Path, fill: Callable[[BinaryIO], Any]) -> Any:
+    """Write `path` via a temporary file in the same directory; on any failure nothing is left behind
+    (no partial plaintext, and an existing file at `path` stays as it was)."""
+    path = Path(path)
+    tmp, out = create_partial(path)
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with out as fh:
             result = fill(fh)
         os.replace(tmp, path)
         return result
