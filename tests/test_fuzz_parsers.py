@@ -96,3 +96,33 @@ def test_identity_endorsement_and_public_line_random(blob: bytes) -> None:
     ):
         with contextlib.suppress(ConfideError):
             parse()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "memory_budget_mib",
+                "sandbox",
+                "debug",
+                "cpu_seconds",
+                "wall_seconds",
+                "product_id",
+                "security_version",
+                "x",
+            ]
+        ),
+        json_values,
+        max_size=4,
+    )
+)
+def test_enclave_config_random_settings(data: dict) -> None:
+    from confide.enclave.config import EnclaveConfig
+
+    try:
+        cfg = EnclaveConfig.from_dict(data, where="fuzz")
+    except FormatError:
+        return
+    assert cfg.memory_budget_mib > 0 and cfg.sandbox in ("strict", "weak") and isinstance(cfg.debug, bool)
+    assert isinstance(cfg.security_version, int) and not isinstance(cfg.security_version, bool)

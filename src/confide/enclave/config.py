@@ -31,6 +31,10 @@ class EnclaveConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise FormatError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("product_id", "security_version"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 16:
+                raise FormatError(f"{name} must be an integer in 0..65535, got {value!r}")
         if not isinstance(self.debug, bool):
             raise FormatError(f"debug must be true or false, got {self.debug!r}")
         if not isinstance(self.wall_seconds, int | float) or self.wall_seconds <= 0:
