@@ -170,122 +170,73 @@ def write_policy(path: Path, **values: object) -> Path:
     return path
 
 
+def verify_vector(
+    vector: str,
+    *,
+    at: str,
+    policy: Path,
+    collateral: str | None = None,
+    ok: bool = False,
+    json_out: bool = False,
+) -> tuple[int, str]:
+    """`confide verify` on one of ../shared/testvectors, against the vendors' roots, at a fixed time."""
+    args = ["verify", str(TESTVECTORS / vector), "--roots", str(TESTVECTORS / "roots"), "--at", at]
+    args += ["--policy", str(policy)] + (
+        ["--collateral", str(TESTVECTORS / collateral)] if collateral else []
+    )
+    return cli(*args, *(["--json"] if json_out else []), ok=ok)
+
+
+SGX = {"vector": "sgx/sgx_quote.bin", "collateral": "sgx/sgx_quote_collateral.json"}
+
+
 def sgx_measurement(tmp_path: Path) -> str:
     """The quote's MRENCLAVE, read from the policy's refusal (authentic, but not pinned yet)."""
-    _, out = cli(
-        "verify",
-        str(TESTVECTORS / "sgx/sgx_quote.bin"),
-        "--collateral",
-        str(TESTVECTORS / "sgx/sgx_quote_collateral.json"),
-        "--roots",
-        str(TESTVECTORS / "roots"),
-        "--at",
-        SGX_AT,
-        "--policy",
-        str(write_policy(tmp_path / "empty.toml")),
-        ok=False,
-    )
+    _, out = verify_vector(**SGX, at=SGX_AT, policy=write_policy(tmp_path / "empty.toml"))
     return out.split("measurement ")[1].split(" ")[0]
 
 
 def test_verify_real_sgx_quote_with_a_matching_policy(home: Path, tmp_path: Path) -> None:
     meas = sgx_measurement(tmp_path)
     assert meas.startswith("33d8736db756ed49")
+    pin = {"backends": ["sgx"], "measurements": [meas], "require_nonce": False, "max_age_seconds": 0}
     policy = write_policy(
-        tmp_path / "sgx.toml",
-        backends=["sgx"],
-        measurements=[meas],
-        require_nonce=False,
-        max_age_seconds=0,
-        accepted_tcb_status=["UpToDate", "ConfigurationAndSWHardeningNeeded"],
+        tmp_path / "sgx.toml", **pin, accepted_tcb_status=["UpToDate", "ConfigurationAndSWHardeningNeeded"]
     )
-    args = [
-        "verify",
-        str(TESTVECTORS / "sgx/sgx_quote.bin"),
-        "--collateral",
-        str(TESTVECTORS / "sgx/sgx_quote_collateral.json"),
-        "--roots",
-        str(TESTVECTORS / "roots"),
-        "--policy",
-        str(policy),
-        "--json",
-    ]
-    _, out = cli(*args, "--at", SGX_AT)
+    _, out = verify_vector(**SGX, at=SGX_AT, policy=policy, ok=True, json_out=True)
     claims = json.loads(out)["claims"]
     assert claims["backend"] == "sgx" and claims["debug"] is False
     assert bytes.fromhex(claims["report_data"]).startswith(b"Hello, world!")
     assert claims["tcb_status"] == "ConfigurationAndSWHardeningNeeded"
     # after the collateral window: fails closed
-    code, out = cli(*args, "--at", "1760000000", ok=False)
+    code, out = verify_vector(**SGX, at="1760000000", policy=policy)
     assert code == 1 and "expired" in out.lower()
     # a policy accepting only UpToDate refuses it, naming the advisories
-    strict = write_policy(
-        tmp_path / "strict.toml",
-        backends=["sgx"],
-        measurements=[meas],
-        require_nonce=False,
-        max_age_seconds=0,
-    )
-    code, out = cli(*args[:-3], "--policy", str(strict), "--at", SGX_AT, ok=False)
+    code, out = verify_vector(**SGX, at=SGX_AT, policy=write_policy(tmp_path / "strict.toml", **pin))
     assert code == 1 and "INTEL-SA-00289" in out
 
 
 def test_verify_real_snp_report_debug_rejected_by_production_policy(home: Path, tmp_path: Path) -> None:
-    args = [
-        "verify",
-        str(TESTVECTORS / "snp/snp_report_milan.bin"),
-        "--collateral",
-        str(TESTVECTORS / "snp/snp_vcek_milan.der"),
-        "--roots",
-        str(TESTVECTORS / "roots"),
-        "--at",
-        "1750377600",
-    ]
-    code, out = cli(*args, "--policy", str(write_policy(tmp_path / "p.toml", require_nonce=False)), ok=False)
+    snp = {"vector": "snp/snp_report_milan.bin", "collateral": "snp/snp_vcek_milan.der", "at": "1750377600"}
+    code, out = verify_vector(**snp, policy=write_policy(tmp_path / "p.toml", require_nonce=False))
     assert code == 1 and "DEBUG enclave" in out
-    code, out = cli(
-        *args,
-        "--json",
-        "--policy",
-        str(
-            write_policy(
-                tmp_path / "dbg.toml",
-                require_nonce=False,
-                allow_debug=True,
-                backends=["sev-snp"],
-                measurements=["b07af9620f3b839b" + "0" * 48],
-            )
-        ),
-        ok=False,
+    debug_ok = write_policy(
+        tmp_path / "dbg.toml",
+        require_nonce=False,
+        allow_debug=True,
+        backends=["sev-snp"],
+        measurements=["b07af9620f3b839b" + "0" * 48],
     )
+    code, out = verify_vector(**snp, policy=debug_ok)
+    assert code == 1 and "DEBUG" not in out
     assert "measurement b07af9620f3b839b" in out  # authentic; only the measurement pin differs
 
 
 def test_verify_real_nitro_document(home: Path, tmp_path: Path) -> None:
     policy = write_policy(tmp_path / "p.toml", backends=["nitro"], require_nonce=False, max_age_seconds=0)
-    code, out = cli(
-        "verify",
-        str(TESTVECTORS / "nitro/nitro_attestation.b64"),
-        "--roots",
-        str(TESTVECTORS / "roots"),
-        "--at",
-        "1725720000",
-        "--policy",
-        str(policy),
-        ok=False,
-    )
+    code, out = verify_vector("nitro/nitro_attestation.b64", at="1725720000", policy=policy)
     assert code == 1 and "measurement" in out and "not accepted" in out and "DEBUG" not in out
-    code, out = cli(
-        "verify",
-        str(TESTVECTORS / "nitro/nitro_attestation_debug.b64"),
-        "--roots",
-        str(TESTVECTORS / "roots"),
-        "--at",
-        "1725720000",
-        "--policy",
-        str(policy),
-        ok=False,
-    )
+    code, out = verify_vector("nitro/nitro_attestation_debug.b64", at="1725720000", policy=policy)
     assert code == 1 and "DEBUG enclave" in out
 
 
