@@ -25,3 +25,103 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "confide-home"
     monkeypatch.setenv("CONFIDE_HOME", str(root))
     return root
+
+
+# ---- multi-party tasks against real enclave workers (test_task_enclave, test_builtins, ...) --------
+
+
+class TaskKit:
+    """What owners, creator and host do around a `task` call, with the real objects of PROTOCOL.md."""
+
+    def __init__(self, root: Path, enclave, service) -> None:
+        self.root = root
+        self.enclave = enclave
+        self.service = service  # the service's PublicIdentity
+        self._n = 0
+
+    def path(self, name: str) -> Path:
+        self._n += 1
+        d = self.root / f"t{self._n}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d / name
+
+    def dataset(self, owner: Identity, data: bytes, *, service=None):
+        """Seal `data` as the owner does; returns a SimpleNamespace (path, dataset_id, sha256,
+        envelope, data_key, owner) the test can mix and match."""
+        import hashlib
+        import os as _os
+        from types import SimpleNamespace
+
+        from confide.enclave import manifest as mf
+        from confide.enclave.sealed_file import SealedWriter
+
+        data_key = _os.urandom(32)
+        dataset_id = mf.new_dataset_id()
+        path = self.path("blob.sealed")
+        with open(path, "wb") as fh, SealedWriter(fh, data_key=data_key, recipients=[owner.public]) as w:
+            w.write(data)
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        envelope = mf.wrap_dataset_key(
+            data_key,
+            dataset_id=dataset_id,
+            owner=owner.public,
+            service=service or self.service,
+            ciphertext_sha256=sha,
+        )
+        return SimpleNamespace(
+            path=path, dataset_id=dataset_id, sha256=sha, envelope=envelope, data_key=data_key, owner=owner
+        )
+
+    def task_input(self, name: str, ds):
+        from confide.enclave import manifest as mf
+
+        return mf.TaskInput(name, ds.dataset_id, ds.owner.fingerprint, ds.sha256)
+
+    def run(self, m, approvals, datasets: dict, *, function_source=None, error_output=True, **over):
+        """The host's `task` call; returns (result, receipt body, {output: path})."""
+        import base64
+
+        from confide.enclave import manifest as mf
+
+        outs = {o.name: self.path(f"{o.name}.sealed") for o in m.outputs}
+        if error_output:
+            outs["_error"] = self.path("_error.sealed")
+        args = {
+            "manifest": m.text,
+            "approvals": approvals,
+            "dataset_keys": {n: ds.envelope for n, ds in datasets.items()},
+            "inputs": {n: ds.path for n, ds in datasets.items()},
+            "outputs": outs,
+            "function_source": function_source,
+        }
+        args.update(over)
+        result = self.enclave.task(**args)
+        body = mf.verify_task_receipt(base64.b64decode(result["receipt"]), self.service)
+        return result, body, outs
+
+    @staticmethod
+    def read(path: Path, who: Identity) -> bytes:
+        from confide.enclave.sealed_file import open_reader
+
+        fh, reader = open_reader(path)
+        with fh:
+            return b"".join(bytes(c) for c in reader.unlock(identity=who).iter_chunks())
+
+
+@pytest.fixture(scope="module")
+def service_worker(tmp_path_factory: pytest.TempPathFactory):
+    """One provisioned enclave worker (sim backend) for a whole test module: (kit, home)."""
+    from confide.client import Home
+    from confide.enclave.keys import PublicIdentity
+
+    root = tmp_path_factory.mktemp("service")
+    home = Home(root / "home")
+    enclave = home.start_enclave()
+    info = enclave.service_init()
+    kit = TaskKit(root / "work", enclave, PublicIdentity.from_line(info["service"]))
+    yield kit, home
+    enclave.close()
+
+
+# the platform's PostgreSQL fixtures (a throwaway cluster per session; see platform_support.py)
+from platform_support import pg_cluster, postgres_url  # noqa: E402, F401

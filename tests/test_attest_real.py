@@ -10,6 +10,7 @@ import base64
 import datetime as dt
 import json
 import struct
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -739,3 +740,116 @@ def test_default_test_anchors_check_fingerprints(tmp_path: Path) -> None:
     )
     with pytest.raises(FormatError, match="SHA-256"):
         default_test_anchors(tmp_path)
+
+
+# ================================================================================================
+# every vector: the exact validity window, swapped signatures and certificates, shipped roots
+
+
+def _vector(name: str) -> tuple[bytes, bytes | None, int]:
+    if name in DCAP_VECTORS:
+        return _dcap(name)
+    if name == "sev-snp":
+        report, vcek = _snp()
+        return report, vcek, SNP_AT
+    return _nitro(debug=name == "nitro-debug"), None, NITRO_AT
+
+
+ALL_VECTORS = ["sgx", "tdx", "sev-snp", "nitro", "nitro-debug"]
+
+
+@pytest.mark.parametrize("name", ALL_VECTORS)
+def test_vector_verifies_exactly_inside_its_reported_window(name: str) -> None:
+    """Claims.valid_from/valid_until is the window: the evidence verifies at both ends and fails one
+    second outside either, naming the state (not yet valid / expired)."""
+    from confide.attest import verify_evidence
+    from confide.attest.anchors import default_anchors
+
+    evidence, col, at = _vector(name)
+    c = verify_evidence(evidence, at=at, anchors=default_anchors(), collateral=col)
+    assert c.valid_from is not None and c.valid_until is not None and c.valid_from <= at <= c.valid_until
+    assert c.signing_chain and c.signing_chain[-1].sha256 in {
+        "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3",  # Intel SGX Root CA
+        "69d063b45344d26a2e94e1f4210de49ef555308287d4c174445c95639a540bcd",  # ARK-Milan
+        "641a0321a3e244efe456463195d606317ed7cdcc3c1756e09893f3c68f79bb5b",  # AWS Nitro root
+    }
+    for t in (c.valid_from, c.valid_until):
+        assert verify_evidence(evidence, at=t, anchors=default_anchors(), collateral=col) == c
+    _expect_error(
+        lambda: verify_evidence(evidence, at=c.valid_from - 1, anchors=default_anchors(), collateral=col),
+        "not yet valid" if name != "sgx" else "in the future",
+    )
+    err = _expect_error(
+        lambda: verify_evidence(evidence, at=c.valid_until + 1, anchors=default_anchors(), collateral=col)
+    )
+    assert "expired" in str(err).lower() or "crlexpired" in str(err).lower()
+
+
+def _replace_pck_chain(quote: bytes, chain: bytes, sig_len_at: int) -> bytes:
+    start = quote.index(b"-----BEGIN CERTIFICATE-----")
+    old_len = struct.unpack_from("<I", quote, start - 4)[0]
+    out = bytearray(quote[: start - 4] + struct.pack("<I", len(chain)) + chain + quote[start + old_len :])
+    (sig_len,) = struct.unpack_from("<I", out, sig_len_at)
+    struct.pack_into("<I", out, sig_len_at, sig_len + len(chain) - old_len)
+    return bytes(out)
+
+
+def test_dcap_swapped_signature_or_pck_certificate_fails(anchors: TrustAnchors) -> None:
+    sgx, col, at = _dcap("sgx")
+    tdx = _read(TDX_QUOTE)
+    sig_at = HEADER + SGX_BODY + 4
+    other_sig = tdx[HEADER + TD10_BODY + 4 : HEADER + TD10_BODY + 4 + 64]
+    swapped = sgx[:sig_at] + other_sig + sgx[sig_at + 64 :]
+    _expect_error(lambda: DcapVerifier().verify(swapped, at=at, anchors=anchors, collateral=col), "signature")
+    # the TDX platform's PCK certificate chain in place of the SGX platform's
+    tdx_chain = tdx[tdx.index(b"-----BEGIN CERTIFICATE-----") :].rstrip(b"\0")
+    own_chain = sgx[sgx.index(b"-----BEGIN CERTIFICATE-----") :]
+    assert _replace_pck_chain(sgx, own_chain, HEADER + SGX_BODY) == sgx  # the splice itself is exact
+    other_pck = _replace_pck_chain(sgx, tdx_chain, HEADER + SGX_BODY)
+    assert DcapVerifier().sniff(other_pck)
+    _expect_error(
+        lambda: DcapVerifier().verify(other_pck, at=at, anchors=anchors, collateral=col), "certificate chain"
+    )
+
+
+def test_nitro_swapped_signature_or_leaf_certificate_fails(anchors: TrustAnchors) -> None:
+    doc, dbg = _nitro(), _nitro(debug=True)
+    protected, unprotected, payload, _ = cbor2.loads(doc)
+    _, _, dbg_payload, dbg_sig = cbor2.loads(dbg)
+    swapped_sig = cbor2.dumps([protected, unprotected, payload, dbg_sig])
+    _expect_error(lambda: NitroVerifier().verify(swapped_sig, at=NITRO_AT, anchors=anchors), "signature")
+    fields = dict(cbor2.loads(payload))
+    fields["certificate"] = dict(cbor2.loads(dbg_payload))["certificate"]
+    swapped_leaf = cbor2.dumps([protected, unprotected, cbor2.dumps(fields), cbor2.loads(doc)[3]])
+    _expect_error(lambda: NitroVerifier().verify(swapped_leaf, at=NITRO_AT, anchors=anchors), "signature")
+
+
+def test_snp_certificate_swapped_for_another_amd_certificate_fails(anchors: TrustAnchors) -> None:
+    report, _ = _snp()
+    ask = x509.load_pem_x509_certificates(_read("roots/amd_ask_ark_milan.pem"))[0]
+    _expect_error(
+        lambda: SevSnpVerifier().verify(report, at=SNP_AT, anchors=anchors, collateral=ask.public_bytes(Encoding.DER)),
+        "not 'sev-vcek'",
+    )
+
+
+def test_shipped_roots_are_the_test_vectors_roots_and_pinned(tmp_path: Path) -> None:
+    from confide.attest.anchors import PACKAGED_ROOTS, default_anchors, load_packaged_roots
+
+    shipped = default_anchors()
+    assert shipped == default_test_anchors(TV)
+    shipped_files = resources.files("confide.attest").joinpath("roots").iterdir()
+    assert set(PACKAGED_ROOTS) == {p.name for p in shipped_files if p.name.endswith(".pem")}
+    copy = tmp_path / "roots"
+    copy.mkdir()
+    src = Path(__file__).resolve().parents[1] / "src" / "confide" / "attest" / "roots"
+    for f in src.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    assert load_packaged_roots(copy) == shipped
+    # swap the Genoa chain's ASK for Milan's: the pins catch it
+    (copy / "amd_genoa_ask_ark.pem").write_bytes((copy / "amd_milan_ask_ark.pem").read_bytes())
+    with pytest.raises(FormatError, match="does not match its pinned SHA-256"):
+        load_packaged_roots(copy)
+    (copy / "amd_genoa_ask_ark.pem").unlink()
+    with pytest.raises(FormatError, match="missing"):
+        load_packaged_roots(copy)

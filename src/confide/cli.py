@@ -6,59 +6,30 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 import sys
 import time
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import click
 
 from confide import __version__
-from confide.attest import verify_evidence
-from confide.attest.anchors import anchors_from_directory, merge_anchors
-from confide.client import Home, parse_assignments, run_function
+from confide.attest import detect, verify_evidence
+from confide.attest.anchors import anchors_from_directory, default_anchors, merge_anchors
+from confide.attest.pccs import pccs_from_env
+from confide.attest.report import certificate_collateral, claims_lines
+from confide.cli_common import EXIT_FAILED, friendly, home, write_new
+from confide.cli_gramine import gramine as gramine_group
+from confide.cli_serve import serve as serve_command
+from confide.cli_tasks import COMMANDS as TASK_COMMANDS
+from confide.client import parse_assignments, run_function
 from confide.enclave.config import EnclaveConfig
 from confide.enclave.errors import ConfideError
 from confide.enclave.keys import Identity, load_public
 from confide.enclave.measurement import measure
 from confide.enclave.sealed_file import decrypt_file, encrypt_file, open_reader
-from confide.policy import Policy, check_endorsement, evaluate, make_endorsement
+from confide.policy import POLICY_FORMAT_EXAMPLES, Policy, check_endorsement, evaluate, make_endorsement
 from confide.progress import byte_progress
-
-EXIT_FAILED = 1
-
-
-def _home() -> Home:
-    return Home(Path(os.environ.get("CONFIDE_HOME", Path.home() / ".confide")))
-
-
-def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn every Confide error into one clear line and exit code 1."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ConfideError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-
-    return wrapper
-
-
-def _write_new(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-    except OSError as exc:
-        raise ConfideError(f"cannot write ({exc.strerror})", where=str(path)) from None
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -176,13 +147,35 @@ def _read_evidence(path: Path) -> bytes:
 @click.option("--policy", "policy_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--nonce", default=None, help="hex nonce the evidence must bind")
 @click.option("--at", "at", type=int, default=None, help="verify as of this UNIX time (default: now)")
-@click.option("--collateral", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option(
+    "--collateral",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="SGX/TDX: DCAP collateral JSON (dcap-qvl's layout); SEV-SNP: the VCEK/VLEK certificate",
+)
+@click.option(
+    "--cert",
+    "certs",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="SEV-SNP: VCEK/VLEK certificate (DER or PEM), optionally ASK/ARK too, or a certificate table "
+    "(configfs-tsm auxblob)",
+)
+@click.option(
+    "--pccs",
+    "pccs_url",
+    default=None,
+    metavar="URL",
+    help="SGX/TDX: fetch collateral from this PCCS when --collateral is not given (default: "
+    "$CONFIDE_PCCS_URL, else none); cached under $CONFIDE_HOME/cache/pccs",
+)
 @click.option("--endorsement", multiple=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--roots",
     multiple=True,
     type=click.Path(path_type=Path),
-    help="trust-anchor file or folder (Intel SGX root, AMD ASK+ARK bundles, AWS Nitro root)",
+    help="extra trust-anchor file or folder (Intel SGX root, AMD ASK+ARK bundles, AWS Nitro root); the "
+    "vendor roots shipped with Confide are always trusted",
 )
 @click.option("--json", "as_json", is_flag=True)
 @friendly
@@ -192,24 +185,35 @@ def verify(
     nonce: str | None,
     at: int | None,
     collateral: Path | None,
+    certs: tuple[Path, ...],
+    pccs_url: str | None,
     endorsement: tuple[Path, ...],
     roots: tuple[Path, ...],
     as_json: bool,
 ) -> None:
-    """Verify EVIDENCE and check it against a policy. Exit 0 and print the claims, or exit 1 with the reason."""
-    home = _home()
-    policy = home.policy(policy_path)
+    """Verify EVIDENCE (format detected: sim, SGX/TDX quote, SEV-SNP report, Nitro document, or a
+    provider's envelope) and check it against a policy. Exit 0 and print the claims, or exit 1 with
+    the reason."""
+    here = home()
+    policy = here.policy(policy_path)
     when = at if at is not None else int(time.time())
     try:
         nonce_bytes = bytes.fromhex(nonce) if nonce is not None else None
     except ValueError:
         raise ConfideError("not valid hex", where="--nonce") from None
-    anchors = merge_anchors(home.anchors(), *(anchors_from_directory(r) for r in roots))
-    try:
-        coll = collateral.read_bytes() if collateral else None
-    except OSError as exc:
-        raise ConfideError(f"cannot read collateral ({exc.strerror})", where=str(collateral)) from None
-    claims = verify_evidence(_read_evidence(evidence), at=when, anchors=anchors, collateral=coll)
+    anchors = merge_anchors(here.anchors(), default_anchors(), *(anchors_from_directory(r) for r in roots))
+    raw = _read_evidence(evidence)
+    coll = _read(collateral, "collateral") if collateral else None
+    if certs:
+        if coll is not None:
+            raise ConfideError(
+                "give the SEV-SNP certificate with --cert or --collateral, not both", where="--cert"
+            )
+        if detect(raw).name not in ("sev-snp", "envelope"):
+            raise ConfideError("--cert applies to SEV-SNP evidence only", where="--cert")
+        coll = certificate_collateral([(str(p), _read(p, "certificate")) for p in certs])
+    pccs = pccs_from_env(pccs_url, cache_dir=here.root / "cache" / "pccs")
+    claims = verify_evidence(raw, at=when, anchors=anchors, collateral=coll, pccs=pccs)
     endorsed = tuple(check_endorsement(_read(p, "endorsement"), where=str(p)) for p in endorsement)
     evaluate(policy, claims, at=when, nonce=nonce_bytes, endorsements=endorsed)
     if as_json:
@@ -218,8 +222,8 @@ def verify(
         )
         return
     click.echo(f"OK: {claims.backend} evidence verified and accepted by {policy.source}")
-    for key, value in claims.to_json().items():
-        click.echo(f"  {key}: {value}")
+    for line in claims_lines(claims):
+        click.echo(f"  {line}")
     if claims.simulated:
         click.echo("  WARNING: simulated evidence - no protection against the host", err=True)
 
@@ -232,7 +236,7 @@ def verify(
 @friendly
 def endorse(measurement: str, identity: Path, out: Path, statement: str) -> None:
     """As an auditor, sign MEASUREMENT; policies listing your key then accept it."""
-    _write_new(out, make_endorsement(measurement, Identity.load(identity), statement))
+    write_new(out, make_endorsement(measurement, Identity.load(identity), statement))
     click.echo(f"endorsement of {measurement} written to {out}")
 
 
@@ -249,8 +253,8 @@ def policy() -> None:
 def policy_init(out: Path | None, dev: bool, config: Path | None) -> None:
     """Write a policy: production defaults, or with --dev one pinned to this build's measurement that
     accepts simulated evidence."""
-    home = _home()
-    target = out or home.policy_path
+    here = home()
+    target = out or here.policy_path
     target.parent.mkdir(parents=True, exist_ok=True)
     if dev:
         pol = Policy(
@@ -264,7 +268,8 @@ def policy_init(out: Path | None, dev: bool, config: Path | None) -> None:
     else:
         pol = Policy()
         head = "# Production policy: add the measurements (or auditor keys) you accept.\n"
-    _write_new(target, (head + pol.to_toml()).encode())
+    tail = "" if dev else POLICY_FORMAT_EXAMPLES
+    write_new(target, (head + pol.to_toml() + tail).encode())
     click.echo(f"policy written to {target}")
 
 
@@ -277,7 +282,7 @@ def platform() -> None:
 @friendly
 def platform_init() -> None:
     """Create the simulated vendor root, platform attestation key and platform secret."""
-    plat = _home().platform()
+    plat = home().platform()
     click.echo(f"simulated platform at {plat.directory} (SIMULATION: no protection against the host)")
 
 
@@ -297,8 +302,8 @@ def enclave_evidence(nonce: str, out: Path, config: Path | None) -> None:
         raw = bytes.fromhex(nonce)
     except ValueError:
         raise ConfideError("not valid hex", where="--nonce") from None
-    with _home().start_enclave(config) as enc:
-        _write_new(out, enc.evidence(raw))
+    with home().start_enclave(config) as enc:
+        write_new(out, enc.evidence(raw))
         click.echo(
             f"evidence of enclave {enc.info['fingerprint']} (measurement {enc.info['measurement']}) -> {out}"
         )
@@ -309,7 +314,7 @@ def enclave_evidence(nonce: str, out: Path, config: Path | None) -> None:
 @friendly
 def enclave_info(config: Path | None) -> None:
     """Start an enclave and print what it says about itself (unverified: use `verify` for trust)."""
-    with _home().start_enclave(config) as enc:
+    with home().start_enclave(config) as enc:
         click.echo(json.dumps({**enc.info, "start_seconds": round(enc.start_seconds, 3)}, indent=2))
 
 
@@ -339,7 +344,7 @@ def run(
     receipt: Path | None,
 ) -> None:
     """Run FUNCTION (def run(ctx)) in an attested enclave on sealed inputs; outputs are sealed to --to."""
-    home = _home()
+    here = home()
     ident = Identity.load(identity)
     pubs = [load_public(r) for r in recipients]
     try:
@@ -357,11 +362,11 @@ def run(
             param_map[key] = json.loads(value)
         except ValueError:
             param_map[key] = value
-    pol = home.policy(policy_path)
+    pol = here.policy(policy_path)
     receipt_path = receipt or (next(iter(out_map.values())).with_suffix(".receipt.json") if out_map else None)
     error_path = receipt_path.with_suffix(".error.sealed") if receipt_path else None
     click.echo("starting the enclave…", err=True)
-    with home.start_enclave(config) as enc:
+    with here.start_enclave(config) as enc:
         outcome = run_function(
             enc,
             source=source,
@@ -371,7 +376,7 @@ def run(
             params=param_map,
             identity=ident,
             policy=pol,
-            anchors=home.anchors(),
+            anchors=here.anchors(),
             error_report=error_path,
             say=lambda msg: click.echo(msg, err=True),
         )
@@ -386,7 +391,7 @@ def run(
         sys.exit(EXIT_FAILED)
     assert outcome.receipt is not None
     if receipt_path is not None:
-        _write_new(receipt_path, outcome.receipt["raw"].encode())
+        write_new(receipt_path, outcome.receipt["raw"].encode())
     click.echo(
         f"ran {function.name} in enclave {outcome.claims.measurement[:16]}… in {outcome.duration_s:.3f} s"
     )
@@ -395,6 +400,11 @@ def run(
     if receipt_path is not None:
         click.echo(f"  receipt: {receipt_path} (signed by the enclave, verified)")
 
+
+for _command in TASK_COMMANDS:
+    main.add_command(_command)
+main.add_command(serve_command)
+main.add_command(gramine_group)
 
 if __name__ == "__main__":
     main()

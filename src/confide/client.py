@@ -81,10 +81,24 @@ class Attestation:
 def attest(enclave: EnclaveProcess, policy: Policy, anchors: TrustAnchors) -> Attestation:
     """Fresh-nonce attestation: verified claims, the enclave key they vouch for, and the nonce."""
     nonce = os.urandom(32)
-    evidence = enclave.evidence(nonce)
+    return check_attestation(enclave.evidence(nonce), nonce, policy, anchors)
+
+
+def check_attestation(
+    evidence: bytes,
+    nonce: bytes,
+    policy: Policy,
+    anchors: TrustAnchors,
+    *,
+    keys_line: str | None = None,
+    collateral: bytes | None = None,
+) -> Attestation:
+    """Verify evidence fetched with our fresh `nonce` and apply the policy. The enclave keys come from
+    the evidence itself (sim) or from `keys_line` sent beside it; either way the report data must bind
+    them, so the key we encrypt to is the one the TEE vouched for."""
     now = int(time.time())
-    claims = verify_evidence(evidence, at=now, anchors=anchors)
-    line = claims.extra.get("enclave")
+    claims = verify_evidence(evidence, at=now, anchors=anchors, collateral=collateral)
+    line = keys_line if keys_line is not None else claims.extra.get("enclave")
     if not isinstance(line, str):
         raise EvidenceError("evidence names no enclave key", where="evidence")
     enclave_pub = PublicIdentity.from_line(line, where="evidence: enclave key")

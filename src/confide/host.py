@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,45 @@ class EnclaveProcess:
 
     def evidence(self, nonce: bytes) -> bytes:
         return base64.b64decode(self.call("evidence", nonce=nonce.hex())["evidence"])
+
+    # ---- the enclave service (PROTOCOL.md section 6): typed wrappers, nothing checked here ----------
+    def service_info(self) -> dict[str, Any]:
+        return self.call("service_info")
+
+    def service_init(self) -> dict[str, Any]:
+        return self.call("service_init")
+
+    def service_evidence(self, nonce: bytes = b"") -> bytes:
+        """Evidence binding the service key (and `nonce`); with no nonce, the worker's boot evidence."""
+        return base64.b64decode(self.call("service_evidence", nonce=nonce.hex())["evidence"])
+
+    def provision_from(self, granter: EnclaveProcess) -> dict[str, Any]:
+        """Relay a mutual-attestation provisioning: this (new) worker gets the service key from `granter`."""
+        offer = self.call("provision_offer")
+        grant = granter.call("provision_grant", offer=offer["offer"], evidence=offer["evidence"])
+        return self.call("provision_accept", grant=grant["grant"], evidence=grant["evidence"])
+
+    def task(
+        self,
+        *,
+        manifest: str,
+        approvals: Sequence[Mapping[str, Any]],
+        dataset_keys: Mapping[str, Mapping[str, Any]],
+        inputs: Mapping[str, str | Path],
+        outputs: Mapping[str, str | Path],
+        function_source: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Run a task; `outputs` may include "_error" (where a failed function's sealed error text goes)."""
+        args: dict[str, Any] = {
+            "manifest": manifest,
+            "approvals": [dict(a) for a in approvals],
+            "dataset_keys": {n: dict(e) for n, e in dataset_keys.items()},
+            "inputs": {n: str(p) for n, p in inputs.items()},
+            "outputs": {n: str(p) for n, p in outputs.items()},
+        }
+        if function_source is not None:
+            args["function_source"] = dict(function_source)
+        return self.call("task", **args)
 
     def close(self, timeout: float = 10.0) -> None:
         if self.proc.poll() is None:

@@ -6,6 +6,8 @@ A verifier only trusts the roots it is given in a `TrustAnchors`. This module bu
   folders (every *.pem, *.der, *.crt, *.cer in a folder), each file one certificate or a PEM bundle.
 - `anchors_from_directory(path)`: sorts every certificate file in a folder by who issued it
   (Intel SGX Root CA, an AMD ASK/ASVK + ARK bundle, the AWS Nitro Enclaves root).
+- `default_anchors()`: the vendor roots shipped inside the package (confide/attest/roots/), every
+  certificate checked against the SHA-256 fingerprint pinned in `PACKAGED_ROOTS`. Used by default.
 - `default_test_anchors(testvectors_dir)`: the roots shipped with the shared test vectors, each checked
   against the SHA-256 fingerprint pinned below (the vendors' published roots).
 
@@ -18,6 +20,8 @@ import hashlib
 import warnings
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from functools import cache
+from importlib import resources
 from pathlib import Path
 
 from cryptography import x509
@@ -25,19 +29,23 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from confide.attest.claims import TrustAnchors
+from confide.attest.claims import ChainCert, TrustAnchors
 from confide.enclave.errors import EvidenceError, FormatError
 
 __all__ = [
     "AMD_ARK_SHA256",
     "AWS_NITRO_ROOT_SHA256",
     "INTEL_SGX_ROOT_CA_SHA256",
+    "PACKAGED_ROOTS",
     "anchors_from_directory",
     "cert_fingerprint",
     "cert_name",
+    "chain_cert",
     "check_validity",
+    "default_anchors",
     "default_test_anchors",
     "load_certificates",
+    "load_packaged_roots",
     "load_trust_anchors",
     "merge_anchors",
     "name_text",
@@ -45,6 +53,7 @@ __all__ = [
     "parse_pem_certificates",
     "public_key",
     "utc_iso",
+    "window",
 ]
 
 # SHA-256 over the DER of the vendors' root certificates.
@@ -53,6 +62,25 @@ AWS_NITRO_ROOT_SHA256 = "641a0321a3e244efe456463195d606317ed7cdcc3c1756e09893f3c
 AMD_ARK_SHA256 = {
     "ARK-Milan": "69d063b45344d26a2e94e1f4210de49ef555308287d4c174445c95639a540bcd",
     "ARK-Genoa": "4c6598d19c18719c5dfd4a7d335f674e5bfe1d8f800cea2cf270c10d103db2f1",
+}
+
+# The roots shipped in confide/attest/roots/: file -> (kind, SHA-256 of each certificate's DER, in order).
+# A shipped file whose certificates differ from these (edited, replaced, reordered) is refused.
+PACKAGED_ROOTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "intel_sgx_root_ca.pem": ("intel_sgx", (INTEL_SGX_ROOT_CA_SHA256,)),
+    "amd_milan_ask_ark.pem": (
+        "amd",
+        ("67d303bd3905fd38db8b20e0793699870e7fa612eaad5dec358293fd8c0bac1b", AMD_ARK_SHA256["ARK-Milan"]),
+    ),
+    "amd_milan_asvk_ark.pem": (
+        "amd",
+        ("c5e081f59b7efab1fe2f8b505e159704e72f29cab7ef7cf628a05a42439082f5", AMD_ARK_SHA256["ARK-Milan"]),
+    ),
+    "amd_genoa_ask_ark.pem": (
+        "amd",
+        ("5464738c1546aed5f2cecf1dc98c5c960a92e8913238a61711bc90ec6e828521", AMD_ARK_SHA256["ARK-Genoa"]),
+    ),
+    "aws_nitro_root.pem": ("nitro", (AWS_NITRO_ROOT_SHA256,)),
 }
 
 _CERT_SUFFIXES = {".pem", ".der", ".crt", ".cer"}
@@ -91,6 +119,29 @@ def name_text(cert: x509.Certificate, which: str = "issuer") -> str:
 
 def cert_fingerprint(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
+
+
+def chain_cert(cert: x509.Certificate, role: str) -> ChainCert:
+    """A certificate as it appears in `Claims.signing_chain`."""
+    return ChainCert(
+        role=role,
+        subject=name_text(cert, "subject"),
+        sha256=cert_fingerprint(cert),
+        not_before=int(cert.not_valid_before_utc.timestamp()),
+        not_after=int(cert.not_valid_after_utc.timestamp()),
+    )
+
+
+def window(
+    chain: Iterable[ChainCert], *others: tuple[float | int, float | int]
+) -> tuple[int | None, int | None]:
+    """The window in which every certificate of `chain` and every other (start, end) window hold."""
+    certs = list(chain)
+    starts = [c.not_before for c in certs]
+    ends = [c.not_after for c in certs]
+    starts += [int(s) for s, _ in others]
+    ends += [int(e) for _, e in others]
+    return (max(starts) if starts else None, min(ends) if ends else None)
 
 
 def check_validity(cert: x509.Certificate, at: int, what: str, *, where: str) -> None:
@@ -295,3 +346,34 @@ def default_test_anchors(testvectors_dir: str | Path) -> TrustAnchors:
     for f, fp in amd.items():
         _pinned(f, fp)
     return load_trust_anchors(intel_sgx=[intel], amd=list(amd), nitro=[nitro])
+
+
+# ----------------------------------------------------------------------------------------------
+# the roots shipped inside the package
+
+
+def load_packaged_roots(directory: Path | None = None) -> TrustAnchors:
+    """Load the shipped roots from `directory` (default: confide/attest/roots/ in the package), each
+    file checked against `PACKAGED_ROOTS`: the same certificates, in the same order, by SHA-256."""
+    base = Path(str(resources.files("confide.attest") / "roots")) if directory is None else Path(directory)
+    files: dict[str, list[Path]] = {"intel_sgx": [], "amd": [], "nitro": []}
+    for name, (kind, pins) in PACKAGED_ROOTS.items():
+        path = base / name
+        if not path.is_file():
+            raise FormatError("a shipped trust anchor is missing from the package", where=str(path))
+        got = tuple(cert_fingerprint(c) for c in load_certificates(path))
+        if got != pins:
+            raise FormatError(
+                f"shipped trust anchor does not match its pinned SHA-256 fingerprints: "
+                f"found {', '.join(g[:16] for g in got)}, expected {', '.join(p[:16] for p in pins)}",
+                where=str(path),
+            )
+        files[kind].append(path)
+    return load_trust_anchors(**files)
+
+
+@cache
+def default_anchors() -> TrustAnchors:
+    """The vendor roots shipped with Confide (Intel SGX Root CA, AMD ARK/ASK/ASVK, AWS Nitro root),
+    fingerprints checked. What `confide verify` trusts unless told otherwise."""
+    return load_packaged_roots()

@@ -14,7 +14,37 @@ from confide.enclave.errors import EvidenceError, FormatError
 
 
 @dataclass(frozen=True)
+class ChainCert:
+    """One certificate of the chain that vouches for the evidence's signing key (leaf first)."""
+
+    role: str  # e.g. "PCK leaf", "ASK", "root"
+    subject: str  # RFC 4514 text
+    sha256: str  # SHA-256 of the DER, hex
+    not_before: int  # unix seconds
+    not_after: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "role": self.role,
+            "subject": self.subject,
+            "sha256": self.sha256,
+            "not_before": self.not_before,
+            "not_after": self.not_after,
+        }
+
+
+@dataclass(frozen=True)
 class Claims:
+    """The verified claims of one piece of evidence, the same model for every format.
+
+    `measurement` is the format's primary code identity; `measurements` names every measurement
+    register the format has (SGX: mrenclave, mrsigner; TDX: mrtd, rtmr0..3, mrconfigid, ...; SEV-SNP:
+    measurement, host_data, id_key_digest, author_key_digest, chip_id, ...; Nitro: pcr0..pcrN), all
+    lowercase hex. `signing_chain` is the certificate chain of the key that signed the evidence, leaf
+    first; [`valid_from`, `valid_until`] is the window in which every certificate and every piece of
+    collateral used is valid: the evidence verifies at any time inside it and at none outside it.
+    """
+
     backend: str  # "sim" | "sgx" | "tdx" | "sev-snp" | "nitro"
     measurement: str  # hex: MRENCLAVE / MRTD / SNP measurement / Nitro PCR0 / sim measurement
     signer: str  # hex: MRSIGNER, sim signer; "" where the format has none
@@ -27,6 +57,10 @@ class Claims:
     tcb_status: str = ""  # e.g. "UpToDate", "SWHardeningNeeded" (DCAP); "" where not applicable
     advisories: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific (PCRs, enclave keys, ...)
+    measurements: dict[str, str] = field(default_factory=dict)  # named registers -> lowercase hex
+    signing_chain: tuple[ChainCert, ...] = ()  # leaf first, the trusted root last
+    valid_from: int | None = None  # unix seconds; None where the format has no window
+    valid_until: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -41,6 +75,10 @@ class Claims:
             "issued_at": self.issued_at,
             "tcb_status": self.tcb_status,
             "advisories": list(self.advisories),
+            "measurements": dict(self.measurements),
+            "signing_chain": [c.to_json() for c in self.signing_chain],
+            "valid_from": self.valid_from,
+            "valid_until": self.valid_until,
             "extra": self.extra,
         }
 

@@ -8,9 +8,10 @@ bstr r||s]. The payload is a CBOR map: module_id, digest ("SHA384"), timestamp (
 Checks (AWS "Verifying the root of trust"): strict CBOR (no duplicate keys, no indefinite lengths, no
 trailing bytes), every field's type and size; ES384 signature over the Sig_structure
 ["Signature1", protected, b"", payload] with the leaf certificate's P-384 key; the cabundle's root is
-one of the trusted AWS Nitro roots; the path leaf <- cabundle <- root validates (pyca's X.509 path
-validation: signatures, CA constraints, validity of every certificate at the time checked).
-No collateral is used.
+one of the trusted AWS Nitro roots; the path leaf <- cabundle <- root validates at the document's own
+time (pyca's X.509 path validation: signatures, CA constraints, validity of every certificate), and
+every certificate is also valid at the time checked (the leaf lives a few hours, so an old document
+stops verifying); the document is not dated after the time checked. No collateral is used.
 """
 
 from __future__ import annotations
@@ -31,12 +32,15 @@ from cryptography.x509 import verification
 
 from confide.attest.anchors import (
     cert_name,
+    chain_cert,
     check_validity,
     parse_der_certificate,
     parse_pem_certificates,
     public_key,
+    utc_iso,
+    window,
 )
-from confide.attest.claims import Claims, TrustAnchors, VerifierBase
+from confide.attest.claims import ChainCert, Claims, TrustAnchors, VerifierBase
 from confide.enclave.errors import EvidenceError
 
 __all__ = ["NitroVerifier"]
@@ -48,6 +52,7 @@ MAX_CERT_LEN = 1024
 MAX_BLOB_LEN = 1024  # public_key, user_data, nonce (the NSM caps each at 1024 bytes)
 PCR_LEN = 48  # SHA-384
 DEBUG_PCRS = (0, 1, 2)
+CLOCK_SKEW_SECONDS = 60
 _WHERE = "nitro attestation document"
 
 
@@ -108,8 +113,8 @@ class NitroVerifier(VerifierBase):
 
         leaf = parse_der_certificate(payload["certificate"], "payload field 'certificate'", where=_WHERE)
         self._check_signature(leaf, protected, payload_bytes, signature)
-        self._check_chain(leaf, payload["cabundle"], at, anchors)
-        return self._claims(payload)
+        chain = self._check_chain(leaf, payload["cabundle"], payload["timestamp"] // 1000, at, anchors)
+        return self._claims(payload, chain)
 
     # -- structure -------------------------------------------------------------------------------
 
@@ -206,7 +211,9 @@ class NitroVerifier(VerifierBase):
             ) from None
 
     @staticmethod
-    def _check_chain(leaf: x509.Certificate, cabundle: list[bytes], at: int, anchors: TrustAnchors) -> None:
+    def _check_chain(
+        leaf: x509.Certificate, cabundle: list[bytes], doc_time: int, at: int, anchors: TrustAnchors
+    ) -> tuple[ChainCert, ...]:
         if not anchors.nitro_roots:
             raise _fail("no AWS Nitro root in the trust anchors (TrustAnchors.nitro_roots is empty)")
         roots = [
@@ -221,14 +228,18 @@ class NitroVerifier(VerifierBase):
                 f"cabundle[0] {cert_name(bundle[0])!r} is not a trusted AWS Nitro root "
                 f"(trusted: {', '.join(cert_name(r) for r in roots)})"
             )
-        # Clear messages for the common failure (a certificate outside its window) before path validation.
-        for i, cert in enumerate(bundle):
-            check_validity(cert, at, f"cabundle[{i}]", where=_WHERE)
-        check_validity(leaf, at, "leaf", where=_WHERE)
+        # Clear messages for the common failure (a certificate outside its window) before path validation:
+        # first at the time checked, then at the document's own time (when the NSM signed it).
+        for when_checked, label in ((at, ""), (doc_time, " (at the document's time)")):
+            for i, cert in enumerate(bundle):
+                check_validity(cert, when_checked, f"cabundle[{i}]{label}", where=_WHERE)
+            check_validity(leaf, when_checked, f"leaf{label}", where=_WHERE)
+        if doc_time > at + CLOCK_SKEW_SECONDS:
+            raise _fail(f"document is dated {utc_iso(doc_time)}, after the verification time {utc_iso(at)}")
         try:
-            when = datetime.fromtimestamp(at, UTC)
+            when = datetime.fromtimestamp(doc_time, UTC)
         except (OverflowError, OSError, ValueError) as e:
-            raise _fail(f"verification time {at} is out of range") from e
+            raise _fail(f"document time {doc_time} is out of range") from e
         builder = (
             verification.PolicyBuilder()
             .store(verification.Store(roots))
@@ -245,14 +256,19 @@ class NitroVerifier(VerifierBase):
             raise _fail(
                 f"leaf certificate {cert_name(leaf)!r} does not chain to the AWS Nitro root: {e}"
             ) from e
+        intermediates = [
+            chain_cert(c, f"cabundle[{i}]") for i, c in reversed(list(enumerate(bundle))) if i > 0
+        ]
+        return (chain_cert(leaf, "leaf"), *intermediates, chain_cert(bundle[0], "root"))
 
     # -- claims ----------------------------------------------------------------------------------
 
     @staticmethod
-    def _claims(p: dict[str, Any]) -> Claims:
+    def _claims(p: dict[str, Any], chain: tuple[ChainCert, ...]) -> Claims:
         pcrs: dict[int, bytes] = p["pcrs"]
         user_data: bytes = p["user_data"] or b""
         pcr8 = pcrs.get(8, b"")
+        valid_from, valid_until = window(chain)
         extra: dict[str, Any] = {
             "module_id": p["module_id"],
             "timestamp_ms": p["timestamp"],
@@ -274,4 +290,8 @@ class NitroVerifier(VerifierBase):
             simulated=False,
             issued_at=p["timestamp"] // 1000,
             extra=extra,
+            measurements={f"pcr{i}": v.hex() for i, v in sorted(pcrs.items())},
+            signing_chain=chain,
+            valid_from=valid_from,
+            valid_until=valid_until,
         )

@@ -22,11 +22,18 @@ from typing import Any
 import dcap_qvl  # type: ignore[import-untyped]  # ships .pyi stubs but no py.typed
 from cryptography import x509
 
-from confide.attest.anchors import cert_fingerprint, parse_der_certificate, utc_iso
-from confide.attest.claims import Claims, TrustAnchors, VerifierBase
+from confide.attest.anchors import (
+    cert_fingerprint,
+    chain_cert,
+    parse_der_certificate,
+    parse_pem_certificates,
+    utc_iso,
+    window,
+)
+from confide.attest.claims import ChainCert, Claims, TrustAnchors, VerifierBase
 from confide.enclave.errors import EvidenceError
 
-__all__ = ["DcapVerifier"]
+__all__ = ["DcapVerifier", "collateral_validity"]
 
 TEE_SGX = 0x00000000
 TEE_TDX = 0x00000081
@@ -42,8 +49,11 @@ MAX_QUOTE_LEN = 1 << 20  # real quotes are ~5 KiB; anything this big is not one
 MAX_COLLATERAL_LEN = 16 << 20
 
 
+_WHERE = "dcap quote"
+
+
 def _fail(message: str) -> EvidenceError:
-    return EvidenceError(message, where="dcap quote")
+    return EvidenceError(message, where=_WHERE)
 
 
 def _layout(q: bytes) -> tuple[int, int, int]:
@@ -124,6 +134,41 @@ def _collateral_windows(doc: dict[str, Any]) -> list[tuple[str, float, float]]:
         except (KeyError, TypeError, ValueError):
             continue
     return out
+
+
+# TDX registers named in Claims.measurements (underscores dropped: "rt_mr0" -> "rtmr0").
+_TDX_REGISTERS = (
+    "rt_mr0",
+    "rt_mr1",
+    "rt_mr2",
+    "rt_mr3",
+    "mr_config_id",
+    "mr_owner",
+    "mr_owner_config",
+    "mr_seam",
+    "mr_signer_seam",
+    "mr_service_td",
+)
+
+
+def _crl_windows(doc: dict[str, Any]) -> list[tuple[int, int]]:
+    """The CRLs' windows as dcap-qvl applies them: a CRL is stale from its nextUpdate second on."""
+    return [
+        (int(start), int(end) - 1)
+        for label, start, end in _collateral_windows(doc)
+        if label in ("PCK CRL", "root CA CRL")
+    ]
+
+
+def collateral_validity(doc: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(latest issue date, earliest next update) over the TCB info, QE identity and CRLs of a
+    collateral document; (None, None) when none of them can be read."""
+    windows = [
+        (start, end - 1 if label.endswith("CRL") else end) for label, start, end in _collateral_windows(doc)
+    ]
+    if not windows:
+        return None, None
+    return int(max(w[0] for w in windows)), int(min(w[1] for w in windows))
 
 
 _TIME_WORDS = ("expired", "in the future", "not yet valid", "not valid at", "outdated collateral")
@@ -217,12 +262,14 @@ class DcapVerifier(VerifierBase):
 
         errors: list[str] = []
         claims_doc: dict[str, Any] | None = None
+        trusted_root: x509.Certificate | None = None
         for i, root_der in enumerate(anchors.intel_sgx_roots):
             root = parse_der_certificate(root_der, f"Intel SGX trust anchor #{i + 1}", where="trust anchors")
             try:
                 verifier = dcap_qvl.QuoteVerifier(root_der)
                 result = verifier.verify_with_policy(quote, col, at, dcap_qvl.QuotePolicy.claims_only(at))
                 claims_doc = json.loads(result.to_json())
+                trusted_root = root
                 break
             except (KeyboardInterrupt, SystemExit):
                 raise
@@ -238,8 +285,10 @@ class DcapVerifier(VerifierBase):
                 f"{kind} quote v{version} failed DCAP verification under every Intel root: "
                 + "; ".join(errors)
             )
+        assert trusted_root is not None
+        chain = self._chain(quote, trusted_root)
         try:
-            return self._claims(claims_doc, version, tee_type)
+            return self._claims(claims_doc, version, tee_type, chain, _crl_windows(doc))
         except EvidenceError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -266,7 +315,31 @@ class DcapVerifier(VerifierBase):
         return col, doc
 
     @staticmethod
-    def _claims(doc: dict[str, Any], version: int, tee_type: int) -> Claims:
+    def _chain(quote: bytes, root: x509.Certificate) -> tuple[ChainCert, ...]:
+        """The PCK certificate chain dcap-qvl verified (leaf, PCK CA) and the trusted Intel root."""
+        try:
+            pem = dcap_qvl.parse_quote(quote).cert_chain_pem_bytes()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # already verified by dcap-qvl: this only fails if it changed its mind
+            raise _fail(f"cannot read the PCK certificate chain of a verified quote: {e}") from e
+        if not pem:
+            raise _fail("the quote carries no PCK certificate chain (certification data type 5 expected)")
+        certs = parse_pem_certificates(bytes(pem), "PCK certificate chain", where=_WHERE)
+        # The quote's copy of the root is not what was trusted (dcap-qvl checks the chain up to the
+        # pinned root): report the pinned root, and only the non-self-issued certificates before it.
+        body = [c for c in certs if c.subject != c.issuer and cert_fingerprint(c) != cert_fingerprint(root)]
+        roles = ["PCK leaf", "PCK CA"] + ["intermediate"] * max(0, len(body) - 2)
+        return (*(chain_cert(c, r) for c, r in zip(body, roles, strict=False)), chain_cert(root, "root"))
+
+    @staticmethod
+    def _claims(
+        doc: dict[str, Any],
+        version: int,
+        tee_type: int,
+        chain: tuple[ChainCert, ...],
+        crl_windows: list[tuple[int, int]],
+    ) -> Claims:
         tcb = doc["tcb"]
         status = str(tcb["status"])
         advisories = tuple(str(a) for a in tcb.get("advisory_ids") or ())
@@ -301,6 +374,16 @@ class DcapVerifier(VerifierBase):
         report_data = _hex_field(report, "report_data")
         if len(report_data) != 64:
             raise _fail(f"report_data is {len(report_data)} bytes, expected 64")
+        collateral_window = list(crl_windows)
+        issued, expires = doc.get("latest_issue_date"), doc.get("earliest_expiration_date")
+        if isinstance(issued, int) and isinstance(expires, int):
+            collateral_window.append((issued, expires))
+        valid_from, valid_until = window(chain, *collateral_window)
+        common: dict[str, Any] = {
+            "signing_chain": chain,
+            "valid_from": valid_from,
+            "valid_until": valid_until,
+        }
 
         if tee_type == TEE_SGX:
             attributes = _hex_field(report, "attributes")
@@ -310,10 +393,12 @@ class DcapVerifier(VerifierBase):
                 misc_select=_int_field(report, "misc_select"),
                 attributes=attributes.hex(),
             )
+            mr_enclave = _hex_field(report, "mr_enclave").hex()
+            mr_signer = _hex_field(report, "mr_signer").hex()
             return Claims(
                 backend="sgx",
-                measurement=_hex_field(report, "mr_enclave").hex(),
-                signer=_hex_field(report, "mr_signer").hex(),
+                measurement=mr_enclave,
+                signer=mr_signer,
                 product_id=_int_field(report, "isv_prod_id"),
                 security_version=_int_field(report, "isv_svn"),
                 debug=bool(flags & 0x2),  # SGX ATTRIBUTES.DEBUG is bit 1 of the flags
@@ -322,6 +407,8 @@ class DcapVerifier(VerifierBase):
                 tcb_status=status,
                 advisories=advisories,
                 extra=extra,
+                measurements={"mrenclave": mr_enclave, "mrsigner": mr_signer},
+                **common,
             )
 
         td_attributes = _hex_field(report, "td_attributes")
@@ -345,6 +432,10 @@ class DcapVerifier(VerifierBase):
         ):
             if name in report:
                 extra[name] = _hex_field(report, name).hex()
+        measurements = {"mrtd": _hex_field(report, "mr_td").hex()}
+        for name in _TDX_REGISTERS:
+            if name in report:
+                measurements[name.replace("_", "")] = extra[name]
         return Claims(
             backend="tdx",
             measurement=_hex_field(report, "mr_td").hex(),
@@ -359,4 +450,6 @@ class DcapVerifier(VerifierBase):
             tcb_status=status,
             advisories=advisories,
             extra=extra,
+            measurements=measurements,
+            **common,
         )

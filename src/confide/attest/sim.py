@@ -14,7 +14,7 @@ from confide.enclave.backend import REPORT_DATA_LEN, SIM_EVIDENCE_FORMAT
 from confide.enclave.encoding import b64d, check_fields, get_typed, hexd, parse_json_object
 from confide.enclave.errors import EvidenceError
 
-from .anchors import check_validity, parse_der_certificate
+from .anchors import chain_cert, check_validity, parse_der_certificate, window
 from .claims import Claims, TrustAnchors, VerifierBase
 
 W = "sim evidence"
@@ -78,6 +78,10 @@ class SimVerifier(VerifierBase):
             try:
                 root = parse_der_certificate(der, "simulated vendor root", where="trust anchors")
                 _verify_cert(pak, root, at=at, what="platform")
+                chain = (
+                    chain_cert(pak, "platform key (simulated)"),
+                    chain_cert(root, "vendor root (simulated)"),
+                )
                 break
             except EvidenceError as exc:
                 errors.append(exc.message)
@@ -98,10 +102,13 @@ class SimVerifier(VerifierBase):
         if claims["backend"] != "sim" or claims["simulated"] is not True:
             raise EvidenceError("sim evidence must declare backend 'sim' and simulated true", where=bw)
         extra = get_typed(claims, "extra", dict, where=bw)
+        measurement = hexd(claims["measurement"], field="measurement", where=bw, length=32).hex()
+        signer = hexd(claims["signer"], field="signer", where=bw, length=32).hex()
+        valid_from, valid_until = window(chain)
         return Claims(
             backend="sim",
-            measurement=hexd(claims["measurement"], field="measurement", where=bw, length=32).hex(),
-            signer=hexd(claims["signer"], field="signer", where=bw, length=32).hex(),
+            measurement=measurement,
+            signer=signer,
             product_id=get_typed(claims, "product_id", int, where=bw),
             security_version=get_typed(claims, "security_version", int, where=bw),
             debug=get_typed(claims, "debug", bool, where=bw),
@@ -109,4 +116,8 @@ class SimVerifier(VerifierBase):
             simulated=True,
             issued_at=get_typed(claims, "time", int, where=bw),
             extra={"notice": get_typed(claims, "notice", str, where=bw), **extra},
+            measurements={"measurement": measurement, "signer": signer},
+            signing_chain=chain,
+            valid_from=valid_from,
+            valid_until=valid_until,
         )

@@ -16,14 +16,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, NoReturn, Protocol
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .config import EnclaveConfig
-from .encoding import b64e, canonical_json
-from .errors import ConfideError
+from .encoding import b64d, b64e, canonical_json, check_fields, get_typed, hexd, parse_json_object
+from .errors import ConfideError, EnclaveError, EvidenceError
 from .keys import PublicIdentity
 from .measurement import measure
 from .sim_platform import SimPlatform
@@ -76,6 +77,37 @@ class TeeBackend(Protocol):
 
     def sealing_key(self, policy: SealPolicy, label: bytes) -> bytes: ...
 
+    def verify_peer(self, evidence: bytes) -> tuple[EnclaveIdentity, bytes]:
+        """Mutual attestation (PROTOCOL.md section 6): check, inside this enclave, that `evidence` is
+        authentic evidence of an enclave on the same kind of TEE; returns its identity and its 64
+        bytes of report data. The caller decides whether that identity is acceptable."""
+        peer_verification_unsupported(self.identity.backend)
+
+
+def peer_verification_unsupported(backend: str) -> NoReturn:
+    """For providers that cannot yet verify another enclave's evidence from inside the enclave."""
+    raise EnclaveError(
+        f"mutual attestation not supported by backend {backend!r} in this build "
+        "(the service key cannot be provisioned to or from this worker)",
+        where="verify_peer",
+    )
+
+
+MAX_PEER_EVIDENCE = 64 << 10
+SIM_BODY_FIELDS = (
+    "backend",
+    "simulated",
+    "notice",
+    "measurement",
+    "signer",
+    "product_id",
+    "security_version",
+    "debug",
+    "report_data",
+    "time",
+    "extra",
+)
+
 
 class SimBackend:
     """The simulated TEE: evidence signed by the installation's simulated platform key."""
@@ -125,6 +157,44 @@ class SimBackend:
         info = b"confide-seal-v1\0" + policy.encode() + b"\0" + bound.encode() + b"\0" + label
         return HKDF(hashes.SHA256(), 32, salt=None, info=info).derive(self._platform.secret)
 
+    def verify_peer(self, evidence: bytes) -> tuple[EnclaveIdentity, bytes]:
+        """Sim evidence signed by this simulated platform's attestation key (same installation)."""
+        w = "peer evidence"
+        if len(evidence) > MAX_PEER_EVIDENCE:
+            raise EvidenceError(f"longer than {MAX_PEER_EVIDENCE} bytes", where=w)
+        outer = parse_json_object(evidence, where=w)
+        check_fields(outer, required=("format", "body", "signature", "certificates"), where=w)
+        if outer["format"] != SIM_EVIDENCE_FORMAT:
+            raise EvidenceError(f"not sim evidence (format {str(outer['format'])[:60]!r})", where=w)
+        certs = get_typed(outer, "certificates", list, where=w)
+        if len(certs) != 1 or b64d(certs[0], field="certificates[0]", where=w) != self._platform.pak_der:
+            raise EvidenceError(
+                "not certified by this simulated platform's attestation key (another platform?)", where=w
+            )
+        body = b64d(outer["body"], field="body", where=w)
+        signature = b64d(outer["signature"], field="signature", where=w, length=64)
+        try:
+            self._platform.pak_key.public_key().verify(signature, SIM_EVIDENCE_FORMAT.encode() + b"\0" + body)
+        except InvalidSignature:
+            raise EvidenceError(
+                "signature does not verify under the platform attestation key", where=w
+            ) from None
+        bw = f"{w} body"
+        claims = parse_json_object(body, where=bw)
+        check_fields(claims, required=SIM_BODY_FIELDS, where=bw)
+        if claims["backend"] != "sim" or claims["simulated"] is not True:
+            raise EvidenceError("sim evidence must declare backend 'sim' and simulated true", where=bw)
+        identity = EnclaveIdentity(
+            backend="sim",
+            measurement=hexd(claims["measurement"], field="measurement", where=bw, length=32).hex(),
+            signer=hexd(claims["signer"], field="signer", where=bw, length=32).hex(),
+            product_id=get_typed(claims, "product_id", int, where=bw),
+            security_version=get_typed(claims, "security_version", int, where=bw),
+            debug=get_typed(claims, "debug", bool, where=bw),
+        )
+        report_data = hexd(claims["report_data"], field="report_data", where=bw, length=REPORT_DATA_LEN)
+        return identity, report_data
+
 
 def _sim(platform_dir: Path, config: EnclaveConfig) -> TeeBackend:
     # the simulated CPU measures the enclave, as a real one would at load time
@@ -139,9 +209,24 @@ def _sim(platform_dir: Path, config: EnclaveConfig) -> TeeBackend:
     return SimBackend(SimPlatform.load(platform_dir), identity)
 
 
-# Evidence providers by name. A Gramine-SGX, configfs-tsm or Nitro provider is one more entry here;
-# the enclave runtime only ever sees the TeeBackend interface.
-BACKENDS: dict[str, Callable[[Path, EnclaveConfig], TeeBackend]] = {"sim": _sim}
+def _gramine_sgx(platform_dir: Path, config: EnclaveConfig) -> TeeBackend:
+    from .providers.gramine_sgx import GramineSgxBackend  # imported here: providers import this module
+
+    return GramineSgxBackend(config)  # /dev/attestation; the simulated platform directory is unused
+
+
+def _tsm(platform_dir: Path, config: EnclaveConfig) -> TeeBackend:
+    from .providers.tsm import TsmBackend
+
+    return TsmBackend(config)  # /sys/kernel/config/tsm/report
+
+
+# Evidence providers by name; the enclave runtime only ever sees the TeeBackend interface.
+BACKENDS: dict[str, Callable[[Path, EnclaveConfig], TeeBackend]] = {
+    "sim": _sim,
+    "gramine-sgx": _gramine_sgx,
+    "tsm": _tsm,
+}
 
 
 def create_backend(name: str, *, platform_dir: Path, config: EnclaveConfig) -> TeeBackend:

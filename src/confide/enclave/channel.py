@@ -90,8 +90,30 @@ CALLS: dict[str, CallSpec] = {
         {"source": str, "error_report": str},  # no "source": the code travels sealed in the request
         "run a function on sealed inputs; outputs sealed to the recipients the client approved",
     ),
+    "service_info": CallSpec(
+        {}, {}, "whether this worker holds the service key; its line and boot evidence hash"
+    ),
+    "service_init": CallSpec({}, {}, "create the service identity (first worker only)"),
+    "service_evidence": CallSpec(
+        {"nonce": str}, {}, "evidence binding the service key and a verifier's nonce (hex, may be empty)"
+    ),
+    "provision_offer": CallSpec({}, {}, "new worker: a fresh ephemeral key and evidence binding it"),
+    "provision_grant": CallSpec(
+        {"offer": str, "evidence": str}, {}, "provisioned worker: the service key sealed to an attested peer"
+    ),
+    "provision_accept": CallSpec(
+        {"grant": str, "evidence": str}, {}, "new worker: check the granter's evidence, keep the service key"
+    ),
+    "task": CallSpec(
+        {"manifest": str, "approvals": list, "dataset_keys": dict, "inputs": dict, "outputs": dict},
+        {"function_source": dict},
+        "run a multi-party task: consent checked in the enclave, outputs sealed to the manifest's recipients",
+    ),
     "shutdown": CallSpec({}, {}, "stop the enclave"),
 }
+MAX_TASK_ENTRIES = 64
+MAX_MANIFEST_LEN = 256 << 10
+MAX_EVIDENCE_LEN = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -118,7 +140,7 @@ def parse_call(frame: bytes) -> Call:
     for key, kind in {**spec.required, **spec.optional}.items():
         if key in args:
             get_typed(args, key, kind, where=where)
-    if name == "evidence" and len(args["nonce"]) > 2 * MAX_NONCE_LEN:
+    if name in ("evidence", "service_evidence") and len(args["nonce"]) > 2 * MAX_NONCE_LEN:
         raise FormatError(f"nonce longer than {MAX_NONCE_LEN} bytes", where=where)
     if name == "run":
         if len(args.get("source", "")) > MAX_SOURCE_LEN:
@@ -127,6 +149,18 @@ def parse_call(frame: bytes) -> Call:
             _check_path_table(args[table], f"{where}: {table}")
         if "error_report" in args:
             _check_path(args["error_report"], f"{where}: error_report")
+    if name in ("provision_grant", "provision_accept"):
+        for key, value in args.items():
+            if len(value) > MAX_EVIDENCE_LEN:
+                raise FormatError(f"{key} longer than {MAX_EVIDENCE_LEN} characters", where=where)
+    if name == "task":
+        if len(args["manifest"]) > MAX_MANIFEST_LEN:
+            raise FormatError(f"manifest longer than {MAX_MANIFEST_LEN} characters", where=where)
+        for key in ("approvals", "dataset_keys"):
+            if len(args[key]) > MAX_TASK_ENTRIES:
+                raise FormatError(f"more than {MAX_TASK_ENTRIES} {key}", where=where)
+        for table in ("inputs", "outputs"):
+            _check_path_table(args[table], f"{where}: {table}")
     return Call(call_id, name, args)
 
 

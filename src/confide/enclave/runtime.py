@@ -15,28 +15,25 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from typing import Any
 
 from . import channel
 from .backend import TeeBackend, create_backend, report_data_for
 from .config import EnclaveConfig
 from .encoding import b64d, b64e, hexd
-from .errors import ConfideError, EnclaveError, FormatError, IntegrityError
-from .keys import Identity, PublicIdentity
+from .errors import ConfideError, EnclaveError, FormatError
+from .keys import Identity
 from .memory import MemoryBudget
-from .request import RunRequest, make_receipt, open_request
-from .sandbox import SandboxLimits, Zygote, make_input_memfd
+from .pipeline import OutputFile, open_input, run_sandboxed, write_error_output
+from .request import make_receipt, open_request
+from .sandbox import Zygote
 from .sandbox.zygote import PendingZygote
-from .sealed_file import SealedReader, SealedWriter, create_partial, write_atomically
+from .service import ServiceState
+from .state import seal_identity, state_path, unseal_identity
+from .task_runner import TaskRunner
 
-STATE_AAD = b"confide-enclave-state-v1"
 PR_SET_DUMPABLE = 4
-MIN_WORKING_MEMORY = 16 << 20
 ATTESTATION_NONCE_LEN = 32
 MAX_ATTESTED_NONCES = 4096
 
@@ -45,64 +42,12 @@ MAX_ATTESTED_NONCES = 4096
 
 
 def load_or_create_keys(backend: TeeBackend, state_dir: Path) -> Identity:
-    key = backend.sealing_key("measurement", b"enclave-identity")
-    path = state_dir / f"enclave-{backend.identity.measurement[:16]}.sealed"
-    aad = STATE_AAD + bytes.fromhex(backend.identity.measurement)
+    path = state_path(backend, state_dir, "enclave")
     if path.exists():
-        blob = path.read_bytes()
-        try:
-            plain = AESGCM(key).decrypt(blob[:12], blob[12:], aad)
-        except (InvalidTag, ValueError):
-            raise IntegrityError(
-                "sealed enclave state does not unseal: made by another build or platform, or tampered",
-                where=str(path),
-            ) from None
-        return Identity.from_private_bytes(plain, where=str(path))
+        return unseal_identity(backend, path, b"enclave-identity", "enclave state")
     identity = Identity.generate("confide-enclave")
-    nonce = os.urandom(12)
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_atomically(
-        path, lambda fh: fh.write(nonce + AESGCM(key).encrypt(nonce, identity.private_bytes(), aad))
-    )
+    seal_identity(backend, path, b"enclave-identity", identity)
     return identity
-
-
-# ---- inputs and outputs of a run ----------------------------------------------------------------------
-
-
-class _HashingFile:
-    """Pass-through writer that hashes what goes to disk (the sealed bytes)."""
-
-    def __init__(self, fh: BinaryIO) -> None:
-        self.fh = fh
-        self.sha = hashlib.sha256()
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        self.sha.update(data)
-        return self.fh.write(data)
-
-
-class OutputFile:
-    """A declared output: sealed to its recipients as the function writes it; published only on success."""
-
-    def __init__(self, path: Path, recipients: Sequence[PublicIdentity], metadata: dict[str, str]) -> None:
-        self.path = path
-        self.tmp, self.fh = create_partial(path)
-        self.hashing = _HashingFile(self.fh)
-        self.writer = SealedWriter(self.hashing, recipients=recipients, metadata=metadata)  # type: ignore[arg-type]
-
-    def write(self, data: bytes) -> None:
-        self.writer.write(data)
-
-    def publish(self) -> str:
-        self.writer.close()
-        self.fh.close()
-        os.replace(self.tmp, self.path)
-        return self.hashing.sha.hexdigest()
-
-    def discard(self) -> None:
-        self.fh.close()
-        self.tmp.unlink(missing_ok=True)
 
 
 # ---- the runtime --------------------------------------------------------------------------------------
@@ -116,6 +61,7 @@ class EnclaveRuntime:
         keys: Identity,
         zygote: Zygote,
         config: EnclaveConfig,
+        service: ServiceState,
     ) -> None:
         self.backend = backend
         self.keys = keys
@@ -123,6 +69,10 @@ class EnclaveRuntime:
         self.config = config
         self.simulated = backend.simulated
         self.budget = MemoryBudget(config.memory_budget_bytes)
+        self.service = service
+        self.tasks = TaskRunner(
+            backend=backend, service=service, zygote=zygote, budget=self.budget, config=config
+        )
         self.seen_requests: set[str] = set()
         # nonces this boot has attested to, oldest first; a run request must spend one (see run())
         self.attested_nonces: dict[str, None] = {}
@@ -158,6 +108,20 @@ class EnclaveRuntime:
             return {"evidence": b64e(ev)}
         if call.name == "run":
             return self.run(call.args)
+        if call.name == "task":
+            return self.tasks.run(call.args)
+        if call.name == "service_info":
+            return self.service.info()
+        if call.name == "service_init":
+            return self.service.init()
+        if call.name == "service_evidence":
+            return self.service.evidence(call.args["nonce"])
+        if call.name == "provision_offer":
+            return self.service.offer()
+        if call.name == "provision_grant":
+            return self.service.grant(call.args["offer"], call.args["evidence"])
+        if call.name == "provision_accept":
+            return self.service.accept(call.args["grant"], call.args["evidence"])
         if call.name == "shutdown":
             self.running = False
             return {"bye": True}
@@ -203,52 +167,38 @@ class EnclaveRuntime:
         outputs: dict[str, OutputFile] = {}
         try:
             for name, grant in sorted(req.inputs.items()):
-                path = args["inputs"][name]
-                try:
-                    fh = open(path, "rb")  # noqa: SIM115 - closed below
-                except OSError as exc:
-                    raise EnclaveError(
-                        f"cannot open input ({exc.strerror})", where=f"input {name!r} ({path})"
-                    ) from None
-                with fh:
-                    reader = SealedReader(fh, where=f"input {name!r} ({path})")
-                    if reader.header.digest.hex() != grant.header_sha256:
-                        raise IntegrityError(
-                            "input file is not the file the client approved (header digest mismatch)",
-                            where=f"input {name!r} ({path})",
-                        )
-                    reader.unlock(data_key=grant.data_key)
-                    reserved += self.budget.reserve(reader.plaintext_size, f"input {name!r}")
-                    fds[name] = make_input_memfd(reader.iter_chunks(), name=f"confide-input-{name}")
-            if self.budget.free < MIN_WORKING_MEMORY:
-                self.budget.reserve(MIN_WORKING_MEMORY, "the function's working memory (minimum)")
-            allowance = self.budget.free
-            reserved += self.budget.reserve(allowance, "the function's working memory")
-            cap = self.config.max_output_mib << 20
+                fds[name], n = open_input(
+                    args["inputs"][name],
+                    name,
+                    data_key=grant.data_key,
+                    budget=self.budget,
+                    header_sha256=grant.header_sha256,
+                )
+                reserved += n
             for name, spec in req.outputs.items():
                 outputs[name] = OutputFile(
                     Path(args["outputs"][name]),
                     spec.recipients,
                     {"output": name, "request_id": req.request_id},
                 )
-            limits = SandboxLimits(
-                memory_bytes=allowance,
-                cpu_seconds=self.config.cpu_seconds,
-                wall_seconds=float(self.config.wall_seconds),
-                max_output_bytes=min([cap, *(s.max_bytes for s in req.outputs.values())]),
-            )
             started = time.monotonic()
-            result = self.zygote.run(
-                source, params=req.params, inputs=fds, outputs=dict(outputs), limits=limits
+            result = run_sandboxed(
+                self.zygote,
+                self.budget,
+                self.config,
+                source=source,
+                params=req.params,
+                inputs=fds,
+                outputs=outputs,
+                max_output_bytes=min(s.max_bytes for s in req.outputs.values()),
             )
             elapsed = time.monotonic() - started
             if not result.ok:
-                for out in outputs.values():
-                    out.discard()
-                outputs.clear()
                 report = args.get("error_report")
                 if report:
-                    self._write_error_report(Path(report), req, result.category, result.detail)
+                    write_error_output(
+                        Path(report), req.error_recipients, {"error_report": req.request_id}, result
+                    )
                 return {
                     "ok": False,
                     "category": result.category,
@@ -278,18 +228,6 @@ class EnclaveRuntime:
             for fd in fds.values():
                 os.close(fd)
             self.budget.release(reserved)
-
-    def _write_error_report(self, path: Path, req: RunRequest, category: str, detail: str) -> None:
-        """The function's own error text may carry data: it goes sealed to the approved recipients only."""
-        text = f"category: {category}\n\n{detail}".encode()
-
-        def fill(fh: BinaryIO) -> None:
-            with SealedWriter(
-                fh, recipients=req.error_recipients, metadata={"error_report": req.request_id}
-            ) as writer:
-                writer.write(text)
-
-        write_atomically(path, fill)
 
     # -- the call loop ------------------------------------------------------------------------------
     def serve(self, sock: socket.socket) -> None:
@@ -340,9 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         backend = create_backend(args.backend, platform_dir=args.platform, config=config)
         # 3. keys: unsealed if this build sealed them before, else created and sealed
         keys = load_or_create_keys(backend, args.state)
+        service = ServiceState(backend, args.state)  # the service key, if this worker was given it
         zygote = pending.wait()
         pending = None
-        runtime = EnclaveRuntime(backend=backend, keys=keys, zygote=zygote, config=config)
+        runtime = EnclaveRuntime(backend=backend, keys=keys, zygote=zygote, config=config, service=service)
     except ConfideError as exc:
         if pending is not None:
             pending.abandon()

@@ -1,0 +1,236 @@
+"""Steps shared by the single-client ``run`` call and the multi-party ``task`` call.
+
+- ``open_input``: a sealed input file, checked (header digest, or SHA-256 of the whole ciphertext
+  *as read while decrypting*, so a file swapped after the check is caught), decrypted into a sealed
+  memfd reserved against the memory budget;
+- ``OutputFile``: a declared output, sealed to its recipients as the function writes it, capped,
+  written under a temporary name and published only on success;
+- ``run_sandboxed``: the function's working memory reserved, limits set, one sandboxed run;
+- ``write_error_output``: a failed function's own error text, sealed (it may carry data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .config import EnclaveConfig
+from .errors import EnclaveError, IntegrityError
+from .keys import PublicIdentity
+from .memory import MemoryBudget
+from .sandbox import RunResult, SandboxLimits, Zygote, make_input_memfd
+from .sealed_file import SealedReader, SealedWriter, create_partial
+
+MIN_WORKING_MEMORY = 16 << 20
+_BLOCK = 1 << 20
+
+
+# ---- inputs -----------------------------------------------------------------------------------------
+
+
+class _HashingReader(io.RawIOBase):
+    """A file as SealedReader reads it, hashing the bytes read in order from offset 0. SealedReader
+    reads the header, then (after a seek to the end for the size) every chunk in order, so after a
+    full decryption the hash covers exactly the bytes that were decrypted."""
+
+    def __init__(self, fh: io.FileIO) -> None:
+        super().__init__()
+        self._fh = fh
+        self._sha = hashlib.sha256()
+        self._pos = 0
+        self.hashed = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self._pos = self._fh.seek(offset, whence)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buf: Any) -> int:
+        n = self._fh.readinto(buf) or 0
+        if n and self._pos <= self.hashed < self._pos + n:
+            self._sha.update(memoryview(buf).cast("B")[self.hashed - self._pos : n])
+            self.hashed = self._pos + n
+        self._pos += n
+        return n
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+def sha256_of(fh: BinaryIO) -> str:
+    fh.seek(0)
+    h = hashlib.sha256()
+    while block := fh.read(_BLOCK):
+        h.update(block)
+    return h.hexdigest()
+
+
+def _open(path: str, where: str) -> io.FileIO:
+    try:
+        return open(path, "rb", buffering=0)
+    except OSError as exc:
+        raise EnclaveError(f"cannot open input ({exc.strerror})", where=where) from None
+
+
+def input_sha256(path: str, *, where: str) -> str:
+    """SHA-256 of a whole input file (constant memory), before any key is used on it."""
+    with _open(path, where) as fh:
+        return sha256_of(fh)
+
+
+def open_input(
+    path: str,
+    name: str,
+    *,
+    data_key: bytes,
+    budget: MemoryBudget,
+    header_sha256: str | None = None,
+    ciphertext_sha256: str | None = None,
+    where: str | None = None,
+) -> tuple[int, int]:
+    """Decrypt a sealed input into a sealed memfd; returns (fd, bytes reserved against the budget).
+    With `header_sha256` the file's header must have that digest; with `ciphertext_sha256` the
+    bytes decrypted must hash to it."""
+    where = where or f"input {name!r} ({path})"
+    reserved = 0
+    with _open(path, where) as fh:
+        src: io.RawIOBase = _HashingReader(fh) if ciphertext_sha256 is not None else fh
+        reader = SealedReader(src, where=where)
+        if header_sha256 is not None and reader.header.digest.hex() != header_sha256:
+            raise IntegrityError(
+                "input file is not the file the client approved (header digest mismatch)", where=where
+            )
+        reader.unlock(data_key=data_key)
+        reserved = budget.reserve(reader.plaintext_size, f"input {name!r}")
+        try:
+            fd = make_input_memfd(reader.iter_chunks(), name=f"confide-input-{name}")
+            if isinstance(src, _HashingReader):
+                size = fh.seek(0, os.SEEK_END)
+                if src.hashed != size or src.hexdigest() != ciphertext_sha256:
+                    os.close(fd)
+                    raise IntegrityError(
+                        "input changed while it was read: the bytes decrypted are not the approved ciphertext",
+                        where=where,
+                    )
+        except BaseException:
+            budget.release(reserved)
+            raise
+    return fd, reserved
+
+
+# ---- outputs ----------------------------------------------------------------------------------------
+
+
+class OutputLimitExceeded(EnclaveError):
+    """An output grew past its own cap (the run is stopped; nothing is published)."""
+
+
+class _HashingFile:
+    """Pass-through writer that hashes what goes to disk (the sealed bytes)."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh = fh
+        self.sha = hashlib.sha256()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.sha.update(data)
+        return self.fh.write(data)
+
+
+class OutputFile:
+    """A declared output: sealed to its recipients as the function writes it; published only on success."""
+
+    def __init__(
+        self,
+        path: Path,
+        recipients: Sequence[PublicIdentity],
+        metadata: Mapping[str, str],
+        *,
+        max_bytes: int | None = None,
+    ) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.tmp, self.fh = create_partial(path)
+        self.hashing = _HashingFile(self.fh)
+        self.writer = SealedWriter(self.hashing, recipients=recipients, metadata=metadata)  # type: ignore[arg-type]
+
+    @property
+    def size(self) -> int:
+        """Plaintext bytes written so far."""
+        return self.writer.plaintext_bytes
+
+    def write(self, data: bytes) -> None:
+        if self.max_bytes is not None and self.size + len(data) > self.max_bytes:
+            raise OutputLimitExceeded(f"output exceeded its {self.max_bytes}-byte cap", where=str(self.path))
+        self.writer.write(data)
+
+    def publish(self) -> str:
+        """Finish, rename into place; returns the SHA-256 of the sealed file."""
+        self.writer.close()
+        self.fh.close()
+        os.replace(self.tmp, self.path)
+        return self.hashing.sha.hexdigest()
+
+    def discard(self) -> None:
+        self.fh.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_error_output(
+    path: Path, recipients: Sequence[PublicIdentity], metadata: Mapping[str, str], result: RunResult
+) -> tuple[str, int]:
+    """The function's own error text may carry data: sealed to the given recipients only.
+    Returns (SHA-256 of the sealed file, plaintext size)."""
+    out = OutputFile(path, recipients, metadata)
+    try:
+        out.write(f"category: {result.category}\n\n{result.detail}".encode())
+        return out.publish(), out.size
+    except BaseException:
+        out.discard()
+        raise
+
+
+# ---- the sandboxed run ------------------------------------------------------------------------------
+
+
+def run_sandboxed(
+    zygote: Zygote,
+    budget: MemoryBudget,
+    config: EnclaveConfig,
+    *,
+    source: str,
+    params: dict[str, Any],
+    inputs: dict[str, int],
+    outputs: Mapping[str, OutputFile],
+    max_output_bytes: int,
+) -> RunResult:
+    """One run: what is left of the memory budget is the function's allowance (at least
+    MIN_WORKING_MEMORY), released afterwards. An output over its own cap ends as `output-limit`."""
+    if budget.free < MIN_WORKING_MEMORY:
+        budget.reserve(MIN_WORKING_MEMORY, "the function's working memory (minimum)")
+    allowance = budget.reserve(budget.free, "the function's working memory")
+    try:
+        limits = SandboxLimits(
+            memory_bytes=allowance,
+            cpu_seconds=config.cpu_seconds,
+            wall_seconds=float(config.wall_seconds),
+            max_output_bytes=min(config.max_output_mib << 20, max_output_bytes),
+        )
+        try:
+            return zygote.run(source, params=params, inputs=inputs, outputs=dict(outputs), limits=limits)
+        except OutputLimitExceeded as exc:
+            return RunResult(False, "output-limit", str(exc), None, None, 0.0)
+    finally:
+        budget.release(allowance)

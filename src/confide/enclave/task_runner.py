@@ -1,0 +1,333 @@
+"""The multi-party ``task`` call (PROTOCOL.md sections 5-6): consent enforced in the enclave.
+
+Before any dataset key is unwrapped, in this order (each failure ends the call with a receipt
+signed by the service key, ``status: error`` and ``error.check`` naming the step):
+
+1. ``manifest``  the manifest parses (names, sizes, participants, function digest);
+2. ``approval``  every approval passed is by a participant, over this manifest's digest and task
+                 id, and its signature verifies under the key recomputed from the manifest;
+3. ``manifest``  the manifest is for this service;
+4. ``function``  the source is the built-in of this build, or clear source, or sealed source opened
+                 with the service key, and it hashes to the descriptor's ``source_sha256``;
+5. ``input``     one key envelope and one file per input; each envelope is for this service and
+                 names the manifest's dataset, owner and ciphertext (``output``: one path per output);
+6. ``approval``  an approval by the owner of each input (the owner bound in its envelope) and by
+                 the function's owner, if it has one;
+7. ``input``     each blob's SHA-256 is the approved one; only then the data keys are unwrapped.
+
+Then each input is decrypted into a sealed memfd while its bytes are hashed again (a blob swapped
+after step 7 is caught), the function runs in the sandbox, and the outputs, sealed to exactly the
+manifest's recipients, are published under the host's paths only on success. A failed function
+gives an ``ok: false`` receipt with the sandbox's category; its own error text is sealed to the
+creator and every recipient as the ``_error`` output, if the host gave a path for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .backend import TeeBackend
+from .config import EnclaveConfig
+from .encoding import b64d, b64e
+from .errors import ConfideError, EnclaveError, FormatError, IntegrityError
+from .keys import Identity
+from .manifest import (
+    ERROR_OUTPUT,
+    DatasetKeyEnvelope,
+    Manifest,
+    builtin_descriptor,
+    builtin_source,
+    check_dataset_key,
+    check_function_source,
+    make_task_receipt,
+    open_dataset_key,
+    open_function_source,
+    parse_approval,
+    parse_dataset_key,
+    parse_manifest,
+    verify_approval,
+)
+from .memory import MemoryBudget
+from .pipeline import OutputFile, input_sha256, open_input, run_sandboxed, write_error_output
+from .sandbox import Zygote
+from .service import ServiceState
+
+
+class TaskRefused(EnclaveError):
+    """A check failed: the task does not run, and the receipt names the check."""
+
+    def __init__(self, check: str, message: str) -> None:
+        super().__init__(message)
+        self.check = check
+
+
+@contextmanager
+def _step(check: str) -> Iterator[None]:
+    """Any Confide error inside the block fails the task with this check's name."""
+    try:
+        yield
+    except TaskRefused:
+        raise
+    except ConfideError as exc:
+        raise TaskRefused(check, str(exc)) from None
+
+
+def _input_where(m: Manifest, name: str) -> str:
+    inp = m.input(name)
+    return f"input {name!r} (dataset {inp.dataset_id} of {m.name_of(inp.owner)})"
+
+
+class TaskRunner:
+    def __init__(
+        self,
+        *,
+        backend: TeeBackend,
+        service: ServiceState,
+        zygote: Zygote,
+        budget: MemoryBudget,
+        config: EnclaveConfig,
+    ) -> None:
+        self.backend = backend
+        self.service = service
+        self.zygote = zygote
+        self.budget = budget
+        self.config = config
+
+    def run(self, args: dict[str, Any]) -> dict[str, Any]:
+        service = self.service.require()  # without a service key there is nobody to sign a receipt
+        started = int(time.time())
+        manifest: Manifest | None = None
+        try:
+            with _step("manifest"):
+                manifest = parse_manifest(args["manifest"])
+            source, keys = self._check(manifest, args, service)
+            return self._execute(manifest, source, keys, args, service, started)
+        except TaskRefused as exc:
+            receipt = self._receipt(
+                service,
+                manifest,
+                args["manifest"],
+                started,
+                outputs=[],
+                error={"check": exc.check, "message": exc.message},
+            )
+            return {"ok": False, "category": "refused", "receipt": b64e(receipt), "outputs": {}}
+
+    # -- checks before any key is unwrapped -------------------------------------------------------
+    def _check(self, m: Manifest, args: dict[str, Any], service: Identity) -> tuple[str, dict[str, bytes]]:
+        task = f"task {m.task_id}"
+        with _step("approval"):
+            approved: set[str] = set()
+            for i, raw in enumerate(args["approvals"]):
+                approved.add(verify_approval(parse_approval(raw, where=f"approval #{i + 1}"), m).party)
+        with _step("manifest"):
+            if m.service != service.fingerprint:
+                raise IntegrityError(
+                    f"manifest is for service {m.service}, not this service {service.fingerprint}",
+                    where=f"manifest of {task}",
+                )
+        with _step("function"):
+            source = self._function_source(m, args.get("function_source"), service)
+        with _step("input"):
+            envelopes = self._envelopes(m, args, service)
+        with _step("output"):
+            names = {o.name for o in m.outputs}
+            given = set(args["outputs"]) - {ERROR_OUTPUT}
+            if given != names:
+                raise FormatError(
+                    f"host's outputs {sorted(given)} differ from the manifest's {sorted(names)}", where=task
+                )
+        with _step("approval"):
+            for inp in m.inputs:
+                owner = envelopes[inp.name].owner  # == the manifest's owner (checked above)
+                if owner not in approved:
+                    raise IntegrityError(
+                        f"no approval by {m.name_of(owner)}, the owner of input {inp.name!r} "
+                        f"(dataset {inp.dataset_id})",
+                        where=task,
+                    )
+            fn = m.function
+            if fn.owner and fn.owner not in approved:
+                raise IntegrityError(
+                    f"no approval by {m.name_of(fn.owner)}, the owner of function {fn.name!r}", where=task
+                )
+        with _step("input"):
+            for inp in m.inputs:
+                where = _input_where(m, inp.name)
+                got = input_sha256(args["inputs"][inp.name], where=where)
+                if got != inp.ciphertext_sha256:
+                    raise IntegrityError(
+                        f"ciphertext has SHA-256 {got}, not the approved {inp.ciphertext_sha256} "
+                        "(corrupted or swapped blob)",
+                        where=where,
+                    )
+            keys = {
+                inp.name: open_dataset_key(
+                    envelopes[inp.name],
+                    service,
+                    expect=inp,
+                    where=f"key envelope of {_input_where(m, inp.name)}",
+                )
+                for inp in m.inputs
+            }
+        return source, keys
+
+    def _function_source(self, m: Manifest, given: Any, service: Identity) -> str:
+        fn = m.function
+        where = f"function {fn.name!r} ({m.function_digest})"
+        if fn.kind == "builtin":
+            if given is not None:
+                raise FormatError("the host passed a source for a built-in function", where=where)
+            if fn != builtin_descriptor(fn.name):
+                raise IntegrityError(
+                    f"built-in {fn.name!r} version {fn.version} is not this enclave build's "
+                    "(its descriptor differs: another release?)",
+                    where=where,
+                )
+            return builtin_source(fn.name)
+        if not isinstance(given, dict) or len(given) != 1 or not set(given) <= {"clear", "sealed"}:
+            raise FormatError(
+                'the host must pass function_source as {"clear": source} or {"sealed": base64}', where=where
+            )
+        if "sealed" in given:
+            sealed = b64d(given["sealed"], field="function_source.sealed", where=where)
+            return open_function_source(sealed, descriptor=fn, service=service)
+        if m.confidential:
+            raise IntegrityError(
+                "the function is confidential: its source must come sealed to the service", where=where
+            )
+        clear = given["clear"]
+        if not isinstance(clear, str):
+            raise FormatError("function_source.clear must be text", where=where)
+        check_function_source(fn, clear)
+        return clear
+
+    def _envelopes(
+        self, m: Manifest, args: Mapping[str, Any], service: Identity
+    ) -> dict[str, DatasetKeyEnvelope]:
+        names = {i.name for i in m.inputs}
+        task = f"task {m.task_id}"
+        for table in ("dataset_keys", "inputs"):
+            if set(args[table]) != names:
+                raise FormatError(
+                    f"host's {table} {sorted(args[table])} differ from the manifest's inputs {sorted(names)}",
+                    where=task,
+                )
+        envelopes = {}
+        for inp in m.inputs:
+            where = f"key envelope of {_input_where(m, inp.name)}"
+            env = parse_dataset_key(args["dataset_keys"][inp.name], where=where)
+            check_dataset_key(env, inp, service.fingerprint, where=where)
+            envelopes[inp.name] = env
+        return envelopes
+
+    # -- the run ----------------------------------------------------------------------------------
+    def _execute(
+        self,
+        m: Manifest,
+        source: str,
+        keys: dict[str, bytes],
+        args: dict[str, Any],
+        service: Identity,
+        started: int,
+    ) -> dict[str, Any]:
+        reserved = 0
+        fds: dict[str, int] = {}
+        outputs: dict[str, OutputFile] = {}
+        try:
+            with _step("input"):
+                for inp in m.inputs:
+                    fds[inp.name], n = open_input(
+                        args["inputs"][inp.name],
+                        inp.name,
+                        data_key=keys[inp.name],
+                        budget=self.budget,
+                        ciphertext_sha256=inp.ciphertext_sha256,
+                        where=_input_where(m, inp.name),
+                    )
+                    reserved += n
+            metadata = {"task_id": m.task_id, "manifest_sha256": m.digest}
+            with _step("output"):
+                for o in m.outputs:
+                    outputs[o.name] = OutputFile(
+                        Path(args["outputs"][o.name]),
+                        [m.participant(r).identity for r in o.recipients],
+                        {**metadata, "output": o.name},
+                        max_bytes=o.max_bytes,
+                    )
+            with _step("run"):
+                result = run_sandboxed(
+                    self.zygote,
+                    self.budget,
+                    self.config,
+                    source=source,
+                    params=m.params,
+                    inputs=fds,
+                    outputs=outputs,
+                    max_output_bytes=max(o.max_bytes for o in m.outputs),
+                )
+            published: list[dict[str, Any]] = []
+            error: dict[str, str] | None = None
+            if result.ok:
+                with _step("output"):
+                    for o in m.outputs:
+                        out = outputs.pop(o.name)
+                        published.append({"name": o.name, "sha256": out.publish(), "size": out.size})
+            else:
+                error = {"check": "run", "message": f"the function failed ({result.category})"}
+                path = args["outputs"].get(ERROR_OUTPUT)
+                if path:
+                    with _step("output"):
+                        recipients = [m.participant(fp).identity for fp in m.error_recipients()]
+                        sha, size = write_error_output(
+                            Path(path), recipients, {**metadata, "output": ERROR_OUTPUT}, result
+                        )
+                    published.append({"name": ERROR_OUTPUT, "sha256": sha, "size": size})
+            receipt = self._receipt(service, m, args["manifest"], started, outputs=published, error=error)
+            return {
+                "ok": result.ok,
+                "category": result.category,
+                "receipt": b64e(receipt),
+                "outputs": {p["name"]: {"sha256": p["sha256"], "size": p["size"]} for p in published},
+            }
+        finally:
+            for out in outputs.values():
+                out.discard()
+            for fd in fds.values():
+                os.close(fd)
+            self.budget.release(reserved)
+
+    def _receipt(
+        self,
+        service: Identity,
+        m: Manifest | None,
+        manifest_text: str,
+        started: int,
+        *,
+        outputs: list[dict[str, Any]],
+        error: dict[str, str] | None,
+    ) -> bytes:
+        ident = self.backend.identity
+        return make_task_receipt(
+            service,
+            task_id=m.task_id if m else "",
+            manifest_sha256=m.digest
+            if m
+            else hashlib.sha256(manifest_text.encode("utf-8", "replace")).hexdigest(),
+            function_digest=m.function_digest if m else "",
+            inputs=[i.to_json() for i in m.inputs] if m else [],
+            outputs=outputs,
+            measurement=ident.measurement,
+            backend=ident.backend,
+            simulated=self.backend.simulated,
+            evidence_sha256=self.service.evidence_sha256,
+            started_at=started,
+            ended_at=int(time.time()),
+            error=error,
+        )

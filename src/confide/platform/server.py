@@ -1,0 +1,133 @@
+"""`confide serve`: the database, blob store, worker pool and HTTP API in one process."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from confide.enclave.errors import ConfideError
+from confide.enclave.sim_platform import SimPlatform
+from confide.platform.api import Platform, create_app
+from confide.platform.blobstore import DEFAULT_MAX_BYTES, BlobStore
+from confide.platform.db import Database, sqlite_url
+from confide.platform.pool import PoolSettings, WorkerPool
+from confide.platform.scheduler import Scheduler
+
+log = logging.getLogger("confide.platform")
+
+DEFAULT_PORT = 8470
+DEFAULT_LEASE_S = 60.0
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    db_url: str | None
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    workers: int = 2
+    platform_dir: Path | None = None
+    enclave_config: Path | None = None
+    backend: str = "sim"
+    lease_seconds: float = DEFAULT_LEASE_S
+    poll_seconds: float = 0.5
+    max_blob_bytes: int = DEFAULT_MAX_BYTES
+
+
+def configure_logging() -> None:
+    """Progress lines on stderr: what the server is doing (never keys or data: it has none)."""
+    logger = logging.getLogger("confide.platform")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s confide serve: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def describe_db(db: Database) -> str:
+    url = db.url
+    if db.dialect == "sqlite":
+        return f"SQLite file {url.database}"
+    return f"PostgreSQL database {url.database} on {url.host or 'local socket'}"
+
+
+class _Server(uvicorn.Server):
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            for server in self.servers:
+                for sock in server.sockets:
+                    host, port = sock.getsockname()[:2]
+                    log.info("listening on http://%s:%d (OpenAPI at /openapi.json)", host, port)
+
+
+def build(opts: ServeOptions) -> tuple[Platform, WorkerPool]:
+    data_dir = opts.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    platform_dir = (opts.platform_dir or data_dir / "platform").resolve()
+    if opts.backend == "sim":
+        SimPlatform.load_or_create(platform_dir)
+        log.info("SIMULATED TEE platform at %s: no protection against this host", platform_dir)
+    db = Database(opts.db_url or sqlite_url(data_dir / "confide.db"))
+    db.migrate()
+    log.info("database: %s (schema at head)", describe_db(db))
+    blobs = BlobStore(data_dir / "blobs", max_bytes=opts.max_blob_bytes)
+    blobs.clean_temporary()  # uploads cut short by a crash
+    shutil.rmtree(data_dir / "work", ignore_errors=True)  # enclave outputs of attempts that never finished
+    scheduler = Scheduler(db, blobs, lease_seconds=opts.lease_seconds)
+    name = f"{socket.gethostname()}:{hashlib.sha256(str(data_dir).encode()).hexdigest()[:8]}"
+    pool = WorkerPool(
+        db,
+        blobs,
+        scheduler,
+        PoolSettings(
+            data_dir=data_dir,
+            platform_dir=platform_dir,
+            size=opts.workers,
+            server_name=name,
+            boot_id=os.urandom(4).hex(),
+            enclave_config=opts.enclave_config,
+            backend=opts.backend,
+            poll_seconds=opts.poll_seconds,
+            lease_seconds=opts.lease_seconds,
+        ),
+    )
+    return Platform(db=db, blobs=blobs, scheduler=scheduler, pool=pool), pool
+
+
+def serve(opts: ServeOptions, **uvicorn_options: Any) -> None:
+    """Run until SIGINT/SIGTERM; then stop the workers (each enclave is shut down cleanly)."""
+    configure_logging()
+    if opts.workers < 0:
+        raise ConfideError("must be 0 or more", where="--workers")
+    platform, pool = build(opts)
+    app = create_app(platform)
+    config = uvicorn.Config(
+        app,
+        host=opts.host,
+        port=opts.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        **uvicorn_options,
+    )
+    server = _Server(config)
+    log.info("starting %d enclave worker(s) under %s", opts.workers, opts.data_dir)
+    pool.start()
+    try:
+        server.run()
+    finally:
+        log.info("stopping: shutting down enclave workers")
+        pool.stop()
+        platform.db.dispose()
+        log.info("stopped")

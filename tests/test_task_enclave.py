@@ -1,0 +1,408 @@
+"""The `task` call against a real enclave worker: consent enforced in the enclave (PROTOCOL.md 5-6).
+
+One worker (sim backend, service initialised) serves the whole module; every refusal must leave it
+serving, publish nothing, and come back as a receipt signed by the service key naming the check and
+the party or input at fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import xgboost
+
+from confide.enclave import manifest as mf
+from confide.enclave.keys import Identity
+from confide.enclave.sealed_file import SealedReader
+
+LAB = Identity.generate("lab")
+HOSP_A = Identity.generate("hospital-a")
+HOSP_B = Identity.generate("hospital-b")
+ALGO = Identity.generate("algo")
+MALLORY = Identity.generate("mallory")
+PARTIES = {"lab": LAB.public, "hospital_a": HOSP_A.public, "hospital_b": HOSP_B.public, "algo": ALGO.public}
+
+SCORER = """
+import json
+
+def run(ctx):
+    # proprietary-scoring-4471
+    rows = sum(ctx.inputs[name].read().count(b"\\n") - 1 for name in sorted(ctx.inputs))
+    ctx.outputs["out"].write(json.dumps({"rows": rows, "tag": ctx.params.get("tag")}).encode())
+"""
+LEAKY = """
+def run(ctx):
+    raise ValueError("boom: " + ctx.inputs["hospital_a"].read()[:40].decode())
+"""
+
+
+def csv(seed: int, n: int = 150, header: str = "age,bp,chol,y") -> bytes:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3))
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(int)
+    rows = "".join(f"{a:.4f},{b:.4f},{c:.4f},{t}\n" for (a, b, c), t in zip(x, y, strict=True))
+    return (header + "\n" + rows).encode()
+
+
+@pytest.fixture(scope="module")
+def world(service_worker):
+    kit, _ = service_worker
+    data = {
+        "a": kit.dataset(HOSP_A, csv(1)),
+        "b": kit.dataset(HOSP_B, csv(2)),
+        "a2": kit.dataset(HOSP_A, csv(3)),  # another dataset of hospital a
+        "b_secret": kit.dataset(HOSP_B, b"TOP-SECRET-ROW,1,2,3\n"),
+    }
+    return kit, data
+
+
+def train_manifest(kit, data, **over) -> mf.Manifest:
+    args = {
+        "service": kit.service,
+        "creator": LAB.public,
+        "function": mf.builtin_descriptor("gbdt-train"),
+        "params": {"label": "y", "rounds": 8, "seed": 7},
+        "inputs": [kit.task_input("hospital_a", data["a"]), kit.task_input("hospital_b", data["b"])],
+        "outputs": [
+            mf.TaskOutput("model", (LAB.fingerprint,)),
+            mf.TaskOutput("report", (LAB.fingerprint, HOSP_A.fingerprint)),
+        ],
+        "participants": PARTIES,
+    }
+    args.update(over)
+    return mf.build_manifest(**args)
+
+
+def approve(m: mf.Manifest, *who: Identity) -> list[dict]:
+    return [mf.sign_approval(p, m) for p in who]
+
+
+def assert_refused(result, body, outs, check: str, *needles: str) -> None:
+    assert result["ok"] is False and result["category"] == "refused", result
+    assert body["status"] == "error" and body["error"]["check"] == check, body["error"]
+    for needle in needles:
+        assert needle in body["error"]["message"], (needle, body["error"]["message"])
+    assert body["outputs"] == [] and result["outputs"] == {}
+    for path in outs.values():
+        assert not path.exists()
+        assert list(path.parent.glob(".*partial")) == []
+
+
+# ---- happy paths ----------------------------------------------------------------------------------
+
+
+def test_two_owner_gbdt_train(world) -> None:
+    kit, data = world
+    m = train_manifest(kit, data)
+    result, body, outs = kit.run(
+        m, approve(m, HOSP_A, HOSP_B), {"hospital_a": data["a"], "hospital_b": data["b"]}
+    )
+    assert result["ok"] is True and result["category"] == "ok", body
+    assert body["status"] == "ok" and body["error"] is None
+    assert body["task_id"] == m.task_id and body["manifest_sha256"] == m.digest
+    assert body["function_digest"] == m.function_digest
+    assert body["inputs"] == [
+        {"name": "hospital_a", "dataset_id": data["a"].dataset_id, "ciphertext_sha256": data["a"].sha256},
+        {"name": "hospital_b", "dataset_id": data["b"].dataset_id, "ciphertext_sha256": data["b"].sha256},
+    ]
+    info = kit.enclave.info
+    assert body["measurement"] == info["measurement"] and body["backend"] == "sim" and body["simulated"]
+    assert body["evidence_sha256"] == hashlib.sha256(kit.enclave.service_evidence()).hexdigest()
+    assert body["started_at"] <= body["ended_at"]
+    for out in body["outputs"]:
+        path = outs[out["name"]]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == out["sha256"]
+        assert result["outputs"][out["name"]] == {"sha256": out["sha256"], "size": out["size"]}
+    assert not outs["_error"].exists()
+
+    # sealed to exactly the manifest's recipients
+    for name, who in (("model", {LAB}), ("report", {LAB, HOSP_A})):
+        with open(outs[name], "rb") as fh:
+            header = SealedReader(fh).header
+        assert set(header.recipients) == {p.fingerprint for p in who}
+        assert header.metadata["task_id"] == m.task_id
+    model = kit.read(outs["model"], LAB)
+    assert len(model) == next(o["size"] for o in body["outputs"] if o["name"] == "model")
+    booster = xgboost.Booster()
+    booster.load_model(bytearray(model))
+    assert booster.feature_names == ["age", "bp", "chol"] and booster.num_boosted_rounds() == 8
+    report = json.loads(kit.read(outs["report"], HOSP_A))
+    assert report["rows"] == {"hospital_a": 150, "hospital_b": 150} and report["features"] == [
+        "age",
+        "bp",
+        "chol",
+    ]
+    assert sum(report["label_balance"].values()) == 300
+    with pytest.raises(Exception, match="not addressed"):
+        kit.read(outs["model"], HOSP_B)
+
+
+def python_manifest(kit, data, *, confidential: bool, owner: Identity = ALGO, source: str = SCORER):
+    desc = mf.function_descriptor(
+        name="scorer",
+        source=source,
+        owner=owner.public,
+        description="counts rows",
+        requirements=["pandas"],
+        outputs=["out"],
+    )
+    return mf.build_manifest(
+        service=kit.service,
+        creator=LAB.public,
+        function=desc,
+        params={"tag": "t1"},
+        inputs=[kit.task_input("hospital_a", data["a"]), kit.task_input("hospital_b", data["b"])],
+        outputs=[mf.TaskOutput("out", (LAB.fingerprint,))],
+        participants=PARTIES,
+        confidential=confidential,
+    )
+
+
+def inputs_ab(data) -> dict:
+    return {"hospital_a": data["a"], "hospital_b": data["b"]}
+
+
+def test_user_function_clear(world) -> None:
+    kit, data = world
+    m = python_manifest(kit, data, confidential=False)
+    result, body, outs = kit.run(
+        m, approve(m, HOSP_A, HOSP_B, ALGO), inputs_ab(data), function_source={"clear": SCORER}
+    )
+    assert result["ok"], body
+    assert json.loads(kit.read(outs["out"], LAB)) == {"rows": 300, "tag": "t1"}
+
+
+def test_user_function_confidential(world, monkeypatch) -> None:
+    kit, data = world
+    m = python_manifest(kit, data, confidential=True)
+    sealed = mf.seal_function_source(SCORER, descriptor=m.function, service=kit.service)
+    seen: list[str] = []
+    real = kit.enclave.call
+
+    def spy(name, **args):
+        seen.append(json.dumps(args))
+        return real(name, **args)
+
+    monkeypatch.setattr(kit.enclave, "call", spy)
+    result, body, outs = kit.run(
+        m,
+        approve(m, HOSP_A, HOSP_B, ALGO),
+        inputs_ab(data),
+        function_source={"sealed": __import__("base64").b64encode(sealed).decode()},
+    )
+    assert result["ok"], body
+    assert json.loads(kit.read(outs["out"], LAB))["rows"] == 300
+    assert seen and not any("proprietary-scoring-4471" in frame for frame in seen)
+    # the host cannot substitute the clear source for a confidential function
+    result, body, outs = kit.run(
+        m, approve(m, HOSP_A, HOSP_B, ALGO), inputs_ab(data), function_source={"clear": SCORER}
+    )
+    assert_refused(result, body, outs, "function", "confidential")
+
+
+def test_failing_function_seals_its_error_to_creator_and_recipients(world) -> None:
+    kit, data = world
+    m = python_manifest(kit, data, confidential=False, source=LEAKY)
+    result, body, outs = kit.run(
+        m, approve(m, HOSP_A, HOSP_B, ALGO), inputs_ab(data), function_source={"clear": LEAKY}
+    )
+    assert result["ok"] is False and result["category"] == "exception"
+    assert body["status"] == "error" and body["error"]["check"] == "run"
+    assert "age,bp" not in json.dumps(result) and "age,bp" not in json.dumps(body)
+    assert not outs["out"].exists()
+    assert [o["name"] for o in body["outputs"]] == ["_error"]
+    assert hashlib.sha256(outs["_error"].read_bytes()).hexdigest() == body["outputs"][0]["sha256"]
+    text = kit.read(outs["_error"], LAB).decode()
+    assert "ValueError: boom: age,bp,chol,y" in text
+    with pytest.raises(Exception, match="not addressed"):
+        kit.read(outs["_error"], HOSP_B)  # not a recipient, not the creator
+
+
+# ---- every enforced check ----------------------------------------------------------------------
+
+
+def test_forged_approval(world) -> None:
+    kit, data = world
+    m = train_manifest(kit, data)
+    forged = {**mf.sign_approval(HOSP_B, m), "party": HOSP_A.fingerprint}  # B signs, claims to be A
+    result, body, outs = kit.run(m, [forged, *approve(m, HOSP_B)], inputs_ab(data))
+    assert_refused(result, body, outs, "approval", f"hospital_a ({HOSP_A.fingerprint})", "does not verify")
+
+
+def test_missing_approval_of_one_input_owner(world) -> None:
+    kit, data = world
+    m = train_manifest(kit, data)
+    result, body, outs = kit.run(m, approve(m, HOSP_A, LAB), inputs_ab(data))
+    assert_refused(
+        result,
+        body,
+        outs,
+        "approval",
+        f"no approval by hospital_b ({HOSP_B.fingerprint})",
+        "input 'hospital_b'",
+    )
+
+
+def test_manifest_changed_after_approval(world) -> None:
+    kit, data = world
+    m = train_manifest(kit, data)
+    approvals = approve(m, HOSP_A, HOSP_B)
+    changed = mf.parse_manifest({**m.to_json(), "params": {"label": "y", "rounds": 500}})
+    result, body, outs = kit.run(changed, approvals, inputs_ab(data))
+    assert_refused(result, body, outs, "approval", "hospital_a", "changed after approval")
+    assert body["manifest_sha256"] == changed.digest
+
+
+def test_input_blob_swapped_for_another_dataset(world) -> None:
+    kit, data = world
+    m = train_manifest(kit, data)
+    swapped = {"hospital_a": data["a2"], "hospital_b": data["b"]}
+    # the host passes another blob of the same owner, with its envelope
+    result, body, outs = kit.run(m, approve(m, HOSP_A, HOSP_B), swapped)
+    assert_refused(
+        result, body, outs, "input", "input 'hospital_a'", f"dataset {data['a'].dataset_id}", "is for dataset"
+    )
+    # ... or only the blob, under the approved envelope
+    blob_only = {"hospital_a": data["a"], "hospital_b": data["b"]}
+    result, body, outs = kit.run(
+        m,
+        approve(m, HOSP_A, HOSP_B),
+        blob_only,
+        inputs={"hospital_a": data["a2"].path, "hospital_b": data["b"].path},
+    )
+    assert_refused(result, body, outs, "input", "input 'hospital_a'", "not the approved", "swapped")
+
+
+def test_input_envelope_swapped_for_another_dataset(world) -> None:
+    kit, data = world
+    m = train_manifest(kit, data)
+    envelopes = {"hospital_a": data["a2"].envelope, "hospital_b": data["b"].envelope}
+    result, body, outs = kit.run(m, approve(m, HOSP_A, HOSP_B), inputs_ab(data), dataset_keys=envelopes)
+    assert_refused(result, body, outs, "input", "key envelope of input 'hospital_a'", "is for dataset")
+
+
+def test_envelope_bound_to_another_owner(world) -> None:
+    kit, data = world
+    m = train_manifest(kit, data)
+    # B's own envelope for A's input, with every field rewritten to A's dataset: HPKE info still binds B
+    forged = {**data["a"].envelope, "wrapped": data["b"].envelope["wrapped"]}
+    forged_b = dict(data["b"].envelope, dataset_id=data["a"].dataset_id, ciphertext_sha256=data["a"].sha256)
+    for env, needle in (
+        ({**forged_b, "owner": HOSP_A.fingerprint}, "does not open"),
+        (forged_b, f"bound to owner {HOSP_B.fingerprint}"),
+        (forged, "does not open"),
+    ):
+        envelopes = {"hospital_a": env, "hospital_b": data["b"].envelope}
+        result, body, outs = kit.run(m, approve(m, HOSP_A, HOSP_B), inputs_ab(data), dataset_keys=envelopes)
+        assert_refused(result, body, outs, "input", "input 'hospital_a'", needle)
+
+
+def test_recipient_added_after_approval(world) -> None:
+    kit, data = world
+    m = train_manifest(kit, data)
+    approvals = approve(m, HOSP_A, HOSP_B)
+    obj = m.to_json()
+    obj["participants"].append({"name": "mallory", "identity": MALLORY.public.to_line()})
+    obj["outputs"][0]["recipients"].append(MALLORY.fingerprint)
+    grown = mf.parse_manifest(obj)
+    assert grown.task_id == m.task_id
+    result, body, outs = kit.run(grown, [*approvals, mf.sign_approval(MALLORY, grown)], inputs_ab(data))
+    assert_refused(result, body, outs, "approval", "changed after approval")
+
+
+def test_approval_replayed_from_another_task(world) -> None:
+    kit, data = world
+    earlier = train_manifest(kit, data)
+    m = train_manifest(kit, data)
+    result, body, outs = kit.run(m, approve(earlier, HOSP_A, HOSP_B), inputs_ab(data))
+    assert_refused(result, body, outs, "approval", "hospital_a", "replayed from another task")
+
+
+def test_function_source_not_matching_digest(world) -> None:
+    kit, data = world
+    m = python_manifest(kit, data, confidential=False)
+    evil = SCORER.replace("rows = ", "rows = 0 * ")
+    result, body, outs = kit.run(
+        m, approve(m, HOSP_A, HOSP_B, ALGO), inputs_ab(data), function_source={"clear": evil}
+    )
+    assert_refused(result, body, outs, "function", "function 'scorer'", "source has SHA-256")
+    # a built-in must come from this build; the host may not pass one
+    t = train_manifest(kit, data)
+    result, body, outs = kit.run(
+        t, approve(t, HOSP_A, HOSP_B), inputs_ab(data), function_source={"clear": evil}
+    )
+    assert_refused(result, body, outs, "function", "gbdt-train", "source for a built-in")
+
+
+def test_confidential_function_without_its_owners_approval(world) -> None:
+    kit, data = world
+    m = python_manifest(kit, data, confidential=True)
+    sealed = mf.seal_function_source(SCORER, descriptor=m.function, service=kit.service)
+    result, body, outs = kit.run(
+        m,
+        approve(m, HOSP_A, HOSP_B, LAB),
+        inputs_ab(data),
+        function_source={"sealed": __import__("base64").b64encode(sealed).decode()},
+    )
+    assert_refused(
+        result, body, outs, "approval", f"no approval by algo ({ALGO.fingerprint})", "function 'scorer'"
+    )
+
+
+def test_manifest_for_another_service(world) -> None:
+    kit, data = world
+    other = Identity.generate("other-service")
+    m = train_manifest(kit, data, service=other.public)
+    result, body, outs = kit.run(m, approve(m, HOSP_A, HOSP_B), inputs_ab(data))
+    assert_refused(result, body, outs, "manifest", f"for service {other.fingerprint}", "not this service")
+
+
+def test_corrupted_blob_names_the_dataset(world) -> None:
+    kit, data = world
+    victim = kit.dataset(HOSP_B, csv(9))
+    blob = bytearray(victim.path.read_bytes())
+    blob[-5] ^= 1
+    victim.path.write_bytes(bytes(blob))
+    m = train_manifest(
+        kit, data, inputs=[kit.task_input("hospital_a", data["a"]), kit.task_input("hospital_b", victim)]
+    )
+    result, body, outs = kit.run(
+        m, approve(m, HOSP_A, HOSP_B), {"hospital_a": data["a"], "hospital_b": victim}
+    )
+    assert_refused(
+        result,
+        body,
+        outs,
+        "input",
+        f"input 'hospital_b' (dataset {victim.dataset_id} of hospital_b",
+        "corrupted",
+    )
+
+
+def test_unparseable_manifest_still_gets_a_signed_receipt(world) -> None:
+    kit, data = world
+    m = train_manifest(kit, data)
+    result, body, outs = kit.run(
+        m, [], inputs_ab(data), manifest=m.text.replace('"format"', '"x":1,"format"', 1)
+    )
+    assert_refused(result, body, outs, "manifest", "unknown field")
+    assert body["task_id"] == ""
+    assert kit.enclave.call("ping") == {"pong": True}
+
+
+def test_output_cap_is_per_output(world) -> None:
+    kit, data = world
+    m = train_manifest(
+        kit,
+        data,
+        outputs=[
+            mf.TaskOutput("model", (LAB.fingerprint,), 100),
+            mf.TaskOutput("report", (LAB.fingerprint,)),
+        ],
+    )
+    result, body, outs = kit.run(m, approve(m, HOSP_A, HOSP_B), inputs_ab(data))
+    assert result["ok"] is False and result["category"] == "output-limit", body
+    assert not outs["model"].exists() and not outs["report"].exists()
