@@ -23,6 +23,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/core.py
+	$(BIN)/python bench/attest.py
 	$(BIN)/python bench/platform.py
 
 lint: $(STAMP)

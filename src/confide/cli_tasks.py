@@ -4,7 +4,7 @@ audit log. Each command talks to the platform through `confide.Client`; each che
 itself (evidence, digests, signatures) and trusts the platform with nothing.
 
 Common options come from the environment too: CONFIDE_URL, CONFIDE_IDENTITY, CONFIDE_POLICY,
-CONFIDE_ROOTS.
+CONFIDE_SIM_ROOT.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from confide.attest.anchors import anchors_from_directory, merge_anchors
+from confide.attest.anchors import default_anchors, load_trust_anchors, merge_anchors
 from confide.cli_common import EXIT_FAILED, friendly, home
 from confide.client import parse_assignments
 from confide.enclave.errors import ConfideError
@@ -28,7 +28,7 @@ DEFAULT_URL = "http://127.0.0.1:8470"
 
 
 def _client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--url, --identity, --policy, --roots, shared by every platform command."""
+    """--url, --identity, --policy, --sim-root, shared by every platform command."""
     for option in reversed(
         [
             click.option(
@@ -50,11 +50,11 @@ def _client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 help="verification policy for the service's evidence (default: $CONFIDE_HOME/policy.toml)",
             ),
             click.option(
-                "--roots",
-                envvar="CONFIDE_ROOTS",
-                type=click.Path(file_okay=False, path_type=Path),
+                "--sim-root",
+                envvar="CONFIDE_SIM_ROOT",
+                type=click.Path(dir_okay=False, path_type=Path),
                 default=None,
-                help="folder of extra trust anchors (e.g. the simulated platform's vendor_root.crt)",
+                help="trust this SIMULATED platform's vendor_root.crt (development only; real vendor roots are built in)",
             ),
         ]
     ):
@@ -62,11 +62,11 @@ def _client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _open_client(url: str, identity: Path, policy_path: Path | None, roots: Path | None) -> Client:
+def _open_client(url: str, identity: Path, policy_path: Path | None, sim_root: Path | None) -> Client:
     h = home()
-    anchors = h.anchors()
-    if roots is not None:
-        anchors = merge_anchors(anchors, anchors_from_directory(roots))
+    anchors = merge_anchors(h.anchors(), default_anchors())
+    if sim_root is not None:
+        anchors = merge_anchors(anchors, load_trust_anchors(sim=[sim_root]))
     return Client(url, Identity.load(identity), policy=h.policy(policy_path), anchors=anchors, say=_say)
 
 
@@ -79,8 +79,10 @@ def with_client(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @_client_options
     @wraps(fn)
-    def wrapper(url: str, identity: Path, policy_path: Path | None, roots: Path | None, **kwargs: Any) -> Any:
-        with _open_client(url, identity, policy_path, roots) as client:
+    def wrapper(
+        url: str, identity: Path, policy_path: Path | None, sim_root: Path | None, **kwargs: Any
+    ) -> Any:
+        with _open_client(url, identity, policy_path, sim_root) as client:
             return fn(client=client, **kwargs)
 
     return friendly(wrapper)
@@ -172,6 +174,10 @@ def function() -> None:
 @click.option("--version", "version", default="1", show_default=True)
 @click.option("--description", default="", help="what the function does (data owners approve this)")
 @click.option("--requires", "requirements", multiple=True, help="declared dependency (numpy, pandas, ...)")
+@click.option(
+    "--output", "outputs", multiple=True, required=True, help="name of an output it writes (repeat)"
+)
+@click.option("--input", "inputs", multiple=True, help="name of an input it reads (repeat; default: any)")
 @click.option("--confidential", is_flag=True, help="seal the source to the enclave: nobody else reads it")
 @with_client
 def function_register(
@@ -181,6 +187,8 @@ def function_register(
     version: str,
     description: str,
     requirements: tuple[str, ...],
+    outputs: tuple[str, ...],
+    inputs: tuple[str, ...],
     confidential: bool,
 ) -> None:
     """Register SOURCE (a Python file defining run(ctx)); prints its digest."""
@@ -194,6 +202,8 @@ def function_register(
         version=version,
         description=description,
         requirements=requirements,
+        inputs=inputs or ("*",),
+        outputs=outputs,
         confidential=confidential,
     )
     click.echo(digest)

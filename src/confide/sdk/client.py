@@ -226,11 +226,11 @@ class Client:
         source: str,
         *,
         name: str,
+        outputs: Sequence[str],
         version: str = "1",
         description: str = "",
         requirements: Sequence[str] = (),
         inputs: Sequence[str] = ("*",),
-        outputs: Sequence[str] = (),
         confidential: bool = False,
     ) -> str:
         """Register a `run(ctx)` function; returns its digest. With `confidential`, the source is

@@ -1,0 +1,298 @@
+"""The client SDK and the party CLI against a real `confide serve` on loopback (SQLite, one sim worker).
+
+Covers the whole flow a party runs (register, attest, upload, register a function, create, review,
+approve, run, results, receipt, audit) and what the client itself must refuse: a service key other
+than the attested one, a manifest other than the reviewed one, a blob that does not match its
+digest, a receipt signed by another key, a tampered audit event, and bad CLI input.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from confide.attest.anchors import load_trust_anchors
+from confide.cli import main
+from confide.enclave import manifest as mf
+from confide.enclave.config import EnclaveConfig
+from confide.enclave.encoding import b64e, canonical_json
+from confide.enclave.errors import ConfideError, IntegrityError, PolicyError
+from confide.enclave.keys import Identity
+from confide.enclave.measurement import measure
+from confide.policy import Policy
+from confide.sdk import ApiError, Client, check_audit_chain
+from platform_support import ServerProcess
+
+UPPER = 'def run(ctx):\n    ctx.outputs["out"].write(ctx.inputs["data"].read().upper())\n'
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    srv = ServerProcess(tmp_path_factory.mktemp("sdk") / "data", workers=1).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def dev_policy() -> Policy:
+    return Policy(backends=("sim",), measurements=(measure(EnclaveConfig()).value,), allow_simulation=True)
+
+
+def _client(server: ServerProcess, policy: Policy, name: str) -> Client:
+    anchors = load_trust_anchors(sim=[server.data_dir / "platform" / "vendor_root.crt"])
+    client = Client(server.url, Identity.generate(name), policy=policy, anchors=anchors)
+    client.register(name)
+    return client
+
+
+@pytest.fixture(scope="module")
+def parties(server: ServerProcess, dev_policy: Policy):
+    owner, lab = _client(server, dev_policy, "owner"), _client(server, dev_policy, "lab")
+    yield owner, lab
+    owner.close()
+    lab.close()
+
+
+@pytest.fixture(scope="module")
+def finished_task(parties, tmp_path_factory: pytest.TempPathFactory):
+    """One task run to completion through the SDK: (task id, dataset ref, function digest)."""
+    owner, lab = parties
+    data = tmp_path_factory.mktemp("data") / "rows.csv"
+    data.write_text("name,score\nada,1\ngrace,2\n")
+    ds = owner.upload_dataset(data)
+    fn = lab.register_function(UPPER, name="upper", description="upper-cases the input", outputs=["out"])
+    task = lab.create_task(function=fn, inputs={"data": ds.dataset_id}, outputs={"out": [lab.fingerprint]})
+    owner.approve(task)
+    lab.approve(task)
+    lab.run(task)
+    assert lab.wait(task, timeout=120)["state"] == "succeeded"
+    return task, ds, fn
+
+
+# ---- the SDK flow ---------------------------------------------------------------------------------
+
+
+def test_sdk_round_trip_decrypts_the_result_and_checks_the_receipt(parties, finished_task, tmp_path):
+    _, lab = parties
+    task, ds, fn = finished_task
+    result = lab.results(task, tmp_path / "out")
+    assert result.outputs["out"].read_text() == "NAME,SCORE\nADA,1\nGRACE,2\n"
+    receipt = result.receipt
+    assert receipt["status"] == "ok" and receipt["function_digest"] == fn
+    assert [i["dataset_id"] for i in receipt["inputs"]] == [ds.dataset_id]
+    assert ds.rows == 2 and ds.columns == ("name", "score")
+
+
+def test_only_recipients_get_outputs(parties, finished_task, tmp_path):
+    owner, _lab = parties
+    task, _, _ = finished_task
+    assert owner.results(task, tmp_path / "owner").outputs == {}
+
+
+def test_attest_refuses_simulation_under_a_production_policy(server):
+    anchors = load_trust_anchors(sim=[server.data_dir / "platform" / "vendor_root.crt"])
+    strict = Client(server.url, Identity.generate("strict"), policy=Policy(), anchors=anchors)
+    with strict, pytest.raises(PolicyError, match="SIMULATED"):
+        strict.attest()
+
+
+def test_attest_refuses_an_unknown_measurement(server):
+    anchors = load_trust_anchors(sim=[server.data_dir / "platform" / "vendor_root.crt"])
+    other = Policy(backends=("sim",), measurements=("00" * 32,), allow_simulation=True)
+    picky = Client(server.url, Identity.generate("picky"), policy=other, anchors=anchors)
+    with picky, pytest.raises(PolicyError, match="measurement"):
+        picky.attest()
+
+
+def test_client_notices_a_changed_service_key(parties):
+    _owner, lab = parties
+    real = lab.service
+    object.__setattr__(real, "public", Identity.generate("impostor").public)
+    try:
+        with pytest.raises(PolicyError, match="service key changed"):
+            lab.attest()
+    finally:
+        lab._service = None
+        lab.attest()
+
+
+def test_approve_refuses_a_manifest_other_than_the_reviewed_one(parties, finished_task):
+    owner, _ = parties
+    task, _, _ = finished_task
+    with pytest.raises(PolicyError, match="not the reviewed"):
+        owner.approve(task, expect_digest="0" * 64)
+
+
+def test_receipt_signed_by_another_key_is_rejected(parties, finished_task):
+    _, lab = parties
+    task, _, _ = finished_task
+    info = lab.task(task)
+    body = mf.verify_task_receipt(
+        __import__("base64").b64decode(info["receipt"]), lab.service.public, where="receipt"
+    )
+    forger = Identity.generate("forger")
+    forged = canonical_json({"body": body, "signature": b64e(forger.sign(canonical_json(body)))})
+    info["receipt"] = b64e(forged)
+    with pytest.raises(ConfideError, match="signature"):
+        lab.receipt(task, info)
+
+
+def test_downloaded_blob_must_match_its_digest(parties, finished_task, server, tmp_path):
+    _, lab = parties
+    task, _, _ = finished_task
+    sha = lab.receipt(task)["outputs"][0]["sha256"]
+    blob = next(p for p in (server.data_dir).rglob(sha) if p.is_file())
+    original = blob.read_bytes()
+    blob.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    try:
+        with pytest.raises(ConfideError, match="does not match its digest"):
+            lab.results(task, tmp_path / "tampered")
+        assert not (tmp_path / "tampered" / "out").exists()
+    finally:
+        blob.write_bytes(original)
+
+
+def test_audit_chain_is_checked(parties, finished_task):
+    _, lab = parties
+    task, _, _ = finished_task
+    events = lab.audit(task)
+    kinds = [e["kind"] for e in events]
+    assert "task.created" in kinds and "task.succeeded" in kinds
+    tampered = copy.deepcopy(events)
+    tampered[-1]["detail"] = {"forged": True}
+    with pytest.raises(IntegrityError, match="does not match its hash"):
+        check_audit_chain(tampered, where="test")
+
+
+def test_platform_refusal_is_an_api_error_with_status(parties):
+    _, lab = parties
+    with pytest.raises(ApiError) as info:
+        lab.task("0" * 32)
+    assert info.value.status == 404
+
+
+# ---- the CLI --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_env(server, tmp_path, dev_policy):
+    policy = tmp_path / "dev-policy.toml"
+    policy.write_text(dev_policy.to_toml())
+    return {
+        "CONFIDE_HOME": str(tmp_path / "home"),
+        "CONFIDE_URL": server.url,
+        "CONFIDE_POLICY": str(policy),
+        "CONFIDE_SIM_ROOT": str(server.data_dir / "platform" / "vendor_root.crt"),
+    }
+
+
+def _cli(env: dict[str, str], *args: str, identity: Path | None = None, input: str | None = None):
+    full = {**env, **({"CONFIDE_IDENTITY": str(identity)} if identity else {})}
+    return CliRunner().invoke(main, list(args), env=full, input=input, catch_exceptions=False)
+
+
+def test_cli_whole_flow(cli_env, tmp_path):
+    for name in ("hosp", "lab"):
+        assert _cli(cli_env, "keygen", name, "--out-dir", str(tmp_path)).exit_code == 0
+    hosp, lab = tmp_path / "hosp.key", tmp_path / "lab.key"
+    for name, key in (("hosp", hosp), ("lab", lab)):
+        r = _cli(cli_env, "party", "register", "--name", name, identity=key)
+        assert r.exit_code == 0, r.output
+    r = _cli(cli_env, "service", "attest", "--json", identity=lab)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["claims"]["simulated"] is True
+    csv = tmp_path / "patients.csv"
+    csv.write_text("x,y\n1,2\n3,4\n")
+    r = _cli(cli_env, "dataset", "upload", str(csv), identity=hosp)
+    assert r.exit_code == 0, r.output
+    dataset_id = r.stdout.strip().splitlines()[-1]
+    src = tmp_path / "upper.py"
+    src.write_text(UPPER)
+    r = _cli(
+        cli_env,
+        "function",
+        "register",
+        str(src),
+        "--name",
+        "upper",
+        "--output",
+        "out",
+        "--confidential",
+        identity=lab,
+    )
+    assert r.exit_code == 0, r.output
+    digest = r.stdout.strip().splitlines()[-1]
+    lab_fp = Identity.load(lab).fingerprint
+    r = _cli(
+        cli_env, "task", "create", "--function", digest, "--input", f"data={dataset_id}",
+        "--output", f"out={lab_fp}", "--param", "limit=3", identity=lab,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    task_id = r.stdout.strip().splitlines()[-1]
+    # the hospital reviews: the summary says the code is confidential and names the output recipient
+    r = _cli(cli_env, "task", "show", task_id, identity=hosp)
+    assert r.exit_code == 0 and "confidential" in r.stdout.lower() and lab_fp in r.stdout
+    # declining at the prompt approves nothing
+    r = _cli(cli_env, "task", "approve", task_id, identity=hosp, input="n\n")
+    assert r.exit_code == 1 and "not approved" in r.output
+    for key in (hosp, lab):
+        r = _cli(cli_env, "task", "approve", task_id, "--yes", identity=key)
+        assert r.exit_code == 0, r.output
+    r = _cli(cli_env, "task", "run", task_id, identity=lab)
+    assert r.exit_code == 0 and "succeeded" in r.stdout, r.output
+    r = _cli(cli_env, "task", "results", task_id, "--out", str(tmp_path / "res"), identity=lab)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "res" / "out").read_text() == "X,Y\n1,2\n3,4\n"
+    r = _cli(cli_env, "task", "receipt", task_id, identity=lab)
+    assert json.loads(r.stdout)["status"] == "ok"
+    r = _cli(cli_env, "audit", "--task", task_id, identity=hosp)
+    assert r.exit_code == 0 and "task.succeeded" in r.stdout
+
+
+def test_cli_run_before_approval_is_refused_by_the_enclave(cli_env, tmp_path):
+    for name in ("own", "req"):
+        _cli(cli_env, "keygen", name, "--out-dir", str(tmp_path))
+        _cli(cli_env, "party", "register", "--name", name, identity=tmp_path / f"{name}.key")
+    csv = tmp_path / "d.csv"
+    csv.write_text("a\n1\n")
+    dataset_id = _cli(cli_env, "dataset", "upload", str(csv), identity=tmp_path / "own.key").stdout.split()[
+        -1
+    ]
+    req_fp = Identity.load(tmp_path / "req.key").fingerprint
+    task_id = _cli(
+        cli_env, "task", "create", "--function", "gbdt-train", "--input", f"data={dataset_id}",
+        "--output", f"model={req_fp}", "--output", f"report={req_fp}", "--param", "label=a",
+        identity=tmp_path / "req.key",
+    ).stdout.split()[-1]  # fmt: skip
+    r = _cli(cli_env, "task", "run", task_id, identity=tmp_path / "req.key")
+    assert r.exit_code == 1
+    assert "approval" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("task", "create", "--function", "gbdt-train", "--input", "no-equals-sign"), "--input"),
+        (("task", "create", "--function", "gbdt-train", "--params-json", "[1"), "--params-json"),
+        (("task", "show", "0" * 32), "404"),
+        (("dataset", "show", "not-an-id"), "platform refused"),
+    ],
+)
+def test_cli_bad_input_is_a_clear_error(cli_env, tmp_path, args, message):
+    _cli(cli_env, "keygen", "someone", "--out-dir", str(tmp_path))
+    key = tmp_path / "someone.key"
+    _cli(cli_env, "party", "register", "--name", "someone", identity=key)
+    r = _cli(cli_env, *args, identity=key)
+    assert r.exit_code != 0
+    assert message in r.output and "Traceback" not in r.output
+
+
+def test_cli_unreachable_platform_is_a_clear_error(cli_env, tmp_path):
+    _cli(cli_env, "keygen", "x", "--out-dir", str(tmp_path))
+    env = {**cli_env, "CONFIDE_URL": "http://127.0.0.1:9"}
+    r = _cli(env, "service", "attest", identity=tmp_path / "x.key")
+    assert r.exit_code == 1 and "cannot reach the platform" in r.output
