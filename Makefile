@@ -24,7 +24,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/core.py
 	$(BIN)/python bench/attest.py
-	$(BIN)/python bench/platform.py
+	$(BIN)/python bench/platform_tasks.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench examples

@@ -6,7 +6,7 @@ results in bench/results/platform.json.
 - tasks per minute with 1 and with 2 enclave workers (the same batch of tasks, measured side by side);
 - API latency with 32 concurrent clients (signed GET of a task), p50 and p99.
 
-Usage: python bench/platform.py [--round-trips 40] [--batch 40] [--api-requests 1600]
+Usage: python bench/platform_tasks.py [--round-trips 40] [--batch 40] [--api-requests 1600]
 """
 
 from __future__ import annotations
