@@ -77,7 +77,7 @@ class TaskKit:
 
         return mf.TaskInput(name, ds.dataset_id, ds.owner.fingerprint, ds.sha256)
 
-    def run(self, m, approvals, datasets: dict, *, function_source=None, error_output=True, **over):
+    def run(self, m, signed, datasets: dict, *, function_source=None, error_output=True, **over):
         """The host's `task` call; returns (result, receipt body, {output: path})."""
         import base64
 
@@ -88,7 +88,7 @@ class TaskKit:
             outs["_error"] = self.path("_error.sealed")
         args = {
             "manifest": m.text,
-            "approvals": approvals,
+            "approvals": signed,
             "dataset_keys": {n: ds.envelope for n, ds in datasets.items()},
             "inputs": {n: ds.path for n, ds in datasets.items()},
             "outputs": outs,

@@ -238,6 +238,7 @@ def test_manifest_round_trip_and_digest() -> None:
         (lambda o: o.update(params={"a": "x" * (70 << 10)}), "exceeds the"),
         (lambda o: o.update(params={"a": json.loads("[" * 20 + "]" * 20)}), "nested deeper"),
         (lambda o: o.update(params={"a": "\ud800"}), "not valid Unicode"),
+        (lambda o: o.update(params={"a": float("inf")}), "out of range"),
     ],
 )
 def test_manifest_rules(edit, message: str) -> None:

@@ -406,3 +406,47 @@ def test_output_cap_is_per_output(world) -> None:
     result, body, outs = kit.run(m, approve(m, HOSP_A, HOSP_B), inputs_ab(data))
     assert result["ok"] is False and result["category"] == "output-limit", body
     assert not outs["model"].exists() and not outs["report"].exists()
+
+
+@pytest.mark.parametrize(
+    ("over", "check", "needle"),
+    [
+        ({"approvals": [5]}, "approval", "must be JSON text"),
+        ({"approvals": ["{"]}, "approval", "not valid JSON"),
+        ({"dataset_keys": {"hospital_a": [], "hospital_b": {}}}, "input", "must be JSON text"),
+        ({"dataset_keys": {}}, "input", "host's dataset_keys [] differ"),
+        ({"inputs": {"hospital_a": "/nonexistent/x"}}, "input", "host's inputs ['hospital_a'] differ"),
+        ({"function_source": {"clear": "x", "sealed": "y"}}, "function", "source for a built-in"),
+        ({"outputs": {"model": "/tmp/m"}}, "output", "host's outputs ['model'] differ"),
+    ],
+)
+def test_hostile_task_arguments_get_receipts(world, over, check, needle) -> None:
+    kit, data = world
+    m = train_manifest(kit, data)
+    result, body, outs = kit.run(m, approve(m, HOSP_A, HOSP_B), inputs_ab(data), **over)
+    assert_refused(result, body, outs, check, needle)
+    assert kit.enclave.call("ping") == {"pong": True}
+
+
+def test_input_changed_while_read_is_caught(tmp_path) -> None:
+    """The second hash, taken over the bytes actually decrypted, catches a blob swapped after the check."""
+    import os
+
+    from confide.enclave.errors import IntegrityError
+    from confide.enclave.memory import MemoryBudget
+    from confide.enclave.pipeline import open_input
+    from confide.enclave.sealed_file import SealedWriter
+
+    key = os.urandom(32)
+    path = tmp_path / "blob"
+    with open(path, "wb") as fh, SealedWriter(fh, data_key=key, chunk_size=1024) as w:
+        w.write(os.urandom(5000))
+    good = hashlib.sha256(path.read_bytes()).hexdigest()
+    budget = MemoryBudget(1 << 20)
+    fd, n = open_input(str(path), "x", data_key=key, budget=budget, ciphertext_sha256=good)
+    assert n == 5000 and os.fstat(fd).st_size == 5000
+    os.close(fd)
+    budget.release(n)
+    with pytest.raises(IntegrityError, match="input changed while it was read"):
+        open_input(str(path), "x", data_key=key, budget=budget, ciphertext_sha256="00" * 32)
+    assert budget.used == 0

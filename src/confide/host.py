@@ -129,8 +129,8 @@ class EnclaveProcess:
         """Run a task; `outputs` may include "_error" (where a failed function's sealed error text goes)."""
         args: dict[str, Any] = {
             "manifest": manifest,
-            "approvals": [dict(a) for a in approvals],
-            "dataset_keys": {n: dict(e) for n, e in dataset_keys.items()},
+            "approvals": list(approvals),
+            "dataset_keys": dict(dataset_keys),
             "inputs": {n: str(p) for n, p in inputs.items()},
             "outputs": {n: str(p) for n, p in outputs.items()},
         }

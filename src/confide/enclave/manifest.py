@@ -36,6 +36,7 @@ Receipts
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import time
@@ -119,9 +120,10 @@ def _load(data: str | bytes | Mapping[str, Any], cap: int, where: str) -> dict[s
         obj = parse_json_object(data, where=where)
     try:
         size = len(canonical_json(obj))  # what gets hashed and signed must encode (no lone surrogates)
+        json.dumps(obj, allow_nan=False)  # and be standard JSON: 1e400 parses as infinity
     except (UnicodeEncodeError, RecursionError, ValueError, TypeError):
         raise FormatError(
-            "holds text that is not valid Unicode, or is nested too deeply", where=where
+            "holds text that is not valid Unicode, a number out of range, or nesting too deep", where=where
         ) from None
     if size > cap:
         raise FormatError(f"{size} bytes exceeds the {cap}-byte limit", where=where)

@@ -2,7 +2,9 @@
 
 Start-up order matters. The sandbox zygote is forked first, while this process is single-threaded
 and holds no secret; then the measurement is taken, the backend set up, and the enclave's keys
-unsealed (or created and sealed) and bound into its evidence. Then calls are served one at a time.
+unsealed (or created and sealed) and bound into its evidence, and the service key unsealed if this
+worker was given it. Then calls are served one at a time: the service calls are in service.py, the
+multi-party `task` in task_runner.py, and the steps `run` and `task` share in pipeline.py.
 """
 
 from __future__ import annotations

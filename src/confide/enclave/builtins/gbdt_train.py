@@ -9,7 +9,6 @@ balance). One thread and a fixed seed: the same inputs and params give the same 
 Runs in the sandbox; the sandbox zygote provides pandas and xgboost.
 """
 
-import importlib
 import json
 from typing import Any
 
@@ -71,8 +70,9 @@ def _read_inputs(pd: Any, inputs: Any) -> tuple[dict[str, Any], list[str]]:
 
 
 def run(ctx: Any) -> None:
-    pd = importlib.import_module("pandas")
-    xgb = importlib.import_module("xgboost")
+    import pandas as pd  # only inside the sandbox child, never in the enclave process
+    import xgboost as xgb
+
     p = _params(dict(ctx.params))
     label = p["label"]
     frames, header = _read_inputs(pd, ctx.inputs)
