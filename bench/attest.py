@@ -8,16 +8,7 @@ with its certificate table (the configfs-tsm path). Times are per verification, 
 Usage: python bench/attest.py [--runs 200] [--out bench/results/attest.json]
 """
 
-# ruff: noqa: E402  (the path fix below must run before any other import)
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-# A script's folder comes first on sys.path, and bench/ holds platform.py (the platform benchmark):
-# drop the folder so that `platform` (imported by uuid, itself imported by the verifiers) is the
-# standard library's.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
 import base64
@@ -29,6 +20,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from confide.attest import verify_evidence

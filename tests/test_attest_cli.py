@@ -46,7 +46,17 @@ def snp_policy(tmp_path: Path, measurement: str) -> Path:
 
 
 def full_snp_measurement(tmp_path: Path) -> str:
-    code, out = run("verify", SNP, "--cert", str(VCEK), "--at", AT, "--policy", str(snp_policy(tmp_path, "00" * 48)), "--json")
+    code, out = run(
+        "verify",
+        SNP,
+        "--cert",
+        str(VCEK),
+        "--at",
+        AT,
+        "--policy",
+        str(snp_policy(tmp_path, "00" * 48)),
+        "--json",
+    )
     assert code == 1
     return out.split("measurement ")[1].split(" ")[0]
 
@@ -105,9 +115,18 @@ def test_dcap_quote_verifies_with_shipped_roots_and_needs_collateral(cli_home: P
     code, out = run("verify", quote, "--at", AT, "--policy", str(policy))
     assert code == 1 and "needs collateral" in out
     code, out = run(
-        "verify", quote, "--at", AT, "--policy", str(policy), "--collateral", str(TV / "tdx/tdx_quote_collateral.json")
+        "verify",
+        quote,
+        "--at",
+        AT,
+        "--policy",
+        str(policy),
+        "--collateral",
+        str(TV / "tdx/tdx_quote_collateral.json"),
     )
-    assert code == 1 and "measurement 91eb2b44d141d4ec" in out and "not accepted" in out  # authentic, not pinned
+    assert (
+        code == 1 and "measurement 91eb2b44d141d4ec" in out and "not accepted" in out
+    )  # authentic, not pinned
 
 
 def test_policy_init_writes_format_examples(cli_home: Path, tmp_path: Path) -> None:
@@ -117,3 +136,34 @@ def test_policy_init_writes_format_examples(cli_home: Path, tmp_path: Path) -> N
     text = out.read_text()
     assert "# [sev-snp]" in text and "# tolerated_advisories" in text
     assert Policy.load(out) == Policy()
+
+
+def test_verify_provider_envelopes(cli_home: Path, tmp_path: Path) -> None:
+    from confide.enclave.providers.envelope import wrap_evidence
+
+    report = (TV / "snp/snp_report_milan.bin").read_bytes()
+    snp_env = tmp_path / "snp.json"
+    snp_env.write_bytes(
+        wrap_evidence(
+            kind="sev-snp-report",
+            provider="tsm",
+            evidence=report,
+            extra={"enclave": "confide-pub1:x"},
+            certificates=build_cert_table({"vcek": VCEK.read_bytes()}),
+        )
+    )
+    meas = full_snp_measurement(tmp_path)
+    code, out = run("verify", str(snp_env), "--at", AT, "--policy", str(snp_policy(tmp_path, meas)))
+    assert code == 0, out
+    assert "provider: tsm" in out and "enclave: confide-pub1:x" in out
+    sgx_env = tmp_path / "sgx.json"
+    sgx_env.write_bytes(
+        wrap_evidence(
+            kind="dcap-quote",
+            provider="gramine-sgx",
+            evidence=(TV / "sgx/sgx_quote.bin").read_bytes(),
+            extra={},
+        )
+    )
+    code, out = run("verify", str(sgx_env), "--at", AT, "--cert", str(VCEK))
+    assert code == 1 and "--cert applies to SEV-SNP evidence only" in out

@@ -59,8 +59,13 @@ def test_tampered_inner_evidence_fails() -> None:
 
 def test_snp_envelope_uses_its_certificates_unless_collateral_is_given() -> None:
     table = build_cert_table({"vcek": SNP_VCEK})
-    ev = wrap_evidence(kind="sev-snp-report", provider="tsm", evidence=SNP_REPORT, extra={}, certificates=table)
-    assert verify_evidence(ev, at=AT, anchors=default_anchors()).extra["certificates_from"] == "certificate table"
+    ev = wrap_evidence(
+        kind="sev-snp-report", provider="tsm", evidence=SNP_REPORT, extra={}, certificates=table
+    )
+    assert (
+        verify_evidence(ev, at=AT, anchors=default_anchors()).extra["certificates_from"]
+        == "certificate table"
+    )
     c = verify_evidence(ev, at=AT, anchors=default_anchors(), collateral=SNP_VCEK)
     assert c.extra["certificates_from"] == "DER certificate"
 

@@ -4,15 +4,14 @@ Properties checked for every input:
 - only EvidenceError escapes verify() (and sniff() never raises);
 - the error came from a check, not from the verifier's last-resort net for unexpected exceptions;
 - if a mutated vector is still accepted, its claims are exactly the original's (the mutation hit
-  bytes no claim depends on, e.g. the PEM text of an embedded certificate), except that the
-  fingerprint of a certificate whose unsigned outer bytes changed (its outer signatureAlgorithm, a
-  known X.509 malleability) follows the bytes it was given.
+  bytes no claim depends on, e.g. the PEM text of an embedded certificate); in particular a
+  certificate's unsigned outer signatureAlgorithm cannot be altered (it must equal the signed one).
 """
 
 from __future__ import annotations
 
 import base64
-import dataclasses
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +19,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from confide.attest import verify_evidence
 from confide.attest.anchors import default_test_anchors
 from confide.attest.claims import Claims, TrustAnchors
 from confide.attest.nitro import NitroVerifier
-from confide.attest.sev_snp import SevSnpVerifier
+from confide.attest.sev_snp import SevSnpVerifier, build_cert_table, parse_cert_table
 from confide.attest.sgx_dcap import DcapVerifier
-from confide.enclave.errors import EvidenceError
+from confide.enclave.errors import ConfideError, EvidenceError
+from confide.enclave.providers.envelope import wrap_evidence
+from confide.policy import Policy
 
 pytestmark = pytest.mark.filterwarnings("ignore:Parsed a serial number which wasn't positive")
 
@@ -70,14 +72,7 @@ def _check(name: str, evidence: bytes, collateral: bytes | None = None, at: int 
     except EvidenceError as e:
         assert "unexpected" not in e.message, f"a library exception reached the last-resort net: {e}"
         return
-    original = ORIGINAL[name]
-    if claims != original:
-        same = [dataclasses.replace(c, sha256="") for c in claims.signing_chain] == [
-            dataclasses.replace(c, sha256="") for c in original.signing_chain
-        ]
-        assert same and dataclasses.replace(claims, signing_chain=()) == dataclasses.replace(
-            original, signing_chain=()
-        ), "a mutated input was accepted with different claims"
+    assert claims == ORIGINAL[name], "a mutated input was accepted with different claims"
 
 
 def _mutate(data: bytes, edits: list[tuple[int, int]]) -> bytes:
@@ -140,11 +135,6 @@ def test_any_verification_time_only_raises_evidence_error(name: str, at: int) ->
 
 # ---- the new parsers: certificate tables, envelopes, policy files ---------------------------------
 
-from confide.attest import verify_evidence  # noqa: E402
-from confide.attest.sev_snp import build_cert_table, parse_cert_table  # noqa: E402
-from confide.enclave.errors import ConfideError  # noqa: E402
-from confide.enclave.providers.envelope import wrap_evidence  # noqa: E402
-from confide.policy import Policy  # noqa: E402
 
 _SNP_REPORT, _VCEK = CASES["sev-snp"][1], CASES["sev-snp"][2] or b""
 AUX = build_cert_table({"vcek": _VCEK}, pad_to=2048)
@@ -203,10 +193,8 @@ def test_mutated_envelopes_only_raise_evidence_error(name: str, edits: list[tupl
 @settings(max_examples=200, deadline=None, derandomize=True, database=None)
 @given(text=st.text(max_size=300))
 def test_random_policy_text_only_raises_confide_errors(text: str) -> None:
-    try:
+    with contextlib.suppress(ConfideError):
         Policy.from_toml(text, where="fuzz.toml")
-    except ConfideError:
-        pass
 
 
 _TOML_ATOMS = st.sampled_from(
@@ -235,7 +223,5 @@ _TOML_ATOMS = st.sampled_from(
 @settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(parts=st.lists(_TOML_ATOMS, max_size=20))
 def test_policy_shaped_text_only_raises_confide_errors(parts: list[str]) -> None:
-    try:
+    with contextlib.suppress(ConfideError):
         Policy.from_toml("".join(parts), where="fuzz.toml")
-    except ConfideError:
-        pass

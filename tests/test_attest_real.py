@@ -828,7 +828,9 @@ def test_snp_certificate_swapped_for_another_amd_certificate_fails(anchors: Trus
     report, _ = _snp()
     ask = x509.load_pem_x509_certificates(_read("roots/amd_ask_ark_milan.pem"))[0]
     _expect_error(
-        lambda: SevSnpVerifier().verify(report, at=SNP_AT, anchors=anchors, collateral=ask.public_bytes(Encoding.DER)),
+        lambda: SevSnpVerifier().verify(
+            report, at=SNP_AT, anchors=anchors, collateral=ask.public_bytes(Encoding.DER)
+        ),
         "not 'sev-vcek'",
     )
 
@@ -853,3 +855,16 @@ def test_shipped_roots_are_the_test_vectors_roots_and_pinned(tmp_path: Path) -> 
     (copy / "amd_genoa_ask_ark.pem").unlink()
     with pytest.raises(FormatError, match="missing"):
         load_packaged_roots(copy)
+
+
+def test_certificate_with_altered_outer_signature_algorithm_is_refused(anchors: TrustAnchors) -> None:
+    """The outer signatureAlgorithm of a certificate is not signed; it must equal the signed copy in
+    tbsCertificate (RFC 5280 4.1.1.2), or anyone could alter it without breaking the signature."""
+    report, vcek = _snp()
+    tbs_end = 4 + len(x509.load_der_x509_certificate(vcek).tbs_certificate_bytes)
+    mgf1_hash = vcek.index(bytes.fromhex("0609608648016503040202"), tbs_end + 20)  # MGF1's SHA-384 OID
+    altered = _flip(vcek, mgf1_hash + 10, 0x03)  # SHA-384 -> SHA-256 in the unsigned copy only
+    _expect_error(
+        lambda: SevSnpVerifier().verify(report, at=SNP_AT, anchors=anchors, collateral=altered),
+        "altered after signing",
+    )

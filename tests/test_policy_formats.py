@@ -30,7 +30,9 @@ def _claims(name: str) -> Claims:
     else:
         data = base64.b64decode((TV / f"nitro/{name}.b64").read_bytes())
         return verify_evidence(data, at=1725720000, anchors=default_anchors())
-    return verify_evidence((TV / ev).read_bytes(), at=at, anchors=default_anchors(), collateral=(TV / col).read_bytes())
+    return verify_evidence(
+        (TV / ev).read_bytes(), at=at, anchors=default_anchors(), collateral=(TV / col).read_bytes()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,9 @@ def _refused(policy: Policy, c: Claims, *words: str) -> str:
 def test_production_defaults_per_vector(claims: dict[str, Claims]) -> None:
     """Each real vector under the built-in production policy with its measurement pinned."""
     for name, c in claims.items():
-        policy = dataclasses.replace(Policy(), measurements=(c.measurement,), require_nonce=False, max_age_seconds=0)
+        policy = dataclasses.replace(
+            Policy(), measurements=(c.measurement,), require_nonce=False, max_age_seconds=0
+        )
         if name == "tdx":
             evaluate(policy, c, at=1750377600)  # UpToDate, not debug: accepted
         elif name == "sgx":
@@ -81,9 +85,13 @@ def test_sgx_table_pins_mrenclave_mrsigner_and_product(claims: dict[str, Claims]
 
 def test_tolerated_advisories(claims: dict[str, Claims]) -> None:
     c = claims["sgx"]
-    base = f'measurements = ["{c.measurement}"]\naccepted_tcb_status = ["ConfigurationAndSWHardeningNeeded"]\n'
+    base = (
+        f'measurements = ["{c.measurement}"]\naccepted_tcb_status = ["ConfigurationAndSWHardeningNeeded"]\n'
+    )
     evaluate(_policy(base), c, at=1750377600)  # no list: the accepted level's advisories are accepted
-    evaluate(_policy(base + 'tolerated_advisories = ["INTEL-SA-00289", "intel-sa-00615"]\n'), c, at=1750377600)
+    evaluate(
+        _policy(base + 'tolerated_advisories = ["INTEL-SA-00289", "intel-sa-00615"]\n'), c, at=1750377600
+    )
     _refused(
         _policy(base + 'tolerated_advisories = ["INTEL-SA-00289"]\n'),
         c,
@@ -102,12 +110,16 @@ def test_tdx_table_pins_mrtd_and_rtmrs(claims: dict[str, Claims]) -> None:
     c = claims["tdx"]
     m = c.measurements
     evaluate(
-        _policy(f'[tdx]\nmeasurements = {{ mrtd = "{m["mrtd"]}", rtmr0 = "{m["rtmr0"]}", rtmr1 = "{m["rtmr1"]}" }}\n'),
+        _policy(
+            f'[tdx]\nmeasurements = {{ mrtd = "{m["mrtd"]}", rtmr0 = "{m["rtmr0"]}", rtmr1 = "{m["rtmr1"]}" }}\n'
+        ),
         c,
         at=1750377600,
     )
     _refused(
-        _policy(f'[tdx]\nmeasurements = {{ mrtd = "{m["mrtd"]}", rtmr2 = "{"00" * 48}" }}\n'), c, "rtmr2 d833feef"
+        _policy(f'[tdx]\nmeasurements = {{ mrtd = "{m["mrtd"]}", rtmr2 = "{"00" * 48}" }}\n'),
+        c,
+        "rtmr2 d833feef",
     )
     # an RTMR pinned without MRTD does not name the code: the identity is still unaccepted
     _refused(_policy(f'[tdx]\nmeasurements = {{ rtmr0 = "{m["rtmr0"]}" }}\n'), c, "measurement 91eb2b44")
@@ -125,7 +137,9 @@ def test_snp_table_pins_measurement_host_data_and_min_tcb(claims: dict[str, Clai
         "sev-snp evidence has no id_key_digest",
     )
     # debug allowed only in the SNP table: other formats keep refusing debug evidence
-    p = _policy(f'measurements = ["{c.measurement}", "{claims["nitro_attestation_debug"].measurement}"]\n[sev-snp]\nallow_debug = true\n')
+    p = _policy(
+        f'measurements = ["{c.measurement}", "{claims["nitro_attestation_debug"].measurement}"]\n[sev-snp]\nallow_debug = true\n'
+    )
     evaluate(p, c, at=1750377600)
     _refused(p, claims["nitro_attestation_debug"], "DEBUG enclave")
 
@@ -134,11 +148,23 @@ def test_nitro_table_pins_pcrs(claims: dict[str, Claims]) -> None:
     c = claims["nitro_attestation"]
     m = c.measurements
     assert set(m) >= {"pcr0", "pcr1", "pcr2", "pcr8"}
-    evaluate(_policy(f'[nitro]\nmeasurements = {{ pcr0 = "{m["pcr0"]}", pcr1 = "{m["pcr1"]}", pcr2 = "{m["pcr2"]}" }}\n'), c, at=c.issued_at or 0)
-    _refused(_policy(f'[nitro]\nmeasurements = {{ pcr0 = "{m["pcr0"]}", pcr4 = "{"00" * 48}" }}\n'), c, "pcr4 ")
+    evaluate(
+        _policy(
+            f'[nitro]\nmeasurements = {{ pcr0 = "{m["pcr0"]}", pcr1 = "{m["pcr1"]}", pcr2 = "{m["pcr2"]}" }}\n'
+        ),
+        c,
+        at=c.issued_at or 0,
+    )
+    _refused(
+        _policy(f'[nitro]\nmeasurements = {{ pcr0 = "{m["pcr0"]}", pcr4 = "{"00" * 48}" }}\n'), c, "pcr4 "
+    )
     dbg = claims["nitro_attestation_debug"]
     _refused(_policy(f'[nitro]\nmeasurements = {{ pcr0 = "{"00" * 48}" }}\n'), dbg, "DEBUG enclave")
-    evaluate(_policy(f'[nitro]\nallow_debug = true\nmeasurements = {{ pcr0 = "{"00" * 48}" }}\n'), dbg, at=dbg.issued_at or 0)
+    evaluate(
+        _policy(f'[nitro]\nallow_debug = true\nmeasurements = {{ pcr0 = "{"00" * 48}" }}\n'),
+        dbg,
+        at=dbg.issued_at or 0,
+    )
 
 
 def test_primary_measurements_of_48_bytes_are_accepted(claims: dict[str, Claims]) -> None:
@@ -151,17 +177,17 @@ def test_primary_measurements_of_48_bytes_are_accepted(claims: dict[str, Claims]
 @pytest.mark.parametrize(
     ("text", "words"),
     [
-        ("[sgx]\nmeasurements = { mrtd = \"00\" }\n", "unknown sgx register 'mrtd'"),
-        ("[tdx]\nmeasurements = { mrtd = \"00\" }\n", "must be 48 bytes"),
+        ('[sgx]\nmeasurements = { mrtd = "00" }\n', "unknown sgx register 'mrtd'"),
+        ('[tdx]\nmeasurements = { mrtd = "00" }\n', "must be 48 bytes"),
         ("[nitro]\nmeasurements = { pcr0 = [] }\n", "non-empty list"),
         ("[nitro]\naccepted_tcb_status = []\n", "unknown key(s) accepted_tcb_status"),
         ("[sev-snp]\nmin_tcb = { bl = 1 }\n", "unknown min_tcb part 'bl'"),
         ("[sev-snp]\nmin_tcb = { snp = 300 }\n", "0..255"),
         ("[sgx]\nproduct_id = -1\n", "non-negative integer"),
-        ("[sgx]\nallow_debug = \"no\"\n", "true or false"),
+        ('[sgx]\nallow_debug = "no"\n', "true or false"),
         ("[tpm]\nx = 1\n", "unknown policy key(s) tpm"),
         ("sgx = 3\n", "[sgx] must be a table"),
-        ("tolerated_advisories = \"INTEL-SA-1\"\n", "list of strings"),
+        ('tolerated_advisories = "INTEL-SA-1"\n', "list of strings"),
     ],
 )
 def test_policy_file_errors_name_the_key(text: str, words: str) -> None:
@@ -175,8 +201,12 @@ def test_to_toml_round_trip_with_format_tables(tmp_path: Path) -> None:
         backends=("sgx", "sev-snp"),
         tolerated_advisories=("INTEL-SA-00615",),
         formats={
-            "sgx": FormatPolicy(measurements={"mrsigner": ("ab" * 32,)}, product_id=2, accepted_tcb_status=("UpToDate",)),
-            "sev-snp": FormatPolicy(measurements={"measurement": ("cd" * 48,)}, allow_debug=False, min_tcb={"snp": 8}),
+            "sgx": FormatPolicy(
+                measurements={"mrsigner": ("ab" * 32,)}, product_id=2, accepted_tcb_status=("UpToDate",)
+            ),
+            "sev-snp": FormatPolicy(
+                measurements={"measurement": ("cd" * 48,)}, allow_debug=False, min_tcb={"snp": 8}
+            ),
         },
     )
     f = tmp_path / "p.toml"

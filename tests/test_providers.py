@@ -207,8 +207,14 @@ def test_tsm_tdx_evidence_verifies(tmp_path: Path) -> None:
     b = TsmBackend(EnclaveConfig(), base=base, entry="confide-test")
     assert b.identity.backend == "tdx" and b.identity.measurement.startswith("91eb2b44d141d4ec")
     assert b.identity.security_version == 6
-    claims = verify_evidence(b.evidence(TDX_REPORT_DATA, extra={}), at=AT, anchors=default_anchors(), collateral=TDX_COL)
-    assert claims.backend == "tdx" and claims.tcb_status == "UpToDate" and claims.measurement == b.identity.measurement
+    claims = verify_evidence(
+        b.evidence(TDX_REPORT_DATA, extra={}), at=AT, anchors=default_anchors(), collateral=TDX_COL
+    )
+    assert (
+        claims.backend == "tdx"
+        and claims.tcb_status == "UpToDate"
+        and claims.measurement == b.identity.measurement
+    )
     with pytest.raises(ConfideError, match="no sealing key"):
         b.sealing_key("measurement", b"x")
 
@@ -263,7 +269,9 @@ def test_tsm_snp_sealing_key_from_the_firmware(tmp_path: Path) -> None:
         ctypes.memmove(resp.data, payload, 64)
         return 0
 
-    b = TsmBackend(EnclaveConfig(debug=True), base=base, entry="confide-test", sev_guest_device=device, ioctl=fake_ioctl)
+    b = TsmBackend(
+        EnclaveConfig(debug=True), base=base, entry="confide-test", sev_guest_device=device, ioctl=fake_ioctl
+    )
     k_meas = b.sealing_key("measurement", b"x")
     k_signer = b.sealing_key("signer", b"x")
     assert len(k_meas) == 32 and k_meas != k_signer and k_meas != b.sealing_key("measurement", b"y")
@@ -273,7 +281,13 @@ def test_tsm_snp_sealing_key_from_the_firmware(tmp_path: Path) -> None:
         arg.exitinfo2 = 0x16
         raise OSError(5, "Input/output error")
 
-    b2 = TsmBackend(EnclaveConfig(debug=True), base=base, entry="confide-test", sev_guest_device=device, ioctl=failing_ioctl)
+    b2 = TsmBackend(
+        EnclaveConfig(debug=True),
+        base=base,
+        entry="confide-test",
+        sev_guest_device=device,
+        ioctl=failing_ioctl,
+    )
     with pytest.raises(ConfideError, match="SNP_GET_DERIVED_KEY failed"):
         b2.sealing_key("measurement", b"x")
 
@@ -281,10 +295,18 @@ def test_tsm_snp_sealing_key_from_the_firmware(tmp_path: Path) -> None:
         ctypes.memmove(SnpDerivedKeyResp.from_address(arg.resp_data).data, b"\x16" + bytes(63), 64)
         return 0
 
-    b3 = TsmBackend(EnclaveConfig(debug=True), base=base, entry="confide-test", sev_guest_device=device, ioctl=refusing_ioctl)
+    b3 = TsmBackend(
+        EnclaveConfig(debug=True),
+        base=base,
+        entry="confide-test",
+        sev_guest_device=device,
+        ioctl=refusing_ioctl,
+    )
     with pytest.raises(ConfideError, match="status 0x16"):
         b3.sealing_key("measurement", b"x")
-    b4 = TsmBackend(EnclaveConfig(debug=True), base=base, entry="confide-test", sev_guest_device=tmp_path / "none")
+    b4 = TsmBackend(
+        EnclaveConfig(debug=True), base=base, entry="confide-test", sev_guest_device=tmp_path / "none"
+    )
     with pytest.raises(ConfideError, match="cannot open the SEV-SNP guest device"):
         b4.sealing_key("measurement", b"x")
 
@@ -308,14 +330,28 @@ def test_report_data_binds_the_enclave_keys_for_every_provider(tmp_path: Path) -
     cases = [
         (GramineSgxBackend(EnclaveConfig(), base=gramine_dir(tmp_path / "g")), SGX_REPORT_DATA, SGX_COL),
         (
-            TsmBackend(EnclaveConfig(), base=tsm_dir(tmp_path / "t", provider="tdx_guest", outblob=TDX_QUOTE), entry="confide-test"),
+            TsmBackend(
+                EnclaveConfig(),
+                base=tsm_dir(tmp_path / "t", provider="tdx_guest", outblob=TDX_QUOTE),
+                entry="confide-test",
+            ),
             TDX_REPORT_DATA,
             TDX_COL,
         ),
     ]
     for provider, rd, col in cases:
-        claims = verify_evidence(provider.evidence(rd, extra={"enclave": keys.to_line()}), at=AT, anchors=default_anchors(), collateral=col)
-        policy = Policy(measurements=(claims.measurement,), require_nonce=False, max_age_seconds=0, accepted_tcb_status=(claims.tcb_status,))
+        claims = verify_evidence(
+            provider.evidence(rd, extra={"enclave": keys.to_line()}),
+            at=AT,
+            anchors=default_anchors(),
+            collateral=col,
+        )
+        policy = Policy(
+            measurements=(claims.measurement,),
+            require_nonce=False,
+            max_age_seconds=0,
+            accepted_tcb_status=(claims.tcb_status,),
+        )
         evaluate(policy, claims, at=AT)  # authentic and accepted...
         with pytest.raises(Exception, match="not the keys bound"):
             evaluate(policy, claims, at=AT, enclave_keys=keys)  # ...but does not vouch for these keys
@@ -327,10 +363,11 @@ def test_report_data_binds_the_enclave_keys_for_every_provider(tmp_path: Path) -
 def test_gramine_manifest_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CONFIDE_HOME", str(tmp_path / "home"))
     cfg = tmp_path / "enclave.toml"
-    cfg.write_text("[enclave]\nmemory_budget_mib = 3000\nsandbox = \"weak\"\n")
+    cfg.write_text('[enclave]\nmemory_budget_mib = 3000\nsandbox = "weak"\n')
     out = tmp_path / "confide.manifest.template"
     result = CliRunner().invoke(
-        main, ["gramine", "manifest", "--out", str(out), "--config", str(cfg), "--state-dir", str(tmp_path / "st")]
+        main,
+        ["gramine", "manifest", "--out", str(out), "--config", str(cfg), "--state-dir", str(tmp_path / "st")],
     )
     assert result.exit_code == 0, result.output
     manifest = tomllib.loads(out.read_text())  # the template is TOML before Jinja rendering, too
@@ -351,14 +388,18 @@ def test_gramine_manifest_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert "2048M" not in out.read_text()
     # debug configuration: sgx.debug follows, with a warning
     cfg.write_text("[enclave]\ndebug = true\n")
-    result = CliRunner().invoke(main, ["gramine", "manifest", "--out", str(tmp_path / "d.toml"), "--config", str(cfg)])
+    result = CliRunner().invoke(
+        main, ["gramine", "manifest", "--out", str(tmp_path / "d.toml"), "--config", str(cfg)]
+    )
     assert result.exit_code == 0 and "WARNING" in result.output
     assert tomllib.loads((tmp_path / "d.toml").read_text())["sgx"]["debug"] is True
     assert "refuses to start" in result.output  # strict sandbox note
 
 
 def test_envelope_is_canonical_json(tmp_path: Path) -> None:
-    ev = GramineSgxBackend(EnclaveConfig(), base=gramine_dir(tmp_path)).evidence(SGX_REPORT_DATA, extra={"enclave": "k"})
+    ev = GramineSgxBackend(EnclaveConfig(), base=gramine_dir(tmp_path)).evidence(
+        SGX_REPORT_DATA, extra={"enclave": "k"}
+    )
     doc = json.loads(ev)
     assert doc["format"] == "confide-evidence-v1" and doc["certificates"] is None
     assert os.fsencode(json.dumps(doc, sort_keys=True, separators=(",", ":"))) == ev

@@ -46,6 +46,16 @@ def detect(evidence: bytes) -> Verifier:
     raise EvidenceError(f"unrecognised evidence format (this build verifies: {known})", where="evidence")
 
 
+def detect_hardware(evidence: bytes) -> Verifier:
+    """Like `detect`, but for a provider's envelope the verifier of the hardware evidence inside it."""
+    verifier = detect(evidence)
+    if verifier.name == "envelope":
+        from .envelope import inner_verifier, unwrap
+
+        return inner_verifier(unwrap(evidence))  # type: ignore[no-any-return]
+    return verifier
+
+
 def verify_evidence(
     evidence: bytes,
     *,
@@ -72,4 +82,13 @@ def verify_evidence(
     return verifier.verify(evidence, at=at, anchors=anchors, collateral=collateral)
 
 
-__all__ = ["ChainCert", "Claims", "TrustAnchors", "Verifier", "detect", "verifiers", "verify_evidence"]
+__all__ = [
+    "ChainCert",
+    "Claims",
+    "TrustAnchors",
+    "Verifier",
+    "detect",
+    "detect_hardware",
+    "verifiers",
+    "verify_evidence",
+]

@@ -41,6 +41,7 @@ __all__ = [
     "cert_fingerprint",
     "cert_name",
     "chain_cert",
+    "check_signature_algorithm",
     "check_validity",
     "default_anchors",
     "default_test_anchors",
@@ -142,6 +143,54 @@ def window(
     starts += [int(s) for s, _ in others]
     ends += [int(e) for _, e in others]
     return (max(starts) if starts else None, min(ends) if ends else None)
+
+
+def _tlv(data: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, value start, element end) of the DER element at `pos`; ValueError when it does not fit."""
+    if pos + 2 > len(data):
+        raise ValueError("truncated DER element")
+    tag, first = data[pos], data[pos + 1]
+    if first < 0x80:
+        start, length = pos + 2, first
+    else:
+        n = first & 0x7F
+        if not 1 <= n <= 4 or pos + 2 + n > len(data):
+            raise ValueError("bad DER length")
+        start, length = pos + 2 + n, int.from_bytes(data[pos + 2 : pos + 2 + n], "big")
+    if start + length > len(data):
+        raise ValueError("DER element overruns its container")
+    return tag, start, start + length
+
+
+def check_signature_algorithm(cert: x509.Certificate, what: str, *, where: str) -> bytes:
+    """RFC 5280 4.1.1.2: the certificate's outer signatureAlgorithm must be byte-identical to
+    tbsCertificate.signature (the outer one is not covered by the signature, so a mismatch means the
+    certificate was altered after signing). Returns the AlgorithmIdentifier's DER."""
+    der = cert.public_bytes(Encoding.DER)
+    try:
+        _, body, _ = _tlv(der, 0)  # Certificate
+        _, tbs_body, tbs_end = _tlv(der, body)  # tbsCertificate
+        pos = tbs_body
+        tag, _, end = _tlv(der, pos)
+        if tag == 0xA0:  # [0] version
+            pos = end
+            tag, _, end = _tlv(der, pos)
+        if tag != 0x02:
+            raise ValueError("no serial number")
+        inner_tag, _, inner_end = _tlv(der, end)  # tbsCertificate.signature
+        outer_tag, _, outer_end = _tlv(der, tbs_end)  # signatureAlgorithm
+        inner, outer = der[end:inner_end], der[tbs_end:outer_end]
+    except ValueError as e:
+        raise EvidenceError(
+            f"{what} certificate {cert_name(cert)!r} is malformed DER ({e})", where=where
+        ) from None
+    if inner_tag != 0x30 or outer_tag != 0x30 or inner != outer:
+        raise EvidenceError(
+            f"{what} certificate {cert_name(cert)!r}: its signatureAlgorithm ({outer.hex()}) differs from the "
+            f"signed tbsCertificate.signature ({inner.hex()}): altered after signing",
+            where=where,
+        )
+    return outer
 
 
 def check_validity(cert: x509.Certificate, at: int, what: str, *, where: str) -> None:

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from confide.attest.anchors import (
     cert_name,
     chain_cert,
+    check_signature_algorithm,
     check_validity,
     name_text,
     parse_der_certificate,
@@ -219,6 +220,9 @@ def _verify_pss(child: x509.Certificate, parent: x509.Certificate, what: str) ->
         pss_sha384 = False
     if not pss_sha384:
         raise _fail(f"{what}: certificate {cert_name(child)!r} is not signed with RSASSA-PSS SHA-384")
+    # The outer algorithm identifier is not signed: it must equal the signed one. (The signature check
+    # below uses fixed parameters, MGF1 SHA-384 and a 48-byte salt, whatever the certificate says.)
+    check_signature_algorithm(child, what, where=_WHERE)
     if not _issued_by(child, parent):
         raise _fail(
             f"{what}: certificate {cert_name(child)!r} names issuer {name_text(child)!r}, "

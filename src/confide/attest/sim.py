@@ -14,10 +14,11 @@ from confide.enclave.backend import REPORT_DATA_LEN, SIM_EVIDENCE_FORMAT
 from confide.enclave.encoding import b64d, check_fields, get_typed, hexd, parse_json_object
 from confide.enclave.errors import EvidenceError
 
-from .anchors import chain_cert, check_validity, parse_der_certificate, window
+from .anchors import chain_cert, check_signature_algorithm, check_validity, parse_der_certificate, window
 from .claims import Claims, TrustAnchors, VerifierBase
 
 W = "sim evidence"
+_ED25519_ALGID = bytes.fromhex("300506032b6570")  # AlgorithmIdentifier { id-Ed25519 }
 _FORMAT_RE = re.compile(rb'"format"\s*:\s*"' + re.escape(SIM_EVIDENCE_FORMAT.encode()) + rb'"')
 _BODY_FIELDS = (
     "backend",
@@ -38,6 +39,8 @@ def _verify_cert(cert: x509.Certificate, issuer: x509.Certificate, *, at: int, w
     key = issuer.public_key()
     if not isinstance(key, Ed25519PublicKey):
         raise EvidenceError(f"{what}: issuer key is not Ed25519", where=W)
+    if check_signature_algorithm(cert, what, where=W) != _ED25519_ALGID:
+        raise EvidenceError(f"{what}: certificate is not signed with Ed25519", where=W)
     if cert.issuer != issuer.subject:
         raise EvidenceError(f"{what}: issuer does not match the trusted root's subject", where=W)
     try:
