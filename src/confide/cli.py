@@ -14,8 +14,8 @@ from typing import Any
 import click
 
 from confide import __version__
-from confide.attest import detect, verify_evidence
-from confide.attest.anchors import anchors_from_directory, default_anchors, merge_anchors
+from confide.attest import detect_hardware, verify_evidence
+from confide.attest.anchors import anchors_from_directory, merge_anchors
 from confide.attest.pccs import pccs_from_env
 from confide.attest.report import certificate_collateral, claims_lines
 from confide.cli_common import EXIT_FAILED, friendly, home, write_new
@@ -201,7 +201,7 @@ def verify(
         nonce_bytes = bytes.fromhex(nonce) if nonce is not None else None
     except ValueError:
         raise ConfideError("not valid hex", where="--nonce") from None
-    anchors = merge_anchors(here.anchors(), default_anchors(), *(anchors_from_directory(r) for r in roots))
+    anchors = merge_anchors(here.anchors(), *(anchors_from_directory(r) for r in roots))
     raw = _read_evidence(evidence)
     coll = _read(collateral, "collateral") if collateral else None
     if certs:
@@ -209,7 +209,7 @@ def verify(
             raise ConfideError(
                 "give the SEV-SNP certificate with --cert or --collateral, not both", where="--cert"
             )
-        if detect(raw).name not in ("sev-snp", "envelope"):
+        if detect_hardware(raw).name != "sev-snp":
             raise ConfideError("--cert applies to SEV-SNP evidence only", where="--cert")
         coll = certificate_collateral([(str(p), _read(p, "certificate")) for p in certs])
     pccs = pccs_from_env(pccs_url, cache_dir=here.root / "cache" / "pccs")

@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from confide.attest.anchors import default_anchors, load_trust_anchors, merge_anchors
+from confide.attest.anchors import load_trust_anchors, merge_anchors
 from confide.cli_common import EXIT_FAILED, friendly, home
 from confide.client import parse_assignments
 from confide.enclave.errors import ConfideError
@@ -64,7 +64,7 @@ def _client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _open_client(url: str, identity: Path, policy_path: Path | None, sim_root: Path | None) -> Client:
     h = home()
-    anchors = merge_anchors(h.anchors(), default_anchors())
+    anchors = h.anchors()
     if sim_root is not None:
         anchors = merge_anchors(anchors, load_trust_anchors(sim=[sim_root]))
     return Client(url, Identity.load(identity), policy=h.policy(policy_path), anchors=anchors, say=_say)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from confide.attest import Claims, TrustAnchors, verify_evidence
-from confide.attest.anchors import load_trust_anchors
+from confide.attest.anchors import default_anchors, load_trust_anchors, merge_anchors
 from confide.enclave.encoding import b64d, b64e
 from confide.enclave.errors import ConfideError, EvidenceError, IntegrityError
 from confide.enclave.keys import Identity, PublicIdentity
@@ -55,9 +55,11 @@ class Home:
         return SimPlatform.load_or_create(self.platform_dir)
 
     def anchors(self) -> TrustAnchors:
-        """Trust this installation's simulated vendor root (only its public certificate is read)."""
+        """The vendor roots shipped with Confide, plus this installation's simulated vendor root
+        when there is one (only its public certificate is read)."""
         root = self.platform_dir / "vendor_root.crt"
-        return load_trust_anchors(sim=[root]) if root.exists() else TrustAnchors()
+        local = load_trust_anchors(sim=[root]) if root.exists() else TrustAnchors()
+        return merge_anchors(default_anchors(), local)
 
     def policy(self, path: Path | None) -> Policy:
         if path is not None:
