@@ -198,6 +198,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.groups: list[int] = []  # process groups of every start, cleaned up by stop()
 
     def start(self, *, wait_workers: bool = True) -> ServerProcess:
         cmd = [
@@ -223,6 +224,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
         )
+        self.groups.append(self.proc.pid)
         log.close()
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while True:
@@ -269,8 +271,10 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever a killed server left behind
+        for group in self.groups:  # whatever a killed server left behind (its enclaves)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
+        self.groups.clear()
         self.proc = None
 
 

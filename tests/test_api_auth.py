@@ -129,10 +129,12 @@ def test_unknown_party_and_missing_headers() -> None:
         ("X-Confide-Time", "-5", "UNIX time"),
         ("X-Confide-Time", "1e9", "UNIX time"),
         ("X-Confide-Time", " 1750000000", "UNIX time"),
+        ("X-Confide-Time", "01750000000", "UNIX time"),  # one spelling per time
         ("X-Confide-Nonce", "A" * 32, "32 lowercase hex"),
         ("X-Confide-Nonce", "0" * 31, "32 lowercase hex"),
         ("X-Confide-Signature", "not base64!", "base64"),
         ("X-Confide-Signature", base64.b64encode(bytes(63)).decode(), "64 bytes"),
+        ("X-Confide-Signature", base64.b64encode(bytes(64)).decode()[:-3] + "B==", "canonical"),
     ],
 )
 def test_malformed_headers_are_refused_with_a_reason(name: str, value: str, reason: str) -> None:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -350,3 +353,40 @@ def test_server_log_says_what_it_does(server: ServerProcess) -> None:
     for line in ("database: SQLite file", "listening on http://127.0.0.1", "enclave started", "party "):
         assert line in log, line
     assert "Traceback" not in log
+
+
+def test_serve_refuses_a_bad_database_with_one_clear_line(tmp_path: Path) -> None:
+    for url, reason in (
+        ("mysql://u@h/db", "unsupported database 'mysql'"),
+        ("postgresql://nobody:secret@127.0.0.1:1/none", "cannot open the database"),
+    ):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "confide.cli",
+                "serve",
+                "--db",
+                url,
+                "--data",
+                str(tmp_path),
+                "--workers",
+                "0",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 1, result.stderr
+        assert "error: --db" in result.stderr and reason in result.stderr
+        assert "Traceback" not in result.stderr and "secret" not in result.stderr
+
+
+def test_api_only_server_without_workers(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "data", workers=0).start(wait_workers=False)
+    try:
+        assert httpx.get(f"{server.url}/v1/service").json()["workers"] == []
+        r = httpx.post(f"{server.url}/v1/service/evidence", json={"nonce": ""})
+        assert r.status_code == 503 and error_of(r)["code"] == "unavailable"
+    finally:
+        server.stop()

@@ -43,7 +43,7 @@ HEADERS = (HEADER_PARTY, HEADER_TIME, HEADER_NONCE, HEADER_SIGNATURE)
 
 _FINGERPRINT = re.compile(r"[0-9a-f]{4}(?:-[0-9a-f]{4}){4}")
 _NONCE = re.compile(r"[0-9a-f]{32}")
-_TIME = re.compile(r"[0-9]{1,12}")
+_TIME = re.compile(r"0|[1-9][0-9]{0,11}")  # canonical: no sign, no leading zeros
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _METHOD = re.compile(r"[A-Z]{1,16}")
 _NAME = re.compile(r"[^\x00-\x1f\x7f]+")
@@ -140,6 +140,8 @@ def parse_headers(headers: Mapping[str, str]) -> SignedHeaders:
         raise AuthError(
             f"signature must be {SIGNATURE_LEN} bytes, got {len(signature)}", where=HEADER_SIGNATURE
         )
+    if base64.b64encode(signature).decode("ascii") != sig_text:  # one encoding per signature
+        raise AuthError("signature is not canonical base64", where=HEADER_SIGNATURE)
     return SignedHeaders(party, int(stamp), nonce, signature)
 
 

@@ -63,20 +63,17 @@ def serve(
 
     It is untrusted by design: it never holds a plaintext key or plaintext data.
     """
-    from confide.platform.server import ServeOptions
     from confide.platform.server import serve as run_server
 
     run_server(
-        ServeOptions(
-            db_url=db_url,
-            data_dir=data_dir,
-            host=host,
-            port=port,
-            workers=workers,
-            platform_dir=platform_dir,
-            enclave_config=enclave_config,
-            backend=backend,
-            lease_seconds=lease_seconds,
-            max_blob_bytes=max_blob_mib << 20,
-        )
+        db_url,
+        data_dir,
+        host,
+        port,
+        workers,
+        platform_dir,
+        enclave_config=enclave_config,
+        backend=backend,
+        lease_seconds=lease_seconds,
+        max_blob_bytes=max_blob_mib << 20,
     )

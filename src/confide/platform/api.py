@@ -182,9 +182,7 @@ class Platform:
             party = api_auth.verify_request(
                 headers, method, target, body, self.lookup_party, self.seen_nonce, body_sha256=body_sha256
             )
-        except api_auth.AuthError as exc:
-            raise ApiError(401, "unauthenticated", exc.message, exc.where) from None
-        except ConfideError as exc:
+        except ConfideError as exc:  # AuthError, or a malformed request line (FormatError)
             raise ApiError(401, "unauthenticated", exc.message, exc.where) from None
         return party.fingerprint
 

@@ -408,7 +408,9 @@ class WorkerPool:
         while not self.stopping.is_set():
             with self.provision_lock:
                 known = self.service_line()
-                donor = next((w for w in self.workers if w is not worker and w.ready), None)
+                donors = [w for w in self.workers if w is not worker and w.ready]
+                donors.sort(key=lambda w: w.current is not None)  # an idle one answers at once
+                donor = donors[0] if donors else None
                 if donor is not None:
                     self._grant(worker, donor)
                     return

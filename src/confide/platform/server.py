@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from sqlalchemy.exc import DBAPIError
 
 from confide.enclave.errors import ConfideError
 from confide.enclave.sim_platform import SimPlatform
@@ -79,7 +80,11 @@ def build(opts: ServeOptions) -> tuple[Platform, WorkerPool]:
         SimPlatform.load_or_create(platform_dir)
         log.info("SIMULATED TEE platform at %s: no protection against this host", platform_dir)
     db = Database(opts.db_url or sqlite_url(data_dir / "confide.db"))
-    db.migrate()
+    try:
+        db.migrate()
+    except DBAPIError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+        raise ConfideError(f"cannot open the database ({reason})", where=f"--db {db.url!r}") from None
     log.info("database: %s (schema at head)", describe_db(db))
     blobs = BlobStore(data_dir / "blobs", max_bytes=opts.max_blob_bytes)
     blobs.clean_temporary()  # uploads cut short by a crash
@@ -105,7 +110,37 @@ def build(opts: ServeOptions) -> tuple[Platform, WorkerPool]:
     return Platform(db=db, blobs=blobs, scheduler=scheduler, pool=pool), pool
 
 
-def serve(opts: ServeOptions, **uvicorn_options: Any) -> None:
+def serve(
+    db_url: str | None,
+    data_dir: Path,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    workers: int = 2,
+    platform_dir: Path | None = None,
+    *,
+    enclave_config: Path | None = None,
+    backend: str = "sim",
+    lease_seconds: float = DEFAULT_LEASE_S,
+    max_blob_bytes: int = DEFAULT_MAX_BYTES,
+) -> None:
+    """`confide serve`: run until SIGINT/SIGTERM (see `run`)."""
+    run(
+        ServeOptions(
+            db_url=db_url,
+            data_dir=data_dir,
+            host=host,
+            port=port,
+            workers=workers,
+            platform_dir=platform_dir,
+            enclave_config=enclave_config,
+            backend=backend,
+            lease_seconds=lease_seconds,
+            max_blob_bytes=max_blob_bytes,
+        )
+    )
+
+
+def run(opts: ServeOptions, **uvicorn_options: Any) -> None:
     """Run until SIGINT/SIGTERM; then stop the workers (each enclave is shut down cleanly)."""
     configure_logging()
     if opts.workers < 0:
