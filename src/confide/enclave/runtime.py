@@ -22,6 +22,7 @@ from typing import Any
 
 from . import channel
 from .backend import TeeBackend, create_backend, report_data_for
+from .channel import ChannelClosed
 from .config import EnclaveConfig
 from .encoding import b64d, b64e, hexd
 from .errors import ConfideError, EnclaveError, FormatError
@@ -233,6 +234,13 @@ class EnclaveRuntime:
 
     # -- the call loop ------------------------------------------------------------------------------
     def serve(self, sock: socket.socket) -> None:
+        """Serve calls until shutdown or until the host goes away (closed or reset channel)."""
+        try:
+            self._serve(sock)
+        except (ChannelClosed, ConnectionError):
+            print("confide enclave: the host closed the channel; stopping", file=sys.stderr)
+
+    def _serve(self, sock: socket.socket) -> None:
         while self.running:
             try:
                 frame = channel.read_frame(sock, self.config.max_frame_bytes)

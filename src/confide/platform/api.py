@@ -12,6 +12,7 @@ courtesy that gives early, clear errors. The enclave makes them again.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -60,6 +61,9 @@ from confide.platform.db import (
 )
 from confide.platform.pool import ServiceUnavailable, WorkerPool
 from confide.platform.scheduler import Scheduler, StateConflict
+
+MAX_LONG_POLL_S = 30.0
+LONG_POLL_SLICE_S = 0.25  # re-read the database this often (changes by other server processes)
 
 log = logging.getLogger("confide.platform")
 
@@ -269,6 +273,34 @@ Caller = Annotated[str, Depends(authenticated_party)]
 # ---- the app -------------------------------------------------------------------------------------------
 
 
+class LongPoll:
+    """Wakes waiting long polls (on the event loop) when a worker thread commits a task's outcome."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.waiters: set[asyncio.Future[None]] = set()
+
+    async def wait(self, timeout: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = self.loop.create_future()
+        self.waiters.add(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self.waiters.discard(fut)
+
+    def notify_threadsafe(self) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        for fut in list(self.waiters):
+            if not fut.done():
+                fut.set_result(None)
+
+
 def create_app(platform: Platform) -> FastAPI:
     app = FastAPI(
         title="Confide platform",
@@ -285,6 +317,9 @@ def create_app(platform: Platform) -> FastAPI:
     db = platform.db
 
     # ---- public ----------------------------------------------------------------------------------
+    long_poll = LongPoll()
+    platform.scheduler.add_listener(long_poll.notify_threadsafe)
+
     @app.get("/v1/health", tags=["service"])
     def health() -> dict[str, Any]:
         return {"ok": True}
@@ -649,9 +684,28 @@ def create_app(platform: Platform) -> FastAPI:
             return {"tasks": [_task_summary(r) for r in rows]}
 
     @app.get("/v1/tasks/{task_id}", tags=["tasks"])
-    def get_task(task_id: Annotated[str, Path(pattern=HEX32)], me: Caller) -> dict[str, Any]:
-        with db.transaction() as s:
-            return _task_json(s, _task_for(s, task_id, me))
+    async def get_task(
+        task_id: Annotated[str, Path(pattern=HEX32)],
+        me: Caller,
+        wait: Annotated[float, Query(ge=0, le=MAX_LONG_POLL_S)] = 0,
+        state: Annotated[str | None, Query(pattern="^(created|queued|running|succeeded|failed)$")] = None,
+    ) -> dict[str, Any]:
+        """With `wait` and `state`: a long poll that answers as soon as the task leaves `state` (or
+        after `wait` seconds), so a client learns of completion without polling. No thread is held
+        while waiting; changes made by other server processes are seen within LONG_POLL_SLICE_S."""
+
+        def read() -> tuple[str, dict[str, Any]]:
+            with db.transaction() as s:
+                task = _task_for(s, task_id, me)
+                return task.state, _task_json(s, task)
+
+        deadline = time.monotonic() + wait
+        while True:
+            current, view = await run_in_threadpool(read)
+            remaining = deadline - time.monotonic()
+            if state is None or current != state or remaining <= 0:
+                return view
+            await long_poll.wait(min(LONG_POLL_SLICE_S, remaining))
 
     @app.post("/v1/tasks/{task_id}/approvals", tags=["tasks"], status_code=201)
     def approve(

@@ -14,7 +14,8 @@ server notices first. Every state change writes an audit event in the same trans
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -82,6 +83,19 @@ class Scheduler:
         self.db = db
         self.blobs = blobs
         self.lease_seconds = lease_seconds
+        # called (from worker threads) after a task's final state is committed; long polls listen
+        self._listeners: list[Callable[[], None]] = []
+        self._listeners_lock = threading.Lock()
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        with self._listeners_lock:
+            self._listeners.append(callback)
+
+    def notify_changed(self) -> None:
+        with self._listeners_lock:
+            listeners = list(self._listeners)
+        for callback in listeners:
+            callback()
 
     # ---- the API side ----------------------------------------------------------------------------
     def queue(self, session: Session, task: Task, *, actor: str) -> None:
@@ -278,7 +292,8 @@ class Scheduler:
             if message:
                 detail["message"] = message
             audit.append(s, f"task.{state}", actor=claimed.worker_id, task_id=task.task_id, detail=detail)
-            return state
+        self.notify_changed()
+        return state
 
     def worker_lost(self, claimed: ClaimedTask, reason: str) -> str | None:
         """The enclave process died during the attempt: queue again, or fail after MAX_ATTEMPTS."""
@@ -287,7 +302,9 @@ class Scheduler:
             if held is None:
                 return None
             task, run = held
-            return self._lose(s, task, run, reason=reason, actor=claimed.worker_id)
+            state = self._lose(s, task, run, reason=reason, actor=claimed.worker_id)
+        self.notify_changed()
+        return state
 
     def _lose(self, s: Session, task: Task, run: TaskRun | None, *, reason: str, actor: str) -> str:
         t = now()

@@ -35,7 +35,7 @@ from confide.sdk.transport import Transport
 
 TERMINAL_STATES = ("succeeded", "failed")
 DEFAULT_MAX_OUTPUT = 64 << 20
-POLL_INTERVAL_S = 0.05
+LONG_POLL_S = 20.0
 Say = Callable[[str], None]
 
 
@@ -354,25 +354,23 @@ class Client:
         timeout: float = 600.0,
         on_state: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """Poll until the task succeeds or fails; `on_state` sees every state change."""
+        """Follow the task until it succeeds or fails (long polls: the platform answers as soon as
+        the state changes); `on_state` sees every state it passes through."""
         deadline = time.monotonic() + timeout
-        last = None
-        delay = POLL_INTERVAL_S
+        info = self.task(task_id)
+        seen: tuple[Any, Any] | None = None
         while True:
-            info = self.task(task_id)
-            state = (info.get("state"), info.get("attempts"))
-            if state != last:
-                last = state
-                if on_state is not None:
-                    on_state(info)
-            if info.get("state") in TERMINAL_STATES:
+            if on_state is not None and (info.get("state"), info.get("attempts")) != seen:
+                seen = (info.get("state"), info.get("attempts"))
+                on_state(info)
+            state = str(info.get("state"))
+            if state in TERMINAL_STATES:
                 return info
-            if time.monotonic() > deadline:
-                raise ConfideError(
-                    f"task still {info.get('state')} after {timeout:.0f} s", where=f"task {task_id}"
-                )
-            time.sleep(delay)
-            delay = min(delay * 1.5, 1.0)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ConfideError(f"task still {state} after {timeout:.0f} s", where=f"task {task_id}")
+            wait = min(LONG_POLL_S, max(remaining, 0.1))
+            info = dict(self.api.call("GET", f"/v1/tasks/{task_id}?wait={wait:.1f}&state={state}"))
 
     def receipt(self, task_id: str, info: dict[str, Any] | None = None) -> dict[str, Any]:
         """The task's latest receipt, with the service signature and manifest digest checked."""
