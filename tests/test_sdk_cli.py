@@ -296,3 +296,35 @@ def test_cli_unreachable_platform_is_a_clear_error(cli_env, tmp_path):
     env = {**cli_env, "CONFIDE_URL": "http://127.0.0.1:9"}
     r = _cli(env, "service", "attest", identity=tmp_path / "x.key")
     assert r.exit_code == 1 and "cannot reach the platform" in r.output
+
+
+def test_long_poll_answers_with_the_new_state(parties, finished_task):
+    """Asking to wait while the task is 'queued' returns at once: it already left that state."""
+    _, lab = parties
+    task, _, _ = finished_task
+    info = lab.api.call("GET", f"/v1/tasks/{task}?wait=30&state=queued")
+    assert info["state"] == "succeeded"
+
+
+def test_long_poll_rejects_an_unknown_state(parties, finished_task):
+    _, lab = parties
+    task, _, _ = finished_task
+    with pytest.raises(ApiError) as info:
+        lab.api.call("GET", f"/v1/tasks/{task}?wait=1&state=exploded")
+    assert info.value.status in (400, 422)
+
+
+def test_wait_reports_each_state_once(parties, tmp_path):
+    owner, lab = parties
+    data = tmp_path / "d.csv"
+    data.write_text("a\n1\n")
+    ds = owner.upload_dataset(data)
+    fn = lab.register_function(UPPER, name="upper2", description="upper-cases", outputs=["out"])
+    task = lab.create_task(function=fn, inputs={"data": ds.dataset_id}, outputs={"out": [lab.fingerprint]})
+    owner.approve(task)
+    lab.approve(task)
+    lab.run(task)
+    seen: list[str] = []
+    final = lab.wait(task, timeout=120, on_state=lambda i: seen.append(i["state"]))
+    assert final["state"] == "succeeded" and seen[-1] == "succeeded"
+    assert len(seen) == len(set(seen))
