@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -25,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from common import machine, percentiles
 
 HERE = Path(__file__).resolve().parent
 CHUNK = 1 << 20
@@ -201,16 +202,6 @@ def bench_in_memory(size_mib: int, repeats: int) -> dict[str, Any]:
     return res
 
 
-def _percentiles(samples: list[float]) -> dict[str, float]:
-    qs = statistics.quantiles(samples, n=100)
-    return {
-        "p50": round(statistics.median(samples), 2),
-        "p90": round(qs[89], 2),
-        "p99": round(qs[98], 2),
-        "n": len(samples),
-    }
-
-
 def bench_enclave(workdir: Path, calls: int, starts: int) -> dict[str, Any]:
     from confide.enclave.sim_platform import SimPlatform
     from confide.host import EnclaveProcess
@@ -230,7 +221,7 @@ def bench_enclave(workdir: Path, calls: int, starts: int) -> dict[str, Any]:
                     enc.call("ping")
                     rtts.append((time.perf_counter() - t0) * 1e6)
     return {
-        "round_trip_us": {**_percentiles(rtts), "target_p50": 200},
+        "round_trip_us": {**percentiles(rtts), "target_p50": 200},
         "cold_start_s": {
             "first (creates and seals keys)": round(start_times[0], 3),
             "median of restarts (unseals keys)": round(statistics.median(start_times[1:]), 3),
@@ -245,7 +236,7 @@ def bench_sandbox(n: int) -> dict[str, Any]:
     zygote = Zygote.start(strict=True)
     try:
         samples = [s * 1000 for s in bench_child_start(zygote, n)]
-        return {"child_start_ms": {**_percentiles(samples), "target_p50": 30}, "layers": zygote.layers}
+        return {"child_start_ms": {**percentiles(samples), "target_p50": 30}, "layers": zygote.layers}
     finally:
         zygote.close()
 
@@ -262,12 +253,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "core.json")
     args = parser.parse_args()
     results: dict[str, Any] = {
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-        },
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
     }
     # the sandbox zygote must fork from a single-threaded process: measure it first
     results["sandbox"] = bench_sandbox(args.children)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import signal
 import socket
 import statistics
@@ -28,6 +26,7 @@ from typing import Any
 
 import httpx
 
+from common import machine, percentiles
 from confide.attest.anchors import load_trust_anchors
 from confide.enclave.config import EnclaveConfig
 from confide.enclave.keys import Identity
@@ -39,18 +38,8 @@ HERE = Path(__file__).resolve().parent
 TRIVIAL = 'def run(ctx):\n    ctx.outputs["out"].write(ctx.inputs["data"].read()[:64])\n'
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
 def summary_ms(values: list[float]) -> dict[str, float]:
-    return {
-        "n": len(values),
-        "p50_ms": round(percentile(values, 50) * 1000, 2),
-        "p99_ms": round(percentile(values, 99) * 1000, 2),
-        "mean_ms": round(statistics.fmean(values) * 1000, 2),
-    }
+    return {**percentiles(values, scale=1000), "mean": round(statistics.fmean(values) * 1000, 2)}
 
 
 class Server:
@@ -186,12 +175,8 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="confide-bench-platform-"))
     results: dict[str, Any] = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "db": "sqlite",
-            "backend": "sim",
-        },
+        "machine": {**machine(), "db": "sqlite", "backend": "sim"},
+        "unit": "milliseconds",
     }
     one = Server(work, 1)
     two = Server(work, 2)

@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from confide.enclave.backend import REPORT_DATA_LEN, SIM_EVIDENCE_FORMAT
+from confide.enclave.backend import REPORT_DATA_LEN, SIM_BODY_FIELDS, SIM_EVIDENCE_FORMAT
 from confide.enclave.encoding import b64d, check_fields, get_typed, hexd, parse_json_object
 from confide.enclave.errors import EvidenceError
 
@@ -20,19 +20,7 @@ from .claims import Claims, TrustAnchors, VerifierBase
 W = "sim evidence"
 _ED25519_ALGID = bytes.fromhex("300506032b6570")  # AlgorithmIdentifier { id-Ed25519 }
 _FORMAT_RE = re.compile(rb'"format"\s*:\s*"' + re.escape(SIM_EVIDENCE_FORMAT.encode()) + rb'"')
-_BODY_FIELDS = (
-    "backend",
-    "simulated",
-    "notice",
-    "measurement",
-    "signer",
-    "product_id",
-    "security_version",
-    "debug",
-    "report_data",
-    "time",
-    "extra",
-)
+_BODY_FIELDS = SIM_BODY_FIELDS  # one list for the enclave (verify_peer) and this verifier
 
 
 def _verify_cert(cert: x509.Certificate, issuer: x509.Certificate, *, at: int, what: str) -> None:

@@ -63,6 +63,7 @@ from confide.platform.pool import ServiceUnavailable, WorkerPool
 from confide.platform.scheduler import Scheduler, StateConflict
 
 MAX_LONG_POLL_S = 30.0
+MAX_CACHED_PARTIES = 100_000
 LONG_POLL_SLICE_S = 0.25  # re-read the database this often (changes by other server processes)
 
 log = logging.getLogger("confide.platform")
@@ -151,14 +152,22 @@ class Platform:
     pool: WorkerPool | None = None
     max_json_bytes: int = MAX_JSON_BYTES
     _last_purge: float = field(default=0.0)
+    # A fingerprint is a digest of the keys, so a party found once never changes: cache the hits.
+    _parties: dict[str, PublicIdentity] = field(default_factory=dict)
 
     # -- authentication ------------------------------------------------------------------------------
     def lookup_party(self, fingerprint: str) -> PublicIdentity | None:
-        with self.db.transaction() as s:
+        known = self._parties.get(fingerprint)
+        if known is not None:
+            return known
+        with self.db.reading() as s:
             row = s.get(Party, fingerprint)
-            return (
-                None if row is None else PublicIdentity.from_line(row.identity, where=f"party {fingerprint}")
-            )
+            if row is None:
+                return None
+            public = PublicIdentity.from_line(row.identity, where=f"party {fingerprint}")
+        if len(self._parties) < MAX_CACHED_PARTIES:
+            self._parties[fingerprint] = public
+        return public
 
     def seen_nonce(self, party: str, nonce: str, signed_time: int) -> bool:
         t = time.time()
@@ -342,7 +351,7 @@ def create_app(platform: Platform) -> FastAPI:
 
     @app.get("/v1/service/evidence/{sha256}", tags=["service"])
     def boot_evidence(sha256: Annotated[str, Path(pattern=HEX64)]) -> dict[str, Any]:
-        with db.transaction() as s:
+        with db.reading() as s:
             row = s.get(Evidence, sha256)
             if row is None:
                 raise not_found(f"evidence {sha256}")
@@ -369,7 +378,7 @@ def create_app(platform: Platform) -> FastAPI:
     # ---- parties ---------------------------------------------------------------------------------
     @app.get("/v1/parties/{fingerprint}", tags=["parties"])
     def get_party(fingerprint: Annotated[str, Path(pattern=FINGERPRINT)], me: Caller) -> dict[str, Any]:
-        with db.transaction() as s:
+        with db.reading() as s:
             row = s.get(Party, fingerprint)
             if row is None:
                 raise not_found(f"party {fingerprint}")
@@ -431,7 +440,7 @@ def create_app(platform: Platform) -> FastAPI:
         responses={200: {"content": {"application/octet-stream": {}}}},
     )
     def get_blob(sha256: Annotated[str, Path(pattern=HEX64)], me: Caller) -> FileResponse:
-        with db.transaction() as s:
+        with db.reading() as s:
             if not _can_read_blob(s, sha256, me):
                 raise not_found(f"blob {sha256}")
         path = platform.blobs.path(sha256)
@@ -492,7 +501,7 @@ def create_app(platform: Platform) -> FastAPI:
 
     @app.get("/v1/datasets", tags=["datasets"])
     def list_datasets(me: Caller) -> dict[str, Any]:
-        with db.transaction() as s:
+        with db.reading() as s:
             rows = s.execute(
                 select(Dataset).where(_dataset_visible(me)).order_by(Dataset.created_at)
             ).scalars()
@@ -502,7 +511,7 @@ def create_app(platform: Platform) -> FastAPI:
     def get_dataset(dataset_id: Annotated[str, Path(pattern=HEX32)], me: Caller) -> dict[str, Any]:
         """Metadata to any party that knows the id (a 128-bit capability: a task's creator needs the
         owner and ciphertext digest to write the manifest); the key envelope only to the owner."""
-        with db.transaction() as s:
+        with db.reading() as s:
             row = s.get(Dataset, dataset_id)
             if row is None:
                 raise not_found(f"dataset {dataset_id}")
@@ -585,7 +594,7 @@ def create_app(platform: Platform) -> FastAPI:
                     "kind": "builtin",
                     "source": mf.builtin_source(name),
                 }
-        with db.transaction() as s:
+        with db.reading() as s:
             row = s.get(Function, digest)
             if row is None:
                 raise not_found(f"function {digest}")
@@ -674,7 +683,7 @@ def create_app(platform: Platform) -> FastAPI:
 
     @app.get("/v1/tasks", tags=["tasks"])
     def list_tasks(me: Caller) -> dict[str, Any]:
-        with db.transaction() as s:
+        with db.reading() as s:
             rows = s.execute(
                 select(Task)
                 .join(TaskParticipant, TaskParticipant.task_id == Task.task_id)
@@ -695,7 +704,7 @@ def create_app(platform: Platform) -> FastAPI:
         while waiting; changes made by other server processes are seen within LONG_POLL_SLICE_S."""
 
         def read() -> tuple[str, dict[str, Any]]:
-            with db.transaction() as s:
+            with db.reading() as s:
                 task = _task_for(s, task_id, me)
                 return task.state, _task_json(s, task)
 
@@ -759,7 +768,7 @@ def create_app(platform: Platform) -> FastAPI:
     # ---- audit -----------------------------------------------------------------------------------
     @app.get("/v1/tasks/{task_id}/audit", tags=["audit"])
     def task_audit(task_id: Annotated[str, Path(pattern=HEX32)], me: Caller) -> dict[str, Any]:
-        with db.transaction() as s:
+        with db.reading() as s:
             _task_for(s, task_id, me)
             rows = s.execute(
                 select(AuditEvent).where(AuditEvent.task_id == task_id).order_by(AuditEvent.seq)
@@ -772,7 +781,7 @@ def create_app(platform: Platform) -> FastAPI:
         after: Annotated[int, Query(ge=0)] = 0,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     ) -> dict[str, Any]:
-        with db.transaction() as s:
+        with db.reading() as s:
             mine = select(TaskParticipant.task_id).where(TaskParticipant.party == me)
             rows = s.execute(
                 select(AuditEvent)
@@ -784,7 +793,7 @@ def create_app(platform: Platform) -> FastAPI:
 
     @app.get("/v1/audit/head", tags=["audit"])
     def audit_head(me: Caller) -> dict[str, Any]:
-        with db.transaction() as s:
+        with db.reading() as s:
             return audit.head(s)
 
     return app

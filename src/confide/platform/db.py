@@ -11,6 +11,7 @@ signed manifests, approvals and receipts, all of which clients and the enclave c
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -259,7 +260,7 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, read_only: bool = False) -> Engine:
     parsed = normalise_url(url)
     if parsed.get_backend_name() == "sqlite":
         engine = create_engine(
@@ -269,7 +270,7 @@ def make_engine(url: str) -> Engine:
             max_overflow=16,
         )
         event.listen(engine, "connect", _sqlite_connect)
-        event.listen(engine, "begin", _sqlite_begin)
+        event.listen(engine, "begin", _sqlite_begin_read if read_only else _sqlite_begin)
         return engine
     return create_engine(parsed, pool_pre_ping=True, pool_size=8, max_overflow=16)
 
@@ -282,6 +283,10 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
+
+
+def _sqlite_begin_read(conn: Any) -> None:
+    conn.exec_driver_sql("BEGIN")  # deferred: a WAL snapshot that never waits for the writer
 
 
 def _sqlite_begin(conn: Any) -> None:
@@ -297,6 +302,12 @@ class Database:
         self.url = normalise_url(url)
         self.engine = make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        sqlite = self.engine.dialect.name == "sqlite"
+        # SQLite has one writer at a time: queue this process's writers on a lock (fair and fast)
+        # instead of in SQLite's busy handler (which sleeps), and let readers use WAL snapshots.
+        self._write_lock: threading.Lock | None = threading.Lock() if sqlite else None
+        self.read_engine = make_engine(url, read_only=True) if sqlite else self.engine
+        self.read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
 
     @property
     def dialect(self) -> str:
@@ -304,8 +315,22 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
-        with self.sessions.begin() as session:
+        """A read-write transaction (on SQLite it holds the write lock from its first statement)."""
+        if self._write_lock is None:
+            with self.sessions.begin() as session:
+                yield session
+            return
+        with self._write_lock, self.sessions.begin() as session:
             yield session
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A read-only transaction: a consistent snapshot that does not wait for writers."""
+        with self.read_sessions() as session:
+            try:
+                yield session
+            finally:
+                session.rollback()  # nothing to commit; a read path never writes by accident
 
     def migrate(self) -> None:
         from confide.platform.migrations import upgrade
@@ -314,6 +339,7 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        self.read_engine.dispose()
 
 
 def now() -> float:
