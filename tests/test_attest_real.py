@@ -839,7 +839,10 @@ def test_shipped_roots_are_the_test_vectors_roots_and_pinned(tmp_path: Path) -> 
     from confide.attest.anchors import PACKAGED_ROOTS, default_anchors, load_packaged_roots
 
     shipped = default_anchors()
-    assert shipped == default_test_anchors(TV)
+    vectors = default_test_anchors(TV)
+    for kind in ("intel_sgx_roots", "amd_ark_chains", "nitro_roots"):  # every test-vector root ships
+        assert set(getattr(vectors, kind)) <= set(getattr(shipped, kind)), kind
+    assert len(shipped.amd_ark_chains) == 6  # ASK and ASVK chains for Milan, Genoa and Turin
     shipped_files = resources.files("confide.attest").joinpath("roots").iterdir()
     assert set(PACKAGED_ROOTS) == {p.name for p in shipped_files if p.name.endswith(".pem")}
     copy = tmp_path / "roots"

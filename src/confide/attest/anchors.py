@@ -63,6 +63,7 @@ AWS_NITRO_ROOT_SHA256 = "641a0321a3e244efe456463195d606317ed7cdcc3c1756e09893f3c
 AMD_ARK_SHA256 = {
     "ARK-Milan": "69d063b45344d26a2e94e1f4210de49ef555308287d4c174445c95639a540bcd",
     "ARK-Genoa": "4c6598d19c18719c5dfd4a7d335f674e5bfe1d8f800cea2cf270c10d103db2f1",
+    "ARK-Turin": "1f084161a44bb6d93778a904877d4819cafa5d05ef4193b2ded9dd9c73dd3f6a",
 }
 
 # The roots shipped in confide/attest/roots/: file -> (kind, SHA-256 of each certificate's DER, in order).
@@ -80,6 +81,18 @@ PACKAGED_ROOTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "amd_genoa_ask_ark.pem": (
         "amd",
         ("5464738c1546aed5f2cecf1dc98c5c960a92e8913238a61711bc90ec6e828521", AMD_ARK_SHA256["ARK-Genoa"]),
+    ),
+    "amd_genoa_asvk_ark.pem": (
+        "amd",
+        ("197e610743a917d6b9bb982a5a9226ccc0a15b611be0619e626aca9151457372", AMD_ARK_SHA256["ARK-Genoa"]),
+    ),
+    "amd_turin_ask_ark.pem": (
+        "amd",
+        ("5b77ef5fe7a7a004fd9032668fba9d0fda22f88c4442069a479636a6ae3b3185", AMD_ARK_SHA256["ARK-Turin"]),
+    ),
+    "amd_turin_asvk_ark.pem": (
+        "amd",
+        ("104e10a8bd060a3c20a434261a57d0588fd65a88915b4f65b08bdecaf8df1a3c", AMD_ARK_SHA256["ARK-Turin"]),
     ),
     "aws_nitro_root.pem": ("nitro", (AWS_NITRO_ROOT_SHA256,)),
 }
