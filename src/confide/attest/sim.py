@@ -10,8 +10,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from confide.enclave.backend import REPORT_DATA_LEN, SIM_BODY_FIELDS, SIM_EVIDENCE_FORMAT
-from confide.enclave.encoding import b64d, check_fields, get_typed, hexd, parse_json_object
+from confide.enclave.backend import SIM_EVIDENCE_FORMAT, parse_sim_body
+from confide.enclave.encoding import b64d, check_fields, get_typed, parse_json_object
 from confide.enclave.errors import EvidenceError
 
 from .anchors import chain_cert, check_signature_algorithm, check_validity, parse_der_certificate, window
@@ -20,7 +20,6 @@ from .claims import Claims, TrustAnchors, VerifierBase
 W = "sim evidence"
 _ED25519_ALGID = bytes.fromhex("300506032b6570")  # AlgorithmIdentifier { id-Ed25519 }
 _FORMAT_RE = re.compile(rb'"format"\s*:\s*"' + re.escape(SIM_EVIDENCE_FORMAT.encode()) + rb'"')
-_BODY_FIELDS = SIM_BODY_FIELDS  # one list for the enclave (verify_peer) and this verifier
 
 
 def _verify_cert(cert: x509.Certificate, issuer: x509.Certificate, *, at: int, what: str) -> None:
@@ -87,26 +86,21 @@ class SimVerifier(VerifierBase):
             raise EvidenceError(
                 "evidence signature does not verify under the platform key", where=W
             ) from None
-        bw = f"{W} body"
-        claims = parse_json_object(body, where=bw)
-        check_fields(claims, required=_BODY_FIELDS, where=bw)
-        if claims["backend"] != "sim" or claims["simulated"] is not True:
-            raise EvidenceError("sim evidence must declare backend 'sim' and simulated true", where=bw)
-        extra = get_typed(claims, "extra", dict, where=bw)
-        measurement = hexd(claims["measurement"], field="measurement", where=bw, length=32).hex()
-        signer = hexd(claims["signer"], field="signer", where=bw, length=32).hex()
+        parsed = parse_sim_body(body, where=f"{W} body")
+        ident = parsed.identity
+        measurement, signer = ident.measurement, ident.signer
         valid_from, valid_until = window(chain)
         return Claims(
             backend="sim",
             measurement=measurement,
             signer=signer,
-            product_id=get_typed(claims, "product_id", int, where=bw),
-            security_version=get_typed(claims, "security_version", int, where=bw),
-            debug=get_typed(claims, "debug", bool, where=bw),
-            report_data=hexd(claims["report_data"], field="report_data", where=bw, length=REPORT_DATA_LEN),
+            product_id=ident.product_id,
+            security_version=ident.security_version,
+            debug=ident.debug,
+            report_data=parsed.report_data,
             simulated=True,
-            issued_at=get_typed(claims, "time", int, where=bw),
-            extra={"notice": get_typed(claims, "notice", str, where=bw), **extra},
+            issued_at=parsed.time,
+            extra={"notice": parsed.notice, **parsed.extra},
             measurements={"measurement": measurement, "signer": signer},
             signing_chain=chain,
             valid_from=valid_from,

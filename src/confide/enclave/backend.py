@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NoReturn, Protocol
+from typing import Any, Literal, NoReturn, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -179,21 +179,40 @@ class SimBackend:
             raise EvidenceError(
                 "signature does not verify under the platform attestation key", where=w
             ) from None
-        bw = f"{w} body"
-        claims = parse_json_object(body, where=bw)
-        check_fields(claims, required=SIM_BODY_FIELDS, where=bw)
-        if claims["backend"] != "sim" or claims["simulated"] is not True:
-            raise EvidenceError("sim evidence must declare backend 'sim' and simulated true", where=bw)
-        identity = EnclaveIdentity(
+        parsed = parse_sim_body(body, where=f"{w} body")
+        return parsed.identity, parsed.report_data
+
+
+@dataclass(frozen=True)
+class SimEvidenceBody:
+    identity: EnclaveIdentity
+    report_data: bytes
+    time: int
+    notice: str
+    extra: dict[str, Any]
+
+
+def parse_sim_body(body: bytes, *, where: str) -> SimEvidenceBody:
+    """Strictly parse the signed body of sim evidence (after its signature was checked). Shared by
+    the enclave (`verify_peer`) and the client's verifier (`confide.attest.sim`)."""
+    claims = parse_json_object(body, where=where)
+    check_fields(claims, required=SIM_BODY_FIELDS, where=where)
+    if claims["backend"] != "sim" or claims["simulated"] is not True:
+        raise EvidenceError("sim evidence must declare backend 'sim' and simulated true", where=where)
+    return SimEvidenceBody(
+        identity=EnclaveIdentity(
             backend="sim",
-            measurement=hexd(claims["measurement"], field="measurement", where=bw, length=32).hex(),
-            signer=hexd(claims["signer"], field="signer", where=bw, length=32).hex(),
-            product_id=get_typed(claims, "product_id", int, where=bw),
-            security_version=get_typed(claims, "security_version", int, where=bw),
-            debug=get_typed(claims, "debug", bool, where=bw),
-        )
-        report_data = hexd(claims["report_data"], field="report_data", where=bw, length=REPORT_DATA_LEN)
-        return identity, report_data
+            measurement=hexd(claims["measurement"], field="measurement", where=where, length=32).hex(),
+            signer=hexd(claims["signer"], field="signer", where=where, length=32).hex(),
+            product_id=get_typed(claims, "product_id", int, where=where),
+            security_version=get_typed(claims, "security_version", int, where=where),
+            debug=get_typed(claims, "debug", bool, where=where),
+        ),
+        report_data=hexd(claims["report_data"], field="report_data", where=where, length=REPORT_DATA_LEN),
+        time=get_typed(claims, "time", int, where=where),
+        notice=get_typed(claims, "notice", str, where=where),
+        extra=get_typed(claims, "extra", dict, where=where),
+    )
 
 
 def _sim(platform_dir: Path, config: EnclaveConfig) -> TeeBackend:
