@@ -169,7 +169,7 @@ class Client:
         name = name or path.stem
         columns, rows = _csv_shape(path)
         service = self.service
-        dataset_id = os.urandom(16).hex()
+        dataset_id = mf.new_dataset_id()
         data_key = AESGCM.generate_key(256)
         size = _size_of(path)
         with tempfile.TemporaryDirectory(prefix="confide-upload-") as tmp:
