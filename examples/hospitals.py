@@ -191,8 +191,17 @@ def main(work: Path) -> int:
 
         step("9. The audit log: every state change, hash-chained, checked by the lab")
         events = lab.audit(both)
+        names = {
+            c.fingerprint: name
+            for name, c in (("hospital_a", hospital_a), ("hospital_b", hospital_b), ("lab", lab))
+        }
         for ev in events:
-            print(f"  #{ev['seq']:<4} {ev['kind']:<20} {ev.get('detail', '')}")
+            actor = names.get(ev.get("actor", ""), ev.get("actor", ""))
+            detail = ev.get("detail") or {}
+            shown = {k: v for k, v in detail.items() if k in ("category", "run", "attempt")}
+            print(
+                f"  #{ev['seq']:<4} {ev['kind']:<16} by {actor:<28} {shown or ''}  hash {ev['sha256'][:12]}…"
+            )
         print(f"\nDone: joint model AUC {aucs['A + B (Confide)']:.4f} vs "
               f"{aucs['A only']:.4f} (A) and {aucs['B only']:.4f} (B); neither hospital's records left it "
               "unencrypted except inside the (simulated) enclave.")  # fmt: skip
