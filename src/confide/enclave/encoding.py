@@ -91,3 +91,16 @@ def hexd(text: Any, *, field: str, where: str, length: int | None = None) -> byt
     if length is not None and len(raw) != length:
         raise FormatError(f"field {field!r} must be {length} bytes of hex, got {len(raw)}", where=where)
     return raw
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """Nesting depth of a JSON value (objects and arrays), counted no further than `limit` levels."""
+    if isinstance(value, dict):
+        items: list[Any] = list(value.values())
+    elif isinstance(value, list):
+        items = value
+    else:
+        return 0
+    if limit <= 0:
+        return 1
+    return 1 + max((json_depth(v, limit - 1) for v in items), default=0)

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from . import hpke_box
-from .encoding import b64d, b64e, canonical_json, check_fields, get_typed, parse_json_object
+from .encoding import b64d, b64e, canonical_json, check_fields, get_typed, json_depth, parse_json_object
 from .errors import FormatError, IntegrityError
 from .keys import Identity, PublicIdentity
 
@@ -191,21 +191,9 @@ def _unique(values: Sequence[str], what: str, where: str) -> None:
         seen.add(v)
 
 
-def _depth(value: Any, limit: int) -> int:
-    if isinstance(value, dict):
-        items: list[Any] = list(value.values())
-    elif isinstance(value, list):
-        items = value
-    else:
-        return 0
-    if limit <= 0:
-        return 1
-    return 1 + max((_depth(v, limit - 1) for v in items), default=0)
-
-
 def _params(value: Any, where: str) -> dict[str, Any]:
     params = _obj(value, where)
-    if _depth(params, MAX_PARAMS_DEPTH + 1) > MAX_PARAMS_DEPTH:
+    if json_depth(params, MAX_PARAMS_DEPTH + 1) > MAX_PARAMS_DEPTH:
         raise FormatError(f"nested deeper than {MAX_PARAMS_DEPTH} levels", where=where)
     size = len(canonical_json(params))
     if size > MAX_PARAMS_BYTES:

@@ -2,9 +2,11 @@
 
 Every call but ``GET /v1/health``, ``/v1/service*`` and ``POST /v1/parties`` is authenticated with
 `confide.api_auth` (nonces kept in the database, so a replay is refused after a restart and by
-every server sharing the database). A party sees its own objects and the tasks it takes part in;
-anything else answers 404, exactly like an object that does not exist. Requests are validated
-strictly (unknown fields rejected) and every error is ``{"error": {"code", "message", "where"}}``.
+every server sharing the database), before anything else of the request is looked at. A party
+sees its own objects and the tasks it takes part in; anything else answers 404, exactly like an
+object that does not exist. Requests are validated strictly (JSON bodies parsed strictly, unknown
+fields rejected, values the database cannot store refused) and every error is
+``{"error": {"code", "message", "where"}}`` (tests/test_api_fuzz.py fuzzes every operation).
 
 The platform is untrusted: the checks it makes on manifests, approvals and envelopes are a
 courtesy that gives early, clear errors. The enclave makes them again.
@@ -15,16 +17,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import delete, or_, select
 from sqlalchemy.exc import IntegrityError as DbIntegrityError
 from sqlalchemy.orm import Session
@@ -35,7 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from confide import __version__, api_auth
 from confide.enclave import manifest as mf
-from confide.enclave.encoding import canonical_json, parse_json_object
+from confide.enclave.encoding import canonical_json, json_depth, parse_json_object
 from confide.enclave.errors import ConfideError
 from confide.enclave.keys import PublicIdentity
 from confide.platform import audit
@@ -74,6 +78,9 @@ BLOB_PATH = "/v1/blobs"
 HEX32 = r"^[0-9a-f]{32}$"
 HEX64 = r"^[0-9a-f]{64}$"
 FINGERPRINT = r"^[0-9a-f]{4}(-[0-9a-f]{4}){4}$"
+MAX_INT64 = (1 << 63) - 1  # the database's BIGINT
+MAX_SCHEMA_DEPTH = 16  # a dataset's schema is echoed back: keep it shallow enough to serialise
+PARTY_SCOPE_KEY = "confide.party"
 
 
 class ApiError(Exception):
@@ -118,15 +125,45 @@ class DatasetBody(Strict):
     dataset_id: str = Field(pattern=HEX32)
     name: str = Field(min_length=1, max_length=256)
     schema_: dict[str, Any] = Field(alias="schema")
-    rows: int | None = Field(default=None, ge=0)
+    rows: int | None = Field(default=None, ge=0, le=MAX_INT64)
     ciphertext_sha256: str = Field(pattern=HEX64)
     key_envelope: dict[str, Any]
+
+    @field_validator("name")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        # shown to other parties; and PostgreSQL text refuses NUL (a database error, not a 4xx)
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise ValueError("must hold no control characters")
+        return value
+
+    @field_validator("schema_")
+    @classmethod
+    def _storable(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # stored as canonical JSON and echoed in every listing: what the encoder refuses there
+        # (deep nesting, lone surrogates, 1e400 parsed as infinity) would break them all
+        if json_depth(value, MAX_SCHEMA_DEPTH + 1) > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_SCHEMA_DEPTH} levels")
+        try:
+            canonical_json(value)
+            json.dumps(value, allow_nan=False)
+        except (UnicodeEncodeError, ValueError):
+            raise ValueError("holds text that is not valid Unicode or a number out of range") from None
+        return value
 
 
 class FunctionBody(Strict):
     descriptor: dict[str, Any]
     source: str | None = Field(default=None, max_length=mf.MAX_SOURCE_BYTES)
     sealed_source: str | None = Field(default=None, max_length=2 * mf.MAX_SOURCE_BYTES)
+
+    @field_validator("source")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        # compile() refuses it anyway, and PostgreSQL text refuses it with a database error
+        if value is not None and "\x00" in value:
+            raise ValueError("Python source holds no NUL character")
+        return value
 
 
 class TaskBody(Strict):
@@ -261,19 +298,65 @@ class JsonBodyLimit:
 # ---- authentication (a dependency of every non-public route) -------------------------------------------
 
 
-async def authenticated_party(request: Request) -> str:
-    """The fingerprint of the party that signed this request (401 otherwise)."""
+def _is_json(content_type: str | None) -> bool:
+    """Whether FastAPI will parse a body with this content type as JSON."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+async def _authenticate(request: Request) -> str:
+    """Check the request's signature (401 otherwise) and keep the party in the request's scope."""
     platform: Platform = request.app.state.platform
     body = await request.body()
     party = await run_in_threadpool(
         platform.authenticate, request.headers, request.method, request_target(request), body
     )
-    if body and request.headers.get("content-type", "").startswith("application/json"):
+    request.scope[PARTY_SCOPE_KEY] = party
+    return party
+
+
+async def _check_json_body(request: Request) -> None:
+    """A JSON body is parsed strictly before FastAPI parses it: malformed JSON, bytes that are not
+    UTF-8, nesting beyond the parser's limit, duplicate keys and NaN are refused, not guessed at,
+    with one clear error (400 ``invalid-json``, ``where`` = ``body``)."""
+    body = await request.body()
+    if body and _is_json(request.headers.get("content-type")):
         try:
-            parse_json_object(body, where="body")  # duplicate keys, NaN: refused, not guessed at
+            parse_json_object(body, where="body")
         except ConfideError as exc:
             raise ApiError(400, "invalid-json", exc.message, "body") from None
+
+
+async def authenticated_party(request: Request) -> str:
+    """The fingerprint of the party that signed this request (401 otherwise). `ConfideRoute` has
+    normally authenticated the request already, before anything read its parameters or body."""
+    party = request.scope.get(PARTY_SCOPE_KEY)
+    if isinstance(party, str):
+        return party
+    party = await _authenticate(request)
+    await _check_json_body(request)
     return party
+
+
+class ConfideRoute(APIRoute):
+    """Every route of the API. A route that needs a `Caller` authenticates first, so an
+    unauthenticated request learns nothing but 401 whatever its path parameters, query or body;
+    then a JSON body is parsed strictly (`_check_json_body`), before FastAPI parses and validates
+    it (FastAPI would answer malformed JSON with 422 ``body.<offset>``, ahead of authentication)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        protected = any(dep.call is authenticated_party for dep in self.dependant.dependencies)
+        if not protected and self.body_field is None:
+            return handler
+
+        async def checked(request: Request) -> Response:
+            if protected:
+                await _authenticate(request)
+            await _check_json_body(request)
+            return await handler(request)
+
+        return checked
 
 
 Caller = Annotated[str, Depends(authenticated_party)]
@@ -318,7 +401,11 @@ def create_app(platform: Platform) -> FastAPI:
             "The untrusted platform of Confide (docs/PROTOCOL.md §7). Authenticated calls carry "
             "X-Confide-Party, X-Confide-Time, X-Confide-Nonce and X-Confide-Signature."
         ),
+        # A signed request cannot follow a redirect (the signature covers the path): a path with a
+        # stray trailing slash is a plain 404 with the error body, not a 307 without one.
+        redirect_slashes=False,
     )
+    app.router.route_class = ConfideRoute
     app.state.platform = platform
     app.add_middleware(JsonBodyLimit, max_bytes=platform.max_json_bytes)
     _install_error_handlers(app)
@@ -696,7 +783,7 @@ def create_app(platform: Platform) -> FastAPI:
     async def get_task(
         task_id: Annotated[str, Path(pattern=HEX32)],
         me: Caller,
-        wait: Annotated[float, Query(ge=0, le=MAX_LONG_POLL_S)] = 0,
+        wait: Annotated[float, Query(ge=0, le=MAX_LONG_POLL_S, allow_inf_nan=False)] = 0,
         state: Annotated[str | None, Query(pattern="^(created|queued|running|succeeded|failed)$")] = None,
     ) -> dict[str, Any]:
         """With `wait` and `state`: a long poll that answers as soon as the task leaves `state` (or
@@ -778,7 +865,7 @@ def create_app(platform: Platform) -> FastAPI:
     @app.get("/v1/audit", tags=["audit"])
     def my_audit(
         me: Caller,
-        after: Annotated[int, Query(ge=0)] = 0,
+        after: Annotated[int, Query(ge=0, le=MAX_INT64)] = 0,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     ) -> dict[str, Any]:
         with db.reading() as s:
