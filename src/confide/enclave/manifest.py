@@ -5,7 +5,8 @@ Everything parsed here may come from a hostile party or host: unknown fields are
 checked, sizes capped, names must be identifiers, and fingerprints are recomputed from the
 participants' public lines (a fingerprint written in a manifest is only a reference to one of them).
 
-Public API
+Public API (the objects live in task_fields, function_desc, dataset_keys and here; import them
+all from this module)
 ----------
 Functions (section 4)
     ``FunctionDescriptor``                         the descriptor; ``.to_json()``, ``.digest``
@@ -35,548 +36,84 @@ Receipts
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from . import hpke_box
-from .encoding import b64d, b64e, canonical_json, check_fields, get_typed, json_depth, parse_json_object
+from .dataset_keys import (
+    DatasetKeyEnvelope,
+    check_dataset_key,
+    new_dataset_id,
+    open_dataset_key,
+    parse_dataset_key,
+    wrap_dataset_key,
+)
+from .encoding import b64d, b64e, canonical_json, check_fields, get_typed
 from .errors import FormatError, IntegrityError
+from .function_desc import (
+    BUILTIN_VERSION,
+    BUILTINS,
+    FunctionDescriptor,
+    _output_name,
+    builtin_descriptor,
+    builtin_source,
+    check_function_source,
+    function_descriptor,
+    function_digest,
+    open_function_source,
+    parse_function_descriptor,
+    seal_function_source,
+)
 from .keys import Identity, PublicIdentity
-
-FUNCTION_FORMAT = "confide-function-v1"
-DATASET_KEY_FORMAT = "confide-dataset-key-v1"
-TASK_FORMAT = "confide-task-v1"
-APPROVAL_FORMAT = "confide-approval-v1"
-RECEIPT_FORMAT = "confide-task-receipt-v1"
-DATASET_KEY_PURPOSE = "dataset-key"
-FUNCTION_SOURCE_PURPOSE = "function-source"
-
-FUNCTION_KINDS = ("builtin", "python")
-PROVIDED_REQUIREMENTS = ("numpy", "pandas", "scikit-learn", "xgboost")  # what the sandbox offers
-RECEIPT_CHECKS = ("approval", "manifest", "function", "input", "output", "run")
-ERROR_OUTPUT = "_error"  # the extra output carrying a failed function's (sealed) error text
-
-MAX_NAME_LEN = 64
-MAX_VERSION_LEN = 32
-MAX_DESCRIPTION_LEN = 4096
-MAX_IDENTITY_LINE_LEN = 512
-MAX_INPUTS = 64
-MAX_OUTPUTS = 32
-MAX_PARTICIPANTS = 64
-MAX_RECIPIENTS = 64
-MAX_REQUIREMENTS = 16
-MAX_PARAMS_BYTES = 64 << 10
-MAX_PARAMS_DEPTH = 16
-MAX_MANIFEST_BYTES = 256 << 10
-MAX_APPROVAL_BYTES = 4 << 10
-MAX_ENVELOPE_BYTES = 4 << 10
-MAX_SOURCE_BYTES = 1 << 20
-MAX_RECEIPT_BYTES = 256 << 10
-MAX_OUTPUT_BYTES = 1 << 40
-MAX_ERROR_MESSAGE_LEN = 2048
-DEFAULT_MAX_OUTPUT_BYTES = 64 << 20
-
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
-_FUNCTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,31}")
-_FINGERPRINT = re.compile(r"[0-9a-f]{4}(?:-[0-9a-f]{4}){4}")
-_HEX32 = re.compile(r"[0-9a-f]{32}")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-
-BUILTINS_DIR = Path(__file__).resolve().parent / "builtins"
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-# ---- field checks (hostile input) -----------------------------------------------------------------
-
-
-def _obj(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise FormatError(f"must be a JSON object, got {type(value).__name__}", where=where)
-    return value
-
-
-def _load(data: str | bytes | Mapping[str, Any], cap: int, where: str) -> dict[str, Any]:
-    """A JSON object from text (size-capped, strictly parsed) or an already parsed mapping."""
-    if isinstance(data, Mapping):
-        obj = dict(data)
-    else:
-        if isinstance(data, str):
-            data = data.encode("utf-8", "surrogatepass")
-        if not isinstance(data, bytes):
-            raise FormatError(f"must be JSON text, got {type(data).__name__}", where=where)
-        if len(data) > cap:
-            raise FormatError(f"{len(data)} bytes exceeds the {cap}-byte limit", where=where)
-        obj = parse_json_object(data, where=where)
-    try:
-        size = len(canonical_json(obj))  # what gets hashed and signed must encode (no lone surrogates)
-        json.dumps(obj, allow_nan=False)  # and be standard JSON: 1e400 parses as infinity
-    except (UnicodeEncodeError, RecursionError, ValueError, TypeError):
-        raise FormatError(
-            "holds text that is not valid Unicode, a number out of range, or nesting too deep", where=where
-        ) from None
-    if size > cap:
-        raise FormatError(f"{size} bytes exceeds the {cap}-byte limit", where=where)
-    return obj
-
-
-def _str(obj: Mapping[str, Any], key: str, where: str, *, max_len: int) -> str:
-    value = get_typed(obj, key, str, where=where)
-    if len(value) > max_len:
-        raise FormatError(f"field {key!r} longer than {max_len} characters", where=where)
-    return value
-
-
-def _match(obj: Mapping[str, Any], key: str, pattern: re.Pattern[str], what: str, where: str) -> str:
-    value = get_typed(obj, key, str, where=where)
-    if not pattern.fullmatch(value):
-        raise FormatError(f"field {key!r} must be {what}, got {value[:80]!r}", where=where)
-    return value
-
-
-def _ident(value: Any, what: str, where: str) -> str:
-    if not isinstance(value, str) or not _IDENT.fullmatch(value):
-        shown = value[:80] if isinstance(value, str) else type(value).__name__
-        raise FormatError(
-            f"{what} {shown!r} must be an identifier (letters, digits, _; at most {MAX_NAME_LEN})",
-            where=where,
-        )
-    return value
-
-
-def _fingerprint(obj: Mapping[str, Any], key: str, where: str) -> str:
-    return _match(obj, key, _FINGERPRINT, "a key fingerprint (xxxx-xxxx-xxxx-xxxx-xxxx)", where)
-
-
-def _fp_value(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not _FINGERPRINT.fullmatch(value):
-        raise FormatError("must be a key fingerprint (xxxx-xxxx-xxxx-xxxx-xxxx)", where=where)
-    return value
-
-
-def _hex(obj: Mapping[str, Any], key: str, pattern: re.Pattern[str], where: str) -> str:
-    digits = 64 if pattern is _HEX64 else 32
-    return _match(obj, key, pattern, f"{digits} lowercase hex digits", where)
-
-
-def _int(obj: Mapping[str, Any], key: str, where: str, *, low: int, high: int) -> int:
-    value = get_typed(obj, key, int, where=where)
-    if not low <= value <= high:
-        raise FormatError(f"field {key!r} must be within {low}..{high}, got {value}", where=where)
-    return value
-
-
-def _list(obj: Mapping[str, Any], key: str, where: str, *, low: int, high: int) -> list[Any]:
-    value = get_typed(obj, key, list, where=where)
-    if not low <= len(value) <= high:
-        raise FormatError(f"field {key!r} must hold {low}..{high} entries, got {len(value)}", where=where)
-    return value
-
-
-def _unique(values: Sequence[str], what: str, where: str) -> None:
-    seen: set[str] = set()
-    for v in values:
-        if v in seen:
-            raise FormatError(f"{what} {v!r} appears twice", where=where)
-        seen.add(v)
-
-
-def _params(value: Any, where: str) -> dict[str, Any]:
-    params = _obj(value, where)
-    if json_depth(params, MAX_PARAMS_DEPTH + 1) > MAX_PARAMS_DEPTH:
-        raise FormatError(f"nested deeper than {MAX_PARAMS_DEPTH} levels", where=where)
-    size = len(canonical_json(params))
-    if size > MAX_PARAMS_BYTES:
-        raise FormatError(f"{size} bytes exceeds the {MAX_PARAMS_BYTES}-byte limit", where=where)
-    return params
-
-
-# ---- functions (section 4) -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FunctionDescriptor:
-    kind: str  # "builtin" | "python"
-    name: str
-    version: str
-    owner: str  # fingerprint of the function's owner, "" for a built-in
-    source_sha256: str
-    requirements: tuple[str, ...]
-    description: str
-    inputs: tuple[str, ...]  # ("*",): any inputs; else exactly these names
-    outputs: tuple[str, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": FUNCTION_FORMAT,
-            "kind": self.kind,
-            "name": self.name,
-            "version": self.version,
-            "owner": self.owner,
-            "source_sha256": self.source_sha256,
-            "requirements": list(self.requirements),
-            "description": self.description,
-            "inputs": list(self.inputs),
-            "outputs": list(self.outputs),
-        }
-
-    @property
-    def digest(self) -> str:
-        return _sha256(canonical_json(self.to_json()))
-
-    @property
-    def any_inputs(self) -> bool:
-        return self.inputs == ("*",)
-
-
-def parse_function_descriptor(data: str | bytes | Mapping[str, Any]) -> FunctionDescriptor:
-    w = "function descriptor"
-    obj = _load(data, MAX_MANIFEST_BYTES, w)
-    check_fields(
-        obj,
-        required=(
-            "format",
-            "kind",
-            "name",
-            "version",
-            "owner",
-            "source_sha256",
-            "requirements",
-            "description",
-            "inputs",
-            "outputs",
-        ),
-        where=w,
-    )
-    if obj["format"] != FUNCTION_FORMAT:
-        raise FormatError(f"unknown descriptor format {str(obj['format'])[:80]!r}", where=w)
-    kind = get_typed(obj, "kind", str, where=w)
-    if kind not in FUNCTION_KINDS:
-        raise FormatError(f"kind must be one of {', '.join(FUNCTION_KINDS)}, got {kind[:40]!r}", where=w)
-    name = _match(obj, "name", _FUNCTION_NAME, "a function name (letters, digits, . _ -; at most 64)", w)
-    w = f"function descriptor {name!r}"
-    version = _match(obj, "version", _VERSION, "a version (letters, digits, . _ + -; at most 32)", w)
-    owner = get_typed(obj, "owner", str, where=w)
-    if kind == "builtin" and owner:
-        raise FormatError('a built-in has no owner (owner must be "")', where=w)
-    if owner:
-        owner = _fingerprint(obj, "owner", w)
-    requirements = _list(obj, "requirements", w, low=0, high=MAX_REQUIREMENTS)
-    for req in requirements:
-        if req not in PROVIDED_REQUIREMENTS:
-            raise FormatError(
-                f"requirement {str(req)[:40]!r} is not provided by the enclave "
-                f"(available: {', '.join(PROVIDED_REQUIREMENTS)})",
-                where=w,
-            )
-    _unique(requirements, "requirement", w)
-    inputs = _list(obj, "inputs", w, low=0, high=MAX_INPUTS)
-    if inputs != ["*"]:
-        for n in inputs:
-            _ident(n, "input name", f"{w}: inputs")
-        _unique(inputs, "input name", w)
-    outputs = _list(obj, "outputs", w, low=1, high=MAX_OUTPUTS)
-    for n in outputs:
-        _output_name(n, f"{w}: outputs")
-    _unique(outputs, "output name", w)
-    return FunctionDescriptor(
-        kind=kind,
-        name=name,
-        version=version,
-        owner=owner,
-        source_sha256=_hex(obj, "source_sha256", _HEX64, w),
-        requirements=tuple(requirements),
-        description=_str(obj, "description", w, max_len=MAX_DESCRIPTION_LEN),
-        inputs=tuple(inputs),
-        outputs=tuple(outputs),
-    )
-
-
-def _output_name(value: Any, where: str) -> str:
-    name = _ident(value, "output name", where)
-    if name.startswith("_"):
-        raise FormatError(
-            f"output name {name!r} is reserved (names starting with _ are the enclave's)", where=where
-        )
-    return name
-
-
-def function_digest(descriptor: FunctionDescriptor | Mapping[str, Any]) -> str:
-    """H(canonical_json(descriptor)); a mapping is strictly parsed first."""
-    if not isinstance(descriptor, FunctionDescriptor):
-        descriptor = parse_function_descriptor(descriptor)
-    return descriptor.digest
-
-
-def function_descriptor(
-    *,
-    name: str,
-    source: str,
-    owner: PublicIdentity | str,
-    description: str,
-    version: str = "1",
-    requirements: Sequence[str] = (),
-    inputs: Sequence[str] = ("*",),
-    outputs: Sequence[str],
-) -> FunctionDescriptor:
-    """The descriptor of a party's Python function (``kind: python``), checked as the enclave will."""
-    owner_fp = owner.fingerprint if isinstance(owner, PublicIdentity) else owner
-    obj = FunctionDescriptor(
-        kind="python",
-        name=name,
-        version=version,
-        owner=owner_fp,
-        source_sha256=_sha256(source.encode("utf-8")),
-        requirements=tuple(sorted(requirements)),
-        description=description,
-        inputs=tuple(inputs),
-        outputs=tuple(outputs),
-    ).to_json()
-    return parse_function_descriptor(obj)
-
-
-@dataclass(frozen=True)
-class _Builtin:
-    file: str
-    requirements: tuple[str, ...]
-    description: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-
-
-BUILTINS: dict[str, _Builtin] = {
-    "gbdt-train": _Builtin(
-        "gbdt_train.py",
-        ("numpy", "pandas", "xgboost"),
-        "Trains an XGBoost gradient-boosted tree model (classifier or regressor) on the union of all "
-        "inputs: CSV files with the same header. Params: label (required), objective "
-        "(binary:logistic), rounds, max_depth, eta, seed. Outputs: model (XGBoost JSON model) and "
-        "report (JSON: rows per input, features, label balance). Deterministic for a given seed.",
-        ("*",),
-        ("model", "report"),
-    ),
-    "gbdt-predict": _Builtin(
-        "gbdt_predict.py",
-        ("numpy", "pandas", "xgboost"),
-        "Scores a CSV (input data; a label column, if named in params.label, is dropped) with an "
-        "XGBoost JSON model (input model). Output: predictions, a CSV with one score column.",
-        ("model", "data"),
-        ("predictions",),
-    ),
-}
-BUILTIN_VERSION = "1"
-
-
-def builtin_source(name: str) -> str:
-    spec = BUILTINS.get(name)
-    if spec is None:
-        raise FormatError(
-            f"unknown built-in function {name[:64]!r} (this build has: {', '.join(BUILTINS)})",
-            where="built-in functions",
-        )
-    return (BUILTINS_DIR / spec.file).read_text(encoding="utf-8")
-
-
-def builtin_descriptor(name: str) -> FunctionDescriptor:
-    """The descriptor of a built-in of this build; its source is read from the enclave package."""
-    spec = BUILTINS.get(name)
-    source = builtin_source(name)
-    assert spec is not None
-    return FunctionDescriptor(
-        kind="builtin",
-        name=name,
-        version=BUILTIN_VERSION,
-        owner="",
-        source_sha256=_sha256(source.encode("utf-8")),
-        requirements=spec.requirements,
-        description=spec.description,
-        inputs=spec.inputs,
-        outputs=spec.outputs,
-    )
-
-
-def check_function_source(descriptor: FunctionDescriptor, source: str) -> None:
-    if len(source) > MAX_SOURCE_BYTES:
-        raise FormatError(
-            f"source longer than {MAX_SOURCE_BYTES} bytes", where=f"function {descriptor.name!r}"
-        )
-    got = _sha256(source.encode("utf-8", "surrogatepass"))
-    if got != descriptor.source_sha256:
-        raise IntegrityError(
-            f"source has SHA-256 {got}, but the approved descriptor says {descriptor.source_sha256}",
-            where=f"function {descriptor.name!r}",
-        )
-
-
-def _source_binding(descriptor: FunctionDescriptor, service_fp: str) -> dict[str, str]:
-    return {"function": descriptor.digest, "owner": descriptor.owner, "service": service_fp}
-
-
-def seal_function_source(source: str, *, descriptor: FunctionDescriptor, service: PublicIdentity) -> bytes:
-    """Owner side: the source sealed so that only the service's enclaves can read it."""
-    check_function_source(descriptor, source)
-    if not descriptor.owner:
-        raise FormatError("a confidential function needs an owner", where=f"function {descriptor.name!r}")
-    return hpke_box.seal(
-        source.encode("utf-8"),
-        service.kem_key,
-        FUNCTION_SOURCE_PURPOSE,
-        **_source_binding(descriptor, service.fingerprint),
-    )
-
-
-def open_function_source(sealed: bytes, *, descriptor: FunctionDescriptor, service: Identity) -> str:
-    """Enclave side: open a confidential function's source and check it against the descriptor."""
-    w = f"sealed source of function {descriptor.name!r}"
-    if len(sealed) > MAX_SOURCE_BYTES + 64:
-        raise FormatError(f"longer than {MAX_SOURCE_BYTES} bytes", where=w)
-    plain = hpke_box.open_sealed(
-        sealed,
-        service.kem_key,
-        FUNCTION_SOURCE_PURPOSE,
-        where=w,
-        **_source_binding(descriptor, service.fingerprint),
-    )
-    try:
-        source = plain.decode("utf-8")
-    except UnicodeDecodeError:
-        raise FormatError("source is not UTF-8 text", where=w) from None
-    check_function_source(descriptor, source)
-    return source
-
-
-# ---- datasets (section 3) --------------------------------------------------------------------------
-
-
-def new_dataset_id() -> str:
-    return os.urandom(16).hex()
-
-
-@dataclass(frozen=True)
-class DatasetKeyEnvelope:
-    dataset_id: str
-    owner: str
-    service: str
-    ciphertext_sha256: str
-    wrapped: bytes
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": DATASET_KEY_FORMAT,
-            "dataset_id": self.dataset_id,
-            "owner": self.owner,
-            "service": self.service,
-            "ciphertext_sha256": self.ciphertext_sha256,
-            "wrapped": b64e(self.wrapped),
-        }
-
-    def binding(self) -> dict[str, str]:
-        return {
-            "dataset": self.dataset_id,
-            "owner": self.owner,
-            "service": self.service,
-            "ciphertext_sha256": self.ciphertext_sha256,  # not "ciphertext": open_sealed's own argument
-        }
-
-
-def wrap_dataset_key(
-    data_key: bytes,
-    *,
-    dataset_id: str,
-    owner: PublicIdentity | str,
-    service: PublicIdentity,
-    ciphertext_sha256: str,
-) -> dict[str, Any]:
-    """Owner side: the dataset's data key wrapped to the service, bound to dataset, owner and blob."""
-    if len(data_key) != 32:
-        raise FormatError("a data key is 32 bytes", where="dataset key envelope")
-    owner_fp = owner.fingerprint if isinstance(owner, PublicIdentity) else owner
-    env = DatasetKeyEnvelope(dataset_id, owner_fp, service.fingerprint, ciphertext_sha256, b"")
-    parse_dataset_key({**env.to_json(), "wrapped": b64e(bytes(48))})  # validate the fields first
-    wrapped = hpke_box.seal(data_key, service.kem_key, DATASET_KEY_PURPOSE, **env.binding())
-    return DatasetKeyEnvelope(dataset_id, owner_fp, service.fingerprint, ciphertext_sha256, wrapped).to_json()
-
-
-def parse_dataset_key(
-    data: str | bytes | Mapping[str, Any], *, where: str = "dataset key envelope"
-) -> DatasetKeyEnvelope:
-    obj = _load(data, MAX_ENVELOPE_BYTES, where)
-    check_fields(
-        obj,
-        required=("format", "dataset_id", "owner", "service", "ciphertext_sha256", "wrapped"),
-        where=where,
-    )
-    if obj["format"] != DATASET_KEY_FORMAT:
-        raise FormatError(f"unknown envelope format {str(obj['format'])[:80]!r}", where=where)
-    wrapped = b64d(obj["wrapped"], field="wrapped", where=where)
-    if not hpke_box.ENC_LEN + hpke_box.TAG_LEN <= len(wrapped) <= 256:
-        raise FormatError(f"wrapped key of {len(wrapped)} bytes has the wrong size", where=where)
-    return DatasetKeyEnvelope(
-        dataset_id=_hex(obj, "dataset_id", _HEX32, where),
-        owner=_fingerprint(obj, "owner", where),
-        service=_fingerprint(obj, "service", where),
-        ciphertext_sha256=_hex(obj, "ciphertext_sha256", _HEX64, where),
-        wrapped=wrapped,
-    )
-
-
-def check_dataset_key(
-    envelope: DatasetKeyEnvelope, expect: TaskInput, service_fp: str, *, where: str
-) -> None:
-    """The envelope is for this service and says what the manifest says about the input."""
-    if envelope.service != service_fp:
-        raise IntegrityError(
-            f"key envelope is wrapped to service {envelope.service}, not this service {service_fp}",
-            where=where,
-        )
-    if envelope.dataset_id != expect.dataset_id:
-        raise IntegrityError(
-            f"key envelope is for dataset {envelope.dataset_id}, but the manifest names dataset "
-            f"{expect.dataset_id}",
-            where=where,
-        )
-    if envelope.owner != expect.owner:
-        raise IntegrityError(
-            f"key envelope is bound to owner {envelope.owner}, but the manifest says the owner is {expect.owner}",
-            where=where,
-        )
-    if envelope.ciphertext_sha256 != expect.ciphertext_sha256:
-        raise IntegrityError(
-            f"key envelope is for ciphertext {envelope.ciphertext_sha256}, but the manifest names "
-            f"{expect.ciphertext_sha256}",
-            where=where,
-        )
-
-
-def open_dataset_key(
-    envelope: DatasetKeyEnvelope | Mapping[str, Any],
-    service: Identity,
-    *,
-    expect: TaskInput | None = None,
-    where: str = "dataset key envelope",
-) -> bytes:
-    """Enclave side: unwrap a data key. With `expect`, the envelope must match that manifest input
-    first; the HPKE info binds every field, so an edited envelope does not open."""
-    env = envelope if isinstance(envelope, DatasetKeyEnvelope) else parse_dataset_key(envelope, where=where)
-    if expect is not None:
-        check_dataset_key(env, expect, service.fingerprint, where=where)
-    key = hpke_box.open_sealed(
-        env.wrapped, service.kem_key, DATASET_KEY_PURPOSE, where=where, **env.binding()
-    )
-    if len(key) != 32:
-        raise FormatError(f"unwrapped data key has {len(key)} bytes, not 32", where=where)
-    return key
-
+from .task_fields import (
+    APPROVAL_FORMAT,
+    BUILTINS_DIR,
+    DATASET_KEY_FORMAT,
+    DATASET_KEY_PURPOSE,
+    DEFAULT_MAX_OUTPUT_BYTES,
+    ERROR_OUTPUT,
+    FUNCTION_FORMAT,
+    FUNCTION_KINDS,
+    FUNCTION_SOURCE_PURPOSE,
+    HEX32_RE,
+    HEX64_RE,
+    MAX_APPROVAL_BYTES,
+    MAX_DESCRIPTION_LEN,
+    MAX_ENVELOPE_BYTES,
+    MAX_ERROR_MESSAGE_LEN,
+    MAX_IDENTITY_LINE_LEN,
+    MAX_INPUTS,
+    MAX_MANIFEST_BYTES,
+    MAX_NAME_LEN,
+    MAX_OUTPUT_BYTES,
+    MAX_OUTPUTS,
+    MAX_PARAMS_BYTES,
+    MAX_PARAMS_DEPTH,
+    MAX_PARTICIPANTS,
+    MAX_RECEIPT_BYTES,
+    MAX_RECIPIENTS,
+    MAX_REQUIREMENTS,
+    MAX_SOURCE_BYTES,
+    MAX_VERSION_LEN,
+    PROVIDED_REQUIREMENTS,
+    RECEIPT_CHECKS,
+    RECEIPT_FORMAT,
+    TASK_FORMAT,
+    as_object,
+    check_unique,
+    fingerprint_field,
+    fingerprint_value,
+    hex_field,
+    identifier,
+    int_field,
+    list_field,
+    load_object,
+    params_value,
+    sha256_hex,
+    text_field,
+)
 
 # ---- manifests (section 5) -------------------------------------------------------------------------
 
@@ -664,7 +201,7 @@ class Manifest:
 
     @property
     def digest(self) -> str:
-        return _sha256(canonical_json(self.to_json()))
+        return sha256_hex(canonical_json(self.to_json()))
 
     def participant(self, fingerprint: str) -> Participant:
         for p in self.participants:
@@ -713,13 +250,13 @@ def _participants(value: Any, where: str) -> tuple[Participant, ...]:
     out: list[Participant] = []
     for i, entry in enumerate(value):
         pw = f"{where}: participants[{i}]"
-        e = _obj(entry, pw)
+        e = as_object(entry, pw)
         check_fields(e, required=("name", "identity"), where=pw)
-        name = _ident(e["name"], "participant name", pw)
-        line = _str(e, "identity", pw, max_len=MAX_IDENTITY_LINE_LEN)
+        name = identifier(e["name"], "participant name", pw)
+        line = text_field(e, "identity", pw, max_len=MAX_IDENTITY_LINE_LEN)
         out.append(Participant(name, line, PublicIdentity.from_line(line, where=f"{pw} ({name})")))
-    _unique([p.name for p in out], "participant name", where)
-    _unique([p.fingerprint for p in out], "participant fingerprint", where)
+    check_unique([p.name for p in out], "participant name", where)
+    check_unique([p.fingerprint for p in out], "participant fingerprint", where)
     return tuple(out)
 
 
@@ -727,7 +264,7 @@ def parse_manifest(data: str | bytes | Mapping[str, Any], *, where: str = "manif
     """Strictly parse a task manifest and check every rule of PROTOCOL.md section 5 that needs no
     context (the service check needs the enclave's own key: compare ``manifest.service``)."""
     w = where
-    obj = _load(data, MAX_MANIFEST_BYTES, w)
+    obj = load_object(data, MAX_MANIFEST_BYTES, w)
     check_fields(
         obj,
         required=(
@@ -746,17 +283,17 @@ def parse_manifest(data: str | bytes | Mapping[str, Any], *, where: str = "manif
     )
     if obj["format"] != TASK_FORMAT:
         raise FormatError(f"unknown manifest format {str(obj['format'])[:80]!r}", where=w)
-    task_id = _hex(obj, "task_id", _HEX32, w)
+    task_id = hex_field(obj, "task_id", HEX32_RE, w)
     w = f"{where} of task {task_id}" if where == "manifest" else f"{where}: manifest"
-    service = _fingerprint(obj, "service", w)
-    creator = _fingerprint(obj, "creator", w)
-    created_at = _int(obj, "created_at", w, low=0, high=1 << 40)
+    service = fingerprint_field(obj, "service", w)
+    creator = fingerprint_field(obj, "creator", w)
+    created_at = int_field(obj, "created_at", w, low=0, high=1 << 40)
 
     fw = f"{w}: function"
-    fn = _obj(obj["function"], fw)
+    fn = as_object(obj["function"], fw)
     check_fields(fn, required=("descriptor", "digest", "confidential"), where=fw)
-    descriptor = parse_function_descriptor(_obj(fn["descriptor"], f"{fw}.descriptor"))
-    digest = _hex(fn, "digest", _HEX64, fw)
+    descriptor = parse_function_descriptor(as_object(fn["descriptor"], f"{fw}.descriptor"))
+    digest = hex_field(fn, "digest", HEX64_RE, fw)
     if digest != descriptor.digest:
         raise IntegrityError(
             f"function digest {digest} does not match its descriptor (which hashes to {descriptor.digest})",
@@ -766,41 +303,41 @@ def parse_manifest(data: str | bytes | Mapping[str, Any], *, where: str = "manif
     if confidential and (descriptor.kind != "python" or not descriptor.owner):
         raise FormatError("only a party's Python function with an owner can be confidential", where=fw)
 
-    params = _params(obj["params"], f"{w}: params")
+    params = params_value(obj["params"], f"{w}: params")
 
     inputs: list[TaskInput] = []
-    for i, entry in enumerate(_list(obj, "inputs", w, low=0, high=MAX_INPUTS)):
+    for i, entry in enumerate(list_field(obj, "inputs", w, low=0, high=MAX_INPUTS)):
         iw = f"{w}: inputs[{i}]"
-        e = _obj(entry, iw)
+        e = as_object(entry, iw)
         check_fields(e, required=("name", "dataset_id", "owner", "ciphertext_sha256"), where=iw)
-        name = _ident(e["name"], "input name", iw)
+        name = identifier(e["name"], "input name", iw)
         iw = f"{w}: input {name!r}"
         inputs.append(
             TaskInput(
                 name,
-                _hex(e, "dataset_id", _HEX32, iw),
-                _fingerprint(e, "owner", iw),
-                _hex(e, "ciphertext_sha256", _HEX64, iw),
+                hex_field(e, "dataset_id", HEX32_RE, iw),
+                fingerprint_field(e, "owner", iw),
+                hex_field(e, "ciphertext_sha256", HEX64_RE, iw),
             )
         )
-    _unique([i.name for i in inputs], "input name", w)
-    _unique([i.dataset_id for i in inputs], "dataset", w)
+    check_unique([i.name for i in inputs], "input name", w)
+    check_unique([i.dataset_id for i in inputs], "dataset", w)
 
     outputs: list[TaskOutput] = []
-    for i, entry in enumerate(_list(obj, "outputs", w, low=1, high=MAX_OUTPUTS)):
+    for i, entry in enumerate(list_field(obj, "outputs", w, low=1, high=MAX_OUTPUTS)):
         ow = f"{w}: outputs[{i}]"
-        e = _obj(entry, ow)
+        e = as_object(entry, ow)
         check_fields(e, required=("name", "recipients", "max_bytes"), where=ow)
         name = _output_name(e["name"], ow)
         ow = f"{w}: output {name!r}"
-        recipients = _list(e, "recipients", ow, low=1, high=MAX_RECIPIENTS)
+        recipients = list_field(e, "recipients", ow, low=1, high=MAX_RECIPIENTS)
         for r in recipients:
-            _fp_value(r, f"{ow}: recipients")
-        _unique(recipients, "recipient", ow)
+            fingerprint_value(r, f"{ow}: recipients")
+        check_unique(recipients, "recipient", ow)
         outputs.append(
-            TaskOutput(name, tuple(recipients), _int(e, "max_bytes", ow, low=1, high=MAX_OUTPUT_BYTES))
+            TaskOutput(name, tuple(recipients), int_field(e, "max_bytes", ow, low=1, high=MAX_OUTPUT_BYTES))
         )
-    _unique([o.name for o in outputs], "output name", w)
+    check_unique([o.name for o in outputs], "output name", w)
 
     participants = _participants(obj["participants"], w)
     known = {p.fingerprint for p in participants}
@@ -920,14 +457,14 @@ def sign_approval(identity: Identity, manifest: Manifest) -> dict[str, Any]:
 
 
 def parse_approval(data: str | bytes | Mapping[str, Any], *, where: str = "approval") -> Approval:
-    obj = _load(data, MAX_APPROVAL_BYTES, where)
+    obj = load_object(data, MAX_APPROVAL_BYTES, where)
     check_fields(obj, required=("format", "task_id", "manifest_sha256", "party", "signature"), where=where)
     if obj["format"] != APPROVAL_FORMAT:
         raise FormatError(f"unknown approval format {str(obj['format'])[:80]!r}", where=where)
     return Approval(
-        task_id=_hex(obj, "task_id", _HEX32, where),
-        manifest_sha256=_hex(obj, "manifest_sha256", _HEX64, where),
-        party=_fingerprint(obj, "party", where),
+        task_id=hex_field(obj, "task_id", HEX32_RE, where),
+        manifest_sha256=hex_field(obj, "manifest_sha256", HEX64_RE, where),
+        party=fingerprint_field(obj, "party", where),
         signature=b64d(obj["signature"], field="signature", where=where, length=64),
     )
 
@@ -1025,9 +562,9 @@ def verify_task_receipt(
 ) -> dict[str, Any]:
     """Check the service's signature over a task receipt and its shape; returns the body."""
     w = where
-    obj = _load(data, MAX_RECEIPT_BYTES, w)
+    obj = load_object(data, MAX_RECEIPT_BYTES, w)
     check_fields(obj, required=("body", "signature"), where=w)
-    body = _obj(obj["body"], f"{w}: body")
+    body = as_object(obj["body"], f"{w}: body")
     signature = b64d(obj["signature"], field="signature", where=w, length=64)
     service_public.verify(signature, canonical_json(body), what=w)
     check_fields(body, required=_RECEIPT_FIELDS, where=w)
@@ -1038,14 +575,14 @@ def verify_task_receipt(
         raise IntegrityError("receipt names another service key than the one that signed it", where=w)
     for key in ("inputs", "outputs"):
         for entry in get_typed(body, key, list, where=w):
-            _obj(entry, f"{w}: {key}")
+            as_object(entry, f"{w}: {key}")
     status = get_typed(body, "status", str, where=w)
     error = body["error"]
     if status == "ok":
         if error is not None:
             raise FormatError("status ok with an error", where=w)
     elif status == "error":
-        err = _obj(error, f"{w}: error")
+        err = as_object(error, f"{w}: error")
         check_fields(err, required=("check", "message"), where=f"{w}: error")
         if err["check"] not in RECEIPT_CHECKS:
             raise FormatError(f"unknown error check {str(err['check'])[:40]!r}", where=w)
@@ -1121,3 +658,69 @@ def describe_manifest(manifest: Manifest) -> str:
     ]
     lines += [f"  {p.name}: {p.fingerprint}" for p in m.participants]
     return "\n".join(lines)
+
+
+__all__ = [
+    "APPROVAL_FORMAT",
+    "BUILTINS",
+    "BUILTINS_DIR",
+    "BUILTIN_VERSION",
+    "DATASET_KEY_FORMAT",
+    "DATASET_KEY_PURPOSE",
+    "DEFAULT_MAX_OUTPUT_BYTES",
+    "ERROR_OUTPUT",
+    "FUNCTION_FORMAT",
+    "FUNCTION_KINDS",
+    "FUNCTION_SOURCE_PURPOSE",
+    "MAX_APPROVAL_BYTES",
+    "MAX_DESCRIPTION_LEN",
+    "MAX_ENVELOPE_BYTES",
+    "MAX_ERROR_MESSAGE_LEN",
+    "MAX_IDENTITY_LINE_LEN",
+    "MAX_INPUTS",
+    "MAX_MANIFEST_BYTES",
+    "MAX_NAME_LEN",
+    "MAX_OUTPUTS",
+    "MAX_OUTPUT_BYTES",
+    "MAX_PARAMS_BYTES",
+    "MAX_PARAMS_DEPTH",
+    "MAX_PARTICIPANTS",
+    "MAX_RECEIPT_BYTES",
+    "MAX_RECIPIENTS",
+    "MAX_REQUIREMENTS",
+    "MAX_SOURCE_BYTES",
+    "MAX_VERSION_LEN",
+    "PROVIDED_REQUIREMENTS",
+    "RECEIPT_CHECKS",
+    "RECEIPT_FORMAT",
+    "TASK_FORMAT",
+    "Approval",
+    "DatasetKeyEnvelope",
+    "FunctionDescriptor",
+    "Manifest",
+    "Participant",
+    "TaskInput",
+    "TaskOutput",
+    "build_manifest",
+    "builtin_descriptor",
+    "builtin_source",
+    "check_dataset_key",
+    "check_function_source",
+    "describe_manifest",
+    "function_descriptor",
+    "function_digest",
+    "make_task_receipt",
+    "new_dataset_id",
+    "new_task_id",
+    "open_dataset_key",
+    "open_function_source",
+    "parse_approval",
+    "parse_dataset_key",
+    "parse_function_descriptor",
+    "parse_manifest",
+    "seal_function_source",
+    "sign_approval",
+    "verify_approval",
+    "verify_task_receipt",
+    "wrap_dataset_key",
+]

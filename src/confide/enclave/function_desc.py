@@ -1,0 +1,293 @@
+"""Function descriptors (PROTOCOL.md section 4): built-ins shipped in the TCB, parties' Python
+functions, their digests, and source sealed to the enclave service (confidential code)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import hpke_box
+from .encoding import canonical_json, check_fields, get_typed
+from .errors import FormatError, IntegrityError
+from .keys import Identity, PublicIdentity
+from .task_fields import (
+    BUILTINS_DIR,
+    FUNCTION_FORMAT,
+    FUNCTION_KINDS,
+    FUNCTION_NAME_RE,
+    FUNCTION_SOURCE_PURPOSE,
+    HEX64_RE,
+    MAX_DESCRIPTION_LEN,
+    MAX_INPUTS,
+    MAX_MANIFEST_BYTES,
+    MAX_OUTPUTS,
+    MAX_REQUIREMENTS,
+    MAX_SOURCE_BYTES,
+    PROVIDED_REQUIREMENTS,
+    VERSION_RE,
+    check_unique,
+    fingerprint_field,
+    hex_field,
+    identifier,
+    list_field,
+    load_object,
+    pattern_field,
+    sha256_hex,
+    text_field,
+)
+
+# ---- functions (section 4) -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FunctionDescriptor:
+    kind: str  # "builtin" | "python"
+    name: str
+    version: str
+    owner: str  # fingerprint of the function's owner, "" for a built-in
+    source_sha256: str
+    requirements: tuple[str, ...]
+    description: str
+    inputs: tuple[str, ...]  # ("*",): any inputs; else exactly these names
+    outputs: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FUNCTION_FORMAT,
+            "kind": self.kind,
+            "name": self.name,
+            "version": self.version,
+            "owner": self.owner,
+            "source_sha256": self.source_sha256,
+            "requirements": list(self.requirements),
+            "description": self.description,
+            "inputs": list(self.inputs),
+            "outputs": list(self.outputs),
+        }
+
+    @property
+    def digest(self) -> str:
+        return sha256_hex(canonical_json(self.to_json()))
+
+    @property
+    def any_inputs(self) -> bool:
+        return self.inputs == ("*",)
+
+
+def parse_function_descriptor(data: str | bytes | Mapping[str, Any]) -> FunctionDescriptor:
+    w = "function descriptor"
+    obj = load_object(data, MAX_MANIFEST_BYTES, w)
+    check_fields(
+        obj,
+        required=(
+            "format",
+            "kind",
+            "name",
+            "version",
+            "owner",
+            "source_sha256",
+            "requirements",
+            "description",
+            "inputs",
+            "outputs",
+        ),
+        where=w,
+    )
+    if obj["format"] != FUNCTION_FORMAT:
+        raise FormatError(f"unknown descriptor format {str(obj['format'])[:80]!r}", where=w)
+    kind = get_typed(obj, "kind", str, where=w)
+    if kind not in FUNCTION_KINDS:
+        raise FormatError(f"kind must be one of {', '.join(FUNCTION_KINDS)}, got {kind[:40]!r}", where=w)
+    name = pattern_field(
+        obj, "name", FUNCTION_NAME_RE, "a function name (letters, digits, . _ -; at most 64)", w
+    )
+    w = f"function descriptor {name!r}"
+    version = pattern_field(obj, "version", VERSION_RE, "a version (letters, digits, . _ + -; at most 32)", w)
+    owner = get_typed(obj, "owner", str, where=w)
+    if kind == "builtin" and owner:
+        raise FormatError('a built-in has no owner (owner must be "")', where=w)
+    if owner:
+        owner = fingerprint_field(obj, "owner", w)
+    requirements = list_field(obj, "requirements", w, low=0, high=MAX_REQUIREMENTS)
+    for req in requirements:
+        if req not in PROVIDED_REQUIREMENTS:
+            raise FormatError(
+                f"requirement {str(req)[:40]!r} is not provided by the enclave "
+                f"(available: {', '.join(PROVIDED_REQUIREMENTS)})",
+                where=w,
+            )
+    check_unique(requirements, "requirement", w)
+    inputs = list_field(obj, "inputs", w, low=0, high=MAX_INPUTS)
+    if inputs != ["*"]:
+        for n in inputs:
+            identifier(n, "input name", f"{w}: inputs")
+        check_unique(inputs, "input name", w)
+    outputs = list_field(obj, "outputs", w, low=1, high=MAX_OUTPUTS)
+    for n in outputs:
+        _output_name(n, f"{w}: outputs")
+    check_unique(outputs, "output name", w)
+    return FunctionDescriptor(
+        kind=kind,
+        name=name,
+        version=version,
+        owner=owner,
+        source_sha256=hex_field(obj, "source_sha256", HEX64_RE, w),
+        requirements=tuple(requirements),
+        description=text_field(obj, "description", w, max_len=MAX_DESCRIPTION_LEN),
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+    )
+
+
+def _output_name(value: Any, where: str) -> str:
+    name = identifier(value, "output name", where)
+    if name.startswith("_"):
+        raise FormatError(
+            f"output name {name!r} is reserved (names starting with _ are the enclave's)", where=where
+        )
+    return name
+
+
+def function_digest(descriptor: FunctionDescriptor | Mapping[str, Any]) -> str:
+    """H(canonical_json(descriptor)); a mapping is strictly parsed first."""
+    if not isinstance(descriptor, FunctionDescriptor):
+        descriptor = parse_function_descriptor(descriptor)
+    return descriptor.digest
+
+
+def function_descriptor(
+    *,
+    name: str,
+    source: str,
+    owner: PublicIdentity | str,
+    description: str,
+    version: str = "1",
+    requirements: Sequence[str] = (),
+    inputs: Sequence[str] = ("*",),
+    outputs: Sequence[str],
+) -> FunctionDescriptor:
+    """The descriptor of a party's Python function (``kind: python``), checked as the enclave will."""
+    owner_fp = owner.fingerprint if isinstance(owner, PublicIdentity) else owner
+    obj = FunctionDescriptor(
+        kind="python",
+        name=name,
+        version=version,
+        owner=owner_fp,
+        source_sha256=sha256_hex(source.encode("utf-8")),
+        requirements=tuple(sorted(requirements)),
+        description=description,
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+    ).to_json()
+    return parse_function_descriptor(obj)
+
+
+@dataclass(frozen=True)
+class _Builtin:
+    file: str
+    requirements: tuple[str, ...]
+    description: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+BUILTINS: dict[str, _Builtin] = {
+    "gbdt-train": _Builtin(
+        "gbdt_train.py",
+        ("numpy", "pandas", "xgboost"),
+        "Trains an XGBoost gradient-boosted tree model (classifier or regressor) on the union of all "
+        "inputs: CSV files with the same header. Params: label (required), objective "
+        "(binary:logistic), rounds, max_depth, eta, seed. Outputs: model (XGBoost JSON model) and "
+        "report (JSON: rows per input, features, label balance). Deterministic for a given seed.",
+        ("*",),
+        ("model", "report"),
+    ),
+    "gbdt-predict": _Builtin(
+        "gbdt_predict.py",
+        ("numpy", "pandas", "xgboost"),
+        "Scores a CSV (input data; a label column, if named in params.label, is dropped) with an "
+        "XGBoost JSON model (input model). Output: predictions, a CSV with one score column.",
+        ("model", "data"),
+        ("predictions",),
+    ),
+}
+BUILTIN_VERSION = "1"
+
+
+def builtin_source(name: str) -> str:
+    spec = BUILTINS.get(name)
+    if spec is None:
+        raise FormatError(
+            f"unknown built-in function {name[:64]!r} (this build has: {', '.join(BUILTINS)})",
+            where="built-in functions",
+        )
+    return (BUILTINS_DIR / spec.file).read_text(encoding="utf-8")
+
+
+def builtin_descriptor(name: str) -> FunctionDescriptor:
+    """The descriptor of a built-in of this build; its source is read from the enclave package."""
+    spec = BUILTINS.get(name)
+    source = builtin_source(name)
+    assert spec is not None
+    return FunctionDescriptor(
+        kind="builtin",
+        name=name,
+        version=BUILTIN_VERSION,
+        owner="",
+        source_sha256=sha256_hex(source.encode("utf-8")),
+        requirements=spec.requirements,
+        description=spec.description,
+        inputs=spec.inputs,
+        outputs=spec.outputs,
+    )
+
+
+def check_function_source(descriptor: FunctionDescriptor, source: str) -> None:
+    if len(source) > MAX_SOURCE_BYTES:
+        raise FormatError(
+            f"source longer than {MAX_SOURCE_BYTES} bytes", where=f"function {descriptor.name!r}"
+        )
+    got = sha256_hex(source.encode("utf-8", "surrogatepass"))
+    if got != descriptor.source_sha256:
+        raise IntegrityError(
+            f"source has SHA-256 {got}, but the approved descriptor says {descriptor.source_sha256}",
+            where=f"function {descriptor.name!r}",
+        )
+
+
+def _source_binding(descriptor: FunctionDescriptor, service_fp: str) -> dict[str, str]:
+    return {"function": descriptor.digest, "owner": descriptor.owner, "service": service_fp}
+
+
+def seal_function_source(source: str, *, descriptor: FunctionDescriptor, service: PublicIdentity) -> bytes:
+    """Owner side: the source sealed so that only the service's enclaves can read it."""
+    check_function_source(descriptor, source)
+    if not descriptor.owner:
+        raise FormatError("a confidential function needs an owner", where=f"function {descriptor.name!r}")
+    return hpke_box.seal(
+        source.encode("utf-8"),
+        service.kem_key,
+        FUNCTION_SOURCE_PURPOSE,
+        **_source_binding(descriptor, service.fingerprint),
+    )
+
+
+def open_function_source(sealed: bytes, *, descriptor: FunctionDescriptor, service: Identity) -> str:
+    """Enclave side: open a confidential function's source and check it against the descriptor."""
+    w = f"sealed source of function {descriptor.name!r}"
+    if len(sealed) > MAX_SOURCE_BYTES + 64:
+        raise FormatError(f"longer than {MAX_SOURCE_BYTES} bytes", where=w)
+    plain = hpke_box.open_sealed(
+        sealed,
+        service.kem_key,
+        FUNCTION_SOURCE_PURPOSE,
+        where=w,
+        **_source_binding(descriptor, service.fingerprint),
+    )
+    try:
+        source = plain.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FormatError("source is not UTF-8 text", where=w) from None
+    check_function_source(descriptor, source)
+    return source
