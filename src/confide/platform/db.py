@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -31,10 +31,11 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import URL, CursorResult, Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -229,11 +230,36 @@ class Evidence(Base):
 
 
 class Meta(Base):
-    """Platform facts: the service's public line and fingerprint once a worker created it."""
+    """Platform facts: the service's public line once a worker created it, and which worker claimed
+    the right to create it (see `provisioning`)."""
 
     __tablename__ = "platform_meta"
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class ProvisionRequest(Base):
+    """A worker without the service key asking a provisioned worker of another server for it, relayed
+    through the database (see `provisioning`). Only public keys, evidence and a grant that only the
+    offering enclave can open pass through here.
+
+    ``state``: open (posted) | claimed (a granter's enclave is answering) | granted | refused."""
+
+    __tablename__ = "provision_requests"
+    __table_args__ = (Index("ix_provision_requests_state_expires", "state", "expires"),)
+    id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    server: Mapped[str] = mapped_column(String(128))  # the requesting server
+    worker_id: Mapped[str] = mapped_column(String(128), index=True)  # the requesting worker
+    offer: Mapped[str] = mapped_column(Text)  # the offer's public line (provision_offer)
+    evidence: Mapped[str] = mapped_column(Text)  # base64 evidence binding the offer
+    created_at: Mapped[float] = mapped_column(Float)
+    state: Mapped[str] = mapped_column(String(16))
+    expires: Mapped[float] = mapped_column(Float)
+    grant: Mapped[str | None] = mapped_column(Text, nullable=True)  # base64 HPKE to the offer
+    grant_evidence: Mapped[str | None] = mapped_column(Text, nullable=True)  # the granter's, base64
+    granted_by: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the granting worker
+    granted_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    message: Mapped[str | None] = mapped_column(Text, nullable=True)  # why the granter's enclave refused
 
 
 # ---- engines -------------------------------------------------------------------------------------------
@@ -348,11 +374,12 @@ def now() -> float:
 
 def insert_ignore(session: Session, model: type[Base], **values: Any) -> bool:
     """INSERT ... ON CONFLICT DO NOTHING (content-addressed rows may be added by two writers at once);
-    returns whether a row was added."""
+    returns whether a row was added. (RETURNING says so on both dialects: the rowcount of an ORM
+    session's INSERT is -1 on PostgreSQL whether or not a row was added.)"""
     stmt: Any
     if session.get_bind().dialect.name == "postgresql":
         stmt = pg_insert(model).values(**values).on_conflict_do_nothing()
     else:
         stmt = sqlite_insert(model).values(**values).on_conflict_do_nothing()
-    result = cast(CursorResult[Any], session.execute(stmt))
-    return bool(result.rowcount)
+    key = inspect(model).primary_key
+    return session.execute(stmt.returning(*key)).first() is not None

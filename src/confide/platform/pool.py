@@ -1,11 +1,14 @@
 """The pool of enclave workers: threads in the server process, each owning one enclave process.
 
-Each worker keeps its own enclave state directory under the server's data directory. The first
-worker to start creates the service identity (``service_init``) when no worker of this platform
-has it; every other worker gets it by mutual attestation: the new worker makes an offer bound into
-its evidence (``provision_offer``), a provisioned worker checks that evidence and wraps the service
-key to the offer (``provision_grant``), and the new worker checks the granter's evidence before it
-accepts (``provision_accept``). The host relays these messages and learns nothing from them.
+Each worker keeps its own enclave state directory under the server's data directory. One worker
+creates the service identity (``service_init``): the one that wins the platform's init claim while
+the database names no service (see `provisioning`). Every other worker gets it by mutual
+attestation: the new worker makes an offer bound into its evidence (``provision_offer``), a
+provisioned worker checks that evidence and wraps the service key to the offer
+(``provision_grant``), and the new worker checks the granter's evidence before it accepts
+(``provision_accept``). The host relays these messages and learns nothing from them: directly
+between two workers of this server (the fast path) or, when this server has no provisioned worker,
+through the database to and from an idle provisioned worker of another server sharing it.
 
 A worker pulls queued tasks (see `scheduler`), runs each in its enclave, and publishes outputs only
 after the enclave replied. When the enclave process dies, the worker restarts it and the task goes
@@ -24,6 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
 from confide.enclave import manifest as mf
 from confide.enclave.errors import ConfideError, EnclaveError
 from confide.enclave.keys import PublicIdentity
@@ -31,13 +38,23 @@ from confide.host import EnclaveProcess
 from confide.platform import audit
 from confide.platform.blobstore import BlobStore
 from confide.platform.db import Database, Evidence, Meta, Worker, insert_ignore, now
+from confide.platform.provisioning import (
+    INIT_CLAIM_STALE_S,
+    META_SERVICE,
+    Grant,
+    InitClaim,
+    InitClaims,
+    Offer,
+    ProvisionRelay,
+)
 from confide.platform.scheduler import ClaimedTask, Scheduler, StoredOutput
 
 log = logging.getLogger("confide.platform")
 
-META_SERVICE = "service"  # the service's public line
 RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10, 30)
 PROVISION_WAIT_LOG_S = 30.0
+PROVISION_POLL_S = 0.25  # how often a worker waiting for the service key looks again
+PROVISION_RETRY_S = (30.0, 60.0, 120.0, 300.0, 600.0)  # after the 1st, 2nd, ... refusal: ask again
 
 
 class WorkerGone(ConfideError):
@@ -75,6 +92,7 @@ class EnclaveWorker:
         self.info: dict[str, Any] = {}
         self.service: str | None = None  # the service line once this worker holds the key
         self.state = "starting"
+        self.message: str | None = None  # why the worker is in its state (a refusal, a failure)
         self.restarts = 0
         self.current: ClaimedTask | None = None
         self.thread = threading.Thread(target=self._main, name=f"confide-worker-{index}", daemon=True)
@@ -96,6 +114,18 @@ class EnclaveWorker:
             raise
         except OSError as exc:
             raise WorkerGone(f"enclave channel failed ({exc})", where=self.worker_id) from None
+
+    # the three provisioning calls, relayed in-process or through the database (see WorkerPool)
+    def make_offer(self) -> Offer:
+        reply = self.call("provision_offer")
+        return Offer(str(reply["offer"]), str(reply["evidence"]))
+
+    def grant_to(self, offer: Offer) -> Grant:
+        reply = self.call("provision_grant", offer=offer.offer, evidence=offer.evidence)
+        return Grant(str(reply["grant"]), str(reply["evidence"]))
+
+    def accept(self, grant: Grant) -> dict[str, Any]:
+        return self.call("provision_accept", grant=grant.grant, evidence=grant.evidence)
 
     @property
     def ready(self) -> bool:
@@ -188,6 +218,7 @@ class EnclaveWorker:
                     f"enclave process exited (code {enclave.proc.poll() if enclave else None})",
                     where=self.worker_id,
                 )
+            self.pool.answer_provision_requests(self)
             claimed = self.pool.scheduler.claim(self.lease_owner)
             if claimed is None:
                 self.pool.wait_for_work()
@@ -303,6 +334,7 @@ class EnclaveWorker:
     # ---- bookkeeping -----------------------------------------------------------------------------
     def _set_state(self, state: str, *, message: str | None = None) -> None:
         self.state = state
+        self.message = message
         with self.pool.db.transaction() as s:
             row = s.get(Worker, self.worker_id)
             if row is None:
@@ -336,6 +368,10 @@ class WorkerPool:
         self.stopping = threading.Event()
         self.work = threading.Condition()
         self.provision_lock = threading.Lock()
+        self.relay = ProvisionRelay(db)
+        self.init_claims = InitClaims(db)
+        self._relay_look_lock = threading.Lock()
+        self._relay_look_at = 0.0  # monotonic time of the next look for other servers' requests
         self.workers = [EnclaveWorker(self, i) for i in range(settings.size)]
         self.maintenance = threading.Thread(target=self._maintain, name="confide-maintenance", daemon=True)
 
@@ -389,94 +425,142 @@ class WorkerPool:
             return row.value if row is not None else None
 
     def provision(self, worker: EnclaveWorker) -> None:
-        """Make sure `worker` holds the service key: it has it sealed already, it creates it (first
-        worker of the platform), or a provisioned worker grants it by mutual attestation."""
+        """Make sure `worker` holds the service key: it has it sealed already; it creates it (it won
+        the platform's init claim while the database names no service); a provisioned worker of
+        this server grants it by mutual attestation (the fast path); or, when this server has none,
+        a provisioned worker of another server does, relayed through the database."""
         info = worker.call("service_info")
-        known = self.service_line()
         if info.get("provisioned"):
             line = str(info["service"])
-            if known is None:
-                self._adopt(worker, line, created=False)
-            elif _fingerprint(line) != _fingerprint(known):
-                self._reset_stale(worker, line, known)
-            worker.service = known or line
+            worker.service = self._record_service(worker, line, created=False)
             log.info(
                 "worker %s: holds the service key %s (sealed state)", worker.worker_id, _fingerprint(line)
             )
             return
-        waited = time.monotonic()
-        while not self.stopping.is_set():
-            with self.provision_lock:
-                known = self.service_line()
-                donors = [w for w in self.workers if w is not worker and w.ready]
-                donors.sort(key=lambda w: w.current is not None)  # an idle one answers at once
-                donor = donors[0] if donors else None
-                if donor is not None:
-                    self._grant(worker, donor)
+        remote = _RemoteProvisioning(self, worker)
+        logged = time.monotonic()
+        try:
+            while not self.stopping.is_set():
+                claim: InitClaim | None = None
+                with self.provision_lock:
+                    others = [w for w in self.workers if w is not worker]
+                    donors = sorted((w for w in others if w.ready), key=lambda w: w.current is not None)
+                    if donors:  # an idle one answers at once
+                        remote.withdraw()
+                        self._provision_in_process(worker, donors[0])
+                        return
+                    known = self.service_line()
+                    if known is None:
+                        claim = self.init_claims.claim(worker.worker_id)
+                        if claim.won:
+                            self._create_service(worker, claim)
+                            return
+                    # a worker of this server holding the key will be ready in a moment: wait for it
+                    local_holder = any(w.service is not None for w in others)
+                if known is not None and not local_holder and remote.step():
                     return
-                if known is None:
-                    worker.call("service_init")
-                    info = worker.call("service_info")
-                    if not info.get("provisioned"):
-                        raise EnclaveError(
-                            "service_init did not provision the worker", where=worker.worker_id
-                        )
-                    self._adopt(worker, str(info["service"]), created=True)
-                    worker.service = str(info["service"])
-                    return
-            if time.monotonic() - waited > PROVISION_WAIT_LOG_S:
-                log.warning(
-                    "worker %s: waiting for a worker holding service key %s to provision it",
-                    worker.worker_id,
-                    _fingerprint(known),
-                )
-                waited = time.monotonic()
-            self.stopping.wait(0.2)
+                if time.monotonic() - logged > PROVISION_WAIT_LOG_S:
+                    log.warning(
+                        "worker %s: waiting for %s", worker.worker_id, remote.waiting_for(known, claim)
+                    )
+                    logged = time.monotonic()
+                self.stopping.wait(PROVISION_POLL_S)
+        finally:
+            remote.withdraw()
         raise WorkerGone("server stopping", where=worker.worker_id)
 
-    def _grant(self, worker: EnclaveWorker, donor: EnclaveWorker) -> None:
-        offer = worker.call("provision_offer")
-        grant = donor.call("provision_grant", offer=offer["offer"], evidence=offer["evidence"])
-        worker.call("provision_accept", grant=grant["grant"], evidence=grant["evidence"])
-        info = worker.call("service_info")
-        if not info.get("provisioned") or _fingerprint(str(info.get("service"))) != _fingerprint(
-            donor.service
-        ):
-            raise EnclaveError("provisioning did not give the worker the service key", where=worker.worker_id)
-        worker.service = str(info["service"])
-        with self.db.transaction() as s:
-            audit.append(
-                s,
-                "worker.provisioned",
-                actor=worker.worker_id,
-                detail={"granted_by": donor.worker_id, "service": _fingerprint(worker.service)},
+    def _create_service(self, worker: EnclaveWorker, claim: InitClaim) -> None:
+        if claim.took_over is not None:
+            log.warning(
+                "worker %s: %s claimed the creation of the service key over %.0f s ago and recorded "
+                "none; this worker creates it instead",
+                worker.worker_id,
+                claim.took_over,
+                INIT_CLAIM_STALE_S,
             )
-        log.info(
-            "worker %s: provisioned with service key %s by %s (mutual attestation)",
-            worker.worker_id,
-            _fingerprint(worker.service),
-            donor.worker_id,
-        )
+        info = worker.call("service_init")
+        if not info.get("provisioned"):
+            raise EnclaveError("service_init did not provision the worker", where=worker.worker_id)
+        worker.service = self._record_service(worker, str(info["service"]), created=True)
 
-    def _adopt(self, worker: EnclaveWorker, line: str, *, created: bool) -> None:
+    def _provision_in_process(self, worker: EnclaveWorker, donor: EnclaveWorker) -> None:
+        self._accept(worker, donor.grant_to(worker.make_offer()), granter=donor.worker_id)
+
+    def _accept(
+        self, worker: EnclaveWorker, grant: Grant, *, granter: str, request_id: str | None = None
+    ) -> None:
+        """The worker's enclave checks the granter's evidence and takes the key; the provisioning is
+        recorded (and the database request, if any, deleted) in one transaction with its audit event."""
+        info = worker.accept(grant)
+        line = str(info.get("service"))
+        if not info.get("provisioned"):
+            raise EnclaveError("provision_accept did not provision the worker", where=worker.worker_id)
+        relay = "in-process" if request_id is None else "database"
         with self.db.transaction() as s:
-            if insert_ignore(s, Meta, key=META_SERVICE, value=line):
+            stored, _ = self._record_service_in(s, worker, line, created=False)
+            if _fingerprint(stored) == _fingerprint(line):
+                if request_id is not None:
+                    self.relay.finish(s, request_id)
                 audit.append(
                     s,
-                    "service.created" if created else "service.adopted",
+                    "service.provisioned",
                     actor=worker.worker_id,
-                    detail={"service": _fingerprint(line), "measurement": worker.info.get("measurement")},
+                    detail={
+                        "granter": granter,
+                        "grantee": worker.worker_id,
+                        "service": _fingerprint(line),
+                        "relay": relay,
+                    },
                 )
+        if _fingerprint(stored) != _fingerprint(line):
+            self._reset_stale(worker, line, stored)
+        worker.service = line
         log.info(
-            "worker %s: %s the service key %s",
+            "worker %s: provisioned with service key %s by %s (mutual attestation%s)",
             worker.worker_id,
-            "created" if created else "adopted",
             _fingerprint(line),
+            granter,
+            "" if request_id is None else f", relayed through the database: request {request_id}",
         )
+
+    def _record_service(self, worker: EnclaveWorker, line: str, *, created: bool) -> str:
+        """Record `line` as the platform's service unless the database names one already; returns the
+        platform's line. A worker holding another key has its state moved aside (`_reset_stale`)."""
+        with self.db.transaction() as s:
+            stored, recorded = self._record_service_in(s, worker, line, created=created)
+        if _fingerprint(stored) != _fingerprint(line):
+            self._reset_stale(worker, line, stored)
+        if recorded:
+            log.info(
+                "worker %s: %s the service key %s",
+                worker.worker_id,
+                "created" if created else "adopted",
+                _fingerprint(line),
+            )
+        return stored
+
+    @staticmethod
+    def _record_service_in(
+        s: Session, worker: EnclaveWorker, line: str, *, created: bool
+    ) -> tuple[str, bool]:
+        """Insert-if-absent of the service line, with its audit event; (the stored line, inserted)."""
+        if insert_ignore(s, Meta, key=META_SERVICE, value=line):
+            audit.append(
+                s,
+                "service.created" if created else "service.adopted",
+                actor=worker.worker_id,
+                detail={"service": _fingerprint(line), "measurement": worker.info.get("measurement")},
+            )
+            return line, True
+        row = s.execute(
+            select(Meta).where(Meta.key == META_SERVICE).execution_options(populate_existing=True)
+        ).scalar_one()
+        return row.value, False
 
     def _reset_stale(self, worker: EnclaveWorker, line: str, known: str) -> None:
         """A worker sealed a service key other than the platform's (its state is from another
-        installation): keep its state aside and start it fresh, to be provisioned."""
+        installation, or it lost a race to create the key): keep its state aside and start it
+        fresh, to be provisioned."""
         aside = worker.state_dir.with_name(f"{worker.state_dir.name}.stale-{int(time.time())}")
         log.warning(
             "worker %s: holds service key %s, the platform's is %s; moving its state to %s",
@@ -488,6 +572,61 @@ class WorkerPool:
         worker._stop_enclave()
         worker.state_dir.rename(aside)
         raise WorkerGone("stale enclave state moved aside", where=worker.worker_id)
+
+    def answer_provision_requests(self, worker: EnclaveWorker) -> None:
+        """Called by a provisioned worker between tasks: when a worker of another server waits for
+        the service key, claim its request and answer it with this worker's enclave (a grant, or
+        the enclave's refusal and why). At most one look per poll interval per server."""
+        with self._relay_look_lock:
+            if time.monotonic() < self._relay_look_at:
+                return
+            self._relay_look_at = time.monotonic() + self.settings.poll_seconds
+        server = self.settings.server_name
+        try:
+            if not self.relay.any_open(exclude_server=server):
+                return
+            request = self.relay.claim(worker.worker_id, exclude_server=server)
+        except SQLAlchemyError as exc:  # the next look tries again; tasks must not stop for this
+            log.warning("worker %s: cannot read provisioning requests (%s)", worker.worker_id, exc)
+            return
+        if request is None:
+            return
+        log.info(
+            "worker %s: answering provisioning request %s of worker %s",
+            worker.worker_id,
+            request.id,
+            request.worker_id,
+        )
+        try:
+            grant = worker.grant_to(request.offer)
+        except WorkerGone:
+            self.relay.release(request, worker.worker_id)
+            raise
+        except EnclaveError as exc:
+            self.relay.refuse(request, worker.worker_id, exc.message)
+            log.warning(
+                "worker %s: its enclave refused to provision worker %s (request %s): %s",
+                worker.worker_id,
+                request.worker_id,
+                request.id,
+                exc.message,
+            )
+            return
+        if self.relay.grant(request, worker.worker_id, grant):
+            log.info(
+                "worker %s: granted the service key to worker %s (request %s); its enclave checks "
+                "this one's evidence before it accepts",
+                worker.worker_id,
+                request.worker_id,
+                request.id,
+            )
+        else:
+            log.info(
+                "worker %s: request %s of worker %s was withdrawn before the grant was written",
+                worker.worker_id,
+                request.id,
+                request.worker_id,
+            )
 
     # ---- answers for the API -------------------------------------------------------------------
     def evidence(self, nonce_hex: str, *, timeout: float = 30.0) -> tuple[str, str]:
@@ -523,7 +662,114 @@ class WorkerPool:
             "simulated": info.get("simulated"),
             "measurement": info.get("measurement"),
             "workers": [
-                {"id": w.worker_id, "state": w.state, "restarts": w.restarts, "ready": w.ready}
+                {
+                    "id": w.worker_id,
+                    "state": w.state,
+                    "restarts": w.restarts,
+                    "ready": w.ready,
+                    "message": w.message,
+                }
                 for w in self.workers
             ],
         }
+
+
+class _RemoteProvisioning:
+    """One worker's request for the service key through the database (see `provisioning`): post
+    an offer, poll for the answer, accept a grant; a refused, failed or expired request is withdrawn
+    and asked again with a fresh offer."""
+
+    def __init__(self, pool: WorkerPool, worker: EnclaveWorker) -> None:
+        self.pool = pool
+        self.worker = worker
+        self.request_id: str | None = None
+        self.retry_at = 0.0  # monotonic: no new request before this (after a refusal)
+        self.refusals = 0
+
+    def step(self) -> bool:
+        """One round: post, or look at the pending request. True once the worker holds the key."""
+        pool, worker = self.pool, self.worker
+        if self.request_id is None:
+            if time.monotonic() < self.retry_at:
+                return False
+            self.request_id = pool.relay.post(
+                server=pool.settings.server_name, worker_id=worker.worker_id, offer=worker.make_offer()
+            )
+            log.info(
+                "worker %s: no worker of this server holds the service key; asked the other servers "
+                "through the database (request %s, valid %.0f s)",
+                worker.worker_id,
+                self.request_id,
+                pool.relay.ttl_seconds,
+            )
+            return False
+        status = pool.relay.status(self.request_id)
+        if status is None:
+            log.info(
+                "worker %s: request %s was removed from the database; asking again",
+                worker.worker_id,
+                self.request_id,
+            )
+            self.request_id = None
+        elif status.grant is not None:
+            granter = status.granted_by or "an unnamed worker"
+            try:
+                pool._accept(worker, status.grant, granter=granter, request_id=status.id)
+            except WorkerGone:
+                raise
+            except EnclaveError as exc:  # the granter's evidence or the grant did not check out
+                self._ask_later(f"its enclave refused the grant of {granter}: {exc.message}")
+                return False
+            self.request_id = None
+            return True
+        elif status.state == "refused":
+            self._ask_later(
+                f"provisioning refused by {status.granted_by or 'an unnamed worker'}: {status.message}"
+            )
+        elif status.expires < now():
+            log.info(
+                "worker %s: request %s was not answered in %.0f s (no idle provisioned worker on "
+                "another server?); asking again with a fresh offer",
+                worker.worker_id,
+                status.id,
+                pool.relay.ttl_seconds,
+            )
+            self.withdraw()
+        return False
+
+    def _ask_later(self, reason: str) -> None:
+        delay = PROVISION_RETRY_S[min(self.refusals, len(PROVISION_RETRY_S) - 1)]
+        self.refusals += 1
+        log.warning(
+            "worker %s: %s; it stays unprovisioned and asks again in %.0f s",
+            self.worker.worker_id,
+            reason,
+            delay,
+        )
+        self.worker._set_state("provisioning", message=reason)
+        self.withdraw()
+        self.retry_at = time.monotonic() + delay
+
+    def withdraw(self) -> None:
+        request_id, self.request_id = self.request_id, None
+        if request_id is None:
+            return
+        try:
+            self.pool.relay.withdraw(request_id)
+        except SQLAlchemyError as exc:  # the worker's next request (or any later one) removes it
+            log.warning(
+                "worker %s: could not withdraw request %s (%s)", self.worker.worker_id, request_id, exc
+            )
+
+    def waiting_for(self, known: str | None, claim: InitClaim | None) -> str:
+        if known is None and claim is not None and claim.worker is not None:
+            return f"worker {claim.worker} to create the service key (claimed at {claim.at:.0f})"
+        if known is None:
+            return "the service key to be created"
+        if self.request_id is not None:
+            where = f"request {self.request_id} in the database"
+        elif self.retry_at > time.monotonic():
+            where = f"refused before; asks again in {self.retry_at - time.monotonic():.0f} s"
+        else:
+            where = "from a worker of this server"
+        return f"a worker holding service key {_fingerprint(known)} to provision it ({where})"
