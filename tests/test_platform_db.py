@@ -3,7 +3,9 @@ writers, atomic task claims and leases, API nonces, and the content-addressed bl
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -215,6 +217,18 @@ def test_blob_store_is_content_addressed_and_atomic(tmp_path: Path) -> None:
     assert not store.verify(sha)
     with pytest.raises(ConfideError, match="64 lowercase hex"):
         store.path("../../etc/passwd")
+
+
+def test_start_up_cleans_only_stale_uploads(tmp_path: Path) -> None:
+    """A crash leaves a stale temporary file; another server's live upload on a shared store is kept."""
+    store = BlobStore(tmp_path / "blobs")
+    stale, live = store.tmp_dir / "upload-stale", store.tmp_dir / "upload-live"
+    stale.write_bytes(b"cut short")
+    live.write_bytes(b"still arriving")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    assert store.clean_temporary(older_than_s=600) == 1
+    assert not stale.exists() and live.exists()
 
 
 def test_import_file_checks_the_reported_digest(tmp_path: Path) -> None:

@@ -67,10 +67,8 @@ def make_server(
     """A server with its own data directory, on the shared simulated platform and blob store."""
     data = root / name
     data.mkdir()
-    (data / "blobs").symlink_to(root / "blobs", target_is_directory=True)
-    return ServerProcess(
-        data, db_url, workers=workers, extra_args=("--platform-dir", str(root / "platform"), *extra)
-    )
+    shared = ("--platform-dir", str(root / "platform"), "--blob-dir", str(root / "blobs"))
+    return ServerProcess(data, db_url, workers=workers, extra_args=(*shared, *extra))
 
 
 def shared_root(root: Path) -> Path:

@@ -46,6 +46,12 @@ from confide.cli_common import friendly
     help="a running task whose worker stops renewing this long is queued again",
 )
 @click.option("--max-blob-mib", type=click.IntRange(1, 1 << 20), default=4096, show_default=True)
+@click.option(
+    "--blob-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="ciphertext blob store (default: DATA/blobs); servers sharing one database share this too",
+)
 @friendly
 def serve(
     db_url: str | None,
@@ -58,6 +64,7 @@ def serve(
     backend: str,
     lease_seconds: float,
     max_blob_mib: int,
+    blob_dir: Path | None,
 ) -> None:
     """Run the platform: parties talk to it over HTTP; it relays ciphertext to enclave workers.
 
@@ -76,4 +83,5 @@ def serve(
         backend=backend,
         lease_seconds=lease_seconds,
         max_blob_bytes=max_blob_mib << 20,
+        blob_dir=blob_dir,
     )

@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -85,6 +86,9 @@ class BlobWriter:
         self.abort()
 
 
+STALE_UPLOAD_S = 600.0  # an upload that wrote nothing for this long was cut short
+
+
 class BlobStore:
     def __init__(self, root: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.root = Path(root)
@@ -93,12 +97,18 @@ class BlobStore:
         self.tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         (self.root / "sha256").mkdir(exist_ok=True, mode=0o700)
 
-    def clean_temporary(self) -> int:
-        """Remove temporary files left by a crash; only call when no upload is in progress."""
+    def clean_temporary(self, *, older_than_s: float = STALE_UPLOAD_S) -> int:
+        """Remove temporary files left by a crash: those not written for `older_than_s` seconds (an
+        upload in progress, perhaps another server's on a shared store, keeps touching its file)."""
         removed = 0
+        cutoff = time.time() - older_than_s
         for path in self.tmp_dir.iterdir():
-            path.unlink(missing_ok=True)
-            removed += 1
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+            except FileNotFoundError:  # finished (published or aborted) meanwhile
+                continue
         return removed
 
     def path(self, sha256: str) -> Path:

@@ -42,6 +42,7 @@ class ServeOptions:
     lease_seconds: float = DEFAULT_LEASE_S
     poll_seconds: float = 0.5
     max_blob_bytes: int = DEFAULT_MAX_BYTES
+    blob_dir: Path | None = None  # shared by every server of one platform (default: DATA/blobs)
 
 
 def configure_logging() -> None:
@@ -86,8 +87,8 @@ def build(opts: ServeOptions) -> tuple[Platform, WorkerPool]:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
         raise ConfideError(f"cannot open the database ({reason})", where=f"--db {db.url!r}") from None
     log.info("database: %s (schema at head)", describe_db(db))
-    blobs = BlobStore(data_dir / "blobs", max_bytes=opts.max_blob_bytes)
-    blobs.clean_temporary()  # uploads cut short by a crash
+    blobs = BlobStore(opts.blob_dir or data_dir / "blobs", max_bytes=opts.max_blob_bytes)
+    blobs.clean_temporary()  # uploads cut short by a crash (not another server's live upload)
     shutil.rmtree(data_dir / "work", ignore_errors=True)  # enclave outputs of attempts that never finished
     scheduler = Scheduler(db, blobs, lease_seconds=opts.lease_seconds)
     name = f"{socket.gethostname()}:{hashlib.sha256(str(data_dir).encode()).hexdigest()[:8]}"
@@ -122,6 +123,7 @@ def serve(
     backend: str = "sim",
     lease_seconds: float = DEFAULT_LEASE_S,
     max_blob_bytes: int = DEFAULT_MAX_BYTES,
+    blob_dir: Path | None = None,
 ) -> None:
     """`confide serve`: run until SIGINT/SIGTERM (see `run`)."""
     run(
@@ -136,6 +138,7 @@ def serve(
             backend=backend,
             lease_seconds=lease_seconds,
             max_blob_bytes=max_blob_bytes,
+            blob_dir=blob_dir,
         )
     )
 
