@@ -384,6 +384,8 @@ def upload_dataset(
     return UploadedDataset(dataset_id, blob["sha256"], owner)
 
 
+PATIENTS = b"patient,weight\nann,61\nbob,82\n"  # a small dataset the platform tests upload
+
 UPPER = """
 import time
 

@@ -39,6 +39,7 @@ from confide.platform.provisioning import (
     ProvisionRelay,
 )
 from platform_support import (
+    PATIENTS,
     UPPER,
     Party,
     PostgresCluster,
@@ -53,7 +54,7 @@ from platform_support import (
     wait_task,
 )
 
-DATA = b"patient,weight\nann,61\nbob,82\n"
+DATA = PATIENTS
 
 
 def make_server(

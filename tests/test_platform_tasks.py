@@ -22,6 +22,7 @@ from confide.platform import audit
 from confide.platform.db import AuditEvent, Database, TaskRun, Worker, sqlite_url
 from platform_support import (
     FAILING,
+    PATIENTS,
     UPPER,
     Party,
     ServerProcess,
@@ -35,7 +36,7 @@ from platform_support import (
     wait_task,
 )
 
-DATA = b"patient,weight\nann,61\nbob,82\n"
+DATA = PATIENTS
 
 
 class World:
