@@ -204,7 +204,7 @@ def bench_in_memory(size_mib: int, repeats: int) -> dict[str, Any]:
 
 def bench_enclave(workdir: Path, calls: int, starts: int) -> dict[str, Any]:
     from confide.enclave.sim_platform import SimPlatform
-    from confide.host import EnclaveProcess
+    from confide.host.enclave_process import EnclaveProcess
 
     plat = SimPlatform.create(workdir / "platform")
     start_times = []

@@ -28,11 +28,11 @@ import httpx
 
 from common import machine, percentiles
 from confide.attest.anchors import load_trust_anchors
+from confide.client import Client
+from confide.client.policy import Policy
 from confide.enclave.config import EnclaveConfig
 from confide.enclave.keys import Identity
 from confide.enclave.measurement import measure
-from confide.policy import Policy
-from confide.sdk import Client
 
 HERE = Path(__file__).resolve().parent
 TRIVIAL = 'def run(ctx):\n    ctx.outputs["out"].write(ctx.inputs["data"].read()[:64])\n'
@@ -51,7 +51,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(work / f"server-{workers}w.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "confide.cli", "serve", "--data", str(self.data),
+            [sys.executable, "-m", "confide.cli.main", "serve", "--data", str(self.data),
              "--port", str(self.port), "--workers", str(workers)],
             stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip

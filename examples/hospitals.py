@@ -34,12 +34,12 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.metrics import roc_auc_score
 
 from confide.attest.anchors import load_trust_anchors
+from confide.client import Client
+from confide.client.policy import Policy
 from confide.enclave.config import EnclaveConfig
 from confide.enclave.errors import ConfideError
 from confide.enclave.keys import Identity
 from confide.enclave.measurement import measure
-from confide.policy import Policy
-from confide.sdk import Client
 
 SEED = 1
 TRAIN_PARAMS = {"label": "malignant", "rounds": 60, "max_depth": 3, "eta": 0.1, "seed": 0}
@@ -82,7 +82,7 @@ def free_port() -> int:
 def start_server(work: Path, port: int) -> subprocess.Popen[bytes]:
     log = open(work / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
     server = subprocess.Popen(
-        [sys.executable, "-m", "confide.cli", "serve", "--data", str(work / "server"),
+        [sys.executable, "-m", "confide.cli.main", "serve", "--data", str(work / "server"),
          "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip

@@ -1,5 +1,5 @@
 """Test support for the platform (`confide serve`): a throwaway PostgreSQL cluster, a server in a
-subprocess on loopback, a signed HTTP client built on confide.api_auth, and helpers that prepare
+subprocess on loopback, a signed HTTP client built on confide.client.api_auth, and helpers that prepare
 datasets, functions and tasks with confide.enclave.manifest (what a party's client would do).
 
 PostgreSQL: the binaries of /usr/lib/postgresql/<version>/bin (15 preferred; ``CONFIDE_PG_BIN``
@@ -33,7 +33,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from confide import api_auth
+from confide.client import api_auth
 from confide.enclave import manifest as mf
 from confide.enclave.encoding import canonical_json
 from confide.enclave.keys import Identity, PublicIdentity
@@ -204,7 +204,7 @@ class ServerProcess:
         cmd = [
             sys.executable,
             "-m",
-            "confide.cli",
+            "confide.cli.main",
             "serve",
             "--data",
             str(self.data_dir),
@@ -282,7 +282,7 @@ class ServerProcess:
 
 
 class Party:
-    """One party's signed HTTP calls, made with confide.api_auth directly (not the SDK)."""
+    """One party's signed HTTP calls, made with confide.client.api_auth directly (not the SDK)."""
 
     def __init__(self, url: str, name: str) -> None:
         self.name = name

@@ -1,4 +1,4 @@
-"""The signed-request scheme of PROTOCOL.md §7 (confide.api_auth), used by client and platform."""
+"""The signed-request scheme of PROTOCOL.md §7 (confide.client.api_auth), used by client and platform."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from confide import api_auth
-from confide.api_auth import AuthError, sign_request, verify_request
+from confide.client import api_auth
+from confide.client.api_auth import AuthError, sign_request, verify_request
 from confide.enclave.errors import ConfideError, FormatError, IntegrityError
 from confide.enclave.keys import Identity, PublicIdentity
 

@@ -48,14 +48,14 @@ from hypothesis import strategies as st
 from schemathesis import Case, HookContext, Response
 from schemathesis.python import asgi
 
-from confide import api_auth
+from confide.client import api_auth
 from confide.enclave import manifest as mf
 from confide.enclave.keys import Identity
 from confide.enclave.sealed_file import encrypt_stream
-from confide.platform.api import Platform, create_app
-from confide.platform.blobstore import BlobStore
-from confide.platform.db import Database, Evidence, now, sqlite_url
-from confide.platform.scheduler import Scheduler
+from confide.host.api import Platform, create_app
+from confide.host.blobstore import BlobStore
+from confide.host.db import Database, Evidence, now, sqlite_url
+from confide.host.scheduler import Scheduler
 
 MAX_EXAMPLES = 30
 LONG_POLL_S = 0.1  # the longest long poll the fuzzer makes

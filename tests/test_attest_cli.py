@@ -12,8 +12,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from confide.attest.sev_snp import build_cert_table
-from confide.cli import main
-from confide.policy import Policy
+from confide.cli.main import main
+from confide.client.policy import Policy
 
 pytestmark = pytest.mark.filterwarnings("ignore:Parsed a serial number which wasn't positive")
 

@@ -25,9 +25,9 @@ from confide.attest.claims import Claims, TrustAnchors
 from confide.attest.nitro import NitroVerifier
 from confide.attest.sev_snp import SevSnpVerifier, build_cert_table, parse_cert_table
 from confide.attest.sgx_dcap import DcapVerifier
+from confide.client.policy import Policy
 from confide.enclave.errors import ConfideError, EvidenceError
 from confide.enclave.providers.envelope import wrap_evidence
-from confide.policy import Policy
 
 pytestmark = pytest.mark.filterwarnings("ignore:Parsed a serial number which wasn't positive")
 

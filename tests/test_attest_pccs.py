@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from confide.attest import verify_evidence
 from confide.attest.anchors import default_anchors
 from confide.attest.pccs import CACHE_FORMAT, PCCS_URL_ENV, PccsClient, pccs_from_env
-from confide.cli import main
+from confide.cli.main import main
 from confide.enclave.errors import EvidenceError, FormatError
 
 TV = Path(__file__).resolve().parents[1].parent / "shared" / "testvectors"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from confide.cli import main
+from confide.cli.main import main
 
 
 def cli(*args: str, ok: bool = True) -> tuple[int, str]:
@@ -118,7 +118,7 @@ def test_measure_prints_a_stable_hex_digest(home: Path, tmp_path: Path) -> None:
 
 
 def test_policy_init_writes_loadable_policies(home: Path, tmp_path: Path) -> None:
-    from confide.policy import Policy
+    from confide.client.policy import Policy
 
     cli("policy", "init", "--dev", "--out", str(tmp_path / "dev.toml"))
     dev = Policy.load(tmp_path / "dev.toml")
@@ -135,7 +135,7 @@ def test_real_process_never_prints_a_traceback(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "confide.cli",
+            "confide.cli.main",
             "decrypt",
             str(bad),
             "--identity",

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from confide.client import Home, attest, check_receipt, run_function
+from confide.client.local import Home, attest, check_receipt, run_function
+from confide.client.policy import Policy
 from confide.enclave.errors import ConfideError, EnclaveError, IntegrityError, PolicyError
 from confide.enclave.keys import Identity
 from confide.enclave.request import InputGrant, OutputSpec, RunRequest, function_digest, new_request_id
 from confide.enclave.sealed_file import SealedReader, encrypt_file, open_reader
-from confide.host import EnclaveProcess
-from confide.policy import Policy
+from confide.host.enclave_process import EnclaveProcess
 
 COPY_UPPER = """
 def run(ctx):

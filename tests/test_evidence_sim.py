@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from confide.attest import TrustAnchors, verify_evidence
+from confide.client.policy import Policy, check_endorsement, evaluate, make_endorsement
 from confide.enclave.backend import SIM_SIGNER, EnclaveIdentity, SimBackend, report_data_for
 from confide.enclave.errors import EvidenceError, PolicyError
 from confide.enclave.keys import Identity
 from confide.enclave.sim_platform import SimPlatform
-from confide.policy import Policy, check_endorsement, evaluate, make_endorsement
 
 MEAS = "ab" * 32
 

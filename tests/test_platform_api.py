@@ -15,12 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from confide import api_auth
 from confide.attest.anchors import load_trust_anchors
-from confide.client import check_attestation
+from confide.client import api_auth
+from confide.client.local import check_attestation
+from confide.client.policy import Policy
 from confide.enclave import manifest as mf
 from confide.enclave.keys import Identity, PublicIdentity
-from confide.policy import Policy
 from platform_support import (
     UPPER,
     Party,
@@ -364,7 +364,7 @@ def test_serve_refuses_a_bad_database_with_one_clear_line(tmp_path: Path) -> Non
             [
                 sys.executable,
                 "-m",
-                "confide.cli",
+                "confide.cli.main",
                 "serve",
                 "--db",
                 url,

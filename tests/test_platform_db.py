@@ -15,10 +15,10 @@ from alembic.migration import MigrationContext
 from sqlalchemy import select, text, update
 
 from confide.enclave.errors import ConfideError, IntegrityError
-from confide.platform import audit
-from confide.platform.blobstore import BlobStore, BlobTooLarge
-from confide.platform.db import AuditEvent, Base, Database, Party, Task, TaskRun, normalise_url, sqlite_url
-from confide.platform.scheduler import MAX_ATTEMPTS, Scheduler, StateConflict
+from confide.host import audit
+from confide.host.blobstore import BlobStore, BlobTooLarge
+from confide.host.db import AuditEvent, Base, Database, Party, Task, TaskRun, normalise_url, sqlite_url
+from confide.host.scheduler import MAX_ATTEMPTS, Scheduler, StateConflict
 from platform_support import PostgresCluster
 
 
@@ -180,7 +180,7 @@ def test_expired_leases_requeue_then_fail_after_max_attempts(db: Database, tmp_p
 
 
 def test_nonces_are_single_use_in_the_database(db: Database, tmp_path: Path) -> None:
-    from confide.platform.api import Platform
+    from confide.host.api import Platform
 
     blobs = BlobStore(tmp_path / "b")
     platform = Platform(db=db, blobs=blobs, scheduler=Scheduler(db, blobs, lease_seconds=60))

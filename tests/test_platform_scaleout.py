@@ -26,10 +26,10 @@ from sqlalchemy import select
 from confide.enclave.encoding import canonical_json
 from confide.enclave.keys import PublicIdentity
 from confide.enclave.sim_platform import SimPlatform
-from confide.platform import audit
-from confide.platform.db import AuditEvent, Base, Database, Meta, ProvisionRequest, now, sqlite_url
-from confide.platform.migrations import upgrade
-from confide.platform.provisioning import (
+from confide.host import audit
+from confide.host.db import AuditEvent, Base, Database, Meta, ProvisionRequest, now, sqlite_url
+from confide.host.migrations import upgrade
+from confide.host.provisioning import (
     INIT_CLAIM_STALE_S,
     META_SERVICE,
     META_SERVICE_INIT,

@@ -18,8 +18,8 @@ from sqlalchemy import select, update
 from confide.enclave import manifest as mf
 from confide.enclave.errors import ConfideError, IntegrityError
 from confide.enclave.keys import PublicIdentity
-from confide.platform import audit
-from confide.platform.db import AuditEvent, Database, TaskRun, Worker, sqlite_url
+from confide.host import audit
+from confide.host.db import AuditEvent, Database, TaskRun, Worker, sqlite_url
 from platform_support import (
     FAILING,
     PATIENTS,

@@ -12,8 +12,8 @@ import pytest
 
 from confide.attest import Claims, verify_evidence
 from confide.attest.anchors import default_anchors
+from confide.client.policy import POLICY_FORMAT_EXAMPLES, FormatPolicy, Policy, evaluate
 from confide.enclave.errors import FormatError, PolicyError
-from confide.policy import POLICY_FORMAT_EXAMPLES, FormatPolicy, Policy, evaluate
 
 pytestmark = pytest.mark.filterwarnings("ignore:Parsed a serial number which wasn't positive")
 

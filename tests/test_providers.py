@@ -18,7 +18,8 @@ from confide.attest import verify_evidence
 from confide.attest.anchors import default_anchors
 from confide.attest.envelope import unwrap
 from confide.attest.sev_snp import build_cert_table
-from confide.cli import main
+from confide.cli.main import main
+from confide.client.policy import Policy, evaluate
 from confide.enclave import backend as backend_module
 from confide.enclave.backend import create_backend, report_data_for
 from confide.enclave.config import EnclaveConfig
@@ -34,7 +35,6 @@ from confide.enclave.providers.tsm import (
     TsmBackend,
 )
 from confide.enclave.runtime import load_or_create_keys
-from confide.policy import Policy, evaluate
 
 pytestmark = pytest.mark.filterwarnings("ignore:Parsed a serial number which wasn't positive")
 

@@ -16,15 +16,15 @@ import pytest
 from click.testing import CliRunner
 
 from confide.attest.anchors import load_trust_anchors
-from confide.cli import main
+from confide.cli.main import main
+from confide.client import ApiError, Client, check_audit_chain
+from confide.client.policy import Policy
 from confide.enclave import manifest as mf
 from confide.enclave.config import EnclaveConfig
 from confide.enclave.encoding import b64e, canonical_json
 from confide.enclave.errors import ConfideError, IntegrityError, PolicyError
 from confide.enclave.keys import Identity
 from confide.enclave.measurement import measure
-from confide.policy import Policy
-from confide.sdk import ApiError, Client, check_audit_chain
 from platform_support import ServerProcess
 
 UPPER = 'def run(ctx):\n    ctx.outputs["out"].write(ctx.inputs["data"].read().upper())\n'

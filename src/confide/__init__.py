@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     if name == "Client":
-        from confide.sdk import Client
+        from confide.client import Client
 
         return Client
     raise AttributeError(f"module 'confide' has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """Evidence verification, pure software, run by clients (never trusted to the host).
 
 ``verify_evidence`` picks the verifier whose format matches and checks authenticity at a given
-time; ``confide.policy`` then decides whether the verified claims are acceptable.
+time; ``confide.client.policy`` then decides whether the verified claims are acceptable.
 
 Formats: the sim backend's evidence, Intel SGX/TDX DCAP quotes, AMD SEV-SNP reports, AWS Nitro
 attestation documents, and the `confide-evidence-v1` envelope real providers wrap them in. Every

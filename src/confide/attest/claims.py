@@ -1,7 +1,7 @@
 """What every evidence verifier returns: the verified claims of one piece of evidence.
 
 A verifier checks authenticity only (signatures, certificate chains, collateral validity at a
-given time). Whether the claims are acceptable is the policy's job (confide.policy).
+given time). Whether the claims are acceptable is the policy's job (confide.client.policy).
 """
 
 from __future__ import annotations

@@ -1,0 +1,87 @@
+"""`confide serve`: run the untrusted platform (HTTP API, database, blob store, enclave workers).
+
+The heavy imports (FastAPI, SQLAlchemy, uvicorn) happen only when the command runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from confide.cli.common import friendly
+
+
+@click.command(name="serve")
+@click.option(
+    "--db",
+    "db_url",
+    default=None,
+    metavar="URL",
+    help="sqlite:///FILE (default: DATA/confide.db) or postgresql://USER@HOST/DB (psycopg 3)",
+)
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("confide-data"),
+    show_default=True,
+    help="blob store, enclave worker state, SQLite file",
+)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8470, show_default=True)
+@click.option("--workers", type=click.IntRange(0, 64), default=2, show_default=True, help="enclave workers")
+@click.option(
+    "--platform-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="simulated TEE platform (default: DATA/platform)",
+)
+@click.option("--enclave-config", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--backend", default="sim", show_default=True, help="TEE backend of the enclave workers")
+@click.option(
+    "--lease-seconds",
+    type=click.FloatRange(1, 3600),
+    default=60.0,
+    show_default=True,
+    help="a running task whose worker stops renewing this long is queued again",
+)
+@click.option("--max-blob-mib", type=click.IntRange(1, 1 << 20), default=4096, show_default=True)
+@click.option(
+    "--blob-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="ciphertext blob store (default: DATA/blobs); servers sharing one database share this too",
+)
+@friendly
+def serve(
+    db_url: str | None,
+    data_dir: Path,
+    host: str,
+    port: int,
+    workers: int,
+    platform_dir: Path | None,
+    enclave_config: Path | None,
+    backend: str,
+    lease_seconds: float,
+    max_blob_mib: int,
+    blob_dir: Path | None,
+) -> None:
+    """Run the platform: parties talk to it over HTTP; it relays ciphertext to enclave workers.
+
+    It is untrusted by design: it never holds a plaintext key or plaintext data.
+    """
+    from confide.host.server import serve as run_server
+
+    run_server(
+        db_url,
+        data_dir,
+        host,
+        port,
+        workers,
+        platform_dir,
+        enclave_config=enclave_config,
+        backend=backend,
+        lease_seconds=lease_seconds,
+        max_blob_bytes=max_blob_mib << 20,
+        blob_dir=blob_dir,
+    )

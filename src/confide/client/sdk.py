@@ -1,0 +1,477 @@
+"""`confide.Client`: one party's view of a Confide platform.
+
+The client is the only part a party trusts besides the attested enclave. Before it sends anything
+secret it verifies the enclave service's evidence against the party's policy (fresh nonce); it
+wraps data keys only to that attested service key; it builds and signs manifests itself and shows
+exactly what an approval covers; it checks every receipt's signature and every downloaded blob's
+digest; and it decrypts results locally. The platform it talks to is untrusted throughout.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from confide.attest import Claims, TrustAnchors
+from confide.client.local import check_attestation
+from confide.client.policy import Policy
+from confide.client.progress import byte_progress
+from confide.client.transport import Transport
+from confide.enclave import manifest as mf
+from confide.enclave.encoding import b64d, b64e, canonical_json
+from confide.enclave.errors import ConfideError, IntegrityError, PolicyError
+from confide.enclave.keys import Identity, PublicIdentity
+from confide.enclave.sealed_file import encrypt_stream, open_reader, write_atomically
+
+TERMINAL_STATES = ("succeeded", "failed")
+DEFAULT_MAX_OUTPUT = 64 << 20
+LONG_POLL_S = 20.0
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ServiceKey:
+    """The enclave service's key, as vouched for by evidence that passed our policy."""
+
+    public: PublicIdentity
+    claims: Claims
+    attested_at: int
+
+    @property
+    def fingerprint(self) -> str:
+        return self.public.fingerprint
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    dataset_id: str
+    name: str
+    owner: str
+    ciphertext_sha256: str
+    size: int
+    rows: int | None
+    columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    task_id: str
+    state: str
+    receipt: dict[str, Any]
+    outputs: dict[str, Path]
+
+
+class Client:
+    """A party's session with one platform. `say` receives progress lines (default: silent)."""
+
+    def __init__(
+        self,
+        url: str,
+        identity: Identity,
+        *,
+        policy: Policy,
+        anchors: TrustAnchors,
+        say: Say | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        self.identity = identity
+        self.policy = policy
+        self.anchors = anchors
+        self.say: Say = say or (lambda _msg: None)
+        self.api = Transport(url, identity, timeout=timeout)
+        self._service: ServiceKey | None = None
+        self._parties: dict[str, tuple[str, PublicIdentity]] = {}
+
+    def close(self) -> None:
+        self.api.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    @property
+    def fingerprint(self) -> str:
+        return self.identity.fingerprint
+
+    # ---- parties --------------------------------------------------------------------------------
+    def register(self, name: str) -> None:
+        """Register this party's public keys under `name` (idempotent for the same keys)."""
+        from confide.client.api_auth import sign_registration
+
+        line = self.identity.public.to_line()
+        self._parties[self.fingerprint] = (name, self.identity.public)
+        self.api.call(
+            "POST",
+            "/v1/parties",
+            {"name": name, "identity": line, "signature": sign_registration(self.identity, name)},
+            signed=False,
+        )
+
+    def party(self, fingerprint: str) -> tuple[str, PublicIdentity]:
+        """A party's name and public keys, fetched from the platform and checked against the
+        fingerprint (a digest of the keys, so the platform cannot substitute other keys)."""
+        known = self._parties.get(fingerprint)
+        if known is not None:
+            return known
+        info = self.api.call("GET", f"/v1/parties/{fingerprint}")
+        pub = PublicIdentity.from_line(str(info.get("identity", "")), where=f"party {fingerprint}")
+        if pub.fingerprint != fingerprint:
+            raise IntegrityError(
+                f"the platform returned keys with fingerprint {pub.fingerprint}", where=f"party {fingerprint}"
+            )
+        self._parties[fingerprint] = (str(info.get("name") or fingerprint), pub)
+        return self._parties[fingerprint]
+
+    # ---- the enclave service ----------------------------------------------------------------------
+    def attest(self) -> ServiceKey:
+        """Verify the service's evidence (fresh nonce) against our policy; pin the key it binds."""
+        nonce = os.urandom(32)
+        reply = self.api.call("POST", "/v1/service/evidence", {"nonce": nonce.hex()}, signed=False)
+        evidence = b64d(reply.get("evidence"), field="evidence", where="platform: service evidence")
+        line = reply.get("service")
+        att = check_attestation(
+            evidence, nonce, self.policy, self.anchors, keys_line=line if isinstance(line, str) else None
+        )
+        if self._service is not None and att.enclave.fingerprint != self._service.fingerprint:
+            raise PolicyError(
+                f"the service key changed from {self._service.fingerprint} to {att.enclave.fingerprint}",
+                where="service evidence",
+            )
+        self._service = ServiceKey(att.enclave, att.claims, int(time.time()))
+        c = att.claims
+        kind = "SIMULATED (no protection against the host)" if c.simulated else c.backend
+        self.say(
+            f"attested enclave service {att.enclave.fingerprint}: {kind}, measurement {c.measurement[:16]}…"
+        )
+        return self._service
+
+    @property
+    def service(self) -> ServiceKey:
+        return self._service if self._service is not None else self.attest()
+
+    # ---- datasets ---------------------------------------------------------------------------------
+    def upload_dataset(self, path: Path, *, name: str | None = None) -> DatasetRef:
+        """Encrypt a file with a fresh data key, wrap the key to the attested service (bound to the
+        dataset id and our fingerprint), and upload both. Only columns and row count are visible."""
+        path = Path(path)
+        name = name or path.stem
+        columns, rows = _csv_shape(path)
+        service = self.service
+        dataset_id = mf.new_dataset_id()
+        data_key = AESGCM.generate_key(256)
+        size = _size_of(path)
+        with tempfile.TemporaryDirectory(prefix="confide-upload-") as tmp:
+            sealed = Path(tmp) / "dataset.cnf"
+            with open(path, "rb") as src, byte_progress(f"encrypting {path.name}", size) as advance:
+                write_atomically(
+                    sealed,
+                    lambda dst: encrypt_stream(
+                        src,
+                        dst,
+                        recipients=[self.identity.public],
+                        data_key=data_key,
+                        metadata={"dataset_id": dataset_id, "name": name},
+                        progress=advance,
+                    ),
+                )
+            blob = self.api.put_blob(sealed)
+        digest = str(blob["sha256"])
+        envelope = mf.wrap_dataset_key(
+            data_key,
+            service=service.public,
+            dataset_id=dataset_id,
+            owner=self.identity.public,
+            ciphertext_sha256=digest,
+        )
+        body = {
+            "dataset_id": dataset_id,
+            "name": name,
+            "schema": {"columns": list(columns)},
+            "rows": rows,
+            "ciphertext_sha256": digest,
+            "key_envelope": envelope,
+        }
+        self.api.call("POST", "/v1/datasets", body)
+        self.say(f"uploaded dataset {name!r} ({dataset_id}): {rows} rows, key wrapped to the service")
+        return DatasetRef(dataset_id, name, self.fingerprint, digest, int(blob["size"]), rows, columns)
+
+    def dataset(self, dataset_id: str) -> DatasetRef:
+        d = self.api.call("GET", f"/v1/datasets/{dataset_id}")
+        schema = d.get("schema") or {}
+        return DatasetRef(
+            str(d["dataset_id"]),
+            str(d["name"]),
+            str(d["owner"]),
+            str(d["ciphertext_sha256"]),
+            int(d.get("size") or 0),
+            d.get("rows"),
+            tuple(schema.get("columns") or ()),
+        )
+
+    # ---- functions --------------------------------------------------------------------------------
+    def register_function(
+        self,
+        source: str,
+        *,
+        name: str,
+        outputs: Sequence[str],
+        version: str = "1",
+        description: str = "",
+        requirements: Sequence[str] = (),
+        inputs: Sequence[str] = ("*",),
+        confidential: bool = False,
+    ) -> str:
+        """Register a `run(ctx)` function; returns its digest. With `confidential`, the source is
+        sealed to the attested service: neither the platform nor the data owners can read it."""
+        descriptor = mf.function_descriptor(
+            name=name,
+            version=version,
+            owner=self.identity.public,
+            source=source,
+            requirements=list(requirements),
+            description=description,
+            inputs=list(inputs),
+            outputs=list(outputs),
+        )
+        digest = descriptor.digest
+        body: dict[str, Any] = {"descriptor": descriptor.to_json()}
+        if confidential:
+            sealed = mf.seal_function_source(source, descriptor=descriptor, service=self.service.public)
+            body["sealed_source"] = b64e(sealed)
+        else:
+            body["source"] = source
+        self.api.call("POST", "/v1/functions", body)
+        kind = "confidential" if confidential else "clear"
+        self.say(f"registered function {name!r} v{version} ({kind}): {digest[:16]}…")
+        return digest
+
+    def function(self, ref: str) -> tuple[mf.FunctionDescriptor, bool]:
+        """(descriptor, confidential) of a built-in by name or a registered function by digest."""
+        if ref in mf.BUILTINS:
+            return mf.builtin_descriptor(ref), False
+        info = self.api.call("GET", f"/v1/functions/{ref}")
+        descriptor = mf.parse_function_descriptor(info.get("descriptor") or {})
+        if descriptor.digest != ref:
+            raise IntegrityError(
+                "the platform returned a function whose digest differs", where=f"function {ref}"
+            )
+        return descriptor, bool(info.get("confidential"))
+
+    # ---- tasks ------------------------------------------------------------------------------------
+    def create_task(
+        self,
+        *,
+        function: str,
+        inputs: Mapping[str, str],
+        outputs: Mapping[str, Sequence[str]],
+        params: Mapping[str, Any] | None = None,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT,
+    ) -> str:
+        """Build, sign nothing yet, and submit a task manifest; returns the task id.
+
+        `function`: a built-in name or a registered function's digest. `inputs`: input name →
+        dataset id. `outputs`: output name → recipient fingerprints."""
+        descriptor, confidential = self.function(function)
+        service = self.service
+        refs = {n: self.dataset(d) for n, d in inputs.items()}
+        fps = {self.fingerprint, *(r.owner for r in refs.values())}
+        for recips in outputs.values():
+            fps.update(recips)
+        if descriptor.owner:
+            fps.add(descriptor.owner)
+        participants = dict(self.party(fp) for fp in sorted(fps))
+        if len(participants) != len(fps):
+            raise ConfideError("two participants are registered under the same name", where="create task")
+        manifest = mf.build_manifest(
+            service=service.public,
+            creator=self.identity.public,
+            function=descriptor,
+            confidential=confidential,
+            params=dict(params or {}),
+            inputs=[(n, r.dataset_id, r.owner, r.ciphertext_sha256) for n, r in refs.items()],
+            outputs=[(n, list(rs), max_output_bytes) for n, rs in outputs.items()],
+            participants=participants,
+        )
+        self.api.call("POST", "/v1/tasks", {"manifest": manifest.to_json()})
+        self.say(f"created task {manifest.task_id} ({descriptor.name}), manifest {manifest.digest[:16]}…")
+        return manifest.task_id
+
+    def task(self, task_id: str) -> dict[str, Any]:
+        return dict(self.api.call("GET", f"/v1/tasks/{task_id}"))
+
+    def manifest(self, task_id: str) -> mf.Manifest:
+        """The task's manifest, parsed and checked as the enclave will check it."""
+        info = self.task(task_id)
+        manifest = mf.parse_manifest(canonical_json(info["manifest"]), where=f"task {task_id}")
+        if manifest.task_id != task_id:
+            raise IntegrityError(
+                f"platform returned the manifest of task {manifest.task_id}", where=f"task {task_id}"
+            )
+        return manifest
+
+    def describe(self, task_id: str) -> str:
+        return mf.describe_manifest(self.manifest(task_id))
+
+    def approve(self, task_id: str, *, expect_digest: str | None = None) -> str:
+        """Sign our approval of the task's manifest. With `expect_digest`, refuse unless the manifest
+        is exactly the one reviewed (protects against a manifest swapped between review and signing).
+        Returns the manifest digest approved."""
+        manifest = self.manifest(task_id)
+        if expect_digest is not None and manifest.digest != expect_digest:
+            raise PolicyError(
+                f"manifest digest is {manifest.digest}, not the reviewed {expect_digest}",
+                where=f"task {task_id}",
+            )
+        if manifest.service != self.service.fingerprint:
+            raise PolicyError(
+                f"task is for service {manifest.service}, not the attested {self.service.fingerprint}",
+                where=f"task {task_id}",
+            )
+        approval = mf.sign_approval(self.identity, manifest)
+        self.api.call("POST", f"/v1/tasks/{task_id}/approvals", {"approval": approval})
+        self.say(f"approved task {task_id} (manifest {manifest.digest[:16]}…)")
+        return manifest.digest
+
+    def run(self, task_id: str) -> None:
+        self.api.call("POST", f"/v1/tasks/{task_id}/run", {})
+
+    def wait(
+        self,
+        task_id: str,
+        *,
+        timeout: float = 600.0,
+        on_state: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Follow the task until it succeeds or fails (long polls: the platform answers as soon as
+        the state changes); `on_state` sees every state it passes through."""
+        deadline = time.monotonic() + timeout
+        info = self.task(task_id)
+        seen: tuple[Any, Any] | None = None
+        while True:
+            if on_state is not None and (info.get("state"), info.get("attempts")) != seen:
+                seen = (info.get("state"), info.get("attempts"))
+                on_state(info)
+            state = str(info.get("state"))
+            if state in TERMINAL_STATES:
+                return info
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ConfideError(f"task still {state} after {timeout:.0f} s", where=f"task {task_id}")
+            wait = min(LONG_POLL_S, max(remaining, 0.1))
+            info = dict(self.api.call("GET", f"/v1/tasks/{task_id}?wait={wait:.1f}&state={state}"))
+
+    def receipt(self, task_id: str, info: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The task's latest receipt, with the service signature and manifest digest checked."""
+        info = info or self.task(task_id)
+        raw = info.get("receipt")
+        if not raw:
+            raise ConfideError("task has no receipt yet", where=f"task {task_id}")
+        body = mf.verify_task_receipt(
+            b64d(raw, field="receipt", where=f"task {task_id}"),
+            self.service.public,
+            where=f"receipt of task {task_id}",
+        )
+        manifest = mf.parse_manifest(canonical_json(info["manifest"]), where=f"task {task_id}")
+        if body.get("manifest_sha256") != manifest.digest or body.get("task_id") != task_id:
+            raise IntegrityError(
+                "receipt is for another manifest or task", where=f"receipt of task {task_id}"
+            )
+        return body
+
+    def results(self, task_id: str, out_dir: Path) -> TaskResult:
+        """Download the outputs addressed to us, check each against the signed receipt, decrypt."""
+        info = self.task(task_id)
+        body = self.receipt(task_id, info)
+        if body.get("status") != "ok":
+            err = body.get("error") or {}
+            raise ConfideError(
+                f"task failed in the enclave ({err.get('check', '?')}): {err.get('message', '')}",
+                where=f"task {task_id}",
+            )
+        manifest = mf.parse_manifest(canonical_json(info["manifest"]), where=f"task {task_id}")
+        mine = {o.name for o in manifest.outputs if self.fingerprint in o.recipients}
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written: dict[str, Path] = {}
+        for out in body.get("outputs", []):
+            name = str(out["name"])
+            if name not in mine:
+                continue
+            written[name] = self._fetch_output(str(out["sha256"]), out_dir / name)
+        self.say(f"task {task_id}: {len(written)} output(s) verified against the receipt and decrypted")
+        return TaskResult(task_id, str(info.get("state")), body, written)
+
+    def _fetch_output(self, sha256: str, dst: Path) -> Path:
+        with tempfile.TemporaryDirectory(prefix="confide-fetch-") as tmp:
+            sealed = Path(tmp) / "output.cnf"
+            with open(sealed, "wb") as fh:
+                self.api.get_blob(sha256, fh)
+            fh2, reader = open_reader(sealed)
+            with fh2:
+                reader.unlock(identity=self.identity)
+                with byte_progress(f"decrypting {dst.name}", reader.plaintext_size) as advance:
+                    write_atomically(dst, lambda out: reader.decrypt_to(out, advance))
+        return dst
+
+    # ---- audit ------------------------------------------------------------------------------------
+    def audit(self, task_id: str | None = None) -> list[dict[str, Any]]:
+        """Audit events we may see, each event's hash and the links between consecutive ones checked."""
+        path = f"/v1/tasks/{task_id}/audit" if task_id else "/v1/audit"
+        events = list(self.api.call("GET", path).get("events", []))
+        check_audit_chain(events, where=path)
+        return events
+
+
+def check_audit_chain(events: Sequence[Mapping[str, Any]], *, where: str) -> None:
+    """Each event's sha256 must be the digest of the event without it; where two events we see are
+    consecutive (seq n, n+1), the later one must link to the earlier one."""
+    prev: Mapping[str, Any] | None = None
+    for ev in sorted(events, key=lambda e: int(e.get("seq", 0))):
+        body = {k: v for k, v in ev.items() if k != "sha256"}
+        if hashlib.sha256(canonical_json(body)).hexdigest() != ev.get("sha256"):
+            raise IntegrityError(f"audit event {ev.get('seq')} does not match its hash", where=where)
+        if (
+            prev is not None
+            and int(ev["seq"]) == int(prev["seq"]) + 1
+            and ev.get("prev_sha256") != prev["sha256"]
+        ):
+            raise IntegrityError(
+                f"audit event {ev.get('seq')} does not link to event {prev['seq']}", where=where
+            )
+        prev = ev
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as exc:
+        raise ConfideError(f"cannot read dataset ({exc.strerror})", where=str(path)) from None
+
+
+def _csv_shape(path: Path) -> tuple[tuple[str, ...], int | None]:
+    """Header columns and row count of a CSV (the metadata a data owner chooses to reveal);
+    ((), None) for a file that is not a CSV."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            head = fh.readline()
+            if "," not in head:
+                return (), None
+            columns = tuple(next(csv.reader(io.StringIO(head))))
+            rows = sum(1 for line in fh if line.strip())
+            return columns, rows
+    except UnicodeDecodeError:
+        return (), None
+    except OSError as exc:
+        raise ConfideError(f"cannot read dataset ({exc.strerror})", where=str(path)) from None

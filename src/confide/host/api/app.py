@@ -1,0 +1,36 @@
+"""The FastAPI application: error handlers, body cap, authenticated routes."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from confide import __version__
+from confide.host.api.errors import install_error_handlers
+from confide.host.api.routes_data import add_data_routes
+from confide.host.api.routes_public import add_public_routes
+from confide.host.api.routes_tasks import add_task_routes
+from confide.host.api.security import ConfideRoute, JsonBodyLimit
+from confide.host.api.state import Platform
+
+
+def create_app(platform: Platform) -> FastAPI:
+    app = FastAPI(
+        title="Confide platform",
+        version=__version__,
+        description=(
+            "The untrusted platform of Confide (docs/PROTOCOL.md §7). Authenticated calls carry "
+            "X-Confide-Party, X-Confide-Time, X-Confide-Nonce and X-Confide-Signature."
+        ),
+        # A signed request cannot follow a redirect (the signature covers the path): a path with a
+        # stray trailing slash is a plain 404 with the error body, not a 307 without one.
+        redirect_slashes=False,
+    )
+    app.router.route_class = ConfideRoute
+    app.state.platform = platform
+    app.add_middleware(JsonBodyLimit, max_bytes=platform.max_json_bytes)
+    install_error_handlers(app)
+
+    add_public_routes(app, platform)
+    add_data_routes(app, platform)
+    add_task_routes(app, platform)
+    return app

@@ -1,0 +1,257 @@
+"""Routes for tasks (create, approve, run, long-polled state) and the audit log."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Path, Query
+from sqlalchemy import or_, select
+from starlette.concurrency import run_in_threadpool
+
+from confide.enclave import manifest as mf
+from confide.enclave.encoding import canonical_json, parse_json_object
+from confide.enclave.errors import ConfideError
+from confide.enclave.keys import PublicIdentity
+from confide.host import audit
+from confide.host.api.bodies import ApprovalBody, RunBody, TaskBody
+from confide.host.api.common import HEX32, LONG_POLL_SLICE_S, MAX_INT64, MAX_LONG_POLL_S, log
+from confide.host.api.errors import ApiError, from_confide
+from confide.host.api.security import Caller
+from confide.host.api.state import Platform
+from confide.host.api.views import task_for, task_json, task_summary
+from confide.host.db import Approval, AuditEvent, Dataset, Function, Task, TaskInput, TaskParticipant, now
+from confide.host.scheduler import StateConflict
+
+# ---- the app -------------------------------------------------------------------------------------------
+
+
+class LongPoll:
+    """Wakes waiting long polls (on the event loop) when a worker thread commits a task's outcome."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.waiters: set[asyncio.Future[None]] = set()
+
+    async def wait(self, timeout: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = self.loop.create_future()
+        self.waiters.add(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self.waiters.discard(fut)
+
+    def notify_threadsafe(self) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        for fut in list(self.waiters):
+            if not fut.done():
+                fut.set_result(None)
+
+
+def add_task_routes(app: FastAPI, platform: Platform) -> None:
+    db = platform.db
+    long_poll = LongPoll()
+    platform.scheduler.add_listener(long_poll.notify_threadsafe)
+
+    # ---- tasks -----------------------------------------------------------------------------------
+    @app.post("/v1/tasks", tags=["tasks"], status_code=201)
+    def create_task(body: TaskBody, me: Caller) -> dict[str, Any]:
+        try:
+            manifest = mf.parse_manifest(body.manifest)
+        except ConfideError as exc:
+            raise from_confide(exc) from None
+        obj = (
+            body.manifest
+            if isinstance(body.manifest, dict)
+            else parse_json_object(body.manifest, where="manifest")
+        )
+        text = canonical_json(obj).decode()
+        if text != manifest.text:
+            raise ApiError(400, "invalid", "manifest does not round-trip (non-canonical values)", "manifest")
+        where = f"task {manifest.task_id}"
+        if manifest.creator != me:
+            raise ApiError(
+                403, "forbidden", f"the manifest's creator is {manifest.creator}, not you", "manifest.creator"
+            )
+        service = platform.service_line()
+        if service is not None and manifest.service != PublicIdentity.from_line(service).fingerprint:
+            raise ApiError(
+                400,
+                "invalid",
+                f"manifest is for service {manifest.service}, not this platform's",
+                "manifest.service",
+            )
+        fn = manifest.function
+        if fn.kind == "builtin" and (
+            fn.name not in mf.BUILTINS or mf.builtin_descriptor(fn.name).digest != manifest.function_digest
+        ):
+            raise ApiError(400, "invalid", f"built-in {fn.name!r} of this build differs", "manifest.function")
+        with db.transaction() as s:
+            if fn.kind != "builtin" and s.get(Function, manifest.function_digest) is None:
+                raise ApiError(
+                    400,
+                    "invalid",
+                    f"function {manifest.function_digest} is not registered",
+                    "manifest.function",
+                )
+            for inp in manifest.inputs:
+                ds = s.get(Dataset, inp.dataset_id)
+                if ds is None or ds.owner != inp.owner or ds.ciphertext_sha256 != inp.ciphertext_sha256:
+                    raise ApiError(
+                        400,
+                        "invalid",
+                        f"no dataset {inp.dataset_id} of {inp.owner} with ciphertext {inp.ciphertext_sha256}",
+                        f"manifest.inputs.{inp.name}",
+                    )
+            if s.get(Task, manifest.task_id) is not None:
+                raise ApiError(409, "conflict", "task id already in use", where)
+            t = now()
+            task = Task(
+                task_id=manifest.task_id,
+                creator=me,
+                manifest=text,
+                manifest_sha256=manifest.digest,
+                function_digest=manifest.function_digest,
+                state="created",
+                attempts=0,
+                runs=0,
+                created_at=t,
+                updated_at=t,
+            )
+            s.add(task)
+            s.flush()
+            for p in manifest.participants:
+                s.add(TaskParticipant(task_id=task.task_id, party=p.fingerprint))
+            for inp in manifest.inputs:
+                s.add(TaskInput(task_id=task.task_id, name=inp.name, dataset_id=inp.dataset_id))
+            audit.append(
+                s,
+                "task.created",
+                actor=me,
+                task_id=task.task_id,
+                detail={"manifest_sha256": manifest.digest, "function": manifest.function_digest},
+            )
+            s.flush()
+            return task_json(s, task)
+
+    @app.get("/v1/tasks", tags=["tasks"])
+    def list_tasks(me: Caller) -> dict[str, Any]:
+        with db.reading() as s:
+            rows = s.execute(
+                select(Task)
+                .join(TaskParticipant, TaskParticipant.task_id == Task.task_id)
+                .where(TaskParticipant.party == me)
+                .order_by(Task.created_at)
+            ).scalars()
+            return {"tasks": [task_summary(r) for r in rows]}
+
+    @app.get("/v1/tasks/{task_id}", tags=["tasks"])
+    async def get_task(
+        task_id: Annotated[str, Path(pattern=HEX32)],
+        me: Caller,
+        wait: Annotated[float, Query(ge=0, le=MAX_LONG_POLL_S, allow_inf_nan=False)] = 0,
+        state: Annotated[str | None, Query(pattern="^(created|queued|running|succeeded|failed)$")] = None,
+    ) -> dict[str, Any]:
+        """With `wait` and `state`: a long poll that answers as soon as the task leaves `state` (or
+        after `wait` seconds), so a client learns of completion without polling. No thread is held
+        while waiting; changes made by other server processes are seen within LONG_POLL_SLICE_S."""
+
+        def read() -> tuple[str, dict[str, Any]]:
+            with db.reading() as s:
+                task = task_for(s, task_id, me)
+                return task.state, task_json(s, task)
+
+        deadline = time.monotonic() + wait
+        while True:
+            current, view = await run_in_threadpool(read)
+            remaining = deadline - time.monotonic()
+            if state is None or current != state or remaining <= 0:
+                return view
+            await long_poll.wait(min(LONG_POLL_SLICE_S, remaining))
+
+    @app.post("/v1/tasks/{task_id}/approvals", tags=["tasks"], status_code=201)
+    def approve(
+        task_id: Annotated[str, Path(pattern=HEX32)], body: ApprovalBody, me: Caller
+    ) -> dict[str, Any]:
+        with db.transaction() as s:
+            task = task_for(s, task_id, me)
+            try:
+                manifest = mf.parse_manifest(task.manifest)
+                approval = mf.parse_approval(body.approval)
+                if approval.party != me:
+                    raise ApiError(
+                        403, "forbidden", f"approval is by {approval.party}, not you", "approval.party"
+                    )
+                mf.verify_approval(approval, manifest)
+            except ConfideError as exc:
+                raise from_confide(exc) from None
+            row = s.get(Approval, (task_id, me))
+            if row is None:
+                row = Approval(task_id=task_id, party=me, manifest_sha256="", approval="", created_at=0.0)
+                s.add(row)
+            row.manifest_sha256 = approval.manifest_sha256
+            row.approval = canonical_json(approval.to_json()).decode()
+            row.created_at = now()
+            audit.append(
+                s,
+                "task.approved",
+                actor=me,
+                task_id=task_id,
+                detail={"manifest_sha256": approval.manifest_sha256},
+            )
+            s.flush()
+            return task_json(s, task)
+
+    @app.post("/v1/tasks/{task_id}/run", tags=["tasks"])
+    def run(
+        task_id: Annotated[str, Path(pattern=HEX32)], me: Caller, body: RunBody | None = None
+    ) -> dict[str, Any]:
+        with db.transaction() as s:
+            task = task_for(s, task_id, me, lock=True)
+            try:
+                platform.scheduler.queue(s, task, actor=me)
+            except StateConflict as exc:
+                raise ApiError(409, "conflict", exc.message, exc.where) from None
+            result = {"task_id": task_id, "state": task.state, "run": task.runs}
+        if platform.pool is not None:
+            platform.pool.wake()
+        log.info("task %s: queued by %s (run %d)", task_id, me, result["run"])
+        return result
+
+    # ---- audit -----------------------------------------------------------------------------------
+    @app.get("/v1/tasks/{task_id}/audit", tags=["audit"])
+    def task_audit(task_id: Annotated[str, Path(pattern=HEX32)], me: Caller) -> dict[str, Any]:
+        with db.reading() as s:
+            task_for(s, task_id, me)
+            rows = s.execute(
+                select(AuditEvent).where(AuditEvent.task_id == task_id).order_by(AuditEvent.seq)
+            ).scalars()
+            return {"events": [audit.as_dict(r) for r in rows]}
+
+    @app.get("/v1/audit", tags=["audit"])
+    def my_audit(
+        me: Caller,
+        after: Annotated[int, Query(ge=0, le=MAX_INT64)] = 0,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    ) -> dict[str, Any]:
+        with db.reading() as s:
+            mine = select(TaskParticipant.task_id).where(TaskParticipant.party == me)
+            rows = s.execute(
+                select(AuditEvent)
+                .where(AuditEvent.seq > after, or_(AuditEvent.actor == me, AuditEvent.task_id.in_(mine)))
+                .order_by(AuditEvent.seq)
+                .limit(limit)
+            ).scalars()
+            return {"events": [audit.as_dict(r) for r in rows]}
+
+    @app.get("/v1/audit/head", tags=["audit"])
+    def audit_head(me: Caller) -> dict[str, Any]:
+        with db.reading() as s:
+            return audit.head(s)

@@ -1,0 +1,171 @@
+"""`confide serve`: the database, blob store, worker pool and HTTP API in one process."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from sqlalchemy.exc import DBAPIError
+
+from confide.enclave.errors import ConfideError
+from confide.enclave.sim_platform import SimPlatform
+from confide.host.api import Platform, create_app
+from confide.host.blobstore import DEFAULT_MAX_BYTES, BlobStore
+from confide.host.db import Database, sqlite_url
+from confide.host.pool import PoolSettings, WorkerPool
+from confide.host.scheduler import Scheduler
+
+log = logging.getLogger("confide.host")
+
+DEFAULT_PORT = 8470
+DEFAULT_LEASE_S = 60.0
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    db_url: str | None
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    workers: int = 2
+    platform_dir: Path | None = None
+    enclave_config: Path | None = None
+    backend: str = "sim"
+    lease_seconds: float = DEFAULT_LEASE_S
+    poll_seconds: float = 0.5
+    max_blob_bytes: int = DEFAULT_MAX_BYTES
+    blob_dir: Path | None = None  # shared by every server of one platform (default: DATA/blobs)
+
+
+def configure_logging() -> None:
+    """Progress lines on stderr: what the server is doing (never keys or data: it has none)."""
+    logger = logging.getLogger("confide.host")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s confide serve: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def describe_db(db: Database) -> str:
+    url = db.url
+    if db.dialect == "sqlite":
+        return f"SQLite file {url.database}"
+    return f"PostgreSQL database {url.database} on {url.host or 'local socket'}"
+
+
+class _Server(uvicorn.Server):
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            for server in self.servers:
+                for sock in server.sockets:
+                    host, port = sock.getsockname()[:2]
+                    log.info("listening on http://%s:%d (OpenAPI at /openapi.json)", host, port)
+
+
+def build(opts: ServeOptions) -> tuple[Platform, WorkerPool]:
+    data_dir = opts.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    platform_dir = (opts.platform_dir or data_dir / "platform").resolve()
+    if opts.backend == "sim":
+        SimPlatform.load_or_create(platform_dir)
+        log.info("SIMULATED TEE platform at %s: no protection against this host", platform_dir)
+    db = Database(opts.db_url or sqlite_url(data_dir / "confide.db"))
+    try:
+        db.migrate()
+    except DBAPIError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+        raise ConfideError(f"cannot open the database ({reason})", where=f"--db {db.url!r}") from None
+    log.info("database: %s (schema at head)", describe_db(db))
+    blobs = BlobStore(opts.blob_dir or data_dir / "blobs", max_bytes=opts.max_blob_bytes)
+    blobs.clean_temporary()  # uploads cut short by a crash (not another server's live upload)
+    shutil.rmtree(data_dir / "work", ignore_errors=True)  # enclave outputs of attempts that never finished
+    scheduler = Scheduler(db, blobs, lease_seconds=opts.lease_seconds)
+    name = f"{socket.gethostname()}:{hashlib.sha256(str(data_dir).encode()).hexdigest()[:8]}"
+    pool = WorkerPool(
+        db,
+        blobs,
+        scheduler,
+        PoolSettings(
+            data_dir=data_dir,
+            platform_dir=platform_dir,
+            size=opts.workers,
+            server_name=name,
+            boot_id=os.urandom(4).hex(),
+            enclave_config=opts.enclave_config,
+            backend=opts.backend,
+            poll_seconds=opts.poll_seconds,
+            lease_seconds=opts.lease_seconds,
+        ),
+    )
+    return Platform(db=db, blobs=blobs, scheduler=scheduler, pool=pool), pool
+
+
+def serve(
+    db_url: str | None,
+    data_dir: Path,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    workers: int = 2,
+    platform_dir: Path | None = None,
+    *,
+    enclave_config: Path | None = None,
+    backend: str = "sim",
+    lease_seconds: float = DEFAULT_LEASE_S,
+    max_blob_bytes: int = DEFAULT_MAX_BYTES,
+    blob_dir: Path | None = None,
+) -> None:
+    """`confide serve`: run until SIGINT/SIGTERM (see `run`)."""
+    run(
+        ServeOptions(
+            db_url=db_url,
+            data_dir=data_dir,
+            host=host,
+            port=port,
+            workers=workers,
+            platform_dir=platform_dir,
+            enclave_config=enclave_config,
+            backend=backend,
+            lease_seconds=lease_seconds,
+            max_blob_bytes=max_blob_bytes,
+            blob_dir=blob_dir,
+        )
+    )
+
+
+def run(opts: ServeOptions, **uvicorn_options: Any) -> None:
+    """Run until SIGINT/SIGTERM; then stop the workers (each enclave is shut down cleanly)."""
+    configure_logging()
+    if opts.workers < 0:
+        raise ConfideError("must be 0 or more", where="--workers")
+    platform, pool = build(opts)
+    app = create_app(platform)
+    config = uvicorn.Config(
+        app,
+        host=opts.host,
+        port=opts.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        **uvicorn_options,
+    )
+    server = _Server(config)
+    log.info("starting %d enclave worker(s) under %s", opts.workers, opts.data_dir)
+    pool.start()
+    try:
+        server.run()
+    finally:
+        log.info("stopping: shutting down enclave workers")
+        pool.stop()
+        platform.db.dispose()
+        log.info("stopped")
