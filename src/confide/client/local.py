@@ -210,15 +210,3 @@ def check_receipt(
                 f"output {name!r} on disk is not the output the enclave signed", where=str(path)
             )
     return {**body, "raw": data.decode()}
-
-
-def parse_assignments(items: tuple[str, ...], *, what: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ConfideError(f"expected NAME=VALUE, got {item!r}", where=what)
-        if name in out:
-            raise ConfideError(f"{name!r} given twice", where=what)
-        out[name] = value
-    return out
