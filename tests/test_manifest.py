@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from confide.client.approval import describe_manifest
 from confide.enclave import manifest as mf
 from confide.enclave.encoding import b64e, canonical_json
 from confide.enclave.errors import ConfideError, FormatError, IntegrityError
@@ -272,7 +273,7 @@ def test_predict_manifest_needs_exactly_its_inputs() -> None:
 
 def test_describe_manifest_shows_what_is_approved() -> None:
     m = python_manifest()
-    text = mf.describe_manifest(m)
+    text = describe_manifest(m)
     for needle in (
         m.task_id,
         m.digest,
@@ -286,7 +287,7 @@ def test_describe_manifest_shows_what_is_approved() -> None:
         f"approvals of this exact manifest by: hospital_a ({HOSP_A.fingerprint}), algo ({ALGO.fingerprint})",
     ):
         assert needle in text, needle
-    g = mf.describe_manifest(gbdt_manifest())
+    g = describe_manifest(gbdt_manifest())
     assert (
         'label = "y"' in g
         and "part of the measured enclave" in g
@@ -305,7 +306,7 @@ def test_describe_manifest_shows_what_is_approved() -> None:
         outputs=[mf.TaskOutput("out", (LAB.fingerprint,))],
         participants=PARTIES,
     )
-    assert "\x1b" not in mf.describe_manifest(m2)
+    assert "\x1b" not in describe_manifest(m2)
 
 
 # ---- approvals ------------------------------------------------------------------------------------
@@ -439,7 +440,7 @@ def mutated(draw: st.DrawFn, base: dict[str, Any]) -> Any:
 def test_fuzz_parse_manifest_structured(obj: Any) -> None:
     with contextlib.suppress(ConfideError):
         m = mf.parse_manifest(json.dumps(obj))
-        mf.describe_manifest(m)
+        describe_manifest(m)
         assert m.digest == sha(canonical_json(m.to_json()))
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from confide.attest import Claims, TrustAnchors
+from confide.client.approval import describe_manifest
 from confide.client.local import check_attestation
 from confide.client.policy import Policy
 from confide.client.progress import byte_progress
@@ -322,7 +323,7 @@ class Client:
         return manifest
 
     def describe(self, task_id: str) -> str:
-        return mf.describe_manifest(self.manifest(task_id))
+        return describe_manifest(self.manifest(task_id))
 
     def approve(self, task_id: str, *, expect_digest: str | None = None) -> str:
         """Sign our approval of the task's manifest. With `expect_digest`, refuse unless the manifest

@@ -25,7 +25,7 @@ Tasks (section 5)
     ``TaskInput``, ``TaskOutput``, ``Participant``, ``Manifest`` (``.digest``, ``.text``, ``.to_json()``,
     ``.participant(fp)``, ``.name_of(fp)``, ``.input(name)``, ``.output(name)``, ``.required_approvals()``,
     ``.error_recipients()``); ``build_manifest(...)``; ``parse_manifest(text)``;
-    ``describe_manifest(manifest)`` -> what a party approves, for people; ``new_task_id()``
+    ``new_task_id()`` (what a party approves, for people: ``confide.client.approval``)
 Approvals
     ``Approval``; ``sign_approval(identity, manifest)`` -> approval dict; ``parse_approval(obj)``;
     ``verify_approval(approval, manifest)`` -> Approval (signature by a participant, over this manifest)
@@ -67,6 +67,7 @@ from .function_desc import (
     seal_function_source,
 )
 from .keys import Identity, PublicIdentity
+from .padding import check_pad, describe_pad
 from .task_fields import (
     APPROVAL_FORMAT,
     BUILTINS_DIR,
@@ -143,9 +144,13 @@ class TaskOutput:
     name: str
     recipients: tuple[str, ...]  # fingerprints
     max_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    pad: str | int | None = None  # "pow2" or a bucket size: the host sees only the bucket (padding.py)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "recipients": list(self.recipients), "max_bytes": self.max_bytes}
+        out: dict[str, Any] = {"name": self.name, "recipients": list(self.recipients), "max_bytes": self.max_bytes}
+        if self.pad is not None:
+            out["pad"] = self.pad
+        return out
 
 
 @dataclass(frozen=True)
@@ -175,6 +180,12 @@ class Manifest:
     inputs: tuple[TaskInput, ...]
     outputs: tuple[TaskOutput, ...]
     participants: tuple[Participant, ...]
+    error_max_bytes: int | None = None  # the approved cap of `_error`; None: DEFAULT_ERROR_MAX_BYTES
+
+    @property
+    def error_cap(self) -> int:
+        """How many bytes of a failed function's error text may leave (sealed to error_recipients)."""
+        return DEFAULT_ERROR_MAX_BYTES if self.error_max_bytes is None else self.error_max_bytes
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -192,6 +203,7 @@ class Manifest:
             "inputs": [i.to_json() for i in self.inputs],
             "outputs": [o.to_json() for o in self.outputs],
             "participants": [p.to_json() for p in self.participants],
+            **({} if self.error_max_bytes is None else {"error_max_bytes": self.error_max_bytes}),
         }
 
     @property
@@ -279,6 +291,7 @@ def parse_manifest(data: str | bytes | Mapping[str, Any], *, where: str = "manif
             "outputs",
             "participants",
         ),
+        optional=("error_max_bytes",),
         where=w,
     )
     if obj["format"] != TASK_FORMAT:
@@ -327,7 +340,7 @@ def parse_manifest(data: str | bytes | Mapping[str, Any], *, where: str = "manif
     for i, entry in enumerate(list_field(obj, "outputs", w, low=1, high=MAX_OUTPUTS)):
         ow = f"{w}: outputs[{i}]"
         e = as_object(entry, ow)
-        check_fields(e, required=("name", "recipients", "max_bytes"), where=ow)
+        check_fields(e, required=("name", "recipients", "max_bytes"), optional=("pad",), where=ow)
         name = _output_name(e["name"], ow)
         ow = f"{w}: output {name!r}"
         recipients = list_field(e, "recipients", ow, low=1, high=MAX_RECIPIENTS)
@@ -335,9 +348,19 @@ def parse_manifest(data: str | bytes | Mapping[str, Any], *, where: str = "manif
             fingerprint_value(r, f"{ow}: recipients")
         check_unique(recipients, "recipient", ow)
         outputs.append(
-            TaskOutput(name, tuple(recipients), int_field(e, "max_bytes", ow, low=1, high=MAX_OUTPUT_BYTES))
+            TaskOutput(
+                name,
+                tuple(recipients),
+                int_field(e, "max_bytes", ow, low=1, high=MAX_OUTPUT_BYTES),
+                check_pad(e["pad"], f"{ow}: pad") if "pad" in e else None,
+            )
         )
     check_unique([o.name for o in outputs], "output name", w)
+    error_max_bytes = (
+        int_field(obj, "error_max_bytes", w, low=0, high=MAX_ERROR_OUTPUT_BYTES)
+        if "error_max_bytes" in obj
+        else None
+    )
 
     participants = _participants(obj["participants"], w)
     known = {p.fingerprint for p in participants}
@@ -379,6 +402,7 @@ def parse_manifest(data: str | bytes | Mapping[str, Any], *, where: str = "manif
         inputs=tuple(inputs),
         outputs=tuple(outputs),
         participants=participants,
+        error_max_bytes=error_max_bytes,
     )
 
 
@@ -394,6 +418,7 @@ def build_manifest(
     confidential: bool = False,
     task_id: str | None = None,
     created_at: int | None = None,
+    error_max_bytes: int | None = None,
 ) -> Manifest:
     """Creator side: a manifest, checked by the same parser the enclave uses.
 
@@ -419,6 +444,7 @@ def build_manifest(
             o if isinstance(o, TaskOutput) else TaskOutput(o[0], tuple(o[1]), o[2]) for o in outputs
         ),
         participants=tuple(Participant(n, p.to_line(), p) for n, p in people.items()),
+        error_max_bytes=error_max_bytes,
     ).to_json()
     return parse_manifest(obj)
 
@@ -591,75 +617,6 @@ def verify_task_receipt(
     return body
 
 
-# ---- for people ---------------------------------------------------------------------------------
-
-
-def _clean(text: str) -> str:
-    """Text from other parties, safe to print (no terminal control sequences)."""
-    return "".join(c if c.isprintable() or c == "\n" else f"\\u{ord(c):04x}" for c in text)
-
-
-def _size(n: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.4g} {unit}"
-    return f"{n} bytes"
-
-
-def describe_manifest(manifest: Manifest) -> str:
-    """Exactly what an approval of this manifest consents to, for a person to read."""
-    m = manifest
-    fn = m.function
-    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(m.created_at))
-    lines = [
-        f"Task {m.task_id}",
-        f"  manifest sha256: {m.digest}",
-        f"  enclave service: {m.service}",
-        f"  created by:      {_clean(m.name_of(m.creator))} at {when}",
-        "",
-        f"Function {fn.name!r} version {fn.version} ({'built into the enclave' if fn.kind == 'builtin' else 'Python'})",
-        f"  digest:       {m.function_digest}",
-        f"  source sha256: {fn.source_sha256}",
-        f"  owner:        {_clean(m.name_of(fn.owner)) if fn.owner else '- (part of the measured enclave)'}",
-        "  code:         "
-        + (
-            "CONFIDENTIAL: only the enclave reads it; you approve it by digest and description"
-            if m.confidential
-            else "readable by participants (check it against the source sha256)"
-        ),
-        f"  requires:     {', '.join(fn.requirements) or '-'}",
-        "  description:  " + _clean(fn.description).replace("\n", "\n                "),
-        "",
-        "Parameters:",
-    ]
-    if m.params:
-        lines += [
-            f"  {_clean(k)} = {_clean(canonical_json(v).decode())}" for k, v in sorted(m.params.items())
-        ]
-    else:
-        lines.append("  (none)")
-    lines += ["", "Inputs (the enclave unlocks each only with its owner's approval):"]
-    lines += [
-        f"  {i.name}: dataset {i.dataset_id} of {_clean(m.name_of(i.owner))}, ciphertext sha256 {i.ciphertext_sha256}"
-        for i in m.inputs
-    ] or ["  (none)"]
-    lines += ["", "Outputs (sealed to these recipients only):"]
-    for o in m.outputs:
-        lines.append(
-            f"  {o.name} (at most {_size(o.max_bytes)}) -> {', '.join(_clean(m.name_of(r)) for r in o.recipients)}"
-        )
-    lines += [
-        f"  if the function fails, its error text is sealed to: {', '.join(_clean(m.name_of(r)) for r in m.error_recipients())}",
-        "",
-        "The enclave runs it only with approvals of this exact manifest by: "
-        + (", ".join(_clean(m.name_of(fp)) for fp in m.required_approvals()) or "nobody (no inputs)"),
-        "",
-        "Participants:",
-    ]
-    lines += [f"  {p.name}: {p.fingerprint}" for p in m.participants]
-    return "\n".join(lines)
-
-
 __all__ = [
     "APPROVAL_FORMAT",
     "BUILTINS",
@@ -706,7 +663,6 @@ __all__ = [
     "builtin_source",
     "check_dataset_key",
     "check_function_source",
-    "describe_manifest",
     "function_descriptor",
     "function_digest",
     "make_task_receipt",
