@@ -69,6 +69,20 @@ def test_train_is_deterministic_for_a_seed(sets) -> None:
     assert report["features"] == ["x1", "x2", "x3"] and set(report["label_balance"]) == {"0", "1"}
 
 
+def test_train_features_and_exclude_choose_the_columns(sets) -> None:
+    kit, d = sets
+    for params, expected in (
+        ({"label": "y", "rounds": 3, "features": ["x3", "x1"]}, ["x3", "x1"]),
+        ({"label": "y", "rounds": 3, "exclude": ["x2"]}, ["x1", "x3"]),
+    ):
+        result, body, outs = train(kit, {"hospital_a": d["a"]}, params)
+        assert result["ok"], body
+        assert json.loads(kit.read(outs["report"], LAB))["features"] == expected
+        booster = xgboost.Booster()
+        booster.load_model(bytearray(kit.read(outs["model"], LAB)))
+        assert booster.feature_names == expected
+
+
 def test_train_regression(sets) -> None:
     kit, d = sets
     result, body, outs = train(
@@ -96,6 +110,11 @@ def test_train_regression(sets) -> None:
         (("a",), {"label": "y", "objective": "rank:pairwise"}, "is not one of"),
         (("a",), {"label": "y", "colsample": 1}, "unknown parameter(s) colsample"),
         (("ra",), {"label": "y"}, "needs labels 0 or 1"),
+        (("a",), {"label": "y", "features": ["x1"], "exclude": ["x2"]}, "either 'features' or 'exclude'"),
+        (("a",), {"label": "y", "features": "x1"}, "features must be a list of distinct column names"),
+        (("a",), {"label": "y", "exclude": ["x9"]}, "exclude names column(s) ['x9'] not in the header"),
+        (("a",), {"label": "y", "features": ["y", "x1"]}, "the label 'y' cannot also be a feature"),
+        (("a",), {"label": "y", "exclude": ["x1", "x2", "x3"]}, "no feature columns besides the label"),
     ],
 )
 def test_train_rejects_bad_input_with_a_clear_error(sets, inputs, params, message) -> None:

@@ -198,7 +198,8 @@ BUILTINS: dict[str, _Builtin] = {
         ("numpy", "pandas", "xgboost"),
         "Trains an XGBoost gradient-boosted tree model (classifier or regressor) on the union of all "
         "inputs: CSV files with the same header. Params: label (required), objective "
-        "(binary:logistic), rounds, max_depth, eta, seed. Outputs: model (XGBoost JSON model) and "
+        "(binary:logistic), rounds, max_depth, eta, seed, features or exclude (lists of column names; "
+        "default: every column but the label). Outputs: model (XGBoost JSON model) and "
         "report (JSON: rows per input, features, label balance). Deterministic for a given seed.",
         ("*",),
         ("model", "report"),

@@ -3,7 +3,9 @@
 Inputs: any number of CSV files with the same header (checked; a different header is an error
 naming the input). Params: ``label`` (required: the label column), ``objective``
 (default ``binary:logistic``; ``reg:*`` and ``count:poisson`` train a regressor), ``rounds`` (50),
-``max_depth`` (4), ``eta`` (0.3), ``seed`` (0). Every other column is a numeric feature.
+``max_depth`` (4), ``eta`` (0.3), ``seed`` (0), ``features`` (a list of column names: only these are
+features) or ``exclude`` (a list of column names that are not features, e.g. an id column); by default
+every column but the label is a numeric feature. A named column that is not in the header is an error.
 Outputs: ``model`` (the XGBoost JSON model) and ``report`` (JSON: rows per input, features, label
 balance). One thread and a fixed seed: the same inputs and params give the same model bytes.
 Runs in the sandbox; the sandbox zygote provides pandas and xgboost.
@@ -26,12 +28,22 @@ LIMITS = {"rounds": (1, 10000), "max_depth": (1, 32), "seed": (0, 2**31 - 1)}
 
 
 def _params(given: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(given) - {"label", *DEFAULTS})
+    unknown = sorted(set(given) - {"label", "features", "exclude", *DEFAULTS})
     if unknown:
         raise ValueError(f"gbdt-train: unknown parameter(s) {', '.join(unknown)}")
     label = given.get("label")
     if not isinstance(label, str) or not label:
         raise ValueError("gbdt-train: parameter 'label' (the label column's name) is required")
+    if "features" in given and "exclude" in given:
+        raise ValueError("gbdt-train: give either 'features' or 'exclude', not both")
+    for key in ("features", "exclude"):
+        names = given.get(key)
+        if key in given and (
+            not isinstance(names, list)
+            or not all(isinstance(n, str) and n for n in names)
+            or len(set(names)) != len(names)
+        ):
+            raise ValueError(f"gbdt-train: {key} must be a list of distinct column names, got {names!r}")
     p = {**DEFAULTS, **given}
     if p["objective"] not in OBJECTIVES:
         raise ValueError(f"gbdt-train: objective {p['objective']!r} is not one of {', '.join(OBJECTIVES)}")
@@ -69,6 +81,24 @@ def _read_inputs(pd: Any, inputs: Any) -> tuple[dict[str, Any], list[str]]:
     return frames, header
 
 
+def _features(p: dict[str, Any], header: list[str], label: str) -> list[str]:
+    """The feature columns: `features` as given, or the header less the label and `exclude`."""
+    named = p.get("features", p.get("exclude", []))
+    missing = [c for c in named if c not in header]
+    if missing:
+        key = "features" if "features" in p else "exclude"
+        raise ValueError(f"gbdt-train: {key} names column(s) {missing} not in the header {header}")
+    if "features" in p:
+        if label in named:
+            raise ValueError(f"gbdt-train: the label {label!r} cannot also be a feature")
+        features = list(named)
+    else:
+        features = [c for c in header if c != label and c not in named]
+    if not features:
+        raise ValueError("gbdt-train: no feature columns besides the label")
+    return features
+
+
 def run(ctx: Any) -> None:
     import pandas as pd  # only inside the sandbox child, never in the enclave process
     import xgboost as xgb
@@ -78,11 +108,9 @@ def run(ctx: Any) -> None:
     frames, header = _read_inputs(pd, ctx.inputs)
     if label not in header:
         raise ValueError(f"gbdt-train: label column {label!r} is not in the header {header}")
-    features = [c for c in header if c != label]
-    if not features:
-        raise ValueError("gbdt-train: no feature columns besides the label")
+    features = _features(p, header, label)
     data = pd.concat([frames[name] for name in sorted(frames)], ignore_index=True)
-    for column in header:
+    for column in [*features, label]:
         if not pd.api.types.is_numeric_dtype(data[column]):
             raise ValueError(f"gbdt-train: column {column!r} is not numeric")
     y = data[label].astype("float64")
