@@ -67,7 +67,6 @@ from .function_desc import (
     seal_function_source,
 )
 from .keys import Identity, PublicIdentity
-from .padding import check_pad, describe_pad
 from .task_fields import (
     APPROVAL_FORMAT,
     BUILTINS_DIR,
@@ -144,13 +143,9 @@ class TaskOutput:
     name: str
     recipients: tuple[str, ...]  # fingerprints
     max_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
-    pad: str | int | None = None  # "pow2" or a bucket size: the host sees only the bucket (padding.py)
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "recipients": list(self.recipients), "max_bytes": self.max_bytes}
-        if self.pad is not None:
-            out["pad"] = self.pad
-        return out
+        return {"name": self.name, "recipients": list(self.recipients), "max_bytes": self.max_bytes}
 
 
 @dataclass(frozen=True)
@@ -180,12 +175,6 @@ class Manifest:
     inputs: tuple[TaskInput, ...]
     outputs: tuple[TaskOutput, ...]
     participants: tuple[Participant, ...]
-    error_max_bytes: int | None = None  # the approved cap of `_error`; None: DEFAULT_ERROR_MAX_BYTES
-
-    @property
-    def error_cap(self) -> int:
-        """How many bytes of a failed function's error text may leave (sealed to error_recipients)."""
-        return DEFAULT_ERROR_MAX_BYTES if self.error_max_bytes is None else self.error_max_bytes
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -203,7 +192,6 @@ class Manifest:
             "inputs": [i.to_json() for i in self.inputs],
             "outputs": [o.to_json() for o in self.outputs],
             "participants": [p.to_json() for p in self.participants],
-            **({} if self.error_max_bytes is None else {"error_max_bytes": self.error_max_bytes}),
         }
 
     @property
@@ -291,7 +279,6 @@ def parse_manifest(data: str | bytes | Mapping[str, Any], *, where: str = "manif
             "outputs",
             "participants",
         ),
-        optional=("error_max_bytes",),
         where=w,
     )
     if obj["format"] != TASK_FORMAT:
@@ -340,7 +327,7 @@ def parse_manifest(data: str | bytes | Mapping[str, Any], *, where: str = "manif
     for i, entry in enumerate(list_field(obj, "outputs", w, low=1, high=MAX_OUTPUTS)):
         ow = f"{w}: outputs[{i}]"
         e = as_object(entry, ow)
-        check_fields(e, required=("name", "recipients", "max_bytes"), optional=("pad",), where=ow)
+        check_fields(e, required=("name", "recipients", "max_bytes"), where=ow)
         name = _output_name(e["name"], ow)
         ow = f"{w}: output {name!r}"
         recipients = list_field(e, "recipients", ow, low=1, high=MAX_RECIPIENTS)
@@ -348,19 +335,9 @@ def parse_manifest(data: str | bytes | Mapping[str, Any], *, where: str = "manif
             fingerprint_value(r, f"{ow}: recipients")
         check_unique(recipients, "recipient", ow)
         outputs.append(
-            TaskOutput(
-                name,
-                tuple(recipients),
-                int_field(e, "max_bytes", ow, low=1, high=MAX_OUTPUT_BYTES),
-                check_pad(e["pad"], f"{ow}: pad") if "pad" in e else None,
-            )
+            TaskOutput(name, tuple(recipients), int_field(e, "max_bytes", ow, low=1, high=MAX_OUTPUT_BYTES))
         )
     check_unique([o.name for o in outputs], "output name", w)
-    error_max_bytes = (
-        int_field(obj, "error_max_bytes", w, low=0, high=MAX_ERROR_OUTPUT_BYTES)
-        if "error_max_bytes" in obj
-        else None
-    )
 
     participants = _participants(obj["participants"], w)
     known = {p.fingerprint for p in participants}
@@ -402,7 +379,6 @@ def parse_manifest(data: str | bytes | Mapping[str, Any], *, where: str = "manif
         inputs=tuple(inputs),
         outputs=tuple(outputs),
         participants=participants,
-        error_max_bytes=error_max_bytes,
     )
 
 
@@ -418,7 +394,6 @@ def build_manifest(
     confidential: bool = False,
     task_id: str | None = None,
     created_at: int | None = None,
-    error_max_bytes: int | None = None,
 ) -> Manifest:
     """Creator side: a manifest, checked by the same parser the enclave uses.
 
@@ -444,7 +419,6 @@ def build_manifest(
             o if isinstance(o, TaskOutput) else TaskOutput(o[0], tuple(o[1]), o[2]) for o in outputs
         ),
         participants=tuple(Participant(n, p.to_line(), p) for n, p in people.items()),
-        error_max_bytes=error_max_bytes,
     ).to_json()
     return parse_manifest(obj)
 
