@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/core.py
 	$(BIN)/python bench/attest.py
 	$(BIN)/python bench/platform_tasks.py
+	$(BIN)/python bench/cli.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench examples

@@ -27,7 +27,7 @@ DEFAULT_URL = "http://127.0.0.1:8470"
 def home() -> Home:
     from confide.client.local import Home
 
-    return Home(Path(os.environ.get("CONFIDE_HOME", Path.home() / ".confide")))
+    return Home.from_env()
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -118,15 +118,9 @@ def _client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _open_client(url: str, identity: Path, policy_path: Path | None, sim_root: Path | None) -> Client:
-    from confide.attest.anchors import load_trust_anchors, merge_anchors
     from confide.client.sdk import Client
-    from confide.enclave.keys import Identity
 
-    h = home()
-    anchors = h.anchors()
-    if sim_root is not None:
-        anchors = merge_anchors(anchors, load_trust_anchors(sim=[sim_root]))
-    return Client(url, Identity.load(identity), policy=h.policy(policy_path), anchors=anchors, say=_say)
+    return Client(url, identity, policy=policy_path, sim_root=sim_root, say=_say)
 
 
 def _say(message: str) -> None:

@@ -15,7 +15,7 @@ from confide.attest import Claims, TrustAnchors, verify_evidence
 from confide.attest.anchors import default_anchors, load_trust_anchors, merge_anchors
 from confide.client.policy import Policy, evaluate
 from confide.enclave.encoding import b64d, b64e
-from confide.enclave.errors import ConfideError, EvidenceError, IntegrityError
+from confide.enclave.errors import EvidenceError, IntegrityError
 from confide.enclave.keys import Identity, PublicIdentity
 from confide.enclave.request import (
     InputGrant,
@@ -38,6 +38,14 @@ class Home:
     """A Confide installation directory ($CONFIDE_HOME, default ~/.confide)."""
 
     root: Path
+
+    @classmethod
+    def from_env(cls, root: str | os.PathLike[str] | None = None) -> Home:
+        """`root`, else $CONFIDE_HOME, else ~/.confide."""
+        if root is not None:
+            return cls(Path(root))
+        env = os.environ.get("CONFIDE_HOME")
+        return cls(Path(env) if env else Path.home() / ".confide")
 
     @property
     def platform_dir(self) -> Path:

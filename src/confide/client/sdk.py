@@ -35,6 +35,7 @@ from confide.enclave.keys import Identity, PublicIdentity
 from confide.enclave.sealed_file import encrypt_stream, open_reader, write_atomically
 
 TERMINAL_STATES = ("succeeded", "failed")
+DEFAULT_URL = "http://127.0.0.1:8470"
 DEFAULT_MAX_OUTPUT = 64 << 20
 LONG_POLL_S = 20.0
 Say = Callable[[str], None]
@@ -78,20 +79,54 @@ class Client:
     def __init__(
         self,
         url: str,
-        identity: Identity,
+        identity: Identity | str | os.PathLike[str],
         *,
-        policy: Policy,
-        anchors: TrustAnchors,
+        policy: Policy | str | os.PathLike[str] | None = None,
+        anchors: TrustAnchors | None = None,
+        sim_root: str | os.PathLike[str] | None = None,
+        home: str | os.PathLike[str] | None = None,
         say: Say | None = None,
         timeout: float = 60.0,
     ) -> None:
-        self.identity = identity
-        self.policy = policy
-        self.anchors = anchors
+        """`identity`: an `Identity` or the path of your key file (`confide keygen`). `policy`: a
+        `Policy`, a policy file, or None for `$CONFIDE_HOME/policy.toml` (the production defaults when
+        there is none). `anchors`: trust anchors (default: the vendor roots shipped with Confide and
+        this home's simulated root), plus `sim_root`, a simulated platform's `vendor_root.crt` to trust
+        (development only). `home`: the Confide directory (default `$CONFIDE_HOME` or ~/.confide)."""
+        from confide.client.local import Home
+
+        here = Home.from_env(home)
+        self.home = here
+        self.identity = identity if isinstance(identity, Identity) else Identity.load(Path(identity))
+        self.policy = policy if isinstance(policy, Policy) else here.policy(Path(policy) if policy else None)
+        self.anchors = anchors if anchors is not None else here.anchors()
+        if sim_root is not None:
+            from confide.attest.anchors import load_trust_anchors, merge_anchors
+
+            self.anchors = merge_anchors(self.anchors, load_trust_anchors(sim=[Path(sim_root)]))
         self.say: Say = say or (lambda _msg: None)
-        self.api = Transport(url, identity, timeout=timeout)
+        self.api = Transport(url, self.identity, timeout=timeout)
         self._service: ServiceKey | None = None
         self._parties: dict[str, tuple[str, PublicIdentity]] = {}
+
+    @classmethod
+    def from_env(cls, *, say: Say | None = None, timeout: float = 60.0) -> Client:
+        """A client configured like the CLI: CONFIDE_URL (default http://127.0.0.1:8470),
+        CONFIDE_IDENTITY (required), CONFIDE_POLICY, CONFIDE_SIM_ROOT, CONFIDE_HOME."""
+        identity = os.environ.get("CONFIDE_IDENTITY")
+        if not identity:
+            raise ConfideError(
+                "no identity: set CONFIDE_IDENTITY to your key file (confide keygen NAME)",
+                where="CONFIDE_IDENTITY",
+            )
+        return cls(
+            os.environ.get("CONFIDE_URL") or DEFAULT_URL,
+            identity,
+            policy=os.environ.get("CONFIDE_POLICY") or None,
+            sim_root=os.environ.get("CONFIDE_SIM_ROOT") or None,
+            say=say,
+            timeout=timeout,
+        )
 
     def close(self) -> None:
         self.api.close()
