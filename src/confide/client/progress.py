@@ -6,8 +6,6 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-
 THRESHOLD_BYTES = 8 << 20
 
 
@@ -19,7 +17,8 @@ def byte_progress(
     if not force and (total < THRESHOLD_BYTES or not sys.stderr.isatty()):
         yield None
         return
-    from rich.console import Console
+    from rich.console import Console  # imported only when a bar is shown (start-up time)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
     with Progress(
         "[progress.description]{task.description}",
