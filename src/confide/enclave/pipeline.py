@@ -6,7 +6,8 @@
 - ``OutputFile``: a declared output, sealed to its recipients as the function writes it, capped,
   written under a temporary name and published only on success;
 - ``run_sandboxed``: the function's working memory reserved, limits set, one sandboxed run;
-- ``write_error_output``: a failed function's own error text, sealed (it may carry data).
+- ``write_error_output``: a failed function's own error text, sealed (it may carry data), cut to
+  the approved cap and padded to it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .config import EnclaveConfig
 from .errors import EnclaveError, IntegrityError
 from .keys import PublicIdentity
 from .memory import MemoryBudget
+from .padding import PAD_FORMAT, TRAILER, padded_size, trailer
 from .sandbox import RunResult, SandboxLimits, Zygote, make_input_memfd
 from .sealed_file import SealedReader, SealedWriter, create_partial
 
@@ -110,7 +112,8 @@ def open_input(
         reader = SealedReader(src, where=where)
         if header_sha256 is not None and reader.header.digest.hex() != header_sha256:
             raise IntegrityError(
-                "input file is not the file the client approved (header digest mismatch)", where=where
+                "input file is not the file the client approved (header digest mismatch)",
+                where=where,
             )
         reader.unlock(data_key=data_key)
         reserved = budget.reserve(reader.plaintext_size, f"input {name!r}")
@@ -150,7 +153,10 @@ class _HashingFile:
 
 
 class OutputFile:
-    """A declared output: sealed to its recipients as the function writes it; published only on success."""
+    """A declared output: sealed to its recipients as the function writes it; published only on success.
+
+    With `pad` ("pow2", a bucket size, or "fixed" with `max_bytes`) the plaintext is padded to its
+    bucket before the file is closed, the true length in an encrypted trailer (see padding.py)."""
 
     def __init__(
         self,
@@ -159,25 +165,49 @@ class OutputFile:
         metadata: Mapping[str, str],
         *,
         max_bytes: int | None = None,
+        pad: str | int | None = None,
     ) -> None:
+        if pad == "fixed" and max_bytes is None:
+            raise ValueError("fixed padding needs max_bytes")
         self.path = path
         self.max_bytes = max_bytes
+        self.pad = pad
+        self.data_size = 0
+        if pad is not None:
+            metadata = {**metadata, "pad": PAD_FORMAT}
         self.tmp, self.fh = create_partial(path)
         self.hashing = _HashingFile(self.fh)
-        self.writer = SealedWriter(self.hashing, recipients=recipients, metadata=metadata)  # type: ignore[arg-type]
+        self.writer = SealedWriter(
+            self.hashing, recipients=recipients, metadata=metadata
+        )  # type: ignore[arg-type]
 
     @property
     def size(self) -> int:
-        """Plaintext bytes written so far."""
+        """Plaintext bytes written so far (after `publish`, with the padding: what the host sees)."""
         return self.writer.plaintext_bytes
 
     def write(self, data: bytes) -> None:
         if self.max_bytes is not None and self.size + len(data) > self.max_bytes:
-            raise OutputLimitExceeded(f"output exceeded its {self.max_bytes}-byte cap", where=str(self.path))
+            raise OutputLimitExceeded(
+                f"output exceeded its {self.max_bytes}-byte cap", where=str(self.path)
+            )
         self.writer.write(data)
 
     def publish(self) -> str:
-        """Finish, rename into place; returns the SHA-256 of the sealed file."""
+        """Pad (if asked), finish, rename into place; returns the SHA-256 of the sealed file."""
+        self.data_size = n = self.writer.plaintext_bytes
+        if self.pad is not None:
+            if self.pad == "fixed":
+                assert self.max_bytes is not None
+                total = self.max_bytes + TRAILER
+            else:
+                total = padded_size(n, self.pad)
+            zeros = total - n - TRAILER
+            block = bytes(min(_BLOCK, zeros))
+            while zeros > 0:  # in blocks: a bucket may be tens of MiB
+                self.writer.write(block[: min(_BLOCK, zeros)])
+                zeros -= min(_BLOCK, zeros)
+            self.writer.write(trailer(n))
         self.writer.close()
         self.fh.close()
         os.replace(self.tmp, self.path)
@@ -188,14 +218,37 @@ class OutputFile:
         self.tmp.unlink(missing_ok=True)
 
 
+def error_text(result: RunResult, max_bytes: int | None) -> bytes:
+    """The error report, cut to `max_bytes` (UTF-8 safe, with a note of how much was cut)."""
+    text = f"category: {result.category}\n\n{result.detail}".encode()
+    if max_bytes is None or len(text) <= max_bytes:
+        return text
+    note = f"\n[error text cut to the approved {max_bytes}-byte cap; it had {len(text)} bytes]".encode()
+    keep = max(0, max_bytes - len(note))
+    return (text[:keep].decode("utf-8", "ignore").encode() + note)[:max_bytes]
+
+
 def write_error_output(
-    path: Path, recipients: Sequence[PublicIdentity], metadata: Mapping[str, str], result: RunResult
+    path: Path,
+    recipients: Sequence[PublicIdentity],
+    metadata: Mapping[str, str],
+    result: RunResult,
+    *,
+    max_bytes: int | None = None,
 ) -> tuple[str, int]:
-    """The function's own error text may carry data: sealed to the given recipients only.
-    Returns (SHA-256 of the sealed file, plaintext size)."""
-    out = OutputFile(path, recipients, metadata)
+    """The function's own error text may carry data: sealed to the given recipients only. With
+    `max_bytes` (the cap the owners approved) the text is cut to it and padded to exactly that size,
+    so the host learns neither the text nor its length. Returns (SHA-256 of the sealed file, size
+    the host sees)."""
+    out = OutputFile(
+        path,
+        recipients,
+        metadata,
+        max_bytes=max_bytes,
+        pad=None if max_bytes is None else "fixed",
+    )
     try:
-        out.write(f"category: {result.category}\n\n{result.detail}".encode())
+        out.write(error_text(result, max_bytes))
         return out.publish(), out.size
     except BaseException:
         out.discard()
@@ -229,7 +282,13 @@ def run_sandboxed(
             max_output_bytes=min(config.max_output_mib << 20, max_output_bytes),
         )
         try:
-            return zygote.run(source, params=params, inputs=inputs, outputs=dict(outputs), limits=limits)
+            return zygote.run(
+                source,
+                params=params,
+                inputs=inputs,
+                outputs=dict(outputs),
+                limits=limits,
+            )
         except OutputLimitExceeded as exc:
             return RunResult(False, "output-limit", str(exc), None, None, 0.0)
     finally:

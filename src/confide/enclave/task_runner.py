@@ -19,7 +19,10 @@ Then each input is decrypted into a sealed memfd while its bytes are hashed agai
 after step 7 is caught), the function runs in the sandbox, and the outputs, sealed to exactly the
 manifest's recipients, are published under the host's paths only on success. A failed function
 gives an ``ok: false`` receipt with the sandbox's category; its own error text is sealed to the
-creator and every recipient as the ``_error`` output, if the host gave a path for it.
+creator and every recipient as the ``_error`` output, if the host gave a path for it, cut to the
+manifest's ``error_max_bytes`` (default 4 KiB) and padded to exactly that size. An output approved
+with ``pad`` is padded to its bucket before sealing (the receipt's ``size`` is the bucket). The
+receipt signs the audit head the host passed (``audit_head``), or null when it passed none.
 """
 
 from __future__ import annotations
@@ -49,12 +52,19 @@ from .manifest import (
     open_dataset_key,
     open_function_source,
     parse_approval,
+    parse_audit_head,
     parse_dataset_key,
     parse_manifest,
     verify_approval,
 )
 from .memory import MemoryBudget
-from .pipeline import OutputFile, input_sha256, open_input, run_sandboxed, write_error_output
+from .pipeline import (
+    OutputFile,
+    input_sha256,
+    open_input,
+    run_sandboxed,
+    write_error_output,
+)
 from .sandbox import Zygote
 from .service import ServiceState
 
@@ -98,11 +108,20 @@ class TaskRunner:
         self.zygote = zygote
         self.budget = budget
         self.config = config
+        self._audit_head: dict[str, Any] | None = None
 
     def run(self, args: dict[str, Any]) -> dict[str, Any]:
-        service = self.service.require()  # without a service key there is nobody to sign a receipt
+        service = (
+            self.service.require()
+        )  # without a service key there is nobody to sign a receipt
         started = int(time.time())
         manifest: Manifest | None = None
+        # the platform's audit head as the host states it: signed into the receipt, so a chain the
+        # platform later shows without this event proves a rewrite (PROTOCOL.md section 7)
+        head = args.get("audit_head")
+        self._audit_head = (
+            None if head is None else parse_audit_head(head, "task call: audit_head")
+        )
         try:
             with _step("manifest"):
                 manifest = parse_manifest(args["manifest"])
@@ -117,15 +136,26 @@ class TaskRunner:
                 outputs=[],
                 error={"check": exc.check, "message": exc.message},
             )
-            return {"ok": False, "category": "refused", "receipt": b64e(receipt), "outputs": {}}
+            return {
+                "ok": False,
+                "category": "refused",
+                "receipt": b64e(receipt),
+                "outputs": {},
+            }
 
     # -- checks before any key is unwrapped -------------------------------------------------------
-    def _check(self, m: Manifest, args: dict[str, Any], service: Identity) -> tuple[str, dict[str, bytes]]:
+    def _check(
+        self, m: Manifest, args: dict[str, Any], service: Identity
+    ) -> tuple[str, dict[str, bytes]]:
         task = f"task {m.task_id}"
         with _step("approval"):
             approved: set[str] = set()
             for i, raw in enumerate(args["approvals"]):
-                approved.add(verify_approval(parse_approval(raw, where=f"approval #{i + 1}"), m).party)
+                approved.add(
+                    verify_approval(
+                        parse_approval(raw, where=f"approval #{i + 1}"), m
+                    ).party
+                )
         with _step("manifest"):
             if m.service != service.fingerprint:
                 raise IntegrityError(
@@ -141,11 +171,14 @@ class TaskRunner:
             given = set(args["outputs"]) - {ERROR_OUTPUT}
             if given != names:
                 raise FormatError(
-                    f"host's outputs {sorted(given)} differ from the manifest's {sorted(names)}", where=task
+                    f"host's outputs {sorted(given)} differ from the manifest's {sorted(names)}",
+                    where=task,
                 )
         with _step("approval"):
             for inp in m.inputs:
-                owner = envelopes[inp.name].owner  # == the manifest's owner (checked above)
+                owner = envelopes[
+                    inp.name
+                ].owner  # == the manifest's owner (checked above)
                 if owner not in approved:
                     raise IntegrityError(
                         f"no approval by {m.name_of(owner)}, the owner of input {inp.name!r} "
@@ -155,7 +188,8 @@ class TaskRunner:
             fn = m.function
             if fn.owner and fn.owner not in approved:
                 raise IntegrityError(
-                    f"no approval by {m.name_of(fn.owner)}, the owner of function {fn.name!r}", where=task
+                    f"no approval by {m.name_of(fn.owner)}, the owner of function {fn.name!r}",
+                    where=task,
                 )
         with _step("input"):
             for inp in m.inputs:
@@ -183,7 +217,9 @@ class TaskRunner:
         where = f"function {fn.name!r} ({m.function_digest})"
         if fn.kind == "builtin":
             if given is not None:
-                raise FormatError("the host passed a source for a built-in function", where=where)
+                raise FormatError(
+                    "the host passed a source for a built-in function", where=where
+                )
             if fn != builtin_descriptor(fn.name):
                 raise IntegrityError(
                     f"built-in {fn.name!r} version {fn.version} is not this enclave build's "
@@ -191,16 +227,22 @@ class TaskRunner:
                     where=where,
                 )
             return builtin_source(fn.name)
-        if not isinstance(given, dict) or len(given) != 1 or not set(given) <= {"clear", "sealed"}:
+        if (
+            not isinstance(given, dict)
+            or len(given) != 1
+            or not set(given) <= {"clear", "sealed"}
+        ):
             raise FormatError(
-                'the host must pass function_source as {"clear": source} or {"sealed": base64}', where=where
+                'the host must pass function_source as {"clear": source} or {"sealed": base64}',
+                where=where,
             )
         if "sealed" in given:
             sealed = b64d(given["sealed"], field="function_source.sealed", where=where)
             return open_function_source(sealed, descriptor=fn, service=service)
         if m.confidential:
             raise IntegrityError(
-                "the function is confidential: its source must come sealed to the service", where=where
+                "the function is confidential: its source must come sealed to the service",
+                where=where,
             )
         clear = given["clear"]
         if not isinstance(clear, str):
@@ -260,6 +302,7 @@ class TaskRunner:
                         [m.participant(r).identity for r in o.recipients],
                         {**metadata, "output": o.name},
                         max_bytes=o.max_bytes,
+                        pad=o.pad,
                     )
             with _step("run"):
                 result = run_sandboxed(
@@ -278,23 +321,41 @@ class TaskRunner:
                 with _step("output"):
                     for o in m.outputs:
                         out = outputs.pop(o.name)
-                        published.append({"name": o.name, "sha256": out.publish(), "size": out.size})
+                        published.append(
+                            {"name": o.name, "sha256": out.publish(), "size": out.size}
+                        )
             else:
-                error = {"check": "run", "message": f"the function failed ({result.category})"}
+                error = {
+                    "check": "run",
+                    "message": f"the function failed ({result.category})",
+                }
                 path = args["outputs"].get(ERROR_OUTPUT)
                 if path:
                     with _step("output"):
-                        recipients = [m.participant(fp).identity for fp in m.error_recipients()]
+                        recipients = [
+                            m.participant(fp).identity for fp in m.error_recipients()
+                        ]
                         sha, size = write_error_output(
-                            Path(path), recipients, {**metadata, "output": ERROR_OUTPUT}, result
+                            Path(path),
+                            recipients,
+                            {**metadata, "output": ERROR_OUTPUT},
+                            result,
+                            max_bytes=m.error_cap,
                         )
-                    published.append({"name": ERROR_OUTPUT, "sha256": sha, "size": size})
-            receipt = self._receipt(service, m, args["manifest"], started, outputs=published, error=error)
+                    published.append(
+                        {"name": ERROR_OUTPUT, "sha256": sha, "size": size}
+                    )
+            receipt = self._receipt(
+                service, m, args["manifest"], started, outputs=published, error=error
+            )
             return {
                 "ok": result.ok,
                 "category": result.category,
                 "receipt": b64e(receipt),
-                "outputs": {p["name"]: {"sha256": p["sha256"], "size": p["size"]} for p in published},
+                "outputs": {
+                    p["name"]: {"sha256": p["sha256"], "size": p["size"]}
+                    for p in published
+                },
             }
         finally:
             for out in outputs.values():
@@ -330,4 +391,5 @@ class TaskRunner:
             started_at=started,
             ended_at=int(time.time()),
             error=error,
+            audit_head=self._audit_head,
         )
