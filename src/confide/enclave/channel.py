@@ -38,9 +38,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     while got < n:
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
-            raise ChannelClosed(
-                "channel closed" if got == 0 else "channel closed inside a frame"
-            )
+            raise ChannelClosed("channel closed" if got == 0 else "channel closed inside a frame")
         got += k
     return bytes(buf)
 
@@ -56,13 +54,8 @@ def _discard(sock: socket.socket, n: int) -> None:
 def read_frame(sock: socket.socket, max_bytes: int) -> bytes:
     (length,) = HEADER.unpack(_recv_exact(sock, HEADER.size))
     if length > max_bytes:
-        _discard(
-            sock, length
-        )  # keep the stream in step; never buffer the oversized payload
-        raise FrameTooLarge(
-            f"frame of {length} bytes exceeds the {max_bytes}-byte limit",
-            where="channel",
-        )
+        _discard(sock, length)  # keep the stream in step; never buffer the oversized payload
+        raise FrameTooLarge(f"frame of {length} bytes exceeds the {max_bytes}-byte limit", where="channel")
     return _recv_exact(sock, length)
 
 
@@ -88,54 +81,31 @@ class CallSpec:
 
 CALLS: dict[str, CallSpec] = {
     "ping": CallSpec({}, {}, "liveness; measures the round trip"),
-    "info": CallSpec(
-        {}, {}, "measurement, backend, enclave public keys, sandbox layers"
-    ),
+    "info": CallSpec({}, {}, "measurement, backend, enclave public keys, sandbox layers"),
     "evidence": CallSpec(
-        {"nonce": str},
-        {},
-        "evidence binding the enclave keys and a verifier's nonce (hex)",
+        {"nonce": str}, {}, "evidence binding the enclave keys and a verifier's nonce (hex)"
     ),
     "run": CallSpec(
         {"request": str, "inputs": dict, "outputs": dict},
-        {
-            "source": str,
-            "error_report": str,
-        },  # no "source": the code travels sealed in the request
+        {"source": str, "error_report": str},  # no "source": the code travels sealed in the request
         "run a function on sealed inputs; outputs sealed to the recipients the client approved",
     ),
     "service_info": CallSpec(
-        {},
-        {},
-        "whether this worker holds the service key; its line and boot evidence hash",
+        {}, {}, "whether this worker holds the service key; its line and boot evidence hash"
     ),
     "service_init": CallSpec({}, {}, "create the service identity (first worker only)"),
     "service_evidence": CallSpec(
-        {"nonce": str},
-        {},
-        "evidence binding the service key and a verifier's nonce (hex, may be empty)",
+        {"nonce": str}, {}, "evidence binding the service key and a verifier's nonce (hex, may be empty)"
     ),
-    "provision_offer": CallSpec(
-        {}, {}, "new worker: a fresh ephemeral key and evidence binding it"
-    ),
+    "provision_offer": CallSpec({}, {}, "new worker: a fresh ephemeral key and evidence binding it"),
     "provision_grant": CallSpec(
-        {"offer": str, "evidence": str},
-        {},
-        "provisioned worker: the service key sealed to an attested peer",
+        {"offer": str, "evidence": str}, {}, "provisioned worker: the service key sealed to an attested peer"
     ),
     "provision_accept": CallSpec(
-        {"grant": str, "evidence": str},
-        {},
-        "new worker: check the granter's evidence, keep the service key",
+        {"grant": str, "evidence": str}, {}, "new worker: check the granter's evidence, keep the service key"
     ),
     "task": CallSpec(
-        {
-            "manifest": str,
-            "approvals": list,
-            "dataset_keys": dict,
-            "inputs": dict,
-            "outputs": dict,
-        },
+        {"manifest": str, "approvals": list, "dataset_keys": dict, "inputs": dict, "outputs": dict},
         {"function_source": dict, "audit_head": dict},
         "run a multi-party task: consent checked in the enclave, outputs sealed to the manifest's recipients",
     ),
@@ -162,8 +132,7 @@ def parse_call(frame: bytes) -> Call:
     spec = CALLS.get(name)
     if spec is None:
         raise FormatError(
-            f"unknown enclave call {name[:MAX_NAME_LEN]!r} (known: {', '.join(CALLS)})",
-            where="enclave call",
+            f"unknown enclave call {name[:MAX_NAME_LEN]!r} (known: {', '.join(CALLS)})", where="enclave call"
         )
     where = f"enclave call {name!r}"
     args = get_typed(obj, "args", dict, where=where)
@@ -171,16 +140,11 @@ def parse_call(frame: bytes) -> Call:
     for key, kind in {**spec.required, **spec.optional}.items():
         if key in args:
             get_typed(args, key, kind, where=where)
-    if (
-        name in ("evidence", "service_evidence")
-        and len(args["nonce"]) > 2 * MAX_NONCE_LEN
-    ):
+    if name in ("evidence", "service_evidence") and len(args["nonce"]) > 2 * MAX_NONCE_LEN:
         raise FormatError(f"nonce longer than {MAX_NONCE_LEN} bytes", where=where)
     if name == "run":
         if len(args.get("source", "")) > MAX_SOURCE_LEN:
-            raise FormatError(
-                f"function source longer than {MAX_SOURCE_LEN} bytes", where=where
-            )
+            raise FormatError(f"function source longer than {MAX_SOURCE_LEN} bytes", where=where)
         for table in ("inputs", "outputs"):
             _check_path_table(args[table], f"{where}: {table}")
         if "error_report" in args:
@@ -188,14 +152,10 @@ def parse_call(frame: bytes) -> Call:
     if name in ("provision_grant", "provision_accept"):
         for key, value in args.items():
             if len(value) > MAX_EVIDENCE_LEN:
-                raise FormatError(
-                    f"{key} longer than {MAX_EVIDENCE_LEN} characters", where=where
-                )
+                raise FormatError(f"{key} longer than {MAX_EVIDENCE_LEN} characters", where=where)
     if name == "task":
         if len(args["manifest"]) > MAX_MANIFEST_LEN:
-            raise FormatError(
-                f"manifest longer than {MAX_MANIFEST_LEN} characters", where=where
-            )
+            raise FormatError(f"manifest longer than {MAX_MANIFEST_LEN} characters", where=where)
         for key in ("approvals", "dataset_keys"):
             if len(args[key]) > MAX_TASK_ENTRIES:
                 raise FormatError(f"more than {MAX_TASK_ENTRIES} {key}", where=where)
@@ -215,8 +175,7 @@ def _check_path_table(table: dict[str, Any], where: str) -> None:
     for name, path in table.items():
         if not name.isidentifier() or len(name) > MAX_NAME_LEN:
             raise FormatError(
-                f"name {name[:MAX_NAME_LEN]!r} must be an identifier of at most 64 characters",
-                where=where,
+                f"name {name[:MAX_NAME_LEN]!r} must be an identifier of at most 64 characters", where=where
             )
         if not isinstance(path, str):
             raise FormatError(f"path of {name!r} must be a string", where=where)

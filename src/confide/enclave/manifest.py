@@ -147,9 +147,7 @@ class TaskOutput:
     name: str
     recipients: tuple[str, ...]  # fingerprints
     max_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
-    pad: str | int | None = (
-        None  # "pow2" or a bucket size: the host sees only the bucket (padding.py)
-    )
+    pad: str | int | None = None  # "pow2" or a bucket size: the host sees only the bucket (padding.py)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -189,18 +187,12 @@ class Manifest:
     inputs: tuple[TaskInput, ...]
     outputs: tuple[TaskOutput, ...]
     participants: tuple[Participant, ...]
-    error_max_bytes: int | None = (
-        None  # the approved cap of `_error`; None: DEFAULT_ERROR_MAX_BYTES
-    )
+    error_max_bytes: int | None = None  # the approved cap of `_error`; None: DEFAULT_ERROR_MAX_BYTES
 
     @property
     def error_cap(self) -> int:
         """How many bytes of a failed function's error text may leave (sealed to error_recipients)."""
-        return (
-            DEFAULT_ERROR_MAX_BYTES
-            if self.error_max_bytes is None
-            else self.error_max_bytes
-        )
+        return DEFAULT_ERROR_MAX_BYTES if self.error_max_bytes is None else self.error_max_bytes
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -218,11 +210,7 @@ class Manifest:
             "inputs": [i.to_json() for i in self.inputs],
             "outputs": [o.to_json() for o in self.outputs],
             "participants": [p.to_json() for p in self.participants],
-            **(
-                {}
-                if self.error_max_bytes is None
-                else {"error_max_bytes": self.error_max_bytes}
-            ),
+            **({} if self.error_max_bytes is None else {"error_max_bytes": self.error_max_bytes}),
         }
 
     @property
@@ -238,10 +226,7 @@ class Manifest:
         for p in self.participants:
             if p.fingerprint == fingerprint:
                 return p
-        raise IntegrityError(
-            f"{fingerprint} is not a participant of task {self.task_id}",
-            where="manifest",
-        )
+        raise IntegrityError(f"{fingerprint} is not a participant of task {self.task_id}", where="manifest")
 
     def name_of(self, fingerprint: str) -> str:
         """'name (fp)' for messages."""
@@ -254,24 +239,18 @@ class Manifest:
         for i in self.inputs:
             if i.name == name:
                 return i
-        raise FormatError(
-            f"no input named {name!r}", where=f"manifest of task {self.task_id}"
-        )
+        raise FormatError(f"no input named {name!r}", where=f"manifest of task {self.task_id}")
 
     def output(self, name: str) -> TaskOutput:
         for o in self.outputs:
             if o.name == name:
                 return o
-        raise FormatError(
-            f"no output named {name!r}", where=f"manifest of task {self.task_id}"
-        )
+        raise FormatError(f"no output named {name!r}", where=f"manifest of task {self.task_id}")
 
     def required_approvals(self) -> tuple[str, ...]:
         """Whose approvals the enclave requires: each input's owner, and the function's owner."""
         fps: list[str] = []
-        for fp in [i.owner for i in self.inputs] + (
-            [self.function.owner] if self.function.owner else []
-        ):
+        for fp in [i.owner for i in self.inputs] + ([self.function.owner] if self.function.owner else []):
             if fp not in fps:
                 fps.append(fp)
         return tuple(fps)
@@ -286,9 +265,7 @@ class Manifest:
 
 def _participants(value: Any, where: str) -> tuple[Participant, ...]:
     if not isinstance(value, list) or not 1 <= len(value) <= MAX_PARTICIPANTS:
-        raise FormatError(
-            f"participants must be a list of 1..{MAX_PARTICIPANTS} entries", where=where
-        )
+        raise FormatError(f"participants must be a list of 1..{MAX_PARTICIPANTS} entries", where=where)
     out: list[Participant] = []
     for i, entry in enumerate(value):
         pw = f"{where}: participants[{i}]"
@@ -296,19 +273,13 @@ def _participants(value: Any, where: str) -> tuple[Participant, ...]:
         check_fields(e, required=("name", "identity"), where=pw)
         name = identifier(e["name"], "participant name", pw)
         line = text_field(e, "identity", pw, max_len=MAX_IDENTITY_LINE_LEN)
-        out.append(
-            Participant(
-                name, line, PublicIdentity.from_line(line, where=f"{pw} ({name})")
-            )
-        )
+        out.append(Participant(name, line, PublicIdentity.from_line(line, where=f"{pw} ({name})")))
     check_unique([p.name for p in out], "participant name", where)
     check_unique([p.fingerprint for p in out], "participant fingerprint", where)
     return tuple(out)
 
 
-def parse_manifest(
-    data: str | bytes | Mapping[str, Any], *, where: str = "manifest"
-) -> Manifest:
+def parse_manifest(data: str | bytes | Mapping[str, Any], *, where: str = "manifest") -> Manifest:
     """Strictly parse a task manifest and check every rule of PROTOCOL.md section 5 that needs no
     context (the service check needs the enclave's own key: compare ``manifest.service``)."""
     w = where
@@ -331,9 +302,7 @@ def parse_manifest(
         where=w,
     )
     if obj["format"] != TASK_FORMAT:
-        raise FormatError(
-            f"unknown manifest format {str(obj['format'])[:80]!r}", where=w
-        )
+        raise FormatError(f"unknown manifest format {str(obj['format'])[:80]!r}", where=w)
     task_id = hex_field(obj, "task_id", HEX32_RE, w)
     w = f"{where} of task {task_id}" if where == "manifest" else f"{where}: manifest"
     service = fingerprint_field(obj, "service", w)
@@ -343,9 +312,7 @@ def parse_manifest(
     fw = f"{w}: function"
     fn = as_object(obj["function"], fw)
     check_fields(fn, required=("descriptor", "digest", "confidential"), where=fw)
-    descriptor = parse_function_descriptor(
-        as_object(fn["descriptor"], f"{fw}.descriptor")
-    )
+    descriptor = parse_function_descriptor(as_object(fn["descriptor"], f"{fw}.descriptor"))
     digest = hex_field(fn, "digest", HEX64_RE, fw)
     if digest != descriptor.digest:
         raise IntegrityError(
@@ -354,9 +321,7 @@ def parse_manifest(
         )
     confidential = get_typed(fn, "confidential", bool, where=fw)
     if confidential and (descriptor.kind != "python" or not descriptor.owner):
-        raise FormatError(
-            "only a party's Python function with an owner can be confidential", where=fw
-        )
+        raise FormatError("only a party's Python function with an owner can be confidential", where=fw)
 
     params = params_value(obj["params"], f"{w}: params")
 
@@ -364,9 +329,7 @@ def parse_manifest(
     for i, entry in enumerate(list_field(obj, "inputs", w, low=0, high=MAX_INPUTS)):
         iw = f"{w}: inputs[{i}]"
         e = as_object(entry, iw)
-        check_fields(
-            e, required=("name", "dataset_id", "owner", "ciphertext_sha256"), where=iw
-        )
+        check_fields(e, required=("name", "dataset_id", "owner", "ciphertext_sha256"), where=iw)
         name = identifier(e["name"], "input name", iw)
         iw = f"{w}: input {name!r}"
         inputs.append(
@@ -384,9 +347,7 @@ def parse_manifest(
     for i, entry in enumerate(list_field(obj, "outputs", w, low=1, high=MAX_OUTPUTS)):
         ow = f"{w}: outputs[{i}]"
         e = as_object(entry, ow)
-        check_fields(
-            e, required=("name", "recipients", "max_bytes"), optional=("pad",), where=ow
-        )
+        check_fields(e, required=("name", "recipients", "max_bytes"), optional=("pad",), where=ow)
         name = _output_name(e["name"], ow)
         ow = f"{w}: output {name!r}"
         recipients = list_field(e, "recipients", ow, low=1, high=MAX_RECIPIENTS)
@@ -413,10 +374,7 @@ def parse_manifest(
 
     def named(fp: str, role: str) -> None:
         if fp not in known:
-            raise IntegrityError(
-                f"{role} {fp} is not among the participants (no public key for it)",
-                where=w,
-            )
+            raise IntegrityError(f"{role} {fp} is not among the participants (no public key for it)", where=w)
 
     named(creator, "creator")
     if descriptor.owner:
@@ -427,9 +385,7 @@ def parse_manifest(
         for r in out.recipients:
             named(r, f"recipient of output {out.name!r}")
 
-    if not descriptor.any_inputs and sorted(i.name for i in inputs) != sorted(
-        descriptor.inputs
-    ):
+    if not descriptor.any_inputs and sorted(i.name for i in inputs) != sorted(descriptor.inputs):
         raise FormatError(
             f"inputs {sorted(i.name for i in inputs)} differ from the inputs function "
             f"{descriptor.name!r} takes {sorted(descriptor.inputs)}",
@@ -476,15 +432,9 @@ def build_manifest(
     `service`, `creator`: public identities or fingerprints. `inputs`: TaskInput or
     (name, dataset_id, owner fp, ciphertext_sha256). `outputs`: TaskOutput or (name, recipient fps,
     max_bytes). `participants`: name -> public identity (or its line); fingerprints come from these."""
-    descriptor = (
-        function
-        if isinstance(function, FunctionDescriptor)
-        else parse_function_descriptor(function)
-    )
+    descriptor = function if isinstance(function, FunctionDescriptor) else parse_function_descriptor(function)
     people = {
-        n: p
-        if isinstance(p, PublicIdentity)
-        else PublicIdentity.from_line(p, where=f"participant {n!r}")
+        n: p if isinstance(p, PublicIdentity) else PublicIdentity.from_line(p, where=f"participant {n!r}")
         for n, p in participants.items()
     }
     obj = Manifest(
@@ -498,8 +448,7 @@ def build_manifest(
         params=dict(params or {}),
         inputs=tuple(i if isinstance(i, TaskInput) else TaskInput(*i) for i in inputs),
         outputs=tuple(
-            o if isinstance(o, TaskOutput) else TaskOutput(o[0], tuple(o[1]), o[2])
-            for o in outputs
+            o if isinstance(o, TaskOutput) else TaskOutput(o[0], tuple(o[1]), o[2]) for o in outputs
         ),
         participants=tuple(Participant(n, p.to_line(), p) for n, p in people.items()),
         error_max_bytes=error_max_bytes,
@@ -540,19 +489,11 @@ def sign_approval(identity: Identity, manifest: Manifest) -> dict[str, Any]:
     ).to_json()
 
 
-def parse_approval(
-    data: str | bytes | Mapping[str, Any], *, where: str = "approval"
-) -> Approval:
+def parse_approval(data: str | bytes | Mapping[str, Any], *, where: str = "approval") -> Approval:
     obj = load_object(data, MAX_APPROVAL_BYTES, where)
-    check_fields(
-        obj,
-        required=("format", "task_id", "manifest_sha256", "party", "signature"),
-        where=where,
-    )
+    check_fields(obj, required=("format", "task_id", "manifest_sha256", "party", "signature"), where=where)
     if obj["format"] != APPROVAL_FORMAT:
-        raise FormatError(
-            f"unknown approval format {str(obj['format'])[:80]!r}", where=where
-        )
+        raise FormatError(f"unknown approval format {str(obj['format'])[:80]!r}", where=where)
     return Approval(
         task_id=hex_field(obj, "task_id", HEX32_RE, where),
         manifest_sha256=hex_field(obj, "manifest_sha256", HEX64_RE, where),
@@ -561,9 +502,7 @@ def parse_approval(
     )
 
 
-def verify_approval(
-    approval: Approval | str | bytes | Mapping[str, Any], manifest: Manifest
-) -> Approval:
+def verify_approval(approval: Approval | str | bytes | Mapping[str, Any], manifest: Manifest) -> Approval:
     """The approval is by a participant, over this manifest's digest and task id, and its signature
     verifies under that participant's key (recomputed from the manifest's line)."""
     a = approval if isinstance(approval, Approval) else parse_approval(approval)
@@ -616,17 +555,10 @@ def make_task_receipt(
         "manifest_sha256": manifest_sha256,
         "function_digest": function_digest,
         "inputs": [
-            {
-                "name": i["name"],
-                "dataset_id": i["dataset_id"],
-                "ciphertext_sha256": i["ciphertext_sha256"],
-            }
+            {"name": i["name"], "dataset_id": i["dataset_id"], "ciphertext_sha256": i["ciphertext_sha256"]}
             for i in inputs
         ],
-        "outputs": [
-            {"name": o["name"], "sha256": o["sha256"], "size": o["size"]}
-            for o in outputs
-        ],
+        "outputs": [{"name": o["name"], "sha256": o["sha256"], "size": o["size"]} for o in outputs],
         "service": service.public.to_line(),
         "measurement": measurement,
         "backend": backend,
@@ -637,17 +569,12 @@ def make_task_receipt(
         "status": "ok" if error is None else "error",
         "error": None
         if error is None
-        else {
-            "check": error["check"],
-            "message": str(error["message"])[:MAX_ERROR_MESSAGE_LEN],
-        },
+        else {"check": error["check"], "message": str(error["message"])[:MAX_ERROR_MESSAGE_LEN]},
         "audit_head": None
         if audit_head is None
         else {"seq": int(audit_head["seq"]), "sha256": str(audit_head["sha256"])},
     }
-    return canonical_json(
-        {"body": body, "signature": b64e(service.sign(canonical_json(body)))}
-    )
+    return canonical_json({"body": body, "signature": b64e(service.sign(canonical_json(body)))})
 
 
 _RECEIPT_FIELDS = (
@@ -692,17 +619,10 @@ def verify_task_receipt(
     service_public.verify(signature, canonical_json(body), what=w)
     check_fields(body, required=_RECEIPT_FIELDS, where=w)
     if body["format"] != RECEIPT_FORMAT:
-        raise FormatError(
-            f"unknown receipt format {str(body['format'])[:80]!r}", where=w
-        )
+        raise FormatError(f"unknown receipt format {str(body['format'])[:80]!r}", where=w)
     named = PublicIdentity.from_line(get_typed(body, "service", str, where=w), where=w)
-    if (named.sign_pub, named.kem_pub) != (
-        service_public.sign_pub,
-        service_public.kem_pub,
-    ):
-        raise IntegrityError(
-            "receipt names another service key than the one that signed it", where=w
-        )
+    if (named.sign_pub, named.kem_pub) != (service_public.sign_pub, service_public.kem_pub):
+        raise IntegrityError("receipt names another service key than the one that signed it", where=w)
     for key in ("inputs", "outputs"):
         for entry in get_typed(body, key, list, where=w):
             as_object(entry, f"{w}: {key}")
@@ -715,9 +635,7 @@ def verify_task_receipt(
         err = as_object(error, f"{w}: error")
         check_fields(err, required=("check", "message"), where=f"{w}: error")
         if err["check"] not in RECEIPT_CHECKS:
-            raise FormatError(
-                f"unknown error check {str(err['check'])[:40]!r}", where=w
-            )
+            raise FormatError(f"unknown error check {str(err['check'])[:40]!r}", where=w)
     else:
         raise FormatError(f"unknown status {status[:40]!r}", where=w)
     if body["audit_head"] is not None:

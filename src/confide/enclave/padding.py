@@ -31,14 +31,8 @@ def check_pad(value: Any, where: str) -> str | int:
     """A manifest's ``pad`` value: ``"pow2"`` or a bucket size in bytes (16 .. 2^30)."""
     if value == "pow2":
         return "pow2"
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or not 16 <= value <= 1 << 30
-    ):
-        raise FormatError(
-            'pad must be "pow2" or a bucket size in bytes (16 .. 2^30)', where=where
-        )
+    if isinstance(value, bool) or not isinstance(value, int) or not 16 <= value <= 1 << 30:
+        raise FormatError('pad must be "pow2" or a bucket size in bytes (16 .. 2^30)', where=where)
     return value
 
 
@@ -73,14 +67,10 @@ def describe_pad(pad: str | int | None) -> str:
 
 def unpad_bytes(data: bytes, *, where: str) -> bytes:
     if len(data) < TRAILER:
-        raise IntegrityError(
-            "padded output shorter than its length trailer", where=where
-        )
+        raise IntegrityError("padded output shorter than its length trailer", where=where)
     n = _length(data[-TRAILER:], where)
     if n > len(data) - TRAILER or any(data[n:-TRAILER]):
-        raise IntegrityError(
-            "padded output has a bad length trailer or non-zero padding", where=where
-        )
+        raise IntegrityError("padded output has a bad length trailer or non-zero padding", where=where)
     return data[:n]
 
 
@@ -89,9 +79,7 @@ def unpad_file(path: Path, *, where: str) -> int:
     with open(path, "r+b") as fh:
         size = fh.seek(0, os.SEEK_END)
         if size < TRAILER:
-            raise IntegrityError(
-                "padded output shorter than its length trailer", where=where
-            )
+            raise IntegrityError("padded output shorter than its length trailer", where=where)
         fh.seek(size - TRAILER)
         n = _length(fh.read(TRAILER), where)
         if n > size - TRAILER:
@@ -103,9 +91,7 @@ def unpad_file(path: Path, *, where: str) -> int:
 
 def _length(raw: bytes, where: str) -> int:
     if len(raw) != TRAILER or not all(c in b"0123456789abcdef" for c in raw):
-        raise IntegrityError(
-            "padded output has a malformed length trailer", where=where
-        )
+        raise IntegrityError("padded output has a malformed length trailer", where=where)
     return int(raw, 16)
 
 

@@ -112,8 +112,7 @@ def open_input(
         reader = SealedReader(src, where=where)
         if header_sha256 is not None and reader.header.digest.hex() != header_sha256:
             raise IntegrityError(
-                "input file is not the file the client approved (header digest mismatch)",
-                where=where,
+                "input file is not the file the client approved (header digest mismatch)", where=where
             )
         reader.unlock(data_key=data_key)
         reserved = budget.reserve(reader.plaintext_size, f"input {name!r}")
@@ -177,9 +176,7 @@ class OutputFile:
             metadata = {**metadata, "pad": PAD_FORMAT}
         self.tmp, self.fh = create_partial(path)
         self.hashing = _HashingFile(self.fh)
-        self.writer = SealedWriter(
-            self.hashing, recipients=recipients, metadata=metadata
-        )  # type: ignore[arg-type]
+        self.writer = SealedWriter(self.hashing, recipients=recipients, metadata=metadata)  # type: ignore[arg-type]
 
     @property
     def size(self) -> int:
@@ -188,9 +185,7 @@ class OutputFile:
 
     def write(self, data: bytes) -> None:
         if self.max_bytes is not None and self.size + len(data) > self.max_bytes:
-            raise OutputLimitExceeded(
-                f"output exceeded its {self.max_bytes}-byte cap", where=str(self.path)
-            )
+            raise OutputLimitExceeded(f"output exceeded its {self.max_bytes}-byte cap", where=str(self.path))
         self.writer.write(data)
 
     def publish(self) -> str:
@@ -241,11 +236,7 @@ def write_error_output(
     so the host learns neither the text nor its length. Returns (SHA-256 of the sealed file, size
     the host sees)."""
     out = OutputFile(
-        path,
-        recipients,
-        metadata,
-        max_bytes=max_bytes,
-        pad=None if max_bytes is None else "fixed",
+        path, recipients, metadata, max_bytes=max_bytes, pad=None if max_bytes is None else "fixed"
     )
     try:
         out.write(error_text(result, max_bytes))
@@ -282,13 +273,7 @@ def run_sandboxed(
             max_output_bytes=min(config.max_output_mib << 20, max_output_bytes),
         )
         try:
-            return zygote.run(
-                source,
-                params=params,
-                inputs=inputs,
-                outputs=dict(outputs),
-                limits=limits,
-            )
+            return zygote.run(source, params=params, inputs=inputs, outputs=dict(outputs), limits=limits)
         except OutputLimitExceeded as exc:
             return RunResult(False, "output-limit", str(exc), None, None, 0.0)
     finally:

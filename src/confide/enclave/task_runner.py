@@ -58,13 +58,7 @@ from .manifest import (
     verify_approval,
 )
 from .memory import MemoryBudget
-from .pipeline import (
-    OutputFile,
-    input_sha256,
-    open_input,
-    run_sandboxed,
-    write_error_output,
-)
+from .pipeline import OutputFile, input_sha256, open_input, run_sandboxed, write_error_output
 from .sandbox import Zygote
 from .service import ServiceState
 
@@ -111,17 +105,13 @@ class TaskRunner:
         self._audit_head: dict[str, Any] | None = None
 
     def run(self, args: dict[str, Any]) -> dict[str, Any]:
-        service = (
-            self.service.require()
-        )  # without a service key there is nobody to sign a receipt
+        service = self.service.require()  # without a service key there is nobody to sign a receipt
         started = int(time.time())
         manifest: Manifest | None = None
         # the platform's audit head as the host states it: signed into the receipt, so a chain the
         # platform later shows without this event proves a rewrite (PROTOCOL.md section 7)
         head = args.get("audit_head")
-        self._audit_head = (
-            None if head is None else parse_audit_head(head, "task call: audit_head")
-        )
+        self._audit_head = None if head is None else parse_audit_head(head, "task call: audit_head")
         try:
             with _step("manifest"):
                 manifest = parse_manifest(args["manifest"])
@@ -136,26 +126,15 @@ class TaskRunner:
                 outputs=[],
                 error={"check": exc.check, "message": exc.message},
             )
-            return {
-                "ok": False,
-                "category": "refused",
-                "receipt": b64e(receipt),
-                "outputs": {},
-            }
+            return {"ok": False, "category": "refused", "receipt": b64e(receipt), "outputs": {}}
 
     # -- checks before any key is unwrapped -------------------------------------------------------
-    def _check(
-        self, m: Manifest, args: dict[str, Any], service: Identity
-    ) -> tuple[str, dict[str, bytes]]:
+    def _check(self, m: Manifest, args: dict[str, Any], service: Identity) -> tuple[str, dict[str, bytes]]:
         task = f"task {m.task_id}"
         with _step("approval"):
             approved: set[str] = set()
             for i, raw in enumerate(args["approvals"]):
-                approved.add(
-                    verify_approval(
-                        parse_approval(raw, where=f"approval #{i + 1}"), m
-                    ).party
-                )
+                approved.add(verify_approval(parse_approval(raw, where=f"approval #{i + 1}"), m).party)
         with _step("manifest"):
             if m.service != service.fingerprint:
                 raise IntegrityError(
@@ -171,14 +150,11 @@ class TaskRunner:
             given = set(args["outputs"]) - {ERROR_OUTPUT}
             if given != names:
                 raise FormatError(
-                    f"host's outputs {sorted(given)} differ from the manifest's {sorted(names)}",
-                    where=task,
+                    f"host's outputs {sorted(given)} differ from the manifest's {sorted(names)}", where=task
                 )
         with _step("approval"):
             for inp in m.inputs:
-                owner = envelopes[
-                    inp.name
-                ].owner  # == the manifest's owner (checked above)
+                owner = envelopes[inp.name].owner  # == the manifest's owner (checked above)
                 if owner not in approved:
                     raise IntegrityError(
                         f"no approval by {m.name_of(owner)}, the owner of input {inp.name!r} "
@@ -188,8 +164,7 @@ class TaskRunner:
             fn = m.function
             if fn.owner and fn.owner not in approved:
                 raise IntegrityError(
-                    f"no approval by {m.name_of(fn.owner)}, the owner of function {fn.name!r}",
-                    where=task,
+                    f"no approval by {m.name_of(fn.owner)}, the owner of function {fn.name!r}", where=task
                 )
         with _step("input"):
             for inp in m.inputs:
@@ -217,9 +192,7 @@ class TaskRunner:
         where = f"function {fn.name!r} ({m.function_digest})"
         if fn.kind == "builtin":
             if given is not None:
-                raise FormatError(
-                    "the host passed a source for a built-in function", where=where
-                )
+                raise FormatError("the host passed a source for a built-in function", where=where)
             if fn != builtin_descriptor(fn.name):
                 raise IntegrityError(
                     f"built-in {fn.name!r} version {fn.version} is not this enclave build's "
@@ -227,22 +200,16 @@ class TaskRunner:
                     where=where,
                 )
             return builtin_source(fn.name)
-        if (
-            not isinstance(given, dict)
-            or len(given) != 1
-            or not set(given) <= {"clear", "sealed"}
-        ):
+        if not isinstance(given, dict) or len(given) != 1 or not set(given) <= {"clear", "sealed"}:
             raise FormatError(
-                'the host must pass function_source as {"clear": source} or {"sealed": base64}',
-                where=where,
+                'the host must pass function_source as {"clear": source} or {"sealed": base64}', where=where
             )
         if "sealed" in given:
             sealed = b64d(given["sealed"], field="function_source.sealed", where=where)
             return open_function_source(sealed, descriptor=fn, service=service)
         if m.confidential:
             raise IntegrityError(
-                "the function is confidential: its source must come sealed to the service",
-                where=where,
+                "the function is confidential: its source must come sealed to the service", where=where
             )
         clear = given["clear"]
         if not isinstance(clear, str):
@@ -321,20 +288,13 @@ class TaskRunner:
                 with _step("output"):
                     for o in m.outputs:
                         out = outputs.pop(o.name)
-                        published.append(
-                            {"name": o.name, "sha256": out.publish(), "size": out.size}
-                        )
+                        published.append({"name": o.name, "sha256": out.publish(), "size": out.size})
             else:
-                error = {
-                    "check": "run",
-                    "message": f"the function failed ({result.category})",
-                }
+                error = {"check": "run", "message": f"the function failed ({result.category})"}
                 path = args["outputs"].get(ERROR_OUTPUT)
                 if path:
                     with _step("output"):
-                        recipients = [
-                            m.participant(fp).identity for fp in m.error_recipients()
-                        ]
+                        recipients = [m.participant(fp).identity for fp in m.error_recipients()]
                         sha, size = write_error_output(
                             Path(path),
                             recipients,
@@ -342,20 +302,13 @@ class TaskRunner:
                             result,
                             max_bytes=m.error_cap,
                         )
-                    published.append(
-                        {"name": ERROR_OUTPUT, "sha256": sha, "size": size}
-                    )
-            receipt = self._receipt(
-                service, m, args["manifest"], started, outputs=published, error=error
-            )
+                    published.append({"name": ERROR_OUTPUT, "sha256": sha, "size": size})
+            receipt = self._receipt(service, m, args["manifest"], started, outputs=published, error=error)
             return {
                 "ok": result.ok,
                 "category": result.category,
                 "receipt": b64e(receipt),
-                "outputs": {
-                    p["name"]: {"sha256": p["sha256"], "size": p["size"]}
-                    for p in published
-                },
+                "outputs": {p["name"]: {"sha256": p["sha256"], "size": p["size"]} for p in published},
             }
         finally:
             for out in outputs.values():

@@ -55,20 +55,14 @@ class EnclaveProcess:
             cmd += ["--config", str(config)]
         started = time.monotonic()
         self.proc = subprocess.Popen(
-            cmd,
-            pass_fds=(child.fileno(),),
-            stdin=subprocess.DEVNULL,
-            stderr=stderr,
-            close_fds=True,
+            cmd, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stderr=stderr, close_fds=True
         )
         child.close()
         self.sock = parent
         self.sock.settimeout(START_TIMEOUT_S)
         self._ids = itertools.count(1)
         try:
-            hello = parse_json_object(
-                channel.read_frame(self.sock, MAX_REPLY_BYTES), where="enclave start"
-            )
+            hello = parse_json_object(channel.read_frame(self.sock, MAX_REPLY_BYTES), where="enclave start")
         except (channel.ChannelClosed, TimeoutError, OSError):
             self.close()
             raise EnclaveError(
@@ -76,9 +70,7 @@ class EnclaveProcess:
             ) from None
         if not hello.get("ready"):
             self.close()
-            raise EnclaveError(
-                f"enclave failed to start: {hello.get('error', 'no reason given')}"
-            )
+            raise EnclaveError(f"enclave failed to start: {hello.get('error', 'no reason given')}")
         self.start_seconds = time.monotonic() - started
         self.info: dict[str, Any] = hello["info"]
         self.sock.settimeout(None)
@@ -88,26 +80,17 @@ class EnclaveProcess:
         channel.send_message(self.sock, {"id": call_id, "call": name, "args": args})
         reply = self.read_reply()
         if reply.get("id") != call_id and reply.get("id") is not None:
-            raise EnclaveError(
-                f"reply to call {reply.get('id')} while waiting for {call_id}"
-            )
+            raise EnclaveError(f"reply to call {reply.get('id')} while waiting for {call_id}")
         if not reply.get("ok"):
             err = reply.get("error") or {}
-            raise EnclaveError(
-                str(err.get("message", "enclave call failed")),
-                where=f"enclave call {name!r}",
-            )
+            raise EnclaveError(str(err.get("message", "enclave call failed")), where=f"enclave call {name!r}")
         return reply["result"]
 
     def read_reply(self) -> dict[str, Any]:
         try:
-            return parse_json_object(
-                channel.read_frame(self.sock, MAX_REPLY_BYTES), where="enclave reply"
-            )
+            return parse_json_object(channel.read_frame(self.sock, MAX_REPLY_BYTES), where="enclave reply")
         except channel.ChannelClosed:
-            raise EnclaveError(
-                f"enclave closed the channel (exit code {self.proc.poll()})"
-            ) from None
+            raise EnclaveError(f"enclave closed the channel (exit code {self.proc.poll()})") from None
 
     def send_raw(self, payload: bytes) -> None:
         """For tests and fuzzing: put arbitrary bytes on the channel."""
@@ -125,19 +108,13 @@ class EnclaveProcess:
 
     def service_evidence(self, nonce: bytes = b"") -> bytes:
         """Evidence binding the service key (and `nonce`); with no nonce, the worker's boot evidence."""
-        return base64.b64decode(
-            self.call("service_evidence", nonce=nonce.hex())["evidence"]
-        )
+        return base64.b64decode(self.call("service_evidence", nonce=nonce.hex())["evidence"])
 
     def provision_from(self, granter: EnclaveProcess) -> dict[str, Any]:
         """Relay a mutual-attestation provisioning: this (new) worker gets the service key from `granter`."""
         offer = self.call("provision_offer")
-        grant = granter.call(
-            "provision_grant", offer=offer["offer"], evidence=offer["evidence"]
-        )
-        return self.call(
-            "provision_accept", grant=grant["grant"], evidence=grant["evidence"]
-        )
+        grant = granter.call("provision_grant", offer=offer["offer"], evidence=offer["evidence"])
+        return self.call("provision_accept", grant=grant["grant"], evidence=grant["evidence"])
 
     def task(
         self,
@@ -168,9 +145,7 @@ class EnclaveProcess:
     def close(self, timeout: float = 10.0) -> None:
         if self.proc.poll() is None:
             try:
-                channel.send_message(
-                    self.sock, {"id": 0, "call": "shutdown", "args": {}}
-                )
+                channel.send_message(self.sock, {"id": 0, "call": "shutdown", "args": {}})
                 self.read_reply()
             except (ConfideError, OSError):
                 pass

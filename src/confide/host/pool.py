@@ -54,13 +54,7 @@ log = logging.getLogger("confide.host")
 RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10, 30)
 PROVISION_WAIT_LOG_S = 30.0
 PROVISION_POLL_S = 0.25  # how often a worker waiting for the service key looks again
-PROVISION_RETRY_S = (
-    30.0,
-    60.0,
-    120.0,
-    300.0,
-    600.0,
-)  # after the 1st, 2nd, ... refusal: ask again
+PROVISION_RETRY_S = (30.0, 60.0, 120.0, 300.0, 600.0)  # after the 1st, 2nd, ... refusal: ask again
 
 
 class WorkerGone(ConfideError):
@@ -93,23 +87,15 @@ class EnclaveWorker:
         self.worker_id = f"{pool.settings.server_name}/w{index}"
         self.lease_owner = f"{self.worker_id}@{pool.settings.boot_id}"
         self.state_dir = pool.settings.data_dir / "workers" / f"w{index}"
-        self.lock = (
-            threading.Lock()
-        )  # one enclave call at a time on this worker's channel
+        self.lock = threading.Lock()  # one enclave call at a time on this worker's channel
         self.enclave: EnclaveProcess | None = None
         self.info: dict[str, Any] = {}
-        self.service: str | None = (
-            None  # the service line once this worker holds the key
-        )
+        self.service: str | None = None  # the service line once this worker holds the key
         self.state = "starting"
-        self.message: str | None = (
-            None  # why the worker is in its state (a refusal, a failure)
-        )
+        self.message: str | None = None  # why the worker is in its state (a refusal, a failure)
         self.restarts = 0
         self.current: ClaimedTask | None = None
-        self.thread = threading.Thread(
-            target=self._main, name=f"confide-worker-{index}", daemon=True
-        )
+        self.thread = threading.Thread(target=self._main, name=f"confide-worker-{index}", daemon=True)
 
     # ---- enclave calls ---------------------------------------------------------------------------
     def call(self, name: str, **args: Any) -> dict[str, Any]:
@@ -123,17 +109,11 @@ class EnclaveWorker:
         try:
             return enclave.call(name, **args)
         except EnclaveError as exc:
-            if (
-                exc.where is None or enclave.proc.poll() is not None
-            ):  # channel closed, not a refusal
-                raise WorkerGone(
-                    f"enclave process died ({exc.message})", where=self.worker_id
-                ) from None
+            if exc.where is None or enclave.proc.poll() is not None:  # channel closed, not a refusal
+                raise WorkerGone(f"enclave process died ({exc.message})", where=self.worker_id) from None
             raise
         except OSError as exc:
-            raise WorkerGone(
-                f"enclave channel failed ({exc})", where=self.worker_id
-            ) from None
+            raise WorkerGone(f"enclave channel failed ({exc})", where=self.worker_id) from None
 
     # the three provisioning calls, relayed in-process or through the database (see WorkerPool)
     def make_offer(self) -> Offer:
@@ -164,29 +144,21 @@ class EnclaveWorker:
                 failures = 0
                 self._serve()
             except WorkerGone as exc:
-                log.warning(
-                    "worker %s: %s; restarting its enclave", self.worker_id, exc.message
-                )
+                log.warning("worker %s: %s; restarting its enclave", self.worker_id, exc.message)
             except ConfideError as exc:
                 failures += 1
                 self._set_state("failed", message=str(exc))
                 log.error("worker %s: %s", self.worker_id, exc)
             except Exception as exc:  # a bug must not kill the worker silently
                 failures += 1
-                self._set_state(
-                    "failed", message=f"internal error: {type(exc).__name__}: {exc}"
-                )
+                self._set_state("failed", message=f"internal error: {type(exc).__name__}: {exc}")
                 log.exception("worker %s: internal error", self.worker_id)
             finally:
                 self._stop_enclave()
             if self.pool.stopping.is_set():
                 break
             self.restarts += 1
-            delay = (
-                RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
-                if failures
-                else 0.0
-            )
+            delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)] if failures else 0.0
             self.pool.stopping.wait(delay)
         self._set_state("stopped")
 
@@ -206,9 +178,7 @@ class EnclaveWorker:
             self.worker_id,
             enclave.proc.pid,
             str(enclave.info.get("measurement", ""))[:16],
-            "SIMULATED"
-            if enclave.info.get("simulated")
-            else enclave.info.get("backend"),
+            "SIMULATED" if enclave.info.get("simulated") else enclave.info.get("backend"),
             enclave.start_seconds,
         )
         self._set_state("provisioning")
@@ -274,22 +244,11 @@ class EnclaveWorker:
         )
         if claimed.problem is not None:
             sched.finish(
-                claimed,
-                ok=False,
-                category="platform",
-                receipt=None,
-                outputs=(),
-                message=claimed.problem,
+                claimed, ok=False, category="platform", receipt=None, outputs=(), message=claimed.problem
             )
-            log.warning(
-                "task %s: failed before the enclave: %s",
-                claimed.task_id,
-                claimed.problem,
-            )
+            log.warning("task %s: failed before the enclave: %s", claimed.task_id, claimed.problem)
             return
-        work = (
-            self.pool.settings.data_dir / "work" / f"{claimed.task_id}-{claimed.run_id}"
-        )
+        work = self.pool.settings.data_dir / "work" / f"{claimed.task_id}-{claimed.run_id}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True, mode=0o700)
         try:
@@ -298,17 +257,12 @@ class EnclaveWorker:
                 "manifest": claimed.manifest,
                 "approvals": claimed.approvals,
                 "dataset_keys": claimed.dataset_keys,
-                "inputs": {
-                    name: str(self.pool.blobs.path(sha))
-                    for name, sha in claimed.inputs.items()
-                },
+                "inputs": {name: str(self.pool.blobs.path(sha)) for name, sha in claimed.inputs.items()},
                 "outputs": {name: str(p) for name, p in paths.items()},
             }
             if claimed.function_source is not None:
                 args["function_source"] = claimed.function_source
-            with (
-                self.pool.db.reading() as s
-            ):  # at least this run's task.running event: signed in the receipt
+            with self.pool.db.reading() as s:  # at least this run's task.running event: signed in the receipt
                 args["audit_head"] = audit.head(s)
             try:
                 reply = self.call("task", **args)
@@ -322,28 +276,17 @@ class EnclaveWorker:
                     state,
                 )
                 raise
-            except (
-                EnclaveError
-            ) as exc:  # refused without a receipt (malformed call): say why
+            except EnclaveError as exc:  # refused without a receipt (malformed call): say why
                 sched.finish(
-                    claimed,
-                    ok=False,
-                    category="enclave-refused",
-                    receipt=None,
-                    outputs=(),
-                    message=str(exc),
+                    claimed, ok=False, category="enclave-refused", receipt=None, outputs=(), message=str(exc)
                 )
-                log.warning(
-                    "task %s: enclave refused the call: %s", claimed.task_id, exc
-                )
+                log.warning("task %s: enclave refused the call: %s", claimed.task_id, exc)
                 return
             self._publish(claimed, reply, paths)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def _publish(
-        self, claimed: ClaimedTask, reply: dict[str, Any], paths: dict[str, Path]
-    ) -> None:
+    def _publish(self, claimed: ClaimedTask, reply: dict[str, Any], paths: dict[str, Path]) -> None:
         """Move the enclave's outputs into the blob store (digests checked), then record everything
         in one transaction. A reply we cannot make sense of fails the task without publishing."""
         sched = self.pool.scheduler
@@ -353,15 +296,10 @@ class EnclaveWorker:
         stored: list[StoredOutput] = []
         try:
             if not isinstance(receipt, str):
-                raise ConfideError(
-                    "enclave reply has no receipt", where=f"task {claimed.task_id}"
-                )
+                raise ConfideError("enclave reply has no receipt", where=f"task {claimed.task_id}")
             listed = reply.get("outputs") or {}
             if not isinstance(listed, dict):
-                raise ConfideError(
-                    "enclave reply: outputs is not an object",
-                    where=f"task {claimed.task_id}",
-                )
+                raise ConfideError("enclave reply: outputs is not an object", where=f"task {claimed.task_id}")
             if ok and set(listed) != set(claimed.outputs):
                 raise ConfideError(
                     f"enclave reported outputs {sorted(listed)}, the manifest declares {sorted(claimed.outputs)}",
@@ -370,12 +308,9 @@ class EnclaveWorker:
             for name, meta in sorted(listed.items()):
                 if name not in paths or not isinstance(meta, dict):
                     raise ConfideError(
-                        f"enclave reported an unknown output {name!r}",
-                        where=f"task {claimed.task_id}",
+                        f"enclave reported an unknown output {name!r}", where=f"task {claimed.task_id}"
                     )
-                sha, size = self.pool.blobs.import_file(
-                    paths[name], expected_sha256=str(meta.get("sha256"))
-                )
+                sha, size = self.pool.blobs.import_file(paths[name], expected_sha256=str(meta.get("sha256")))
                 stored.append(StoredOutput(name, sha, int(meta.get("size", size))))
         except (ConfideError, OSError, ValueError) as exc:
             sched.finish(
@@ -388,9 +323,7 @@ class EnclaveWorker:
             )
             log.error("task %s: %s", claimed.task_id, exc)
             return
-        state = sched.finish(
-            claimed, ok=ok, category=category, receipt=receipt, outputs=stored
-        )
+        state = sched.finish(claimed, ok=ok, category=category, receipt=receipt, outputs=stored)
         log.info(
             "task %s: %s on %s (%s, %d output(s))",
             claimed.task_id,
@@ -429,13 +362,7 @@ def _fingerprint(line: str | None) -> str | None:
 
 
 class WorkerPool:
-    def __init__(
-        self,
-        db: Database,
-        blobs: BlobStore,
-        scheduler: Scheduler,
-        settings: PoolSettings,
-    ) -> None:
+    def __init__(self, db: Database, blobs: BlobStore, scheduler: Scheduler, settings: PoolSettings) -> None:
         self.db = db
         self.blobs = blobs
         self.scheduler = scheduler
@@ -446,13 +373,9 @@ class WorkerPool:
         self.relay = ProvisionRelay(db)
         self.init_claims = InitClaims(db)
         self._relay_look_lock = threading.Lock()
-        self._relay_look_at = (
-            0.0  # monotonic time of the next look for other servers' requests
-        )
+        self._relay_look_at = 0.0  # monotonic time of the next look for other servers' requests
         self.workers = [EnclaveWorker(self, i) for i in range(settings.size)]
-        self.maintenance = threading.Thread(
-            target=self._maintain, name="confide-maintenance", daemon=True
-        )
+        self.maintenance = threading.Thread(target=self._maintain, name="confide-maintenance", daemon=True)
 
     # ---- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -460,9 +383,7 @@ class WorkerPool:
             actor=f"{self.settings.server_name}@{self.settings.boot_id}"
         )
         if requeued:
-            log.info(
-                "requeued %d task(s) left running by a stopped server", len(requeued)
-            )
+            log.info("requeued %d task(s) left running by a stopped server", len(requeued))
         for w in self.workers:
             w.thread.start()
         self.maintenance.start()
@@ -489,20 +410,14 @@ class WorkerPool:
         while not self.stopping.wait(interval):
             try:
                 self.scheduler.renew(
-                    {
-                        w.current.task_id: w.lease_owner
-                        for w in self.workers
-                        if w.current is not None
-                    }
+                    {w.current.task_id: w.lease_owner for w in self.workers if w.current is not None}
                 )
                 requeued = self.scheduler.requeue_expired(
                     actor=f"{self.settings.server_name}@{self.settings.boot_id}"
                 )
                 if requeued:
                     self.wake()
-            except (
-                Exception
-            ):  # keep renewing: a transient database error must not stop leases
+            except Exception:  # keep renewing: a transient database error must not stop leases
                 log.exception("maintenance failed")
 
     # ---- the service identity --------------------------------------------------------------------
@@ -521,9 +436,7 @@ class WorkerPool:
             line = str(info["service"])
             worker.service = self._record_service(worker, line, created=False)
             log.info(
-                "worker %s: holds the service key %s (sealed state)",
-                worker.worker_id,
-                _fingerprint(line),
+                "worker %s: holds the service key %s (sealed state)", worker.worker_id, _fingerprint(line)
             )
             return
         remote = _RemoteProvisioning(self, worker)
@@ -533,10 +446,7 @@ class WorkerPool:
                 claim: InitClaim | None = None
                 with self.provision_lock:
                     others = [w for w in self.workers if w is not worker]
-                    donors = sorted(
-                        (w for w in others if w.ready),
-                        key=lambda w: w.current is not None,
-                    )
+                    donors = sorted((w for w in others if w.ready), key=lambda w: w.current is not None)
                     if donors:  # an idle one answers at once
                         remote.withdraw()
                         self._provision_in_process(worker, donors[0])
@@ -553,9 +463,7 @@ class WorkerPool:
                     return
                 if time.monotonic() - logged > PROVISION_WAIT_LOG_S:
                     log.warning(
-                        "worker %s: waiting for %s",
-                        worker.worker_id,
-                        remote.waiting_for(known, claim),
+                        "worker %s: waiting for %s", worker.worker_id, remote.waiting_for(known, claim)
                     )
                     logged = time.monotonic()
                 self.stopping.wait(PROVISION_POLL_S)
@@ -574,36 +482,21 @@ class WorkerPool:
             )
         info = worker.call("service_init")
         if not info.get("provisioned"):
-            raise EnclaveError(
-                "service_init did not provision the worker", where=worker.worker_id
-            )
-        worker.service = self._record_service(
-            worker, str(info["service"]), created=True
-        )
+            raise EnclaveError("service_init did not provision the worker", where=worker.worker_id)
+        worker.service = self._record_service(worker, str(info["service"]), created=True)
 
-    def _provision_in_process(
-        self, worker: EnclaveWorker, donor: EnclaveWorker
-    ) -> None:
-        self._accept(
-            worker, donor.grant_to(worker.make_offer()), granter=donor.worker_id
-        )
+    def _provision_in_process(self, worker: EnclaveWorker, donor: EnclaveWorker) -> None:
+        self._accept(worker, donor.grant_to(worker.make_offer()), granter=donor.worker_id)
 
     def _accept(
-        self,
-        worker: EnclaveWorker,
-        grant: Grant,
-        *,
-        granter: str,
-        request_id: str | None = None,
+        self, worker: EnclaveWorker, grant: Grant, *, granter: str, request_id: str | None = None
     ) -> None:
         """The worker's enclave checks the granter's evidence and takes the key; the provisioning is
         recorded (and the database request, if any, deleted) in one transaction with its audit event."""
         info = worker.accept(grant)
         line = str(info.get("service"))
         if not info.get("provisioned"):
-            raise EnclaveError(
-                "provision_accept did not provision the worker", where=worker.worker_id
-            )
+            raise EnclaveError("provision_accept did not provision the worker", where=worker.worker_id)
         relay = "in-process" if request_id is None else "database"
         with self.db.transaction() as s:
             stored, _ = self._record_service_in(s, worker, line, created=False)
@@ -629,14 +522,10 @@ class WorkerPool:
             worker.worker_id,
             _fingerprint(line),
             granter,
-            ""
-            if request_id is None
-            else f", relayed through the database: request {request_id}",
+            "" if request_id is None else f", relayed through the database: request {request_id}",
         )
 
-    def _record_service(
-        self, worker: EnclaveWorker, line: str, *, created: bool
-    ) -> str:
+    def _record_service(self, worker: EnclaveWorker, line: str, *, created: bool) -> str:
         """Record `line` as the platform's service unless the database names one already; returns the
         platform's line. A worker holding another key has its state moved aside (`_reset_stale`)."""
         with self.db.transaction() as s:
@@ -662,16 +551,11 @@ class WorkerPool:
                 s,
                 "service.created" if created else "service.adopted",
                 actor=worker.worker_id,
-                detail={
-                    "service": _fingerprint(line),
-                    "measurement": worker.info.get("measurement"),
-                },
+                detail={"service": _fingerprint(line), "measurement": worker.info.get("measurement")},
             )
             return line, True
         row = s.execute(
-            select(Meta)
-            .where(Meta.key == META_SERVICE)
-            .execution_options(populate_existing=True)
+            select(Meta).where(Meta.key == META_SERVICE).execution_options(populate_existing=True)
         ).scalar_one()
         return row.value, False
 
@@ -679,9 +563,7 @@ class WorkerPool:
         """A worker sealed a service key other than the platform's (its state is from another
         installation, or it lost a race to create the key): keep its state aside and start it
         fresh, to be provisioned."""
-        aside = worker.state_dir.with_name(
-            f"{worker.state_dir.name}.stale-{int(time.time())}"
-        )
+        aside = worker.state_dir.with_name(f"{worker.state_dir.name}.stale-{int(time.time())}")
         log.warning(
             "worker %s: holds service key %s, the platform's is %s; moving its state to %s",
             worker.worker_id,
@@ -706,14 +588,8 @@ class WorkerPool:
             if not self.relay.any_open(exclude_server=server):
                 return
             request = self.relay.claim(worker.worker_id, exclude_server=server)
-        except (
-            SQLAlchemyError
-        ) as exc:  # the next look tries again; tasks must not stop for this
-            log.warning(
-                "worker %s: cannot read provisioning requests (%s)",
-                worker.worker_id,
-                exc,
-            )
+        except SQLAlchemyError as exc:  # the next look tries again; tasks must not stop for this
+            log.warning("worker %s: cannot read provisioning requests (%s)", worker.worker_id, exc)
             return
         if request is None:
             return
@@ -759,9 +635,7 @@ class WorkerPool:
         """Fresh evidence binding the service key and a verifier's nonce, from an idle worker when
         there is one. Returns (evidence b64, service line)."""
         if not self.workers:
-            raise ServiceUnavailable(
-                "this server runs no enclave workers", where="service"
-            )
+            raise ServiceUnavailable("this server runs no enclave workers", where="service")
         deadline = time.monotonic() + timeout
         while True:
             ready = [w for w in self.workers if w.ready]
@@ -776,8 +650,7 @@ class WorkerPool:
                         w.lock.release()
             if time.monotonic() > deadline:
                 raise ServiceUnavailable(
-                    "no provisioned enclave worker is available (starting, or all busy)",
-                    where="service",
+                    "no provisioned enclave worker is available (starting, or all busy)", where="service"
                 )
             time.sleep(0.1)
 
@@ -822,9 +695,7 @@ class _RemoteProvisioning:
             if time.monotonic() < self.retry_at:
                 return False
             self.request_id = pool.relay.post(
-                server=pool.settings.server_name,
-                worker_id=worker.worker_id,
-                offer=worker.make_offer(),
+                server=pool.settings.server_name, worker_id=worker.worker_id, offer=worker.make_offer()
             )
             log.info(
                 "worker %s: no worker of this server holds the service key; asked the other servers "
@@ -845,17 +716,11 @@ class _RemoteProvisioning:
         elif status.grant is not None:
             granter = status.granted_by or "an unnamed worker"
             try:
-                pool._accept(
-                    worker, status.grant, granter=granter, request_id=status.id
-                )
+                pool._accept(worker, status.grant, granter=granter, request_id=status.id)
             except WorkerGone:
                 raise
-            except (
-                EnclaveError
-            ) as exc:  # the granter's evidence or the grant did not check out
-                self._ask_later(
-                    f"its enclave refused the grant of {granter}: {exc.message}"
-                )
+            except EnclaveError as exc:  # the granter's evidence or the grant did not check out
+                self._ask_later(f"its enclave refused the grant of {granter}: {exc.message}")
                 return False
             self.request_id = None
             return True
@@ -893,14 +758,9 @@ class _RemoteProvisioning:
             return
         try:
             self.pool.relay.withdraw(request_id)
-        except (
-            SQLAlchemyError
-        ) as exc:  # the worker's next request (or any later one) removes it
+        except SQLAlchemyError as exc:  # the worker's next request (or any later one) removes it
             log.warning(
-                "worker %s: could not withdraw request %s (%s)",
-                self.worker.worker_id,
-                request_id,
-                exc,
+                "worker %s: could not withdraw request %s (%s)", self.worker.worker_id, request_id, exc
             )
 
     def waiting_for(self, known: str | None, claim: InitClaim | None) -> str:
