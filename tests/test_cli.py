@@ -363,5 +363,6 @@ def test_confide_run_success_and_failure(keys: Path, tmp_path: Path) -> None:
     # the default (production) policy refuses the simulated enclave before any key leaves the client
     code, out = cli("run", str(fn), *common[:-2], "--output", f"total={tmp_path / 'v.sealed'}", ok=False)
     assert code == 1 and "SIMULATED" in out and not (tmp_path / "v.sealed").exists()
+    assert "confide policy init --dev" in out  # the refusal names the fix
     code, out = cli("run", str(fn), *common, "--input", "bad", "--output", "x=y", ok=False)
     assert code == 1 and "NAME=VALUE" in out

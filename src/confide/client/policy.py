@@ -405,7 +405,8 @@ def evaluate(
     if claims.simulated and not policy.allow_simulation:
         problems.append(
             "evidence is SIMULATED (sim backend: no protection against the host) and the policy does not "
-            "allow simulation (allow_simulation = false)"
+            "allow simulation (allow_simulation = false); for development only, `confide policy init --dev "
+            "--out dev-policy.toml` writes a policy pinned to this build that accepts it"
         )
     if claims.backend not in policy.backends and not (claims.simulated and policy.allow_simulation):
         problems.append(
