@@ -1,0 +1,283 @@
+"""The fixed driver a dataflow task runs in the sandbox child, and the record codec both sides share.
+
+The enclave side imports this module for the codec (``enc``/``dec``/``key_bytes``/frames); the same
+file is also read as text and sent to the zygote as a run's source, so it imports only the
+standard library and is self-contained. In the child, ``run(ctx)`` compiles the user's function
+module (its source comes from the sealed job description, never from the engine), reads the
+task's decrypted records from ``ctx.inputs``, applies the stage's operators and writes the result
+records to ``ctx.outputs["out"]``. Whatever the child writes is hostile to the enclave side, which
+parses it strictly.
+
+Records are Python values encoded as tagged JSON: None, bool, int, float, str as themselves, a
+tuple as a JSON array, a list as ``{"$l": [...]}``, bytes as ``{"$b": base64}``, a dict with str
+keys not starting with "$" as an object, any other dict as ``{"$d": [[k, v], ...]}``. A frame is a
+4-byte big-endian length and a JSON array of encoded records (or, on a keyed output,
+``[key_json, record]`` pairs, where key_json is the canonical encoding of the record's key).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, BinaryIO
+
+FRAME = struct.Struct(">I")
+FRAME_RECORDS = 2048  # records per frame the driver writes
+MAX_FRAME = 64 << 20
+_TAGS = ("$l", "$d", "$b")
+
+
+# ---- codec ------------------------------------------------------------------------------------------
+
+
+def enc(v: Any) -> Any:
+    t = type(v)
+    if t is str or t is int or t is float or t is bool or v is None:
+        return v
+    if t is tuple:
+        return [enc(x) for x in v]
+    if t is list:
+        return {"$l": [enc(x) for x in v]}
+    if t is dict:
+        if all(type(k) is str and not k.startswith("$") for k in v):
+            return {k: enc(x) for k, x in v.items()}
+        return {"$d": [[enc(k), enc(x)] for k, x in v.items()]}
+    if t is bytes:
+        return {"$b": base64.b64encode(v).decode("ascii")}
+    for base in (bool, int, float, str, tuple, list, dict, bytes):  # subclasses: as the base type
+        if isinstance(v, base):
+            return enc(base(v))  # type: ignore[call-arg,arg-type]
+    raise TypeError(f"a dataflow record cannot hold a {t.__name__} value")
+
+
+def dec(j: Any) -> Any:
+    t = type(j)
+    if t is list:
+        return tuple([dec(x) for x in j])
+    if t is dict:
+        if len(j) == 1:
+            ((k, x),) = j.items()
+            if k == "$l":
+                return [dec(y) for y in x]
+            if k == "$d":
+                return {dec(a): dec(b) for a, b in x}
+            if k == "$b":
+                return base64.b64decode(x)
+        return {k: dec(x) for k, x in j.items()}
+    return j
+
+
+def _canon(j: Any) -> Any:
+    """Equal Python keys get equal encodings: True == 1 == 1.0 in a dict, so they bucket together."""
+    t = type(j)
+    if t is bool:
+        return int(j)
+    if t is float and j.is_integer():
+        return int(j)
+    if t is list:
+        return [_canon(x) for x in j]
+    if t is dict:
+        return {k: _canon(x) for k, x in j.items()}
+    return j
+
+
+def key_json(key: Any) -> str:
+    """The canonical encoding of a key (what the enclave's PRF is applied to)."""
+    return json.dumps(_canon(enc(key)), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def write_frame(out: BinaryIO, items: list[Any]) -> None:
+    data = json.dumps(items, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    out.write(FRAME.pack(len(data)) + data)
+
+
+def iter_frames(data: bytes | memoryview) -> Iterator[bytes | memoryview]:
+    """Split trusted framed bytes (made by the enclave side) into frame payloads."""
+    view = memoryview(data)
+    off = 0
+    while off < len(view):
+        (n,) = FRAME.unpack_from(view, off)
+        yield view[off + 4 : off + 4 + n]
+        off += 4 + n
+
+
+# ---- sources ----------------------------------------------------------------------------------------
+
+
+def _lines(raw: bytes) -> Iterator[str]:
+    if not raw:
+        return
+    text = raw.decode("utf-8")
+    parts = text.split("\n")
+    if parts and parts[-1] == "":
+        parts.pop()
+    for line in parts:
+        yield line[:-1] if line.endswith("\r") else line
+
+
+def _source(raw: bytes, spec: dict[str, Any]) -> Iterator[Any]:
+    fmt = spec["format"]
+    lines = _lines(raw)
+    if spec.get("skip_header"):
+        next(lines, None)
+    if fmt == "text":
+        yield from lines
+    elif fmt == "jsonl":
+        for line in lines:
+            if line.strip():
+                yield dec(json.loads(line))
+    elif fmt == "csv":
+        names = spec.get("csv_names")
+        for row in csv.reader(lines):
+            if names is None:
+                yield tuple(row)
+            else:
+                if len(row) != len(names):
+                    raise ValueError(f"CSV row has {len(row)} fields, the header {len(names)}")
+                yield dict(zip(names, row, strict=True))
+    else:
+        raise ValueError(f"unknown source format {fmt!r}")
+
+
+def _records(fh: BinaryIO) -> Iterator[Any]:
+    data = fh.read()
+    for payload in iter_frames(data):
+        for j in json.loads(bytes(payload)):
+            yield dec(j)
+
+
+# ---- operators --------------------------------------------------------------------------------------
+
+
+def _pair(x: Any, op: str) -> tuple[Any, Any]:
+    if type(x) is not tuple or len(x) != 2:
+        raise TypeError(f"{op} needs (key, value) pairs, got {type(x).__name__}")
+    return x
+
+
+def _reduce(it: Iterable[Any], fn: Callable[[Any, Any], Any]) -> Iterator[Any]:
+    acc: dict[Any, Any] = {}
+    for x in it:
+        k, v = _pair(x, "reduce_by_key")
+        acc[k] = fn(acc[k], v) if k in acc else v
+    yield from acc.items()
+
+
+def _group(it: Iterable[Any]) -> Iterator[Any]:
+    acc: dict[Any, list[Any]] = {}
+    for x in it:
+        k, v = _pair(x, "group_by_key")
+        acc.setdefault(k, []).append(v)
+    yield from acc.items()
+
+
+def _group_concat(it: Iterable[Any]) -> Iterator[Any]:
+    """Second phase of group_by_key: the map side already grouped values into lists."""
+    acc: dict[Any, list[Any]] = {}
+    for x in it:
+        k, vs = _pair(x, "group_by_key")
+        acc.setdefault(k, []).extend(vs)
+    yield from acc.items()
+
+
+def _distinct(it: Iterable[Any]) -> Iterator[Any]:
+    seen: dict[Any, None] = {}
+    for x in it:
+        seen.setdefault(x, None)
+    yield from seen
+
+
+def _sort(it: Iterable[Any], ascending: bool) -> Iterator[Any]:
+    pairs = [_pair(x, "sort_by") for x in it]
+    pairs.sort(key=lambda p: p[0], reverse=not ascending)
+    for _, x in pairs:
+        yield x
+
+
+def _join(left: Iterable[Any], right: Iterable[Any], how: str) -> Iterator[Any]:
+    table: dict[Any, list[Any]] = {}
+    for x in right:
+        k, w = _pair(x, "join")
+        table.setdefault(k, []).append(w)
+    for x in left:
+        k, v = _pair(x, "join")
+        matches = table.get(k)
+        if matches:
+            for w in matches:
+                yield (k, (v, w))
+        elif how == "left":
+            yield (k, (v, None))
+
+
+def _apply(op: dict[str, Any], it: Iterable[Any], fns: dict[str, Any]) -> Iterable[Any]:
+    kind = op["op"]
+    fn: Any = fns[op["fn"]] if "fn" in op else None
+    if kind == "map":
+        return (fn(x) for x in it)
+    if kind == "flat_map":
+        return (y for x in it for y in fn(x))
+    if kind == "filter":
+        return (x for x in it if fn(x))
+    if kind == "map_partitions":
+        return fn(iter(it))
+    if kind == "key_by":
+        return ((fn(x), x) for x in it)
+    if kind == "reduce_local":
+        return _reduce(it, fn)
+    if kind == "group_local":
+        return _group(it)
+    if kind == "group_concat":
+        return _group_concat(it)
+    if kind == "distinct_local":
+        return _distinct(it)
+    if kind == "sort_local":
+        return _sort(it, bool(op["ascending"]))
+    if kind == "count_local":
+        return iter([sum(1 for _ in it)])
+    if kind == "sum_local":
+        return iter([sum(it)])
+    raise ValueError(f"unknown operator {kind!r}")
+
+
+def _load_module(source: str) -> dict[str, Any]:
+    import builtins
+
+    namespace: dict[str, Any] = {"__name__": "__flow_functions__", "__builtins__": builtins}
+    exec(compile(source, "<flow functions>", "exec", dont_inherit=True), namespace)
+    return namespace
+
+
+def run(ctx: Any) -> None:
+    p = ctx.params
+    fns = _load_module(p["module"]) if p["module"] else {}
+    streams: list[Iterable[Any]] = []
+    for spec in p["inputs"]:
+        fh = ctx.inputs[spec["name"]]
+        streams.append(_source(fh.read(), spec) if spec["kind"] == "raw" else _records(fh))
+    if p["combine"] == "join":
+        it: Iterable[Any] = _join(streams[0], streams[1], p["how"])
+    else:
+        it = (x for s in streams for x in s)
+    for op in p["chain"]:
+        it = _apply(op, it, fns)
+    out = ctx.outputs["out"]
+    keyed = p["keyed"]  # None, "pair" (key = record[0]) or "self" (key = the record)
+    text = p.get("text", False)
+    batch: list[Any] = []
+    for x in it:
+        if keyed == "pair":
+            batch.append([key_json(_pair(x, "a keyed exchange")[0]), enc(x)])
+        elif keyed == "self":
+            batch.append([key_json(x), enc(x)])
+        elif text:
+            batch.append(x if type(x) is str else str(x))
+        else:
+            batch.append(enc(x))
+        if len(batch) >= FRAME_RECORDS:
+            write_frame(out, batch)
+            batch = []
+    if batch:
+        write_frame(out, batch)

@@ -1,0 +1,301 @@
+"""The job description of a dataflow job, parsed strictly inside the enclave.
+
+A job is a list of stages in topological order (a stage's parents have smaller ids). A stage reads
+either one source (a partition of a sealed input file: a range of its chunks) or the outputs of its
+parent stages bucketed to it; it combines them (concatenation, or a join of two parents), applies a
+chain of operators in the sandbox, and sends its records to one output: ``hash`` (bucket = keyed
+PRF of the record's key mod ``buckets``), ``single`` (bucket 0), ``forward`` (task p to bucket
+p + offset, for union) or ``sink`` (a sealed part file per partition for the job's recipients).
+Each stage but a sink feeds exactly one input of one later stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ..encoding import check_fields, get_typed
+from .errors import FlowFormatError
+
+FORMAT = "confide-flow-job-v1"
+MAX_STAGES = 256
+MAX_PARTITIONS = 1 << 16
+MAX_CHAIN = 64
+FN_OPS = frozenset({"map", "flat_map", "filter", "map_partitions", "key_by", "reduce_local"})
+PLAIN_OPS = frozenset(
+    {"group_local", "group_concat", "distinct_local", "sort_local", "count_local", "sum_local"}
+)
+SOURCE_FORMATS = ("text", "csv", "jsonl")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_JOB = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    name: str
+    header_sha256: str
+    format: str
+    csv_header: bool
+    partitions: int
+
+
+@dataclass(frozen=True)
+class Output:
+    kind: str  # hash | single | forward | sink
+    buckets: int = 1
+    keyed: str | None = None  # hash: "pair" or "self"
+    offset: int = 0  # forward
+    sink_format: str = "records"  # sink: records | text
+    sink_name: str = ""
+
+
+@dataclass(frozen=True)
+class Stage:
+    id: int
+    source: str | None
+    parents: tuple[int, ...]
+    combine: str  # concat | join
+    how: str  # inner | left (join)
+    chain: tuple[dict[str, Any], ...]
+    output: Output
+    partitions: int = 0  # resolved
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    job_id: str
+    module_source: str
+    functions: dict[str, str]
+    inputs: dict[str, SourceSpec]
+    stages: tuple[Stage, ...]
+    recipients: tuple[str, ...]  # public identity lines
+    raw: dict[str, Any]
+
+    def consumer(self, stage: int) -> tuple[int, int] | None:
+        """(child stage, input index) that reads `stage`'s output, None for a sink."""
+        for st in self.stages:
+            if stage in st.parents:
+                return st.id, st.parents.index(stage)
+        return None
+
+    def expected_sources(self, parent: int, bucket: int) -> list[int]:
+        """The tasks of `parent` whose stream to `bucket` a child task must receive."""
+        st = self.stages[parent]
+        if st.output.kind == "forward":
+            p = bucket - st.output.offset
+            return [p] if 0 <= p < st.partitions else []
+        return list(range(st.partitions))
+
+    def expected_buckets(self, stage: int, part: int) -> list[int]:
+        """The buckets task `part` of `stage` must close a stream to (empty for a sink)."""
+        out = self.stages[stage].output
+        if out.kind == "sink":
+            return []
+        if out.kind == "forward":
+            return [part + out.offset]
+        return list(range(out.buckets))
+
+
+def _int(obj: dict[str, Any], key: str, lo: int, hi: int, where: str) -> int:
+    value = get_typed(obj, key, int, where=where)
+    if not lo <= value <= hi:
+        raise FlowFormatError(f"field {key!r} must be within {lo}..{hi}, got {value}", where=where)
+    return int(value)
+
+
+def _name(value: Any, what: str, where: str) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise FlowFormatError(f"{what} must be a name of letters, digits, _ and - (max 64)", where=where)
+    return value
+
+
+def _op(obj: Any, functions: dict[str, str], where: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise FlowFormatError("an operator must be an object", where=where)
+    kind = obj.get("op")
+    if kind in FN_OPS:
+        check_fields(obj, required=("op", "fn"), where=where)
+        fn = _name(obj["fn"], "field 'fn'", where)
+        if fn not in functions:
+            raise FlowFormatError(f"function {fn!r} is not listed in the job's functions", where=where)
+        return {"op": kind, "fn": fn}
+    if kind == "sort_local":
+        check_fields(obj, required=("op", "ascending"), where=where)
+        return {"op": kind, "ascending": get_typed(obj, "ascending", bool, where=where)}
+    if kind in PLAIN_OPS:
+        check_fields(obj, required=("op",), where=where)
+        return {"op": kind}
+    raise FlowFormatError(f"unknown operator {kind!r}", where=where)
+
+
+def _output(obj: Any, where: str) -> Output:
+    if not isinstance(obj, dict):
+        raise FlowFormatError("output must be an object", where=where)
+    kind = obj.get("kind")
+    if kind == "hash":
+        check_fields(obj, required=("kind", "keyed", "buckets"), where=where)
+        keyed = obj["keyed"]
+        if keyed not in ("pair", "self"):
+            raise FlowFormatError("field 'keyed' must be 'pair' or 'self'", where=where)
+        return Output("hash", _int(obj, "buckets", 1, MAX_PARTITIONS, where), keyed=keyed)
+    if kind == "single":
+        check_fields(obj, required=("kind",), where=where)
+        return Output("single", 1)
+    if kind == "forward":
+        check_fields(obj, required=("kind", "offset", "buckets"), where=where)
+        return Output(
+            "forward",
+            _int(obj, "buckets", 1, MAX_PARTITIONS, where),
+            offset=_int(obj, "offset", 0, MAX_PARTITIONS, where),
+        )
+    if kind == "sink":
+        check_fields(obj, required=("kind", "format", "name"), where=where)
+        fmt = obj["format"]
+        if fmt not in ("records", "text"):
+            raise FlowFormatError("sink format must be 'records' or 'text'", where=where)
+        return Output("sink", 0, sink_format=fmt, sink_name=_name(obj["name"], "sink name", where))
+    raise FlowFormatError(f"unknown output kind {kind!r}", where=where)
+
+
+def parse_plan(obj: dict[str, Any], *, where: str = "job description") -> JobPlan:
+    check_fields(
+        obj,
+        required=("format", "job_id", "module", "functions", "inputs", "stages", "recipients"),
+        where=where,
+    )
+    if obj["format"] != FORMAT:
+        raise FlowFormatError(
+            f"unsupported job format {obj['format']!r} (this build reads {FORMAT})", where=where
+        )
+    job_id = get_typed(obj, "job_id", str, where=where)
+    if not _JOB.match(job_id):
+        raise FlowFormatError("job_id must be 32 lowercase hex digits", where=where)
+    module = get_typed(obj, "module", dict, where=where)
+    mw = f"{where}: module"
+    check_fields(module, required=("source", "sha256"), where=mw)
+    source = get_typed(module, "source", str, where=mw)
+    if hashlib.sha256(source.encode("utf-8")).hexdigest() != module["sha256"]:
+        raise FlowFormatError("the function module does not match its SHA-256", where=mw)
+    functions_obj = get_typed(obj, "functions", dict, where=where)
+    functions: dict[str, str] = {}
+    for name, digest in functions_obj.items():
+        _name(name, "function name", f"{where}: functions")
+        if not isinstance(digest, str) or not _HEX64.match(digest):
+            raise FlowFormatError(f"function {name!r} needs a SHA-256 in hex", where=f"{where}: functions")
+        functions[name] = digest
+    inputs: dict[str, SourceSpec] = {}
+    for name, spec in get_typed(obj, "inputs", dict, where=where).items():
+        iw = f"{where}: input {name!r}"
+        _name(name, "input name", iw)
+        if not isinstance(spec, dict):
+            raise FlowFormatError("an input must be an object", where=iw)
+        check_fields(spec, required=("header_sha256", "format", "csv_header", "partitions"), where=iw)
+        digest = get_typed(spec, "header_sha256", str, where=iw)
+        if not _HEX64.match(digest):
+            raise FlowFormatError("header_sha256 must be 64 lowercase hex digits", where=iw)
+        if spec["format"] not in SOURCE_FORMATS:
+            raise FlowFormatError(f"format must be one of {', '.join(SOURCE_FORMATS)}", where=iw)
+        inputs[name] = SourceSpec(
+            name,
+            digest,
+            spec["format"],
+            get_typed(spec, "csv_header", bool, where=iw),
+            _int(spec, "partitions", 1, MAX_PARTITIONS, iw),
+        )
+    stages_obj = get_typed(obj, "stages", list, where=where)
+    if not 1 <= len(stages_obj) <= MAX_STAGES:
+        raise FlowFormatError(f"a job needs 1..{MAX_STAGES} stages", where=where)
+    stages: list[Stage] = []
+    consumed: dict[int, int] = {}
+    for i, s in enumerate(stages_obj):
+        sw = f"{where}: stage {i}"
+        if not isinstance(s, dict):
+            raise FlowFormatError("a stage must be an object", where=sw)
+        check_fields(s, required=("source", "parents", "combine", "how", "chain", "output"), where=sw)
+        src = s["source"]
+        parents_obj = get_typed(s, "parents", list, where=sw)
+        parents: list[int] = []
+        for k in parents_obj:
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < i:
+                raise FlowFormatError("a parent must be the id of an earlier stage", where=sw)
+            if k in consumed:
+                raise FlowFormatError(f"stage {k} already feeds stage {consumed[k]}", where=sw)
+            consumed[k] = i
+            parents.append(k)
+        if src is not None:
+            if src not in inputs or parents:
+                raise FlowFormatError("a source stage reads one listed input and has no parents", where=sw)
+        elif not parents:
+            raise FlowFormatError("a stage needs a source or parents", where=sw)
+        combine = s["combine"]
+        how = s["how"]
+        if combine not in ("concat", "join") or how not in ("inner", "left"):
+            raise FlowFormatError("combine must be concat or join, how inner or left", where=sw)
+        if combine == "join" and len(parents) != 2:
+            raise FlowFormatError("a join stage has exactly two parents", where=sw)
+        chain_obj = get_typed(s, "chain", list, where=sw)
+        if len(chain_obj) > MAX_CHAIN:
+            raise FlowFormatError(f"more than {MAX_CHAIN} operators in one stage", where=sw)
+        chain = tuple(_op(op, functions, f"{sw}: chain[{j}]") for j, op in enumerate(chain_obj))
+        stages.append(
+            Stage(i, src, tuple(parents), combine, how, chain, _output(s["output"], f"{sw}: output"))
+        )
+    for st in stages:
+        if st.output.kind != "sink" and st.id not in consumed:
+            raise FlowFormatError(f"the output of stage {st.id} is read by no stage", where=where)
+        if st.output.kind == "sink" and st.id in consumed:
+            raise FlowFormatError(f"stage {st.id} is a sink and cannot feed another stage", where=where)
+    names = [st.output.sink_name for st in stages if st.output.kind == "sink"]
+    if len(set(names)) != len(names) or not names:
+        raise FlowFormatError("a job needs at least one sink, each with its own name", where=where)
+    recipients = get_typed(obj, "recipients", list, where=where)
+    if not recipients or not all(isinstance(r, str) and len(r) < 4096 for r in recipients):
+        raise FlowFormatError("recipients must be a non-empty list of public identities", where=where)
+    return _resolve(JobPlan(job_id, source, functions, inputs, tuple(stages), tuple(recipients), obj))
+
+
+def _resolve(plan: JobPlan) -> JobPlan:
+    """Give every stage its partition count; check that bucket counts agree with the consumers."""
+    resolved: list[Stage] = []
+    for st in plan.stages:
+        if st.source is not None:
+            n = plan.inputs[st.source].partitions
+        else:
+            counts = {resolved[k].output.buckets for k in st.parents}
+            if len(counts) != 1:
+                raise FlowFormatError(
+                    f"the parents of stage {st.id} send to different bucket counts {sorted(counts)}",
+                    where="job description",
+                )
+            (n,) = counts
+            kinds = {resolved[k].output.kind for k in st.parents}
+            if "forward" in kinds:
+                spans = sorted((resolved[k].output.offset, resolved[k].partitions) for k in st.parents)
+                pos = 0
+                for offset, size in spans:
+                    if offset != pos or kinds != {"forward"}:
+                        raise FlowFormatError(
+                            f"the forwarded parents of stage {st.id} do not tile its {n} partitions",
+                            where="job description",
+                        )
+                    pos += size
+                if pos != n:
+                    raise FlowFormatError(
+                        f"the forwarded parents of stage {st.id} do not tile its {n} partitions",
+                        where="job description",
+                    )
+        resolved.append(
+            Stage(st.id, st.source, st.parents, st.combine, st.how, st.chain, st.output, partitions=n)
+        )
+    return JobPlan(
+        plan.job_id,
+        plan.module_source,
+        plan.functions,
+        plan.inputs,
+        tuple(resolved),
+        plan.recipients,
+        plan.raw,
+    )

@@ -1,0 +1,316 @@
+"""A PySpark-RDD-like API over sealed data. Building a Dataset only records lineage; ``Flow.run``
+compiles the lineage of its actions into a job description (a JSON plan of stages, the function
+module's source and the SHA-256 of each function), seals it to the engine's enclave, and runs it.
+
+User functions are named functions of ONE module (``Flow(functions=source or path)``): they run in
+the enclave's sandbox from the source in the sealed job description, never pickled, so a lambda or
+a closure is refused (define it in the module). Records are None, bool, int, float, str, bytes,
+tuples, lists and dicts of those.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import io
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from confide.enclave.flow.plan import FORMAT
+from confide.enclave.keys import PublicIdentity
+from confide.enclave.sealed_file import SealedReader, SealedWriter
+
+Fn = Callable[..., Any] | str
+
+
+class FlowError(ValueError):
+    """A job that cannot be built (unknown function, lambda, bad argument)."""
+
+
+@dataclass(eq=False)
+class _Node:
+    kind: str
+    parents: tuple[_Node, ...] = ()
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Pending:
+    source: str | None
+    parents: list[int]
+    partitions: int
+    chain: list[dict[str, Any]] = field(default_factory=list)
+    combine: str = "concat"
+    how: str = "inner"
+
+
+def _module_functions(source: str) -> dict[str, str]:
+    try:
+        tree = ast.parse(source, filename="<flow functions>")
+    except SyntaxError as exc:
+        raise FlowError(f"the function module does not parse: {exc}") from None
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            segment = ast.get_source_segment(source, node) or ""
+            out[node.name] = hashlib.sha256(segment.encode("utf-8")).hexdigest()
+    return out
+
+
+class Flow:
+    """One job's builder: its function module and its sealed inputs."""
+
+    def __init__(self, functions: str | Path = "") -> None:
+        if isinstance(functions, Path) or (functions and "\n" not in functions and functions.endswith(".py")):
+            functions = Path(functions).read_text(encoding="utf-8")
+        self.module_source: str = str(functions)
+        self.functions = _module_functions(self.module_source)
+        self._inputs: dict[str, dict[str, Any]] = {}
+
+    # ---- sources -----------------------------------------------------------------------------
+    def _source(self, path: str | Path, fmt: str, partitions: int | None, csv_header: bool) -> Dataset:
+        path = Path(path)
+        with open(path, "rb", buffering=0) as fh:
+            reader = SealedReader(fh, where=str(path))
+            digest, n_chunks = reader.header.digest.hex(), reader.n_chunks
+        if partitions is None:
+            partitions = n_chunks
+        if partitions < 1:
+            raise FlowError("partitions must be at least 1")
+        name = f"in{len(self._inputs)}"
+        self._inputs[name] = {
+            "path": str(path),
+            "spec": {
+                "header_sha256": digest,
+                "format": fmt,
+                "csv_header": csv_header,
+                "partitions": partitions,
+            },
+        }
+        return Dataset(self, _Node("source", args={"input": name, "partitions": partitions}))
+
+    def text(self, path: str | Path, *, partitions: int | None = None) -> Dataset:
+        """Lines of a sealed UTF-8 text file (without their line ends); by default one partition per chunk."""
+        return self._source(path, "text", partitions, False)
+
+    def csv(self, path: str | Path, *, header: bool = True, partitions: int | None = None) -> Dataset:
+        """Rows of a sealed CSV file: dicts by the header row's names, or tuples of strings without one.
+        A field may not hold a line break (rows are split on chunk boundaries at newlines)."""
+        return self._source(path, "csv", partitions, header)
+
+    def json_lines(self, path: str | Path, *, partitions: int | None = None) -> Dataset:
+        """One JSON value per line of a sealed file (arrays become tuples); blank lines are skipped."""
+        return self._source(path, "jsonl", partitions, False)
+
+    def fn_name(self, fn: Fn) -> str:
+        name = fn if isinstance(fn, str) else getattr(fn, "__name__", "")
+        if name == "<lambda>" or not name:
+            raise FlowError("a lambda cannot run in the enclave: define a named function in the job's module")
+        if name not in self.functions:
+            raise FlowError(f"function {name!r} is not defined at the top level of the job's module")
+        return name
+
+    # ---- compiling -----------------------------------------------------------------------------
+    def describe(
+        self, actions: Sequence[Dataset], recipients: Sequence[PublicIdentity], *, job_id: str | None = None
+    ) -> dict[str, Any]:
+        """The job description for these actions (each a Dataset returned by save or count)."""
+        if not actions or not recipients:
+            raise FlowError("a job needs at least one action and one recipient")
+        stages: list[dict[str, Any]] = []
+
+        def finish(p: _Pending, output: dict[str, Any]) -> int:
+            stages.append(
+                {
+                    "source": p.source,
+                    "parents": p.parents,
+                    "combine": p.combine,
+                    "how": p.how,
+                    "chain": p.chain,
+                    "output": output,
+                }
+            )
+            return len(stages) - 1
+
+        def build(node: _Node) -> _Pending:
+            a = node.args
+            if node.kind == "source":
+                return _Pending(a["input"], [], a["partitions"])
+            if node.kind == "narrow":
+                p = build(node.parents[0])
+                p.chain.append(dict(a["op"]))
+                return p
+            if node.kind == "shuffle":
+                built = [build(n) for n in node.parents]
+                exchange = a["exchange"]
+                if exchange == "forward":
+                    total = sum(b.partitions for b in built)
+                    outs, off = [], 0
+                    for b in built:
+                        outs.append({"kind": "forward", "offset": off, "buckets": total})
+                        off += b.partitions
+                    buckets = total
+                elif exchange == "single":
+                    outs, buckets = [{"kind": "single"}] * len(built), 1
+                else:
+                    buckets = a.get("buckets") or max(b.partitions for b in built)
+                    outs = [{"kind": "hash", "keyed": exchange, "buckets": buckets}] * len(built)
+                ids = []
+                for b, out in zip(built, outs, strict=True):
+                    b.chain.extend(dict(op) for op in a["tail"])
+                    ids.append(finish(b, out))
+                return _Pending(None, ids, buckets, [dict(op) for op in a["head"]], a["combine"], a["how"])
+            raise FlowError(f"{node.kind} is not a dataset")
+
+        for action in actions:
+            if action._node.kind != "sink":
+                raise FlowError("run() takes actions: the Datasets returned by save() or count()")
+            a = action._node.args
+            finish(build(action._node.parents[0]), {"kind": "sink", "format": a["format"], "name": a["name"]})
+        names = [action._node.args["name"] for action in actions]
+        if len(set(names)) != len(names):
+            raise FlowError("two actions have the same output name")
+        return {
+            "format": FORMAT,
+            "job_id": job_id or os.urandom(16).hex(),
+            "module": {
+                "source": self.module_source,
+                "sha256": hashlib.sha256(self.module_source.encode("utf-8")).hexdigest(),
+            },
+            "functions": dict(self.functions),
+            "inputs": {name: v["spec"] for name, v in self._inputs.items()},
+            "stages": stages,
+            "recipients": [r.to_line() for r in recipients],
+        }
+
+    def input_paths(self) -> dict[str, str]:
+        return {name: v["path"] for name, v in self._inputs.items()}
+
+    def run(
+        self,
+        *actions: Dataset,
+        engine: Any,
+        recipients: Sequence[PublicIdentity],
+        out_dir: str | Path,
+    ) -> dict[str, Any]:
+        """Run the actions on `engine`; their results are sealed files in `out_dir` that only the
+        recipients can open (confide.flow.open_result). Returns the engine's public summary."""
+        description = self.describe(actions, recipients)
+        sealed = seal_description(description, PublicIdentity.from_line(engine.enclave_public))
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        return engine.run(sealed, self.input_paths(), str(out_dir))
+
+
+def seal_description(description: dict[str, Any], enclave: PublicIdentity) -> bytes:
+    from confide.enclave.encoding import canonical_json
+
+    buf = io.BytesIO()
+    with SealedWriter(buf, recipients=[enclave], metadata={"confide_flow": "job description"}) as w:
+        w.write(canonical_json(description))
+    return buf.getvalue()
+
+
+class Dataset:
+    """A distributed collection of records, defined by its lineage (nothing runs until Flow.run)."""
+
+    def __init__(self, flow: Flow, node: _Node) -> None:
+        self._flow = flow
+        self._node = node
+
+    def _narrow(self, op: str, fn: Fn) -> Dataset:
+        return Dataset(
+            self._flow, _Node("narrow", (self._node,), {"op": {"op": op, "fn": self._flow.fn_name(fn)}})
+        )
+
+    def _shuffle(
+        self,
+        others: Sequence[Dataset],
+        exchange: str,
+        tail: list[dict[str, Any]],
+        head: list[dict[str, Any]],
+        *,
+        buckets: int | None = None,
+        combine: str = "concat",
+        how: str = "inner",
+    ) -> Dataset:
+        for o in others:
+            if o._flow is not self._flow:
+                raise FlowError("datasets of two different Flows cannot be combined")
+        if buckets is not None and buckets < 1:
+            raise FlowError("num_partitions must be at least 1")
+        args = {
+            "exchange": exchange,
+            "tail": tail,
+            "head": head,
+            "buckets": buckets,
+            "combine": combine,
+            "how": how,
+        }
+        parents = (self._node, *(o._node for o in others))
+        return Dataset(self._flow, _Node("shuffle", parents, args))
+
+    # ---- narrow operators ---------------------------------------------------------------------
+    def map(self, fn: Fn) -> Dataset:
+        return self._narrow("map", fn)
+
+    def flat_map(self, fn: Fn) -> Dataset:
+        return self._narrow("flat_map", fn)
+
+    def filter(self, fn: Fn) -> Dataset:
+        return self._narrow("filter", fn)
+
+    def map_partitions(self, fn: Fn) -> Dataset:
+        """fn(iterator of records) -> iterable of records, once per partition."""
+        return self._narrow("map_partitions", fn)
+
+    def key_by(self, fn: Fn) -> Dataset:
+        """(fn(x), x) for each record x."""
+        return self._narrow("key_by", fn)
+
+    # ---- wide operators ------------------------------------------------------------------------
+    def reduce_by_key(self, fn: Fn, num_partitions: int | None = None) -> Dataset:
+        """(k, v) pairs to one (k, fn(...fn(v1, v2)..., vn)) per key; combined on the map side first."""
+        op = {"op": "reduce_local", "fn": self._flow.fn_name(fn)}
+        return self._shuffle([], "pair", [op], [op], buckets=num_partitions)
+
+    def group_by_key(self, num_partitions: int | None = None) -> Dataset:
+        """(k, v) pairs to (k, [values]) (the order of the values is not defined)."""
+        return self._shuffle(
+            [], "pair", [{"op": "group_local"}], [{"op": "group_concat"}], buckets=num_partitions
+        )
+
+    def distinct(self, num_partitions: int | None = None) -> Dataset:
+        op = {"op": "distinct_local"}
+        return self._shuffle([], "self", [op], [op], buckets=num_partitions)
+
+    def join(self, other: Dataset, how: str = "inner", num_partitions: int | None = None) -> Dataset:
+        """(k, v) and (k, w) to (k, (v, w)); how="left" keeps (k, (v, None)) for keys absent on the right."""
+        if how not in ("inner", "left"):
+            raise FlowError("join how must be 'inner' or 'left'")
+        return self._shuffle([other], "pair", [], [], buckets=num_partitions, combine="join", how=how)
+
+    def sort_by(self, fn: Fn, ascending: bool = True) -> Dataset:
+        """Records ordered by fn(record) (stable), into one partition."""
+        key = {"op": "key_by", "fn": self._flow.fn_name(fn)}
+        return self._shuffle([], "single", [key], [{"op": "sort_local", "ascending": bool(ascending)}])
+
+    def union(self, other: Dataset) -> Dataset:
+        """The partitions of this dataset, then those of `other`."""
+        return self._shuffle([other], "forward", [], [])
+
+    # ---- actions -------------------------------------------------------------------------------
+    def count(self, name: str = "count") -> Dataset:
+        """An action: the number of records, as a one-record sealed result named `name`."""
+        counted = self._shuffle([], "single", [{"op": "count_local"}], [{"op": "sum_local"}])
+        return counted.save(name)
+
+    def save(self, name: str, *, format: str = "records") -> Dataset:
+        """An action: one sealed part file per partition (and a sealed manifest) for the recipients.
+        format "records" keeps the values (confide.flow.open_result gives them back); "text" writes
+        each record (a str, or str() of it) as a line."""
+        if format not in ("records", "text"):
+            raise FlowError("format must be 'records' or 'text'")
+        return Dataset(self._flow, _Node("sink", (self._node,), {"name": name, "format": format}))
