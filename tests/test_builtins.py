@@ -38,7 +38,7 @@ def train(kit, datasets: dict, params: dict):
         outputs=[mf.TaskOutput("model", (LAB.fingerprint,)), mf.TaskOutput("report", (LAB.fingerprint,))],
         participants=PARTIES,
     )
-    approvals = [mf.sign_approval(ds.owner, m) for ds in datasets.values()]
+    approvals = [mf.sign_approval(ds.owner, m) for ds in datasets.values()] + [mf.sign_approval(LAB, m)]
     return kit.run(m, approvals, datasets)
 
 

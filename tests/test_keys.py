@@ -8,7 +8,14 @@ import pytest
 
 from confide.enclave import hpke_box
 from confide.enclave.errors import ConfideError, FormatError, IntegrityError
-from confide.enclave.keys import Identity, PublicIdentity, load_public
+from confide.enclave.keys import (
+    FINGERPRINT_BITS,
+    Identity,
+    PublicIdentity,
+    check_pin,
+    load_public,
+    short_fingerprint,
+)
 
 
 def test_identity_file_is_owner_only_and_round_trips(tmp_path: Path, alice: Identity) -> None:
@@ -36,8 +43,27 @@ def test_public_line_round_trip_and_fingerprint(alice: Identity) -> None:
     back = PublicIdentity.from_line(line)
     assert back == alice.public
     assert back.fingerprint == alice.fingerprint
-    assert len(alice.fingerprint) == 24  # 5 groups of 4 hex digits
+    assert len(alice.fingerprint) == 39  # 8 groups of 4 hex digits: 128 bits
+    assert len(alice.fingerprint.replace("-", "")) * 4 == FINGERPRINT_BITS == 128
     assert Identity.generate().fingerprint != alice.fingerprint
+    assert short_fingerprint(alice.fingerprint) == alice.fingerprint[:24]  # shown, never pinned
+
+
+def test_a_pin_shorter_than_128_bits_is_refused(alice: Identity) -> None:
+    """Issue 12 item 7b: the 80-bit short form (and any prefix) does not pin a key."""
+    fp = alice.fingerprint
+    assert check_pin(fp) == fp
+    assert check_pin(fp.replace("-", "").upper()) == fp  # dashes optional, any case
+    assert alice.public.matches_pin(fp)
+    assert not Identity.generate().public.matches_pin(fp)
+    for short in (short_fingerprint(fp), fp[:-5], fp.replace("-", "")[:31]):
+        with pytest.raises(FormatError, match="pinning needs the full 128-bit fingerprint"):
+            check_pin(short)
+        with pytest.raises(FormatError, match="128-bit"):
+            alice.public.matches_pin(short)
+    for bad in (fp + "0", "zz" * 16, ""):
+        with pytest.raises(FormatError):
+            check_pin(bad)
 
 
 @pytest.mark.parametrize(

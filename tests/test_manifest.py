@@ -315,9 +315,33 @@ def test_describe_manifest_shows_what_is_approved() -> None:
 def test_approval_sign_and_verify() -> None:
     m = gbdt_manifest()
     a = mf.sign_approval(HOSP_A, m)
-    assert set(a) == {"format", "task_id", "manifest_sha256", "party", "signature"}
+    assert set(a) == {"format", "task_id", "manifest_sha256", "party", "max_runs", "signature"}
     assert mf.verify_approval(a, m).party == HOSP_A.fingerprint
     assert mf.verify_approval(json.dumps(a), m).party == HOSP_A.fingerprint
+    assert a["max_runs"] == mf.DEFAULT_MAX_RUNS
+    assert mf.verify_approval(mf.sign_approval(HOSP_A, m, max_runs=1), m).max_runs == 1
+
+
+def test_max_runs_is_signed_and_bounded() -> None:
+    """A host cannot raise an approval's run limit: max_runs is under the signature."""
+    m = gbdt_manifest()
+    raised = {**mf.sign_approval(HOSP_A, m, max_runs=1), "max_runs": 1000}
+    with pytest.raises(IntegrityError, match="does not verify"):
+        mf.verify_approval(raised, m)
+    for bad in (0, -1, mf.MAX_RUNS + 1, True, "2"):
+        with pytest.raises(FormatError):
+            mf.sign_approval(HOSP_A, m, max_runs=bad)  # type: ignore[arg-type]
+        with pytest.raises(FormatError):
+            mf.parse_approval({**mf.sign_approval(HOSP_A, m), "max_runs": bad})
+
+
+def test_receipt_of_a_run_beyond_its_limit_is_refused() -> None:
+    body = mf.verify_task_receipt(receipt(run=3, max_runs=3), SERVICE.public)
+    assert (body["run"], body["max_runs"]) == (3, 3)
+    with pytest.raises(IntegrityError, match="run 4 beyond the 3 run"):
+        mf.verify_task_receipt(receipt(run=4, max_runs=3), SERVICE.public)
+    with pytest.raises(IntegrityError, match="run 0"):
+        mf.verify_task_receipt(receipt(run=0), SERVICE.public)
 
 
 def test_forged_replayed_and_stale_approvals_fail() -> None:
@@ -346,7 +370,7 @@ def test_forged_replayed_and_stale_approvals_fail() -> None:
 # ---- receipts -------------------------------------------------------------------------------------
 
 
-def receipt(error: dict | None = None) -> bytes:
+def receipt(error: dict | None = None, *, run: int = 1, max_runs: int = 3) -> bytes:
     m = gbdt_manifest()
     return mf.make_task_receipt(
         SERVICE,
@@ -361,6 +385,8 @@ def receipt(error: dict | None = None) -> bytes:
         evidence_sha256=sha(b"ev"),
         started_at=1,
         ended_at=2,
+        run=0 if error else run,
+        max_runs=max_runs,
         error=error,
     )
 

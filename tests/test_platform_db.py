@@ -47,7 +47,7 @@ def test_migrations_match_the_models_and_are_idempotent(db: Database) -> None:
     db.migrate()  # a second start: nothing to do
     with db.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0004"
     if db.dialect == "sqlite":
         with db.engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"

@@ -8,8 +8,10 @@ digest, a receipt signed by another key, a tampered audit event, and bad CLI inp
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -22,8 +24,8 @@ from confide.client.policy import Policy
 from confide.enclave import manifest as mf
 from confide.enclave.config import EnclaveConfig
 from confide.enclave.encoding import b64e, canonical_json
-from confide.enclave.errors import ConfideError, IntegrityError, PolicyError
-from confide.enclave.keys import Identity
+from confide.enclave.errors import ConfideError, FormatError, IntegrityError, PolicyError
+from confide.enclave.keys import Identity, short_fingerprint
 from confide.enclave.measurement import measure
 from platform_support import ServerProcess
 
@@ -43,8 +45,10 @@ def dev_policy() -> Policy:
 
 
 def _client(server: ServerProcess, policy: Policy, name: str) -> Client:
+    """A party with its own home directory (its record of the manifests it created or approved)."""
     anchors = load_trust_anchors(sim=[server.data_dir / "platform" / "vendor_root.crt"])
-    client = Client(server.url, Identity.generate(name), policy=policy, anchors=anchors)
+    home = server.data_dir.parent / f"home-{name}"
+    client = Client(server.url, Identity.generate(name), policy=policy, anchors=anchors, home=home)
     client.register(name)
     return client
 
@@ -58,6 +62,14 @@ def parties(server: ServerProcess, dev_policy: Policy):
 
 
 @pytest.fixture(scope="module")
+def mallory(server: ServerProcess, dev_policy: Policy):
+    """The hostile host's own party (it may register as many as it likes)."""
+    client = _client(server, dev_policy, "mallory")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
 def finished_task(parties, tmp_path_factory: pytest.TempPathFactory):
     """One task run to completion through the SDK: (task id, dataset ref, function digest)."""
     owner, lab = parties
@@ -65,7 +77,7 @@ def finished_task(parties, tmp_path_factory: pytest.TempPathFactory):
     data.write_text("name,score\nada,1\ngrace,2\n")
     ds = owner.upload_dataset(data)
     fn = lab.register_function(UPPER, name="upper", description="upper-cases the input", outputs=["out"])
-    task = lab.create_task(function=fn, inputs={"data": ds.dataset_id}, outputs={"out": [lab.fingerprint]})
+    task = lab.create_task(function=fn, inputs={"data": ds.ref}, outputs={"out": [lab.fingerprint]})
     owner.approve(task)
     lab.approve(task)
     lab.run(task)
@@ -320,7 +332,7 @@ def test_wait_reports_each_state_once(parties, tmp_path):
     data.write_text("a\n1\n")
     ds = owner.upload_dataset(data)
     fn = lab.register_function(UPPER, name="upper2", description="upper-cases", outputs=["out"])
-    task = lab.create_task(function=fn, inputs={"data": ds.dataset_id}, outputs={"out": [lab.fingerprint]})
+    task = lab.create_task(function=fn, inputs={"data": ds.ref}, outputs={"out": [lab.fingerprint]})
     owner.approve(task)
     lab.approve(task)
     lab.run(task)
@@ -328,3 +340,165 @@ def test_wait_reports_each_state_once(parties, tmp_path):
     final = lab.wait(task, timeout=120, on_state=lambda i: seen.append(i["state"]))
     assert final["state"] == "succeeded" and seen[-1] == "succeeded"
     assert len(seen) == len(set(seen))
+
+
+# ---- issue 12: results only of the manifest a party created or approved; pinned datasets ---------
+
+
+def _db(server: ServerProcess) -> sqlite3.Connection:
+    """The hostile host's own access to its database."""
+    return sqlite3.connect(server.data_dir / "confide.db", timeout=30, isolation_level=None)
+
+
+def _numbers_csv(path: Path, seed: int) -> Path:
+    rows = "".join(f"{(i * 37 + seed) % 11},{(i * 53 + seed) % 7},{i % 2}\n" for i in range(40))
+    path.write_text("a,b,y\n" + rows)
+    return path
+
+
+def test_host_substituted_manifest_is_refused_naming_both_digests(parties, mallory, server, tmp_path):
+    """The host writes another manifest under the lab's task id (same creator, outputs and
+    recipients) whose only input is its own dataset, which it approves itself; it runs it. The lab
+    refuses the result: it accepts only the manifest it created, and names both digests."""
+    owner, lab = parties
+    ds = owner.upload_dataset(_numbers_csv(tmp_path / "owner.csv", 1))
+    task = lab.create_task(
+        function="gbdt-train",
+        inputs={"data": ds.ref},
+        outputs={"model": [lab.fingerprint], "report": [lab.fingerprint]},
+        params={"label": "y", "rounds": 2},
+    )
+    owner.approve(task)
+    created = lab.manifest(task)
+    # the host's substitute: its own data, its own approval as that data's owner
+    own = mallory.upload_dataset(_numbers_csv(tmp_path / "host.csv", 5))
+    swapped = mf.build_manifest(
+        service=lab.service.public,
+        creator=lab.identity.public,
+        function=mf.builtin_descriptor("gbdt-train"),
+        params=created.params,
+        inputs=[("data", own.dataset_id, mallory.fingerprint, own.ciphertext_sha256)],
+        outputs=[(o.name, o.recipients, o.max_bytes) for o in created.outputs],
+        participants={"lab": lab.identity.public, "mallory": mallory.identity.public},
+        task_id=task,
+        created_at=created.created_at,
+    )
+    assert swapped.digest != created.digest
+    approval = mf.sign_approval(mallory.identity, swapped)
+    with _db(server) as db:
+        db.execute(
+            "UPDATE tasks SET manifest = ?, manifest_sha256 = ? WHERE task_id = ?",
+            (swapped.text, swapped.digest, task),
+        )
+        db.execute("DELETE FROM approvals WHERE task_id = ?", (task,))
+        db.execute(
+            "INSERT INTO approvals (task_id, party, manifest_sha256, approval, created_at) "
+            "VALUES (?, ?, ?, ?, 0)",
+            (task, mallory.fingerprint, swapped.digest, canonical_json(approval).decode()),
+        )
+    lab.run(task)
+    lab.wait(task, timeout=120)
+    with pytest.raises(IntegrityError) as refused:
+        lab.results(task, tmp_path / "out")
+    assert created.digest in str(refused.value) and swapped.digest in str(refused.value)
+    with pytest.raises(IntegrityError, match=created.digest):
+        lab.receipt(task)
+    assert not (tmp_path / "out" / "model").exists()
+    # the enclave refused to run it too: the lab never approved the substitute
+    body = mf.verify_task_receipt(base64.b64decode(lab.task(task)["receipt"]), lab.service.public)
+    assert body["status"] == "error" and body["error"]["check"] == "approval"
+    assert f"no approval by lab ({lab.fingerprint})" in body["error"]["message"]
+    # a script elsewhere names the manifest it expects; this home's record still disagrees
+    with pytest.raises(PolicyError, match=created.digest):
+        lab.results(task, tmp_path / "out", expect_manifest=swapped.digest)
+
+
+def test_results_need_a_known_manifest(parties, finished_task, server, dev_policy, tmp_path):
+    """A party with no record of the task (another home) must name the manifest it expects."""
+    _, lab = parties
+    task, _, _ = finished_task
+    anchors = load_trust_anchors(sim=[server.data_dir / "platform" / "vendor_root.crt"])
+    elsewhere = Client(server.url, lab.identity, policy=dev_policy, anchors=anchors, home=tmp_path / "h")
+    with elsewhere:
+        with pytest.raises(PolicyError, match="neither created nor approved"):
+            elsewhere.results(task, tmp_path / "out")
+        with pytest.raises(IntegrityError, match="receipt is for manifest"):
+            elsewhere.results(task, tmp_path / "out", expect_manifest="0" * 64)
+        digest = lab.manifest(task).digest
+        result = elsewhere.results(task, tmp_path / "out", expect_manifest=digest)
+        assert result.outputs["out"].read_text() == "NAME,SCORE\nADA,1\nGRACE,2\n"
+        with pytest.raises(PolicyError, match="not a SHA-256"):
+            elsewhere.results(task, tmp_path / "out", expect_manifest="abc")
+
+
+@pytest.mark.parametrize("field", ["owner", "ciphertext_sha256"])
+def test_host_substituting_the_dataset_behind_a_reference_is_refused(
+    parties, mallory, server, tmp_path, field
+):
+    owner, lab = parties
+    ds = owner.upload_dataset(_numbers_csv(tmp_path / "d.csv", 2))
+    other = mallory.upload_dataset(_numbers_csv(tmp_path / "m.csv", 3))
+    value = mallory.fingerprint if field == "owner" else other.ciphertext_sha256
+    with _db(server) as db:
+        db.execute(f"UPDATE datasets SET {field} = ? WHERE dataset_id = ?", (value, ds.dataset_id))
+    with pytest.raises(IntegrityError, match=f"{field} {value}, not the {getattr(ds, field)}"):
+        lab.create_task(
+            function="gbdt-train",
+            inputs={"data": ds.ref},
+            outputs={"model": [lab.fingerprint], "report": [lab.fingerprint]},
+            params={"label": "y"},
+        )
+
+
+def test_bare_dataset_ids_and_short_fingerprints_do_not_pin(parties, finished_task):
+    owner, lab = parties
+    _, ds, fn = finished_task
+    with pytest.raises(PolicyError, match="bare dataset id"):
+        lab.create_task(function=fn, inputs={"data": ds.dataset_id}, outputs={"out": [lab.fingerprint]})
+    short = short_fingerprint(lab.fingerprint)
+    with pytest.raises(FormatError, match="128-bit"):
+        lab.create_task(function=fn, inputs={"data": ds.ref}, outputs={"out": [short]})
+    with pytest.raises(FormatError, match="128-bit"):
+        lab.party(short_fingerprint(owner.fingerprint))
+    assert ds.ref == f"cds1:{ds.dataset_id}:{owner.fingerprint.replace('-', '')}:{ds.ciphertext_sha256}"
+    assert lab.dataset(ds.ref) == lab.dataset(ds.dataset_id)
+
+
+FAILING = 'def run(ctx):\n    raise ValueError("no")\n'
+
+
+def test_reruns_beyond_the_approved_count_are_refused(parties, tmp_path):
+    """The owner approves one run; the (failed) task is queued again: the enclave refuses the
+    second run with a signed receipt, before decrypting anything for it."""
+    owner, lab = parties
+    data = tmp_path / "d.csv"
+    data.write_text("a\n1\n")
+    ds = owner.upload_dataset(data)
+    fn = lab.register_function(FAILING, name="fails", description="always fails", outputs=["out"])
+    task = lab.create_task(function=fn, inputs={"data": ds.ref}, outputs={"out": [lab.fingerprint]})
+    owner.approve(task, max_runs=1)
+    lab.run(task)
+    assert lab.wait(task, timeout=120)["state"] == "failed"
+    first = lab.receipt(task)
+    assert first["error"]["check"] == "run" and (first["run"], first["max_runs"]) == (1, 1)
+    lab.run(task)  # a failed task may be queued again
+    assert lab.wait(task, timeout=120)["state"] == "failed"
+    second = lab.receipt(task)
+    assert second["error"]["check"] == "runs", second["error"]
+    assert "run 2 of this task exceeds the 1 run(s)" in second["error"]["message"]
+    assert second["outputs"] == [] and second["run"] == 0
+
+
+def test_a_second_receipt_for_the_same_run_is_refused(tmp_path):
+    """Rollback detection on the client: two different receipts for run n of one worker."""
+    from confide.client.task_store import TaskStore
+
+    store = TaskStore(tmp_path / "client.db")
+    store.check_receipt("p", "t", "worker-evidence", 1, "a" * 64)
+    store.check_receipt("p", "t", "worker-evidence", 1, "a" * 64)  # the same receipt again is fine
+    store.check_receipt("p", "t", "worker-evidence", 2, "b" * 64)
+    with pytest.raises(IntegrityError, match="rolled back"):
+        store.check_receipt("p", "t", "worker-evidence", 1, "c" * 64)
+    store.remember_manifest("p", "t", "d" * 64, "created")
+    with pytest.raises(IntegrityError, match="d" * 64):
+        store.remember_manifest("p", "t", "e" * 64, "approved", 3)

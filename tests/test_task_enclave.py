@@ -76,8 +76,17 @@ def train_manifest(kit, data, **over) -> mf.Manifest:
     return mf.build_manifest(**args)
 
 
-def approve(m: mf.Manifest, *who: Identity) -> list[dict]:
-    return [mf.sign_approval(p, m) for p in who]
+IDENTITIES = {p.fingerprint: p for p in (LAB, HOSP_A, HOSP_B, ALGO, MALLORY)}
+
+
+def approve(
+    m: mf.Manifest, *who: Identity, creator: bool = True, max_runs: int = mf.DEFAULT_MAX_RUNS
+) -> list[dict]:
+    """Approvals by `who`, and (unless `creator` is False) by the manifest's creator last."""
+    signers = list(who)
+    if creator and IDENTITIES[m.creator] not in signers:
+        signers.append(IDENTITIES[m.creator])
+    return [mf.sign_approval(p, m, max_runs=max_runs) for p in signers]
 
 
 def assert_refused(result, body, outs, check: str, *needles: str) -> None:
@@ -450,3 +459,77 @@ def test_input_changed_while_read_is_caught(tmp_path) -> None:
     with pytest.raises(IntegrityError, match="input changed while it was read"):
         open_input(str(path), "x", data_key=key, budget=budget, ciphertext_sha256="00" * 32)
     assert budget.used == 0
+
+
+# ---- the creator's approval and run limits (issue 12, items 1 and 7c) ------------------------------
+
+
+def test_manifest_without_the_creators_approval_is_refused(world) -> None:
+    """A host that writes its own manifest naming the creator cannot run it: the creator never
+    signed it (the owners' approvals alone are not enough)."""
+    kit, data = world
+    m = train_manifest(kit, data)
+    result, body, outs = kit.run(m, approve(m, HOSP_A, HOSP_B, creator=False), inputs_ab(data))
+    assert_refused(result, body, outs, "approval", f"no approval by lab ({LAB.fingerprint})", "creator")
+    assert body["run"] == 0 and body["manifest_sha256"] == m.digest
+
+
+def test_host_substituted_manifest_with_its_own_input_is_refused(world) -> None:
+    """The attack of issue 12 item 1 at the enclave: same task id, creator, outputs and recipients,
+    plus an input the host owns and approves itself; the creator's approval is of the original."""
+    kit, data = world
+    original = train_manifest(kit, data)
+    creator_approval = approve(original, creator=True)
+    host_ds = kit.dataset(MALLORY, csv(9))
+    swapped = train_manifest(
+        kit,
+        data,
+        task_id=original.task_id,
+        created_at=original.created_at,
+        inputs=[kit.task_input("hospital_a", data["a"]), kit.task_input("hospital_b", host_ds)],
+        participants={**PARTIES, "mallory": MALLORY.public},
+    )
+    assert swapped.task_id == original.task_id and swapped.digest != original.digest
+    approvals = [*approve(swapped, HOSP_A, MALLORY, creator=False)]
+    result, body, outs = kit.run(swapped, approvals, {"hospital_a": data["a"], "hospital_b": host_ds})
+    assert_refused(result, body, outs, "approval", f"no approval by lab ({LAB.fingerprint})")
+    # and the creator's approval of the original does not carry over to the substitute
+    result, body, outs = kit.run(
+        swapped, [*creator_approval, *approvals], {"hospital_a": data["a"], "hospital_b": host_ds}
+    )
+    assert_refused(result, body, outs, "approval", "changed after approval")
+
+
+def test_runs_beyond_the_approved_count_are_refused(world) -> None:
+    kit, data = world
+    m = train_manifest(kit, data)
+    # a refused attempt decrypts nothing and does not count
+    result, body, outs = kit.run(m, approve(m, HOSP_A), inputs_ab(data))
+    assert_refused(result, body, outs, "approval", "hospital_b")
+    approvals = approve(m, HOSP_A) + approve(m, HOSP_B, creator=False, max_runs=2)
+    for run in (1, 2):
+        result, body, outs = kit.run(m, approvals, inputs_ab(data))
+        assert result["ok"] is True, body
+        assert (body["run"], body["max_runs"]) == (run, 2)
+    result, body, outs = kit.run(m, approvals, inputs_ab(data))
+    assert_refused(result, body, outs, "runs", "run 3 of this task exceeds the 2 run(s)")
+    # another task's count is its own
+    other = train_manifest(kit, data)
+    result, body, _ = kit.run(other, approve(other, HOSP_A, HOSP_B, max_runs=1), inputs_ab(data))
+    assert result["ok"] is True and (body["run"], body["max_runs"]) == (1, 1)
+
+
+def test_run_count_that_does_not_unseal_stops_the_run(world, service_worker) -> None:
+    """A count file moved from another task (or edited) is refused, not reset."""
+    kit, data = world
+    _, home = service_worker
+    a, b = train_manifest(kit, data), train_manifest(kit, data)
+    for m in (a, b):
+        result, body, _ = kit.run(m, approve(m, HOSP_A, HOSP_B), inputs_ab(data))
+        assert result["ok"] is True, body
+    runs = home.state_dir / "runs"
+    file_a = next(runs.glob(f"{a.task_id}-*.sealed"))
+    file_b = next(runs.glob(f"{b.task_id}-*.sealed"))
+    file_b.write_bytes(file_a.read_bytes())
+    result, body, outs = kit.run(b, approve(b, HOSP_A, HOSP_B), inputs_ab(data))
+    assert_refused(result, body, outs, "runs", "does not unseal")

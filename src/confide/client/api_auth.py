@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from confide.enclave.errors import ConfideError, FormatError
-from confide.enclave.keys import Identity, PublicIdentity
+from confide.enclave.keys import FINGERPRINT_RE, Identity, PublicIdentity
 
 SCHEME = "confide-api-v1"
 REGISTER_SCHEME = "confide-register-v1"
@@ -41,7 +41,7 @@ HEADER_NONCE = "X-Confide-Nonce"
 HEADER_SIGNATURE = "X-Confide-Signature"
 HEADERS = (HEADER_PARTY, HEADER_TIME, HEADER_NONCE, HEADER_SIGNATURE)
 
-_FINGERPRINT = re.compile(r"[0-9a-f]{4}(?:-[0-9a-f]{4}){4}")
+_FINGERPRINT = FINGERPRINT_RE
 _NONCE = re.compile(r"[0-9a-f]{32}")
 _TIME = re.compile(r"0|[1-9][0-9]{0,11}")  # canonical: no sign, no leading zeros
 _SHA256 = re.compile(r"[0-9a-f]{64}")

@@ -24,14 +24,17 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from confide.attest import Claims, TrustAnchors
 from confide.client.approval import describe_manifest
+from confide.client.dataset_ref import PREFIX as REF_PREFIX
+from confide.client.dataset_ref import DatasetPin, is_bare_id, make_ref, parse_ref
 from confide.client.local import check_attestation
 from confide.client.policy import Policy
 from confide.client.progress import byte_progress
+from confide.client.task_store import TaskStore
 from confide.client.transport import Transport
 from confide.enclave import manifest as mf
 from confide.enclave.encoding import b64d, b64e, canonical_json
 from confide.enclave.errors import ConfideError, IntegrityError, PolicyError
-from confide.enclave.keys import Identity, PublicIdentity
+from confide.enclave.keys import Identity, PublicIdentity, check_pin
 from confide.enclave.sealed_file import encrypt_stream, open_reader, write_atomically
 
 TERMINAL_STATES = ("succeeded", "failed")
@@ -63,6 +66,12 @@ class DatasetRef:
     size: int
     rows: int | None
     columns: tuple[str, ...]
+
+    @property
+    def ref(self) -> str:
+        """The reference to hand to task creators (``cds1:id:owner:ciphertext``): it pins the
+        owner's full fingerprint and the ciphertext, so the platform cannot substitute a dataset."""
+        return make_ref(self.dataset_id, self.owner, self.ciphertext_sha256)
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,7 @@ class Client:
 
         here = Home.from_env(home)
         self.home = here
+        self.records = TaskStore(here.root / "client.db")  # manifests created/approved, refs, receipts
         self.identity = identity if isinstance(identity, Identity) else Identity.load(Path(identity))
         self.policy = policy if isinstance(policy, Policy) else here.policy(Path(policy) if policy else None)
         self.anchors = anchors if anchors is not None else here.anchors()
@@ -156,8 +166,10 @@ class Client:
         )
 
     def party(self, fingerprint: str) -> tuple[str, PublicIdentity]:
-        """A party's name and public keys, fetched from the platform and checked against the
-        fingerprint (a digest of the keys, so the platform cannot substitute other keys)."""
+        """A party's name and public keys, fetched from the platform and checked against the full
+        128-bit fingerprint (a digest of the keys, so the platform cannot substitute other keys; a
+        shorter pin is refused)."""
+        fingerprint = check_pin(fingerprint, where=f"party {fingerprint}")
         known = self._parties.get(fingerprint)
         if known is not None:
             return known
@@ -240,21 +252,45 @@ class Client:
             "key_envelope": envelope,
         }
         self.api.call("POST", "/v1/datasets", body)
+        ref = DatasetRef(dataset_id, name, self.fingerprint, digest, int(blob["size"]), rows, columns)
+        self.records.remember_dataset(dataset_id, ref.ref)
         self.say(f"uploaded dataset {name!r} ({dataset_id}): {rows} rows, key wrapped to the service")
-        return DatasetRef(dataset_id, name, self.fingerprint, digest, int(blob["size"]), rows, columns)
+        self.say(f"share this reference with task creators: {ref.ref}")
+        return ref
 
-    def dataset(self, dataset_id: str) -> DatasetRef:
+    def dataset(self, dataset: str) -> DatasetRef:
+        """A dataset's record on the platform, by reference (``cds1:...``: the record must agree
+        with it) or by bare id (unchecked: for display only)."""
+        pin = parse_ref(dataset) if dataset.startswith(f"{REF_PREFIX}:") else None
+        dataset_id = pin.dataset_id if pin else dataset
         d = self.api.call("GET", f"/v1/datasets/{dataset_id}")
         schema = d.get("schema") or {}
-        return DatasetRef(
-            str(d["dataset_id"]),
-            str(d["name"]),
-            str(d["owner"]),
-            str(d["ciphertext_sha256"]),
+        got = DatasetRef(
+            str(d.get("dataset_id")),
+            str(d.get("name")),
+            str(d.get("owner")),
+            str(d.get("ciphertext_sha256")),
             int(d.get("size") or 0),
             d.get("rows"),
             tuple(schema.get("columns") or ()),
         )
+        if pin is not None:
+            _check_pin(got, pin)
+        return got
+
+    def _dataset_pin(self, value: str, where: str) -> DatasetPin:
+        """The reference an input names: a ``cds1:`` reference, or a bare id this home uploaded."""
+        if isinstance(value, str) and is_bare_id(value):
+            known = self.records.dataset_ref(value)
+            if known is None:
+                raise PolicyError(
+                    f"{value} is a bare dataset id, which lets the platform substitute another "
+                    "dataset: use the owner's reference (cds1:<id>:<owner>:<ciphertext>, printed "
+                    "by their upload)",
+                    where=where,
+                )
+            value = known
+        return parse_ref(value, where=where)
 
     # ---- functions --------------------------------------------------------------------------------
     def register_function(
@@ -314,15 +350,24 @@ class Client:
         outputs: Mapping[str, Sequence[str]],
         params: Mapping[str, Any] | None = None,
         max_output_bytes: int = DEFAULT_MAX_OUTPUT,
+        max_runs: int = mf.DEFAULT_MAX_RUNS,
     ) -> str:
-        """Build, sign nothing yet, and submit a task manifest; returns the task id.
+        """Build and submit a task manifest, record its digest in this home and sign the creator's
+        approval of it (the enclave runs only manifests their creator approved, at most `max_runs`
+        times per worker); returns the task id.
 
         `function`: a built-in name or a registered function's digest. `inputs`: input name →
-        dataset id. `outputs`: output name → recipient fingerprints."""
+        dataset reference (``cds1:...``, as the owner's upload printed; a bare id only for a dataset
+        uploaded from this home). `outputs`: output name → recipient fingerprints (full 128 bits)."""
         descriptor, confidential = self.function(function)
         service = self.service
-        refs = {n: self.dataset(d) for n, d in inputs.items()}
-        fps = {self.fingerprint, *(r.owner for r in refs.values())}
+        pins = {n: self._dataset_pin(d, f"input {n!r}") for n, d in inputs.items()}
+        for pin in pins.values():
+            self.dataset(str(pin))  # the platform's record must agree with the reference
+        outputs = {
+            n: [check_pin(r, where=f"recipient of output {n!r}") for r in rs] for n, rs in outputs.items()
+        }
+        fps = {self.fingerprint, *(p.owner for p in pins.values())}
         for recips in outputs.values():
             fps.update(recips)
         if descriptor.owner:
@@ -336,13 +381,18 @@ class Client:
             function=descriptor,
             confidential=confidential,
             params=dict(params or {}),
-            inputs=[(n, r.dataset_id, r.owner, r.ciphertext_sha256) for n, r in refs.items()],
+            inputs=[(n, p.dataset_id, p.owner, p.ciphertext_sha256) for n, p in pins.items()],
             outputs=[(n, list(rs), max_output_bytes) for n, rs in outputs.items()],
             participants=participants,
         )
+        task_id = manifest.task_id
+        self.records.remember_manifest(self.fingerprint, task_id, manifest.digest, "created")
         self.api.call("POST", "/v1/tasks", {"manifest": manifest.to_json()})
-        self.say(f"created task {manifest.task_id} ({descriptor.name}), manifest {manifest.digest[:16]}…")
-        return manifest.task_id
+        approval = mf.sign_approval(self.identity, manifest, max_runs=max_runs)
+        self.api.call("POST", f"/v1/tasks/{task_id}/approvals", {"approval": approval})
+        self.records.remember_manifest(self.fingerprint, task_id, manifest.digest, "approved", max_runs)
+        self.say(f"created task {task_id} ({descriptor.name}), manifest {manifest.digest}")
+        return task_id
 
     def task(self, task_id: str) -> dict[str, Any]:
         return dict(self.api.call("GET", f"/v1/tasks/{task_id}"))
@@ -360,14 +410,25 @@ class Client:
     def describe(self, task_id: str) -> str:
         return describe_manifest(self.manifest(task_id))
 
-    def approve(self, task_id: str, *, expect_digest: str | None = None) -> str:
-        """Sign our approval of the task's manifest. With `expect_digest`, refuse unless the manifest
-        is exactly the one reviewed (protects against a manifest swapped between review and signing).
-        Returns the manifest digest approved."""
+    def approve(
+        self, task_id: str, *, expect_digest: str | None = None, max_runs: int = mf.DEFAULT_MAX_RUNS
+    ) -> str:
+        """Sign our approval of the task's manifest, for at most `max_runs` runs (counted by each
+        enclave worker). With `expect_digest`, refuse unless the manifest is exactly the one reviewed
+        (protects against a manifest swapped between review and signing); a manifest other than one
+        this party created or approved before under the same task id is refused. The digest is
+        recorded in this home: results are accepted only for it. Returns the manifest digest."""
         manifest = self.manifest(task_id)
         if expect_digest is not None and manifest.digest != expect_digest:
             raise PolicyError(
                 f"manifest digest is {manifest.digest}, not the reviewed {expect_digest}",
+                where=f"task {task_id}",
+            )
+        known = self.records.manifest(self.fingerprint, task_id)
+        if known is not None and known.manifest_sha256 != manifest.digest:
+            raise IntegrityError(
+                f"the platform shows manifest {manifest.digest}, but this party {known.role} "
+                f"manifest {known.manifest_sha256} of this task",
                 where=f"task {task_id}",
             )
         if manifest.service != self.service.fingerprint:
@@ -375,9 +436,10 @@ class Client:
                 f"task is for service {manifest.service}, not the attested {self.service.fingerprint}",
                 where=f"task {task_id}",
             )
-        approval = mf.sign_approval(self.identity, manifest)
+        approval = mf.sign_approval(self.identity, manifest, max_runs=max_runs)
+        self.records.remember_manifest(self.fingerprint, task_id, manifest.digest, "approved", max_runs)
         self.api.call("POST", f"/v1/tasks/{task_id}/approvals", {"approval": approval})
-        self.say(f"approved task {task_id} (manifest {manifest.digest[:16]}…)")
+        self.say(f"approved task {task_id} (manifest {manifest.digest[:16]}…, at most {max_runs} run(s))")
         return manifest.digest
 
     def run(self, task_id: str) -> None:
@@ -408,28 +470,83 @@ class Client:
             wait = min(LONG_POLL_S, max(remaining, 0.1))
             info = dict(self.api.call("GET", f"/v1/tasks/{task_id}?wait={wait:.1f}&state={state}"))
 
-    def receipt(self, task_id: str, info: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The task's latest receipt, with the service signature and manifest digest checked."""
+    def expected_manifest(self, task_id: str, expect_manifest: str | None = None) -> str:
+        """The manifest digest this party accepts results of: `expect_manifest` (for scripts that
+        run where the task was not created or approved), else the one this home recorded when the
+        party created or approved the task; refused when neither is known or they differ."""
+        where = f"task {task_id}"
+        known = self.records.manifest(self.fingerprint, task_id)
+        if expect_manifest is not None:
+            expect = expect_manifest.strip().lower()
+            if not mf.HEX64_RE.fullmatch(expect):
+                raise PolicyError(f"expected manifest {expect_manifest[:80]!r} is not a SHA-256", where=where)
+            if known is not None and known.manifest_sha256 != expect:
+                raise PolicyError(
+                    f"expected manifest {expect}, but this party {known.role} manifest "
+                    f"{known.manifest_sha256} of this task",
+                    where=where,
+                )
+            return expect
+        if known is None:
+            raise PolicyError(
+                f"this party neither created nor approved task {task_id} from this home "
+                f"({self.records.path}): review it and pass expect_manifest=DIGEST (CLI --expect-manifest)",
+                where=where,
+            )
+        return known.manifest_sha256
+
+    def receipt(
+        self, task_id: str, info: dict[str, Any] | None = None, *, expect_manifest: str | None = None
+    ) -> dict[str, Any]:
+        """The task's latest receipt: the service signature checked, and its manifest the one this
+        party created or approved (or `expect_manifest`); a successful run must lie within the run
+        limit this party approved, and must not contradict a receipt seen before for the same run."""
+        where = f"receipt of task {task_id}"
+        expected = self.expected_manifest(task_id, expect_manifest)
         info = info or self.task(task_id)
         raw = info.get("receipt")
         if not raw:
             raise ConfideError("task has no receipt yet", where=f"task {task_id}")
-        body = mf.verify_task_receipt(
-            b64d(raw, field="receipt", where=f"task {task_id}"),
-            self.service.public,
-            where=f"receipt of task {task_id}",
-        )
-        manifest = mf.parse_manifest(canonical_json(info["manifest"]), where=f"task {task_id}")
-        if body.get("manifest_sha256") != manifest.digest or body.get("task_id") != task_id:
+        data = b64d(raw, field="receipt", where=f"task {task_id}")
+        body = mf.verify_task_receipt(data, self.service.public, where=where)
+        if body.get("task_id") != task_id:
+            raise IntegrityError(f"receipt is for task {body.get('task_id')!r}", where=where)
+        if body.get("manifest_sha256") != expected:
             raise IntegrityError(
-                "receipt is for another manifest or task", where=f"receipt of task {task_id}"
+                f"receipt is for manifest {body.get('manifest_sha256')}, not manifest {expected} that "
+                "this party created or approved (the platform ran another manifest under this task id)",
+                where=where,
+            )
+        manifest = mf.parse_manifest(canonical_json(info["manifest"]), where=f"task {task_id}")
+        if manifest.digest != expected:
+            raise IntegrityError(
+                f"the platform shows manifest {manifest.digest}, not manifest {expected} that this "
+                "party created or approved",
+                where=f"task {task_id}",
+            )
+        if body["status"] == "ok":
+            known = self.records.manifest(self.fingerprint, task_id)
+            limit = known.max_runs if known is not None else None
+            if limit is not None and (body["run"] > limit or body["max_runs"] > limit):
+                raise IntegrityError(
+                    f"receipt of run {body['run']} (limit {body['max_runs']}) exceeds the {limit} "
+                    "run(s) this party approved",
+                    where=where,
+                )
+            self.records.check_receipt(
+                self.fingerprint,
+                task_id,
+                str(body["evidence_sha256"]),
+                int(body["run"]),
+                hashlib.sha256(data).hexdigest(),
             )
         return body
 
-    def results(self, task_id: str, out_dir: Path) -> TaskResult:
-        """Download the outputs addressed to us, check each against the signed receipt, decrypt."""
+    def results(self, task_id: str, out_dir: Path, *, expect_manifest: str | None = None) -> TaskResult:
+        """Download the outputs addressed to us, check each against the signed receipt, decrypt.
+        Only results of the manifest this party created or approved (or `expect_manifest`)."""
         info = self.task(task_id)
-        body = self.receipt(task_id, info)
+        body = self.receipt(task_id, info, expect_manifest=expect_manifest)
         if body.get("status") != "ok":
             err = body.get("error") or {}
             raise ConfideError(
@@ -468,6 +585,17 @@ class Client:
         events = list(self.api.call("GET", path).get("events", []))
         check_audit_chain(events, where=path)
         return events
+
+
+def _check_pin(got: DatasetRef, pin: DatasetPin) -> None:
+    """The platform's record of a dataset must be the one the reference names."""
+    for field in ("dataset_id", "owner", "ciphertext_sha256"):
+        if getattr(got, field) != getattr(pin, field):
+            raise IntegrityError(
+                f"the platform returned a dataset with {field} {getattr(got, field)}, not the "
+                f"{getattr(pin, field)} of reference {pin} (another dataset substituted)",
+                where=f"dataset {pin.dataset_id}",
+            )
 
 
 def check_audit_chain(events: Sequence[Mapping[str, Any]], *, where: str) -> None:

@@ -2,7 +2,10 @@
 
 Private keys live in one file with owner-only permissions. The public half is one text line,
 ``confide-pub1:<base64url of 32-byte Ed25519 key || 32-byte X25519 key> [label]``, that parties
-can paste into a message; its fingerprint is short enough to read aloud.
+can paste into a message. Its fingerprint is 128 bits of SHA-256 over both keys, written as 8 groups
+of 4 hex digits; pins (the fingerprints parties compare out of band, the owners named in manifests
+and dataset key envelopes) use all 128 bits (``check_pin``). ``short_fingerprint`` (the first 80
+bits) is for display only: it identifies nothing a host could not grind a second key for.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import base64
 import binascii
 import hashlib
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +29,51 @@ from .errors import ConfideError, FormatError, IntegrityError
 
 PUBLIC_PREFIX = "confide-pub1:"
 IDENTITY_FORMAT = "confide-identity-v1"
+FINGERPRINT_BITS = 128
+FINGERPRINT_HEX = FINGERPRINT_BITS // 4
+SHORT_FINGERPRINT_HEX = 20  # shown to people; never compared for pinning
+FINGERPRINT_RE = re.compile(r"[0-9a-f]{4}(?:-[0-9a-f]{4}){7}")  # FINGERPRINT_HEX digits in groups of 4
 
 
 def _raw(pub: Ed25519PublicKey | X25519PublicKey) -> bytes:
     return pub.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
+def _grouped(digits: str) -> str:
+    return "-".join(digits[i : i + 4] for i in range(0, len(digits), 4))
+
+
 def fingerprint_of(sign_pub: bytes, kem_pub: bytes) -> str:
-    digest = hashlib.sha256(b"confide-fingerprint-v1\0" + sign_pub + kem_pub).hexdigest()[:20]
-    return "-".join(digest[i : i + 4] for i in range(0, 20, 4))
+    """128 bits of SHA-256 over both public keys, as 8 dash-separated groups of 4 hex digits."""
+    digest = hashlib.sha256(b"confide-fingerprint-v1\0" + sign_pub + kem_pub).hexdigest()
+    return _grouped(digest[:FINGERPRINT_HEX])
+
+
+def short_fingerprint(fingerprint: str) -> str:
+    """The first 80 bits of a fingerprint, for people to glance at (not for pinning)."""
+    return _grouped(fingerprint.replace("-", "")[:SHORT_FINGERPRINT_HEX])
+
+
+def check_pin(pin: str, *, where: str = "fingerprint pin") -> str:
+    """A fingerprint given to pin a party's keys: the full 128-bit form (dashes optional, any case),
+    returned canonical. A shorter prefix is refused: the host could search for another key pair
+    sharing it (about 2^80 work for the 80-bit short form)."""
+    if not isinstance(pin, str):
+        raise FormatError("fingerprint pin must be text", where=where)
+    digits = pin.strip().replace("-", "").replace(":", "").lower()
+    if not digits or any(c not in "0123456789abcdef" for c in digits):
+        raise FormatError(f"fingerprint pin {pin[:80]!r} is not hex digits", where=where)
+    if len(digits) < FINGERPRINT_HEX:
+        raise FormatError(
+            f"fingerprint pin {pin[:80]!r} has {len(digits) * 4} bits; pinning needs the full "
+            f"{FINGERPRINT_BITS}-bit fingerprint ({FINGERPRINT_HEX} hex digits)",
+            where=where,
+        )
+    if len(digits) > FINGERPRINT_HEX:
+        raise FormatError(
+            f"fingerprint pin {pin[:80]!r} has {len(digits)} hex digits, not {FINGERPRINT_HEX}", where=where
+        )
+    return _grouped(digits)
 
 
 @dataclass(frozen=True)
@@ -47,6 +87,10 @@ class PublicIdentity:
     @property
     def fingerprint(self) -> str:
         return fingerprint_of(self.sign_pub, self.kem_pub)
+
+    def matches_pin(self, pin: str, *, where: str = "fingerprint pin") -> bool:
+        """These keys have the full 128-bit fingerprint `pin` (a shorter pin is refused)."""
+        return check_pin(pin, where=where) == self.fingerprint
 
     @property
     def verify_key(self) -> Ed25519PublicKey:

@@ -74,6 +74,7 @@ from .task_fields import (
     DATASET_KEY_FORMAT,
     DATASET_KEY_PURPOSE,
     DEFAULT_MAX_OUTPUT_BYTES,
+    DEFAULT_MAX_RUNS,
     ERROR_OUTPUT,
     FUNCTION_FORMAT,
     FUNCTION_KINDS,
@@ -96,6 +97,7 @@ from .task_fields import (
     MAX_RECEIPT_BYTES,
     MAX_RECIPIENTS,
     MAX_REQUIREMENTS,
+    MAX_RUNS,
     MAX_SOURCE_BYTES,
     MAX_VERSION_LEN,
     PROVIDED_REQUIREMENTS,
@@ -465,6 +467,7 @@ class Approval:
     manifest_sha256: str
     party: str
     signature: bytes
+    max_runs: int = DEFAULT_MAX_RUNS  # how many runs (per worker) this approval allows
 
     def signed_part(self) -> dict[str, Any]:
         return {
@@ -472,26 +475,35 @@ class Approval:
             "task_id": self.task_id,
             "manifest_sha256": self.manifest_sha256,
             "party": self.party,
+            "max_runs": self.max_runs,
         }
 
     def to_json(self) -> dict[str, Any]:
         return {**self.signed_part(), "signature": b64e(self.signature)}
 
 
-def sign_approval(identity: Identity, manifest: Manifest) -> dict[str, Any]:
-    """A party's consent to exactly this manifest (its digest and task id)."""
-    unsigned = Approval(manifest.task_id, manifest.digest, identity.fingerprint, b"")
+def sign_approval(
+    identity: Identity, manifest: Manifest, *, max_runs: int = DEFAULT_MAX_RUNS
+) -> dict[str, Any]:
+    """A party's consent to exactly this manifest (its digest and task id), for at most `max_runs`
+    runs (the enclave counts them; see run_ledger for what a host that rolls back state can do)."""
+    if not isinstance(max_runs, int) or isinstance(max_runs, bool) or not 1 <= max_runs <= MAX_RUNS:
+        raise FormatError(f"max_runs must be within 1..{MAX_RUNS}, got {max_runs!r}", where="approval")
+    unsigned = Approval(manifest.task_id, manifest.digest, identity.fingerprint, b"", max_runs)
     return Approval(
         unsigned.task_id,
         unsigned.manifest_sha256,
         unsigned.party,
         identity.sign(canonical_json(unsigned.signed_part())),
+        max_runs,
     ).to_json()
 
 
 def parse_approval(data: str | bytes | Mapping[str, Any], *, where: str = "approval") -> Approval:
     obj = load_object(data, MAX_APPROVAL_BYTES, where)
-    check_fields(obj, required=("format", "task_id", "manifest_sha256", "party", "signature"), where=where)
+    check_fields(
+        obj, required=("format", "task_id", "manifest_sha256", "party", "max_runs", "signature"), where=where
+    )
     if obj["format"] != APPROVAL_FORMAT:
         raise FormatError(f"unknown approval format {str(obj['format'])[:80]!r}", where=where)
     return Approval(
@@ -499,6 +511,7 @@ def parse_approval(data: str | bytes | Mapping[str, Any], *, where: str = "appro
         manifest_sha256=hex_field(obj, "manifest_sha256", HEX64_RE, where),
         party=fingerprint_field(obj, "party", where),
         signature=b64d(obj["signature"], field="signature", where=where, length=64),
+        max_runs=int_field(obj, "max_runs", where, low=1, high=MAX_RUNS),
     )
 
 
@@ -541,6 +554,8 @@ def make_task_receipt(
     evidence_sha256: str,
     started_at: int,
     ended_at: int,
+    run: int = 0,
+    max_runs: int = 0,
     error: Mapping[str, str] | None = None,
     audit_head: Mapping[str, Any] | None = None,
 ) -> bytes:
@@ -566,6 +581,8 @@ def make_task_receipt(
         "evidence_sha256": evidence_sha256,
         "started_at": started_at,
         "ended_at": ended_at,
+        "run": run,
+        "max_runs": max_runs,
         "status": "ok" if error is None else "error",
         "error": None
         if error is None
@@ -591,6 +608,8 @@ _RECEIPT_FIELDS = (
     "evidence_sha256",
     "started_at",
     "ended_at",
+    "run",
+    "max_runs",
     "status",
     "error",
     "audit_head",
@@ -626,11 +645,17 @@ def verify_task_receipt(
     for key in ("inputs", "outputs"):
         for entry in get_typed(body, key, list, where=w):
             as_object(entry, f"{w}: {key}")
+    for key in ("run", "max_runs"):
+        int_field(body, key, w, low=0, high=MAX_RUNS)
     status = get_typed(body, "status", str, where=w)
     error = body["error"]
     if status == "ok":
         if error is not None:
             raise FormatError("status ok with an error", where=w)
+        if not 1 <= body["run"] <= body["max_runs"]:
+            raise IntegrityError(
+                f"receipt of run {body['run']} beyond the {body['max_runs']} run(s) approved", where=w
+            )
     elif status == "error":
         err = as_object(error, f"{w}: error")
         check_fields(err, required=("check", "message"), where=f"{w}: error")

@@ -12,18 +12,19 @@ from typing import Any
 
 from .encoding import canonical_json, get_typed, json_depth, parse_json_object
 from .errors import FormatError
+from .keys import FINGERPRINT_RE
 
 FUNCTION_FORMAT = "confide-function-v1"
 DATASET_KEY_FORMAT = "confide-dataset-key-v1"
 TASK_FORMAT = "confide-task-v1"
-APPROVAL_FORMAT = "confide-approval-v1"
-RECEIPT_FORMAT = "confide-task-receipt-v1"
+APPROVAL_FORMAT = "confide-approval-v2"  # v2: max_runs
+RECEIPT_FORMAT = "confide-task-receipt-v2"  # v2: run, max_runs
 DATASET_KEY_PURPOSE = "dataset-key"
 FUNCTION_SOURCE_PURPOSE = "function-source"
 
 FUNCTION_KINDS = ("builtin", "python")
 PROVIDED_REQUIREMENTS = ("numpy", "pandas", "scikit-learn", "xgboost")  # what the sandbox offers
-RECEIPT_CHECKS = ("approval", "manifest", "function", "input", "output", "run")
+RECEIPT_CHECKS = ("approval", "manifest", "function", "input", "output", "runs", "run")
 ERROR_OUTPUT = "_error"  # the extra output carrying a failed function's (sealed) error text
 
 MAX_NAME_LEN = 64
@@ -44,12 +45,14 @@ MAX_SOURCE_BYTES = 1 << 20
 MAX_RECEIPT_BYTES = 256 << 10
 MAX_OUTPUT_BYTES = 1 << 40
 MAX_ERROR_MESSAGE_LEN = 2048
+MAX_RUNS = 1_000_000  # the most runs one approval may allow
+DEFAULT_MAX_RUNS = 3  # an approval's default: a run and the platform's retries after a lost worker
 DEFAULT_MAX_OUTPUT_BYTES = 64 << 20
 
 IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 FUNCTION_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,31}")
-FINGERPRINT_RE = re.compile(r"[0-9a-f]{4}(?:-[0-9a-f]{4}){4}")
+FINGERPRINT_WHAT = "a 128-bit key fingerprint (8 groups of 4 hex digits: xxxx-xxxx-...-xxxx)"
 HEX32_RE = re.compile(r"[0-9a-f]{32}")
 HEX64_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -118,12 +121,12 @@ def identifier(value: Any, what: str, where: str) -> str:
 
 
 def fingerprint_field(obj: Mapping[str, Any], key: str, where: str) -> str:
-    return pattern_field(obj, key, FINGERPRINT_RE, "a key fingerprint (xxxx-xxxx-xxxx-xxxx-xxxx)", where)
+    return pattern_field(obj, key, FINGERPRINT_RE, FINGERPRINT_WHAT, where)
 
 
 def fingerprint_value(value: Any, where: str) -> str:
     if not isinstance(value, str) or not FINGERPRINT_RE.fullmatch(value):
-        raise FormatError("must be a key fingerprint (xxxx-xxxx-xxxx-xxxx-xxxx)", where=where)
+        raise FormatError(f"must be {FINGERPRINT_WHAT}", where=where)
     return value
 
 

@@ -11,9 +11,12 @@ signed by the service key, ``status: error`` and ``error.check`` naming the step
                  with the service key, and it hashes to the descriptor's ``source_sha256``;
 5. ``input``     one key envelope and one file per input; each envelope is for this service and
                  names the manifest's dataset, owner and ciphertext (``output``: one path per output);
-6. ``approval``  an approval by the owner of each input (the owner bound in its envelope) and by
-                 the function's owner, if it has one;
-7. ``input``     each blob's SHA-256 is the approved one; only then the data keys are unwrapped.
+6. ``approval``  an approval by the task's creator (they vouch for the manifest they built), by
+                 the owner of each input (the owner bound in its envelope) and by the function's
+                 owner, if it has one;
+7. ``input``     each blob's SHA-256 is the approved one; only then the data keys are unwrapped;
+8. ``runs``      this worker counts the run (sealed, run_ledger) and refuses it past the smallest
+                 ``max_runs`` of the approvals; the receipt carries ``run`` and ``max_runs``.
 
 Then each input is decrypted into a sealed memfd while its bytes are hashed again (a blob swapped
 after step 7 is caught), the function runs in the sandbox, and the outputs, sealed to exactly the
@@ -59,6 +62,7 @@ from .manifest import (
 )
 from .memory import MemoryBudget
 from .pipeline import OutputFile, input_sha256, open_input, run_sandboxed, write_error_output
+from .run_ledger import RunLedger
 from .sandbox import Zygote
 from .service import ServiceState
 
@@ -103,11 +107,15 @@ class TaskRunner:
         self.budget = budget
         self.config = config
         self._audit_head: dict[str, Any] | None = None
+        self.ledger = RunLedger(backend, service.path.parent)  # the worker's state directory
+        self._run = 0  # this call's run number (0 until counted) and the approvals' limit
+        self._max_runs = 0
 
     def run(self, args: dict[str, Any]) -> dict[str, Any]:
         service = self.service.require()  # without a service key there is nobody to sign a receipt
         started = int(time.time())
         manifest: Manifest | None = None
+        self._run = self._max_runs = 0
         # the platform's audit head as the host states it: signed into the receipt, so a chain the
         # platform later shows without this event proves a rewrite (PROTOCOL.md section 7)
         head = args.get("audit_head")
@@ -133,8 +141,12 @@ class TaskRunner:
         task = f"task {m.task_id}"
         with _step("approval"):
             approved: set[str] = set()
+            limits: list[int] = []
             for i, raw in enumerate(args["approvals"]):
-                approved.add(verify_approval(parse_approval(raw, where=f"approval #{i + 1}"), m).party)
+                a = verify_approval(parse_approval(raw, where=f"approval #{i + 1}"), m)
+                approved.add(a.party)
+                limits.append(a.max_runs)
+            self._max_runs = min(limits, default=0)
         with _step("manifest"):
             if m.service != service.fingerprint:
                 raise IntegrityError(
@@ -153,6 +165,12 @@ class TaskRunner:
                     f"host's outputs {sorted(given)} differ from the manifest's {sorted(names)}", where=task
                 )
         with _step("approval"):
+            if m.creator not in approved:
+                raise IntegrityError(
+                    f"no approval by {m.name_of(m.creator)}, the creator of the task: the enclave runs "
+                    "only a manifest its creator signed",
+                    where=task,
+                )
             for inp in m.inputs:
                 owner = envelopes[inp.name].owner  # == the manifest's owner (checked above)
                 if owner not in approved:
@@ -250,6 +268,8 @@ class TaskRunner:
         fds: dict[str, int] = {}
         outputs: dict[str, OutputFile] = {}
         try:
+            with _step("runs"):  # counted (and sealed) before any input is decrypted
+                self._run = self.ledger.next_run(m.task_id, self._max_runs)
             with _step("input"):
                 for inp in m.inputs:
                     fds[inp.name], n = open_input(
@@ -343,6 +363,8 @@ class TaskRunner:
             evidence_sha256=self.service.evidence_sha256,
             started_at=started,
             ended_at=int(time.time()),
+            run=self._run,
+            max_runs=self._max_runs,
             error=error,
             audit_head=self._audit_head,
         )

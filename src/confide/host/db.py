@@ -41,7 +41,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from confide.enclave.errors import ConfideError
 
-FP = 24  # fingerprint: 5 groups of 4 hex digits
+FP = 40  # fingerprint: 8 groups of 4 hex digits (128 bits; migration 0004)
 SHA = 64
 ID = 32
 SQLITE_BUSY_TIMEOUT_MS = 30_000
