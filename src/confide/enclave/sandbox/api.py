@@ -11,7 +11,9 @@ LAYER_NAMES: tuple[str, ...] = (
     "fds-closed",
     "rlimits",
     "not-dumpable",
+    "pid-namespace",
     "namespaces",
+    "minimal-root",
     "uid",
     "landlock-fs",
     "landlock-net",
@@ -39,7 +41,7 @@ class SandboxLimits:
     """Resource limits of one sandboxed run."""
 
     memory_bytes: int = 512 * 2**20  # data allowance on top of the child's address space at fork
-    cpu_seconds: int = 30  # RLIMIT_CPU (SIGXCPU at the limit, SIGKILL one second later)
+    cpu_seconds: int = 30  # RLIMIT_CPU (SIGKILL at the limit)
     wall_seconds: float = 60.0  # SIGKILL after this
     max_output_bytes: int = 256 * 2**20  # per declared output
     max_open_files: int = 64  # RLIMIT_NOFILE

@@ -1,7 +1,10 @@
 """Applies the sandbox layers in the child, in order, before any untrusted code is compiled:
 
-fresh-process → fds-closed → rlimits (+ no_new_privs) → not-dumpable → namespaces → uid →
-landlock-fs / landlock-net / landlock-scope (one ruleset) → seccomp.
+fresh-process → fds-closed → rlimits (+ no_new_privs) → not-dumpable → pid-namespace → namespaces →
+minimal-root → uid → landlock-fs / landlock-net / landlock-scope (one ruleset) → seccomp.
+
+The pid namespace itself is made by the zygote's fork (namespaces.fork_child); the layer here checks
+it and bounds it.
 
 In a run, a layer that fails aborts the run unless it was already reported missing by a weak
 (strict=False) zygote. In the probe, every outcome is recorded and then checked by behaviour.
@@ -37,9 +40,14 @@ VERIFIED = {
     "not-dumpable": "verified: PR_GET_DUMPABLE 0, PR_GET_NO_NEW_PRIVS 1",
     "namespaces": "verified: /proc/self/ns/{net,ipc,uts,mnt} differ from the zygote's, hostname changed, "
     "/ read-only+noatime",
+    "pid-namespace": "verified: getpid() 1, /proc/self/ns/pid differs from the zygote's, starting threads "
+    "stops below the bound",
+    "minimal-root": "verified: stat of /etc, /proc, /dev, /sys, /var, /run, /boot (and /root, /home unless "
+    "above a bound tree) → ENOENT; stdlib readable",
     "uid": "verified: Cap{Inh,Prm,Eff,Bnd,Amb} all 0 and securebits locked",
     "seccomp": "verified: Seccomp 2; socket, socketpair, execve, write-open, kill(zygote), setrlimit, "
-    "fork → EPERM",
+    "fork, prlimit64(zygote) read, fadvise64, readahead, mincore, cachestat, madvise(WILLNEED), "
+    "preadv2(RWF_NOWAIT) → EPERM",
 }
 
 
@@ -73,6 +81,19 @@ class LayerRun:
         self.applied[name] = f"MISSING: {reason}"
         if self.probe is None and name not in self.plan.tolerated:
             raise LayerFailed(name, reason)
+
+
+def host_ppid() -> int:
+    """The parent's pid as the host sees it (/proc/self/status of the host's procfs, read before the
+    minimal root hides /proc); -1 when unreadable."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"PPid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return -1
 
 
 def close_all_but(keep: set[int]) -> None:
@@ -111,7 +132,7 @@ def apply_all(
     Returns the layer bookkeeping, the input fds as reopened read-only, and the rlimits set."""
     run = LayerRun(plan, probe)
     prctl(PR_SET_PDEATHSIG, 9)  # die with the zygote
-    if os.getppid() != plan.zygote_pid:
+    if host_ppid() != plan.zygote_pid:  # getppid() is 0 in the child's own pid namespace
         raise LayerFailed("fresh-process", "the zygote is gone")
     run.applied["fresh-process"] = (
         f"ok: forked from the zygote (pid {plan.zygote_pid}, single-threaded, holds no secrets)"
@@ -149,7 +170,15 @@ def apply_all(
         return "PR_SET_DUMPABLE 0, no_new_privs 1"
 
     run.apply("not-dumpable", not_dumpable)
+    # pid_max is written through the host's /proc, before the namespaces layer makes it read-only
+    run.apply("pid-namespace", lambda: namespaces.bound_pid_namespace(plan.zygote_ns.get("pid", -1)))
     run.apply("namespaces", namespaces.enter_private)
+    run.apply(
+        "minimal-root",
+        lambda: namespaces.enter_minimal_root(
+            plan.read_paths, zygote_mnt_ns=plan.zygote_ns.get("mnt", -1), scratch=probe is not None
+        ),
+    )
     if probe is not None:
         probe.prepare_fs_target()
 
@@ -219,6 +248,8 @@ def verify(
         "rlimits": probe.check_rlimits(limit_table),
         "not-dumpable": probe.check_not_dumpable(),
         "namespaces": probe.check_namespaces(),
+        "pid-namespace": probe.check_pid_namespace(),
+        "minimal-root": probe.check_minimal_root(),
         "uid": probe.check_uid(),
         "landlock-fs": probe.landlock_problem("landlock-fs"),
         "landlock-net": probe.landlock_problem("landlock-net"),

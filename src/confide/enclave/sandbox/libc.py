@@ -23,6 +23,7 @@ SYS_LANDLOCK_CREATE_RULESET = 444
 SYS_LANDLOCK_ADD_RULE = 445
 SYS_LANDLOCK_RESTRICT_SELF = 446
 SYS_MOUNT_SETATTR = 442
+SYS_PIVOT_ROOT = 155
 
 # prctl options (linux/prctl.h)
 PR_SET_PDEATHSIG = 1
@@ -51,6 +52,7 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWNET = 0x40000000
+CLONE_NEWPID = 0x20000000
 CLONE_THREAD = 0x00010000
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -78,12 +80,34 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
     return res
 
 
-def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    if (
-        _libc.mount(source.encode(), target.encode(), fstype.encode(), ctypes.c_ulong(flags), data.encode())
-        != 0
-    ):
+# mount flags (linux/mount.h)
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 0x2
+
+
+def _c(text: str | None) -> bytes | None:
+    return None if text is None else text.encode()
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    if _libc.mount(_c(source), _c(target), _c(fstype), ctypes.c_ulong(flags), _c(data)) != 0:
         _raise_errno(f"mount({target})")
+
+
+def umount2(target: str, flags: int) -> None:
+    if _libc.umount2(target.encode(), flags) != 0:
+        _raise_errno(f"umount2({target})")
+
+
+def setns(fd: int, nstype: int) -> None:
+    if _libc.setns(fd, nstype) != 0:
+        _raise_errno(f"setns({nstype:#x})")
 
 
 def unshare(flags: int) -> None:

@@ -1,12 +1,18 @@
 """The uid layer: become uid/gid 65534 when it can still read the interpreter, otherwise stay uid 0
-with every capability gone for good (all sets, bounding set, ambient set, securebits locked)."""
+with every capability gone for good (all sets, bounding set, ambient set, securebits locked).
+
+Readability is judged inside the minimal root the child will get (namespaces.enter_minimal_root):
+its directories above the bound trees are 0755, so an interpreter under a 0700 home (/root/.pyenv)
+is reachable by uid 65534 there as long as its own tree is world-readable."""
 
 from __future__ import annotations
 
 import errno
 import os
 
+from confide.enclave.sandbox import namespaces
 from confide.enclave.sandbox.libc import (
+    CLONE_NEWNS,
     PR_CAP_AMBIENT,
     PR_CAP_AMBIENT_CLEAR_ALL,
     PR_CAPBSET_DROP,
@@ -20,6 +26,7 @@ from confide.enclave.sandbox.libc import (
     SECBIT_NOROOT_LOCKED,
     capset_empty,
     prctl,
+    unshare,
 )
 
 NOBODY = 65534
@@ -43,16 +50,24 @@ def cap_last_cap() -> int:
         return 63
 
 
-def first_unreadable_by_nobody(paths: list[str]) -> str | None:
+def first_unreadable_by_nobody(
+    paths: list[str], *, minimal_root: tuple[str, ...] | None = None
+) -> str | None:
     """Fork, become 65534, and return the first path it cannot read (None when all are readable).
 
-    Called once by the zygote at start; an unreadable interpreter means the child must stay uid 0."""
+    minimal_root: judge inside a minimal root of these trees (in the checker's own mount namespace),
+    as the child will see them. Called once by the zygote at start; an unreadable interpreter means
+    the child must stay uid 0."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the forked checker
         code = 0
         try:
             os.close(r)
+            if minimal_root is not None:  # in a mount namespace of the checker's own
+                before = namespaces.ns_inodes(("mnt",))["mnt"]
+                unshare(CLONE_NEWNS)
+                namespaces.enter_minimal_root(minimal_root, zygote_mnt_ns=before)
             os.setgroups([])
             os.setresgid(NOBODY, NOBODY, NOBODY)
             os.setresuid(NOBODY, NOBODY, NOBODY)

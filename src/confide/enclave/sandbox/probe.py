@@ -8,11 +8,14 @@ before that layer is applied (Landlock is tested before seccomp, whose EPERM wou
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import resource
 import socket
+import threading
 
 from confide.enclave.sandbox import namespaces, rlimits
 from confide.enclave.sandbox.libc import (
@@ -23,6 +26,7 @@ from confide.enclave.sandbox.libc import (
     close_range,
     mount,
     prctl,
+    syscall,
 )
 from confide.enclave.sandbox.plan import SandboxPlan
 from confide.enclave.sandbox.privileges import NOBODY, SECUREBITS, capability_sets
@@ -51,6 +55,9 @@ class Probe:
     def __init__(self, plan: SandboxPlan) -> None:
         self.plan = plan
         self.status_fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+        # the minimal root has no /proc: namespace identities are read through this descriptor
+        self.ns_fd = os.open("/proc/self/ns", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.read_target = "/etc/passwd"  # a file outside the Landlock trees (replaced by a scratch file)
         self.scope_server: socket.socket | None = None
         self.scope_name = ""
         self.target_pid = 0
@@ -59,7 +66,7 @@ class Probe:
         self.scratch_writable = False
 
     def extra_fds(self) -> set[int]:
-        fds = {self.status_fd}
+        fds = {self.status_fd, self.ns_fd}
         if self.scope_server is not None:
             fds.add(self.scope_server.fileno())
         if self.target_pipe >= 0:
@@ -79,8 +86,8 @@ class Probe:
 
     # -- fresh-process ------------------------------------------------------------------------
     def check_fresh(self) -> str | None:
-        st = self.status()
-        if os.getpid() == self.plan.zygote_pid or os.getppid() != self.plan.zygote_pid:
+        st = self.status()  # the host's procfs: host pids, even in the child's own pid namespace
+        if st.get("Pid") == str(self.plan.zygote_pid) or st.get("PPid") != str(self.plan.zygote_pid):
             return "not a direct child of the zygote"
         if st.get("Threads") != "1":
             return f"child has {st.get('Threads')} threads"
@@ -89,10 +96,15 @@ class Probe:
     # -- a writable scratch file system, so Landlock's write denials are not masked by EROFS -----
     def prepare_fs_target(self) -> None:
         """Mount a tmpfs on /tmp, only inside the probe's own mount namespace (never the host's)."""
-        if namespaces.ns_inodes()["mnt"] in (-1, self.plan.zygote_ns.get("mnt")):
+        if namespaces.ns_inodes(("mnt",), dir_fd=self.ns_fd)["mnt"] in (-1, self.plan.zygote_ns.get("mnt")):
             return
         mount("tmpfs", "/tmp", "tmpfs", 0x2 | 0x4, "size=64k,mode=0777")  # MS_NOSUID | MS_NODEV
         self.scratch_writable = True
+        self.read_target = f"/tmp/confide-landlock-read-{os.getpid()}"
+        os.close(os.open(self.read_target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+        os.chmod(
+            self.read_target, 0o644
+        )  # world-readable (empty: RLIMIT_FSIZE is 0): only Landlock refuses it
 
     # -- targets outside the Landlock domain, created before it -------------------------------
     def prepare_scope_targets(self) -> None:
@@ -130,7 +142,11 @@ class Probe:
         scratch = f"/tmp/confide-landlock-probe-{os.getpid()}"
         fs_problems = []
         for what, call, expect in (
-            ("read /etc/passwd", lambda: open("/etc/passwd", "rb").close(), (errno.EACCES,)),
+            (
+                "read a file outside the allowed trees",
+                lambda: open(self.read_target, "rb").close(),
+                (errno.EACCES,),
+            ),
             ("list /tmp", lambda: os.listdir("/tmp"), (errno.EACCES,)),
             ("mkdir in a writable /tmp", lambda: os.mkdir(scratch), (errno.EACCES,)),
             ("create a file in a writable /tmp", lambda: open(scratch + ".f", "xb").close(), (errno.EACCES,)),
@@ -156,7 +172,7 @@ class Probe:
         self.landlock["landlock-fs"] = (
             "; ".join(fs_problems)
             if fs_problems
-            else "verified: reading /etc/passwd, listing /tmp, mkdir and file creation in a writable tmpfs "
+            else "verified: reading a world-readable file outside the trees, listing /tmp, mkdir and file creation in a writable tmpfs "
             "→ EACCES; stdlib still readable"
         )
 
@@ -214,7 +230,7 @@ class Probe:
         return "; ".join(problems) or None
 
     def check_namespaces(self) -> str | None:
-        now = namespaces.ns_inodes()
+        now = namespaces.ns_inodes(dir_fd=self.ns_fd)
         same = [name for name, ino in now.items() if ino == -1 or ino == self.plan.zygote_ns.get(name)]
         if same:
             return f"still in the zygote's namespace(s): {', '.join(same)}"
@@ -222,6 +238,27 @@ class Probe:
             return "hostname unchanged"
         if not namespaces.mounts_read_only():
             return "/ is not mounted read-only and noatime in the child's mount namespace"
+        return None
+
+    def check_pid_namespace(self) -> str | None:
+        if os.getpid() != 1:
+            return f"getpid() is {os.getpid()}, not 1: not the first process of its own pid namespace"
+        if namespaces.ns_inodes(("pid",), dir_fd=self.ns_fd)["pid"] in (-1, self.plan.zygote_ns.get("pid")):
+            return "still in the zygote's pid namespace"
+        started = _startable_threads(namespaces.PID_MAX + 50)
+        if started >= namespaces.PID_MAX - 1:
+            return f"{started} threads started: thread creation is not bounded below {namespaces.PID_MAX - 1}"
+        return None
+
+    def check_minimal_root(self) -> str | None:
+        found = namespaces.host_paths_hidden(self.plan.read_paths)
+        if found:
+            return f"host paths visible: {found}"
+        try:
+            with open(os.__file__, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            return f"the standard library is not in the minimal root: {exc}"
         return None
 
     def check_uid(self) -> str | None:
@@ -253,6 +290,11 @@ class Probe:
             ("open O_WRONLY", lambda: os.open("/nonexistent/confide-probe", os.O_WRONLY)),
             ("signal the zygote", lambda: os.kill(self.plan.zygote_pid, 0)),
             ("setrlimit", _setrlimit_core_zero),
+            (
+                "prlimit64(zygote) read",
+                lambda: resource.prlimit(self.plan.zygote_pid, resource.RLIMIT_NOFILE),
+            ),
+            *_page_cache_probes(),
         )
         for what, call in probes:
             ok, got = _blocked(call, expect=(errno.EPERM,))
@@ -274,6 +316,8 @@ class Probe:
         self.release_scope_targets()
         os.close(self.status_fd)
         self.status_fd = -1
+        os.close(self.ns_fd)
+        self.ns_fd = -1
         open_fds = set()
         for fd in range(_SCAN_FDS):
             try:
@@ -290,3 +334,75 @@ class Probe:
             if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
                 problems.append(f"input fd {fd} is not read-only")
         return "; ".join(problems) or None
+
+
+def _startable_threads(limit: int) -> int:
+    """How many threads (64 KiB stacks) the process can start at once, trying at most `limit`."""
+    stop = threading.Event()
+    started: list[threading.Thread] = []
+    old = threading.stack_size(64 * 1024)
+    try:
+        for _ in range(limit):
+            thread = threading.Thread(target=stop.wait)
+            try:
+                thread.start()
+            except RuntimeError:
+                break
+            started.append(thread)
+    finally:
+        stop.set()
+        for thread in started:
+            thread.join()
+        threading.stack_size(old)
+    return len(started)
+
+
+_SYS_READAHEAD = 187
+_SYS_MINCORE = 27
+_SYS_MADVISE = 28
+_SYS_CACHESTAT = 451
+_MADV_WILLNEED = 3
+
+
+def _page_cache_probes() -> list[tuple[str, object]]:
+    """Calls that evict, prefetch or reveal pages of a file every run shares (the stdlib's os.py)."""
+
+    def on_stdlib(call: object) -> object:
+        def run() -> None:
+            fd = os.open(os.__file__, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                call(fd)  # type: ignore[operator]
+            finally:
+                os.close(fd)
+
+        return run
+
+    def on_mapping(nr: int, *extra: object) -> object:
+        def run(fd: int) -> None:
+            with mmap.mmap(fd, mmap.PAGESIZE, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE) as m:
+                anchor = ctypes.c_char.from_buffer(m)
+                try:
+                    addr = ctypes.c_void_p(ctypes.addressof(anchor))
+                    syscall(nr, addr, ctypes.c_size_t(mmap.PAGESIZE), *extra, what=f"syscall {nr}")
+                finally:
+                    del anchor
+
+        return on_stdlib(run)
+
+    vec = (ctypes.c_ubyte * 1)()
+    crange = (ctypes.c_uint64 * 2)(0, 0)
+    cstat = (ctypes.c_uint64 * 5)()
+    return [
+        ("fadvise64(DONTNEED)", on_stdlib(lambda fd: os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED))),
+        (
+            "readahead",
+            on_stdlib(lambda fd: syscall(_SYS_READAHEAD, fd, ctypes.c_long(0), ctypes.c_size_t(4096))),
+        ),
+        ("mincore", on_mapping(_SYS_MINCORE, ctypes.byref(vec))),
+        ("madvise(WILLNEED)", on_mapping(_SYS_MADVISE, ctypes.c_int(_MADV_WILLNEED))),
+        (
+            "cachestat",
+            on_stdlib(lambda fd: syscall(_SYS_CACHESTAT, fd, ctypes.byref(crange), ctypes.byref(cstat), 0)),
+        ),
+        ("preadv2(RWF_NOWAIT)", on_stdlib(lambda fd: os.preadv(fd, [bytearray(64)], 0, os.RWF_NOWAIT))),
+    ]

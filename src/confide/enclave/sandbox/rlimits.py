@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import resource
 
-NPROC = 64  # processes+threads of the real uid; the kernel does not enforce it for uid 0
+# RLIMIT_NPROC is not set (the child keeps the zygote's): it counts every process of the real uid on
+# the host (and is not enforced for uid 0), so with uid 65534 one run's threads would block another's,
+# a covert channel and a denial of service between concurrent runs. The pid-namespace layer bounds
+# each run's tasks on its own, whatever the uid (namespaces.PID_MAX).
 
 
 def read_vm_size() -> int:
@@ -22,11 +25,12 @@ def plan(
     address_space = vm_size + memory_bytes
     return {
         resource.RLIMIT_AS: (address_space, address_space),
-        resource.RLIMIT_CPU: (cpu_seconds, cpu_seconds + 1),  # SIGXCPU, then SIGKILL a second later
+        # soft = hard: SIGKILL at the limit. The child is pid 1 of its own pid namespace, and the
+        # kernel never delivers a default-action SIGXCPU to a namespace's init.
+        resource.RLIMIT_CPU: (cpu_seconds, cpu_seconds),
         resource.RLIMIT_NOFILE: (max_open_files, max_open_files),
         resource.RLIMIT_FSIZE: (0, 0),
         resource.RLIMIT_CORE: (0, 0),
-        resource.RLIMIT_NPROC: (NPROC, NPROC),
         resource.RLIMIT_MEMLOCK: (0, 0),
         resource.RLIMIT_MSGQUEUE: (0, 0),
     }
@@ -40,7 +44,7 @@ def apply(limits: dict[int, tuple[int, int]]) -> str:
     address_space = limits[resource.RLIMIT_AS][0]
     cpu = limits[resource.RLIMIT_CPU][0]
     nofile = limits[resource.RLIMIT_NOFILE][0]
-    return f"AS {address_space // 2**20} MiB, CPU {cpu} s, NOFILE {nofile}, FSIZE 0, CORE 0, NPROC {NPROC}; oom_score_adj 1000"
+    return f"AS {address_space // 2**20} MiB, CPU {cpu} s, NOFILE {nofile}, FSIZE 0, CORE 0, NPROC not set (tasks bounded by the pid namespace); oom_score_adj 1000"
 
 
 def mismatches(limits: dict[int, tuple[int, int]]) -> list[str]:

@@ -2,7 +2,10 @@
 
 Default action ALLOW with explicit denials of every way out or up: networking, process creation,
 exec, cross-process signals and memory access, writes to the file system, privilege and namespace
-changes, kernel attack surface (bpf, io_uring, perf, keyrings, userfaultfd, modules). Denied calls
+changes, kernel attack surface (bpf, io_uring, perf, keyrings, userfaultfd, modules), and the
+page-cache probes that would let a run leave or read bits in the cache of files every run shares
+(fadvise64, readahead, mincore, cachestat, madvise WILLNEED/COLD/PAGEOUT, preadv2/pwritev2 with
+flags such as RWF_NOWAIT). Denied calls
 return an errno so the function gets a clean Python exception; a syscall of a foreign ABI (i386
 int 0x80, x32) kills the whole process with SIGSYS.
 
@@ -32,6 +35,7 @@ _FALLBACK_NUMBERS = {
     "removexattrat": 466,
     "open_tree_attr": 467,
     "file_setattr": 469,
+    "cachestat": 451,
 }
 
 DENY_EPERM: tuple[str, ...] = (
@@ -165,6 +169,11 @@ DENY_EPERM: tuple[str, ...] = (
     "setxattrat",
     "removexattrat",
     "file_setattr",
+    # the page cache of shared files: evict/prefetch (sender) and residency queries (receiver)
+    "fadvise64",
+    "readahead",
+    "mincore",
+    "cachestat",
     # anonymous shared memory and SysV/POSIX IPC: no side store, no extra memory outside RLIMIT_AS
     "memfd_create",
     "memfd_secret",
@@ -196,6 +205,12 @@ _IOCTL_DENY = (
     0x5452,  # FIOASYNC
 )
 _FCNTL_DENY = (8, 15)  # F_SETOWN, F_SETOWN_EX: SIGIO to another process
+# madvise advice that moves file pages in or out of the page cache; malloc's DONTNEED/FREE/HUGEPAGE stay
+_MADVISE_DENY = (
+    3,  # MADV_WILLNEED: readahead of a file mapping
+    20,  # MADV_COLD
+    21,  # MADV_PAGEOUT: reclaims the pages
+)
 # Scheduling of other processes (a covert channel to whatever runs next, or a sibling sandbox):
 # the pid/who argument must be 0, i.e. the caller itself.
 _SELF_ONLY_ARG0 = ("sched_setaffinity", "sched_setscheduler", "sched_setparam", "sched_setattr")
@@ -234,8 +249,16 @@ def build(own_pid: int) -> pyseccomp.SyscallFilter:
     for flag in _WRITE_FLAGS:
         add(_EPERM, "open", pyseccomp.Arg(1, pyseccomp.MASKED_EQ, flag, flag))
         add(_EPERM, "openat", pyseccomp.Arg(2, pyseccomp.MASKED_EQ, flag, flag))
-    # rlimits may be read, never set
+    # rlimits may be read, never set, and only its own (pid 0): not another process's limits
     add(_EPERM, "prlimit64", pyseccomp.Arg(2, pyseccomp.NE, 0))
+    add(
+        _EPERM, "prlimit64", pyseccomp.Arg(0, pyseccomp.NE, 0)
+    )  # pid: garbage in the upper half is denied too
+    for advice in _MADVISE_DENY:
+        add(_EPERM, "madvise", pyseccomp.Arg(2, pyseccomp.MASKED_EQ, _LOW32, advice))
+    # preadv2/pwritev2 only without flags (RWF_NOWAIT tells whether pages are cached)
+    for name in ("preadv2", "pwritev2"):
+        add(_EPERM, name, pyseccomp.Arg(5, pyseccomp.NE, 0))
     for option in _PRCTL_DENY:
         add(_EPERM, "prctl", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, _LOW32, option))
     for request in _IOCTL_DENY:
@@ -256,6 +279,8 @@ def load(own_pid: int) -> str:
     build(own_pid).load()
     return (
         f"filter loaded (default allow; {len(DENY_EPERM) + len(DENY_ENOSYS)} syscalls denied outright; "
-        "clone without CLONE_THREAD, signals, SIGIO owners and scheduling aimed at other processes, "
-        "write-opens, rlimit and prctl changes denied; foreign ABIs kill the process)"
+        "clone without CLONE_THREAD, signals, SIGIO owners, rlimit reads and scheduling aimed at other "
+        "processes, write-opens, rlimit and prctl changes, page-cache probes (fadvise64, readahead, "
+        "mincore, cachestat, madvise WILLNEED/COLD/PAGEOUT, preadv2/pwritev2 with flags) denied; "
+        "foreign ABIs kill the process)"
     )

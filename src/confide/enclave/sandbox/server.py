@@ -67,6 +67,11 @@ def _module_files() -> list[str]:
     return files
 
 
+def _module_files_beneath(paths: tuple[str, ...]) -> list[str]:
+    roots = [os.path.realpath(p).rstrip("/") + "/" for p in paths]
+    return [f for f in _module_files() if any(os.path.realpath(f).startswith(r) for r in roots)]
+
+
 def _thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
 
@@ -100,21 +105,28 @@ class ZygoteServer:
             signal.SIGIO, signal.SIG_IGN
         )  # second wall against F_SETOWN tricks (see seccomp_filter)
         paths = read_paths()
+        disabled = frozenset(self.cfg["disable_layers"])
+        minimal_root = "minimal-root" not in disabled
+        # Judged as the child will see the files: inside its minimal root (where only the bound trees
+        # exist; a loaded module outside them is not readable by the child under any uid).
         unreadable = privileges.first_unreadable_by_nobody(
-            [*paths, os.path.realpath(sys.executable), *_module_files()]
+            [*paths, *_module_files_beneath(paths)] if minimal_root else [*paths, *_module_files()],
+            minimal_root=paths if minimal_root else None,
         )
         devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
-        disabled = frozenset(self.cfg["disable_layers"])
         force_nobody = bool(self.cfg.get("force_nobody"))
         plan = SandboxPlan(
             zygote_pid=os.getpid(),
-            zygote_ns=namespaces.ns_inodes(),
+            zygote_ns=namespaces.ns_inodes((*namespaces.CHECKED, "pid")),
             devnull_fd=devnull,
             devnull_rdev=os.fstat(devnull).st_rdev,
             landlock_abi=landlock.abi_version(),
             read_paths=paths,
             to_nobody=unreadable is None or force_nobody,
-            uid_reason="" if unreadable is None or force_nobody else f"{unreadable} unreadable by uid 65534",
+            uid_reason=""
+            if unreadable is None or force_nobody
+            else f"{unreadable} unreadable by uid 65534"
+            + (" even in the minimal root" if minimal_root else ""),
             last_cap=privileges.cap_last_cap(),
             disabled=disabled,
         )
@@ -154,7 +166,7 @@ class ZygoteServer:
         fds = ChildFds(payload=payload_fd, status=status_w, log=log_w, inputs=(input_fd,), outputs=(out_w,))
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        pid = namespaces.fork_child(new_pid_ns="pid-namespace" not in plan.disabled)
         if pid == 0:  # pragma: no cover - the probe child
             child.child_main(plan, fds, probe_mode=True)
         for fd in (payload_fd, input_fd, status_w, log_w, out_w):
@@ -220,7 +232,7 @@ class ZygoteServer:
         sys.stderr.flush()
         started = time.monotonic()
         try:
-            pid = os.fork()
+            pid = namespaces.fork_child(new_pid_ns="pid-namespace" not in self.plan.disabled)
         except OSError as exc:
             for fd in fds:
                 os.close(fd)
