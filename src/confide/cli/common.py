@@ -38,13 +38,18 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except ConfideError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(error_line(exc), err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
 
     return wrapper
+
+
+def error_line(exc: ConfideError) -> str:
+    """The one error format of the CLI: `error: <what> (<where>)`."""
+    return f"error: {exc.message} ({exc.where})" if exc.where else f"error: {exc.message}"
 
 
 def write_new(path: Path, data: bytes, *, mode: int = 0o644) -> None:

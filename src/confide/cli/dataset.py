@@ -36,3 +36,77 @@ def dataset_show(client: Client, dataset_id: str) -> None:
     """Visible metadata of a dataset (owner, columns, rows, ciphertext digest)."""
     ref = client.dataset(dataset_id)
     click.echo(json.dumps({**ref.__dict__, "columns": list(ref.columns)}, indent=2))
+
+
+# ---- the everyday verbs: list, delete ----------------------------------------------------------------
+
+
+@dataset.command(name="list")
+@click.option("--mine", is_flag=True, help="only datasets you own")
+@click.option("--json", "as_json", is_flag=True, help="same as -o json")
+@click.option("-o", "--output-format", "output_format", type=click.Choice(("table", "json")), default=None)
+@with_client
+def dataset_list(client: Client, mine: bool, as_json: bool, output_format: str | None) -> None:
+    """Datasets you own, and those read by tasks you take part in (metadata only: name, owner,
+    columns, rows, ciphertext size and digest)."""
+    from confide.cli.output import emit, iso, named, pick_format
+
+    fmt = pick_format(as_json, output_format)
+    rows = client.datasets()
+    if mine:
+        rows = [r for r in rows if r.get("owner") == client.fingerprint]
+    names = client.party_names()
+    for r in rows:
+        r["owner_name"] = names.get(str(r.get("owner")))
+        r["created_at"] = iso(r.get("created_at"))
+        r["owner_shown"] = named(r.get("owner"), names)
+        r["columns"] = ", ".join(map(str, (r.get("schema") or {}).get("columns") or ()))
+    if fmt == "json":
+        for r in rows:
+            r.pop("owner_shown", None)
+    emit(
+        fmt,
+        rows,
+        columns=(
+            ("dataset_id", "DATASET"),
+            ("name", "NAME"),
+            ("owner_shown", "OWNER"),
+            ("rows", "ROWS"),
+            ("columns", "COLUMNS"),
+            ("size", "BYTES"),
+            ("created_at", "UPLOADED"),
+        ),
+        empty="no datasets",
+    )
+
+
+@dataset.command(name="delete")
+@click.argument("dataset_id")
+@click.option("--yes", is_flag=True, help="do not ask")
+@with_client
+def dataset_delete(client: Client, dataset_id: str, yes: bool) -> None:
+    """Delete your dataset from the platform: its record, its key envelope (the data key wrapped
+    to the enclave service) and its ciphertext in the blob store. Tasks that would read it fail
+    if run after.
+
+    \b
+    What this does NOT do:
+      - recall anything already derived from it: outputs of tasks that ran on it stay with their
+        recipients;
+      - bind a hostile platform: it may have kept copies of the ciphertext and the key envelope.
+        The ciphertext alone is useless without the data key; the envelope opens only inside the
+        attested service, which uses it only for a task whose manifest you signed, so such copies
+        let it re-run at most tasks you already approved (and withdrawn approvals it kept).
+      - erase your own copy, or a copy a participant downloaded (the ciphertext is readable to
+        participants of tasks that read it; it is useless to them without the key)."""
+    from confide.enclave.errors import ConfideError
+
+    if not yes and not click.confirm(f"delete dataset {dataset_id} from the platform?", err=True):
+        raise ConfideError("not deleted", where=f"dataset {dataset_id}")
+    reply = client.delete_dataset(dataset_id)
+    blob = (
+        "ciphertext removed from the blob store"
+        if reply.get("blob_removed")
+        else "ciphertext kept (still referenced)"
+    )
+    click.echo(f"deleted dataset {dataset_id}; {blob}")

@@ -58,3 +58,105 @@ def function_register(
         confidential=confidential,
     )
     click.echo(digest)
+
+
+# ---- the everyday verbs: list, show ------------------------------------------------------------------
+
+
+@function.command(name="list")
+@click.option("--mine", is_flag=True, help="only functions you own")
+@click.option("--json", "as_json", is_flag=True, help="same as -o json")
+@click.option("-o", "--output-format", "output_format", type=click.Choice(("table", "json")), default=None)
+@with_client
+def function_list(client: Client, mine: bool, as_json: bool, output_format: str | None) -> None:
+    """Built-ins, the functions you own or registered, and those of tasks you take part in."""
+    from confide.cli.output import emit, iso, named, pick_format
+
+    fmt = pick_format(as_json, output_format)
+    rows = client.functions()
+    if mine:
+        rows = [r for r in rows if r.get("owner") == client.fingerprint]
+    names = client.party_names()
+    for r in rows:
+        r["owner_name"] = names.get(str(r.get("owner"))) if r.get("owner") else None
+        r["created_at"] = iso(r.get("created_at"))
+        r["ref"] = f"{r.get('name')}@{r.get('version')}"
+        r["owner_shown"] = named(r.get("owner"), names) if r.get("owner") else "(built-in)"
+        r["code"] = "confidential" if r.get("confidential") else "clear"
+    if fmt == "json":
+        for r in rows:
+            for key in ("owner_shown", "ref", "code"):
+                r.pop(key, None)
+    emit(
+        fmt,
+        rows,
+        columns=(
+            ("ref", "FUNCTION"),
+            ("digest", "DIGEST"),
+            ("owner_shown", "OWNER"),
+            ("code", "CODE"),
+            ("created_at", "REGISTERED"),
+        ),
+        empty="no functions",
+    )
+
+
+@function.command(name="show")
+@click.argument("ref", metavar="NAME[@VERSION]|DIGEST")
+@click.option("--source", "show_source", is_flag=True, help="print the code (clear functions only)")
+@click.option("--json", "as_json", is_flag=True, help="same as -o json")
+@click.option("-o", "--output-format", "output_format", type=click.Choice(("table", "json")), default=None)
+@with_client
+def function_show(
+    client: Client, ref: str, show_source: bool, as_json: bool, output_format: str | None
+) -> None:
+    """A function's descriptor (what approvers see); with --source, its code, checked against the
+    digest the descriptor pins. A confidential function's code is sealed to the enclave: nobody
+    else, the platform included, can read it, so there is no source to show."""
+    from confide.cli.output import emit_json, pairs, pick_format
+
+    fmt = pick_format(as_json, output_format)
+    digest = client.resolve_function(ref, own=False, where="NAME[@VERSION]|DIGEST")
+    descriptor, confidential, source = client.function_source(digest)
+    info = {
+        **descriptor.to_json(),
+        "digest": descriptor.digest,
+        "confidential": confidential,
+    }
+    if descriptor.owner:
+        info["owner_name"] = client.party(descriptor.owner)[0]
+    if show_source and confidential:
+        raise ConfideError(
+            f"function {descriptor.name!r} is confidential: its code is sealed to the enclave and "
+            "nobody else can read it",
+            where="--source",
+        )
+    if fmt == "json":
+        if show_source:
+            info["source"] = source
+        emit_json(info)
+        return
+    if show_source:
+        click.echo(source, nl=not (source or "").endswith("\n"))
+        return
+    info["code"] = "confidential (sealed to the enclave)" if confidential else "clear (--source shows it)"
+    info["inputs"] = ", ".join(descriptor.inputs)
+    info["outputs"] = ", ".join(descriptor.outputs)
+    info["requirements"] = ", ".join(descriptor.requirements) or "none"
+    info["owner"] = f"{info.get('owner_name')} ({descriptor.owner})" if descriptor.owner else "(built-in)"
+    pairs(
+        fmt,
+        info,
+        (
+            ("name", "name"),
+            ("version", "version"),
+            ("digest", "digest"),
+            ("kind", "kind"),
+            ("owner", "owner"),
+            ("code", "code"),
+            ("inputs", "inputs"),
+            ("outputs", "outputs"),
+            ("requirements", "requires"),
+            ("description", "description"),
+        ),
+    )

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "enclave": ("enclave", "enclave", "Start the local enclave runtime and talk to it."),
     "run": ("run", "run", "Run a function on sealed inputs in a local attested enclave."),
     "party": ("party", "party", "Parties registered on a platform."),
+    "whoami": ("party", "whoami", "Your fingerprint and the name the platform has for you."),
     "service": ("service", "service", "The platform's enclave service."),
     "dataset": ("dataset", "dataset", "Datasets: encrypted on your machine, key wrapped to the service."),
     "function": ("function", "function", "Functions: built-ins or your own run(ctx) code."),

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from confide.cli.common import EXIT_FAILED, parse_assignments, with_client
+from confide.cli.output import UsageProblem, emit, iso, named, output_option
 from confide.enclave.errors import ConfideError
 
 if TYPE_CHECKING:
@@ -22,10 +23,24 @@ def task() -> None:
 
 @task.command(name="create")
 @click.option(
-    "--function", "function_ref", required=True, help="built-in name (gbdt-train) or function digest"
+    "--function",
+    "function_ref",
+    required=True,
+    help="built-in name (gbdt-train), one of your functions as NAME[@VERSION], or a function digest",
 )
 @click.option("--input", "inputs", multiple=True, help="NAME=DATASET_ID (repeat)")
-@click.option("--output", "outputs", multiple=True, help="NAME=FINGERPRINT[,FINGERPRINT...] (repeat)")
+@click.option(
+    "--output",
+    "outputs",
+    multiple=True,
+    help="NAME=RECIPIENT[,RECIPIENT...] (repeat); a recipient is a party name, a .pub file or a fingerprint",
+)
+@click.option(
+    "--max-output",
+    "max_outputs",
+    multiple=True,
+    help="NAME=SIZE: the most bytes output NAME may hold, e.g. 64KiB, 10MB (default 64MiB)",
+)
 @click.option("--param", "params", multiple=True, help="KEY=VALUE; VALUE parsed as JSON when it parses")
 @click.option("--params-json", default=None, help="all parameters as one JSON object")
 @with_client
@@ -34,10 +49,15 @@ def task_create(
     function_ref: str,
     inputs: tuple[str, ...],
     outputs: tuple[str, ...],
+    max_outputs: tuple[str, ...],
     params: tuple[str, ...],
     params_json: str | None,
 ) -> None:
-    """Create a task; prints its id. Nothing runs until every owner approved and someone runs it."""
+    """Create a task; prints its id. Nothing runs until every owner approved and someone runs it.
+
+    A recipient given by name must match exactly one registered party (names are not unique: if
+    several match, the error lists them; give the fingerprint or .pub file). The manifest pins
+    each recipient's fingerprint and keys, and every approver sees them before signing."""
     values: dict[str, Any] = {}
     if params_json is not None:
         try:
@@ -52,28 +72,68 @@ def task_create(
             values[key] = json.loads(raw)
         except ValueError:
             values[key] = raw
-    out_map = {
-        name: [fp.strip() for fp in fps.split(",") if fp.strip()]
-        for name, fps in parse_assignments(outputs, what="--output").items()
+    caps = {
+        name: parse_size(size, where=f"--max-output {name}")
+        for name, size in parse_assignments(max_outputs, what="--max-output").items()
     }
+    out_map: dict[str, list[str]] = {}
+    for name, refs in parse_assignments(outputs, what="--output").items():
+        recipients = [r.strip() for r in refs.split(",") if r.strip()]
+        if not recipients:
+            raise UsageProblem(f"output {name!r} has no recipient", where="--output")
+        out_map[name] = [client.resolve_party(r, where=f"--output {name}") for r in recipients]
+    unknown = sorted(set(caps) - set(out_map))
+    if unknown:
+        raise UsageProblem(f"no --output named {', '.join(map(repr, unknown))}", where="--max-output")
     task_id = client.create_task(
-        function=function_ref,
+        function=client.resolve_function(function_ref, where="--function"),
         inputs=parse_assignments(inputs, what="--input"),
         outputs=out_map,
         params=values,
+        max_output=caps,
     )
     click.echo(task_id)
 
 
 @task.command(name="show")
 @click.argument("task_id")
+@output_option
 @with_client
-def task_show(client: Client, task_id: str) -> None:
-    """What the task does, exactly as an approval would cover it, and its state."""
+def task_show(client: Client, task_id: str, fmt: str) -> None:
+    """What the task does, exactly as an approval would cover it, and its state. The function's
+    code: `confide function show DIGEST --source` (clear functions only)."""
     info = client.task(task_id)
+    manifest = client.manifest(task_id)
+    approvers = [str(a.get("party", "?")) for a in info.get("approvals", [])]
+    waiting = [fp for fp in manifest.required_approvals() if fp not in approvers]
+    if fmt == "json":
+        from confide.cli.output import emit_json
+
+        emit_json(
+            {
+                "task_id": task_id,
+                "state": info.get("state"),
+                "attempts": info.get("attempts", 0),
+                "manifest_sha256": manifest.digest,
+                "function": {"name": manifest.function.name, "digest": manifest.function_digest},
+                "creator": {"fingerprint": manifest.creator, "name": manifest.name_of(manifest.creator)},
+                "approved_by": [{"fingerprint": fp, "name": manifest.name_of(fp)} for fp in approvers],
+                "waiting_for": [{"fingerprint": fp, "name": manifest.name_of(fp)} for fp in waiting],
+                "created_at": iso(info.get("created_at")),
+                "updated_at": iso(info.get("updated_at")),
+                "manifest": info.get("manifest"),
+            }
+        )
+        return
     click.echo(client.describe(task_id))
-    approved = ", ".join(a.get("party", "?") for a in info.get("approvals", [])) or "nobody yet"
+    names = {p.fingerprint: p.name for p in manifest.participants}
+    approved = ", ".join(named(fp, names) for fp in approvers) or "nobody yet"
     click.echo(f"state: {info.get('state')} (attempts {info.get('attempts', 0)}); approved by: {approved}")
+    if waiting and info.get("state") in ("created", "queued", "failed"):
+        click.echo(f"waiting for: {', '.join(named(fp, names) for fp in waiting)}")
+    kind = "confidential (sealed to the enclave)" if manifest.confidential else "clear"
+    if manifest.function.kind == "python":
+        click.echo(f"code ({kind}): confide function show {manifest.function_digest} --source")
 
 
 @task.command(name="approve")
@@ -152,3 +212,100 @@ def task_results(client: Client, task_id: str, out_dir: Path) -> None:
 def task_receipt(client: Client, task_id: str) -> None:
     """Print the task's receipt after checking the service's signature and the manifest digest."""
     click.echo(json.dumps(client.receipt(task_id), indent=2))
+
+
+# ---- the everyday verbs: list, cancel, withdraw ------------------------------------------------------
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+}  # fmt: skip
+
+
+def parse_size(text: str, *, where: str) -> int:
+    """`64KiB`, `10MB`, `1048576` -> bytes (KB/MB/GB are powers of 10; KiB/MiB/GiB and K/M/G of 2)."""
+    import re
+
+    from confide.enclave.task_fields import MAX_OUTPUT_BYTES
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS:
+        raise UsageProblem(f"not a size: {text!r} (examples: 65536, 64KiB, 10MB)", where=where)
+    size = int(float(m.group(1)) * _UNITS[unit])
+    if not 1 <= size <= MAX_OUTPUT_BYTES:
+        raise UsageProblem(f"size must be 1 byte .. 1 TiB, got {text!r}", where=where)
+    return size
+
+
+@task.command(name="list")
+@click.option("--pending", is_flag=True, help="only tasks waiting for your approval")
+@click.option("--state", "states", multiple=True, help="only tasks in this state (repeat)")
+@output_option
+@with_client
+def task_list(client: Client, pending: bool, states: tuple[str, ...], fmt: str) -> None:
+    """Tasks you take part in (creator, data owner, recipient), oldest first; --pending: those
+    that need your approval, which you have not given yet."""
+    rows = client.tasks(pending=pending)
+    if states:
+        rows = [r for r in rows if r.get("state") in states]
+    names = client.party_names()
+    functions = {str(f["digest"]): f for f in client.functions()}
+    for r in rows:
+        fn = functions.get(str(r.get("function_digest")))
+        r["function_name"] = r.get("function_name") or (fn.get("name") if fn else None)
+        r["function"] = (
+            f"{r['function_name']}@{fn.get('version')}" if fn else r.get("function_digest", "")[:16]
+        )
+        r["creator_name"] = names.get(str(r.get("creator")))
+        r["created"] = named(r.get("creator"), names)
+        r["created_at"] = iso(r.get("created_at"))
+        r["updated_at"] = iso(r.get("updated_at"))
+    emit(
+        fmt,
+        rows,
+        columns=(
+            ("task_id", "TASK"),
+            ("state", "STATE"),
+            ("function", "FUNCTION"),
+            ("created", "CREATOR"),
+            ("created_at", "CREATED"),
+            ("updated_at", "UPDATED"),
+        ),
+        empty="no tasks waiting for your approval" if pending else "no tasks",
+    )
+
+
+@task.command(name="cancel")
+@click.argument("task_id")
+@with_client
+def task_cancel(client: Client, task_id: str) -> None:
+    """As the task's creator, cancel a task that is not running or done (created, queued, or
+    failed): the platform never queues or runs it again.
+
+    \b
+    What this does NOT guarantee: the platform is untrusted, and a hostile one still holds the
+    approvals given so far and could run the task anyway. A data owner who wants the enclave itself
+    to refuse the task withdraws their approval (confide task withdraw)."""
+    reply = client.cancel(task_id)
+    click.echo(f"cancelled {task_id} (was {reply.get('was')})")
+
+
+@task.command(name="withdraw")
+@click.argument("task_id")
+@with_client
+def task_withdraw(client: Client, task_id: str) -> None:
+    """Withdraw your approval of a task that has not run: the platform deletes it, and the enclave,
+    which checks every required approval itself, then refuses to run the task.
+
+    \b
+    What this cannot do:
+      - undo a run that already happened (its outputs went to their recipients);
+      - stop a run in progress (refused: withdraw after it ends);
+      - bind a hostile platform: it could have kept a copy of your signed approval and present it
+        later. The approval covers only this exact manifest; for certainty, delete the dataset
+        (confide dataset delete) or never approve."""
+    reply = client.withdraw(task_id)
+    click.echo(f"withdrew your approval of {task_id} (task {reply.get('state')})")

@@ -37,7 +37,7 @@ from confide.enclave.errors import ConfideError, IntegrityError, PolicyError
 from confide.enclave.keys import Identity, PublicIdentity, check_pin
 from confide.enclave.sealed_file import encrypt_stream, open_reader, write_atomically
 
-TERMINAL_STATES = ("succeeded", "failed")
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 DEFAULT_URL = "http://127.0.0.1:8470"
 DEFAULT_MAX_OUTPUT = 64 << 20
 LONG_POLL_S = 20.0
@@ -350,6 +350,7 @@ class Client:
         outputs: Mapping[str, Sequence[str]],
         params: Mapping[str, Any] | None = None,
         max_output_bytes: int = DEFAULT_MAX_OUTPUT,
+        max_output: Mapping[str, int] | None = None,
         max_runs: int = mf.DEFAULT_MAX_RUNS,
     ) -> str:
         """Build and submit a task manifest, record its digest in this home and sign the creator's
@@ -358,7 +359,12 @@ class Client:
 
         `function`: a built-in name or a registered function's digest. `inputs`: input name →
         dataset reference (``cds1:...``, as the owner's upload printed; a bare id only for a dataset
-        uploaded from this home). `outputs`: output name → recipient fingerprints (full 128 bits)."""
+        uploaded from this home). `outputs`: output name → recipient fingerprints (full 128 bits).
+        `max_output`: output name → byte cap written in the manifest (default `max_output_bytes`)."""
+        caps = dict(max_output or {})
+        unknown = sorted(set(caps) - set(outputs))
+        if unknown:
+            raise ConfideError(f"no output named {', '.join(map(repr, unknown))}", where="max_output")
         descriptor, confidential = self.function(function)
         service = self.service
         pins = {n: self._dataset_pin(d, f"input {n!r}") for n, d in inputs.items()}
@@ -382,7 +388,7 @@ class Client:
             confidential=confidential,
             params=dict(params or {}),
             inputs=[(n, p.dataset_id, p.owner, p.ciphertext_sha256) for n, p in pins.items()],
-            outputs=[(n, list(rs), max_output_bytes) for n, rs in outputs.items()],
+            outputs=[(n, list(rs), caps.get(n, max_output_bytes)) for n, rs in outputs.items()],
             participants=participants,
         )
         task_id = manifest.task_id
@@ -556,7 +562,12 @@ class Client:
         manifest = mf.parse_manifest(canonical_json(info["manifest"]), where=f"task {task_id}")
         mine = {o.name for o in manifest.outputs if self.fingerprint in o.recipients}
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfideError(
+                f"cannot create the output directory ({exc.strerror or exc})", where=str(out_dir)
+            ) from None
         written: dict[str, Path] = {}
         for out in body.get("outputs", []):
             name = str(out["name"])
@@ -596,6 +607,154 @@ def _check_pin(got: DatasetRef, pin: DatasetPin) -> None:
                 f"{getattr(pin, field)} of reference {pin} (another dataset substituted)",
                 where=f"dataset {pin.dataset_id}",
             )
+
+    # ---- the everyday verbs: directories, names, lists, cancel, withdraw, delete ----------------------
+    def whoami(self) -> dict[str, Any]:
+        """This party as the platform knows it: fingerprint and registered name."""
+        info = self.api.call("GET", f"/v1/parties/{self.fingerprint}")
+        return {"fingerprint": self.fingerprint, "name": info.get("name")}
+
+    def rename(self, name: str) -> dict[str, Any]:
+        """Change this party's display name (a signed call). Manifests already written keep the
+        name they were written with; every manifest pins fingerprints, not names."""
+        from confide.client.api_auth import check_party_name
+        from confide.enclave.task_fields import party_name
+
+        check_party_name(name)
+        party_name(name, "name")
+        reply = dict(self.api.call("PATCH", f"/v1/parties/{self.fingerprint}", {"name": name}))
+        self._parties.pop(self.fingerprint, None)
+        return reply
+
+    def parties(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Registered parties (fingerprint, name), optionally only those with exactly this name."""
+        from urllib.parse import quote
+
+        path = "/v1/parties" + (f"?name={quote(name, safe='')}" if name is not None else "")
+        return [dict(p) for p in self.api.call("GET", path).get("parties", [])]
+
+    def party_names(self) -> dict[str, str]:
+        """fingerprint -> registered name, for showing names beside fingerprints."""
+        return {str(p["fingerprint"]): str(p.get("name") or "") for p in self.parties()}
+
+    def resolve_party(self, ref: str, *, where: str = "recipient") -> str:
+        """A fingerprint from a fingerprint, a `.pub` file (or public line), or a registered party
+        name. A name several parties registered is an error listing them (names are not unique)."""
+        from confide.enclave.keys import FINGERPRINT_RE, PUBLIC_PREFIX, load_public
+
+        ref = ref.strip()
+        if FINGERPRINT_RE.fullmatch(ref):
+            return ref
+        if ref.startswith(PUBLIC_PREFIX) or ref.endswith(".pub") or os.sep in ref:
+            public = load_public(ref)
+            self.party(public.fingerprint)  # registered (keys checked against the fingerprint)
+            return public.fingerprint
+        found = self.parties(name=ref)
+        if not found:
+            folded = [p for p in self.parties() if str(p.get("name", "")).casefold() == ref.casefold()]
+            found = folded
+        if not found:
+            raise ConfideError(
+                f"no party named {ref!r} (see `confide party list`; or give a fingerprint or .pub file)",
+                where=where,
+            )
+        if len(found) > 1:
+            listed = ", ".join(f"{p['name']} {p['fingerprint']}" for p in found)
+            raise ConfideError(
+                f"{len(found)} parties are named {ref!r}: {listed}; give the fingerprint or .pub file",
+                where=where,
+            )
+        return str(found[0]["fingerprint"])
+
+    def datasets(self) -> list[dict[str, Any]]:
+        """Datasets you own or that tasks you take part in read (metadata only)."""
+        out = []
+        for d in self.api.call("GET", "/v1/datasets").get("datasets", []):
+            d = dict(d)
+            d.pop("key_envelope", None)
+            out.append(d)
+        return out
+
+    def delete_dataset(self, dataset_id: str) -> dict[str, Any]:
+        """Remove your dataset: its row and key envelope, and its ciphertext from the blob store.
+        Outputs of tasks that already read it are not recalled; see `confide dataset delete --help`."""
+        return dict(self.api.call("DELETE", f"/v1/datasets/{dataset_id}"))
+
+    def functions(self) -> list[dict[str, Any]]:
+        """Built-ins, functions you own or registered, and those of tasks you take part in."""
+        return [dict(f) for f in self.api.call("GET", "/v1/functions").get("functions", [])]
+
+    def resolve_function(self, ref: str, *, own: bool = True, where: str = "--function") -> str:
+        """A built-in name or a digest from `NAME[@VERSION]`, a built-in name or a digest. With
+        `own`, names are looked up among your own functions only (another party could register a
+        function under any name). Several matches are an error listing them."""
+        from confide.enclave.task_fields import HEX64_RE
+
+        ref = ref.strip()
+        if ref in mf.BUILTINS or HEX64_RE.fullmatch(ref):
+            return ref
+        name, _, version = ref.partition("@")
+        candidates = [
+            f
+            for f in self.functions()
+            if f.get("kind") != "builtin"
+            and f.get("name") == name
+            and (not version or f.get("version") == version)
+            and (not own or f.get("owner") == self.fingerprint)
+        ]
+        if not candidates:
+            whose = "of yours " if own else ""
+            raise ConfideError(
+                f"no function {whose}named {ref!r} (see `confide function list`; or give its digest)",
+                where=where,
+            )
+        if len(candidates) > 1:
+            listed = ", ".join(f"{f['name']}@{f['version']} {f['digest']}" for f in candidates)
+            raise ConfideError(
+                f"{len(candidates)} functions match {ref!r}: {listed}; add @VERSION or give the digest",
+                where=where,
+            )
+        return str(candidates[0]["digest"])
+
+    def function_source(self, ref: str) -> tuple[mf.FunctionDescriptor, bool, str | None]:
+        """(descriptor, confidential, source): the source only of a clear function, checked against
+        the digest its descriptor pins (the platform cannot show other code than the task runs)."""
+        if ref in mf.BUILTINS:
+            return mf.builtin_descriptor(ref), False, mf.builtin_source(ref)
+        info = self.api.call("GET", f"/v1/functions/{ref}")
+        descriptor = mf.parse_function_descriptor(info.get("descriptor") or {})
+        if descriptor.digest != ref:
+            raise IntegrityError(
+                "the platform returned a function whose digest differs", where=f"function {ref}"
+            )
+        if info.get("confidential"):
+            return descriptor, True, None
+        source = info.get("source")
+        if not isinstance(source, str):
+            raise IntegrityError(
+                "the platform returned no source for a clear function", where=f"function {ref}"
+            )
+        if descriptor.kind == "builtin":
+            source = mf.builtin_source(descriptor.name)  # ours: the enclave runs its own copy
+        mf.check_function_source(descriptor, source)
+        return descriptor, False, source
+
+    def tasks(self, *, pending: bool = False) -> list[dict[str, Any]]:
+        """Tasks you take part in; with `pending`, those waiting for your approval."""
+        path = "/v1/approvals/pending" if pending else "/v1/tasks"
+        return [dict(t) for t in self.api.call("GET", path).get("tasks", [])]
+
+    def cancel(self, task_id: str) -> dict[str, Any]:
+        """As the task's creator, cancel a task not yet running or done: the platform never queues
+        or claims it again. A hostile platform still holds the approvals; withdraw those to have the
+        enclave itself refuse."""
+        return dict(self.api.call("POST", f"/v1/tasks/{task_id}/cancel", {}))
+
+    def withdraw(self, task_id: str) -> dict[str, Any]:
+        """Delete your approval of a task that has not run: the enclave, which checks every
+        required approval, then refuses it. It cannot undo a run that already happened, and a
+        hostile platform could have kept a copy of the signed approval."""
+        return dict(self.api.call("DELETE", f"/v1/tasks/{task_id}/approvals"))
 
 
 def check_audit_chain(events: Sequence[Mapping[str, Any]], *, where: str) -> None:

@@ -120,6 +120,28 @@ def identifier(value: Any, what: str, where: str) -> str:
     return value
 
 
+MAX_PARTY_NAME_LEN = 128  # the registration limit (confide.client.api_auth.MAX_NAME_LEN)
+
+
+def party_name(value: Any, where: str) -> str:
+    """A participant's display name: free text ("Hospital A"), bounded, printable (no control,
+    format or bidirectional-override characters that could disguise a name in a review), without
+    surrounding spaces. Only a label: manifests name parties by key fingerprint."""
+    if (
+        not isinstance(value, str)
+        or not 1 <= len(value) <= MAX_PARTY_NAME_LEN
+        or not value.isprintable()
+        or value != value.strip()
+    ):
+        shown = value[:80] if isinstance(value, str) else type(value).__name__
+        raise FormatError(
+            f"participant name {shown!r} must be 1..{MAX_PARTY_NAME_LEN} printable characters "
+            "without surrounding spaces",
+            where=where,
+        )
+    return value
+
+
 def fingerprint_field(obj: Mapping[str, Any], key: str, where: str) -> str:
     return pattern_field(obj, key, FINGERPRINT_RE, FINGERPRINT_WHAT, where)
 

@@ -1,7 +1,9 @@
 """Task states in the database: queue, atomic claim with a lease, completion, and recovery.
 
     created ─run─▶ queued ─claim─▶ running ─enclave replied─▶ succeeded | failed
-                     ▲                │
+       │             ▲  │             │
+       │             │  └─cancel─┐    │
+       └──cancel──▶ cancelled ◀──┘    │   (final: never queued or claimed again)
                      └── worker lost ─┘  (attempts ≤ MAX_ATTEMPTS, then failed "worker-lost")
 
 A claim is one transaction: pick the oldest queued task (``FOR UPDATE SKIP LOCKED`` on PostgreSQL;
@@ -44,7 +46,8 @@ from confide.host.db import (
 log = logging.getLogger("confide.host")
 
 MAX_ATTEMPTS = 3
-STATES = ("created", "queued", "running", "succeeded", "failed")
+STATES = ("created", "queued", "running", "succeeded", "failed", "cancelled")
+CANCELLABLE = ("created", "queued", "failed")
 WORKER_LOST = "worker-lost"
 
 
@@ -104,6 +107,8 @@ class Scheduler:
             raise StateConflict(f"task is already {task.state}", where=f"task {task.task_id}")
         if task.state == "succeeded":
             raise StateConflict("task already succeeded", where=f"task {task.task_id}")
+        if task.state == "cancelled":
+            raise StateConflict("task was cancelled", where=f"task {task.task_id}")
         t = now()
         task.state = "queued"
         task.attempts = 0
@@ -113,6 +118,22 @@ class Scheduler:
         task.queued_at = t
         task.updated_at = t
         audit.append(session, "task.queued", actor=actor, task_id=task.task_id, detail={"run": task.runs})
+
+    def cancel(self, session: Session, task: Task, *, actor: str) -> str:
+        """created/queued/failed -> cancelled, for good. The caller holds the task's row lock, and a
+        claim only takes a task still 'queued' (`claim`'s UPDATE ... WHERE), so a cancelled task is
+        never claimed after this commits. Returns the state it was in."""
+        if task.state not in CANCELLABLE:
+            raise StateConflict(
+                f"task is {task.state}: only a task not yet running or done can be cancelled",
+                where=f"task {task.task_id}",
+            )
+        before = task.state
+        task.state = "cancelled"
+        task.queued_at = None
+        task.updated_at = now()
+        audit.append(session, "task.cancelled", actor=actor, task_id=task.task_id, detail={"was": before})
+        return before
 
     # ---- claiming ----------------------------------------------------------------------------------
     def claim(self, worker_id: str) -> ClaimedTask | None:

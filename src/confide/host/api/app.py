@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from confide import __version__
 from confide.host.api.errors import install_error_handlers
 from confide.host.api.routes_data import add_data_routes
+from confide.host.api.routes_lists import add_list_routes
 from confide.host.api.routes_public import add_public_routes
 from confide.host.api.routes_tasks import add_task_routes
 from confide.host.api.security import ConfideRoute, JsonBodyLimit
@@ -33,4 +34,5 @@ def create_app(platform: Platform) -> FastAPI:
     add_public_routes(app, platform)
     add_data_routes(app, platform)
     add_task_routes(app, platform)
+    add_list_routes(app, platform)
     return app
