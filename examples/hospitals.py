@@ -145,7 +145,7 @@ def main(work: Path) -> int:
         step("4. The lab asks for gbdt-train on both datasets, model to the lab only")
         both = lab.create_task(
             function="gbdt-train",
-            inputs={"hospital_a": ds_a.dataset_id, "hospital_b": ds_b.dataset_id},
+            inputs={"hospital_a": ds_a.ref, "hospital_b": ds_b.ref},  # references pin owner + ciphertext
             outputs={"model": [lab.fingerprint], "report": [lab.fingerprint]},
             params=TRAIN_PARAMS,
         )
@@ -176,7 +176,7 @@ def main(work: Path) -> int:
         aucs = {"A + B (Confide)": auc_of(result.outputs["model"], test)}
         for label, owner, ds in (("A only", hospital_a, ds_a), ("B only", hospital_b, ds_b)):
             task = lab.create_task(
-                function="gbdt-train", inputs={"data": ds.dataset_id},
+                function="gbdt-train", inputs={"data": ds.ref},
                 outputs={"model": [lab.fingerprint], "report": [lab.fingerprint]}, params=TRAIN_PARAMS,
             )  # fmt: skip
             owner.approve(task)

@@ -114,7 +114,6 @@ from .task_fields import (
     list_field,
     load_object,
     params_value,
-    party_name,
     sha256_hex,
     text_field,
 )
@@ -251,9 +250,11 @@ class Manifest:
         raise FormatError(f"no output named {name!r}", where=f"manifest of task {self.task_id}")
 
     def required_approvals(self) -> tuple[str, ...]:
-        """Whose approvals the enclave requires: each input's owner, and the function's owner."""
+        """Whose approvals the enclave requires: the creator, each input's owner, and the function's
+        owner."""
         fps: list[str] = []
-        for fp in [i.owner for i in self.inputs] + ([self.function.owner] if self.function.owner else []):
+        owners = [i.owner for i in self.inputs] + ([self.function.owner] if self.function.owner else [])
+        for fp in [self.creator, *owners]:
             if fp not in fps:
                 fps.append(fp)
         return tuple(fps)
@@ -274,7 +275,7 @@ def _participants(value: Any, where: str) -> tuple[Participant, ...]:
         pw = f"{where}: participants[{i}]"
         e = as_object(entry, pw)
         check_fields(e, required=("name", "identity"), where=pw)
-        name = party_name(e["name"], pw)
+        name = identifier(e["name"], "participant name", pw)
         line = text_field(e, "identity", pw, max_len=MAX_IDENTITY_LINE_LEN)
         out.append(Participant(name, line, PublicIdentity.from_line(line, where=f"{pw} ({name})")))
     check_unique([p.name for p in out], "participant name", where)
