@@ -114,6 +114,7 @@ from .task_fields import (
     list_field,
     load_object,
     params_value,
+    party_name,
     sha256_hex,
     text_field,
 )
@@ -275,7 +276,7 @@ def _participants(value: Any, where: str) -> tuple[Participant, ...]:
         pw = f"{where}: participants[{i}]"
         e = as_object(entry, pw)
         check_fields(e, required=("name", "identity"), where=pw)
-        name = identifier(e["name"], "participant name", pw)
+        name = party_name(e["name"], pw)
         line = text_field(e, "identity", pw, max_len=MAX_IDENTITY_LINE_LEN)
         out.append(Participant(name, line, PublicIdentity.from_line(line, where=f"{pw} ({name})")))
     check_unique([p.name for p in out], "participant name", where)
