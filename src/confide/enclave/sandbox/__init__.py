@@ -2,10 +2,12 @@
 
 A function written by one party runs on another party's decrypted data in a fresh child of a
 zygote process, behind these layers, all applied before its source is compiled: fresh
-single-threaded process, every other fd closed, rlimits, not dumpable + no_new_privs, private
-net/ipc/uts/mount namespaces (all mounts read-only, noatime), uid 65534 or uid 0 without any
-capability, Landlock (read-only interpreter files, no TCP, scoped abstract sockets and signals), and
-a seccomp-bpf filter. Its only ways out are its declared outputs, its status and its stdout/stderr
+single-threaded process, every other fd closed, rlimits, not dumpable + no_new_privs, its own pid
+namespace (pid 1, at most 300 tasks), private net/ipc/uts/mount namespaces (all mounts read-only,
+noatime), a minimal root (tmpfs + read-only binds of the interpreter and library trees, no /proc),
+uid 65534 (or uid 0 without any capability where those trees are unreadable to it), Landlock
+(read-only interpreter files, no TCP, scoped abstract sockets and signals), and a seccomp-bpf filter
+(which also denies the page-cache probes). Its only ways out are its declared outputs, its status and its stdout/stderr
 (both returned to the enclave, which treats them as confidential).
 
 The zygote is a fresh interpreter (fork + exec) that never sees inputs, params or source; every
