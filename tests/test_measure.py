@@ -38,7 +38,9 @@ def test_dependency_change_changes_the_value(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(
         m,
         "_dist_digest",
-        lambda name: {**real(name), "version": "0.0.0"} if name == "pyseccomp" else real(name),
+        lambda name, path=None: (
+            {**real(name, path), "version": "0.0.0"} if name == "pyseccomp" else real(name, path)
+        ),
     )
     assert m.measure(EnclaveConfig()).value != before
 

@@ -1,9 +1,18 @@
 """The enclave measurement: like MRENCLAVE, a digest over everything that decides the enclave's behaviour.
 
-It covers (1) every file of the TCB package ``confide.enclave``, (2) the exact version and the hash of
-every installed file of each third-party distribution the TCB imports (and of what those require),
-(3) the Python implementation and version, and (4) the enclave configuration. The same release on the
-same platform gives the same value on any machine; a change to any of these gives a new value.
+It covers (1) every file of the TCB package ``confide.enclave`` and ``confide/__init__.py`` (which
+``python -m confide.enclave`` runs first), (2) the exact version and the hash of every file that can
+be imported from each third-party distribution the TCB imports (and from what those require): the
+files its RECORD lists inside site-packages plus any other file under its top-level packages, (3) the
+Python implementation and version, and (4) the enclave configuration. The same release on the same
+platform gives the same value on any machine; a change to any of these gives a new value.
+
+Left out, because they do not decide behaviour and differ between two installs of one release:
+``__pycache__`` (bytecode whose header carries the source's mtime; the enclave and its zygote run
+with ``NO_BYTECODE_ARGS``, so no cached bytecode is ever read and what runs is compiled from the
+measured sources), the installer's bookkeeping (``RECORD``, ``INSTALLER``, ``REQUESTED``,
+``direct_url.json``) and files installed outside site-packages (console scripts, whose shebang
+names the virtual environment; the enclave never runs them). File mtimes are never read.
 """
 
 from __future__ import annotations
@@ -11,9 +20,10 @@ from __future__ import annotations
 import hashlib
 import platform
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
+from importlib.metadata import PackagePath
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +31,17 @@ from .config import EnclaveConfig
 from .encoding import canonical_json
 from .errors import ConfideError
 
-FORMAT = "confide-measurement-v1"
+FORMAT = "confide-measurement-v2"
 TCB_ROOT = Path(__file__).resolve().parent
+TCB_PACKAGE = "confide.enclave"
+PACKAGE_INIT = TCB_ROOT.parent / "__init__.py"  # `python -m confide.enclave` runs it first
+
+# Interpreter flags for every process that runs TCB code (the enclave and the sandbox zygote): never
+# write bytecode (-B) and look for cached bytecode only beneath /dev/null, where none can exist, so a
+# stale or planted __pycache__/*.pyc (trusted by CPython when its header matches the source's mtime
+# and size) is never executed: every module runs from its measured source. Costs ~2 s per enclave
+# start here (1.3 -> 3.4 s: the zygote compiles numpy, pandas and xgboost; docs/ARCHITECTURE.md).
+NO_BYTECODE_ARGS: tuple[str, ...] = ("-B", "-X", "pycache_prefix=/dev/null")
 
 # Third-party distributions the TCB imports. Everything they require is measured too.
 TCB_DISTRIBUTIONS: tuple[str, ...] = (
@@ -53,18 +72,47 @@ def _digest_listing(entries: Iterable[tuple[str, str]]) -> str:
     return h.hexdigest()
 
 
-def tcb_files() -> list[Path]:
+def _tree_files(root: Path) -> list[Path]:
+    """Every file beneath `root` but cached bytecode (a stray sourceless .pyc is importable: measured)."""
     return sorted(
-        p for p in TCB_ROOT.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+        p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.relative_to(root).parts
     )
+
+
+def tcb_files() -> list[Path]:
+    return _tree_files(TCB_ROOT)
+
+
+def tcb_counts(files: Iterable[Path]) -> dict[str, int]:
+    """How big the TCB is: its files, and its Python files and their lines."""
+    files = list(files)
+    py = [p for p in files if p.suffix == ".py"]
+    return {"files": len(files), "python_files": len(py), "python_lines": sum(_lines(p) for p in py)}
+
+
+def _lines(path: Path) -> int:
+    data = path.read_bytes()
+    return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
 
 
 def _normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def dependency_closure(roots: Iterable[str] = TCB_DISTRIBUTIONS) -> list[str]:
+def _distribution(name: str, path: Sequence[str] | None) -> metadata.Distribution:
+    """The installed distribution `name`, looked up on `path` (default: sys.path)."""
+    if path is None:
+        return metadata.distribution(name)
+    for dist in metadata.distributions(name=name, path=list(path)):
+        return dist
+    raise metadata.PackageNotFoundError(name)
+
+
+def dependency_closure(
+    roots: Iterable[str] = TCB_DISTRIBUTIONS, path: Sequence[str] | None = None
+) -> list[str]:
     """Installed distributions reachable from `roots` through non-optional requirements."""
+    roots = list(roots)
     seen: dict[str, metadata.Distribution] = {}
     todo = list(roots)
     while todo:
@@ -72,7 +120,7 @@ def dependency_closure(roots: Iterable[str] = TCB_DISTRIBUTIONS) -> list[str]:
         if name in seen:
             continue
         try:
-            dist = metadata.distribution(name)
+            dist = _distribution(name, path)
         except metadata.PackageNotFoundError:
             if name in {_normalise(r) for r in roots}:
                 raise ConfideError(f"TCB dependency {name!r} is not installed") from None
@@ -87,16 +135,30 @@ def dependency_closure(roots: Iterable[str] = TCB_DISTRIBUTIONS) -> list[str]:
     return sorted(seen)
 
 
-def _dist_digest(name: str) -> dict[str, Any]:
-    dist = metadata.distribution(name)
-    entries = []
-    for f in dist.files or []:
-        if f.suffix == ".pyc" or "__pycache__" in f.parts or f.name in _SKIP_DIST_FILES:
-            continue
-        path = Path(str(dist.locate_file(f)))
-        if path.is_file():
-            entries.append((str(f), _sha256_file(path)))
-    return {"version": dist.version, "files": len(entries), "digest": _digest_listing(entries)}
+def _importable(f: PackagePath) -> bool:
+    parts = f.parts
+    return bool(parts) and parts[0] != ".." and "__pycache__" not in parts and f.name not in _SKIP_DIST_FILES
+
+
+def dist_files(name: str, path: Sequence[str] | None = None) -> list[tuple[str, Path]]:
+    """(name relative to site-packages, path) of what `name` contributes that can be imported: the
+    files its RECORD lists in site-packages, and any file its RECORD does not list beneath one of its
+    top-level packages (a planted module or extension there would run: it must change the value)."""
+    dist = _distribution(name, path)
+    base = Path(str(dist.locate_file("")))
+    listed = [f for f in dist.files or [] if _importable(f)]
+    out = {f.as_posix(): Path(str(dist.locate_file(f))) for f in listed}
+    tops = {f.parts[0] for f in listed if len(f.parts) > 1 and not f.parts[0].endswith(".dist-info")}
+    for top in sorted(tops):
+        for p in _tree_files(base / top) if (base / top).is_dir() else []:
+            out.setdefault(p.relative_to(base).as_posix(), p)
+    return sorted((n, p) for n, p in out.items() if p.is_file())
+
+
+def _dist_digest(name: str, path: Sequence[str] | None = None) -> dict[str, Any]:
+    entries = [(n, _sha256_file(p)) for n, p in dist_files(name, path)]
+    version = _distribution(name, path).version
+    return {"version": version, "files": len(entries), "digest": _digest_listing(entries)}
 
 
 @dataclass(frozen=True)
@@ -105,14 +167,31 @@ class Measurement:
     manifest: dict[str, Any]
 
 
-def measure(config: EnclaveConfig) -> Measurement:
-    tcb = [(str(p.relative_to(TCB_ROOT)), _sha256_file(p)) for p in tcb_files()]
+def measure(
+    config: EnclaveConfig,
+    *,
+    tcb_root: Path | None = None,
+    path: Sequence[str] | None = None,
+    roots: Sequence[str] = TCB_DISTRIBUTIONS,
+) -> Measurement:
+    """Measure this install (defaults), or another tree: `tcb_root` a copy of ``confide/enclave``
+    (next to its ``confide/__init__.py``), `path` the site directories to find `roots` and what they
+    require in (tests/test_measure_reproducible.py measures two installs this way)."""
+    root = TCB_ROOT if tcb_root is None else tcb_root
+    init = PACKAGE_INIT if tcb_root is None else tcb_root.parent / "__init__.py"
+    files = _tree_files(root) if tcb_root is not None else tcb_files()
+    tcb = [(p.relative_to(root).as_posix(), _sha256_file(p)) for p in files]
     manifest = {
         "format": FORMAT,
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "machine": platform.machine(),
-        "tcb": {"package": "confide.enclave", "files": len(tcb), "digest": _digest_listing(tcb)},
-        "dependencies": {name: _dist_digest(name) for name in dependency_closure()},
+        "tcb": {
+            "package": TCB_PACKAGE,
+            **tcb_counts(files),
+            "digest": _digest_listing(tcb),
+            "package_init": _sha256_file(init),  # confide/__init__.py runs first
+        },
+        "dependencies": {name: _dist_digest(name, path) for name in dependency_closure(roots, path)},
         "config": config.to_dict(),
     }
     return Measurement(hashlib.sha256(canonical_json(manifest)).hexdigest(), manifest)
