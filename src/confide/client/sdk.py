@@ -24,6 +24,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from confide.attest import Claims, TrustAnchors
 from confide.client.approval import describe_manifest
+from confide.client.audit_pins import AuditRewritten as AuditRewritten
+from confide.client.audit_pins import AuditVerifier, PinStore
+from confide.client.audit_pins import check_audit_chain as check_audit_chain
 from confide.client.dataset_ref import PREFIX as REF_PREFIX
 from confide.client.dataset_ref import DatasetPin, is_bare_id, make_ref, parse_ref
 from confide.client.local import check_attestation
@@ -35,6 +38,7 @@ from confide.enclave import manifest as mf
 from confide.enclave.encoding import b64d, b64e, canonical_json
 from confide.enclave.errors import ConfideError, IntegrityError, PolicyError
 from confide.enclave.keys import Identity, PublicIdentity, check_pin
+from confide.enclave.padding import PAD_FORMAT, unpad_file
 from confide.enclave.sealed_file import encrypt_stream, open_reader, write_atomically
 
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
@@ -568,16 +572,20 @@ class Client:
             raise ConfideError(
                 f"cannot create the output directory ({exc.strerror or exc})", where=str(out_dir)
             ) from None
+        self.check_receipt_audit(task_id, body)
         written: dict[str, Path] = {}
         for out in body.get("outputs", []):
             name = str(out["name"])
             if name not in mine:
                 continue
-            written[name] = self._fetch_output(str(out["sha256"]), out_dir / name)
+            padded = manifest.output(name).pad is not None
+            written[name] = self._fetch_output(str(out["sha256"]), out_dir / name, padded=padded)
         self.say(f"task {task_id}: {len(written)} output(s) verified against the receipt and decrypted")
         return TaskResult(task_id, str(info.get("state")), body, written)
 
-    def _fetch_output(self, sha256: str, dst: Path) -> Path:
+    def _fetch_output(self, sha256: str, dst: Path, *, padded: bool = False) -> Path:
+        """Download, decrypt; strip the enclave's size padding when the sealed header (authenticated
+        under the data key) says it is padded. `padded`: the manifest says it must be."""
         with tempfile.TemporaryDirectory(prefix="confide-fetch-") as tmp:
             sealed = Path(tmp) / "output.cnf"
             with open(sealed, "wb") as fh:
@@ -585,17 +593,59 @@ class Client:
             fh2, reader = open_reader(sealed)
             with fh2:
                 reader.unlock(identity=self.identity)
+                is_padded = reader.header.metadata.get("pad") == PAD_FORMAT
+                if padded and not is_padded:
+                    raise IntegrityError(
+                        "output approved with padding is not padded", where=f"output {dst.name}"
+                    )
                 with byte_progress(f"decrypting {dst.name}", reader.plaintext_size) as advance:
                     write_atomically(dst, lambda out: reader.decrypt_to(out, advance))
+            if is_padded:
+                try:
+                    unpad_file(dst, where=f"output {dst.name}")
+                except BaseException:
+                    dst.unlink(missing_ok=True)
+                    raise
         return dst
 
     # ---- audit ------------------------------------------------------------------------------------
     def audit(self, task_id: str | None = None) -> list[dict[str, Any]]:
-        """Audit events we may see, each event's hash and the links between consecutive ones checked."""
+        """Audit events we may see, each checked to be in the platform's one chain, and that chain
+        to extend what this party verified before (pinned in $CONFIDE_HOME/audit-pins.json): a
+        removed or altered event, or a truncated log, raises `AuditRewritten` naming the event."""
         path = f"/v1/tasks/{task_id}/audit" if task_id else "/v1/audit"
         events = list(self.api.call("GET", path).get("events", []))
-        check_audit_chain(events, where=path)
+        head = self.api.call("GET", "/v1/audit/head")
+        self._audit_verifier().verify(events, head, where=path)
         return events
+
+    def check_receipt_audit(self, task_id: str, body: Mapping[str, Any]) -> None:
+        """The audit head the enclave signed in this receipt must be in the platform's chain (and
+        stays pinned): a chain without it proves the platform rewrote its log."""
+        signed = body.get("audit_head")
+        if signed is None:
+            raise IntegrityError(
+                "the receipt signs no audit head (the host passed none to the enclave)",
+                where=f"receipt of task {task_id}",
+            )
+        head = self.api.call("GET", "/v1/audit/head")
+        self._audit_verifier().verify(
+            [], head, receipts=[(task_id, signed)], where=f"receipt of task {task_id}"
+        )
+
+    def _audit_verifier(self) -> AuditVerifier:
+        home = getattr(self, "home", None)
+        root = (
+            Path(home.root)
+            if home is not None
+            else Path(os.environ.get("CONFIDE_HOME") or "~/.confide").expanduser()
+        )
+        store = PinStore(root / "audit-pins.json")
+
+        def fetch(first: int, last: int) -> Mapping[str, Any]:
+            return dict(self.api.call("GET", f"/v1/audit/links?first={first}&last={last}"))
+
+        return AuditVerifier(store, self.service.fingerprint, fetch)
 
 
 def _check_pin(got: DatasetRef, pin: DatasetPin) -> None:
@@ -755,25 +805,6 @@ def _check_pin(got: DatasetRef, pin: DatasetPin) -> None:
         required approval, then refuses it. It cannot undo a run that already happened, and a
         hostile platform could have kept a copy of the signed approval."""
         return dict(self.api.call("DELETE", f"/v1/tasks/{task_id}/approvals"))
-
-
-def check_audit_chain(events: Sequence[Mapping[str, Any]], *, where: str) -> None:
-    """Each event's sha256 must be the digest of the event without it; where two events we see are
-    consecutive (seq n, n+1), the later one must link to the earlier one."""
-    prev: Mapping[str, Any] | None = None
-    for ev in sorted(events, key=lambda e: int(e.get("seq", 0))):
-        body = {k: v for k, v in ev.items() if k != "sha256"}
-        if hashlib.sha256(canonical_json(body)).hexdigest() != ev.get("sha256"):
-            raise IntegrityError(f"audit event {ev.get('seq')} does not match its hash", where=where)
-        if (
-            prev is not None
-            and int(ev["seq"]) == int(prev["seq"]) + 1
-            and ev.get("prev_sha256") != prev["sha256"]
-        ):
-            raise IntegrityError(
-                f"audit event {ev.get('seq')} does not link to event {prev['seq']}", where=where
-            )
-        prev = ev
 
 
 def _size_of(path: Path) -> int:

@@ -1,36 +1,56 @@
 """The hash-chained audit log (PROTOCOL.md §7).
 
 Each event is ``{seq, time, task_id, actor, kind, detail, prev_sha256, sha256}`` with
-``sha256 = H(canonical_json(event without sha256))`` and ``prev_sha256`` the previous event's hash
-(64 zeros before the first). Events are appended in the same transaction as the state change they
-record, after locking the single ``audit_head`` row (``SELECT ... FOR UPDATE`` on PostgreSQL; on
-SQLite every transaction already holds the write lock), so concurrent writers — API threads,
-workers, several servers on one PostgreSQL database — produce one linear chain.
+``body_sha256 = H(canonical_json({time, task_id, actor, kind, detail}))``,
+``sha256 = H(canonical_json({format: "confide-audit-v2", seq, prev_sha256, body_sha256}))`` and
+``prev_sha256`` the previous event's hash (64 zeros before the first). A *link*
+``{seq, prev_sha256, body_sha256, sha256}`` lets a party check the chain across events it may not
+see (their content stays hidden behind ``body_sha256``): parties pin the newest ``(seq, sha256)``
+they verified and require every later answer to extend it through links (client/audit_pins.py).
+
+Events are appended in the same transaction as the state change they record, after locking the
+single ``audit_head`` row (``SELECT ... FOR UPDATE`` on PostgreSQL; on SQLite every transaction
+already holds the write lock), so concurrent writers — API threads, workers, several servers on one
+PostgreSQL database — produce one linear chain.
 
 The platform is untrusted: the chain lets a party detect that events it saw were later altered,
-removed or reordered (it keeps the head hash it saw), not that the platform never lied.
+removed or reordered (it pins the head it verified; receipts sign the head the host passed), not
+that the platform never lied.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from confide.client.audit_chain import GENESIS, MAX_LINKS, body_hash, event_hash, link_hash
 from confide.enclave.encoding import canonical_json, parse_json_object
 from confide.enclave.errors import ConfideError, IntegrityError
 from confide.host.db import AuditEvent, AuditHead, now
 
-GENESIS = "0" * 64
 HEAD_ID = 1
 
 
-def event_hash(event: Mapping[str, Any]) -> str:
-    body = {k: v for k, v in event.items() if k != "sha256"}
-    return hashlib.sha256(canonical_json(body)).hexdigest()
+def as_link(row: AuditEvent) -> dict[str, Any]:
+    ev = as_dict(row)
+    return {
+        "seq": row.seq,
+        "prev_sha256": row.prev_sha256,
+        "body_sha256": body_hash(ev),
+        "sha256": row.sha256,
+    }
+
+
+def links(session: Session, first: int, last: int) -> list[dict[str, Any]]:
+    """The links of events first..last (at most MAX_LINKS), in order, as stored (a party checks them)."""
+    last = min(last, first + MAX_LINKS - 1)
+    rows = session.execute(
+        select(AuditEvent).where(AuditEvent.seq >= first, AuditEvent.seq <= last).order_by(AuditEvent.seq)
+    ).scalars()
+    return [as_link(r) for r in rows]
 
 
 def as_dict(row: AuditEvent) -> dict[str, Any]:
@@ -130,3 +150,18 @@ def verify_log(session: Session, *, batch: int = 1000) -> int:
             where="audit_head",
         )
     return last
+
+
+__all__ = [
+    "GENESIS",
+    "MAX_LINKS",
+    "append",
+    "as_dict",
+    "as_link",
+    "body_hash",
+    "event_hash",
+    "head",
+    "link_hash",
+    "links",
+    "verify_log",
+]

@@ -255,3 +255,15 @@ def add_task_routes(app: FastAPI, platform: Platform) -> None:
     def audit_head(me: Caller) -> dict[str, Any]:
         with db.reading() as s:
             return audit.head(s)
+
+    @app.get("/v1/audit/links", tags=["audit"])
+    def audit_links(
+        me: Caller,
+        first: Annotated[int, Query(ge=1, le=MAX_INT64)],
+        last: Annotated[int, Query(ge=1, le=MAX_INT64)],
+    ) -> dict[str, Any]:
+        """Links {seq, prev_sha256, body_sha256, sha256} of events first..last (at most 10000), and the
+        head: enough for any party to check that the chain it pinned is extended, not rewritten,
+        without seeing other parties' events."""
+        with db.reading() as s:
+            return {"links": audit.links(s, first, last), "head": audit.head(s)}
