@@ -105,6 +105,7 @@ def full_flow(world: World) -> dict[str, Any]:
     events = world.bob.ok("GET", f"/v1/tasks/{manifest.task_id}/audit")["events"]
     assert [e["kind"] for e in events] == [
         "task.created",
+        "task.approved",  # by the creator (create_task signs it: the enclave requires it)
         "task.approved",
         "task.approved",
         "task.queued",
