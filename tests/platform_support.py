@@ -288,6 +288,15 @@ class Party:
         self.name = name
         self.identity = Identity.generate(name)
         self.http = httpx.Client(base_url=url, timeout=60)
+        self._audience: str | None = None
+
+    @property
+    def audience(self) -> str:
+        """The platform id this party's requests are signed for (announced at GET /v1/platform)."""
+        if self._audience is None:
+            self._audience = str(self.http.get("/v1/platform").json()["platform_id"])
+        return self._audience
+
 
     @property
     def fp(self) -> str:
@@ -311,7 +320,7 @@ class Party:
 
     def signed(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None) -> httpx.Request:
         content = raw if raw is not None else (canonical_json(body) if body is not None else b"")
-        headers = api_auth.sign_request(self.identity, method, path, content)
+        headers = api_auth.sign_request(self.identity, method, path, content, audience=self.audience)
         if body is not None:
             headers["content-type"] = "application/json"
         return self.http.build_request(method, path, content=content, headers=headers)
@@ -324,9 +333,20 @@ class Party:
         assert r.is_success, f"{method} {path}: {r.status_code} {r.text}"
         return r.json()
 
+    def upload_headers(self, data: bytes) -> dict[str, str]:
+        """Signed headers of ``PUT /v1/blobs`` declaring `data` (its length and SHA-256)."""
+        return api_auth.sign_request(
+            self.identity,
+            "PUT",
+            "/v1/blobs",
+            b"",
+            audience=self.audience,
+            body_sha256=hashlib.sha256(data).hexdigest(),
+            body_length=len(data),
+        )
+
     def put_blob(self, data: bytes) -> dict[str, Any]:
-        headers = api_auth.sign_request(self.identity, "PUT", "/v1/blobs", data)
-        r = self.http.put("/v1/blobs", content=data, headers=headers)
+        r = self.http.put("/v1/blobs", content=data, headers=self.upload_headers(data))
         assert r.status_code == 201, r.text
         return dict(r.json())
 

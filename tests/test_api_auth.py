@@ -10,13 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from confide.client import api_auth
-from confide.client.api_auth import AuthError, sign_request, verify_request
+from confide.client.api_auth import AuthError, DeclaredBody, verify_request
 from confide.enclave.errors import ConfideError, FormatError, IntegrityError
 from confide.enclave.keys import Identity, PublicIdentity
 
 NOW = 1_750_000_000
 ALICE = Identity.generate("alice")
 BOB = Identity.generate("bob")
+HERE = "a1" * 16  # the platform id of the server in these tests
+THERE = "b2" * 16  # another platform's
 
 
 class Nonces:
@@ -36,8 +38,16 @@ def lookup(fp: str) -> PublicIdentity | None:
     return {ALICE.fingerprint: ALICE.public, BOB.fingerprint: BOB.public}.get(fp)
 
 
-def verify(headers, method="POST", path="/v1/tasks", body=b"{}", *, nonces=None, now=NOW, **kw):
-    return verify_request(headers, method, path, body, lookup, nonces or Nonces(), now=now, **kw)
+def verify(
+    headers, method="POST", path="/v1/tasks", body=b"{}", *, nonces=None, now=NOW, audience=HERE, **kw
+):
+    return verify_request(
+        headers, method, path, body, lookup, nonces or Nonces(), now=now, audience=audience, **kw
+    )
+
+
+def sign_request(identity, method, path, body, *, audience=HERE, **kw):
+    return api_auth.sign_request(identity, method, path, body, audience=audience, **kw)
 
 
 def test_round_trip_and_headers() -> None:
@@ -51,14 +61,63 @@ def test_round_trip_and_headers() -> None:
     assert verify({k.lower(): v for k, v in headers.items()}) == ALICE.public
 
 
-def test_signature_covers_the_digest_of_a_streamed_body() -> None:
+def test_signature_covers_the_declared_length_and_digest_of_a_streamed_body() -> None:
     body = b"x" * 100_000
     digest = hashlib.sha256(body).hexdigest()
-    headers = sign_request(ALICE, "PUT", "/v1/blobs", b"", body_sha256=digest, now=NOW)
-    assert verify(headers, "PUT", "/v1/blobs", body) == ALICE.public
-    assert verify(headers, "PUT", "/v1/blobs", b"", body_sha256=digest) == ALICE.public
+    headers = sign_request(ALICE, "PUT", "/v1/blobs", b"", body_sha256=digest, body_length=len(body), now=NOW)
+    assert headers[api_auth.HEADER_CONTENT_LENGTH] == "100000"
+    assert headers[api_auth.HEADER_CONTENT_SHA256] == digest
+    declared = api_auth.parse_declared_body(headers)
+    assert declared == DeclaredBody(len(body), digest)
+    # verified before the body is read: from the declaration alone
+    assert verify(headers, "PUT", "/v1/blobs", b"", declared=declared) == ALICE.public
+    assert verify(headers, "PUT", "/v1/blobs", body) == ALICE.public  # the same body, in memory
     with pytest.raises(AuthError, match="does not verify"):
         verify(headers, "PUT", "/v1/blobs", body + b"!")
+    # a declaration other than the signed one (a longer body, another digest) does not verify
+    for other in (DeclaredBody(len(body) + 1, digest), DeclaredBody(len(body), "0" * 64)):
+        with pytest.raises(AuthError, match="does not verify"):
+            verify(headers, "PUT", "/v1/blobs", b"", declared=other)
+    with pytest.raises(FormatError, match="both its length and its SHA-256"):
+        sign_request(ALICE, "PUT", "/v1/blobs", b"", body_sha256=digest, now=NOW)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        (api_auth.HEADER_CONTENT_LENGTH, "-1", "byte count"),
+        (api_auth.HEADER_CONTENT_LENGTH, "010", "byte count"),
+        (api_auth.HEADER_CONTENT_LENGTH, "9" * 20, "byte count"),
+        (api_auth.HEADER_CONTENT_LENGTH, str(1 << 63), "byte count"),
+        (api_auth.HEADER_CONTENT_SHA256, "A" * 64, "SHA-256"),
+        (api_auth.HEADER_CONTENT_SHA256, "0" * 63, "SHA-256"),
+    ],
+)
+def test_malformed_declarations_are_refused(name: str, value: str, reason: str) -> None:
+    headers = sign_request(ALICE, "PUT", "/v1/blobs", b"", body_sha256="0" * 64, body_length=10, now=NOW)
+    with pytest.raises(AuthError, match=reason) as err:
+        api_auth.parse_declared_body({**headers, name: value})
+    assert err.value.where == name
+    missing = {k: v for k, v in headers.items() if k != name}
+    with pytest.raises(AuthError, match="missing header"):
+        api_auth.parse_declared_body(missing)
+
+
+def test_a_request_signed_for_another_platform_is_refused_naming_the_audience() -> None:
+    """The adversary replays a request Alice signed for platform THERE (where her key is registered
+    too) to platform HERE: refused before anything else, naming both platforms; and rewriting the
+    audience header to HERE breaks the signature. No nonce is spent either way."""
+    nonces = Nonces()
+    headers = sign_request(ALICE, "GET", "/v1/tasks", b"", audience=THERE, now=NOW)
+    assert headers[api_auth.HEADER_AUDIENCE] == THERE
+    assert verify(headers, "GET", "/v1/tasks", b"", audience=THERE) == ALICE.public  # fine there
+    with pytest.raises(AuthError, match="audience mismatch") as err:
+        verify(headers, "GET", "/v1/tasks", b"", nonces=nonces)
+    assert THERE in err.value.message and HERE in err.value.message
+    assert err.value.where == api_auth.HEADER_AUDIENCE
+    with pytest.raises(AuthError, match="does not verify"):
+        verify({**headers, api_auth.HEADER_AUDIENCE: HERE}, "GET", "/v1/tasks", b"", nonces=nonces)
+    assert not nonces.seen
 
 
 @pytest.mark.parametrize(
@@ -126,6 +185,8 @@ def test_unknown_party_and_missing_headers() -> None:
     [
         ("X-Confide-Party", "ALICE", "fingerprint"),
         ("X-Confide-Party", "abcd-abcd-abcd-abcd-abcdx", "fingerprint"),
+        ("X-Confide-Audience", "A1" * 16, "platform id"),
+        ("X-Confide-Audience", "a1" * 15, "platform id"),
         ("X-Confide-Time", "-5", "UNIX time"),
         ("X-Confide-Time", "1e9", "UNIX time"),
         ("X-Confide-Time", " 1750000000", "UNIX time"),
@@ -147,15 +208,19 @@ def test_malformed_headers_are_refused_with_a_reason(name: str, value: str, reas
 def test_signing_payload_rejects_ambiguous_input() -> None:
     digest = "0" * 64
     with pytest.raises(FormatError):
-        api_auth.signing_payload("GET", "/v1/a\nGET", 1, "0" * 32, digest)
+        api_auth.signing_payload(HERE, "GET", "/v1/a\nGET", 1, "0" * 32, 0, digest)
     with pytest.raises(FormatError):
-        api_auth.signing_payload("get", "/v1/a", 1, "0" * 32, digest)
+        api_auth.signing_payload(HERE, "get", "/v1/a", 1, "0" * 32, 0, digest)
     with pytest.raises(FormatError):
-        api_auth.signing_payload("GET", "v1/a", 1, "0" * 32, digest)
+        api_auth.signing_payload(HERE, "GET", "v1/a", 1, "0" * 32, 0, digest)
     with pytest.raises(FormatError):
-        api_auth.signing_payload("GET", "/v1/a", 1, "0" * 32, "xyz")
-    assert api_auth.signing_payload("GET", "/v1/a", 7, "ab" * 16, digest) == (
-        f"confide-api-v1\nGET\n/v1/a\n7\n{'ab' * 16}\n{digest}".encode()
+        api_auth.signing_payload(HERE, "GET", "/v1/a", 1, "0" * 32, 0, "xyz")
+    with pytest.raises(FormatError):
+        api_auth.signing_payload(HERE, "GET", "/v1/a", 1, "0" * 32, -1, digest)
+    with pytest.raises(FormatError):
+        api_auth.signing_payload("platform\nGET", "GET", "/v1/a", 1, "0" * 32, 0, digest)
+    assert api_auth.signing_payload(HERE, "GET", "/v1/a", 7, "ab" * 16, 12, digest) == (
+        f"confide-api-v2\n{HERE}\nGET\n/v1/a\n7\n{'ab' * 16}\n12\n{digest}".encode()
     )
 
 

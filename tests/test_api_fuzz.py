@@ -63,6 +63,7 @@ LONG_POLL_S = 0.1  # the longest long poll the fuzzer makes
 # Routes anyone may call; every other operation needs a signed request.
 PUBLIC = {
     ("GET", "/v1/health"),
+    ("GET", "/v1/platform"),
     ("GET", "/v1/service"),
     ("POST", "/v1/service/evidence"),
     ("GET", "/v1/service/evidence/{sha256}"),
@@ -80,10 +81,12 @@ STATS: dict[tuple[str, str], Counter[int]] = {}
 
 class ConfideSignature(requests.auth.AuthBase):
     """Signs the prepared request, after `requests` encoded the URL and body: what the signature
-    covers is exactly what goes on the wire."""
+    covers is exactly what goes on the wire. For the audience of `world` (default: WORLD); a blob
+    upload declares its body (length and SHA-256), as the SDK does."""
 
-    def __init__(self, identity: Identity) -> None:
+    def __init__(self, identity: Identity, world: World | None = None) -> None:
         self.identity = identity
+        self.world = world
         self.signed: list[tuple[str, str, bytes]] = []
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
@@ -92,7 +95,13 @@ class ConfideSignature(requests.auth.AuthBase):
             body = body.encode("utf-8")
         assert isinstance(body, bytes), type(body)  # no streamed bodies here
         method, target = str(r.method), r.path_url
-        r.headers.update(api_auth.sign_request(self.identity, method, target, body))
+        audience = (self.world or WORLD).platform.platform_id
+        declared: dict[str, Any] = {}
+        if method == "PUT" and target.split("?", 1)[0] == "/v1/blobs":
+            declared = {"body_sha256": hashlib.sha256(body).hexdigest(), "body_length": len(body)}
+        r.headers.update(
+            api_auth.sign_request(self.identity, method, target, body, audience=audience, **declared)
+        )
         self.signed.append((method, target, body))
         return r
 
@@ -106,15 +115,18 @@ class World:
         root = Path(self.tmp.name)
         self.db = Database(db_url or sqlite_url(root / "confide.db"))  # connects on first use
         blobs = BlobStore(root / "blobs", max_bytes=1 << 20)
-        platform = Platform(
+        self.platform = Platform(
             db=self.db, blobs=blobs, scheduler=Scheduler(self.db, blobs, lease_seconds=60), pool=None
         )
-        self.app: FastAPI = create_app(platform)
+        self.app: FastAPI = create_app(self.platform)
         self.alice = Identity.generate("alice")
         self.bob = Identity.generate("bob")
         # a stand-in service key: without workers the platform has none to check envelopes against
         self.service = Identity.generate("service")
         self.known: dict[str, list[str]] = {}  # path parameter -> ids of objects that exist
+        # operation label -> path parameter -> the ids it is aimed at instead (a rejection is final:
+        # aimed at its own task, it leaves the others approvable and runnable for the fuzzer)
+        self.known_for: dict[str, dict[str, list[str]]] = {}
         # operation label -> path parameters, and a valid body made with a fresh 32-hex-digit id
         self.templates: dict[str, tuple[dict[str, str], Callable[[str], dict[str, Any]]]] = {}
 
@@ -133,7 +145,7 @@ class World:
         else:
             media_type = "application/octet-stream" if isinstance(body, bytes) else "application/json"
             case = operation.Case(path_parameters=path_parameters, body=body, media_type=media_type)
-        response = case.call(auth=ConfideSignature(who) if who is not None else None, app=self.app)
+        response = case.call(auth=ConfideSignature(who, self) if who is not None else None, app=self.app)
         assert 200 <= response.status_code < 300, f"{method} {path}: {response.status_code} {response.text}"
         return response.json()
 
@@ -196,8 +208,9 @@ class World:
             alice,
             {"descriptor": secret.to_json(), "sealed_source": base64.b64encode(sealed).decode()},
         )
-        # Bob's tasks on Alice's data: the first approved by Alice and queued, the second only created
-        tasks = [self.manifest(clear, dataset), self.manifest(clear, dataset)]
+        # Bob's tasks on Alice's data: the first approved by Alice and queued, the second only
+        # created, the third there to be rejected
+        tasks = [self.manifest(clear, dataset) for _ in range(3)]
         for manifest in tasks:
             self.call("POST", "/v1/tasks", bob, {"manifest": manifest.to_json()})
         first = tasks[0].task_id
@@ -227,6 +240,7 @@ class World:
         register_carol = _registration(Identity.generate("carol"), "carol")
         approve_second = {"approval": mf.sign_approval(bob, tasks[1])}
         second = {"task_id": tasks[1].task_id}
+        third = {"task_id": tasks[2].task_id}
         self.templates.update(
             {
                 "POST /v1/parties": ({}, lambda _: register_carol),
@@ -249,8 +263,10 @@ class World:
                 "POST /v1/tasks": ({}, lambda fresh: {"manifest": {**next_task, "task_id": fresh}}),
                 "POST /v1/tasks/{task_id}/approvals": (second, lambda _: approve_second),
                 "POST /v1/tasks/{task_id}/run": (second, lambda _: {}),
+                "POST /v1/tasks/{task_id}/reject": (third, lambda _: {"reason": "not what I agreed to"}),
             }
         )
+        self.known_for["POST /v1/tasks/{task_id}/reject"] = {"task_id": [tasks[2].task_id]}
         self.known.update(
             {
                 "fingerprint": [alice.fingerprint, bob.fingerprint],
@@ -375,9 +391,10 @@ def flatmap_case(context: HookContext, case: Case) -> st.SearchStrategy[Case]:
     """As generated, or aimed at what exists: ids of existing objects in the path, or a valid body
     (and its path) with one value replaced or removed."""
     options = [st.just(case)]
-    names = [n for n in case.path_parameters or {} if n in WORLD.known]
+    ids = {**WORLD.known, **WORLD.known_for.get(case.operation.label, {})}
+    names = [n for n in case.path_parameters or {} if n in ids]
     if names:
-        known = st.fixed_dictionaries({n: st.sampled_from(WORLD.known[n]) for n in names})
+        known = st.fixed_dictionaries({n: st.sampled_from(ids[n]) for n in names})
         options.append(known.map(lambda p: _aimed(case, p)))
     if case.operation.label in WORLD.templates:
         path_parameters, make = WORLD.templates[case.operation.label]
@@ -503,7 +520,7 @@ def test_hostile_value_at_every_position_of_a_valid_body(
                         response = case.call(
                             data=body,
                             headers={"Content-Type": "application/json"},
-                            auth=ConfideSignature(target.bob),
+                            auth=ConfideSignature(target.bob, target),
                             app=target.app,
                         )
                         _check(f"sweep-{backend}", case, response)

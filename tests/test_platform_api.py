@@ -85,6 +85,8 @@ def test_health_openapi_and_service(server: ServerProcess) -> None:
         "/v1/tasks/{task_id}",
         "/v1/tasks/{task_id}/approvals",
         "/v1/tasks/{task_id}/run",
+        "/v1/tasks/{task_id}/reject",
+        "/v1/platform",
         "/v1/tasks/{task_id}/audit",
         "/v1/audit",
         "/v1/audit/head",
@@ -153,7 +155,9 @@ def test_authentication_failures_are_401_with_a_reason(server: ServerProcess, al
     r = alice.http.send(req)
     assert r.status_code == 401 and "does not verify" in error_of(r)["message"]
 
-    stale = api_auth.sign_request(alice.identity, "GET", "/v1/tasks", b"", now=time.time() - 400)
+    stale = api_auth.sign_request(
+        alice.identity, "GET", "/v1/tasks", b"", audience=alice.audience, now=time.time() - 400
+    )
     r = alice.http.get("/v1/tasks", headers=stale)
     assert r.status_code == 401 and "behind the server clock" in error_of(r)["message"]
 
@@ -178,10 +182,10 @@ def test_blob_upload_is_authenticated_over_the_body_digest(server: ServerProcess
     sha = hashlib.sha256(data).hexdigest()
     r = alice.http.put("/v1/blobs", content=data)
     assert r.status_code == 401 and error_of(r)["where"] == "X-Confide-Party"
-    # signed over other content: refused after streaming, nothing published
-    headers = api_auth.sign_request(alice.identity, "PUT", "/v1/blobs", data[:-1])
-    r = alice.http.put("/v1/blobs", content=data, headers=headers)
-    assert r.status_code == 401 and "does not verify" in error_of(r)["message"]
+    # a declaration of other content: the body differs from it, refused, nothing published
+    headers = alice.upload_headers(data[:-1] + b"!")
+    r = alice.http.put("/v1/blobs", content=data[:-1] + b"?", headers=headers)
+    assert r.status_code == 400 and "signed declaration" in error_of(r)["message"]
     assert not (server.data_dir / "blobs" / "sha256" / sha[:2] / sha[2:4] / sha).exists()
     assert alice.put_blob(data) == {"sha256": sha, "size": len(data)}
     stored = server.data_dir / "blobs" / "sha256" / sha[:2] / sha[2:4] / sha
@@ -192,8 +196,7 @@ def test_blob_upload_is_authenticated_over_the_body_digest(server: ServerProcess
 
 def test_blob_over_the_cap_is_refused_while_streaming(server: ServerProcess, alice: Party) -> None:
     data = os.urandom((1 << 20) + 1)
-    headers = api_auth.sign_request(alice.identity, "PUT", "/v1/blobs", data)
-    r = alice.http.put("/v1/blobs", content=data, headers=headers)
+    r = alice.http.put("/v1/blobs", content=data, headers=alice.upload_headers(data))
     assert r.status_code == 413 and error_of(r)["code"] == "too-large"
     sha = hashlib.sha256(data).hexdigest()
     assert not (server.data_dir / "blobs" / "sha256" / sha[:2] / sha[2:4] / sha).exists()
@@ -223,7 +226,7 @@ def test_requests_are_validated_strictly(server: ServerProcess, alice: Party) ->
     assert r.status_code == 400 and error_of(r)["where"] == "key_envelope"
     raw = b'{"manifest": {}, "manifest": {}}'
     headers = {
-        **api_auth.sign_request(alice.identity, "POST", "/v1/tasks", raw),
+        **api_auth.sign_request(alice.identity, "POST", "/v1/tasks", raw, audience=alice.audience),
         "content-type": "application/json",
     }
     r = alice.http.post("/v1/tasks", content=raw, headers=headers)
@@ -294,7 +297,9 @@ def test_others_objects_are_404(server: ServerProcess, alice: Party, bob: Party,
     assert bob.ok("GET", f"/v1/tasks/{tid}")["state"] == "created"
     assert alice.ok("GET", f"/v1/tasks/{tid}")["manifest_sha256"] == manifest.digest
     assert ds.dataset_id in {d["dataset_id"] for d in bob.ok("GET", "/v1/datasets")["datasets"]}
-    assert bob.get_blob(ds.ciphertext_sha256)  # a participant may fetch the input's ciphertext
+    # naming Alice's dataset in a task grants Bob nothing until Alice approves (tests/test_platform_hardening.py)
+    r = bob.call("GET", f"/v1/blobs/{ds.ciphertext_sha256}")
+    assert r.status_code == 404 and error_of(r)["code"] == "not-found"
     missing_task = carol.call("GET", f"/v1/tasks/{'0' * 32}")
     for method, path, body_ in (
         ("GET", f"/v1/tasks/{tid}", None),

@@ -52,6 +52,30 @@ from confide.cli.common import friendly
     default=None,
     help="ciphertext blob store (default: DATA/blobs); servers sharing one database share this too",
 )
+@click.option(
+    "--max-uploads",
+    type=click.IntRange(1, 4096),
+    default=16,
+    show_default=True,
+    help="concurrent blob uploads",
+)
+@click.option("--max-uploads-per-party", type=click.IntRange(1, 4096), default=4, show_default=True)
+@click.option(
+    "--quota-mib",
+    type=click.IntRange(1, 1 << 40),
+    default=16384,
+    show_default=True,
+    help="storage per party (the blobs it uploaded)",
+)
+@click.option(
+    "--upload-timeout",
+    type=click.FloatRange(0.1, 86400),
+    default=60.0,
+    show_default=True,
+    help="seconds an upload (or a JSON body) may wait for its next chunk; in all it may take this "
+    "plus its size at --upload-min-kib-per-s",
+)
+@click.option("--upload-min-kib-per-s", type=click.IntRange(1, 1 << 30), default=64, show_default=True)
 @friendly
 def serve(
     db_url: str | None,
@@ -65,11 +89,17 @@ def serve(
     lease_seconds: float,
     max_blob_mib: int,
     blob_dir: Path | None,
+    max_uploads: int,
+    max_uploads_per_party: int,
+    quota_mib: int,
+    upload_timeout: float,
+    upload_min_kib_per_s: int,
 ) -> None:
     """Run the platform: parties talk to it over HTTP; it relays ciphertext to enclave workers.
 
     It is untrusted by design: it never holds a plaintext key or plaintext data.
     """
+    from confide.host.api.state import UploadLimits
     from confide.host.server import serve as run_server
 
     run_server(
@@ -84,4 +114,11 @@ def serve(
         lease_seconds=lease_seconds,
         max_blob_bytes=max_blob_mib << 20,
         blob_dir=blob_dir,
+        uploads=UploadLimits(
+            max_concurrent=max_uploads,
+            max_concurrent_per_party=max_uploads_per_party,
+            quota_bytes=quota_mib << 20,
+            timeout_s=upload_timeout,
+            min_rate=upload_min_kib_per_s << 10,
+        ),
     )

@@ -2,12 +2,18 @@
 
 A party signs every call with its Ed25519 key over
 
-    "confide-api-v1\\n" + METHOD + "\\n" + path_and_query + "\\n" + time + "\\n" + nonce + "\\n" + H(body)
+    "confide-api-v2\\n" + audience + "\\n" + METHOD + "\\n" + path_and_query + "\\n" + time + "\\n"
+    + nonce + "\\n" + len(body) + "\\n" + H(body)
 
-and sends the signature in four headers. ``path_and_query`` is the request target exactly as it
-goes on the wire (percent-encoded path, then ``?`` and the query when there is one). The server
-rejects a time more than ``MAX_SKEW_S`` away, a nonce it has seen (it keeps nonces ``NONCE_TTL_S``),
-an unknown party and a bad signature, each with its own reason.
+and sends the signature in five headers. ``audience`` is the platform id the server announces
+(``GET /v1/platform``): a request signed for one platform is refused by every other one, even where
+the same party key is registered. ``path_and_query`` is the request target exactly as it goes on
+the wire (percent-encoded path, then ``?`` and the query when there is one). A streamed upload
+declares its body's length and SHA-256 in two more headers (signed, as the last two lines), so the
+server authenticates it before it reads a byte of the body and checks the body against the
+declaration as it streams. The server rejects another audience, a time more than ``MAX_SKEW_S``
+away, a nonce it has seen (it keeps nonces ``NONCE_TTL_S``), an unknown party and a bad signature,
+each with its own reason.
 
 Registration is signed by the registering identity itself over
 ``"confide-register-v1\\n" + name + "\\n" + identity``, proving the caller holds the key it registers.
@@ -27,7 +33,7 @@ from dataclasses import dataclass
 from confide.enclave.errors import ConfideError, FormatError
 from confide.enclave.keys import FINGERPRINT_RE, Identity, PublicIdentity
 
-SCHEME = "confide-api-v1"
+SCHEME = "confide-api-v2"
 REGISTER_SCHEME = "confide-register-v1"
 MAX_SKEW_S = 300
 NONCE_TTL_S = 600
@@ -39,10 +45,18 @@ HEADER_PARTY = "X-Confide-Party"
 HEADER_TIME = "X-Confide-Time"
 HEADER_NONCE = "X-Confide-Nonce"
 HEADER_SIGNATURE = "X-Confide-Signature"
-HEADERS = (HEADER_PARTY, HEADER_TIME, HEADER_NONCE, HEADER_SIGNATURE)
+HEADER_AUDIENCE = "X-Confide-Audience"
+HEADERS = (HEADER_PARTY, HEADER_AUDIENCE, HEADER_TIME, HEADER_NONCE, HEADER_SIGNATURE)
+# a streamed upload's declared body (both covered by the signature)
+HEADER_CONTENT_LENGTH = "X-Confide-Content-Length"
+HEADER_CONTENT_SHA256 = "X-Confide-Content-SHA256"
+PLATFORM_ID_HEX_LEN = 32
+MAX_BODY_LENGTH = (1 << 63) - 1
 
 _FINGERPRINT = FINGERPRINT_RE
 _NONCE = re.compile(r"[0-9a-f]{32}")
+_PLATFORM_ID = re.compile(r"[0-9a-f]{32}")
+_LENGTH = re.compile(r"0|[1-9][0-9]{0,18}")  # canonical decimal, at most 19 digits
 _TIME = re.compile(r"0|[1-9][0-9]{0,11}")  # canonical: no sign, no leading zeros
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _METHOD = re.compile(r"[A-Z]{1,16}")
@@ -60,24 +74,56 @@ class AuthError(ConfideError):
 @dataclass(frozen=True)
 class SignedHeaders:
     party: str
+    audience: str
     time: int
     nonce: str
     signature: bytes
+
+
+@dataclass(frozen=True)
+class DeclaredBody:
+    """What a streamed upload's signed headers say its body is."""
+
+    length: int
+    sha256: str
 
 
 def body_digest(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-def signing_payload(method: str, path_and_query: str, time: int, nonce: str, body_sha256: str) -> bytes:
+def check_platform_id(value: str, *, where: str = "platform id") -> str:
+    if not isinstance(value, str) or not _PLATFORM_ID.fullmatch(value):
+        raise FormatError(f"a platform id is {PLATFORM_ID_HEX_LEN} lowercase hex digits", where=where)
+    return value
+
+
+def new_platform_id() -> str:
+    return os.urandom(PLATFORM_ID_HEX_LEN // 2).hex()
+
+
+def signing_payload(
+    audience: str,
+    method: str,
+    path_and_query: str,
+    time: int,
+    nonce: str,
+    body_length: int,
+    body_sha256: str,
+) -> bytes:
     """The exact bytes a request signature covers."""
+    check_platform_id(audience, where="signed request")
     if not _METHOD.fullmatch(method):
         raise FormatError(f"HTTP method {method[:16]!r} must be upper-case letters", where="signed request")
     if not path_and_query.startswith("/") or any(c in path_and_query for c in "\r\n\0"):
         raise FormatError("path must start with '/' and hold no line breaks", where="signed request")
+    if not isinstance(body_length, int) or not 0 <= body_length <= MAX_BODY_LENGTH:
+        raise FormatError("body length must be a non-negative 64-bit integer", where="signed request")
     if not _SHA256.fullmatch(body_sha256):
         raise FormatError("body digest must be 64 lowercase hex digits", where="signed request")
-    return f"{SCHEME}\n{method}\n{path_and_query}\n{time}\n{nonce}\n{body_sha256}".encode()
+    return (
+        f"{SCHEME}\n{audience}\n{method}\n{path_and_query}\n{time}\n{nonce}\n{body_length}\n{body_sha256}"
+    ).encode()
 
 
 def sign_request(
@@ -86,24 +132,38 @@ def sign_request(
     path_and_query: str,
     body: bytes,
     *,
+    audience: str,
     now: float | None = None,
     body_sha256: str | None = None,
+    body_length: int | None = None,
     nonce: str | None = None,
 ) -> dict[str, str]:
-    """Headers that authenticate one request. Give ``body_sha256`` instead of the body to sign a
-    streamed upload without holding it in memory (``body`` is then ignored)."""
+    """Headers that authenticate one request to the platform ``audience`` (its platform id).
+
+    Give ``body_sha256`` and ``body_length`` instead of the body to sign a streamed upload without
+    holding it in memory (``body`` is then ignored): the headers then declare them too
+    (``X-Confide-Content-Length``, ``X-Confide-Content-SHA256``)."""
     stamp = int(_time.time() if now is None else now)
     nonce = nonce if nonce is not None else os.urandom(NONCE_HEX_LEN // 2).hex()
     if not _NONCE.fullmatch(nonce):
         raise FormatError("nonce must be 32 lowercase hex digits", where="signed request")
+    declared = body_sha256 is not None
+    if declared != (body_length is not None):
+        raise FormatError("a declared body needs both its length and its SHA-256", where="signed request")
     digest = body_sha256 if body_sha256 is not None else body_digest(body)
-    signature = identity.sign(signing_payload(method.upper(), path_and_query, stamp, nonce, digest))
-    return {
+    length = body_length if body_length is not None else len(body)
+    payload = signing_payload(audience, method.upper(), path_and_query, stamp, nonce, length, digest)
+    headers = {
         HEADER_PARTY: identity.fingerprint,
+        HEADER_AUDIENCE: audience,
         HEADER_TIME: str(stamp),
         HEADER_NONCE: nonce,
-        HEADER_SIGNATURE: base64.b64encode(signature).decode("ascii"),
+        HEADER_SIGNATURE: base64.b64encode(identity.sign(payload)).decode("ascii"),
     }
+    if declared:
+        headers[HEADER_CONTENT_LENGTH] = str(length)
+        headers[HEADER_CONTENT_SHA256] = digest
+    return headers
 
 
 def _header(headers: Mapping[str, str], name: str) -> str:
@@ -125,6 +185,12 @@ def parse_headers(headers: Mapping[str, str]) -> SignedHeaders:
     party = _header(headers, HEADER_PARTY)
     if not _FINGERPRINT.fullmatch(party):
         raise AuthError("not a party fingerprint (5 groups of 4 lowercase hex digits)", where=HEADER_PARTY)
+    audience = _header(headers, HEADER_AUDIENCE)
+    if not _PLATFORM_ID.fullmatch(audience):
+        raise AuthError(
+            f"not a platform id ({PLATFORM_ID_HEX_LEN} lowercase hex digits; see GET /v1/platform)",
+            where=HEADER_AUDIENCE,
+        )
     stamp = _header(headers, HEADER_TIME)
     if not _TIME.fullmatch(stamp):
         raise AuthError("not a UNIX time in whole seconds", where=HEADER_TIME)
@@ -142,7 +208,27 @@ def parse_headers(headers: Mapping[str, str]) -> SignedHeaders:
         )
     if base64.b64encode(signature).decode("ascii") != sig_text:  # one encoding per signature
         raise AuthError("signature is not canonical base64", where=HEADER_SIGNATURE)
-    return SignedHeaders(party, int(stamp), nonce, signature)
+    return SignedHeaders(party, audience, int(stamp), nonce, signature)
+
+
+def parse_declared_body(headers: Mapping[str, str]) -> DeclaredBody:
+    """The length and SHA-256 a streamed upload declares (and signs), parsed strictly."""
+    length = _header(headers, HEADER_CONTENT_LENGTH)
+    if not _LENGTH.fullmatch(length) or int(length) > MAX_BODY_LENGTH:
+        raise AuthError("not a byte count (decimal, no sign or leading zeros)", where=HEADER_CONTENT_LENGTH)
+    digest = _header(headers, HEADER_CONTENT_SHA256)
+    if not _SHA256.fullmatch(digest):
+        raise AuthError("not a SHA-256 (64 lowercase hex digits)", where=HEADER_CONTENT_SHA256)
+    return DeclaredBody(int(length), digest)
+
+
+def check_audience(signed: SignedHeaders, audience: str) -> None:
+    if signed.audience != audience:
+        raise AuthError(
+            f"request is signed for platform {signed.audience}, this is platform {audience} "
+            "(audience mismatch: a request signed for one platform is refused by every other)",
+            where=HEADER_AUDIENCE,
+        )
 
 
 def check_time(signed: SignedHeaders, *, now: float | None = None) -> None:
@@ -166,9 +252,16 @@ def lookup(signed: SignedHeaders, lookup_party: LookupParty) -> PublicIdentity:
 
 
 def check_signature(
-    signed: SignedHeaders, party: PublicIdentity, method: str, path_and_query: str, body_sha256: str
+    signed: SignedHeaders,
+    party: PublicIdentity,
+    method: str,
+    path_and_query: str,
+    body_length: int,
+    body_sha256: str,
 ) -> None:
-    payload = signing_payload(method, path_and_query, signed.time, signed.nonce, body_sha256)
+    payload = signing_payload(
+        signed.audience, method, path_and_query, signed.time, signed.nonce, body_length, body_sha256
+    )
     try:
         party.verify(signed.signature, payload, what="request")
     except ConfideError:
@@ -191,20 +284,27 @@ def verify_request(
     lookup_party: LookupParty,
     seen_nonce_check: SeenNonceCheck,
     *,
+    audience: str,
     now: float | None = None,
-    body_sha256: str | None = None,
+    declared: DeclaredBody | None = None,
 ) -> PublicIdentity:
-    """Authenticate a request; returns the party's public identity or raises `AuthError`.
+    """Authenticate a request to the platform ``audience``; returns the party's public identity or
+    raises `AuthError`.
 
-    Order: shape, freshness, party, signature, and only then the nonce, so a forged request cannot
-    spend a legitimate party's nonce. Give ``body_sha256`` when the body was hashed while streaming.
+    Order: shape, audience, freshness, party, signature, and only then the nonce, so a forged
+    request cannot spend a legitimate party's nonce. Give ``declared`` (what the upload's headers
+    declare, `parse_declared_body`) to authenticate a streamed upload before reading its body; the
+    caller then checks the body against it (``body`` is ignored).
     """
     signed = parse_headers(headers)
+    check_audience(signed, audience)
     check_time(signed, now=now)
     party = lookup(signed, lookup_party)
-    check_signature(
-        signed, party, method, path_and_query, body_sha256 if body_sha256 is not None else body_digest(body)
-    )
+    if declared is not None:
+        length, digest = declared.length, declared.sha256
+    else:
+        length, digest = len(body), body_digest(body)
+    check_signature(signed, party, method, path_and_query, length, digest)
     check_nonce(signed, seen_nonce_check)
     return party
 

@@ -455,6 +455,15 @@ class Client:
     def run(self, task_id: str) -> None:
         self.api.call("POST", f"/v1/tasks/{task_id}/run", {})
 
+    def reject_task(self, task_id: str, *, reason: str | None = None) -> dict[str, Any]:
+        """Refuse a task we are named in (e.g. one naming our dataset that we never asked for): it
+        can no longer run, our approval (if any) is withdrawn, and its participants get no access
+        to our datasets' ciphertext through it. Final. Returns the task as the platform now shows it."""
+        body = {"reason": reason} if reason is not None else {}
+        info = dict(self.api.call("POST", f"/v1/tasks/{task_id}/reject", body))
+        self.say(f"rejected task {task_id}" + (f": {reason}" if reason else ""))
+        return info
+
     def wait(
         self,
         task_id: str,

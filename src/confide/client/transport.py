@@ -1,9 +1,14 @@
 """Signed HTTP calls to a Confide platform (the untrusted host).
 
-Every call but the public ones carries the party's signature over method, path, time, a fresh nonce
-and the body's digest (confide.client.api_auth), so the platform can authenticate the party without a
-password and reject a replayed call. Nothing the platform answers is trusted beyond what the client
-checks itself (evidence, signatures, digests).
+Every call but the public ones carries the party's signature over the platform's id (the audience,
+from ``GET /v1/platform``), method, path, time, a fresh nonce and the body's length and digest
+(confide.client.api_auth), so the platform can authenticate the party without a password, reject a
+replayed call, and refuse a call signed for another platform. Nothing the platform answers is
+trusted beyond what the client checks itself (evidence, signatures, digests).
+
+The platform id is announced by the platform itself, unauthenticated: it stops a request captured
+at one platform (its logs, a proxy) from being replayed to another, but a hostile platform could
+announce another platform's id. Pin it (``Transport(..., platform_id=...)``) where that matters.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any, BinaryIO
 
 import httpx
 
-from confide.client.api_auth import sign_request
+from confide.client.api_auth import check_platform_id, sign_request
 from confide.enclave.encoding import canonical_json
 from confide.enclave.errors import ConfideError
 from confide.enclave.keys import Identity
@@ -34,10 +39,35 @@ class ApiError(ConfideError):
 
 
 class Transport:
-    def __init__(self, url: str, identity: Identity | None, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        url: str,
+        identity: Identity | None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        platform_id: str | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
         self.identity = identity
         self.http = httpx.Client(base_url=self.url, timeout=timeout)
+        self.pinned = check_platform_id(platform_id, where="platform_id") if platform_id is not None else None
+        self._platform_id: str | None = None
+
+    @property
+    def platform_id(self) -> str:
+        """The audience this client's requests are signed for: the id the platform announces at
+        ``GET /v1/platform`` (fetched once), which must equal the pinned one when there is one."""
+        if self._platform_id is None:
+            info = self.call("GET", "/v1/platform", signed=False)
+            announced = info.get("platform_id") if isinstance(info, dict) else None
+            where = f"GET {self.url}/v1/platform"
+            check_platform_id(announced if isinstance(announced, str) else "", where=where)
+            if self.pinned is not None and announced != self.pinned:
+                raise ConfideError(
+                    f"the platform announces id {announced}, not the pinned {self.pinned}", where=where
+                )
+            self._platform_id = str(announced)
+        return self._platform_id
 
     def close(self) -> None:
         self.http.close()
@@ -58,13 +88,17 @@ class Transport:
 
     # -- blobs -----------------------------------------------------------------------------------
     def put_blob(self, path: Path) -> dict[str, Any]:
-        """Upload a ciphertext file (streamed; the signature covers its SHA-256)."""
+        """Upload a ciphertext file, streamed. The signed headers declare its length and SHA-256, so
+        the platform authenticates the upload (and checks size, quota, upload slots) before it reads
+        the body, and refuses a body that differs from the declaration."""
         sha = hashlib.sha256()
+        size = 0
         with open(path, "rb") as fh:
             for chunk in iter(lambda: fh.read(STREAM_CHUNK), b""):
                 sha.update(chunk)
-        headers = {"content-type": "application/octet-stream"}
-        headers.update(self._sign("PUT", "/v1/blobs", None, body_sha256=sha.hexdigest()))
+                size += len(chunk)
+        headers = {"content-type": "application/octet-stream", "content-length": str(size)}
+        headers.update(self._sign("PUT", "/v1/blobs", None, body_sha256=sha.hexdigest(), body_length=size))
         with open(path, "rb") as fh:
             try:
                 resp = self.http.put("/v1/blobs", content=_chunks(fh), headers=headers)
@@ -92,12 +126,24 @@ class Transport:
 
     # -- internals -------------------------------------------------------------------------------
     def _sign(
-        self, method: str, path: str, body: bytes | None, *, body_sha256: str | None = None
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        *,
+        body_sha256: str | None = None,
+        body_length: int | None = None,
     ) -> dict[str, str]:
         if self.identity is None:
             raise ConfideError("this call needs an identity (confide keygen)", where=f"{method} {path}")
         return sign_request(
-            self.identity, method, path, body if body is not None else b"", body_sha256=body_sha256
+            self.identity,
+            method,
+            path,
+            body if body is not None else b"",
+            audience=self.platform_id,
+            body_sha256=body_sha256,
+            body_length=body_length,
         )
 
     @staticmethod

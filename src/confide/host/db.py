@@ -74,11 +74,12 @@ class Blob(Base):
 
 
 class BlobGrant(Base):
-    """Parties that uploaded a blob (content-addressed: several may upload the same bytes)."""
+    """Parties that uploaded a blob (content-addressed: several may upload the same bytes). The sum of
+    the sizes of a party's grants is what its storage quota counts."""
 
     __tablename__ = "blob_grants"
     sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), primary_key=True)
-    party: Mapped[str] = mapped_column(ForeignKey("parties.fingerprint"), primary_key=True)
+    party: Mapped[str] = mapped_column(ForeignKey("parties.fingerprint"), primary_key=True, index=True)
 
 
 class Dataset(Base):
@@ -146,6 +147,17 @@ class Approval(Base):
     party: Mapped[str] = mapped_column(String(FP), primary_key=True)
     manifest_sha256: Mapped[str] = mapped_column(String(SHA))
     approval: Mapped[str] = mapped_column(Text)  # canonical JSON of the signed approval
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class TaskRejection(Base):
+    """A participant refused a task it was named in: the task cannot run, and the party's approval
+    (if it gave one) no longer counts, for the platform's own checks (blob access, queueing)."""
+
+    __tablename__ = "task_rejections"
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.task_id"), primary_key=True)
+    party: Mapped[str] = mapped_column(String(FP), primary_key=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
 
 
@@ -229,9 +241,13 @@ class Evidence(Base):
     created_at: Mapped[float] = mapped_column(Float)
 
 
+PLATFORM_ID_KEY = "platform_id"
+
+
 class Meta(Base):
-    """Platform facts: the service's public line once a worker created it, and which worker claimed
-    the right to create it (see `provisioning`)."""
+    """Platform facts: the service's public line once a worker created it, which worker claimed
+    the right to create it (see `provisioning`), and the platform id (``PLATFORM_ID_KEY``: random,
+    created by migration 0003; the audience that every signed request names)."""
 
     __tablename__ = "platform_meta"
     key: Mapped[str] = mapped_column(String(64), primary_key=True)

@@ -8,7 +8,7 @@ import os
 import shutil
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from confide.enclave.errors import ConfideError
 from confide.enclave.sim_platform import SimPlatform
 from confide.host.api import Platform, create_app
+from confide.host.api.state import UploadLimits
 from confide.host.blobstore import DEFAULT_MAX_BYTES, BlobStore
 from confide.host.db import Database, sqlite_url
 from confide.host.pool import PoolSettings, WorkerPool
@@ -43,6 +44,7 @@ class ServeOptions:
     poll_seconds: float = 0.5
     max_blob_bytes: int = DEFAULT_MAX_BYTES
     blob_dir: Path | None = None  # shared by every server of one platform (default: DATA/blobs)
+    uploads: UploadLimits = field(default_factory=UploadLimits)  # concurrency, per-party quota, time
 
 
 def configure_logging() -> None:
@@ -108,7 +110,7 @@ def build(opts: ServeOptions) -> tuple[Platform, WorkerPool]:
             lease_seconds=opts.lease_seconds,
         ),
     )
-    return Platform(db=db, blobs=blobs, scheduler=scheduler, pool=pool), pool
+    return Platform(db=db, blobs=blobs, scheduler=scheduler, pool=pool, uploads=opts.uploads), pool
 
 
 def serve(
@@ -124,6 +126,7 @@ def serve(
     lease_seconds: float = DEFAULT_LEASE_S,
     max_blob_bytes: int = DEFAULT_MAX_BYTES,
     blob_dir: Path | None = None,
+    uploads: UploadLimits | None = None,
 ) -> None:
     """`confide serve`: run until SIGINT/SIGTERM (see `run`)."""
     run(
@@ -139,6 +142,7 @@ def serve(
             lease_seconds=lease_seconds,
             max_blob_bytes=max_blob_bytes,
             blob_dir=blob_dir,
+            uploads=uploads or UploadLimits(),
         )
     )
 

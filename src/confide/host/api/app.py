@@ -20,7 +20,9 @@ def create_app(platform: Platform) -> FastAPI:
         version=__version__,
         description=(
             "The untrusted platform of Confide (docs/PROTOCOL.md §7). Authenticated calls carry "
-            "X-Confide-Party, X-Confide-Time, X-Confide-Nonce and X-Confide-Signature."
+            "X-Confide-Party, X-Confide-Audience (the platform id of GET /v1/platform), X-Confide-Time, "
+            "X-Confide-Nonce and X-Confide-Signature; uploads also X-Confide-Content-Length and "
+            "X-Confide-Content-SHA256."
         ),
         # A signed request cannot follow a redirect (the signature covers the path): a path with a
         # stray trailing slash is a plain 404 with the error body, not a 307 without one.
@@ -28,7 +30,13 @@ def create_app(platform: Platform) -> FastAPI:
     )
     app.router.route_class = ConfideRoute
     app.state.platform = platform
-    app.add_middleware(JsonBodyLimit, max_bytes=platform.max_json_bytes)
+    limits = platform.uploads
+    app.add_middleware(
+        JsonBodyLimit,
+        max_bytes=platform.max_json_bytes,
+        chunk_s=limits.timeout_s,
+        total_s=limits.deadline_s(platform.max_json_bytes),
+    )
     install_error_handlers(app)
 
     add_public_routes(app, platform)

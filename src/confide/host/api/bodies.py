@@ -85,3 +85,17 @@ class ApprovalBody(Strict):
 
 class RunBody(Strict):
     pass
+
+
+class RejectBody(Strict):
+    reason: str | None = Field(
+        default=None, min_length=1, max_length=512, description="shown to participants"
+    )
+
+    @field_validator("reason")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        # shown to other parties and in the audit log; PostgreSQL text refuses NUL
+        if value is not None and any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise ValueError("must hold no control characters")
+        return value

@@ -15,12 +15,24 @@ from confide.host.api.common import log
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, where: str | None = None) -> None:
+    """An answer with the error body; ``headers`` go with it (``Connection: close`` for an upload
+    refused before its body was read, ``Retry-After`` for 429)."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        where: str | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.where = where
+        self.headers = dict(headers or {})
 
 
 def not_found(what: str) -> ApiError:
@@ -48,7 +60,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return wrapped
 
     def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Confide-Signature"} if exc.status == 401 else None
+        headers = dict(exc.headers)
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = "Confide-Signature"
         return JSONResponse(error_body(exc.code, exc.message, exc.where), exc.status, headers=headers)
 
     def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

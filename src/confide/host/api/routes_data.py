@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import time
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Path, Request
 from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import ClientDisconnect
 
 from confide.client import api_auth
 from confide.enclave import manifest as mf
@@ -24,8 +25,69 @@ from confide.host.api.errors import ApiError, from_confide, not_found
 from confide.host.api.security import Caller
 from confide.host.api.state import Platform, request_target
 from confide.host.api.views import can_read_blob, dataset_json, dataset_visible, function_json
-from confide.host.blobstore import BlobTooLarge
+from confide.host.blobstore import BlobTooLarge, BlobWriter
 from confide.host.db import Blob, BlobGrant, Dataset, Function, Party, insert_ignore, now
+
+
+async def _receive_declared(
+    request: Request, writer: BlobWriter, declared: api_auth.DeclaredBody, chunk_s: float, total_s: float
+) -> None:
+    """Stream the body into `writer`, refusing it as soon as it differs from the declaration (longer,
+    shorter, another digest) or comes too slowly (a chunk later than `chunk_s`, or all of it later
+    than `total_s`: 408)."""
+    close = {"Connection": "close"}
+    start = time.monotonic()
+    deadline = start + total_s
+    received = 0
+    more = True
+    while more:
+        remaining = min(chunk_s, deadline - time.monotonic())
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            message = await asyncio.wait_for(request.receive(), remaining)
+        except TimeoutError:
+            raise ApiError(
+                408,
+                "timeout",
+                f"upload too slow: {received} of {declared.length} bytes in {time.monotonic() - start:.1f} s "
+                f"(limits: {chunk_s:g} s per chunk, {total_s:.1f} s in all)",
+                "body",
+                headers=close,
+            ) from None
+        if message["type"] == "http.disconnect":
+            raise ApiError(
+                400, "incomplete", "the client went away before the body ended", "body", headers=close
+            )
+        chunk = message.get("body", b"")
+        received += len(chunk)
+        if received > declared.length:
+            raise ApiError(
+                400,
+                "invalid",
+                f"body is longer than the signed declaration ({declared.length} bytes)",
+                "body",
+                headers=close,
+            )
+        if chunk:
+            await run_in_threadpool(writer.write, chunk)
+        more = bool(message.get("more_body"))
+    if received != declared.length:
+        raise ApiError(
+            400,
+            "invalid",
+            f"body is {received} bytes, the signed declaration says {declared.length}",
+            "body",
+            headers=close,
+        )
+    if writer.sha256 != declared.sha256:
+        raise ApiError(
+            400,
+            "invalid",
+            f"body has SHA-256 {writer.sha256}, the signed declaration says {declared.sha256}",
+            "body",
+            headers=close,
+        )
 
 
 def add_data_routes(app: FastAPI, platform: Platform) -> None:
@@ -52,41 +114,101 @@ def add_data_routes(app: FastAPI, platform: Platform) -> None:
         },
     )
     async def put_blob(request: Request) -> dict[str, Any]:
-        """Store ciphertext, streamed: hashed while written to a temporary file; published only
-        after the signature over its digest verified."""
+        """Store ciphertext. The signed headers declare the body's length and SHA-256
+        (``X-Confide-Content-Length``, ``X-Confide-Content-SHA256``): the request is authenticated,
+        and the size cap, the party's quota and the upload slots are checked, before a byte of
+        the body is read or anything is written. The body is then streamed to a temporary file,
+        checked against the declaration as it comes (no longer than declared, the digest at the
+        end) and within the time limit; it is published only if it matches, else nothing is kept.
+        Every refusal closes the connection (``Connection: close``): an unread body is not drained."""
+        close = {"Connection": "close"}
         try:
-            signed = api_auth.parse_headers(request.headers)
-            api_auth.check_time(signed)
+            api_auth.parse_headers(request.headers)  # the headers' own errors first, then the body's
+            declared = api_auth.parse_declared_body(request.headers)
         except api_auth.AuthError as exc:
-            raise ApiError(401, "unauthenticated", exc.message, exc.where) from None
-        party = await run_in_threadpool(platform.lookup_party, signed.party)
-        if party is None:
-            raise ApiError(
-                401, "unauthenticated", f"unknown party {signed.party} (register first)", "X-Confide-Party"
-            )
-        writer = await run_in_threadpool(platform.blobs.writer)
+            raise ApiError(401, "unauthenticated", exc.message, exc.where, headers=close) from None
         try:
-            async for chunk in request.stream():
-                if chunk:
-                    await run_in_threadpool(writer.write, chunk)
-            digest = writer.sha256
-            await run_in_threadpool(
-                platform.authenticate, request.headers, request.method, request_target(request), b"", digest
+            party = await run_in_threadpool(
+                platform.authenticate, request.headers, request.method, request_target(request), b"", declared
             )
-            sha, size = await run_in_threadpool(writer.commit)
+        except ApiError as exc:
+            exc.headers.update(close)
+            raise
+        sent = request.headers.get("content-length")
+        if sent is not None and sent.strip() != str(declared.length):
+            raise ApiError(
+                400,
+                "invalid",
+                f"Content-Length {sent[:24]} differs from the signed declaration ({declared.length} bytes)",
+                "Content-Length",
+                headers=close,
+            )
+        if declared.length > platform.blobs.max_bytes:
+            raise ApiError(
+                413,
+                "too-large",
+                f"blob of {declared.length} bytes exceeds the {platform.blobs.max_bytes}-byte limit",
+                api_auth.HEADER_CONTENT_LENGTH,
+                headers=close,
+            )
+        slots, limits = platform.upload_slots, platform.uploads
+        busy = {**close, "Retry-After": "1"}
+        if slots.running >= limits.max_concurrent:
+            raise ApiError(
+                429,
+                "too-many-uploads",
+                f"{slots.running} uploads in progress on this server (limit {limits.max_concurrent}); retry later",
+                "PUT /v1/blobs",
+                headers=busy,
+            )
+        if slots.per_party.get(party, 0) >= limits.max_concurrent_per_party:
+            raise ApiError(
+                429,
+                "too-many-uploads",
+                f"{slots.per_party[party]} uploads of yours in progress "
+                f"(limit {limits.max_concurrent_per_party} per party); retry later",
+                api_auth.HEADER_PARTY,
+                headers=busy,
+            )
+        slots.take(party, 0)  # no await between the checks above and this
+        reserved = 0
+        writer: BlobWriter | None = None
+        try:
+            before = slots.reserved.get(party, 0)
+            owned = await run_in_threadpool(platform.has_grant, party, declared.sha256)
+            cost = 0 if owned else declared.length  # the same bytes again cost nothing
+            used = await run_in_threadpool(platform.storage_used, party)
+            # an upload of ours that committed meanwhile is in `used` or still in `before`
+            in_flight = max(before, slots.reserved.get(party, 0))
+            if used + in_flight + cost > limits.quota_bytes:
+                raise ApiError(
+                    413,
+                    "quota-exceeded",
+                    f"storage quota of {limits.quota_bytes} bytes exceeded: {used} bytes stored, "
+                    f"{in_flight} in uploads in progress, this upload {cost}",
+                    api_auth.HEADER_CONTENT_LENGTH,
+                    headers=close,
+                )
+            slots.reserved[party] = slots.reserved.get(party, 0) + cost
+            reserved = cost
+            writer = await run_in_threadpool(platform.blobs.writer)
+            await _receive_declared(
+                request, writer, declared, limits.timeout_s, limits.deadline_s(declared.length)
+            )
+            sha, size = await run_in_threadpool(writer.commit, declared.sha256)
+
+            def record() -> None:
+                with db.transaction() as s:
+                    insert_ignore(s, Blob, sha256=sha, size=size, created_at=now())
+                    insert_ignore(s, BlobGrant, sha256=sha, party=party)
+
+            await run_in_threadpool(record)
         except BlobTooLarge as exc:
-            raise ApiError(413, "too-large", exc.message, "body") from None
-        except ClientDisconnect:
-            raise ApiError(400, "incomplete", "the client went away before the body ended", "body") from None
+            raise ApiError(413, "too-large", exc.message, "body", headers=close) from None
         finally:
-            writer.abort()  # no-op once committed; otherwise the temporary file goes
-
-        def record() -> None:
-            with db.transaction() as s:
-                insert_ignore(s, Blob, sha256=sha, size=size, created_at=now())
-                insert_ignore(s, BlobGrant, sha256=sha, party=signed.party)
-
-        await run_in_threadpool(record)
+            if writer is not None:
+                writer.abort()  # no-op once committed; otherwise the temporary file goes
+            slots.give_back(party, reserved)
         return {"sha256": sha, "size": size}
 
     @app.get(
@@ -130,7 +252,7 @@ def add_data_routes(app: FastAPI, platform: Platform) -> None:
                 "key_envelope.service",
             )
         with db.transaction() as s:
-            if not can_read_blob(s, body.ciphertext_sha256, me):
+            if s.get(BlobGrant, (body.ciphertext_sha256, me)) is None:  # only on ciphertext one uploaded
                 raise ApiError(
                     400, "invalid", "upload the ciphertext first (PUT /v1/blobs)", "ciphertext_sha256"
                 )

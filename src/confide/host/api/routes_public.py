@@ -1,4 +1,5 @@
-"""Public routes: health, the enclave service and its evidence, party registration."""
+"""Public routes: health, the platform id and limits, the enclave service and its evidence, party
+registration."""
 
 from __future__ import annotations
 
@@ -25,11 +26,28 @@ def add_public_routes(app: FastAPI, platform: Platform) -> None:
     def health() -> dict[str, Any]:
         return {"ok": True}
 
+    @app.get("/v1/platform", tags=["service"])
+    def platform_info() -> dict[str, Any]:
+        """The platform id every signed request names (its audience), and the upload limits."""
+        limits = platform.uploads
+        return {
+            "platform_id": platform.platform_id,
+            "scheme": api_auth.SCHEME,
+            "uploads": {
+                "max_blob_bytes": platform.blobs.max_bytes,
+                "quota_bytes": limits.quota_bytes,
+                "max_concurrent": limits.max_concurrent,
+                "max_concurrent_per_party": limits.max_concurrent_per_party,
+                "timeout_s": limits.timeout_s,
+                "min_bytes_per_s": limits.min_rate,
+            },
+        }
+
     @app.get("/v1/service", tags=["service"])
     def service() -> dict[str, Any]:
         if platform.pool is None:
-            return {"service": None, "fingerprint": None, "workers": []}
-        return platform.pool.describe()
+            return {"service": None, "fingerprint": None, "workers": [], "platform_id": platform.platform_id}
+        return {**platform.pool.describe(), "platform_id": platform.platform_id}
 
     @app.post("/v1/service/evidence", tags=["service"])
     def service_evidence(body: EvidenceBody) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Routes for tasks (create, approve, run, long-polled state) and the audit log."""
+"""Routes for tasks (create, approve, reject, run, long-polled state) and the audit log."""
 
 from __future__ import annotations
 
@@ -15,13 +15,23 @@ from confide.enclave.encoding import canonical_json, parse_json_object
 from confide.enclave.errors import ConfideError
 from confide.enclave.keys import PublicIdentity
 from confide.host import audit
-from confide.host.api.bodies import ApprovalBody, RunBody, TaskBody
+from confide.host.api.bodies import ApprovalBody, RejectBody, RunBody, TaskBody
 from confide.host.api.common import HEX32, LONG_POLL_SLICE_S, MAX_INT64, MAX_LONG_POLL_S, log
 from confide.host.api.errors import ApiError, from_confide
 from confide.host.api.security import Caller
 from confide.host.api.state import Platform
 from confide.host.api.views import task_for, task_json, task_summary
-from confide.host.db import Approval, AuditEvent, Dataset, Function, Task, TaskInput, TaskParticipant, now
+from confide.host.db import (
+    Approval,
+    AuditEvent,
+    Dataset,
+    Function,
+    Task,
+    TaskInput,
+    TaskParticipant,
+    TaskRejection,
+    now,
+)
 from confide.host.scheduler import StateConflict
 
 # ---- the app -------------------------------------------------------------------------------------------
@@ -182,6 +192,10 @@ def add_task_routes(app: FastAPI, platform: Platform) -> None:
     ) -> dict[str, Any]:
         with db.transaction() as s:
             task = task_for(s, task_id, me)
+            if s.get(TaskRejection, (task_id, me)) is not None:
+                raise ApiError(
+                    409, "conflict", "you rejected this task (a rejection is final)", f"task {task_id}"
+                )
             try:
                 manifest = mf.parse_manifest(task.manifest)
                 approval = mf.parse_approval(body.approval)
@@ -215,6 +229,19 @@ def add_task_routes(app: FastAPI, platform: Platform) -> None:
     ) -> dict[str, Any]:
         with db.transaction() as s:
             task = task_for(s, task_id, me, lock=True)
+            rejected = (
+                s.execute(
+                    select(TaskRejection.party)
+                    .where(TaskRejection.task_id == task_id)
+                    .order_by(TaskRejection.party)
+                )
+                .scalars()
+                .first()
+            )
+            if rejected is not None:
+                raise ApiError(
+                    409, "conflict", f"task was rejected by {rejected}: it cannot run", f"task {task_id}"
+                )
             try:
                 platform.scheduler.queue(s, task, actor=me)
             except StateConflict as exc:
@@ -224,6 +251,57 @@ def add_task_routes(app: FastAPI, platform: Platform) -> None:
             platform.pool.wake()
         log.info("task %s: queued by %s (run %d)", task_id, me, result["run"])
         return result
+
+    @app.post("/v1/tasks/{task_id}/reject", tags=["tasks"])
+    def reject(
+        task_id: Annotated[str, Path(pattern=HEX32)], me: Caller, body: RejectBody | None = None
+    ) -> dict[str, Any]:
+        """A participant refuses a task it was named in (say, one naming its dataset that it never
+        asked for): the task can no longer run (queued: it fails now, category ``rejected``), the
+        party's approval, if it gave one, is withdrawn, and nobody reads its datasets' ciphertext
+        through this task. Final. Refused (409) while an attempt runs: the enclave already checked
+        every approval. Enforced by the platform (the enclave still accepts an approval signed
+        before the rejection, if a hostile host hands it over)."""
+        reason = body.reason if body is not None else None
+        with db.transaction() as s:
+            task = task_for(s, task_id, me, lock=True)
+            if s.get(TaskRejection, (task_id, me)) is not None:
+                return task_json(s, task)  # already rejected: nothing changes
+            if task.state == "running":
+                raise ApiError(
+                    409,
+                    "conflict",
+                    "task is running: the enclave already checked its approvals; reject it once the attempt ends",
+                    f"task {task_id}",
+                )
+            t = now()
+            s.add(TaskRejection(task_id=task_id, party=me, reason=reason, created_at=t))
+            withdrawn = s.get(Approval, (task_id, me))
+            if withdrawn is not None:
+                s.delete(withdrawn)
+            if task.state in ("created", "queued", "failed"):
+                task.state = "failed"
+                task.category = "rejected"
+                task.message = f"rejected by {me}" + (f": {reason}" if reason else "")
+                task.lease_owner = None
+                task.lease_expires = None
+                task.updated_at = t
+            audit.append(
+                s,
+                "task.rejected",
+                actor=me,
+                task_id=task_id,
+                detail={
+                    "manifest_sha256": task.manifest_sha256,
+                    "reason": reason,
+                    "approval_withdrawn": withdrawn is not None,
+                },
+            )
+            s.flush()
+            view = task_json(s, task)
+        platform.scheduler.notify_changed()
+        log.info("task %s: rejected by %s", task_id, me)
+        return view
 
     # ---- audit -----------------------------------------------------------------------------------
     @app.get("/v1/tasks/{task_id}/audit", tags=["audit"])

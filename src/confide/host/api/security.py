@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
@@ -22,12 +24,15 @@ from confide.host.api.state import Platform, request_target
 
 class JsonBodyLimit:
     """Reads a non-blob request body up to the cap (413 beyond it) and replays it to the app, so
-    no handler ever buffers an unbounded body. Blob uploads pass through and are capped by the
-    blob store while they stream."""
+    no handler ever buffers an unbounded body; a body slower than the upload limits (a chunk later
+    than ``chunk_s``, all of it later than ``total_s``) is cut off with 408. Blob uploads pass
+    through: their route checks the same limits, and the declaration, while they stream."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, chunk_s: float = 60.0, total_s: float = 120.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.chunk_s = chunk_s
+        self.total_s = total_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") == BLOB_PATH:
@@ -36,8 +41,21 @@ class JsonBodyLimit:
         chunks: list[bytes] = []
         size = 0
         more = True
+        deadline = time.monotonic() + self.total_s
         while more:
-            message = await receive()
+            try:
+                remaining = min(self.chunk_s, deadline - time.monotonic())
+                if remaining <= 0:
+                    raise TimeoutError
+                message = await asyncio.wait_for(receive(), remaining)
+            except TimeoutError:
+                response = JSONResponse(
+                    error_body("timeout", f"request body too slow ({size} bytes received)", "body"),
+                    408,
+                    headers={"Connection": "close"},
+                )
+                await response(scope, receive, send)
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from confide.enclave.encoding import parse_json_object
@@ -19,6 +19,7 @@ from confide.host.db import (
     TaskInput,
     TaskOutput,
     TaskParticipant,
+    TaskRejection,
     TaskRun,
 )
 
@@ -49,11 +50,32 @@ def task_for(s: Session, task_id: str, me: str, *, lock: bool = False) -> Task:
 
 
 def can_read_blob(s: Session, sha256: str, me: str) -> bool:
-    """Uploader, owner of a dataset on it, participant of a task that reads or wrote it."""
+    """Its uploader; the owner of a dataset on it; a participant of a task that reads such a dataset
+    *and that the dataset's owner approved* (that very manifest; a rejection withdraws the approval);
+    a participant of a task that wrote it. Naming someone's dataset in a task grants nothing."""
     if s.get(BlobGrant, (sha256, me)) is not None:
         return True
-    datasets = select(Dataset.dataset_id).where(Dataset.ciphertext_sha256 == sha256, dataset_visible(me))
-    if s.execute(datasets.limit(1)).first() is not None:
+    owned = select(Dataset.dataset_id).where(Dataset.ciphertext_sha256 == sha256, Dataset.owner == me)
+    if s.execute(owned.limit(1)).first() is not None:
+        return True
+    approved = (
+        select(TaskInput.task_id)
+        .join(Dataset, Dataset.dataset_id == TaskInput.dataset_id)
+        .join(
+            TaskParticipant, and_(TaskParticipant.task_id == TaskInput.task_id, TaskParticipant.party == me)
+        )
+        .join(Task, Task.task_id == TaskInput.task_id)
+        .join(
+            Approval,
+            and_(
+                Approval.task_id == TaskInput.task_id,
+                Approval.party == Dataset.owner,
+                Approval.manifest_sha256 == Task.manifest_sha256,
+            ),
+        )
+        .where(Dataset.ciphertext_sha256 == sha256)
+    )
+    if s.execute(approved.limit(1)).first() is not None:
         return True
     outputs = select(TaskOutput.id).where(
         TaskOutput.sha256 == sha256, TaskOutput.task_id.in_(participant(me))
@@ -62,7 +84,9 @@ def can_read_blob(s: Session, sha256: str, me: str) -> bool:
 
 
 def dataset_json(s: Session, row: Dataset, me: str) -> dict[str, Any]:
-    blob = s.get(Blob, row.ciphertext_sha256)
+    """The ciphertext's size only to those who may read the ciphertext (`can_read_blob`)."""
+    readable = row.owner == me or can_read_blob(s, row.ciphertext_sha256, me)
+    blob = s.get(Blob, row.ciphertext_sha256) if readable else None
     out: dict[str, Any] = {
         "dataset_id": row.dataset_id,
         "name": row.name,
@@ -104,6 +128,8 @@ def task_summary(task: Task) -> dict[str, Any]:
         "category": task.category,
         "created_at": task.created_at,
         "updated_at": task.updated_at,
+        "lease_owner": task.lease_owner,  # while running: the worker holding the task, and until when
+        "lease_expires": task.lease_expires,
     }
 
 
@@ -128,6 +154,14 @@ def task_json(s: Session, task: Task) -> dict[str, Any]:
         "manifest": parse_json_object(task.manifest, where=f"task {task.task_id}"),
         "message": task.message,
         "approvals": [parse_json_object(a.approval, where=f"approval by {a.party}") for a in approvals],
+        "rejections": [
+            {"party": r.party, "reason": r.reason, "created_at": r.created_at}
+            for r in s.execute(
+                select(TaskRejection)
+                .where(TaskRejection.task_id == task.task_id)
+                .order_by(TaskRejection.party)
+            ).scalars()
+        ],
         "receipt": last.receipt if last is not None else None,
         "outputs": outputs,
         "history": [
