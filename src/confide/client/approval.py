@@ -11,6 +11,7 @@ import time
 
 from confide.enclave.encoding import canonical_json
 from confide.enclave.manifest import Manifest
+from confide.enclave.padding import describe_pad
 
 
 def _clean(text: str) -> str:
@@ -64,11 +65,15 @@ def describe_manifest(manifest: Manifest) -> str:
     ] or ["  (none)"]
     lines += ["", "Outputs (sealed to these recipients only):"]
     for o in m.outputs:
+        pad = "" if o.pad is None else f", {describe_pad(o.pad)}"
         lines.append(
-            f"  {o.name} (at most {_size(o.max_bytes)}) -> {', '.join(_clean(m.name_of(r)) for r in o.recipients)}"
+            f"  {o.name} (at most {_size(o.max_bytes)}{pad}) -> {', '.join(_clean(m.name_of(r)) for r in o.recipients)}"
         )
     lines += [
-        f"  if the function fails, its error text is sealed to: {', '.join(_clean(m.name_of(r)) for r in m.error_recipients())}",
+        f"  if the function fails, at most {_size(m.error_cap)} of its error text (it may quote input data)"
+        f" is sealed to: {', '.join(_clean(m.name_of(r)) for r in m.error_recipients())}"
+        " (the host sees only that cap)",
+        "  the host sees each unpadded output's exact size and every run's duration",
         "",
         "The enclave runs it only with approvals of this exact manifest by: "
         + (", ".join(_clean(m.name_of(fp)) for fp in m.required_approvals()) or "nobody (no inputs)"),

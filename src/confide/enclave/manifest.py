@@ -123,6 +123,7 @@ from .task_fields import (
 
 DEFAULT_ERROR_MAX_BYTES = 4 << 10  # `_error` cap when the manifest names none
 MAX_ERROR_OUTPUT_BYTES = 1 << 20
+MIN_ERROR_MAX_BYTES = 64  # room for the padding trailer and a line of text
 
 
 def new_task_id() -> str:
@@ -369,7 +370,7 @@ def parse_manifest(data: str | bytes | Mapping[str, Any], *, where: str = "manif
         )
     check_unique([o.name for o in outputs], "output name", w)
     error_max_bytes = (
-        int_field(obj, "error_max_bytes", w, low=0, high=MAX_ERROR_OUTPUT_BYTES)
+        int_field(obj, "error_max_bytes", w, low=MIN_ERROR_MAX_BYTES, high=MAX_ERROR_OUTPUT_BYTES)
         if "error_max_bytes" in obj
         else None
     )

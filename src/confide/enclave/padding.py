@@ -6,7 +6,7 @@ An output the owners approved with ``pad`` is written, inside the enclave and be
 
 with the total (``len(data) + k + 16``) the smallest bucket that holds ``len(data) + 16`` bytes:
 ``"pow2"`` -> the next power of two (at least ``MIN_POW2_BUCKET``); an integer ``N`` -> the next
-multiple of N; ``fixed`` (used for ``_error``, whose data is capped first) -> exactly ``cap + 16``.
+multiple of N; ``fixed`` (used for ``_error``, whose text is cut first) -> exactly the cap.
 The trailer is text so a padded error report still reads as UTF-8.
 The trailer is encrypted with the rest, so only the recipient learns the true length; the sealed
 file's header metadata names the padding (``"pad": "confide-pad-v1"``, authenticated by the header

@@ -154,7 +154,7 @@ class _HashingFile:
 class OutputFile:
     """A declared output: sealed to its recipients as the function writes it; published only on success.
 
-    With `pad` ("pow2", a bucket size, or "fixed" with `max_bytes`) the plaintext is padded to its
+    With `pad` ("pow2", a bucket size, or "fixed": exactly `max_bytes`) the plaintext is padded to its
     bucket before the file is closed, the true length in an encrypted trailer (see padding.py)."""
 
     def __init__(
@@ -192,9 +192,9 @@ class OutputFile:
         """Pad (if asked), finish, rename into place; returns the SHA-256 of the sealed file."""
         self.data_size = n = self.writer.plaintext_bytes
         if self.pad is not None:
-            if self.pad == "fixed":
+            if self.pad == "fixed":  # exactly the cap, trailer included
                 assert self.max_bytes is not None
-                total = self.max_bytes + TRAILER
+                total = self.max_bytes
             else:
                 total = padded_size(n, self.pad)
             zeros = total - n - TRAILER
@@ -239,7 +239,7 @@ def write_error_output(
         path, recipients, metadata, max_bytes=max_bytes, pad=None if max_bytes is None else "fixed"
     )
     try:
-        out.write(error_text(result, max_bytes))
+        out.write(error_text(result, None if max_bytes is None else max_bytes - TRAILER))
         return out.publish(), out.size
     except BaseException:
         out.discard()
