@@ -125,7 +125,8 @@ def _client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _open_client(url: str, identity: Path, policy_path: Path | None, sim_root: Path | None) -> Client:
     from confide.client.sdk import Client
 
-    return Client(url, identity, policy=policy_path, sim_root=sim_root, say=_say)
+    # each command is a new process: reuse the service's verified evidence within the policy's max_age
+    return Client(url, identity, policy=policy_path, sim_root=sim_root, say=_say, cache_attestation=True)
 
 
 def _say(message: str) -> None:

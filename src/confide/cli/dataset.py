@@ -22,9 +22,29 @@ def dataset() -> None:
 @dataset.command(name="upload")
 @click.argument("path", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("--name", default=None, help="visible name (default: the file name)")
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="refuse to upload a file with CSV problems (default: print them as warnings and upload)",
+)
 @with_client
-def dataset_upload(client: Client, path: Path, name: str | None) -> None:
-    """Encrypt PATH, wrap its key to the attested service, upload; prints the dataset id to share."""
+def dataset_upload(client: Client, path: Path, name: str | None, strict: bool) -> None:
+    """Encrypt PATH, wrap its key to the attested service, upload; prints the dataset id to share.
+
+    PATH is checked on this machine first (empty or binary file, rows whose field count differs from
+    the header's, a numeric column with some non-numeric values), each problem named by line: once
+    sealed, nobody but the enclave can read the file to find them."""
+    from confide.client.csv_check import check_csv
+    from confide.enclave.errors import ConfideError
+
+    report = check_csv(path)
+    for problem in report.problems:
+        where = f"{path}:{problem.line}" if problem.line is not None else str(path)
+        click.echo(f"{'error' if strict else 'warning'}: {problem.message} ({where})", err=True)
+    if report.problems and strict:
+        raise ConfideError(
+            f"{len(report.problems)} CSV problem(s) found; nothing was uploaded (--strict)", where=str(path)
+        )
     ref = client.upload_dataset(path, name=name)
     click.echo(ref.dataset_id)
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from confide.cli.common import with_client
+from confide.cli.common import home, parse_assignments, parse_params, with_client
 from confide.enclave.errors import ConfideError
 
 if TYPE_CHECKING:
@@ -30,6 +30,15 @@ def function() -> None:
 )
 @click.option("--input", "inputs", multiple=True, help="name of an input it reads (repeat; default: any)")
 @click.option("--confidential", is_flag=True, help="seal the source to the enclave: nobody else reads it")
+@click.option(
+    "--try",
+    "samples",
+    multiple=True,
+    metavar="INPUT=SAMPLE",
+    help="dry run first on a sample file per input, in a local enclave's sandbox (repeat); "
+    "nothing is registered if it fails",
+)
+@click.option("--param", "params", multiple=True, help="KEY=VALUE for the dry run (VALUE parsed as JSON)")
 @with_client
 def function_register(
     client: Client,
@@ -41,12 +50,26 @@ def function_register(
     outputs: tuple[str, ...],
     inputs: tuple[str, ...],
     confidential: bool,
+    samples: tuple[str, ...],
+    params: tuple[str, ...],
 ) -> None:
-    """Register SOURCE (a Python file defining run(ctx)); prints its digest."""
+    """Register SOURCE (a Python file defining run(ctx)); prints its digest.
+
+    SOURCE is compiled here first and must define a top-level `def run(ctx)`: a syntax error is
+    named by line before anything is sent. With --try, the function first runs on your sample files
+    in a local enclave (the same runtime and sandbox as the platform's, simulated backend), and is
+    registered only if it succeeds; its traceback is shown if it fails."""
+    from confide.client.function_check import check_function_source
+
     try:
         text = source.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfideError(f"cannot read function source ({exc})", where=str(source)) from None
+    check_function_source(text, filename=str(source))
+    if params and not samples:
+        raise ConfideError("--param is for the dry run: give --try INPUT=SAMPLE too", where="--param")
+    if samples:
+        _dry_run(client, text, source, samples, params, inputs, outputs)
     digest = client.register_function(
         text,
         name=name,
@@ -58,6 +81,44 @@ def function_register(
         confidential=confidential,
     )
     click.echo(digest)
+
+
+def _dry_run(
+    client: Client,
+    text: str,
+    source: Path,
+    samples: tuple[str, ...],
+    params: tuple[str, ...],
+    inputs: tuple[str, ...],
+    outputs: tuple[str, ...],
+) -> None:
+    from confide.client.function_check import dry_run
+
+    sample_map = {k: Path(v) for k, v in parse_assignments(samples, what="--try").items()}
+    undeclared = sorted(set(sample_map) - set(inputs)) if inputs else []
+    if undeclared:
+        raise ConfideError(f"input {undeclared[0]!r} is not declared with --input", where="--try")
+    click.echo(
+        f"dry run of {source.name} on {len(sample_map)} sample(s) in a local enclave's sandbox "
+        "(simulated backend; nothing is sent)…",
+        err=True,
+    )
+    result = dry_run(
+        text,
+        samples=sample_map,
+        outputs=outputs,
+        params=parse_params(params),
+        identity=client.identity,
+        home=home(),
+    )
+    if not result.ok:
+        if result.error_text:
+            click.echo(result.error_text.rstrip(), err=True)
+        raise ConfideError(
+            f"dry run failed ({result.category}); nothing was registered", where=f"--try on {source}"
+        )
+    written = ", ".join(f"{name} {size} bytes" for name, size in result.outputs.items())
+    click.echo(f"dry run ok in {result.duration_s:.2f} s: {written}", err=True)
 
 
 # ---- the everyday verbs: list, show ------------------------------------------------------------------

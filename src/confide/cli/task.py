@@ -129,6 +129,8 @@ def task_show(client: Client, task_id: str, fmt: str) -> None:
     names = {p.fingerprint: p.name for p in manifest.participants}
     approved = ", ".join(named(fp, names) for fp in approvers) or "nobody yet"
     click.echo(f"state: {info.get('state')} (attempts {info.get('attempts', 0)}); approved by: {approved}")
+    if info.get("state") == "running":
+        click.echo(state_reason(info))
     if waiting and info.get("state") in ("created", "queued", "failed"):
         click.echo(f"waiting for: {', '.join(named(fp, names) for fp in waiting)}")
     kind = "confidential (sealed to the enclave)" if manifest.confidential else "clear"
@@ -173,21 +175,59 @@ def task_wait(client: Client, task_id: str, timeout: float) -> None:
     _follow(client, task_id, timeout)
 
 
+def state_reason(info: dict[str, Any], *, now: float | None = None) -> str:
+    """Why the task is in its state, from what the platform reports (its worker's lease, attempts)."""
+    import time
+
+    state = info.get("state")
+    attempt = info.get("attempts", 0)
+    if state == "running":
+        owner = info.get("lease_owner") or "a worker"
+        expires = info.get("lease_expires")
+        if not isinstance(expires, (int, float)):
+            return f"running on {owner} (attempt {attempt})"
+        left = expires - (time.time() if now is None else now)
+        if left >= 0:
+            return (
+                f"running on {owner} (attempt {attempt}); its lease runs {left:.0f} s more and is "
+                "renewed while the worker lives"
+            )
+        return (
+            f"running on {owner} (attempt {attempt}), but its lease expired {-left:.0f} s ago: the worker "
+            "is gone, and a server will queue the task again"
+        )
+    if state == "queued":
+        return f"queued (attempt {attempt + 1} next): waiting for a free enclave worker"
+    if state == "created":
+        return "created: nothing runs until every owner approved it and someone runs it (task run)"
+    return ""
+
+
 def _follow(client: Client, task_id: str, timeout: float) -> None:
     info = client.wait(
         task_id,
         timeout=timeout,
-        on_state=lambda i: click.echo(
-            f"  {task_id}: {i.get('state')} (attempt {i.get('attempts', 0)})", err=True
-        ),
+        on_state=lambda i: click.echo(f"  {task_id}: {state_reason(i) or i.get('state')}", err=True),
     )
+    if not info.get("receipt"):
+        why = f": {info['message']}" if info.get("message") else ""
+        raise ConfideError(f"task {info.get('state')} without a receipt{why}", where=f"task {task_id}")
     body = client.receipt(task_id, info)
     if body.get("status") == "ok":
         click.echo(
             f"task {task_id} succeeded; receipt signed by service {client.service.fingerprint} verified"
         )
         return
+    _report_failure(client, task_id, info, body)
+
+
+def _report_failure(client: Client, task_id: str, info: dict[str, Any], body: dict[str, Any]) -> None:
+    """Say why the task failed: the enclave's signed error, and the function's own error text (its
+    traceback) when it is sealed to us. Exits 1."""
     err = body.get("error") or {}
+    text = _error_text(client, task_id, info)
+    if text:
+        click.echo(f"the function's error (sealed to you by the enclave):\n{text.rstrip()}", err=True)
     click.echo(
         f"error: task {task_id} failed in the enclave ({err.get('check', '?')}): {err.get('message', '')}",
         err=True,
@@ -195,15 +235,69 @@ def _follow(client: Client, task_id: str, timeout: float) -> None:
     raise SystemExit(EXIT_FAILED)
 
 
+def _error_text(client: Client, task_id: str, info: dict[str, Any]) -> str | None:
+    try:
+        return client.error_report(task_id, info)
+    except ConfideError as exc:
+        click.echo(f"warning: cannot show the function's error text ({exc})", err=True)
+        return None
+
+
 @task.command(name="results")
 @click.argument("task_id")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @with_client
 def task_results(client: Client, task_id: str, out_dir: Path) -> None:
-    """Download the outputs addressed to you, check them against the receipt, decrypt into --out."""
+    """Download the outputs addressed to you, check them against the receipt, decrypt into --out.
+    For a task that failed in its function: show the function's error text (sealed to you), exit 1."""
+    info = client.task(task_id)
+    if info.get("receipt"):
+        body = client.receipt(task_id, info)
+        if body.get("status") != "ok":
+            _report_failure(client, task_id, info, body)
     result = client.results(task_id, out_dir)
     for name, path in result.outputs.items():
         click.echo(f"{name}: {path}")
+
+
+@task.command(name="logs")
+@click.argument("task_id")
+@with_client
+def task_logs(client: Client, task_id: str) -> None:
+    """What happened to the task: each run and attempt (worker, outcome, times), why it is in its
+    state, and, if its function failed, the function's own error text (traceback), which the
+    enclave sealed to the task's creator and output recipients; the host sees only its category."""
+
+    def at(t: Any) -> str:
+        return iso(t) or "-"
+
+    info = client.task(task_id)
+    click.echo(f"task {task_id}: {info.get('state')}")
+    reason = state_reason(info)
+    if reason:
+        click.echo(f"  {reason}")
+    if info.get("message"):
+        click.echo(f"  platform: {info['message']}")
+    for r in info.get("history") or []:
+        outcome = r.get("status") or "?"
+        if r.get("category") and r.get("category") != "ok":
+            outcome += f" ({r['category']})"
+        click.echo(
+            f"  run {r.get('run')} attempt {r.get('attempt')} on {r.get('worker') or '-'}: {outcome}; "
+            f"started {at(r.get('started_at'))}, ended {at(r.get('ended_at'))}"
+        )
+    if not info.get("receipt"):
+        return
+    body = client.receipt(task_id, info)
+    err = body.get("error") or {}
+    if body.get("status") == "ok":
+        click.echo("  receipt: ok, signed by the attested service")
+        return
+    click.echo(f"  receipt: failed in the enclave ({err.get('check', '?')}): {err.get('message', '')}")
+    text = _error_text(client, task_id, info)
+    if text:
+        click.echo("function error (sealed to you by the enclave):")
+        click.echo(text.rstrip())
 
 
 @task.command(name="receipt")

@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from confide.attest import Claims, TrustAnchors
 from confide.client.approval import describe_manifest
+from confide.client.attest_cache import AttestationCache
 from confide.client.audit_pins import AuditRewritten as AuditRewritten
 from confide.client.audit_pins import AuditVerifier, PinStore
 from confide.client.audit_pins import check_audit_chain as check_audit_chain
@@ -33,7 +35,7 @@ from confide.client.local import check_attestation
 from confide.client.policy import Policy
 from confide.client.progress import byte_progress
 from confide.client.task_store import TaskStore
-from confide.client.transport import Transport
+from confide.client.transport import ApiError, Transport, Unreachable
 from confide.enclave import manifest as mf
 from confide.enclave.encoding import b64d, b64e, canonical_json
 from confide.enclave.errors import ConfideError, IntegrityError, PolicyError
@@ -45,6 +47,8 @@ TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 DEFAULT_URL = "http://127.0.0.1:8470"
 DEFAULT_MAX_OUTPUT = 64 << 20
 LONG_POLL_S = 20.0
+RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # waiting out a platform restart, then every 8 s
+RETRY_STATUSES = (502, 503, 504)
 Say = Callable[[str], None]
 
 
@@ -100,6 +104,7 @@ class Client:
         home: str | os.PathLike[str] | None = None,
         say: Say | None = None,
         timeout: float = 60.0,
+        cache_attestation: bool = False,
     ) -> None:
         """`identity`: an `Identity` or the path of your key file (`confide keygen`). `policy`: a
         `Policy`, a policy file, or None for `$CONFIDE_HOME/policy.toml` (the production defaults when
@@ -122,6 +127,10 @@ class Client:
         self.api = Transport(url, self.identity, timeout=timeout)
         self._service: ServiceKey | None = None
         self._parties: dict[str, tuple[str, PublicIdentity]] = {}
+        # `cache_attestation`: reuse verified evidence for the policy's max_age_seconds (see attest_cache)
+        self._attest_cache: AttestationCache | None = None
+        if cache_attestation:
+            self._attest_cache = AttestationCache(here.root, url, self.policy)
 
     @classmethod
     def from_env(cls, *, say: Say | None = None, timeout: float = 60.0) -> Client:
@@ -202,6 +211,10 @@ class Client:
                 where="service evidence",
             )
         self._service = ServiceKey(att.enclave, att.claims, int(time.time()))
+        if self._attest_cache is not None:
+            self._attest_cache.store(
+                evidence, nonce, line if isinstance(line, str) else None, self._service.attested_at
+            )
         c = att.claims
         kind = "SIMULATED (no protection against the host)" if c.simulated else c.backend
         self.say(
@@ -211,7 +224,35 @@ class Client:
 
     @property
     def service(self) -> ServiceKey:
-        return self._service if self._service is not None else self.attest()
+        """The attested service key: attested on first use, or (with `cache_attestation`) taken from
+        evidence verified earlier that still passes the policy now, if the platform names the same key."""
+        if self._service is None:
+            self._service = self._cached_service() or self.attest()
+        return self._service
+
+    def _cached_service(self) -> ServiceKey | None:
+        cache = self._attest_cache
+        hit = cache.load(self.anchors) if cache is not None else None
+        if cache is None or hit is None:
+            return None
+        cached = hit.attestation.enclave
+        try:  # the key the platform uses now (unauthenticated, cheap: no enclave call)
+            now_line = self.api.call("GET", "/v1/service", signed=False).get("service")
+        except ConfideError:
+            now_line = None  # unreachable or refusing: the command's own next call says so
+        if isinstance(now_line, str):
+            try:
+                current = PublicIdentity.from_line(now_line, where="GET /v1/service").fingerprint
+            except ConfideError:
+                current = None
+            if current != cached.fingerprint:
+                self.say(
+                    f"the platform names service key {current}, not {cached.fingerprint} attested "
+                    f"{hit.age_s} s ago: attesting again"
+                )
+                cache.forget()
+                return None
+        return ServiceKey(cached, hit.attestation.claims, hit.attested_at)
 
     # ---- datasets ---------------------------------------------------------------------------------
     def upload_dataset(self, path: Path, *, name: str | None = None) -> DatasetRef:
@@ -474,7 +515,7 @@ class Client:
         """Follow the task until it succeeds or fails (long polls: the platform answers as soon as
         the state changes); `on_state` sees every state it passes through."""
         deadline = time.monotonic() + timeout
-        info = self.task(task_id)
+        info = self._retrying(lambda: self.task(task_id), deadline, where=f"task {task_id}")
         seen: tuple[Any, Any] | None = None
         while True:
             if on_state is not None and (info.get("state"), info.get("attempts")) != seen:
@@ -487,7 +528,35 @@ class Client:
             if remaining <= 0:
                 raise ConfideError(f"task still {state} after {timeout:.0f} s", where=f"task {task_id}")
             wait = min(LONG_POLL_S, max(remaining, 0.1))
-            info = dict(self.api.call("GET", f"/v1/tasks/{task_id}?wait={wait:.1f}&state={state}"))
+            path = f"/v1/tasks/{task_id}?wait={wait:.1f}&state={state}"
+            info = self._retrying(partial(self._get, path), deadline, where=f"task {task_id}")
+
+    def _get(self, path: str) -> dict[str, Any]:
+        return dict(self.api.call("GET", path))
+
+    def _retrying(self, call: Callable[[], dict[str, Any]], deadline: float, *, where: str) -> dict[str, Any]:
+        """`call`, again with backoff while the platform is unreachable or unavailable (a restart, a
+        503) until `deadline`; said once when it goes away and once when it is back."""
+        delays = iter(RETRY_BACKOFF_S)
+        delay = 0.0
+        lost = False
+        while True:
+            try:
+                result = call()
+            except (Unreachable, ApiError) as exc:
+                if isinstance(exc, ApiError) and exc.status not in RETRY_STATUSES:
+                    raise
+                delay = next(delays, RETRY_BACKOFF_S[-1])
+                if time.monotonic() + delay > deadline:
+                    raise
+                if not lost:
+                    self.say(f"platform unavailable ({exc.message}); retrying until it is back")
+                    lost = True
+                time.sleep(delay)
+                continue
+            if lost:
+                self.say(f"platform is back; following {where}")
+            return result
 
     def expected_manifest(self, task_id: str, expect_manifest: str | None = None) -> str:
         """The manifest digest this party accepts results of: `expect_manifest` (for scripts that
@@ -560,6 +629,28 @@ class Client:
                 hashlib.sha256(data).hexdigest(),
             )
         return body
+
+    def error_report(self, task_id: str, info: dict[str, Any] | None = None) -> str | None:
+        """The failed function's own error text (its traceback), sealed by the enclave to the task's
+        creator and output recipients as the `_error` output: fetched, checked against the signed
+        receipt, decrypted here. None when the task did not fail in its function (or has no receipt
+        yet); an error when it did but the report is not addressed to us."""
+        info = info or self.task(task_id)
+        if not info.get("receipt"):
+            return None
+        body = self.receipt(task_id, info)
+        entry = next((o for o in body.get("outputs", []) if o.get("name") == mf.ERROR_OUTPUT), None)
+        if body.get("status") == "ok" or entry is None:
+            return None
+        manifest = mf.parse_manifest(canonical_json(info["manifest"]), where=f"task {task_id}")
+        if self.fingerprint not in manifest.error_recipients():
+            raise ConfideError(
+                "the function's error text is sealed to the task's creator and output recipients only",
+                where=f"task {task_id}",
+            )
+        with tempfile.TemporaryDirectory(prefix="confide-error-") as tmp:
+            path = self._fetch_output(str(entry["sha256"]), Path(tmp) / "error.txt")
+            return path.read_text(encoding="utf-8", errors="replace")
 
     def results(self, task_id: str, out_dir: Path, *, expect_manifest: str | None = None) -> TaskResult:
         """Download the outputs addressed to us, check each against the signed receipt, decrypt.

@@ -38,6 +38,10 @@ class ApiError(ConfideError):
         self.code = code
 
 
+class Unreachable(ConfideError):
+    """The call did not get an answer from the platform (connection refused or cut, timeout)."""
+
+
 class Transport:
     def __init__(
         self,
@@ -81,7 +85,7 @@ class Transport:
         try:
             resp = self.http.request(method, path, content=content, headers=headers)
         except httpx.HTTPError as exc:
-            raise ConfideError(
+            raise Unreachable(
                 f"cannot reach the platform ({exc})", where=f"{method} {self.url}{path}"
             ) from None
         return self._json(resp, method, path)

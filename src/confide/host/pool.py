@@ -185,6 +185,7 @@ class EnclaveWorker:
         self.pool.provision(self)
         self._record_boot_evidence()
         self._set_state("ready")
+        self.pool.log_ready()
 
     def _record_boot_evidence(self) -> None:
         reply = self.call("service_evidence", nonce="")
@@ -375,6 +376,7 @@ class WorkerPool:
         self._relay_look_lock = threading.Lock()
         self._relay_look_at = 0.0  # monotonic time of the next look for other servers' requests
         self.workers = [EnclaveWorker(self, i) for i in range(settings.size)]
+        self._ready_lock = threading.Lock()  # one "N/M workers ready" line at a time
         self.maintenance = threading.Thread(target=self._maintain, name="confide-maintenance", daemon=True)
 
     # ---- life cycle ------------------------------------------------------------------------------
@@ -389,12 +391,34 @@ class WorkerPool:
         self.maintenance.start()
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking tasks, let running ones finish (up to `timeout`), stop every enclave. A task
+        still running then keeps its lease until it expires; then any server queues it again."""
         self.stopping.set()
         self.wake()
+        running = [c.task_id for c in (w.current for w in self.workers) if c is not None]
+        if running:
+            log.info(
+                "draining %d running task(s) (up to %.0f s): %s", len(running), timeout, ", ".join(running)
+            )
         deadline = time.monotonic() + timeout
         for w in self.workers:
             w.thread.join(max(0.1, deadline - time.monotonic()))
+        left = [c.task_id for c in (w.current for w in self.workers if w.thread.is_alive()) if c is not None]
+        if left:
+            log.warning(
+                "%d task(s) still running after %.0f s, left to their lease: %s",
+                len(left),
+                timeout,
+                ", ".join(left),
+            )
         self.maintenance.join(5.0)
+
+    def log_ready(self) -> None:
+        """A worker became ready: say how many are, and under which service key."""
+        with self._ready_lock:
+            ready = sum(1 for w in self.workers if w.ready)
+            line = next((w.service for w in self.workers if w.ready and w.service), None)
+            log.info("%d/%d workers ready, service key %s", ready, len(self.workers), _fingerprint(line))
 
     def wake(self) -> None:
         """A task was queued: let idle workers look now rather than at their next poll."""

@@ -6,8 +6,10 @@ import hashlib
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,11 +167,16 @@ def run(opts: ServeOptions, **uvicorn_options: Any) -> None:
     )
     server = _Server(config)
     log.info("starting %d enclave worker(s) under %s", opts.workers, opts.data_dir)
+    # uvicorn handles SIGTERM during run(), then raises it again once it has stopped serving; with
+    # the default handler that would kill the process before the workers drain. Ours just lets
+    # run() return, so the running tasks finish and every enclave is shut down cleanly.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda _sig, _frame: None)
     pool.start()
     try:
         server.run()
     finally:
-        log.info("stopping: shutting down enclave workers")
+        log.info("stopping: no new tasks; shutting down enclave workers")
         pool.stop()
         platform.db.dispose()
         log.info("stopped")
