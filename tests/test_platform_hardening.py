@@ -30,6 +30,7 @@ import httpx
 import pytest
 
 from confide.client import api_auth
+from confide.client.transport import ApiError as TransportApiError
 from confide.client.transport import Transport
 from confide.enclave import manifest as mf
 from confide.enclave.errors import ConfideError
@@ -490,3 +491,21 @@ def test_the_sdk_rejects_a_task(server: ServerProcess, tmp_path: Path) -> None:
     finally:
         client.close()
     assert info["state"] == "failed" and info["rejections"][0]["reason"] == "not mine"
+
+
+def test_the_sdk_transport_uploads_with_a_declaration_and_reports_refusals(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    who = party(server, "transport_up")
+    api = Transport(server.url, who.identity)
+    try:
+        first, second = tmp_path / "first.cnf", tmp_path / "second.cnf"
+        first.write_bytes(os.urandom(700_000))
+        second.write_bytes(os.urandom(700_000))
+        got = api.put_blob(first)
+        assert got == {"sha256": hashlib.sha256(first.read_bytes()).hexdigest(), "size": 700_000}
+        with pytest.raises(TransportApiError) as err:  # over the 1 MiB quota: the JSON error reaches us
+            api.put_blob(second)
+        assert err.value.status == 413 and err.value.code == "quota-exceeded"
+    finally:
+        api.close()
