@@ -4,6 +4,7 @@ and partition."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 from confide.enclave.flow.batch import Header, parse_header
 
 from .engine import Endpoint, LocalEngine
+from .spark_engine import SparkEngine
 
 ATTACKS = (
     "none",
@@ -145,3 +147,68 @@ class MaliciousEngine(LocalEngine):
     def _for(blob: bytes, stage: int, bucket: int) -> bool:
         h = parse_header(blob, where="engine")[0]
         return h.bucket == bucket and h.stage == stage - 1
+
+
+SPARK_ATTACKS = ("none", "drop", "duplicate", "replay", "drop_report")
+
+
+def tamper_partition(
+    attack: str, extra: Sequence[bytes], index: int, rows: Any
+) -> Any:  # runs in Spark's Python workers, on the shuffle's output
+    """Partition 0 of the attacked stage loses its first data batch, gets its first batch twice, or
+    gets batches of an earlier stage (`extra`) replayed into it."""
+    rows = list(rows)
+    if index == 0:
+        if attack == "drop":
+            data = [i for i, (_, b) in enumerate(rows) if parse_header(b, where="spark")[0].kind == "data"]
+            rows = [r for i, r in enumerate(rows) if not data or i != data[0]]
+        elif attack == "duplicate" and rows:
+            rows = [rows[0], *rows]
+        elif attack == "replay":
+            rows = [*rows, *((0, b) for b in extra)]
+    return iter(rows)
+
+
+class MaliciousSparkEngine(SparkEngine):
+    """A Spark engine whose shuffle drops, duplicates or replays a batch of stage `stage`, all inside
+    Spark (the tampering is a transformation Spark's Python workers run); it also records every row
+    Spark handled and every closure Spark pickled."""
+
+    def __init__(self, *args: Any, attack: str = "none", stage: int = 1, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        if attack not in SPARK_ATTACKS:
+            raise ValueError(f"unknown attack {attack!r}")
+        self.attack = attack
+        self.stage = stage
+        self.seen: list[bytes] = []  # every batch and report Spark moved
+        self.pickled: list[bytes] = []  # every closure Spark shipped to its workers
+        self.history: dict[int, list[bytes]] = {}
+        self.done = False
+
+    def _closure(self, stage: int, fn: Any) -> Any:
+        from pyspark import cloudpickle
+
+        self.pickled.append(cloudpickle.dumps(fn))
+        return fn
+
+    def _stage_output(self, stage: int, rdd: Any) -> None:
+        rows = rdd.collect()
+        self.seen.extend(b for _, b in rows)
+        self.history[stage] = [b for k, b in rows if k >= 0]
+
+    def _shuffled(self, stage: int, rdd: Any) -> Any:
+        if stage != self.stage or self.attack in ("none", "drop_report"):
+            return rdd
+        extra: list[bytes] = []
+        if self.attack == "replay":
+            earlier = [b for s, blobs in self.history.items() if s < stage - 1 for b in blobs]
+            extra = earlier[:1]
+        self.done = True
+        fn = functools.partial(tamper_partition, self.attack, extra)
+        return rdd.mapPartitionsWithIndex(fn, preservesPartitioning=True)
+
+    def _reports(self, reports: list[bytes]) -> list[bytes]:
+        if self.attack == "drop_report":
+            self.done = True
+            return reports[1:]
+        return reports

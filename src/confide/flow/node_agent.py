@@ -1,0 +1,388 @@
+"""The node agent: ONE long-lived enclave worker per node, served on a local unix socket.
+
+Starting an enclave worker per Spark task would cost far more than the task, so each node runs one
+agent; the Spark-side stubs (``confide.flow.spark_stub``) of every task on that node connect to its
+socket and push whole partitions of sealed batches (and get sealed batches back) over
+``confide.flow.channel``. The agent holds a ``FlowEnclave`` (the TCB: it alone has the job key,
+opens batches and runs the user's functions in its sandbox) and a small pool of sandbox zygotes so
+that the tasks of a node run concurrently. The socket server itself handles only bytes.
+
+``AgentClient`` is the same worker seen through the socket, as an ``Endpoint`` (the Spark engine's
+driver uses it to start and verify jobs). ``python -m confide.flow.node_agent --socket PATH
+--identity KEYFILE`` runs an agent until killed; it prints ``ready <public line>`` when it serves.
+
+Attested key release is not here yet: a worker that does not hold the job gets the job key from the
+grant (HPKE to its identity) the engine forwards with the task, without checking its evidence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import os
+import signal
+import socketserver
+import struct
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from confide.enclave import errors as enclave_errors
+from confide.enclave.flow import FlowEnclave, parse_header
+from confide.enclave.flow import errors as flow_errors
+from confide.enclave.keys import Identity
+from confide.enclave.sandbox import SandboxLimits, Zygote
+
+from .channel import ChannelError, Conn
+
+REPORT_BUCKET = 0xFFFFFFFF
+_BUCKET = struct.Struct(">I")
+
+_ERRORS: dict[str, type[enclave_errors.ConfideError]] = {
+    c.__name__: c
+    for c in (
+        flow_errors.FlowIntegrityError,
+        flow_errors.FlowTaskError,
+        flow_errors.FlowFormatError,
+        enclave_errors.IntegrityError,
+        enclave_errors.FormatError,
+        enclave_errors.KeyMismatchError,
+        enclave_errors.EnclaveError,
+        enclave_errors.SandboxError,
+        enclave_errors.ConfideError,
+    )
+}
+
+
+class AgentError(enclave_errors.ConfideError):
+    """The node agent failed for a reason it does not disclose (not a Confide error)."""
+
+
+def error_json(exc: BaseException) -> dict[str, Any]:
+    """What the agent tells the engine about a failure: Confide errors carry a message meant for a
+    person (they name what failed and where, never data); anything else only its type."""
+    if isinstance(exc, enclave_errors.ConfideError):
+        name = next((c.__name__ for c in type(exc).__mro__ if c.__name__ in _ERRORS), "ConfideError")
+        return {"ok": False, "type": name, "message": exc.message, "where": exc.where}
+    return {
+        "ok": False,
+        "type": "AgentError",
+        "message": f"the enclave worker failed ({type(exc).__name__})",
+        "where": None,
+    }
+
+
+def raise_error(obj: dict[str, Any]) -> None:
+    cls = _ERRORS.get(str(obj.get("type")), AgentError)
+    raise cls(str(obj.get("message", "")), where=obj.get("where") or None)
+
+
+class ZygotePool:
+    """Several zygotes behind one ``run``: a node's tasks run concurrently, one per zygote."""
+
+    def __init__(self, zygotes: Sequence[Zygote]) -> None:
+        if not zygotes:
+            raise ValueError("a pool needs at least one zygote")
+        self.zygotes = list(zygotes)
+        self._free = list(self.zygotes)
+        self._cv = threading.Condition()
+
+    def run(self, *args: Any, **kw: Any) -> Any:
+        with self._cv:
+            while not self._free:
+                self._cv.wait()
+            z = self._free.pop()
+        try:
+            return z.run(*args, **kw)
+        finally:
+            with self._cv:
+                self._free.append(z)
+                self._cv.notify()
+
+    def close(self) -> None:
+        for z in self.zygotes:
+            z.close()
+
+
+class AgentStats:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.tasks = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.enclave_seconds = 0.0
+
+    def add(self, bytes_in: int, bytes_out: int, seconds: float) -> None:
+        with self.lock:
+            self.tasks += 1
+            self.bytes_in += bytes_in
+            self.bytes_out += bytes_out
+            self.enclave_seconds += seconds
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        conn = Conn(self.request)
+        try:
+            while True:
+                try:
+                    req = conn.recv_json()
+                except ChannelError:
+                    return  # the stub closed the connection
+                self.server.agent.serve_one(req, conn)
+                conn.flush()
+        except (ChannelError, OSError):
+            return
+        finally:
+            conn.close()
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    agent: NodeAgent
+
+
+class NodeAgent:
+    """Serves one enclave worker (`enclave`: a FlowEnclave) on the unix socket `socket_path`."""
+
+    def __init__(self, enclave: FlowEnclave, socket_path: str | Path) -> None:
+        self.enclave = enclave
+        self.socket_path = str(socket_path)
+        self.stats = AgentStats()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._accept_lock = threading.Lock()
+
+    def start(self) -> NodeAgent:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        server = _Server(self.socket_path, _Handler)
+        os.chmod(self.socket_path, 0o600)
+        server.agent = self
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="flow-node-agent", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+
+    def __enter__(self) -> NodeAgent:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- one request -------------------------------------------------------------------------------
+
+    def serve_one(self, req: dict[str, Any], conn: Conn) -> None:
+        op = req.get("op")
+        frames = list(conn.recv_list())
+        try:
+            if op == "run_task":
+                self._run_task(req, frames, conn)
+                return
+            if op == "echo":  # the channel's own throughput, no enclave work
+                conn.send_json({"ok": True})
+                conn.send_list(frames)
+                return
+            answer, out = self._control(op, req, frames)
+        except Exception as exc:  # every failure goes back to the engine, described safely
+            conn.send_json(error_json(exc))
+            conn.send(b"")
+            return
+        conn.send_json({"ok": True, **answer})
+        conn.send_list(out)
+
+    def _control(
+        self, op: Any, req: dict[str, Any], frames: list[bytes]
+    ) -> tuple[dict[str, Any], list[bytes]]:
+        e = self.enclave
+        if op == "public_line":
+            return {"public_line": e.public_line}, []
+        if op == "start_job":
+            ticket, graph = e.start_job(frames[0], dict(req["inputs"]))
+            return {"graph": graph}, [ticket]
+        if op == "finish_job":
+            return {"summary": e.finish_job(frames[0], frames[1:], str(req["out_dir"]))}, []
+        if op == "grant":
+            return {}, [e.grant(frames[0], str(req["worker_line"]))]
+        if op == "accept":
+            e.accept(frames[0], frames[1])
+            return {}, []
+        raise enclave_errors.FormatError(f"unknown operation {op!r}", where="node agent")
+
+    def _ensure_job(self, ticket: bytes, grants: dict[str, str]) -> None:
+        """Take the job key from the grant addressed to this worker, the first time it sees the job."""
+        job = parse_header(ticket, where="ticket")[0].job
+        with self._accept_lock:
+            if job in self.enclave._jobs:
+                return
+            wrapped = grants.get(self.enclave.public_line)
+            if wrapped is None:
+                raise flow_errors.FlowIntegrityError(
+                    "this worker does not hold the job and no job key grant is addressed to it",
+                    where="node agent",
+                )
+            self.enclave.accept(ticket, base64.b64decode(wrapped))
+
+    def _run_task(self, req: dict[str, Any], frames: list[bytes], conn: Conn) -> None:
+        t0 = time.perf_counter()
+        try:
+            if not frames:
+                raise enclave_errors.FormatError("a task request needs its ticket", where="node agent")
+            ticket, batches = frames[0], frames[1:]
+            self._ensure_job(ticket, dict(req.get("grants") or {}))
+            outputs, report = self.enclave.run_task(
+                ticket,
+                int(req["stage"]),
+                int(req["partition"]),
+                batches,
+                source_path=req.get("source_path"),
+                out_dir=req.get("out_dir"),
+            )
+        except Exception as exc:
+            conn.send_json(error_json(exc))
+            conn.send(b"")
+            return
+        seconds = time.perf_counter() - t0
+        conn.send_json({"ok": True, "outputs": len(outputs)})
+        sent = 0
+        for bucket, blob in outputs:
+            conn.send(_BUCKET.pack(bucket) + blob)
+            sent += len(blob)
+        conn.send(_BUCKET.pack(REPORT_BUCKET) + report)
+        conn.send(b"")
+        self.stats.add(sum(len(b) for b in batches), sent, seconds)
+
+
+class AgentClient:
+    """A node agent as an ``Endpoint`` (one request at a time per client)."""
+
+    def __init__(self, socket_path: str | Path) -> None:
+        self.socket_path = str(socket_path)
+        self._conn: Conn | None = None
+        self._lock = threading.Lock()
+        self._public: str | None = None
+
+    def _call(self, req: dict[str, Any], frames: Sequence[bytes]) -> tuple[dict[str, Any], list[bytes]]:
+        with self._lock:
+            if self._conn is None:
+                self._conn = Conn.connect(self.socket_path)
+            c = self._conn
+            try:
+                c.send_json(req)
+                c.send_list(frames)
+                c.flush()
+                answer = c.recv_json()
+                out = list(c.recv_list())
+            except (ChannelError, OSError):
+                c.close()
+                self._conn = None
+                raise
+        if not answer.get("ok"):
+            raise_error(answer)
+        return answer, out
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    @property
+    def public_line(self) -> str:
+        if self._public is None:
+            self._public = str(self._call({"op": "public_line"}, [])[0]["public_line"])
+        return self._public
+
+    def start_job(self, sealed_description: bytes, inputs: dict[str, str]) -> tuple[bytes, dict[str, Any]]:
+        answer, out = self._call({"op": "start_job", "inputs": inputs}, [sealed_description])
+        return out[0], answer["graph"]
+
+    def run_task(
+        self,
+        ticket: bytes,
+        stage: int,
+        partition: int,
+        batches: Sequence[bytes],
+        *,
+        source_path: str | None = None,
+        out_dir: str | None = None,
+    ) -> tuple[list[tuple[int, bytes]], bytes]:
+        req = {
+            "op": "run_task",
+            "stage": stage,
+            "partition": partition,
+            "source_path": source_path,
+            "out_dir": out_dir,
+        }
+        _, out = self._call(req, [ticket, *batches])
+        outputs, report = split_outputs(out)
+        return outputs, report
+
+    def finish_job(self, ticket: bytes, reports: Sequence[bytes], out_dir: str) -> dict[str, Any]:
+        return dict(self._call({"op": "finish_job", "out_dir": out_dir}, [ticket, *reports])[0]["summary"])
+
+    def grant(self, ticket: bytes, worker_line: str) -> bytes:
+        return self._call({"op": "grant", "worker_line": worker_line}, [ticket])[1][0]
+
+    def accept(self, ticket: bytes, wrapped: bytes) -> None:
+        self._call({"op": "accept"}, [ticket, wrapped])
+
+
+def split_outputs(frames: Sequence[bytes]) -> tuple[list[tuple[int, bytes]], bytes]:
+    outputs: list[tuple[int, bytes]] = []
+    report = b""
+    for f in frames:
+        (bucket,) = _BUCKET.unpack_from(f)
+        if bucket == REPORT_BUCKET:
+            report = f[_BUCKET.size :]
+        else:
+            outputs.append((bucket, f[_BUCKET.size :]))
+    return outputs, report
+
+
+def start_agent(
+    identity: Identity, socket_path: str | Path, *, zygotes: int = 2, limits: SandboxLimits | None = None
+) -> tuple[NodeAgent, ZygotePool]:
+    pool = ZygotePool([Zygote.start(preimport=()) for _ in range(max(1, zygotes))])
+    enclave = FlowEnclave(identity, pool, limits=limits)  # type: ignore[arg-type]
+    return NodeAgent(enclave, socket_path).start(), pool
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m confide.flow.node_agent", description=__doc__)
+    ap.add_argument("--socket", required=True, help="unix socket path the node's stubs connect to")
+    ap.add_argument("--identity", required=True, help="the worker's identity key file")
+    ap.add_argument("--zygotes", type=int, default=2, help="concurrent tasks (sandbox zygotes)")
+    args = ap.parse_args(argv)
+    try:
+        identity = Identity.load(Path(args.identity))
+        agent, pool = start_agent(identity, args.socket, zygotes=args.zygotes)
+    except (OSError, enclave_errors.ConfideError) as exc:
+        print(f"error: {exc} (node agent)", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"ready {agent.enclave.public_line}", flush=True)
+    stop.wait()
+    agent.stop()
+    pool.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
