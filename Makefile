@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench coverage lint clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Confide needs Python 3.11+)"; exit 2; }
@@ -26,6 +26,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/attest.py
 	$(BIN)/python bench/platform_tasks.py
 	$(BIN)/python bench/cli.py
+
+coverage: $(STAMP)  # TCB lines executed by the enclave tests -> bench/results/tcb_coverage.json
+	$(BIN)/python bench/tcb_coverage.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench examples
