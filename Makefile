@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/python -m confide.enclave.bytecode   # checked-hash bytecode the enclave runs (enclave/bytecode.py)
 	@touch $(STAMP)
 
 install: $(STAMP)

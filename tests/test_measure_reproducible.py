@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from confide.client.local import Home
+from confide.enclave import bytecode
 from confide.enclave import measurement as m
 from confide.enclave.config import EnclaveConfig
 from confide.host.enclave_process import EnclaveProcess
@@ -243,7 +244,9 @@ def test_planted_bytecode_does_not_run_under_the_enclave_flags(tmp_path: Path) -
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     _plant_pyc(pkg)
-    assert _import_value(m.NO_BYTECODE_ARGS, tmp_path) == "measured"
+    assert _import_value(bytecode.NO_CACHE_ARGS, tmp_path) == "measured"
+    # with Confide's checked-hash cache too: bytecode beside the source is never looked at
+    assert _import_value(bytecode.args_for(str(tmp_path / "cache")), tmp_path) == "measured"
     # and nothing was written: no bytecode for the package's __init__ appeared
     assert sorted(p.name for p in (pkg / "__pycache__").iterdir()) == ["mod.cpython-311.pyc"]
     assert _import_value((), tmp_path) == "planted"  # the attack, on a plain interpreter
@@ -278,7 +281,8 @@ def test_the_enclave_and_its_zygote_run_without_cached_bytecode(tmp_path: Path) 
         zygote_argv = _argv(zygotes[0])
     finally:
         enclave.close()
-    flags = list(m.NO_BYTECODE_ARGS)
+    flags = list(bytecode.interpreter_args())
+    assert "--check-hash-based-pycs" in flags  # make install built the checked-hash cache
     assert argv[1 : 1 + len(flags)] == flags and argv[1 + len(flags) : 3 + len(flags)] == [
         "-m",
         "confide.enclave",

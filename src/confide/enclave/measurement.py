@@ -8,9 +8,9 @@ Python implementation and version, and (4) the enclave configuration. The same r
 platform gives the same value on any machine; a change to any of these gives a new value.
 
 Left out, because they do not decide behaviour and differ between two installs of one release:
-``__pycache__`` (bytecode whose header carries the source's mtime; the enclave and its zygote run
-with ``NO_BYTECODE_ARGS``, so no cached bytecode is ever read and what runs is compiled from the
-measured sources), the installer's bookkeeping (``RECORD``, ``INSTALLER``, ``REQUESTED``,
+``__pycache__`` (bytecode whose header carries the source's mtime; the enclave and its zygote never
+read it: they use only checked-hash bytecode from Confide's own cache, checked against the measured
+source on every import, see ``bytecode.py``), the installer's bookkeeping (``RECORD``, ``INSTALLER``, ``REQUESTED``,
 ``direct_url.json``) and files installed outside site-packages (console scripts, whose shebang
 names the virtual environment; the enclave never runs them). File mtimes are never read.
 """
@@ -35,13 +35,6 @@ FORMAT = "confide-measurement-v2"
 TCB_ROOT = Path(__file__).resolve().parent
 TCB_PACKAGE = "confide.enclave"
 PACKAGE_INIT = TCB_ROOT.parent / "__init__.py"  # `python -m confide.enclave` runs it first
-
-# Interpreter flags for every process that runs TCB code (the enclave and the sandbox zygote): never
-# write bytecode (-B) and look for cached bytecode only beneath /dev/null, where none can exist, so a
-# stale or planted __pycache__/*.pyc (trusted by CPython when its header matches the source's mtime
-# and size) is never executed: every module runs from its measured source. Costs ~2 s per enclave
-# start here (1.3 -> 3.4 s: the zygote compiles numpy, pandas and xgboost; docs/ARCHITECTURE.md).
-NO_BYTECODE_ARGS: tuple[str, ...] = ("-B", "-X", "pycache_prefix=/dev/null")
 
 # Third-party distributions the TCB imports. Everything they require is measured too.
 TCB_DISTRIBUTIONS: tuple[str, ...] = (

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from confide.enclave import channel
+from confide.enclave.bytecode import interpreter_args
 from confide.enclave.encoding import canonical_json, parse_json_object
 from confide.enclave.errors import ConfideError, EnclaveError
-from confide.enclave.measurement import NO_BYTECODE_ARGS
 
 MAX_REPLY_BYTES = 64 << 20
 START_TIMEOUT_S = 120.0
@@ -41,7 +41,7 @@ class EnclaveProcess:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         cmd = [
             sys.executable,
-            *NO_BYTECODE_ARGS,  # run the measured sources, never cached bytecode (measurement.py)
+            *interpreter_args(),  # only checked-hash bytecode of the measured sources (enclave/bytecode.py)
             "-m",
             "confide.enclave",
             "--fd",

@@ -17,6 +17,7 @@ from typing import Any
 import uvicorn
 from sqlalchemy.exc import DBAPIError
 
+from confide.enclave import bytecode
 from confide.enclave.errors import ConfideError
 from confide.enclave.sim_platform import SimPlatform
 from confide.host.api import Platform, create_app
@@ -166,6 +167,9 @@ def run(opts: ServeOptions, **uvicorn_options: Any) -> None:
         **uvicorn_options,
     )
     server = _Server(config)
+    if opts.workers and not bytecode.cache_ready():
+        log.info("building the enclaves' checked-hash bytecode cache (once per installation, ~20 s)")
+        bytecode.ensure_cache()
     log.info("starting %d enclave worker(s) under %s", opts.workers, opts.data_dir)
     # uvicorn handles SIGTERM during run(), then raises it again once it has stopped serving; with
     # the default handler that would kill the process before the workers drain. Ours just lets

@@ -24,8 +24,8 @@ import time
 import weakref
 from typing import Any
 
+from confide.enclave.bytecode import inherited_args
 from confide.enclave.errors import SandboxError
-from confide.enclave.measurement import NO_BYTECODE_ARGS
 from confide.enclave.sandbox.api import LAYER_NAMES, OutputSink, RunResult, SandboxLimits
 from confide.enclave.sandbox.environment import zygote_environment
 from confide.enclave.sandbox.memfd import check_input_fd, make_input_memfd
@@ -117,7 +117,7 @@ class Zygote:
         }
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-I", *NO_BYTECODE_ARGS, "-c", _BOOT, json.dumps(cfg)],
+                [sys.executable, "-I", *inherited_args(), "-c", _BOOT, json.dumps(cfg)],
                 pass_fds=(zygote_sock.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,

@@ -46,7 +46,7 @@ def _resize(length_from: int, length_to: int) -> None:
     # SQLite ignores the length (the column's affinity stays TEXT, so the file format is unchanged);
     # only the declared type is rewritten, as SQLite documents for such changes (ALTER TABLE,
     # "other kinds of table schema changes"): recreating tables would trip the foreign keys.
-    version = bind.exec_driver_sql("PRAGMA schema_version").scalar()
+    version = int(bind.exec_driver_sql("PRAGMA schema_version").scalar() or 0)
     bind.exec_driver_sql("PRAGMA writable_schema = ON")
     for table in sorted({t for t, _, _ in COLUMNS}):
         sql = bind.exec_driver_sql(
@@ -57,7 +57,7 @@ def _resize(length_from: int, length_to: int) -> None:
             if t == table:
                 new = new.replace(f"{column} VARCHAR({length_from})", f"{column} VARCHAR({length_to})")
         bind.exec_driver_sql("UPDATE sqlite_master SET sql=? WHERE type='table' AND name=?", (new, table))
-    bind.exec_driver_sql(f"PRAGMA schema_version = {int(version) + 1}")
+    bind.exec_driver_sql(f"PRAGMA schema_version = {version + 1}")
     bind.exec_driver_sql("PRAGMA writable_schema = OFF")
 
 
