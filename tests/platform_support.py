@@ -188,8 +188,14 @@ class ServerProcess:
         workers: int = 2,
         lease_seconds: float = 60,
         extra_args: tuple[str, ...] = (),
+        command: list[str] | None = None,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.extra_args = extra_args
+        self.command = command  # a whole `confide serve ...` command line, as a user types it
+        self.cwd = cwd
+        self.env = env
         self.data_dir = data_dir
         self.db_url = db_url
         self.workers = workers
@@ -220,9 +226,17 @@ class ServerProcess:
         if self.db_url:
             cmd += ["--db", self.db_url]
         cmd += self.extra_args
+        if self.command is not None:
+            cmd = [*self.command, "--port", str(self.port)]
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
-            cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+            cmd,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=self.cwd,
+            env=self.env,
         )
         self.groups.append(self.proc.pid)
         log.close()
@@ -296,7 +310,6 @@ class Party:
         if self._audience is None:
             self._audience = str(self.http.get("/v1/platform").json()["platform_id"])
         return self._audience
-
 
     @property
     def fp(self) -> str:

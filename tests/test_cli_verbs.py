@@ -216,8 +216,9 @@ def test_another_partys_function_name_is_not_yours(env, world, tmp_path):
 
 
 def test_lists_show_your_objects_and_hide_others(env, world, tmp_path):
-    ds = upload(env, world["hosp"], tmp_path, "listed")
-    task_id = create(env, world, ds)
+    ref = upload(env, world["hosp"], tmp_path, "listed")
+    task_id = create(env, world, ref)
+    ds = ref.split(":")[1]  # the dataset id inside the cds1: reference the upload printed
     mine = json.loads(ok(env, world["hosp"], "dataset", "list", "--json"))
     assert ds in {d["dataset_id"] for d in mine} and all("key_envelope" not in d for d in mine)
     assert next(d for d in mine if d["dataset_id"] == ds)["owner_name"] == "Hospital A"

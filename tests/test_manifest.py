@@ -284,7 +284,9 @@ def test_describe_manifest_shows_what_is_approved() -> None:
         "writes x",
         f"hospital_a: dataset {m.inputs[0].dataset_id} of hospital_a ({HOSP_A.fingerprint})",
         f"out (at most 64 MiB) -> lab ({LAB.fingerprint})",
-        f"approvals of this exact manifest by: hospital_a ({HOSP_A.fingerprint}), algo ({ALGO.fingerprint})",
+        # the creator (lab) approves too: the enclave runs only manifests their creator signed
+        f"approvals of this exact manifest by: lab ({LAB.fingerprint}), hospital_a ({HOSP_A.fingerprint}), "
+        f"algo ({ALGO.fingerprint})",
     ):
         assert needle in text, needle
     g = describe_manifest(gbdt_manifest())

@@ -383,7 +383,7 @@ def test_serve_refuses_a_bad_database_with_one_clear_line(tmp_path: Path) -> Non
             timeout=60,
         )
         assert result.returncode == 1, result.stderr
-        assert "error: --db" in result.stderr and reason in result.stderr
+        assert "error: " in result.stderr and "(--db" in result.stderr and reason in result.stderr
         assert "Traceback" not in result.stderr and "secret" not in result.stderr
 
 

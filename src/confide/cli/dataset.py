@@ -29,7 +29,7 @@ def dataset() -> None:
 )
 @with_client
 def dataset_upload(client: Client, path: Path, name: str | None, strict: bool) -> None:
-    """Encrypt PATH, wrap its key to the attested service, upload; prints the dataset id to share.
+    """Encrypt PATH, wrap its key to the attested service, upload; prints the dataset reference to share.
 
     PATH is checked on this machine first (empty or binary file, rows whose field count differs from
     the header's, a numeric column with some non-numeric values), each problem named by line: once
@@ -46,7 +46,12 @@ def dataset_upload(client: Client, path: Path, name: str | None, strict: bool) -
             f"{len(report.problems)} CSV problem(s) found; nothing was uploaded (--strict)", where=str(path)
         )
     ref = client.upload_dataset(path, name=name)
-    click.echo(ref.dataset_id)
+    click.echo(
+        f"dataset {ref.dataset_id} uploaded; share this reference (it pins you as the owner and "
+        "the ciphertext's digest):",
+        err=True,
+    )
+    click.echo(ref.ref)
 
 
 @dataset.command(name="show")

@@ -28,7 +28,12 @@ def task() -> None:
     required=True,
     help="built-in name (gbdt-train), one of your functions as NAME[@VERSION], or a function digest",
 )
-@click.option("--input", "inputs", multiple=True, help="NAME=DATASET_ID (repeat)")
+@click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    help="NAME=DATASET_REF (repeat): the cds1:... reference the owner's `dataset upload` printed",
+)
 @click.option(
     "--output",
     "outputs",
@@ -41,6 +46,26 @@ def task() -> None:
     multiple=True,
     help="NAME=SIZE: the most bytes output NAME may hold, e.g. 64KiB, 10MB (default 64MiB)",
 )
+@click.option(
+    "--pad",
+    "pads",
+    multiple=True,
+    help="NAME=pow2|SIZE: pad output NAME to a power of two or a multiple of SIZE, so the host sees "
+    "only the bucket, not the exact size",
+)
+@click.option(
+    "--error-max-bytes",
+    type=click.IntRange(64, 1 << 20),
+    default=None,
+    help="cap on the function's sealed error text (default 4096); approvers see it",
+)
+@click.option(
+    "--max-runs",
+    type=click.IntRange(1, 1000),
+    default=3,
+    show_default=True,
+    help="your approval allows at most this many runs per enclave worker (retries included)",
+)
 @click.option("--param", "params", multiple=True, help="KEY=VALUE; VALUE parsed as JSON when it parses")
 @click.option("--params-json", default=None, help="all parameters as one JSON object")
 @with_client
@@ -50,6 +75,9 @@ def task_create(
     inputs: tuple[str, ...],
     outputs: tuple[str, ...],
     max_outputs: tuple[str, ...],
+    pads: tuple[str, ...],
+    error_max_bytes: int | None,
+    max_runs: int,
     params: tuple[str, ...],
     params_json: str | None,
 ) -> None:
@@ -82,15 +110,22 @@ def task_create(
         if not recipients:
             raise UsageProblem(f"output {name!r} has no recipient", where="--output")
         out_map[name] = [client.resolve_party(r, where=f"--output {name}") for r in recipients]
-    unknown = sorted(set(caps) - set(out_map))
-    if unknown:
-        raise UsageProblem(f"no --output named {', '.join(map(repr, unknown))}", where="--max-output")
+    pad_map: dict[str, str | int] = {}
+    for name, how in parse_assignments(pads, what="--pad").items():
+        pad_map[name] = "pow2" if how.strip().lower() == "pow2" else parse_size(how, where=f"--pad {name}")
+    for option, given in (("--max-output", caps), ("--pad", pad_map)):
+        unknown = sorted(set(given) - set(out_map))
+        if unknown:
+            raise UsageProblem(f"no --output named {', '.join(map(repr, unknown))}", where=option)
     task_id = client.create_task(
         function=client.resolve_function(function_ref, where="--function"),
         inputs=parse_assignments(inputs, what="--input"),
         outputs=out_map,
         params=values,
         max_output=caps,
+        pad=pad_map,
+        error_max_bytes=error_max_bytes,
+        max_runs=max_runs,
     )
     click.echo(task_id)
 
@@ -142,37 +177,61 @@ def task_show(client: Client, task_id: str, fmt: str) -> None:
 @click.argument("task_id")
 @click.option("--digest", default=None, help="approve only if the manifest digest is exactly this")
 @click.option("--yes", is_flag=True, help="do not ask (the summary is still printed)")
+@click.option(
+    "--max-runs",
+    type=click.IntRange(1, 1000),
+    default=3,
+    show_default=True,
+    help="allow at most this many runs per enclave worker (retries after a lost worker included)",
+)
 @with_client
-def task_approve(client: Client, task_id: str, digest: str | None, yes: bool) -> None:
-    """Show the task and sign your approval of exactly that manifest."""
+def task_approve(client: Client, task_id: str, digest: str | None, yes: bool, max_runs: int) -> None:
+    """Show the task and sign your approval of exactly that manifest.
+
+    The enclave counts runs per worker in its sealed state; a host that rolls that state back or
+    uses another worker gets max-runs more runs each time (docs/PROTOCOL.md, Run limits)."""
     manifest = client.manifest(task_id)
     click.echo(client.describe(task_id))
     if not yes and not click.confirm(f"approve manifest {manifest.digest}?", err=True):
         raise ConfideError("not approved", where=f"task {task_id}")
-    client.approve(task_id, expect_digest=digest or manifest.digest)
+    client.approve(task_id, expect_digest=digest or manifest.digest, max_runs=max_runs)
     click.echo(f"approved {task_id} (manifest {manifest.digest})")
+
+
+_EXPECT_HELP = (
+    "accept only results of this manifest digest (for scripts running where this party's home, which "
+    "records the manifests it created or approved, is not)"
+)
+
+
+def expect_option(fn: Any) -> Any:
+    return click.option(
+        "--expect-manifest", "expect_manifest", default=None, metavar="DIGEST", help=_EXPECT_HELP
+    )(fn)
 
 
 @task.command(name="run")
 @click.argument("task_id")
 @click.option("--wait/--no-wait", default=True, show_default=True)
 @click.option("--timeout", type=click.FloatRange(1, 86400), default=600, show_default=True)
+@expect_option
 @with_client
-def task_run(client: Client, task_id: str, wait: bool, timeout: float) -> None:
+def task_run(client: Client, task_id: str, wait: bool, timeout: float, expect_manifest: str | None) -> None:
     """Queue the task; with --wait, follow it to the end and check its receipt."""
     client.run(task_id)
     click.echo(f"queued {task_id}", err=True)
     if wait:
-        _follow(client, task_id, timeout)
+        _follow(client, task_id, timeout, expect_manifest)
 
 
 @task.command(name="wait")
 @click.argument("task_id")
 @click.option("--timeout", type=click.FloatRange(1, 86400), default=600, show_default=True)
+@expect_option
 @with_client
-def task_wait(client: Client, task_id: str, timeout: float) -> None:
+def task_wait(client: Client, task_id: str, timeout: float, expect_manifest: str | None) -> None:
     """Follow a task until it succeeds or fails; exits 1 if it failed."""
-    _follow(client, task_id, timeout)
+    _follow(client, task_id, timeout, expect_manifest)
 
 
 def state_reason(info: dict[str, Any], *, now: float | None = None) -> str:
@@ -203,7 +262,7 @@ def state_reason(info: dict[str, Any], *, now: float | None = None) -> str:
     return ""
 
 
-def _follow(client: Client, task_id: str, timeout: float) -> None:
+def _follow(client: Client, task_id: str, timeout: float, expect_manifest: str | None = None) -> None:
     info = client.wait(
         task_id,
         timeout=timeout,
@@ -212,20 +271,26 @@ def _follow(client: Client, task_id: str, timeout: float) -> None:
     if not info.get("receipt"):
         why = f": {info['message']}" if info.get("message") else ""
         raise ConfideError(f"task {info.get('state')} without a receipt{why}", where=f"task {task_id}")
-    body = client.receipt(task_id, info)
+    body = client.receipt(task_id, info, expect_manifest=expect_manifest)
     if body.get("status") == "ok":
         click.echo(
             f"task {task_id} succeeded; receipt signed by service {client.service.fingerprint} verified"
         )
         return
-    _report_failure(client, task_id, info, body)
+    _report_failure(client, task_id, info, body, expect_manifest)
 
 
-def _report_failure(client: Client, task_id: str, info: dict[str, Any], body: dict[str, Any]) -> None:
+def _report_failure(
+    client: Client,
+    task_id: str,
+    info: dict[str, Any],
+    body: dict[str, Any],
+    expect_manifest: str | None = None,
+) -> None:
     """Say why the task failed: the enclave's signed error, and the function's own error text (its
     traceback) when it is sealed to us. Exits 1."""
     err = body.get("error") or {}
-    text = _error_text(client, task_id, info)
+    text = _error_text(client, task_id, info, expect_manifest)
     if text:
         click.echo(f"the function's error (sealed to you by the enclave):\n{text.rstrip()}", err=True)
     click.echo(
@@ -235,9 +300,11 @@ def _report_failure(client: Client, task_id: str, info: dict[str, Any], body: di
     raise SystemExit(EXIT_FAILED)
 
 
-def _error_text(client: Client, task_id: str, info: dict[str, Any]) -> str | None:
+def _error_text(
+    client: Client, task_id: str, info: dict[str, Any], expect_manifest: str | None = None
+) -> str | None:
     try:
-        return client.error_report(task_id, info)
+        return client.error_report(task_id, info, expect_manifest=expect_manifest)
     except ConfideError as exc:
         click.echo(f"warning: cannot show the function's error text ({exc})", err=True)
         return None
@@ -246,18 +313,27 @@ def _error_text(client: Client, task_id: str, info: dict[str, Any]) -> str | Non
 @task.command(name="results")
 @click.argument("task_id")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@expect_option
 @with_client
-def task_results(client: Client, task_id: str, out_dir: Path) -> None:
+def task_results(client: Client, task_id: str, out_dir: Path, expect_manifest: str | None) -> None:
     """Download the outputs addressed to you, check them against the receipt, decrypt into --out.
     For a task that failed in its function: show the function's error text (sealed to you), exit 1."""
     info = client.task(task_id)
     if info.get("receipt"):
-        body = client.receipt(task_id, info)
+        body = client.receipt(task_id, info, expect_manifest=expect_manifest)
         if body.get("status") != "ok":
-            _report_failure(client, task_id, info, body)
-    result = client.results(task_id, out_dir)
+            _report_failure(client, task_id, info, body, expect_manifest)
+    result = client.results(task_id, out_dir, expect_manifest=expect_manifest)
+    sizes = {str(o.get("name")): o for o in result.receipt.get("outputs", [])}
     for name, path in result.outputs.items():
-        click.echo(f"{name}: {path}")
+        stored = sizes.get(name, {}).get("size")
+        note = ""
+        if isinstance(stored, int) and stored != path.stat().st_size:
+            note = f" (padded to {stored} bytes for the host)"
+        click.echo(f"{name}: {path} ({path.stat().st_size} bytes){note}")
+    head = result.receipt.get("audit_head")
+    if isinstance(head, dict):
+        click.echo(f"receipt signs the audit log up to event {head.get('seq')} (checked)")
 
 
 @task.command(name="logs")
@@ -302,10 +378,23 @@ def task_logs(client: Client, task_id: str) -> None:
 
 @task.command(name="receipt")
 @click.argument("task_id")
+@expect_option
 @with_client
-def task_receipt(client: Client, task_id: str) -> None:
+def task_receipt(client: Client, task_id: str, expect_manifest: str | None) -> None:
     """Print the task's receipt after checking the service's signature and the manifest digest."""
-    click.echo(json.dumps(client.receipt(task_id), indent=2))
+    click.echo(json.dumps(client.receipt(task_id, expect_manifest=expect_manifest), indent=2))
+
+
+@task.command(name="reject")
+@click.argument("task_id")
+@click.option("--reason", default=None, help="why (shown to the other participants)")
+@with_client
+def task_reject(client: Client, task_id: str, reason: str | None) -> None:
+    """Refuse a task you were added to: final; it can no longer run, your approval (if any) is
+    withdrawn, and its participants lose access to your datasets' ciphertext through it. The
+    platform enforces this; a run that already happened is not undone."""
+    info = client.reject_task(task_id, reason=reason)
+    click.echo(f"rejected {task_id} (state {info.get('state')})")
 
 
 # ---- the everyday verbs: list, cancel, withdraw ------------------------------------------------------

@@ -133,10 +133,16 @@ class Client:
             self._attest_cache = AttestationCache(here.root, url, self.policy)
 
     @classmethod
-    def from_env(cls, *, say: Say | None = None, timeout: float = 60.0) -> Client:
+    def from_env(
+        cls,
+        *,
+        identity: Identity | str | os.PathLike[str] | None = None,
+        say: Say | None = None,
+        timeout: float = 60.0,
+    ) -> Client:
         """A client configured like the CLI: CONFIDE_URL (default http://127.0.0.1:8470),
-        CONFIDE_IDENTITY (required), CONFIDE_POLICY, CONFIDE_SIM_ROOT, CONFIDE_HOME."""
-        identity = os.environ.get("CONFIDE_IDENTITY")
+        CONFIDE_IDENTITY (or `identity`), CONFIDE_POLICY, CONFIDE_SIM_ROOT, CONFIDE_HOME."""
+        identity = identity or os.environ.get("CONFIDE_IDENTITY")
         if not identity:
             raise ConfideError(
                 "no identity: set CONFIDE_IDENTITY to your key file (confide keygen NAME)",
@@ -397,6 +403,8 @@ class Client:
         max_output_bytes: int = DEFAULT_MAX_OUTPUT,
         max_output: Mapping[str, int] | None = None,
         max_runs: int = mf.DEFAULT_MAX_RUNS,
+        pad: Mapping[str, str | int] | None = None,
+        error_max_bytes: int | None = None,
     ) -> str:
         """Build and submit a task manifest, record its digest in this home and sign the creator's
         approval of it (the enclave runs only manifests their creator approved, at most `max_runs`
@@ -405,11 +413,16 @@ class Client:
         `function`: a built-in name or a registered function's digest. `inputs`: input name →
         dataset reference (``cds1:...``, as the owner's upload printed; a bare id only for a dataset
         uploaded from this home). `outputs`: output name → recipient fingerprints (full 128 bits).
-        `max_output`: output name → byte cap written in the manifest (default `max_output_bytes`)."""
+        `max_output`: output name → byte cap written in the manifest (default `max_output_bytes`).
+        `pad`: output name → ``"pow2"`` or a bucket size in bytes: the enclave pads that output so the
+        host sees only the bucket. `error_max_bytes`: the cap on the function's sealed error text
+        (default 4 KiB); approvers see both."""
         caps = dict(max_output or {})
-        unknown = sorted(set(caps) - set(outputs))
-        if unknown:
-            raise ConfideError(f"no output named {', '.join(map(repr, unknown))}", where="max_output")
+        pads = dict(pad or {})
+        for what, given in (("max_output", caps), ("pad", pads)):
+            unknown = sorted(set(given) - set(outputs))
+            if unknown:
+                raise ConfideError(f"no output named {', '.join(map(repr, unknown))}", where=what)
         descriptor, confidential = self.function(function)
         service = self.service
         pins = {n: self._dataset_pin(d, f"input {n!r}") for n, d in inputs.items()}
@@ -433,8 +446,12 @@ class Client:
             confidential=confidential,
             params=dict(params or {}),
             inputs=[(n, p.dataset_id, p.owner, p.ciphertext_sha256) for n, p in pins.items()],
-            outputs=[(n, list(rs), caps.get(n, max_output_bytes)) for n, rs in outputs.items()],
+            outputs=[
+                mf.TaskOutput(n, tuple(rs), caps.get(n, max_output_bytes), pads.get(n))
+                for n, rs in outputs.items()
+            ],
             participants=participants,
+            error_max_bytes=error_max_bytes,
         )
         task_id = manifest.task_id
         self.records.remember_manifest(self.fingerprint, task_id, manifest.digest, "created")
@@ -630,7 +647,9 @@ class Client:
             )
         return body
 
-    def error_report(self, task_id: str, info: dict[str, Any] | None = None) -> str | None:
+    def error_report(
+        self, task_id: str, info: dict[str, Any] | None = None, *, expect_manifest: str | None = None
+    ) -> str | None:
         """The failed function's own error text (its traceback), sealed by the enclave to the task's
         creator and output recipients as the `_error` output: fetched, checked against the signed
         receipt, decrypted here. None when the task did not fail in its function (or has no receipt
@@ -638,7 +657,7 @@ class Client:
         info = info or self.task(task_id)
         if not info.get("receipt"):
             return None
-        body = self.receipt(task_id, info)
+        body = self.receipt(task_id, info, expect_manifest=expect_manifest)
         entry = next((o for o in body.get("outputs", []) if o.get("name") == mf.ERROR_OUTPUT), None)
         if body.get("status") == "ok" or entry is None:
             return None
@@ -747,17 +766,6 @@ class Client:
 
         return AuditVerifier(store, self.service.fingerprint, fetch)
 
-
-def _check_pin(got: DatasetRef, pin: DatasetPin) -> None:
-    """The platform's record of a dataset must be the one the reference names."""
-    for field in ("dataset_id", "owner", "ciphertext_sha256"):
-        if getattr(got, field) != getattr(pin, field):
-            raise IntegrityError(
-                f"the platform returned a dataset with {field} {getattr(got, field)}, not the "
-                f"{getattr(pin, field)} of reference {pin} (another dataset substituted)",
-                where=f"dataset {pin.dataset_id}",
-            )
-
     # ---- the everyday verbs: directories, names, lists, cancel, withdraw, delete ----------------------
     def whoami(self) -> dict[str, Any]:
         """This party as the platform knows it: fingerprint and registered name."""
@@ -828,6 +836,8 @@ def _check_pin(got: DatasetRef, pin: DatasetPin) -> None:
     def delete_dataset(self, dataset_id: str) -> dict[str, Any]:
         """Remove your dataset: its row and key envelope, and its ciphertext from the blob store.
         Outputs of tasks that already read it are not recalled; see `confide dataset delete --help`."""
+        if dataset_id.startswith(f"{REF_PREFIX}:"):
+            dataset_id = parse_ref(dataset_id, where="dataset").dataset_id
         return dict(self.api.call("DELETE", f"/v1/datasets/{dataset_id}"))
 
     def functions(self) -> list[dict[str, Any]]:
@@ -905,6 +915,17 @@ def _check_pin(got: DatasetRef, pin: DatasetPin) -> None:
         required approval, then refuses it. It cannot undo a run that already happened, and a
         hostile platform could have kept a copy of the signed approval."""
         return dict(self.api.call("DELETE", f"/v1/tasks/{task_id}/approvals"))
+
+
+def _check_pin(got: DatasetRef, pin: DatasetPin) -> None:
+    """The platform's record of a dataset must be the one the reference names."""
+    for field in ("dataset_id", "owner", "ciphertext_sha256"):
+        if getattr(got, field) != getattr(pin, field):
+            raise IntegrityError(
+                f"the platform returned a dataset with {field} {getattr(got, field)}, not the "
+                f"{getattr(pin, field)} of reference {pin} (another dataset substituted)",
+                where=f"dataset {pin.dataset_id}",
+            )
 
 
 def _size_of(path: Path) -> int:

@@ -44,6 +44,8 @@ TCB_DISTRIBUTIONS: tuple[str, ...] = (
     "pandas",  # idem
     "xgboost-cpu",  # idem (GBDT)
     "scikit-learn",  # imported lazily in the sandbox by xgboost's sklearn API
+    "onnx",  # enclave/infer parses models in the sandbox child
+    "onnxruntime",  # builtins/onnx_infer.py, imported in the sandbox child (not pre-importable: starts a thread)
 )
 
 _SKIP_DIST_FILES = {"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"}
