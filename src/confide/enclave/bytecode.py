@@ -62,7 +62,10 @@ def interpreter_args() -> tuple[str, ...]:
 
 
 def inherited_args() -> tuple[str, ...]:
-    """Flags for a process the enclave starts (the zygote): the same cache as this process."""
+    """Flags for a process the enclave starts (the zygote): the same cache as this process; from a
+    process started without one (a test, a dataflow node agent), what `interpreter_args()` gives."""
+    if sys.pycache_prefix is None:
+        return interpreter_args()
     return args_for(sys.pycache_prefix)
 
 
