@@ -34,9 +34,12 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from confide.client import api_auth
+from confide.client.policy import Policy
 from confide.enclave import manifest as mf
+from confide.enclave.config import EnclaveConfig
 from confide.enclave.encoding import canonical_json
 from confide.enclave.keys import Identity, PublicIdentity
+from confide.enclave.measurement import measure
 from confide.enclave.sealed_file import SealedReader, encrypt_stream
 
 PG_USER = "postgres"
@@ -501,3 +504,28 @@ def open_output(party: Party, sha256: str) -> bytes:
     """Download an output (digest checked) and decrypt it with the party's own key."""
     reader = SealedReader(io.BytesIO(party.get_blob(sha256)), where=f"output {sha256}")
     return b"".join(bytes(c) for c in reader.unlock(identity=party.identity).iter_chunks())
+
+
+# ---- the SDK-level tests' shared pieces -------------------------------------------------------------------
+
+UPPER_FN = 'def run(ctx):\n    ctx.outputs["out"].write(ctx.inputs["data"].read().upper())\n'
+
+
+def this_build_dev_policy() -> Policy:
+    """A development policy accepting this build's simulated enclave (like `policy init --dev`)."""
+    return Policy(backends=("sim",), measurements=(measure(EnclaveConfig()).value,), allow_simulation=True)
+
+
+def run_upper_task(owner: Any, lab: Any, data_dir: Path) -> tuple[str, Any, str]:
+    """SDK clients `owner` and `lab`: upload a dataset, register UPPER_FN, create, approve and run a
+    task to success; returns (task id, dataset ref, function digest)."""
+    data = data_dir / "rows.csv"
+    data.write_text("name,score\nada,1\ngrace,2\n")
+    ds = owner.upload_dataset(data)
+    fn = lab.register_function(UPPER_FN, name="upper", description="upper-cases the input", outputs=["out"])
+    task = lab.create_task(function=fn, inputs={"data": ds.ref}, outputs={"out": [lab.fingerprint]})
+    owner.approve(task)
+    lab.approve(task)
+    lab.run(task)
+    assert lab.wait(task, timeout=120)["state"] == "succeeded"
+    return task, ds, fn

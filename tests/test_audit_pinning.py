@@ -23,9 +23,9 @@ from confide.client.policy import Policy
 from confide.enclave.keys import Identity
 from confide.host import audit
 from confide.host.db import AuditEvent, AuditHead, Database, sqlite_url
-from platform_support import ServerProcess
+from platform_support import UPPER_FN, ServerProcess, run_upper_task
 
-UPPER = 'def run(ctx):\n    ctx.outputs["out"].write(ctx.inputs["data"].read().upper())\n'
+UPPER = UPPER_FN
 
 
 @pytest.fixture
@@ -53,15 +53,7 @@ def _db(server: ServerProcess) -> Database:
 def _finished_task(server: ServerProcess, tmp_path: Path) -> tuple[Client, Client, str]:
     owner = _client(server, tmp_path / "owner-home", "owner")
     lab = _client(server, tmp_path / "lab-home", "lab")
-    data = tmp_path / "rows.csv"
-    data.write_text("name,score\nada,1\ngrace,2\n")
-    ds = owner.upload_dataset(data)
-    fn = lab.register_function(UPPER, name="upper", description="upper-cases the input", outputs=["out"])
-    task = lab.create_task(function=fn, inputs={"data": ds.ref}, outputs={"out": [lab.fingerprint]})
-    owner.approve(task)
-    lab.approve(task)
-    lab.run(task)
-    assert lab.wait(task, timeout=120)["state"] == "succeeded"
+    task, _, _ = run_upper_task(owner, lab, tmp_path)
     return owner, lab, task
 
 

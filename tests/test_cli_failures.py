@@ -28,9 +28,9 @@ from confide.client.transport import Transport
 from confide.enclave.config import EnclaveConfig
 from confide.enclave.keys import Identity
 from confide.enclave.measurement import measure
-from platform_support import ServerProcess
+from platform_support import UPPER_FN, ServerProcess
 
-UPPER = 'def run(ctx):\n    ctx.outputs["out"].write(ctx.inputs["data"].read().upper())\n'
+UPPER = UPPER_FN
 FAILING = (
     "def run(ctx):\n"
     "    rows = ctx.inputs['data'].read().decode().splitlines()\n"

@@ -18,13 +18,11 @@ from confide.cli.main import main
 from confide.client import ApiError, Client
 from confide.client.policy import Policy
 from confide.enclave import manifest as mf
-from confide.enclave.config import EnclaveConfig
 from confide.enclave.errors import FormatError
 from confide.enclave.keys import Identity
-from confide.enclave.measurement import measure
-from platform_support import ServerProcess
+from platform_support import UPPER_FN, ServerProcess, this_build_dev_policy
 
-UPPER = 'def run(ctx):\n    ctx.outputs["out"].write(ctx.inputs["data"].read().upper())\n'
+UPPER = UPPER_FN
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +34,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def dev_policy() -> Policy:
-    return Policy(backends=("sim",), measurements=(measure(EnclaveConfig()).value,), allow_simulation=True)
+    return this_build_dev_policy()
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,12 @@ from confide.cli.main import main
 from confide.client import ApiError, Client, check_audit_chain
 from confide.client.policy import Policy
 from confide.enclave import manifest as mf
-from confide.enclave.config import EnclaveConfig
 from confide.enclave.encoding import b64e, canonical_json
 from confide.enclave.errors import ConfideError, FormatError, IntegrityError, PolicyError
 from confide.enclave.keys import Identity, short_fingerprint
-from confide.enclave.measurement import measure
-from platform_support import ServerProcess
+from platform_support import UPPER_FN, ServerProcess, run_upper_task, this_build_dev_policy
 
-UPPER = 'def run(ctx):\n    ctx.outputs["out"].write(ctx.inputs["data"].read().upper())\n'
+UPPER = UPPER_FN
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +39,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def dev_policy() -> Policy:
-    return Policy(backends=("sim",), measurements=(measure(EnclaveConfig()).value,), allow_simulation=True)
+    return this_build_dev_policy()
 
 
 def _client(server: ServerProcess, policy: Policy, name: str) -> Client:
@@ -73,16 +71,7 @@ def mallory(server: ServerProcess, dev_policy: Policy):
 def finished_task(parties, tmp_path_factory: pytest.TempPathFactory):
     """One task run to completion through the SDK: (task id, dataset ref, function digest)."""
     owner, lab = parties
-    data = tmp_path_factory.mktemp("data") / "rows.csv"
-    data.write_text("name,score\nada,1\ngrace,2\n")
-    ds = owner.upload_dataset(data)
-    fn = lab.register_function(UPPER, name="upper", description="upper-cases the input", outputs=["out"])
-    task = lab.create_task(function=fn, inputs={"data": ds.ref}, outputs={"out": [lab.fingerprint]})
-    owner.approve(task)
-    lab.approve(task)
-    lab.run(task)
-    assert lab.wait(task, timeout=120)["state"] == "succeeded"
-    return task, ds, fn
+    return run_upper_task(owner, lab, tmp_path_factory.mktemp("data"))
 
 
 # ---- the SDK flow ---------------------------------------------------------------------------------
