@@ -50,7 +50,6 @@ from pathlib import Path
 from typing import Any
 
 from confide.attest.claims import Claims
-from confide.enclave.backend import keys_binding, nonce_binding
 from confide.enclave.encoding import (
     b64d,
     b64e,
@@ -400,6 +399,8 @@ def evaluate(
     enclave_keys: PublicIdentity | None = None,
 ) -> None:
     """Raise PolicyError listing every way `claims` fail `policy`."""
+    from confide.enclave.backend import keys_binding, nonce_binding  # here: start-up time of the CLI
+
     problems: list[str] = []
     fp = policy.for_format(claims.backend)
     if claims.simulated and not policy.allow_simulation:

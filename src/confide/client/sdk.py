@@ -19,19 +19,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from confide.attest import Claims, TrustAnchors
-from confide.client.approval import describe_manifest
-from confide.client.attest_cache import AttestationCache
 from confide.client.audit_pins import AuditRewritten as AuditRewritten
 from confide.client.audit_pins import AuditVerifier, PinStore
 from confide.client.audit_pins import check_audit_chain as check_audit_chain
 from confide.client.dataset_ref import PREFIX as REF_PREFIX
 from confide.client.dataset_ref import DatasetPin, is_bare_id, make_ref, parse_ref
-from confide.client.local import check_attestation
 from confide.client.policy import Policy
 from confide.client.progress import byte_progress
 from confide.client.task_store import TaskStore
@@ -42,6 +38,10 @@ from confide.enclave.errors import ConfideError, IntegrityError, PolicyError
 from confide.enclave.keys import Identity, PublicIdentity, check_pin
 from confide.enclave.padding import PAD_FORMAT, unpad_file
 from confide.enclave.sealed_file import encrypt_stream, open_reader, write_atomically
+
+if TYPE_CHECKING:  # imported where used: a client command starts without the verifiers' imports
+    from confide.attest import Claims, TrustAnchors
+    from confide.client.attest_cache import AttestationCache
 
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 DEFAULT_URL = "http://127.0.0.1:8470"
@@ -118,11 +118,9 @@ class Client:
         self.records = TaskStore(here.root / "client.db")  # manifests created/approved, refs, receipts
         self.identity = identity if isinstance(identity, Identity) else Identity.load(Path(identity))
         self.policy = policy if isinstance(policy, Policy) else here.policy(Path(policy) if policy else None)
-        self.anchors = anchors if anchors is not None else here.anchors()
-        if sim_root is not None:
-            from confide.attest.anchors import load_trust_anchors, merge_anchors
-
-            self.anchors = merge_anchors(self.anchors, load_trust_anchors(sim=[Path(sim_root)]))
+        self._given_anchors = anchors
+        self._anchors: TrustAnchors | None = None  # loaded on first use: parsing certificates costs start-up
+        self._sim_root = Path(sim_root) if sim_root is not None else None
         self.say: Say = say or (lambda _msg: None)
         self.api = Transport(url, self.identity, timeout=timeout)
         self._service: ServiceKey | None = None
@@ -130,6 +128,8 @@ class Client:
         # `cache_attestation`: reuse verified evidence for the policy's max_age_seconds (see attest_cache)
         self._attest_cache: AttestationCache | None = None
         if cache_attestation:
+            from confide.client.attest_cache import AttestationCache
+
             self._attest_cache = AttestationCache(here.root, url, self.policy)
 
     @classmethod
@@ -170,6 +170,19 @@ class Client:
     def fingerprint(self) -> str:
         return self.identity.fingerprint
 
+    @property
+    def anchors(self) -> TrustAnchors:
+        """The trust anchors evidence is checked against: those given, else the vendor roots shipped
+        with Confide and this home's simulated root; plus `sim_root` when given."""
+        if self._anchors is None:
+            anchors = self._given_anchors if self._given_anchors is not None else self.home.anchors()
+            if self._sim_root is not None:
+                from confide.attest.anchors import load_trust_anchors, merge_anchors
+
+                anchors = merge_anchors(anchors, load_trust_anchors(sim=[self._sim_root]))
+            self._anchors = anchors
+        return self._anchors
+
     # ---- parties --------------------------------------------------------------------------------
     def register(self, name: str) -> None:
         """Register this party's public keys under `name` (idempotent for the same keys)."""
@@ -208,6 +221,8 @@ class Client:
         reply = self.api.call("POST", "/v1/service/evidence", {"nonce": nonce.hex()}, signed=False)
         evidence = b64d(reply.get("evidence"), field="evidence", where="platform: service evidence")
         line = reply.get("service")
+        from confide.client.local import check_attestation
+
         att = check_attestation(
             evidence, nonce, self.policy, self.anchors, keys_line=line if isinstance(line, str) else None
         )
@@ -476,6 +491,8 @@ class Client:
         return manifest
 
     def describe(self, task_id: str) -> str:
+        from confide.client.approval import describe_manifest
+
         return describe_manifest(self.manifest(task_id))
 
     def approve(
