@@ -1,13 +1,26 @@
 """`make coverage`: how much of the TCB (the package `confide.enclave`) the enclave tests execute.
 
 Runs the enclave, sandbox, task, manifest and measurement tests under coverage.py, measuring
-`confide.enclave` only, in the test process and in every enclave process and sandbox zygote they
-start (coverage's `patch = ["subprocess", "_exit"]`; the zygote gets an environment of its own, so
-a `sitecustomize` on PYTHONPATH, for this run only, hands it coverage's configuration). What runs
-only inside a sandboxed child (forked from the zygote) is executed but cannot be recorded: the child
-may not open a file for writing (seccomp, Landlock, RLIMIT_FSIZE 0), so its data is lost.
+`confide.enclave` only, in the test process, in every enclave process and sandbox zygote they start
+(coverage's `patch = ["subprocess", "_exit"]`) and in every sandboxed child those zygotes fork.
+
+The sandboxed child cannot write a data file (seccomp, Landlock, RLIMIT_FSIZE 0, a minimal root), so
+its lines come home through a channel it already holds, its status pipe: bench/tcb_coverage_hooks.py,
+copied for this run only into a temporary directory on PYTHONPATH (a `sitecustomize` there, a `-p`
+pytest plugin, and one line added to the zygote's boot code by the enclave-side hook), makes the
+child's os._exit write one extra `confide-coverage:` line after its status record, and the pipe's
+readers (the zygote for the probe child, the enclave side's classify for a run) strip it before the
+pipe is parsed and save it as one more data file. Chosen over a memfd handed in by the zygote or a
+COVERAGE mode in the TCB because it changes no file of `confide.enclave` and relaxes no layer: in a
+normal run the hooks are not on any path, so there is nothing a task's inputs could switch on; and over
+running the child-side modules unsandboxed because the figures are then those of the real children
+(the probe child's checks, the layers applied for real, the built-ins and the dataflow driver run as
+run(ctx)). What is still not recorded: a child killed by a signal (SIGKILL at a limit, SIGSYS from
+seccomp) never reaches os._exit, so its lines are lost; lines the function runs after closing or
+replacing its status descriptor are lost too.
+
 Writes bench/results/tcb_coverage.json: percent, lines, missed, and per file lines, missed and the
-missed line numbers.
+missed line numbers; `outside_sandbox_child` gives the figure without the child-side modules as well.
 """
 
 from __future__ import annotations
@@ -41,7 +54,8 @@ TESTS = [
 ]
 # Modules whose code runs (almost) only in a sandboxed child: the child's entry, the layers it
 # applies to itself, the probe child's checks, and the functions run as run(ctx) (built-ins, the
-# dataflow driver). Their lines cannot be recorded; the report gives the figure without them too.
+# dataflow driver). Their lines are recorded through the status pipe (see above); the report gives
+# the figure without them too, for comparison with the runs before that channel existed.
 CHILD_ONLY = (
     "confide/enclave/sandbox/child.py",
     "confide/enclave/sandbox/layers.py",
@@ -61,17 +75,18 @@ CHILD_ONLY = (
 SITECUSTOMIZE = """\
 import os
 if os.environ.get("COVERAGE_PROCESS_CONFIG"):
-    from confide.enclave.sandbox import zygote as _z
-    _real = _z.zygote_environment
-    _keep = {k: os.environ[k] for k in ("COVERAGE_PROCESS_CONFIG", "COVERAGE_FILE") if k in os.environ}
-    _z.zygote_environment = lambda: {**_real(), **_keep}
+    import confide_cov_hooks
+    confide_cov_hooks.install_enclave()
 """
+HOOKS = Path(__file__).resolve().parent / "tcb_coverage_hooks.py"
 
 
 def main() -> int:
     py = sys.executable
     with tempfile.TemporaryDirectory(prefix="confide-cov-") as tmp:
+        os.chmod(tmp, 0o755)  # the zygote imports the hooks from here, whatever uid it runs as
         (Path(tmp) / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        (Path(tmp) / "confide_cov_hooks.py").write_text(HOOKS.read_text())
         data = Path(tmp) / "data" / ".coverage"
         data.parent.mkdir(mode=0o777)
         os.chmod(data.parent, 0o777)  # a zygote that dropped to uid 65534 may still save its data
@@ -80,7 +95,20 @@ def main() -> int:
         cov = [py, "-m", "coverage"]
         rcfile = f"--rcfile={ROOT / 'pyproject.toml'}"
         tests = subprocess.run(
-            [*cov, "run", rcfile, "-m", "pytest", "-q", "-p", "no:cacheprovider", *sys.argv[1:], *TESTS],
+            [
+                *cov,
+                "run",
+                rcfile,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-p",
+                "confide_cov_hooks",
+                *sys.argv[1:],
+                *TESTS,
+            ],
             cwd=ROOT,
             env=env,
         )
@@ -105,8 +133,8 @@ def main() -> int:
     rest_lines, rest_missed = sum(f["lines"] for f in rest), sum(f["missed"] for f in rest)
     result = {
         "what": "lines (statements) of confide.enclave executed by the enclave tests, in the test "
-        "process, the enclave processes and the sandbox zygotes; lines run only in sandboxed "
-        "children are not recorded (they cannot write files)",
+        "process, the enclave processes, the sandbox zygotes and the sandboxed children (whose lines "
+        "come back over their status pipe; a child killed by a signal sends none)",
         "tests": TESTS,
         "tests_exit_code": tests.returncode,
         "coverage_py": doc["meta"]["version"],
