@@ -51,6 +51,16 @@ TESTS = [
     "tests/test_fuzz_parsers.py",
     "tests/test_tcb_imports.py",
     "tests/test_flow_ops.py",
+    "tests/test_flow_batch.py",
+    "tests/test_flow_tamper.py",
+    "tests/test_output_channels.py",
+    "tests/test_bytecode.py",
+    "tests/test_infer_field.py",
+    "tests/test_infer_slalom.py",
+    "tests/test_infer_onnx.py",
+    "tests/test_infer_tcb.py",
+    # tests written for the TCB's coverage gaps (each asserts behaviour, mostly hostile input)
+    *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").glob("test_tcb_coverage_*.py")),
 ]
 # Modules whose code runs (almost) only in a sandboxed child: the child's entry, the layers it
 # applies to itself, the probe child's checks, and the functions run as run(ctx) (built-ins, the
