@@ -68,6 +68,8 @@ PUBLIC = {
     ("POST", "/v1/service/evidence"),
     ("GET", "/v1/service/evidence/{sha256}"),
     ("POST", "/v1/parties"),
+    ("GET", "/status"),  # the operator's status page and its figures (tests/test_status_page.py)
+    ("GET", "/metrics"),
 }
 
 SOURCE = """

@@ -9,6 +9,7 @@ from confide.host.api.errors import install_error_handlers
 from confide.host.api.routes_data import add_data_routes
 from confide.host.api.routes_lists import add_list_routes
 from confide.host.api.routes_public import add_public_routes
+from confide.host.api.routes_status import add_status_routes
 from confide.host.api.routes_tasks import add_task_routes
 from confide.host.api.security import ConfideRoute, JsonBodyLimit
 from confide.host.api.state import Platform
@@ -43,4 +44,5 @@ def create_app(platform: Platform) -> FastAPI:
     add_data_routes(app, platform)
     add_task_routes(app, platform)
     add_list_routes(app, platform)
+    add_status_routes(app, platform)  # GET /status and /metrics, unauthenticated
     return app
