@@ -75,6 +75,12 @@ def describe_manifest(manifest: Manifest) -> str:
         " (the host sees only that cap)",
         "  the host sees each unpadded output's exact size and every run's duration",
         "",
+    ]
+    from confide.client.analytics import describe  # psi / join-aggregate: what each output releases
+
+    analytics = describe(m, _clean)
+    lines += [*analytics, ""] if analytics else []
+    lines += [
         "The enclave runs it only with approvals of this exact manifest by: "
         + (", ".join(_clean(m.name_of(fp)) for fp in m.required_approvals()) or "nobody (no inputs)"),
         "",

@@ -190,6 +190,10 @@ class _Builtin:
     description: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    # analytics built-ins: the manifest names any non-empty subset of the outputs, and for each prefix
+    # P here an output P<input> is allowed per input, sealed to that input's owner and nobody else
+    optional_outputs: bool = False
+    per_input_outputs: tuple[str, ...] = ()
 
 
 BUILTINS: dict[str, _Builtin] = {
@@ -212,8 +216,82 @@ BUILTINS: dict[str, _Builtin] = {
         ("model", "data"),
         ("predictions",),
     ),
+    "psi": _Builtin(
+        "psi.py",
+        ("pandas",),
+        "Private set intersection of two or more inputs' id columns (UTF-8 CSV with a header). Params: "
+        "column (required: one id column name for all inputs, or input name -> column), hash (false: "
+        "true makes ids leave as unsalted SHA-256 hex of their normalised form, which anyone can test "
+        "a guessed id against), max_id_chars (1024). Ids are normalised in the enclave: whitespace "
+        "stripped, Unicode NFC, case-folded; empty ids match nothing. Outputs, any of: size (JSON: the "
+        "number of distinct ids in every input), members_<input> (CSV column member: 1/0 per data "
+        "row of <input>, in its order; the enclave refuses a manifest that seals it to anyone but that "
+        "input's owner), intersection (CSV column id: the common ids, sorted, to its recipients). "
+        "CLI: confide task create --function psi --input a=REF --input b=REF --output size=PARTY "
+        "--output members_a=OWNER_OF_A --param column=email (or --params-json).",
+        ("*",),
+        ("intersection", "members_", "size"),
+        optional_outputs=True,
+        per_input_outputs=("members_",),
+    ),
+    "join-aggregate": _Builtin(
+        "join_aggregate.py",
+        ("pandas",),
+        "Joins the inputs (UTF-8 CSV with a header) on a key column (inner join on the key normalised "
+        "like psi's ids), then aggregates by groups and suppresses every group with fewer than k "
+        "distinct keys. Params: key (required: a name, or input name -> column), k (required, >= 2, "
+        "approved by every owner with this manifest), group_by (column references: column, or "
+        "input.column where ambiguous), aggregates (list of {op: count|sum|avg|min|max, column, as}; "
+        "default a row count), avg_places (6), max_field_chars (4096). Sums are exact decimals; avg "
+        "is rounded half-even. Outputs: result (CSV: group columns and aggregates of the released "
+        "groups only) and report (JSON: k, groups released, groups suppressed: that count leaves "
+        "too).",
+        ("*",),
+        ("report", "result"),
+    ),
 }
 BUILTIN_VERSION = "1"
+
+
+def check_task_outputs(
+    descriptor: FunctionDescriptor,
+    inputs: Mapping[str, str],
+    outputs: Mapping[str, Sequence[str]],
+    where: str,
+) -> None:
+    """The manifest's outputs (name -> recipients) against what the function writes; `inputs`: name
+    -> owner. Exactly the descriptor's outputs, except for analytics built-ins (see _Builtin)."""
+    spec = BUILTINS.get(descriptor.name) if descriptor.kind == "builtin" else None
+    if spec is None or not (spec.optional_outputs or spec.per_input_outputs):
+        if sorted(outputs) != sorted(descriptor.outputs):
+            raise FormatError(
+                f"outputs {sorted(outputs)} differ from the outputs function "
+                f"{descriptor.name!r} writes {sorted(descriptor.outputs)}",
+                where=where,
+            )
+        return
+    for name, recipients in outputs.items():
+        prefix = next((p for p in spec.per_input_outputs if name.startswith(p)), None)
+        if prefix is None:
+            if name not in descriptor.outputs:
+                raise FormatError(
+                    f"output {name!r} is not one the function {descriptor.name!r} writes "
+                    f"({', '.join(o + '<input>' if o in spec.per_input_outputs else o for o in descriptor.outputs)})",
+                    where=where,
+                )
+            continue
+        inp = name[len(prefix) :]
+        if inp not in inputs:
+            raise FormatError(
+                f"output {name!r} is for input {inp!r}, which the task does not have (inputs: {sorted(inputs)})",
+                where=where,
+            )
+        if tuple(recipients) != (inputs[inp],):
+            raise IntegrityError(
+                f"output {name!r} describes the rows of input {inp!r}: it may be sealed only to that "
+                f"input's owner {inputs[inp]}, not to {', '.join(recipients)}",
+                where=where,
+            )
 
 
 def builtin_source(name: str) -> str:

@@ -60,6 +60,7 @@ from .function_desc import (
     builtin_descriptor,
     builtin_source,
     check_function_source,
+    check_task_outputs,
     function_descriptor,
     function_digest,
     open_function_source,
@@ -397,12 +398,9 @@ def parse_manifest(data: str | bytes | Mapping[str, Any], *, where: str = "manif
             f"{descriptor.name!r} takes {sorted(descriptor.inputs)}",
             where=w,
         )
-    if sorted(o.name for o in outputs) != sorted(descriptor.outputs):
-        raise FormatError(
-            f"outputs {sorted(o.name for o in outputs)} differ from the outputs function "
-            f"{descriptor.name!r} writes {sorted(descriptor.outputs)}",
-            where=w,
-        )
+    check_task_outputs(
+        descriptor, {i.name: i.owner for i in inputs}, {o.name: o.recipients for o in outputs}, w
+    )
     return Manifest(
         task_id=task_id,
         service=service,

@@ -1,0 +1,160 @@
+"""Clean-room analytics for SDK users: tasks for the ``psi`` and ``join-aggregate`` built-ins, and
+the words an approver reads about what such a task releases to whom.
+
+The helpers only build a task through ``Client.create_task``; the enclave enforces the rules
+(membership bits only to their input's owner, k >= 2, suppression), whatever a creator writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from confide.enclave.errors import ConfideError
+from confide.enclave.manifest import Manifest
+
+if TYPE_CHECKING:
+    from confide.client.sdk import Client
+
+PSI_OUTPUTS = ("size", "members", "intersection")
+AGG_OPS = ("count", "sum", "avg", "min", "max")
+
+
+def _owners(client: Client, inputs: Mapping[str, str]) -> dict[str, str]:
+    """Input name -> owner fingerprint, from the datasets' references (as create_task reads them)."""
+    return {n: client._dataset_pin(ref, f"input {n!r}").owner for n, ref in inputs.items()}
+
+
+def psi(
+    client: Client,
+    *,
+    inputs: Mapping[str, str],
+    column: str | Mapping[str, str],
+    outputs: Sequence[str] = ("size",),
+    recipients: Sequence[str] | None = None,
+    hash: bool = False,
+    max_id_chars: int | None = None,
+    **task: Any,
+) -> str:
+    """Create a ``psi`` task over `inputs` (input name -> dataset reference, two or more); returns
+    the task id. `column`: the id column (one name, or input name -> name). `outputs`: any of
+    ``size`` and ``intersection`` (sealed to `recipients`, default: this client) and ``members``
+    (``members_<input>`` for every input, each sealed to that input's owner only). `hash`: ids leave
+    as unsalted SHA-256 of their normalised form. Other keywords go to ``Client.create_task``."""
+    wanted = list(outputs)
+    bad = sorted(set(wanted) - set(PSI_OUTPUTS)) or (["(none)"] if not wanted else [])
+    if bad:
+        raise ConfideError(f"psi outputs must be some of {', '.join(PSI_OUTPUTS)}, got {bad}", where="psi")
+    if len(inputs) < 2:
+        raise ConfideError(f"psi needs two or more inputs, got {len(inputs)}", where="psi")
+    to = list(recipients) if recipients is not None else [client.fingerprint]
+    outs: dict[str, Sequence[str]] = {o: to for o in ("size", "intersection") if o in wanted}
+    if "members" in wanted:
+        outs.update({f"members_{n}": [owner] for n, owner in _owners(client, inputs).items()})
+    params: dict[str, Any] = {"column": column if isinstance(column, str) else dict(column)}
+    if hash:
+        params["hash"] = True
+    if max_id_chars is not None:
+        params["max_id_chars"] = max_id_chars
+    return client.create_task(function="psi", inputs=inputs, outputs=outs, params=params, **task)
+
+
+def join_aggregate(
+    client: Client,
+    *,
+    inputs: Mapping[str, str],
+    key: str | Mapping[str, str],
+    k: int,
+    group_by: Sequence[str] = (),
+    aggregates: Sequence[Mapping[str, str]] = ({"op": "count"},),
+    recipients: Sequence[str] | None = None,
+    avg_places: int | None = None,
+    **task: Any,
+) -> str:
+    """Create a ``join-aggregate`` task: inner join of `inputs` on `key`, `aggregates` ({op, column,
+    as}) per `group_by` group, groups with fewer than `k` (>= 2) distinct keys suppressed. Outputs
+    ``result`` and ``report`` go to `recipients` (default: this client). Returns the task id."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ConfideError(f"k must be an integer of at least 2, got {k!r}", where="join-aggregate")
+    to = list(recipients) if recipients is not None else [client.fingerprint]
+    params: dict[str, Any] = {
+        "key": key if isinstance(key, str) else dict(key),
+        "k": k,
+        "group_by": list(group_by),
+        "aggregates": [dict(a) for a in aggregates],
+    }
+    if avg_places is not None:
+        params["avg_places"] = avg_places
+    return client.create_task(
+        function="join-aggregate",
+        inputs=inputs,
+        outputs={"result": to, "report": to},
+        params=params,
+        **task,
+    )
+
+
+# ---- what an approver reads -------------------------------------------------------------------
+
+
+def _columns(spec: Any, inputs: Sequence[str]) -> str:
+    if isinstance(spec, str):
+        return f"column {spec!r} of every input"
+    if isinstance(spec, dict):
+        return ", ".join(f"{v!r} of {n}" for n, v in sorted(spec.items()))
+    return f"{spec!r} (not a column name: the enclave will refuse the task)"
+
+
+def describe(m: Manifest, clean: Callable[[str], str] = str) -> list[str]:
+    """Lines for the approval text of a psi or join-aggregate task: what each output releases."""
+    fn = m.function
+    if fn.kind != "builtin" or fn.name not in ("psi", "join-aggregate"):
+        return []
+    p = m.params
+    inputs = [i.name for i in m.inputs]
+    to = {o.name: ", ".join(clean(m.name_of(r)) for r in o.recipients) for o in m.outputs}
+    lines = [f"What leaves ({fn.name}, enforced in the enclave):"]
+    if fn.name == "psi":
+        hashed = p.get("hash") is True
+        form = (
+            "as unsalted SHA-256 hex of the normalised id (anyone can test a guessed id against it)"
+            if hashed
+            else "in their normalised form (stripped, NFC, case-folded)"
+        )
+        lines.append(f"  ids: {clean(_columns(p.get('column'), inputs))}; normalised in the enclave")
+        if "size" in to:
+            lines.append(
+                f"  size -> {to['size']}: one number, how many distinct ids are in all of {', '.join(inputs)}"
+            )
+        for n in inputs:
+            out = f"members_{n}"
+            if out in to:
+                lines.append(
+                    f"  {out} -> {to[out]}: for each row of {n}, one bit: is its id in every other input"
+                )
+        if "intersection" in to:
+            lines.append(f"  intersection -> {to['intersection']}: every id in all inputs, {form}")
+        lines.append("  nothing else leaves the enclave (the host sees each output's size unless padded)")
+        return lines
+    k = p.get("k")
+    groups = p.get("group_by") or []
+    aggs = p.get("aggregates") or [{"op": "count"}]
+    shown = ", ".join(
+        f"{a.get('op')}({a.get('column') or '*'})" if isinstance(a, dict) else repr(a) for a in aggs
+    )
+    lines.append(f"  join: inner join of {', '.join(inputs)} on {clean(_columns(p.get('key'), inputs))}")
+    by = ", ".join(map(str, groups)) if isinstance(groups, list) and groups else "(one group: everything)"
+    lines.append(
+        f"  result -> {to.get('result', '-')}: per group of {clean(by)}: {clean(shown)}; only groups "
+        f"with at least k = {clean(repr(k))} distinct keys (the enclave refuses k < 2)"
+    )
+    lines.append(
+        f"  report -> {to.get('report', '-')}: k, how many groups were released and how many suppressed"
+    )
+    lines.append(
+        "  k guards each result alone: recipients of several tasks over the same data can subtract them"
+    )
+    return lines
+
+
+__all__ = ["describe", "join_aggregate", "psi"]
