@@ -13,8 +13,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from confide.host.api import Platform, create_app
+from confide.host.blobstore import BlobStore
+from confide.host.db import Database, Task, TaskRun, now, sqlite_url
+from confide.host.db import Party as PartyRow
+from confide.host.scheduler import Scheduler
 from platform_support import (
     FAILING,
     PATIENTS,
@@ -267,3 +273,119 @@ def test_the_page_in_chromium(world: World, tmp_path: Path) -> None:
     assert requests, "the browser recorded no request"
     foreign = [u for u in requests if not (u.startswith(world.server.url + "/") or u.startswith("data:"))]
     assert foreign == [], f"the page asked other origins: {foreign}"
+
+
+# ---- in process: both databases, odd values, and a store that is down -------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def app_platform(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Platform]:
+    if request.param == "sqlite":
+        url = sqlite_url(tmp_path / "confide.db")
+    else:
+        url = request.getfixturevalue("pg_cluster").create_database()
+    db = Database(url)
+    db.migrate()
+    blobs = BlobStore(tmp_path / "blobs")
+    yield Platform(db=db, blobs=blobs, scheduler=Scheduler(db, blobs, lease_seconds=60))
+    db.dispose()
+
+
+HOSTILE_CATEGORY = "<b>patient ann, weight 61</b>"  # a category outside the fixed vocabulary
+
+
+def _fill(platform: Platform) -> None:
+    """Rows as the scheduler leaves them: 2 queued, 1 running, 1 failed an hour and a half ago, 1 failed
+    now by 'exception', and a run whose category is free text."""
+    t = now()
+    with platform.db.transaction() as s:
+        s.add(PartyRow(fingerprint="a" * 4 + "-aaaa" * 7, name="st-elsewhere", identity="x", created_at=t))
+        s.flush()
+        rows = [("queued", t), ("queued", t), ("running", t), ("failed", t - 5400), ("failed", t)]
+        for i, (state, at) in enumerate(rows):
+            task_id = f"{i:032x}"
+            s.add(
+                Task(
+                    task_id=task_id,
+                    creator="a" * 4 + "-aaaa" * 7,
+                    manifest="{}",
+                    manifest_sha256="0" * 64,
+                    function_digest="0" * 64,
+                    state=state,
+                    attempts=1,
+                    runs=1,
+                    created_at=at,
+                    updated_at=at,
+                )
+            )
+            s.flush()
+            if state == "failed":
+                category = "exception" if at == t else "cpu-limit"
+                s.add(
+                    TaskRun(
+                        task_id=task_id,
+                        run_no=1,
+                        attempt=1,
+                        worker="w",
+                        status="error",
+                        category=category,
+                        started_at=at,
+                        ended_at=at,
+                    )
+                )
+        s.add(
+            TaskRun(
+                task_id=f"{2:032x}",
+                run_no=1,
+                attempt=1,
+                worker="w",
+                status="error",
+                category=HOSTILE_CATEGORY,
+                started_at=t,
+                ended_at=t,
+            )
+        )
+
+
+def test_figures_on_both_databases_and_odd_categories(app_platform: Platform) -> None:
+    _fill(app_platform)
+    with TestClient(create_app(app_platform)) as http:
+        text = http.get("/metrics").text
+        html = http.get("/status").text
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+    assert samples[("confide_queue_depth", ())] == 2
+    assert samples[("confide_tasks", (("state", "failed"),))] == 2
+    assert samples[("confide_tasks_finished_recent", (("state", "failed"),))] == 1  # not the old one
+    failures = {
+        dict(k[1])["category"]: v for k, v in samples.items() if k[0] == "confide_task_failures_recent"
+    }
+    assert failures == {"exception": 1, "other": 1}  # cpu-limit was an hour and a half ago
+    assert samples[("confide_service_provisioned", ())] == 0  # no workers in this process
+    for page in (text, html):
+        assert "patient" not in page and "<b>" not in page and "st-elsewhere" not in page
+    assert 'data-figure="failures-other">1<' in html and 'data-figure="queue-depth">2<' in html
+
+
+def test_a_database_that_is_down_is_shown_without_its_url(tmp_path: Path) -> None:
+    hidden = tmp_path / "secret-dir-9e1c"
+    db = Database(sqlite_url(hidden / "missing" / "confide.db"))  # the folder does not exist
+    blobs = BlobStore(tmp_path / "blobs")
+    (tmp_path / "blobs" / "tmp").rmdir()  # and the blob store lost its upload folder
+    platform = Platform(db=db, blobs=blobs, scheduler=Scheduler(db, blobs, lease_seconds=60))
+    with TestClient(create_app(platform)) as http:
+        metrics_r, status_r = http.get("/metrics"), http.get("/status")
+    assert metrics_r.status_code == 200 and status_r.status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(metrics_r.text)}
+    assert families["confide_database_up"].samples[0].value == 0
+    assert families["confide_blobstore_up"].samples[0].value == 0
+    assert "confide_tasks" not in families and "confide_queue_depth" not in families  # no figures made up
+    for r in (metrics_r, status_r):
+        assert "secret-dir-9e1c" not in r.text and "Traceback" not in r.text
+    assert 'data-figure="database"><span class="bad">down' in status_r.text
+    assert "OperationalError (sqlite)" in status_r.text and "tmp/ is missing" in status_r.text
+    assert 'data-figure="queue-depth">–<' in status_r.text
+    db.dispose()
