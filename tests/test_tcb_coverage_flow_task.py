@@ -1,0 +1,106 @@
+"""confide.enclave.flow.task: the parts that read hostile bytes without a sandbox run: the sandbox's
+output frames (a malicious user function controls them) and a CSV input's header row."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+
+import pytest
+
+from confide.enclave.flow import driver
+from confide.enclave.flow.errors import FlowFormatError, FlowTaskError
+from confide.enclave.flow.task import _csv_names, _parse_output, manifest_name, sink_file_names
+from confide.enclave.keys import Identity
+from confide.enclave.sealed_file import SealedReader, SealedWriter
+
+
+def _frame(obj: object) -> bytes:
+    data = json.dumps(obj).encode()
+    return struct.pack(">I", len(data)) + data
+
+
+def test_frames_are_concatenated_in_order() -> None:
+    out = _frame(["a", "b"]) + _frame([]) + _frame([1, {"x": 2}])
+    assert _parse_output(out, keyed=False, where="s") == ["a", "b", 1, {"x": 2}]
+    assert _parse_output(b"", keyed=False, where="s") == []
+
+
+def test_keyed_frames_carry_key_record_pairs() -> None:
+    out = _frame([["k1", 1], ["k2", [2]]])
+    assert _parse_output(out, keyed=True, where="s") == [["k1", 1], ["k2", [2]]]
+
+
+@pytest.mark.parametrize(
+    ("out", "keyed", "message"),
+    [
+        (b"\0\0", False, "ends inside a frame header"),
+        (_frame(["a"]) + b"\0", False, "ends inside a frame header"),
+        (struct.pack(">I", 10) + b"[1]", False, "frame of bad length"),
+        (struct.pack(">I", driver.MAX_FRAME + 1), False, "frame of bad length"),
+        (struct.pack(">I", 3) + b"[1,", False, "not valid JSON"),
+        (struct.pack(">I", 2) + b"\xff\xfe", False, "not valid JSON"),
+        (_frame("[" * 100000), False, "frame is not a list"),  # a JSON string
+        (_frame({"a": 1}), False, "frame is not a list"),
+        (_frame(7), False, "frame is not a list"),
+        (_frame([["k", 1, 2]]), True, "keyed output is malformed"),
+        (_frame([[1, 1]]), True, "keyed output is malformed"),
+        (_frame(["k"]), True, "keyed output is malformed"),
+    ],
+)
+def test_hostile_sandbox_output_is_refused(out: bytes, keyed: bool, message: str) -> None:
+    with pytest.raises(FlowTaskError) as info:
+        _parse_output(out, keyed=keyed, where="stage 1 partition 0")
+    assert message in str(info.value) and "stage 1 partition 0" in str(info.value)
+
+
+def test_deeply_nested_output_is_refused_not_a_crash() -> None:
+    depth = 200000
+    data = b"[" * depth + b"]" * depth
+    with pytest.raises(FlowTaskError, match="not valid JSON|not a list"):
+        _parse_output(struct.pack(">I", len(data)) + data, keyed=False, where="s")
+
+
+def _sealed(data: bytes, who: Identity, chunk: int = 1024) -> SealedReader:
+    buf = io.BytesIO()
+    with SealedWriter(buf, recipients=[who.public], chunk_size=chunk) as w:
+        w.write(data)
+    return SealedReader(io.BytesIO(buf.getvalue()), where="t").unlock(identity=who)
+
+
+@pytest.fixture(scope="module")
+def who() -> Identity:
+    return Identity.generate("flow-task-test")
+
+
+def test_csv_header_spanning_chunks(who: Identity) -> None:
+    long = "n" * 2500  # the header row runs over three 1 KiB chunks
+    reader = _sealed(f"{long},age,city\r\nann,3,x\n".encode(), who)
+    assert reader.n_chunks == 3
+    assert _csv_names(reader, "input 'a'") == [long, "age", "city"]
+
+
+def test_csv_header_of_a_file_without_newline(who: Identity) -> None:
+    assert _csv_names(_sealed(b'"a,b",c', who), "input 'a'") == ["a,b", "c"]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"a,b,a\n1,2,3\n", "names a column twice"),
+        (b"\n1,2\n", "empty or names a column twice"),
+        (b"", "empty or names a column twice"),
+        (b"\xff\xfe,b\n", "cannot be read"),
+        (b"a,\xc3(\n", "cannot be read"),  # invalid UTF-8 after a valid column
+    ],
+)
+def test_hostile_csv_headers_are_refused(who: Identity, data: bytes, message: str) -> None:
+    with pytest.raises(FlowFormatError) as info:
+        _csv_names(_sealed(data, who), "input 'a'")
+    assert message in str(info.value) and "input 'a'" in str(info.value)
+
+
+def test_output_file_names() -> None:
+    assert sink_file_names("counts", 7) == "counts-part-00007.cnfseal"
+    assert manifest_name("counts") == "counts.manifest.cnfseal"
