@@ -135,17 +135,14 @@ def _resolve(ref: str, headers: dict[str, list[str]], keys: dict[str, str]) -> t
     raise AssertionError
 
 
-def _numbers(name: str, column: str, cells: list[str]) -> list[Any]:
-    out: list[Any] = []
-    for row, cell in enumerate(cells, 1):
-        s = cell.strip()
-        if not s:
-            out.append(None)
-        elif NUMBER_RE.fullmatch(s):
-            out.append(decimal.Decimal(s))
-        else:
-            _fail(f"input {name!r}, column {column!r}, data row {row}: {s[:40]!r} is not a number")
-    return out
+def _numbers(name: str, column: str, cells: Any) -> list[Any]:
+    """Decimals (None for an empty cell) of a column of strings; anything else is an error."""
+    s = cells.str.strip()
+    bad = ~(s.str.fullmatch(NUMBER_RE.pattern) | (s == ""))
+    if bad.any():
+        row = int(bad.to_numpy().argmax())
+        _fail(f"input {name!r}, column {column!r}, data row {row + 1}: {s.iloc[row][:40]!r} is not a number")
+    return [decimal.Decimal(v) if v else None for v in s.tolist()]
 
 
 def _aggregate(op: str, values: list[Any], places: int) -> str:
@@ -205,7 +202,7 @@ def run(ctx: Any) -> None:
         for ref, (inp, col) in where.items():
             if inp == name and ref not in part:
                 if (inp, col) in numeric:
-                    part[ref] = pd.Series(_numbers(name, col, frame[col].tolist()), dtype=object)
+                    part[ref] = pd.Series(_numbers(name, col, frame[col]), dtype=object)
                 else:
                     part[ref] = frame[col]
         part = part[part[KEY] != ""]

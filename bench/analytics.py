@@ -1,0 +1,191 @@
+"""psi and join-aggregate in the enclave (sim backend, real sandbox) vs the same computation in
+plain pandas, side by side in one run; results in bench/results/analytics.json.
+
+Enclave time is the host's whole `task` call: consent checks, decrypting both inputs, the sandboxed
+built-in, sealing its outputs, the receipt. Plain time is pandas reading the same CSV bytes from
+memory, normalising the ids (strip, NFC, casefold) and intersecting; for join-aggregate, pandas
+merge + groupby with int64 sums (the enclave's sums are exact decimals). Peak RSS is not measured.
+
+Usage: python bench/analytics.py [--ids 1000000] [--rows 200000] [--out bench/results/analytics.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from common import machine
+from confide.client.local import Home
+from confide.enclave import manifest as mf
+from confide.enclave.keys import Identity, PublicIdentity
+from confide.enclave.sealed_file import SealedWriter, open_reader
+
+HERE = Path(__file__).resolve().parent
+
+
+def ids_csv(seed: int, n: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, int(n * 1.5), n)  # two such inputs share about half their ids
+    frame = pd.DataFrame({"email": [f" User{i}@Example.com" for i in ids], "x": 1})
+    return frame.to_csv(index=False).encode()
+
+
+def table_csv(seed: int, n: int, value: str, *, groups: bool) -> bytes:
+    rng = np.random.default_rng(seed)
+    columns = {"id": rng.integers(0, n, n), value: rng.integers(0, 10**6, n)}
+    if groups:
+        columns["g"] = rng.choice([f"g{i:02d}" for i in range(50)], n)
+    return pd.DataFrame(columns).to_csv(index=False).encode()
+
+
+class Kit:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.enclave = Home(root / "home").start_enclave()
+        self.service = PublicIdentity.from_line(self.enclave.service_init()["service"])
+        self.n = 0
+
+    def dataset(self, owner: Identity, data: bytes) -> dict[str, Any]:
+        self.n += 1
+        key, ds_id, path = os.urandom(32), mf.new_dataset_id(), self.root / f"in{self.n}.sealed"
+        with open(path, "wb") as fh, SealedWriter(fh, data_key=key, recipients=[owner.public]) as w:
+            w.write(data)
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        env = mf.wrap_dataset_key(
+            key, dataset_id=ds_id, owner=owner.public, service=self.service, ciphertext_sha256=sha
+        )
+        return {"owner": owner, "id": ds_id, "sha": sha, "env": env, "path": path}
+
+    def task(
+        self,
+        fn: str,
+        lab: Identity,
+        ds: dict[str, dict[str, Any]],
+        outs: dict[str, Identity],
+        params: dict[str, Any],
+    ) -> tuple[float, dict[str, bytes]]:
+        people = {"lab": lab.public, **{n: d["owner"].public for n, d in ds.items()}}
+        m = mf.build_manifest(
+            service=self.service,
+            creator=lab.public,
+            function=mf.builtin_descriptor(fn),
+            params=params,
+            inputs=[mf.TaskInput(n, d["id"], d["owner"].fingerprint, d["sha"]) for n, d in ds.items()],
+            outputs=[mf.TaskOutput(o, (who.fingerprint,), 1 << 29) for o, who in outs.items()],
+            participants=people,
+        )
+        approvals = [mf.sign_approval(d["owner"], m) for d in ds.values()] + [mf.sign_approval(lab, m)]
+        paths = {o: self.root / f"{m.task_id}-{o}.sealed" for o in [*outs, "_error"]}
+        t0 = time.perf_counter()
+        result = self.enclave.task(
+            manifest=m.text,
+            approvals=approvals,
+            dataset_keys={n: d["env"] for n, d in ds.items()},
+            inputs={n: d["path"] for n, d in ds.items()},
+            outputs=paths,
+            function_source=None,
+        )
+        elapsed = time.perf_counter() - t0
+        if not result["ok"]:
+            fh, reader = open_reader(paths["_error"])
+            with fh:
+                err = b"".join(bytes(c) for c in reader.unlock(identity=lab).iter_chunks())
+            sys.exit(f"error: {fn} failed in the enclave: {err[:2000].decode(errors='replace')}")
+        got = {}
+        for o, who in outs.items():
+            fh, reader = open_reader(paths[o])
+            with fh:
+                got[o] = b"".join(bytes(c) for c in reader.unlock(identity=who).iter_chunks())
+        return elapsed, got
+
+
+def plain_psi(a: bytes, b: bytes) -> tuple[int, Any]:
+    def norm(raw: bytes) -> Any:
+        s = pd.read_csv(io.BytesIO(raw), usecols=["email"], dtype=str, keep_default_na=False)["email"]
+        return s.str.strip().str.normalize("NFC").str.casefold()
+
+    na, nb = norm(a), norm(b)
+    common = set(na) & set(nb)
+    common.discard("")
+    return len(common), na.isin(common)
+
+
+def plain_join(a: bytes, b: bytes, k: int) -> Any:
+    x, y = pd.read_csv(io.BytesIO(a)), pd.read_csv(io.BytesIO(b))
+    for t in (x, y):  # the same key normalisation as the built-in
+        t["id"] = t["id"].astype(str).str.strip().str.normalize("NFC").str.casefold()
+    j = x.merge(y, on="id")
+    g = j.groupby("g", sort=True).agg(ids=("id", "nunique"), n=("id", "size"), s=("v", "sum"), w=("w", "sum"))
+    return g[g["ids"] >= k]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ids", type=int, default=1_000_000)
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "analytics.json")
+    args = ap.parse_args()
+    lab, bank, shop = Identity.generate("lab"), Identity.generate("bank"), Identity.generate("shop")
+    out: dict[str, Any] = {"machine": machine()}
+    with tempfile.TemporaryDirectory() as tmp:
+        kit = Kit(Path(tmp))
+        try:
+            a, b = ids_csv(1, args.ids), ids_csv(2, args.ids)
+            ds = {"bank": kit.dataset(bank, a), "shop": kit.dataset(shop, b)}
+            t0 = time.perf_counter()
+            size, bits = plain_psi(a, b)
+            plain = time.perf_counter() - t0
+            enclave, got = kit.task("psi", lab, ds, {"size": lab, "members_bank": bank}, {"column": "email"})
+            assert json.loads(got["size"])["size"] == size
+            assert got["members_bank"] == ("member\n" + "".join(f"{int(v)}\n" for v in bits)).encode()
+            out["psi"] = {
+                "ids_per_input": args.ids,
+                "input_bytes": [len(a), len(b)],
+                "intersection_size": size,
+                "outputs": ["size", "members_bank"],
+                "enclave_s": round(enclave, 3),
+                "plain_pandas_s": round(plain, 3),
+                "ratio": round(enclave / plain, 2),
+            }
+            print(json.dumps(out["psi"]))
+            a, b = table_csv(3, args.rows, "v", groups=True), table_csv(4, args.rows, "w", groups=False)
+            ds = {"bank": kit.dataset(bank, a), "shop": kit.dataset(shop, b)}
+            t0 = time.perf_counter()
+            groups = plain_join(a, b, 10)
+            plain = time.perf_counter() - t0
+            params = {
+                "key": "id",
+                "k": 10,
+                "group_by": ["g"],
+                "aggregates": [{"op": "count"}, {"op": "sum", "column": "v"}, {"op": "sum", "column": "w"}],
+            }
+            enclave, got = kit.task("join-aggregate", lab, ds, {"result": lab, "report": lab}, params)
+            res = pd.read_csv(io.BytesIO(got["result"]))
+            assert res["sum(v)"].tolist() == groups["s"].tolist() and len(res) == len(groups)
+            out["join_aggregate"] = {
+                "rows_per_input": args.rows,
+                "groups": len(res),
+                "enclave_s": round(enclave, 3),
+                "plain_pandas_s": round(plain, 3),
+                "ratio": round(enclave / plain, 2),
+            }
+            print(json.dumps(out["join_aggregate"]))
+        finally:
+            kit.enclave.close()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
