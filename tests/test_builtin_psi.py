@@ -9,12 +9,16 @@ import hashlib
 import io
 import json
 import unicodedata
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+from click.testing import CliRunner
 
 from confide.attest.anchors import load_trust_anchors
+from confide.cli.main import main
 from confide.client import analytics
 from confide.client.approval import describe_manifest
 from confide.client.sdk import Client
@@ -236,8 +240,15 @@ def test_approval_text_says_what_leaves_to_whom(kit) -> None:
 # ---- end to end: a real server, the SDK helper ----------------------------------------------------
 
 
-def test_psi_end_to_end_on_a_server(tmp_path) -> None:
-    srv = ServerProcess(tmp_path / "data", workers=1).start()
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    srv = ServerProcess(tmp_path_factory.mktemp("psi") / "data", workers=1).start()
+    yield srv
+    srv.stop()
+
+
+def test_psi_end_to_end_on_a_server(server, tmp_path) -> None:
+    srv = server
     clients = []
     try:
         anchors = load_trust_anchors(sim=[srv.data_dir / "platform" / "vendor_root.crt"])
@@ -267,4 +278,66 @@ def test_psi_end_to_end_on_a_server(tmp_path) -> None:
     finally:
         for c in clients:
             c.close()
-        srv.stop()
+
+
+def _cli(env: dict[str, str], *args: str, identity: Path) -> Any:
+    return CliRunner().invoke(main, list(args), env={**env, "CONFIDE_IDENTITY": str(identity)})
+
+
+def test_psi_through_the_cli(server, tmp_path) -> None:
+    """`confide task create --function psi` through the generic path: plain --param, one --output per
+    output; a members_<input> output sealed to the wrong party is refused with a clear error."""
+    policy = tmp_path / "dev-policy.toml"
+    policy.write_text(this_build_dev_policy().to_toml())
+    env = {
+        "CONFIDE_HOME": str(tmp_path / "home"),
+        "CONFIDE_URL": server.url,
+        "CONFIDE_POLICY": str(policy),
+        "CONFIDE_SIM_ROOT": str(server.data_dir / "platform" / "vendor_root.crt"),
+    }
+    keys = {}
+    for name in ("cbank", "cshop", "clab"):
+        assert CliRunner().invoke(main, ["keygen", name, "--out-dir", str(tmp_path)], env=env).exit_code == 0
+        keys[name] = tmp_path / f"{name}.key"
+        r = _cli(env, "party", "register", "--name", name, identity=keys[name])
+        assert r.exit_code == 0, r.output
+    fps = {n: Identity.load(k).fingerprint for n, k in keys.items()}
+    tables = {"cbank": id_table(13, 60), "cshop": id_table(14, 60)}
+    refs = {}
+    for n, t in tables.items():
+        (tmp_path / f"{n}.csv").write_bytes(t)
+        r = _cli(env, "dataset", "upload", str(tmp_path / f"{n}.csv"), identity=keys[n])
+        assert r.exit_code == 0, r.output
+        refs[n] = r.stdout.strip().splitlines()[-1]
+    create = ["task", "create", "--function", "psi", "--input", f"bank={refs['cbank']}"]
+    create += [
+        "--input",
+        f"shop={refs['cshop']}",
+        "--output",
+        f"size={fps['clab']}",
+        "--param",
+        "column=email",
+    ]
+    r = _cli(env, *create, "--output", f"members_shop={fps['clab']}", identity=keys["clab"])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert "error: output 'members_shop' describes the rows of input 'shop'" in r.output
+    r = _cli(env, *create, "--output", f"members_shop={fps['cshop']}", identity=keys["clab"])
+    assert r.exit_code == 0, r.output
+    task = r.stdout.strip().splitlines()[-1]
+    r = _cli(env, "task", "show", task, identity=keys["cshop"])
+    assert r.exit_code == 0 and "What leaves (psi, enforced in the enclave):" in r.stdout
+    assert "members_shop -> cshop" in r.stdout and "for each row of shop, one bit" in r.stdout
+    for n in ("cbank", "cshop", "clab"):
+        r = _cli(env, "task", "approve", task, "--yes", identity=keys[n])
+        assert r.exit_code == 0, r.output
+    r = _cli(env, "task", "run", task, identity=keys["clab"])
+    assert r.exit_code == 0 and "succeeded" in r.stdout, r.output
+    expect_ids, expect_members = reference(
+        {"bank": tables["cbank"], "shop": tables["cshop"]}, {"bank": "email", "shop": "email"}
+    )
+    r = _cli(env, "task", "results", task, "--out", str(tmp_path / "lab"), identity=keys["clab"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "lab" / "size").read_text())["size"] == len(expect_ids)
+    r = _cli(env, "task", "results", task, "--out", str(tmp_path / "shop"), identity=keys["cshop"])
+    assert r.exit_code == 0, r.output
+    assert pd.read_csv(tmp_path / "shop" / "members_shop")["member"].tolist() == expect_members["shop"]
