@@ -258,6 +258,7 @@ def test_approval_text_names_k_groups_and_recipients(kit) -> None:
     assert f"result -> lab ({LAB.fingerprint}): per group of region, segment: count(*), sum(balance)" in text
     assert "only groups with at least k = 5 distinct keys" in text
     assert "how many groups were released and how many suppressed" in text
+    assert "min and max release one row's exact value per group" in text
 
 
 def test_join_aggregate_end_to_end_on_a_server(tmp_path) -> None:

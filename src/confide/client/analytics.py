@@ -151,6 +151,8 @@ def describe(m: Manifest, clean: Callable[[str], str] = str) -> list[str]:
     lines.append(
         f"  report -> {to.get('report', '-')}: k, how many groups were released and how many suppressed"
     )
+    if any(isinstance(a, dict) and a.get("op") in ("min", "max") for a in aggs):
+        lines.append("  min and max release one row's exact value per group (k does not hide it)")
     lines.append(
         "  k guards each result alone: recipients of several tasks over the same data can subtract them"
     )
