@@ -240,6 +240,14 @@ def test_empty_inputs_give_no_groups(kit) -> None:
             "column 'region' is in inputs ['bank', 'shop']: write it as input.column",
         ),
         (None, {**PARAMS, "aggregates": [{"op": "median", "column": "spend"}]}, "op 'median' is not one of"),
+        (
+            {
+                "bank": b"id,region,balance\n" + b"a,r,1\n" * 300,
+                "shop": b"customer,segment,spend\n" + b"A,s,1\n" * 400,
+            },
+            {**PARAMS, "max_join_rows": 100_000},
+            "joining input 'shop' would make 120000 rows (max_join_rows is 100000)",
+        ),
     ],
 )
 def test_bad_parameters_and_hostile_inputs_get_a_clear_error(kit, tables, params, message) -> None:

@@ -242,8 +242,8 @@ BUILTINS: dict[str, _Builtin] = {
         "distinct keys. Params: key (required: a name, or input name -> column), k (required, >= 2, "
         "approved by every owner with this manifest), group_by (column references: column, or "
         "input.column where ambiguous), aggregates (list of {op: count|sum|avg|min|max, column, as}; "
-        "default a row count), avg_places (6), max_field_chars (4096). Sums are exact decimals; avg "
-        "is rounded half-even. Outputs: result (CSV: group columns and aggregates of the released "
+        "default a row count), avg_places (6), max_field_chars (4096), max_join_rows (10^7). Sums "
+        "are exact decimals; avg is rounded half-even. Outputs: result (CSV: group columns and aggregates of the released "
         "groups only) and report (JSON: k, groups released, groups suppressed: that count leaves "
         "too).",
         ("*",),

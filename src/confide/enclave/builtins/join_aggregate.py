@@ -6,7 +6,8 @@ integer >= 2: a group with fewer than k distinct keys is suppressed), ``group_by
 column references, default none: one group), ``aggregates`` (a list of {"op": count|sum|avg|min|
 max, "column": reference, "as": output column name}; count without a column counts joined rows;
 default [{"op": "count"}]), ``avg_places`` (6: avg is rounded half-even to this many decimal places),
-``max_field_chars`` (4096). A column reference is ``column`` when exactly one input has it, else
+``max_field_chars`` (4096), ``max_join_rows`` (10^7: a join that would make more rows is an error).
+A column reference is ``column`` when exactly one input has it, else
 ``input.column``. Keys are normalised like psi's ids (strip, NFC, casefold); rows with an empty key
 join nothing. The join is an inner join on the normalised key (duplicate keys multiply rows, as in
 SQL). Numbers are plain decimals (``-12``, ``3.50``; an empty cell is missing and skipped); sums are
@@ -47,7 +48,7 @@ def _int(given: dict[str, Any], key: str, default: Any, low: int, high: int) -> 
 
 
 def _params(given: dict[str, Any], inputs: list[str]) -> dict[str, Any]:
-    known = {"key", "k", "group_by", "aggregates", "avg_places", "max_field_chars"}
+    known = {"key", "k", "group_by", "aggregates", "avg_places", "max_field_chars", "max_join_rows"}
     unknown = sorted(set(given) - known)
     if unknown:
         _fail(f"unknown parameter(s) {', '.join(unknown)}")
@@ -101,6 +102,7 @@ def _params(given: dict[str, Any], inputs: list[str]) -> dict[str, Any]:
         "aggregates": aggs,
         "avg_places": _int(given, "avg_places", 6, 0, 30),
         "max_chars": _int(given, "max_field_chars", 4096, 1, 1 << 20),
+        "max_rows": _int(given, "max_join_rows", 10_000_000, 1, 10**9),
     }
 
 
@@ -206,6 +208,14 @@ def run(ctx: Any) -> None:
                 else:
                     part[ref] = frame[col]
         part = part[part[KEY] != ""]
+        if joined is not None:
+            left, right = joined[KEY].value_counts(), part[KEY].value_counts()
+            rows = int((left * right.reindex(left.index, fill_value=0)).sum())
+            if rows > p["max_rows"]:
+                _fail(
+                    f"joining input {name!r} would make {rows} rows (max_join_rows is {p['max_rows']}): "
+                    "keys repeated in several inputs multiply rows"
+                )
         joined = part if joined is None else joined.merge(part, on=KEY, how="inner")
     assert joined is not None
     joined = joined.reset_index(drop=True)
