@@ -210,10 +210,10 @@ def run(ctx: Any) -> None:
         part = part[part[KEY] != ""]
         if joined is not None:
             left, right = joined[KEY].value_counts(), part[KEY].value_counts()
-            rows = int((left * right.reindex(left.index, fill_value=0)).sum())
-            if rows > p["max_rows"]:
+            made = int((left * right.reindex(left.index, fill_value=0)).sum())
+            if made > p["max_rows"]:
                 _fail(
-                    f"joining input {name!r} would make {rows} rows (max_join_rows is {p['max_rows']}): "
+                    f"joining input {name!r} would make {made} rows (max_join_rows is {p['max_rows']}): "
                     "keys repeated in several inputs multiply rows"
                 )
         joined = part if joined is None else joined.merge(part, on=KEY, how="inner")
