@@ -56,7 +56,7 @@ def test_build_cache_fills_the_directory_and_stamps_it(
     cache = tmp_path / "cache"
     assert bytecode.build_cache(cache, workers=1) == cache
     assert bytecode.cache_ready(cache)
-    pycs = list(cache.rglob("pkg/__pycache__/*.pyc"))
+    pycs = list(cache.rglob("src/pkg/*.pyc"))
     assert len(pycs) == 2 and all(_checked_hash(p) for p in pycs)
     assert not (root / "__pycache__").exists()  # nothing written beside the sources
 
