@@ -237,6 +237,25 @@ def test_approval_text_says_what_leaves_to_whom(kit) -> None:
     assert "ids: column 'email' of every input; normalised in the enclave" in text
 
 
+def test_sdk_helper_pads_what_would_tell_the_host_the_overlap() -> None:
+    class Stub:
+        fingerprint = LAB.fingerprint
+
+        def create_task(self, **kw: Any) -> str:
+            self.kw = kw
+            return "task"
+
+    stub = Stub()
+    refs = {"bank": "cds1:x", "shop": "cds1:y"}
+    analytics.psi(stub, inputs=refs, column="email", outputs=("size", "intersection"))  # type: ignore[arg-type]
+    assert stub.kw["pad"] == {"size": 256, "intersection": "pow2"}
+    assert stub.kw["outputs"] == {"size": [LAB.fingerprint], "intersection": [LAB.fingerprint]}
+    analytics.psi(stub, inputs=refs, column="email", pad={"size": "pow2"})  # type: ignore[arg-type]
+    assert stub.kw["pad"] == {"size": "pow2"} and stub.kw["params"] == {"column": "email"}
+    with pytest.raises(ConfideError, match="psi outputs must be some of"):
+        analytics.psi(stub, inputs=refs, column="email", outputs=("ids",))  # type: ignore[arg-type]
+
+
 # ---- end to end: a real server, the SDK helper ----------------------------------------------------
 
 

@@ -40,7 +40,9 @@ def psi(
     the task id. `column`: the id column (one name, or input name -> name). `outputs`: any of
     ``size`` and ``intersection`` (sealed to `recipients`, default: this client) and ``members``
     (``members_<input>`` for every input, each sealed to that input's owner only). `hash`: ids leave
-    as unsalted SHA-256 of their normalised form. Other keywords go to ``Client.create_task``."""
+    as unsalted SHA-256 of their normalised form. ``size`` is padded to a 256-byte bucket and
+    ``intersection`` to a power of two unless `pad` says otherwise, so the host does not learn how
+    many ids are common from their sizes. Other keywords go to ``Client.create_task``."""
     wanted = list(outputs)
     bad = sorted(set(wanted) - set(PSI_OUTPUTS)) or (["(none)"] if not wanted else [])
     if bad:
@@ -56,6 +58,9 @@ def psi(
         params["hash"] = True
     if max_id_chars is not None:
         params["max_id_chars"] = max_id_chars
+    # by default the host sees buckets, not how many ids are common (size: one 256-byte bucket)
+    pad = {o: p for o, p in (("size", 256), ("intersection", "pow2")) if o in outs}
+    task["pad"] = {**pad, **dict(task.get("pad") or {})}
     return client.create_task(function="psi", inputs=inputs, outputs=outs, params=params, **task)
 
 
@@ -134,7 +139,10 @@ def describe(m: Manifest, clean: Callable[[str], str] = str) -> list[str]:
                 )
         if "intersection" in to:
             lines.append(f"  intersection -> {to['intersection']}: every id in all inputs, {form}")
-        lines.append("  nothing else leaves the enclave (the host sees each output's size unless padded)")
+        lines.append(
+            "  nothing else leaves the enclave on success; the host sees each output's size unless "
+            "padded (an unpadded intersection or size tells it about how many ids are common)"
+        )
         return lines
     k = p.get("k")
     groups = p.get("group_by") or []
