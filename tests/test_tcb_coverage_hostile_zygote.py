@@ -15,7 +15,8 @@ from confide.enclave.errors import SandboxError
 from confide.enclave.sandbox import LAYER_NAMES, SandboxLimits, Zygote
 
 LIMITS = SandboxLimits(wall_seconds=20.0, cpu_seconds=15)
-HELLO = {"event": "hello", "pid": 1, "layers": dict.fromkeys(LAYER_NAMES, "ok: fake")}
+LAYERS: dict[str, str] = dict.fromkeys(LAYER_NAMES, "ok: fake")
+HELLO: dict[str, object] = {"event": "hello", "pid": 1, "layers": LAYERS}
 
 PRELUDE = """\
 import json, os, socket, struct, sys, time
@@ -74,7 +75,7 @@ def test_a_zygote_that_starts_wrongly_is_refused_and_killed(script: str, message
 
 
 def test_a_zygote_reporting_a_missing_layer_is_refused_when_strict_and_weak_otherwise() -> None:
-    hello = {**HELLO, "layers": {**HELLO["layers"], "seccomp": "MISSING: no filter"}}
+    hello = {**HELLO, "layers": {**LAYERS, "seccomp": "MISSING: no filter"}}
     script = "send_msg(sock, HELLO)\nrecv_msg(sock)\n"
     proc, sock = fake(script, hello)
     with pytest.raises(
