@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/flow.py  # confidential word count on Spark local[2] vs plain PySpark (needs java)
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/channels.py
+	$(BIN)/python bench/analytics.py
 
 coverage: $(STAMP)  # TCB lines executed by the enclave tests -> bench/results/tcb_coverage.json
 	$(BIN)/python bench/tcb_coverage.py
