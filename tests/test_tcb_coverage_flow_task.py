@@ -104,3 +104,67 @@ def test_hostile_csv_headers_are_refused(who: Identity, data: bytes, message: st
 def test_output_file_names() -> None:
     assert sink_file_names("counts", 7) == "counts-part-00007.cnfseal"
     assert manifest_name("counts") == "counts.manifest.cnfseal"
+
+
+# -- the enclave worker's job start and task entry, facing a hostile engine ----------------------
+def _sealed_to(who: Identity, data: bytes) -> bytes:
+    buf = io.BytesIO()
+    with SealedWriter(buf, recipients=[who.public], chunk_size=1024) as w:
+        w.write(data)
+    return buf.getvalue()
+
+
+def _job_setup(tmp_path, who: Identity):  # type: ignore[no-untyped-def]
+    import copy
+
+    from test_tcb_coverage_flow_plan import _job
+
+    files = {}
+    job = copy.deepcopy(_job())
+    for name, data in (("a", b"id,v\n1,2\n"), ("b", b'{"x": 1}\n')):
+        path = tmp_path / f"{name}.cnfseal"
+        path.write_bytes(_sealed_to(who, data))
+        job["inputs"][name]["header_sha256"] = SealedReader(io.BytesIO(path.read_bytes())).header.digest.hex()
+        job["inputs"][name]["partitions"] = 1
+        files[name] = str(path)
+    return job, files
+
+
+def _enclave(who: Identity):  # type: ignore[no-untyped-def]
+    from confide.enclave.flow.task import FlowEnclave
+
+    return FlowEnclave(who, None)  # type: ignore[arg-type]  # no task here reaches the sandbox
+
+
+def test_start_job_refuses_an_oversized_description(who: Identity) -> None:
+    from confide.enclave.flow.task import MAX_DESCRIPTION
+
+    with pytest.raises(FlowFormatError, match="job description too large"):
+        _enclave(who).start_job(b"\0" * (MAX_DESCRIPTION + 1), {})
+
+
+def test_start_job_refuses_replays_missing_and_swapped_inputs(who: Identity, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from confide.enclave.flow.errors import FlowIntegrityError
+
+    job, files = _job_setup(tmp_path, who)
+    desc = _sealed_to(who, json.dumps(job).encode())
+    enclave = _enclave(who)
+    with pytest.raises(FlowFormatError, match="the engine gave no path for this input"):
+        enclave.start_job(desc, {"a": files["a"]})
+    with pytest.raises(FlowIntegrityError, match="not the file the job description names"):
+        enclave.start_job(desc, {"a": files["b"], "b": files["b"]})
+    ticket, graph = enclave.start_job(desc, files)
+    assert [s["partitions"] for s in graph["stages"]] == [1, 1, 4] and graph["stages"][2]["sink"]
+    with pytest.raises(FlowIntegrityError, match="already started \\(a replayed job description\\)"):
+        enclave.start_job(desc, files)
+    with pytest.raises(FlowIntegrityError, match="the job has no stage 3"):
+        enclave.run_task(ticket, 3, 0, [])
+    with pytest.raises(FlowIntegrityError, match="stage 2 has 4 partitions"):
+        enclave.run_task(ticket, 2, 4, [])
+    with pytest.raises(FlowFormatError, match="the engine gave no input path for a source task"):
+        enclave.run_task(ticket, 0, 0, [])
+    with pytest.raises(FlowIntegrityError, match="is not the file the job opened"):
+        enclave.run_task(ticket, 0, 0, [], source_path=files["b"])
+    other = _enclave(who)  # a worker that never opened (or was granted) this job
+    with pytest.raises(FlowIntegrityError, match="is open in this enclave worker"):
+        other.run_task(ticket, 0, 0, [])
