@@ -13,11 +13,14 @@ readers (the zygote for the probe child, the enclave side's classify for a run) 
 pipe is parsed and save it as one more data file. Chosen over a memfd handed in by the zygote or a
 COVERAGE mode in the TCB because it changes no file of `confide.enclave` and relaxes no layer: in a
 normal run the hooks are not on any path, so there is nothing a task's inputs could switch on; and over
-running the child-side modules unsandboxed because the figures are then those of the real children
-(the probe child's checks, the layers applied for real, the built-ins and the dataflow driver run as
-run(ctx)). What is still not recorded: a child killed by a signal (SIGKILL at a limit, SIGSYS from
+running the sandbox's child-side modules unsandboxed because the figures are then those of the real
+children (the probe child's checks and every layer applied for real). What is still not recorded: a child killed by a signal (SIGKILL at a limit, SIGSYS from
 seccomp) never reaches os._exit, so its lines are lost; lines the function runs after closing or
-replacing its status descriptor are lost too.
+replacing its status descriptor are lost too. The built-ins and the dataflow driver are sent to the
+child as source text and compiled there as "<function>", which no coverage tool maps to a file: their
+lines count through tests that call their run(ctx) in the test process
+(tests/test_tcb_coverage_builtins.py, _gbdt, _onnx_infer, _flow_driver); psi, join-aggregate and the
+driver are also checked to give the same bytes as the sandboxed run of the same source.
 
 Writes bench/results/tcb_coverage.json: percent, lines, missed, and per file lines, missed and the
 missed line numbers; `outside_sandbox_child` gives the figure without the child-side modules as well.
