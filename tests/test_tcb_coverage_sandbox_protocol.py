@@ -231,3 +231,17 @@ def test_the_child_does_not_outlive_an_enclave_that_goes_away() -> None:
         assert not os.path.exists(f"/proc/{child}")
     finally:
         z.close()
+
+
+def test_a_zygote_that_would_fork_with_threads_refuses_to_start() -> None:
+    """Pre-importing a library that starts a thread (ONNX Runtime does) must stop the zygote: forking
+    a multi-threaded process could hand the child a lock held by a thread that does not exist there."""
+    with pytest.raises(SandboxError) as info:
+        Zygote.start(preimport=("onnxruntime",))
+    assert "threads after pre-importing ['onnxruntime']" in str(info.value)
+    assert "it must stay single-threaded to fork safely" in str(info.value)
+
+
+def test_a_zygote_whose_preimport_fails_reports_it() -> None:
+    with pytest.raises(SandboxError, match="zygote start failed: ModuleNotFoundError"):
+        Zygote.start(preimport=("confide_no_such_module",))
