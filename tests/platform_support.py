@@ -529,3 +529,28 @@ def run_upper_task(owner: Any, lab: Any, data_dir: Path) -> tuple[str, Any, str]
     lab.run(task)
     assert lab.wait(task, timeout=120)["state"] == "succeeded"
     return task, ds, fn
+
+
+def sdk_clients(server: ServerProcess, homes: Path, names: tuple[str, ...]) -> list[Any]:
+    """Registered SDK clients, one per name, each with its own home under `homes`, trusting the
+    server's simulated root and this build's development policy."""
+    from confide.attest.anchors import load_trust_anchors
+    from confide.client.sdk import Client
+
+    anchors = load_trust_anchors(sim=[server.data_dir / "platform" / "vendor_root.crt"])
+    policy = this_build_dev_policy()
+    clients = []
+    for name in names:
+        c = Client(server.url, Identity.generate(name), policy=policy, anchors=anchors, home=homes / name)
+        c.register(name)
+        clients.append(c)
+    return clients
+
+
+def upload_tables(owners: dict[str, Any], tables: dict[str, bytes], where: Path) -> dict[str, str]:
+    """Each table (input name -> CSV bytes) uploaded by its owner; the dataset references by name."""
+    refs = {}
+    for name, data in tables.items():
+        (where / f"{name}.csv").write_bytes(data)
+        refs[name] = owners[name].upload_dataset(where / f"{name}.csv").ref
+    return refs

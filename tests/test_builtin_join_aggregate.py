@@ -14,14 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from confide.attest.anchors import load_trust_anchors
 from confide.client import analytics
 from confide.client.approval import describe_manifest
-from confide.client.sdk import Client
 from confide.enclave import manifest as mf
 from confide.enclave.errors import ConfideError
 from confide.enclave.keys import Identity
-from platform_support import ServerProcess, this_build_dev_policy
+from platform_support import ServerProcess, sdk_clients, upload_tables
 
 LAB = Identity.generate("lab")
 BANK = Identity.generate("bank")
@@ -273,18 +271,10 @@ def test_join_aggregate_end_to_end_on_a_server(tmp_path) -> None:
     srv = ServerProcess(tmp_path / "data", workers=1).start()
     clients = []
     try:
-        anchors = load_trust_anchors(sim=[srv.data_dir / "platform" / "vendor_root.crt"])
-        policy = this_build_dev_policy()
-        for name in ("bank", "shop", "lab"):
-            c = Client(srv.url, Identity.generate(name), policy=policy, anchors=anchors, home=tmp_path / name)
-            c.register(name)
-            clients.append(c)
+        clients = sdk_clients(srv, tmp_path, ("bank", "shop", "lab"))
         bank, shop, lab = clients
         tables = {"bank": bank_table(8, 300), "shop": shop_table(9, 300)}
-        refs = {}
-        for (n, t), owner in zip(tables.items(), (bank, shop), strict=True):
-            (tmp_path / f"{n}.csv").write_bytes(t)
-            refs[n] = owner.upload_dataset(tmp_path / f"{n}.csv").ref
+        refs = upload_tables({"bank": bank, "shop": shop}, tables, tmp_path)
         with pytest.raises(ConfideError, match="k must be an integer of at least 2"):
             analytics.join_aggregate(lab, inputs=refs, key=PARAMS["key"], k=1)
         task = analytics.join_aggregate(

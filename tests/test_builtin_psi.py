@@ -17,15 +17,13 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from confide.attest.anchors import load_trust_anchors
 from confide.cli.main import main
 from confide.client import analytics
 from confide.client.approval import describe_manifest
-from confide.client.sdk import Client
 from confide.enclave import manifest as mf
 from confide.enclave.errors import ConfideError, IntegrityError
 from confide.enclave.keys import Identity
-from platform_support import ServerProcess, this_build_dev_policy
+from platform_support import ServerProcess, sdk_clients, this_build_dev_policy, upload_tables
 
 LAB = Identity.generate("lab")
 BANK = Identity.generate("bank")
@@ -270,18 +268,10 @@ def test_psi_end_to_end_on_a_server(server, tmp_path) -> None:
     srv = server
     clients = []
     try:
-        anchors = load_trust_anchors(sim=[srv.data_dir / "platform" / "vendor_root.crt"])
-        policy = this_build_dev_policy()
-        for name in ("bank", "shop", "lab"):
-            c = Client(srv.url, Identity.generate(name), policy=policy, anchors=anchors, home=tmp_path / name)
-            c.register(name)
-            clients.append(c)
+        clients = sdk_clients(srv, tmp_path, ("bank", "shop", "lab"))
         bank, shop, lab = clients
         tables = {"bank": id_table(11, 120), "shop": id_table(12, 90)}
-        refs = {}
-        for (n, t), owner in zip(tables.items(), (bank, shop), strict=True):
-            (tmp_path / f"{n}.csv").write_bytes(t)
-            refs[n] = owner.upload_dataset(tmp_path / f"{n}.csv").ref
+        refs = upload_tables({"bank": bank, "shop": shop}, tables, tmp_path)
         task = analytics.psi(lab, inputs=refs, column="email", outputs=("size", "members"))
         for c in clients:
             c.approve(task)
