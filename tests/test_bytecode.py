@@ -93,3 +93,12 @@ def test_the_zygote_inherits_the_enclaves_cache() -> None:
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert out.stdout.split() == list(bytecode.args_for("/some/cache"))
+
+
+def test_the_installed_cache_holds_only_checked_hash_bytecode() -> None:
+    """make install built it; timestamp bytecode there would be trusted by mtime, not by hash."""
+    assert bytecode.cache_ready(), "make install builds the cache (python -m confide.enclave.bytecode)"
+    files = list(bytecode.cache_dir().rglob("*.pyc"))
+    assert len(files) > 1000
+    flags = {p: int.from_bytes(p.read_bytes()[4:8], "little") for p in files}
+    assert [p for p, f in flags.items() if f != 0b11] == []  # PEP 552: hash-based, check_source

@@ -114,11 +114,12 @@ def _compile(roots: list[Path], workers: int) -> bool:
 
 
 def build_cache(directory: Path | None = None, *, workers: int = 2) -> Path:
-    """Fill the cache (idempotent: files already compiled with a matching hash are kept)."""
+    """Fill the cache (idempotent: files already compiled with a matching hash are kept). The
+    compiling process runs with -B, so the modules it imports itself leave no timestamp bytecode."""
     directory = directory or cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        [sys.executable, "-I", "-X", f"pycache_prefix={directory}", "-m", "confide.enclave.bytecode",
+        [sys.executable, "-I", "-B", "-X", f"pycache_prefix={directory}", "-m", "confide.enclave.bytecode",
          "--compile", str(workers), *map(str, _roots())],
         check=True,
         stdin=subprocess.DEVNULL,
