@@ -129,14 +129,22 @@ def bench_startup(repeats: int, work: Path) -> dict[str, Any]:
 def _bench_client_command(repeats: int, work: Path, env: dict[str, str]) -> dict[str, Any]:
     """A party command against a real platform on loopback, and the platform's own answer time."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from platform_support import Party, ServerProcess
+    from platform_support import Party, ServerProcess, this_build_dev_policy
 
     server = ServerProcess(work / "srv", workers=1).start()
     try:
         party = Party(server.url, "bench").register()
         key = work / "bench-party.key"
         party.identity.save(key)
-        cenv = {**env, "CONFIDE_URL": server.url, "CONFIDE_IDENTITY": str(key)}
+        policy = work / "dev-policy.toml"
+        policy.write_text(this_build_dev_policy().to_toml())
+        cenv = {
+            **env,
+            "CONFIDE_URL": server.url,
+            "CONFIDE_IDENTITY": str(key),
+            "CONFIDE_POLICY": str(policy),
+            "CONFIDE_SIM_ROOT": str(server.data_dir / "platform" / "vendor_root.crt"),
+        }
         command = [str(BIN / "confide"), "audit"]
         whole = _median_ms(command, cenv, repeats)
         answers = []

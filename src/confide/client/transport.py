@@ -18,9 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import httpx
-
 from confide.client.api_auth import check_platform_id, sign_request
+from confide.client.http import httpx
 from confide.enclave.encoding import canonical_json
 from confide.enclave.errors import ConfideError
 from confide.enclave.keys import Identity
@@ -53,7 +52,10 @@ class Transport:
     ) -> None:
         self.url = url.rstrip("/")
         self.identity = identity
-        self.http = httpx.Client(base_url=self.url, timeout=timeout)
+        # a plain-HTTP platform (loopback, tests) needs no TLS context: loading the CA bundle for one
+        # costs ~20 ms of start-up; https URLs keep full certificate verification
+        verify = not self.url.startswith("http://")
+        self.http = httpx.Client(base_url=self.url, timeout=timeout, verify=verify)
         self.pinned = check_platform_id(platform_id, where="platform_id") if platform_id is not None else None
         self._platform_id: str | None = None
 
