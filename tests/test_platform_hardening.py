@@ -509,3 +509,39 @@ def test_the_sdk_transport_uploads_with_a_declaration_and_reports_refusals(
         assert err.value.status == 413 and err.value.code == "quota-exceeded"
     finally:
         api.close()
+
+
+def test_the_creator_approves_with_the_manifest_and_cannot_slip_in_another_partys(
+    server: ServerProcess,
+) -> None:
+    """`POST /v1/tasks` may carry the creator's own approval (one call instead of two); an approval by
+    someone else, or of another manifest, is refused and the task is not created."""
+    owner, lab = (party(server, n) for n in ("owner_c", "lab_c"))
+    ds = upload_dataset(owner, PATIENTS, SERVICE)
+    fn = register_function(lab, UPPER, name="with-approval")
+
+    def manifest_for(creator: Party) -> mf.Manifest:
+        return mf.build_manifest(
+            service=SERVICE,
+            creator=creator.public,
+            function=fn,
+            inputs=[ds.task_input("data")],
+            outputs=[mf.TaskOutput("out", (creator.fp,), 1 << 20)],
+            participants={p.name: p.public for p in (creator, owner)},
+        )
+
+    m = manifest_for(lab)
+    other = manifest_for(lab)
+    for approval, status in (
+        (mf.sign_approval(owner.identity, m), 403),  # the owner's approval, slipped in by the creator
+        (mf.sign_approval(lab.identity, other), 400),  # the creator's approval of another manifest
+    ):
+        r = lab.call("POST", "/v1/tasks", {"manifest": m.to_json(), "approval": approval})
+        assert r.status_code == status, r.text
+        assert lab.call("GET", f"/v1/tasks/{m.task_id}").status_code == 404  # not created
+    view = lab.ok(
+        "POST", "/v1/tasks", {"manifest": m.to_json(), "approval": mf.sign_approval(lab.identity, m)}
+    )
+    assert [a["party"] for a in view["approvals"]] == [lab.fp]
+    events = [e["kind"] for e in lab.ok("GET", "/v1/audit")["events"] if e.get("task_id") == m.task_id]
+    assert events == ["task.created", "task.approved"]

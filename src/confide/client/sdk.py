@@ -470,9 +470,8 @@ class Client:
         )
         task_id = manifest.task_id
         self.records.remember_manifest(self.fingerprint, task_id, manifest.digest, "created")
-        self.api.call("POST", "/v1/tasks", {"manifest": manifest.to_json()})
         approval = mf.sign_approval(self.identity, manifest, max_runs=max_runs)
-        self.api.call("POST", f"/v1/tasks/{task_id}/approvals", {"approval": approval})
+        self.api.call("POST", "/v1/tasks", {"manifest": manifest.to_json(), "approval": approval})
         self.records.remember_manifest(self.fingerprint, task_id, manifest.digest, "approved", max_runs)
         self.say(f"created task {task_id} ({descriptor.name}), manifest {manifest.digest}")
         return task_id

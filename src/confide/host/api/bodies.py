@@ -77,6 +77,9 @@ class FunctionBody(Strict):
 
 class TaskBody(Strict):
     manifest: dict[str, Any] | str = Field(description="the manifest object (or its canonical JSON text)")
+    approval: dict[str, Any] | None = Field(
+        default=None, description="the creator's approval of this manifest (saves a second call)"
+    )
 
 
 class ApprovalBody(Strict):

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Path, Query
 from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from confide.enclave import manifest as mf
@@ -71,12 +72,44 @@ def add_task_routes(app: FastAPI, platform: Platform) -> None:
     platform.scheduler.add_listener(long_poll.notify_threadsafe)
 
     # ---- tasks -----------------------------------------------------------------------------------
+    def store_approval(s: Session, task_id: str, me: str, approval: mf.Approval) -> None:
+        row = s.get(Approval, (task_id, me))
+        if row is None:
+            row = Approval(task_id=task_id, party=me, manifest_sha256="", approval="", created_at=0.0)
+            s.add(row)
+        row.manifest_sha256 = approval.manifest_sha256
+        row.approval = canonical_json(approval.to_json()).decode()
+        row.created_at = now()
+        audit.append(
+            s,
+            "task.approved",
+            actor=me,
+            task_id=task_id,
+            detail={"manifest_sha256": approval.manifest_sha256},
+        )
+
+    def checked_approval(raw: dict[str, Any], manifest: mf.Manifest, me: str) -> mf.Approval:
+        """A party's approval of `manifest` (signature checked as a courtesy: the enclave checks again)."""
+        try:
+            approval = mf.parse_approval(raw)
+            if approval.party != me:
+                raise ApiError(
+                    403, "forbidden", f"approval is by {approval.party}, not you", "approval.party"
+                )
+            mf.verify_approval(approval, manifest)
+        except ConfideError as exc:
+            raise from_confide(exc) from None
+        return approval
+
     @app.post("/v1/tasks", tags=["tasks"], status_code=201)
     def create_task(body: TaskBody, me: Caller) -> dict[str, Any]:
         try:
             manifest = mf.parse_manifest(body.manifest)
         except ConfideError as exc:
             raise from_confide(exc) from None
+        creator_approval = (
+            checked_approval(body.approval, manifest, me) if body.approval is not None else None
+        )
         obj = (
             body.manifest
             if isinstance(body.manifest, dict)
@@ -148,6 +181,8 @@ def add_task_routes(app: FastAPI, platform: Platform) -> None:
                 task_id=task.task_id,
                 detail={"manifest_sha256": manifest.digest, "function": manifest.function_digest},
             )
+            if creator_approval is not None:
+                store_approval(s, task.task_id, me, creator_approval)
             s.flush()
             return task_json(s, task)
 
@@ -198,28 +233,10 @@ def add_task_routes(app: FastAPI, platform: Platform) -> None:
                 )
             try:
                 manifest = mf.parse_manifest(task.manifest)
-                approval = mf.parse_approval(body.approval)
-                if approval.party != me:
-                    raise ApiError(
-                        403, "forbidden", f"approval is by {approval.party}, not you", "approval.party"
-                    )
-                mf.verify_approval(approval, manifest)
             except ConfideError as exc:
                 raise from_confide(exc) from None
-            row = s.get(Approval, (task_id, me))
-            if row is None:
-                row = Approval(task_id=task_id, party=me, manifest_sha256="", approval="", created_at=0.0)
-                s.add(row)
-            row.manifest_sha256 = approval.manifest_sha256
-            row.approval = canonical_json(approval.to_json()).decode()
-            row.created_at = now()
-            audit.append(
-                s,
-                "task.approved",
-                actor=me,
-                task_id=task_id,
-                detail={"manifest_sha256": approval.manifest_sha256},
-            )
+            approval = checked_approval(body.approval, manifest, me)
+            store_approval(s, task_id, me, approval)
             s.flush()
             return task_json(s, task)
 
