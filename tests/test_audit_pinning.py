@@ -172,3 +172,23 @@ def test_forged_links_are_refused() -> None:
     AuditVerifier(store, "k", serve([a, b])).verify([], head, where="test")
     with pytest.raises(AuditRewritten, match="event 2"):  # the pinned event 2 vanished
         AuditVerifier(store, "k", serve([a])).verify([], {"seq": 1, "sha256": a["sha256"]}, where="test")
+
+
+def test_results_with_the_links_sent_along_still_catch_a_rewrite(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """`results()` takes the audit head and links from the task view (one call); a host that drops a
+    seen event and re-chains sends consistent but rewritten links there, and is still refused."""
+    _owner, lab, task = _finished_task(server, tmp_path)
+    lab.results(task, tmp_path / "out-1")  # pins the head, with the links sent along
+    pinned = AuditVerifier(
+        PinStore(tmp_path / "lab-home" / "audit-pins.json"), lab.service.fingerprint, lambda a, b: {}
+    ).pinned_seq()
+    assert pinned is not None
+    view = lab.task(task, audit_from=pinned)
+    assert view["audit"]["head"]["seq"] >= pinned and view["audit"]["links"][0]["seq"] == pinned
+    victim = next(e["seq"] for e in lab.audit(task) if e["kind"] == "task.approved")
+    drop_and_rechain(_db(server), victim)
+    with pytest.raises(AuditRewritten) as info:
+        lab.results(task, tmp_path / "out-2")
+    assert info.value.seq <= pinned

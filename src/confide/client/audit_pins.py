@@ -185,6 +185,11 @@ class AuditVerifier:
                     where=f"audit event {seq}",
                 )
 
+    def pinned_seq(self) -> int | None:
+        """The sequence number of the newest head this party verified on this platform, if any."""
+        pin = self.store.platform(self.key)["head"]
+        return int(pin["seq"]) if pin is not None else None
+
     def verify(
         self,
         events: Sequence[Mapping[str, Any]],

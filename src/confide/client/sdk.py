@@ -476,8 +476,11 @@ class Client:
         self.say(f"created task {task_id} ({descriptor.name}), manifest {manifest.digest}")
         return task_id
 
-    def task(self, task_id: str) -> dict[str, Any]:
-        return dict(self.api.call("GET", f"/v1/tasks/{task_id}"))
+    def task(self, task_id: str, *, audit_from: int | None = None) -> dict[str, Any]:
+        """The task as the platform shows it; with `audit_from`, also its audit head and links from
+        that event on (what `check_receipt_audit` needs, in the same call)."""
+        query = f"?audit_from={audit_from}" if audit_from is not None else ""
+        return dict(self.api.call("GET", f"/v1/tasks/{task_id}{query}"))
 
     def manifest(self, task_id: str) -> mf.Manifest:
         """The task's manifest, parsed and checked as the enclave will check it."""
@@ -690,7 +693,8 @@ class Client:
     def results(self, task_id: str, out_dir: Path, *, expect_manifest: str | None = None) -> TaskResult:
         """Download the outputs addressed to us, check each against the signed receipt, decrypt.
         Only results of the manifest this party created or approved (or `expect_manifest`)."""
-        info = self.task(task_id)
+        pinned = self._audit_verifier().pinned_seq()
+        info = self.task(task_id, audit_from=pinned)
         body = self.receipt(task_id, info, expect_manifest=expect_manifest)
         if body.get("status") != "ok":
             err = body.get("error") or {}
@@ -707,7 +711,7 @@ class Client:
             raise ConfideError(
                 f"cannot create the output directory ({exc.strerror or exc})", where=str(out_dir)
             ) from None
-        self.check_receipt_audit(task_id, body)
+        self.check_receipt_audit(task_id, body, prefetched=info.get("audit"))
         written: dict[str, Path] = {}
         for out in body.get("outputs", []):
             name = str(out["name"])
@@ -754,21 +758,26 @@ class Client:
         self._audit_verifier().verify(events, head, where=path)
         return events
 
-    def check_receipt_audit(self, task_id: str, body: Mapping[str, Any]) -> None:
+    def check_receipt_audit(self, task_id: str, body: Mapping[str, Any], *, prefetched: Any = None) -> None:
         """The audit head the enclave signed in this receipt must be in the platform's chain (and
-        stays pinned): a chain without it proves the platform rewrote its log."""
+        stays pinned): a chain without it proves the platform rewrote its log. `prefetched`: the
+        head and links the platform sent with the task view (checked exactly like fetched ones)."""
         signed = body.get("audit_head")
         if signed is None:
             raise IntegrityError(
                 "the receipt signs no audit head (the host passed none to the enclave)",
                 where=f"receipt of task {task_id}",
             )
-        head = self.api.call("GET", "/v1/audit/head")
-        self._audit_verifier().verify(
+        given = prefetched if isinstance(prefetched, Mapping) else None
+        head = given.get("head") if given is not None else None
+        links = given.get("links") if given is not None else None
+        if not isinstance(head, Mapping) or not isinstance(links, list):
+            head, links = self.api.call("GET", "/v1/audit/head"), []
+        self._audit_verifier(prefetched=(head, links)).verify(
             [], head, receipts=[(task_id, signed)], where=f"receipt of task {task_id}"
         )
 
-    def _audit_verifier(self) -> AuditVerifier:
+    def _audit_verifier(self, *, prefetched: tuple[Any, Sequence[Any]] | None = None) -> AuditVerifier:
         home = getattr(self, "home", None)
         root = (
             Path(home.root)
@@ -777,7 +786,12 @@ class Client:
         )
         store = PinStore(root / "audit-pins.json")
 
+        given_head, given_links = prefetched if prefetched is not None else (None, ())
+        have = {x["seq"]: x for x in given_links if isinstance(x, Mapping) and isinstance(x.get("seq"), int)}
+
         def fetch(first: int, last: int) -> Mapping[str, Any]:
+            if have and all(s in have for s in range(first, last + 1)):  # sent with the task view
+                return {"links": [have[s] for s in range(first, last + 1)], "head": given_head}
             return dict(self.api.call("GET", f"/v1/audit/links?first={first}&last={last}"))
 
         return AuditVerifier(store, self.service.fingerprint, fetch)

@@ -203,15 +203,22 @@ def add_task_routes(app: FastAPI, platform: Platform) -> None:
         me: Caller,
         wait: Annotated[float, Query(ge=0, le=MAX_LONG_POLL_S, allow_inf_nan=False)] = 0,
         state: Annotated[str | None, Query(pattern="^(created|queued|running|succeeded|failed)$")] = None,
+        audit_from: Annotated[int | None, Query(ge=1, le=MAX_INT64)] = None,
     ) -> dict[str, Any]:
         """With `wait` and `state`: a long poll that answers as soon as the task leaves `state` (or
         after `wait` seconds), so a client learns of completion without polling. No thread is held
-        while waiting; changes made by other server processes are seen within LONG_POLL_SLICE_S."""
+        while waiting; changes made by other server processes are seen within LONG_POLL_SLICE_S.
+        With `audit_from`: also the audit head and the links from that event on (as
+        `GET /v1/audit/links` gives them), so a client checks a receipt's audit head in one call."""
 
         def read() -> tuple[str, dict[str, Any]]:
             with db.reading() as s:
                 task = task_for(s, task_id, me)
-                return task.state, task_json(s, task)
+                view = task_json(s, task)
+                if audit_from is not None:
+                    head = audit.head(s)
+                    view["audit"] = {"head": head, "links": audit.links(s, audit_from, int(head["seq"]))}
+                return task.state, view
 
         deadline = time.monotonic() + wait
         while True:
