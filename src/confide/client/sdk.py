@@ -159,6 +159,7 @@ class Client:
 
     def close(self) -> None:
         self.api.close()
+        self.records.close()
 
     def __enter__(self) -> Client:
         return self

@@ -16,6 +16,7 @@ The file holds digests and references, nothing secret; it is trusted as much as 
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,29 +50,47 @@ class TaskStore:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._conn: sqlite3.Connection | None = None  # opened on first use, kept for the client's life
+        self._lock = threading.Lock()
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+                # WAL: readers never wait for a writer, and a commit costs one write, not several
+                # fsyncs; a power cut can lose the newest record but never corrupt the file (a lost
+                # manifest record makes the client refuse that task's results: it fails closed)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.executescript(SCHEMA)
+            except (OSError, sqlite3.Error) as exc:
+                raise ConfideError(
+                    f"cannot open the client's task record ({exc})", where=str(self.path)
+                ) from None
+            self._conn = conn
+        return self._conn
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        except (OSError, sqlite3.Error) as exc:
-            raise ConfideError(
-                f"cannot open the client's task record ({exc})", where=str(self.path)
-            ) from None
-        try:
-            conn.executescript(SCHEMA)
-            conn.execute("BEGIN IMMEDIATE")
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
-                raise ConfideError(f"client's task record failed ({exc})", where=str(self.path)) from None
-            raise
-        finally:
-            conn.close()
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise ConfideError(f"client's task record failed ({exc})", where=str(self.path)) from None
+                raise
 
     # ---- manifests ----------------------------------------------------------------------------
     def manifest(self, party: str, task_id: str) -> ManifestRecord | None:
