@@ -59,7 +59,8 @@ class Server:
         while time.monotonic() < deadline:
             try:
                 info = httpx.get(f"{self.url}/v1/service", timeout=1).json()
-                if info.get("fingerprint") and len(info.get("workers") or []) >= workers:
+                ready = [w for w in info.get("workers") or [] if w.get("ready")]
+                if info.get("fingerprint") and len(ready) >= workers:  # every enclave started
                     return
             except (httpx.HTTPError, ValueError):
                 pass
@@ -98,9 +99,9 @@ def prepare(owner: Client, lab: Client, work: Path) -> tuple[str, str]:
 
 
 def new_task(owner: Client, lab: Client, dataset_id: str, fn: str) -> str:
+    # the lab's approval (as creator and function owner) is signed and sent by create_task itself
     task = lab.create_task(function=fn, inputs={"data": dataset_id}, outputs={"out": [lab.fingerprint]})
     owner.approve(task)
-    lab.approve(task)
     return task
 
 
