@@ -125,3 +125,23 @@ def service_worker(tmp_path_factory: pytest.TempPathFactory):
 
 # the platform's PostgreSQL fixtures (a throwaway cluster per session; see platform_support.py)
 from platform_support import pg_cluster, postgres_url  # noqa: E402, F401
+
+# ---- a platform server on loopback, shared by the tests of one module -----------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    """`confide serve` with one enclave worker (a module may define its own `server` instead)."""
+    from platform_support import ServerProcess
+
+    srv = ServerProcess(tmp_path_factory.mktemp("server") / "data", workers=1).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def dev_policy():
+    """A development policy accepting this build's simulated enclave."""
+    from platform_support import this_build_dev_policy
+
+    return this_build_dev_policy()

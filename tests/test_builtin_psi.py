@@ -23,7 +23,7 @@ from confide.client.approval import describe_manifest
 from confide.enclave import manifest as mf
 from confide.enclave.errors import ConfideError, IntegrityError
 from confide.enclave.keys import Identity
-from platform_support import ServerProcess, sdk_clients, this_build_dev_policy, upload_tables
+from platform_support import sdk_clients, this_build_dev_policy, upload_tables
 
 LAB = Identity.generate("lab")
 BANK = Identity.generate("bank")
@@ -255,13 +255,6 @@ def test_sdk_helper_pads_what_would_tell_the_host_the_overlap() -> None:
 
 
 # ---- end to end: a real server, the SDK helper ----------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    srv = ServerProcess(tmp_path_factory.mktemp("psi") / "data", workers=1).start()
-    yield srv
-    srv.stop()
 
 
 def test_psi_end_to_end_on_a_server(server, tmp_path) -> None:

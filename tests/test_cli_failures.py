@@ -45,13 +45,6 @@ SLEEPY = (
 NOWHERE = "http://127.0.0.1:9"  # nothing listens: a command that works offline never notices
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    srv = ServerProcess(tmp_path_factory.mktemp("failures") / "data", workers=1).start()
-    yield srv
-    srv.stop()
-
-
 def _env(url: str, root: Path, sim_root: Path | None, **policy: Any) -> dict[str, str]:
     dev = Policy(
         backends=("sim",), measurements=(measure(EnclaveConfig()).value,), allow_simulation=True, **policy

@@ -20,21 +20,9 @@ from confide.client.policy import Policy
 from confide.enclave import manifest as mf
 from confide.enclave.errors import FormatError
 from confide.enclave.keys import Identity
-from platform_support import UPPER_FN, ServerProcess, this_build_dev_policy
+from platform_support import UPPER_FN, ServerProcess
 
 UPPER = UPPER_FN
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    srv = ServerProcess(tmp_path_factory.mktemp("verbs") / "data", workers=1).start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def dev_policy() -> Policy:
-    return this_build_dev_policy()
 
 
 @pytest.fixture(scope="module")

@@ -25,21 +25,9 @@ from confide.enclave import manifest as mf
 from confide.enclave.encoding import b64e, canonical_json
 from confide.enclave.errors import ConfideError, FormatError, IntegrityError, PolicyError
 from confide.enclave.keys import Identity, short_fingerprint
-from platform_support import UPPER_FN, ServerProcess, run_upper_task, this_build_dev_policy
+from platform_support import UPPER_FN, ServerProcess, run_upper_task
 
 UPPER = UPPER_FN
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    srv = ServerProcess(tmp_path_factory.mktemp("sdk") / "data", workers=1).start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def dev_policy() -> Policy:
-    return this_build_dev_policy()
 
 
 def _client(server: ServerProcess, policy: Policy, name: str) -> Client:

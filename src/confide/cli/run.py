@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
-from confide.cli.common import EXIT_FAILED, friendly, home, parse_assignments, write_new
+from confide.cli.common import EXIT_FAILED, friendly, home, parse_assignments, parse_params, write_new
 from confide.client.local import run_function
 from confide.enclave.errors import ConfideError
 from confide.enclave.keys import Identity, load_public
@@ -50,12 +48,7 @@ def run(
     for name, path in in_map.items():
         if not path.is_file():
             raise ConfideError("no such file", where=f"--input {name}={path}")
-    param_map: dict[str, Any] = {}
-    for key, value in parse_assignments(params, what="--param").items():
-        try:
-            param_map[key] = json.loads(value)
-        except ValueError:
-            param_map[key] = value
+    param_map = parse_params(params)
     pol = here.policy(policy_path)
     receipt_path = receipt or (next(iter(out_map.values())).with_suffix(".receipt.json") if out_map else None)
     error_path = receipt_path.with_suffix(".error.sealed") if receipt_path else None

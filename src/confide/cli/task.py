@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from confide.cli.common import EXIT_FAILED, parse_assignments, with_client
+from confide.cli.common import EXIT_FAILED, parse_assignments, parse_params, with_client
 from confide.cli.output import UsageProblem, emit, iso, named, output_option
 from confide.enclave.errors import ConfideError
 
@@ -95,11 +95,7 @@ def task_create(
         if not isinstance(loaded, dict):
             raise ConfideError("must be a JSON object", where="--params-json")
         values.update(loaded)
-    for key, raw in parse_assignments(params, what="--param").items():
-        try:
-            values[key] = json.loads(raw)
-        except ValueError:
-            values[key] = raw
+    values.update(parse_params(params))
     caps = {
         name: parse_size(size, where=f"--max-output {name}")
         for name, size in parse_assignments(max_outputs, what="--max-output").items()

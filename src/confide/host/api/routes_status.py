@@ -25,7 +25,7 @@ import html
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -247,26 +247,19 @@ class SnapshotCollector:
 
         if snap.database.ok:
             yield _gauge("confide_queue_depth", "Tasks queued and not yet claimed.", snap.queue_depth)
-            tasks = GaugeMetricFamily("confide_tasks", "Tasks by state.", labels=["state"])
-            for state, n in snap.tasks.items():
-                tasks.add_metric([state], n)
-            yield tasks
-            finished = GaugeMetricFamily(
+            yield _by_label("confide_tasks", "Tasks by state.", "state", snap.tasks)
+            yield _by_label(
                 "confide_tasks_finished_recent",
                 f"Tasks that reached a final state in the last {FINISHED_WINDOW_S} s.",
-                labels=["state"],
+                "state",
+                snap.finished,
             )
-            for state, n in snap.finished.items():
-                finished.add_metric([state], n)
-            yield finished
-            failures = GaugeMetricFamily(
+            yield _by_label(
                 "confide_task_failures_recent",
                 f"Failed runs in the last {FAILURES_WINDOW_S} s by category (attempts lost with a worker too).",
-                labels=["category"],
+                "category",
+                snap.failures,
             )
-            for category, n in snap.failures.items():
-                failures.add_metric([category], n)
-            yield failures
         yield _gauge("confide_database_up", "1 when the database answered SELECT 1.", snap.database.ok)
         if snap.database.ok:
             yield _gauge("confide_database_latency_seconds", "Time of SELECT 1.", snap.database.latency_s)
@@ -283,6 +276,14 @@ class SnapshotCollector:
 
 def _gauge(name: str, doc: str, value: float | bool) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=float(value))
+
+
+def _by_label(name: str, doc: str, label: str, counts: Mapping[str, int]) -> GaugeMetricFamily:
+    """One gauge per label value (tasks per state, failures per category)."""
+    family = GaugeMetricFamily(name, doc, labels=[label])
+    for value, n in counts.items():
+        family.add_metric([value], n)
+    return family
 
 
 def render_metrics(snap: Snapshot) -> bytes:
