@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/python -m confide.enclave.bytecode   # checked-hash bytecode the enclave runs (enclave/bytecode.py)
+	$(BIN)/python -m compileall -q src >/dev/null   # the CLI's own bytecode, even where PYTHONDONTWRITEBYTECODE is set
 	@touch $(STAMP)
 
 install: $(STAMP)

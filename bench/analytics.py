@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from common import machine
-from confide.client.local import Home
+from confide.client.home import Home
 from confide.enclave import manifest as mf
 from confide.enclave.keys import Identity, PublicIdentity
 from confide.enclave.sealed_file import SealedWriter, open_reader

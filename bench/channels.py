@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--step-ms", type=float, default=20.0)
     args = ap.parse_args()
     sys.path.insert(0, str(HERE.parent / "tests"))
-    from confide.client.local import Home
+    from confide.client.home import Home
     from confide.enclave import manifest as mf
     from confide.enclave.config import EnclaveConfig
     from confide.enclave.keys import Identity, PublicIdentity

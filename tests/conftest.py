@@ -111,7 +111,7 @@ class TaskKit:
 @pytest.fixture(scope="module")
 def service_worker(tmp_path_factory: pytest.TempPathFactory):
     """One provisioned enclave worker (sim backend) for a whole test module: (kit, home)."""
-    from confide.client.local import Home
+    from confide.client.home import Home
     from confide.enclave.keys import PublicIdentity
 
     root = tmp_path_factory.mktemp("service")

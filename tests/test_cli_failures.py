@@ -23,9 +23,11 @@ import pytest
 from click.testing import CliRunner
 
 from confide.cli.main import main
+from confide.client.attest_cache import SIGNING_CONTEXT
 from confide.client.policy import Policy
 from confide.client.transport import Transport
 from confide.enclave.config import EnclaveConfig
+from confide.enclave.encoding import b64e, canonical_json
 from confide.enclave.keys import Identity
 from confide.enclave.measurement import measure
 from platform_support import UPPER_FN, ServerProcess
@@ -318,32 +320,77 @@ def test_a_changed_service_key_is_detected(env, tmp_path, calls, monkeypatch):
     assert "attesting again" in r.output and "attested enclave service" in r.output
 
 
-def test_a_tampered_or_stale_cache_entry_is_not_used(env, tmp_path, calls):
+def _resign(entry: dict[str, Any], key: Path) -> dict[str, Any]:
+    """The entry as this party itself would sign it (what an attacker without the key cannot do)."""
+    body = {k: v for k, v in entry.items() if k != "signature"}
+    sig = Identity.load(key).sign(SIGNING_CONTEXT + canonical_json(body))
+    return {**body, "signature": b64e(sig)}
+
+
+def _uses_cache(env: dict[str, str], key: Path, tmp_path: Path, calls: list[str]) -> bool:
+    calls.clear()
+    _upload(env, key, tmp_path)
+    return EVIDENCE not in calls
+
+
+def test_a_cache_entry_not_signed_by_this_party_is_not_used(env, tmp_path, calls):
     key = _party(env, tmp_path, "careful")
     _upload(env, key, tmp_path)
     path = _cache_file(env)
     entry = json.loads(path.read_text())
-    # an entry naming another key: the evidence does not bind it, so it is dropped and re-attested
+    # another key, planted by someone who can write the file but does not hold the party's key
     path.write_text(json.dumps({**entry, "service": Identity.generate("impostor").public.to_line()}))
-    calls.clear()
+    assert not _uses_cache(env, key, tmp_path, calls)
+    # a verdict signed by another party's key
+    other = tmp_path / "other.key"
+    Identity.generate("other").save(other)
+    path.write_text(json.dumps(_resign(json.loads(path.read_text()), other)))
+    assert not _uses_cache(env, key, tmp_path, calls)
+    assert _uses_cache(env, key, tmp_path, calls)  # the fresh entry is used again
+
+
+def test_a_signed_cache_entry_is_checked_again_now(env, tmp_path, calls):
+    key = _party(env, tmp_path, "rechecked")
     _upload(env, key, tmp_path)
-    assert calls.count(EVIDENCE) == 1
-    # an entry older than the policy's max_age_seconds (600)
+    path = _cache_file(env)
     entry = json.loads(path.read_text())
-    path.write_text(json.dumps({**entry, "attested_at": entry["attested_at"] - 601}))
-    calls.clear()
+    # older than the policy's max_age_seconds (600), even though validly signed
+    path.write_text(json.dumps(_resign({**entry, "attested_at": entry["attested_at"] - 601}, key)))
+    assert not _uses_cache(env, key, tmp_path, calls)
+    # claims that no longer pass the policy (another measurement)
+    entry = json.loads(path.read_text())
+    claims = {**entry["claims"], "measurement": "00" * 32}
+    path.write_text(json.dumps(_resign({**entry, "claims": claims}, key)))
+    assert not _uses_cache(env, key, tmp_path, calls)
+    # a certificate of the evidence's chain expired since
+    entry = json.loads(path.read_text())
+    claims = {**entry["claims"], "valid_until": int(time.time()) - 1}
+    path.write_text(json.dumps(_resign({**entry, "claims": claims}, key)))
+    assert not _uses_cache(env, key, tmp_path, calls)
+    # a service key the evidence's report data does not bind
+    entry = json.loads(path.read_text())
+    impostor = Identity.generate("impostor").public.to_line()
+    path.write_text(json.dumps(_resign({**entry, "service": impostor}, key)))
+    assert not _uses_cache(env, key, tmp_path, calls)
+    assert _uses_cache(env, key, tmp_path, calls)
+
+
+def test_a_cache_entry_is_tied_to_its_policy_and_anchors(env, tmp_path, calls):
+    key = _party(env, tmp_path, "tied")
     _upload(env, key, tmp_path)
-    assert calls.count(EVIDENCE) == 1
-    calls.clear()
-    _upload(env, key, tmp_path)
-    assert EVIDENCE not in calls  # the fresh entry is used again
+    assert _uses_cache(env, key, tmp_path, calls)
     # another policy (another digest) does not use this entry
     (tmp_path / "p2").mkdir()
     auditor = (Identity.generate("auditor").public.to_line(),)
     other = _env(env["CONFIDE_URL"], tmp_path / "p2", Path(env["CONFIDE_SIM_ROOT"]), auditor_keys=auditor)
-    calls.clear()
-    _upload({**other, "CONFIDE_HOME": env["CONFIDE_HOME"]}, key, tmp_path)
-    assert calls.count(EVIDENCE) == 1
+    assert not _uses_cache({**other, "CONFIDE_HOME": env["CONFIDE_HOME"]}, key, tmp_path, calls)
+    # other trust anchors: a copy of the simulated root with a trailing comment is another file
+    root = tmp_path / "root-copy.crt"
+    root.write_bytes(Path(env["CONFIDE_SIM_ROOT"]).read_bytes() + b"\n")
+    moved = {**env, "CONFIDE_SIM_ROOT": str(root)}
+    assert _uses_cache(env, key, tmp_path, calls)
+    assert not _uses_cache(moved, key, tmp_path, calls)
+    assert _uses_cache(moved, key, tmp_path, calls)
 
 
 def test_max_age_zero_means_attest_every_time(server, tmp_path, calls):

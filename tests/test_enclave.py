@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from confide.client.local import Home, attest, check_receipt, run_function
+from confide.client.home import Home
+from confide.client.local import attest, check_receipt, run_function
 from confide.client.policy import Policy
 from confide.enclave.errors import ConfideError, EnclaveError, IntegrityError, PolicyError
 from confide.enclave.keys import Identity

@@ -11,9 +11,10 @@ import pytest
 
 from confide.attest import TrustAnchors, verify_evidence
 from confide.client.policy import Policy, check_endorsement, evaluate, make_endorsement
-from confide.enclave.backend import SIM_SIGNER, EnclaveIdentity, SimBackend, report_data_for
+from confide.enclave.backend import SIM_SIGNER, EnclaveIdentity, SimBackend
 from confide.enclave.errors import EvidenceError, PolicyError
 from confide.enclave.keys import Identity
+from confide.enclave.report_data import report_data_for
 from confide.enclave.sim_platform import SimPlatform
 
 MEAS = "ab" * 32

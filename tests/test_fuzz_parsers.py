@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 from confide.attest import TrustAnchors, verify_evidence
 from confide.client.policy import Policy, check_endorsement
 from confide.enclave import channel
-from confide.enclave.backend import SIM_SIGNER, EnclaveIdentity, SimBackend, report_data_for
+from confide.enclave.backend import SIM_SIGNER, EnclaveIdentity, SimBackend
 from confide.enclave.errors import ConfideError, EvidenceError, FormatError
 from confide.enclave.keys import Identity, PublicIdentity
+from confide.enclave.report_data import report_data_for
 from confide.enclave.request import open_request
 from confide.enclave.sim_platform import SimPlatform
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from confide.client.local import Home
+from confide.client.home import Home
 from confide.enclave import bytecode
 from confide.enclave import measurement as m
 from confide.enclave.config import EnclaveConfig

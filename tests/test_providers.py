@@ -21,7 +21,7 @@ from confide.attest.sev_snp import build_cert_table
 from confide.cli.main import main
 from confide.client.policy import Policy, evaluate
 from confide.enclave import backend as backend_module
-from confide.enclave.backend import create_backend, report_data_for
+from confide.enclave.backend import create_backend
 from confide.enclave.config import EnclaveConfig
 from confide.enclave.errors import ConfideError
 from confide.enclave.keys import Identity
@@ -34,6 +34,7 @@ from confide.enclave.providers.tsm import (
     SnpGuestRequestIoctl,
     TsmBackend,
 )
+from confide.enclave.report_data import report_data_for
 from confide.enclave.runtime import load_or_create_keys
 
 pytestmark = pytest.mark.filterwarnings("ignore:Parsed a serial number which wasn't positive")

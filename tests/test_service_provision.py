@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from confide.attest import verify_evidence
-from confide.client.local import Home
+from confide.client.home import Home
 from confide.enclave import manifest as mf
-from confide.enclave.backend import report_data_for
 from confide.enclave.errors import EnclaveError
 from confide.enclave.keys import Identity, PublicIdentity
+from confide.enclave.report_data import report_data_for
 from confide.host.enclave_process import EnclaveProcess
 from conftest import TaskKit
 

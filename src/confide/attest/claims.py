@@ -6,6 +6,7 @@ given time). Whether the claims are acceptable is the policy's job (confide.clie
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -82,6 +83,38 @@ class Claims:
             "extra": self.extra,
         }
 
+    @classmethod
+    def from_json(cls, data: Any) -> Claims:
+        """The inverse of `to_json` (for claims this party verified earlier and stored signed, see
+        confide.client.attest_cache); FormatError on anything else."""
+        if not isinstance(data, dict):
+            raise FormatError("claims must be an object", where="claims")
+        try:
+            chain = tuple(ChainCert(**c) for c in data["signing_chain"])
+            claims = cls(
+                backend=str(data["backend"]),
+                measurement=str(data["measurement"]),
+                signer=str(data["signer"]),
+                product_id=int(data["product_id"]),
+                security_version=int(data["security_version"]),
+                debug=bool(data["debug"]),
+                report_data=bytes.fromhex(data["report_data"]),
+                simulated=bool(data["simulated"]),
+                issued_at=None if data["issued_at"] is None else int(data["issued_at"]),
+                tcb_status=str(data["tcb_status"]),
+                advisories=tuple(str(a) for a in data["advisories"]),
+                extra=dict(data["extra"]),
+                measurements={str(k): str(v) for k, v in dict(data["measurements"]).items()},
+                signing_chain=chain,
+                valid_from=None if data["valid_from"] is None else int(data["valid_from"]),
+                valid_until=None if data["valid_until"] is None else int(data["valid_until"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FormatError(f"malformed claims ({type(exc).__name__}: {exc})", where="claims") from None
+        if len(claims.report_data) != 64:
+            raise FormatError("claims' report data must be 64 bytes", where="claims")
+        return claims
+
 
 @dataclass(frozen=True)
 class TrustAnchors:
@@ -91,6 +124,16 @@ class TrustAnchors:
     intel_sgx_roots: tuple[bytes, ...] = ()  # DER
     amd_ark_chains: tuple[bytes, ...] = ()  # PEM bundles (ASK/ASVK + ARK)
     nitro_roots: tuple[bytes, ...] = ()  # PEM
+
+    def digest(self) -> str:
+        """SHA-256 over every anchor, by kind and in order: equal digests, equal anchors."""
+        h = hashlib.sha256(b"confide-trust-anchors-v1\0")
+        for kind in ("sim_roots", "intel_sgx_roots", "amd_ark_chains", "nitro_roots"):
+            items: tuple[bytes, ...] = getattr(self, kind)
+            h.update(f"{kind}:{len(items)}\0".encode())
+            for item in items:
+                h.update(len(item).to_bytes(8, "big") + item)
+        return h.hexdigest()
 
 
 class Verifier(Protocol):

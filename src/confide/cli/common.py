@@ -16,7 +16,7 @@ import click
 from confide.enclave.errors import ConfideError
 
 if TYPE_CHECKING:
-    from confide.client.local import Home
+    from confide.client.home import Home
     from confide.client.sdk import Client
 
 EXIT_FAILED = 1
@@ -25,7 +25,7 @@ DEFAULT_URL = "http://127.0.0.1:8470"
 
 
 def home() -> Home:
-    from confide.client.local import Home
+    from confide.client.home import Home
 
     return Home.from_env()
 

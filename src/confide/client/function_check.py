@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from confide.enclave.errors import ConfideError
 
 if TYPE_CHECKING:
-    from confide.client.local import Home
+    from confide.client.home import Home
     from confide.enclave.keys import Identity
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from confide.attest import Claims, TrustAnchors, verify_evidence
-from confide.attest.anchors import default_anchors, load_trust_anchors, merge_anchors
 from confide.client.policy import Policy, evaluate
 from confide.enclave.encoding import b64d, b64e
 from confide.enclave.errors import EvidenceError, IntegrityError
@@ -27,58 +26,9 @@ from confide.enclave.request import (
     verify_receipt,
 )
 from confide.enclave.sealed_file import open_reader
-from confide.enclave.sim_platform import SimPlatform
 from confide.host.enclave_process import EnclaveProcess
 
 DEFAULT_MAX_OUTPUT = 256 << 20
-
-
-@dataclass(frozen=True)
-class Home:
-    """A Confide installation directory ($CONFIDE_HOME, default ~/.confide)."""
-
-    root: Path
-
-    @classmethod
-    def from_env(cls, root: str | os.PathLike[str] | None = None) -> Home:
-        """`root`, else $CONFIDE_HOME, else ~/.confide."""
-        if root is not None:
-            return cls(Path(root))
-        env = os.environ.get("CONFIDE_HOME")
-        return cls(Path(env) if env else Path.home() / ".confide")
-
-    @property
-    def platform_dir(self) -> Path:
-        return self.root / "platform"
-
-    @property
-    def state_dir(self) -> Path:
-        return self.root / "enclave-state"
-
-    @property
-    def policy_path(self) -> Path:
-        return self.root / "policy.toml"
-
-    def platform(self) -> SimPlatform:
-        return SimPlatform.load_or_create(self.platform_dir)
-
-    def anchors(self) -> TrustAnchors:
-        """The vendor roots shipped with Confide, plus this installation's simulated vendor root
-        when there is one (only its public certificate is read)."""
-        root = self.platform_dir / "vendor_root.crt"
-        local = load_trust_anchors(sim=[root]) if root.exists() else TrustAnchors()
-        return merge_anchors(default_anchors(), local)
-
-    def policy(self, path: Path | None) -> Policy:
-        if path is not None:
-            return Policy.load(path)
-        if self.policy_path.exists():
-            return Policy.load(self.policy_path)
-        return Policy()
-
-    def start_enclave(self, config: Path | None = None) -> EnclaveProcess:
-        self.platform()
-        return EnclaveProcess(platform_dir=self.platform_dir, state_dir=self.state_dir, config=config)
 
 
 @dataclass(frozen=True)

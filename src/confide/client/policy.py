@@ -61,6 +61,7 @@ from confide.enclave.encoding import (
 )
 from confide.enclave.errors import ConfideError, FormatError, PolicyError
 from confide.enclave.keys import Identity, PublicIdentity
+from confide.enclave.report_data import keys_binding, nonce_binding
 
 CLOCK_SKEW_SECONDS = 60
 ENDORSEMENT_FORMAT = "confide-endorsement-v1"
@@ -399,7 +400,6 @@ def evaluate(
     enclave_keys: PublicIdentity | None = None,
 ) -> None:
     """Raise PolicyError listing every way `claims` fail `policy`."""
-    from confide.enclave.backend import keys_binding, nonce_binding  # here: start-up time of the CLI
 
     problems: list[str] = []
     fp = policy.for_format(claims.backend)

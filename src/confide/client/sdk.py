@@ -9,19 +9,14 @@ digest; and it decrypts results locally. The platform it talks to is untrusted t
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from confide.client.audit_pins import AuditRewritten as AuditRewritten
 from confide.client.audit_pins import AuditVerifier, PinStore
@@ -36,8 +31,6 @@ from confide.enclave import manifest as mf
 from confide.enclave.encoding import b64d, b64e, canonical_json
 from confide.enclave.errors import ConfideError, IntegrityError, PolicyError
 from confide.enclave.keys import Identity, PublicIdentity, check_pin
-from confide.enclave.padding import PAD_FORMAT, unpad_file
-from confide.enclave.sealed_file import encrypt_stream, open_reader, write_atomically
 
 if TYPE_CHECKING:  # imported where used: a client command starts without the verifiers' imports
     from confide.attest import Claims, TrustAnchors
@@ -111,7 +104,7 @@ class Client:
         there is none). `anchors`: trust anchors (default: the vendor roots shipped with Confide and
         this home's simulated root), plus `sim_root`, a simulated platform's `vendor_root.crt` to trust
         (development only). `home`: the Confide directory (default `$CONFIDE_HOME` or ~/.confide)."""
-        from confide.client.local import Home
+        from confide.client.home import Home
 
         here = Home.from_env(home)
         self.home = here
@@ -130,7 +123,9 @@ class Client:
         if cache_attestation:
             from confide.client.attest_cache import AttestationCache
 
-            self._attest_cache = AttestationCache(here.root, url, self.policy)
+            self._attest_cache = AttestationCache(
+                here.root, url, self.policy, self.identity, self._anchors_digest()
+            )
 
     @classmethod
     def from_env(
@@ -184,6 +179,30 @@ class Client:
             self._anchors = anchors
         return self._anchors
 
+    def _anchors_digest(self) -> str:
+        """A digest of what `anchors` is made of, read without parsing a certificate: the anchors
+        given, else the vendor roots shipped with this build and this home's simulated root; plus
+        `sim_root`. Cached attestation verdicts are tied to it."""
+        h = hashlib.sha256(b"confide-anchor-sources-v1\0")
+        if self._given_anchors is not None:
+            h.update(b"given\0" + self._given_anchors.digest().encode())
+            sources = []
+        else:
+            import confide
+
+            packaged = Path(confide.__file__).parent / "attest" / "roots"
+            sources = sorted(packaged.glob("*"))
+            sources.append(self.home.sim_root_path)
+        if self._sim_root is not None:
+            sources.append(self._sim_root)
+        for path in sources:
+            try:
+                data = path.read_bytes()
+            except OSError:
+                data = b"(absent)"
+            h.update(f"{path.name}:{len(data)}\0".encode() + data)
+        return h.hexdigest()
+
     # ---- parties --------------------------------------------------------------------------------
     def register(self, name: str) -> None:
         """Register this party's public keys under `name` (idempotent for the same keys)."""
@@ -234,9 +253,7 @@ class Client:
             )
         self._service = ServiceKey(att.enclave, att.claims, int(time.time()))
         if self._attest_cache is not None:
-            self._attest_cache.store(
-                evidence, nonce, line if isinstance(line, str) else None, self._service.attested_at
-            )
+            self._attest_cache.store(att.enclave, att.claims, nonce, self._service.attested_at)
         c = att.claims
         kind = "SIMULATED (no protection against the host)" if c.simulated else c.backend
         self.say(
@@ -254,10 +271,10 @@ class Client:
 
     def _cached_service(self) -> ServiceKey | None:
         cache = self._attest_cache
-        hit = cache.load(self.anchors) if cache is not None else None
+        hit = cache.load() if cache is not None else None
         if cache is None or hit is None:
             return None
-        cached = hit.attestation.enclave
+        cached = hit.enclave
         try:  # the key the platform uses now (unauthenticated, cheap: no enclave call)
             now_line = self.api.call("GET", "/v1/service", signed=False).get("service")
         except ConfideError:
@@ -274,20 +291,22 @@ class Client:
                 )
                 cache.forget()
                 return None
-        return ServiceKey(cached, hit.attestation.claims, hit.attested_at)
+        return ServiceKey(cached, hit.claims, hit.attested_at)
 
     # ---- datasets ---------------------------------------------------------------------------------
     def upload_dataset(self, path: Path, *, name: str | None = None) -> DatasetRef:
         """Encrypt a file with a fresh data key, wrap the key to the attested service (bound to the
         dataset id and our fingerprint), and upload both. Only columns and row count are visible."""
+        from confide.enclave.sealed_file import encrypt_stream, write_atomically
+
         path = Path(path)
         name = name or path.stem
         columns, rows = _csv_shape(path)
         service = self.service
         dataset_id = mf.new_dataset_id()
-        data_key = AESGCM.generate_key(256)
+        data_key = os.urandom(32)  # AES-256-GCM data key
         size = _size_of(path)
-        with tempfile.TemporaryDirectory(prefix="confide-upload-") as tmp:
+        with _tempdir(prefix="confide-upload-") as tmp:
             sealed = Path(tmp) / "dataset.cnf"
             with open(path, "rb") as src, byte_progress(f"encrypting {path.name}", size) as advance:
                 write_atomically(
@@ -687,7 +706,7 @@ class Client:
                 "the function's error text is sealed to the task's creator and output recipients only",
                 where=f"task {task_id}",
             )
-        with tempfile.TemporaryDirectory(prefix="confide-error-") as tmp:
+        with _tempdir(prefix="confide-error-") as tmp:
             path = self._fetch_output(str(entry["sha256"]), Path(tmp) / "error.txt")
             return path.read_text(encoding="utf-8", errors="replace")
 
@@ -726,7 +745,10 @@ class Client:
     def _fetch_output(self, sha256: str, dst: Path, *, padded: bool = False) -> Path:
         """Download, decrypt; strip the enclave's size padding when the sealed header (authenticated
         under the data key) says it is padded. `padded`: the manifest says it must be."""
-        with tempfile.TemporaryDirectory(prefix="confide-fetch-") as tmp:
+        from confide.enclave.padding import PAD_FORMAT, unpad_file
+        from confide.enclave.sealed_file import open_reader, write_atomically
+
+        with _tempdir(prefix="confide-fetch-") as tmp:
             sealed = Path(tmp) / "output.cnf"
             with open(sealed, "wb") as fh:
                 self.api.get_blob(sha256, fh)
@@ -754,9 +776,15 @@ class Client:
         to extend what this party verified before (pinned in $CONFIDE_HOME/audit-pins.json): a
         removed or altered event, or a truncated log, raises `AuditRewritten` naming the event."""
         path = f"/v1/tasks/{task_id}/audit" if task_id else "/v1/audit"
-        events = list(self.api.call("GET", path).get("events", []))
-        head = self.api.call("GET", "/v1/audit/head")
-        self._audit_verifier().verify(events, head, where=path)
+        pinned = self._audit_verifier().pinned_seq()
+        query = "?chain=true" + (f"&audit_from={pinned}" if pinned is not None else "")
+        reply = self.api.call("GET", path + query)  # the events, with the head and links to check them
+        events = list(reply.get("events", []))
+        given = reply.get("audit") if isinstance(reply.get("audit"), Mapping) else {}
+        head, links = given.get("head"), given.get("links")
+        if not isinstance(head, Mapping) or not isinstance(links, list):
+            head, links = self.api.call("GET", "/v1/audit/head"), []
+        self._audit_verifier(prefetched=(head, links)).verify(events, head, where=path)
         return events
 
     def check_receipt_audit(self, task_id: str, body: Mapping[str, Any], *, prefetched: Any = None) -> None:
@@ -974,6 +1002,9 @@ def _csv_shape(path: Path) -> tuple[tuple[str, ...], int | None]:
             head = fh.readline()
             if "," not in head:
                 return (), None
+            import csv
+            import io
+
             columns = tuple(next(csv.reader(io.StringIO(head))))
             rows = sum(1 for line in fh if line.strip())
             return columns, rows
@@ -981,3 +1012,9 @@ def _csv_shape(path: Path) -> tuple[tuple[str, ...], int | None]:
         return (), None
     except OSError as exc:
         raise ConfideError(f"cannot read dataset ({exc.strerror})", where=str(path)) from None
+
+
+def _tempdir(prefix: str) -> Any:
+    import tempfile  # here: ~8 ms of every command's start-up, and most commands need none
+
+    return tempfile.TemporaryDirectory(prefix=prefix)

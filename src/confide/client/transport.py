@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from confide.client.api_auth import check_platform_id, sign_request
-from confide.client.http import httpx
+from confide.client.http import Connection, HttpError, Reply
 from confide.enclave.encoding import canonical_json
 from confide.enclave.errors import ConfideError
 from confide.enclave.keys import Identity
@@ -52,10 +52,10 @@ class Transport:
     ) -> None:
         self.url = url.rstrip("/")
         self.identity = identity
-        # a plain-HTTP platform (loopback, tests) needs no TLS context: loading the CA bundle for one
-        # costs ~20 ms of start-up; https URLs keep full certificate verification
-        verify = not self.url.startswith("http://")
-        self.http = httpx.Client(base_url=self.url, timeout=timeout, verify=verify)
+        try:
+            self.http = Connection(self.url, timeout=timeout)
+        except ValueError as exc:
+            raise ConfideError(str(exc), where="platform URL") from None
         self.pinned = check_platform_id(platform_id, where="platform_id") if platform_id is not None else None
         self._platform_id: str | None = None
 
@@ -81,12 +81,16 @@ class Transport:
     # -- JSON calls ------------------------------------------------------------------------------
     def call(self, method: str, path: str, body: dict[str, Any] | None = None, *, signed: bool = True) -> Any:
         content = canonical_json(body) if body is not None else b""
-        headers = {"content-type": "application/json"} if body is not None else {}
-        if signed:
-            headers.update(self._sign(method, path, content))
+
+        def headers() -> dict[str, str]:  # per attempt: a retried call is signed afresh
+            h = {"content-type": "application/json"} if body is not None else {}
+            if signed:
+                h.update(self._sign(method, path, content))
+            return h
+
         try:
-            resp = self.http.request(method, path, content=content, headers=headers)
-        except httpx.HTTPError as exc:
+            resp = self.http.request(method, path, body=content, headers=headers)
+        except HttpError as exc:
             raise Unreachable(
                 f"cannot reach the platform ({exc})", where=f"{method} {self.url}{path}"
             ) from None
@@ -103,13 +107,16 @@ class Transport:
             for chunk in iter(lambda: fh.read(STREAM_CHUNK), b""):
                 sha.update(chunk)
                 size += len(chunk)
-        headers = {"content-type": "application/octet-stream", "content-length": str(size)}
-        headers.update(self._sign("PUT", "/v1/blobs", None, body_sha256=sha.hexdigest(), body_length=size))
-        with open(path, "rb") as fh:
-            try:
-                resp = self.http.put("/v1/blobs", content=_chunks(fh), headers=headers)
-            except httpx.HTTPError as exc:
-                raise ConfideError(f"upload failed ({exc})", where=str(path)) from None
+
+        def headers() -> dict[str, str]:
+            h = {"content-type": "application/octet-stream", "content-length": str(size)}
+            h.update(self._sign("PUT", "/v1/blobs", None, body_sha256=sha.hexdigest(), body_length=size))
+            return h
+
+        try:
+            resp = self.http.request("PUT", "/v1/blobs", body=lambda: _chunks(path), headers=headers)
+        except (HttpError, OSError) as exc:
+            raise ConfideError(f"upload failed ({exc})", where=str(path)) from None
         result = self._json(resp, "PUT", "/v1/blobs")
         if result.get("sha256") != sha.hexdigest():
             raise ConfideError("the platform stored a blob with another digest", where=str(path))
@@ -118,15 +125,19 @@ class Transport:
     def get_blob(self, sha256: str, dst: BinaryIO) -> None:
         """Download a blob and check its SHA-256 (the platform could hand back anything)."""
         path = f"/v1/blobs/{sha256}"
-        headers = self._sign("GET", path, b"")
         sha = hashlib.sha256()
-        with self.http.stream("GET", path, headers=headers) as resp:
-            if resp.status_code != 200:
-                resp.read()
-                self._json(resp, "GET", path)
-            for chunk in resp.iter_bytes(STREAM_CHUNK):
-                sha.update(chunk)
-                dst.write(chunk)
+        try:
+            with self.http.stream("GET", path, headers=lambda: self._sign("GET", path, b"")) as (
+                resp,
+                chunks,
+            ):
+                if resp.status != 200:
+                    self._json(Reply(resp.status, resp.reason, resp.read()), "GET", path)
+                for chunk in chunks(STREAM_CHUNK):
+                    sha.update(chunk)
+                    dst.write(chunk)
+        except HttpError as exc:
+            raise Unreachable(f"download cut short ({exc})", where=path) from None
         if sha.hexdigest() != sha256:
             raise ConfideError(f"blob content does not match its digest {sha256}", where=path)
 
@@ -153,7 +164,7 @@ class Transport:
         )
 
     @staticmethod
-    def _json(resp: httpx.Response, method: str, path: str) -> Any:
+    def _json(resp: Reply, method: str, path: str) -> Any:
         try:
             data = resp.json()
         except ValueError:
@@ -161,21 +172,22 @@ class Transport:
         if resp.is_success:
             if data is None:
                 raise ConfideError(
-                    f"platform sent a non-JSON reply ({resp.status_code})", where=f"{method} {path}"
+                    f"platform sent a non-JSON reply ({resp.status})", where=f"{method} {path}"
                 )
             return data
         err = data.get("error", {}) if isinstance(data, dict) else {}
         if not isinstance(err, dict):
             err = {}
-        message = str(err.get("message") or resp.reason_phrase or "request failed")
+        message = str(err.get("message") or resp.reason or "request failed")
         where = str(err.get("where") or f"{method} {path}")
         raise ApiError(
-            f"platform refused ({resp.status_code}): {message}",
+            f"platform refused ({resp.status}): {message}",
             where=where,
-            status=resp.status_code,
+            status=resp.status,
             code=str(err.get("code", "")),
         )
 
 
-def _chunks(fh: BinaryIO) -> Iterator[bytes]:
-    yield from iter(lambda: fh.read(STREAM_CHUNK), b"")
+def _chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        yield from iter(lambda: fh.read(STREAM_CHUNK), b"")

@@ -25,11 +25,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from .config import EnclaveConfig
 from .encoding import b64d, b64e, canonical_json, check_fields, get_typed, hexd, parse_json_object
 from .errors import ConfideError, EnclaveError, EvidenceError
-from .keys import PublicIdentity
 from .measurement import measure
+from .report_data import REPORT_DATA_LEN
 from .sim_platform import SimPlatform
 
-REPORT_DATA_LEN = 64
 SIM_EVIDENCE_FORMAT = "confide-sim-evidence-v1"
 SIM_NOTICE = (
     "SIMULATED TEE: produced by the Confide sim backend. It gives NO protection against the host: "
@@ -39,19 +38,6 @@ SIM_NOTICE = (
 SIM_SIGNER = hashlib.sha256(b"confide-sim-signer-v1:confide-dev-release-key").hexdigest()
 
 SealPolicy = Literal["measurement", "signer"]
-
-
-def keys_binding(enclave: PublicIdentity) -> bytes:
-    return hashlib.sha256(b"confide-enclave-keys-v1\0" + enclave.sign_pub + enclave.kem_pub).digest()
-
-
-def nonce_binding(nonce: bytes | None) -> bytes:
-    return bytes(32) if not nonce else hashlib.sha256(b"confide-nonce-v1\0" + nonce).digest()
-
-
-def report_data_for(enclave: PublicIdentity, nonce: bytes | None) -> bytes:
-    """Report data of a Confide enclave: H(enclave public keys) || H(verifier's nonce) (zeros if none)."""
-    return keys_binding(enclave) + nonce_binding(nonce)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import channel
-from .backend import TeeBackend, create_backend, report_data_for
+from .backend import TeeBackend, create_backend
 from .channel import ChannelClosed
 from .config import EnclaveConfig
 from .encoding import b64d, b64e, hexd
@@ -29,6 +29,7 @@ from .errors import ConfideError, EnclaveError, FormatError
 from .keys import Identity
 from .memory import MemoryBudget
 from .pipeline import OutputFile, open_input, run_sandboxed, write_error_output
+from .report_data import report_data_for
 from .request import make_receipt, open_request
 from .sandbox import Zygote
 from .sandbox.zygote import PendingZygote

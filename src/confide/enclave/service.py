@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from . import hpke_box
-from .backend import TeeBackend, keys_binding, nonce_binding, report_data_for
+from .backend import TeeBackend
 from .encoding import b64d, b64e, hexd
 from .errors import EnclaveError, EvidenceError, IntegrityError
 from .keys import Identity, PublicIdentity
+from .report_data import keys_binding, nonce_binding, report_data_for
 from .state import seal_identity, state_path, unseal_identity
 
 GRANT_PURPOSE = "service-key-grant"

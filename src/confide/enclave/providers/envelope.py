@@ -8,7 +8,7 @@
      "extra": {"enclave": "<the enclave's public identity line>", ...}}
 
 Only `evidence` is signed by the hardware. `extra` is bound through the report data (the first 32
-bytes are SHA-256 over the enclave's public keys, see backend.report_data_for), so a verifier that
+bytes are SHA-256 over the enclave's public keys, see report_data.report_data_for), so a verifier that
 checks report data against the keys it is given learns they are the attested enclave's. The
 certificates are checked up to a pinned AMD root like any others. The verifier side is
 confide.attest.envelope.

@@ -23,13 +23,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from confide.enclave.backend import (
-    REPORT_DATA_LEN,
     EnclaveIdentity,
     SealPolicy,
     peer_verification_unsupported,
 )
 from confide.enclave.config import EnclaveConfig
 from confide.enclave.errors import ConfideError
+from confide.enclave.report_data import REPORT_DATA_LEN
 
 from . import read_attribute, write_attribute
 from .envelope import wrap_evidence

@@ -328,21 +328,43 @@ def add_task_routes(app: FastAPI, platform: Platform) -> None:
         return view
 
     # ---- audit -----------------------------------------------------------------------------------
+    def with_chain(s: Any, events: list[dict[str, Any]], audit_from: int | None) -> dict[str, Any]:
+        """The events, and the head and links a client needs to check them against its pins: from
+        the first event shown (or `audit_from`, its pinned head, when earlier) to the head."""
+        head = audit.head(s)
+        starts = [int(events[0]["seq"])] if events else []
+        if audit_from is not None:
+            starts.append(audit_from)
+        first = min(starts, default=int(head["seq"]) + 1)
+        return {"events": events, "audit": {"head": head, "links": audit.links(s, first, int(head["seq"]))}}
+
     @app.get("/v1/tasks/{task_id}/audit", tags=["audit"])
-    def task_audit(task_id: Annotated[str, Path(pattern=HEX32)], me: Caller) -> dict[str, Any]:
+    def task_audit(
+        task_id: Annotated[str, Path(pattern=HEX32)],
+        me: Caller,
+        chain: bool = False,
+        audit_from: Annotated[int | None, Query(ge=1, le=MAX_INT64)] = None,
+    ) -> dict[str, Any]:
+        """A task's audit events. With `chain`: also the audit head and the links from the first
+        event shown (or `audit_from`, when earlier) on, so a client checks them in one call."""
         with db.reading() as s:
             task_for(s, task_id, me)
             rows = s.execute(
                 select(AuditEvent).where(AuditEvent.task_id == task_id).order_by(AuditEvent.seq)
             ).scalars()
-            return {"events": [audit.as_dict(r) for r in rows]}
+            events = [audit.as_dict(r) for r in rows]
+            return with_chain(s, events, audit_from) if chain else {"events": events}
 
     @app.get("/v1/audit", tags=["audit"])
     def my_audit(
         me: Caller,
         after: Annotated[int, Query(ge=0, le=MAX_INT64)] = 0,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+        chain: bool = False,
+        audit_from: Annotated[int | None, Query(ge=1, le=MAX_INT64)] = None,
     ) -> dict[str, Any]:
+        """Audit events this party may see (its own acts and its tasks'). With `chain`: also the
+        head and the links from the first event shown (or `audit_from`, when earlier) on."""
         with db.reading() as s:
             mine = select(TaskParticipant.task_id).where(TaskParticipant.party == me)
             rows = s.execute(
@@ -351,7 +373,8 @@ def add_task_routes(app: FastAPI, platform: Platform) -> None:
                 .order_by(AuditEvent.seq)
                 .limit(limit)
             ).scalars()
-            return {"events": [audit.as_dict(r) for r in rows]}
+            events = [audit.as_dict(r) for r in rows]
+            return with_chain(s, events, audit_from) if chain else {"events": events}
 
     @app.get("/v1/audit/head", tags=["audit"])
     def audit_head(me: Caller) -> dict[str, Any]:

@@ -1,0 +1,77 @@
+"""A Confide installation directory on a party's machine ($CONFIDE_HOME, default ~/.confide): its
+policy, its simulated platform, its trust anchors. Imports nothing heavy: every `confide` command
+opens one, and the verifiers and the enclave launcher are imported only by what uses them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from confide.client.policy import Policy
+
+if TYPE_CHECKING:
+    from confide.attest import TrustAnchors
+    from confide.enclave.sim_platform import SimPlatform
+    from confide.host.enclave_process import EnclaveProcess
+
+
+@dataclass(frozen=True)
+class Home:
+    """A Confide installation directory ($CONFIDE_HOME, default ~/.confide)."""
+
+    root: Path
+
+    @classmethod
+    def from_env(cls, root: str | os.PathLike[str] | None = None) -> Home:
+        """`root`, else $CONFIDE_HOME, else ~/.confide."""
+        if root is not None:
+            return cls(Path(root))
+        env = os.environ.get("CONFIDE_HOME")
+        return cls(Path(env) if env else Path.home() / ".confide")
+
+    @property
+    def platform_dir(self) -> Path:
+        return self.root / "platform"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "enclave-state"
+
+    @property
+    def policy_path(self) -> Path:
+        return self.root / "policy.toml"
+
+    @property
+    def sim_root_path(self) -> Path:
+        """This installation's simulated vendor root certificate (only its public part)."""
+        return self.platform_dir / "vendor_root.crt"
+
+    def platform(self) -> SimPlatform:
+        from confide.enclave.sim_platform import SimPlatform
+
+        return SimPlatform.load_or_create(self.platform_dir)
+
+    def anchors(self) -> TrustAnchors:
+        """The vendor roots shipped with Confide, plus this installation's simulated vendor root
+        when there is one (only its public certificate is read)."""
+        from confide.attest import TrustAnchors
+        from confide.attest.anchors import default_anchors, load_trust_anchors, merge_anchors
+
+        root = self.sim_root_path
+        local = load_trust_anchors(sim=[root]) if root.exists() else TrustAnchors()
+        return merge_anchors(default_anchors(), local)
+
+    def policy(self, path: Path | None) -> Policy:
+        if path is not None:
+            return Policy.load(path)
+        if self.policy_path.exists():
+            return Policy.load(self.policy_path)
+        return Policy()
+
+    def start_enclave(self, config: Path | None = None) -> EnclaveProcess:
+        from confide.host.enclave_process import EnclaveProcess
+
+        self.platform()
+        return EnclaveProcess(platform_dir=self.platform_dir, state_dir=self.state_dir, config=config)
