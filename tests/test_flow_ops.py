@@ -12,10 +12,38 @@ import pytest
 
 from confide.enclave.keys import Identity
 from confide.enclave.sandbox import Zygote
-from confide.flow import Flow, FlowError, LocalEngine, open_result, seal_text
+from confide.flow import Dataset, Flow, FlowError, LocalEngine, open_result, seal_text
+from confide.flow.api import _Node
 from flow_support import FUNCTIONS, enclave_identity, make_enclave, recipient, run_and_open, zygote
 
 __all__ = ["enclave_identity", "recipient", "zygote"]  # fixtures
+
+AGG_FUNCTIONS = """
+def word_len(w):
+    return (w, len(w))
+
+def sum_count(acc, v):
+    return (acc[0] + v, acc[1] + 1)
+
+def merge_sum_count(a, b):
+    return (a[0] + b[0], a[1] + b[1])
+
+def append(acc, v):
+    acc.append(v)
+    return acc
+
+def concat(a, b):
+    return a + b
+
+def tally(acc, v):
+    acc["n"] += 1
+    acc["max"] = v if acc["max"] is None else max(acc["max"], v)
+    return acc
+
+def merge_tally(a, b):
+    top = [m for m in (a["max"], b["max"]) if m is not None]
+    return {"n": a["n"] + b["n"], "max": max(top) if top else None}
+"""
 
 VOCAB = ["the", "cat", "sat", "mat", "ünïcödé", "日本語", "naïve", "zebra", "a", "émoji😀", "x" * 40]
 
@@ -76,6 +104,71 @@ def test_narrow_wide_and_actions_match_plain_python(
     assert res["sorted"] == sorted(all_words, key=len)
     assert res["sorted_desc"] == sorted(all_words, key=lambda w: -len(w), reverse=True)
     assert res["union"] == lines + [ln.upper() for ln in lines]
+
+
+def test_aggregate_and_fold_by_key_match_plain_python(
+    tmp_path: Path, engine: LocalEngine, enclave_identity: Identity, recipient: Identity
+) -> None:
+    lines = gen_lines(3, 400)  # skewed ("the" is half the words), unicode, empty lines
+    pub = [enclave_identity.public]
+    path = seal_text(tmp_path / "in.sealed", lines, pub, chunk_size=1024)
+    empty = seal_text(tmp_path / "empty.sealed", "", pub, chunk_size=1024)
+    flow = Flow(FUNCTIONS + AGG_FUNCTIONS)
+    words = flow.text(path, partitions=5).flat_map("words")  # more partitions than chunks: some empty
+    lens = words.map("word_len")
+    one_part = flow.text(path, partitions=1).flat_map("words").map("one")
+    actions = {
+        "sum_count": lens.aggregate_by_key((0, 0), "sum_count", "merge_sum_count", 3),
+        "lists": lens.aggregate_by_key([], "append", "concat"),  # a mutable zero: a fresh copy per key
+        "tally": lens.aggregate_by_key({"n": 0, "max": None}, "tally", "merge_tally", 2),
+        "fold": words.map("one").fold_by_key(0, "add", 3),
+        "zero_once": one_part.fold_by_key(1000, "add"),  # one map task: the zero is added once per key
+        "empty": flow.text(empty, partitions=3).flat_map("words").map("one").fold_by_key(0, "add"),
+    }
+    res = run_and_open(flow, actions, engine, recipient, tmp_path / "out")
+    all_words = [w for ln in lines for w in ln.split()]
+    counts = Counter(all_words)
+    by_word: dict[str, list[int]] = defaultdict(list)
+    for w in all_words:
+        by_word[w].append(len(w))
+    assert counts["the"] > len(all_words) // 3 and "日本語" in counts
+    assert dict(res["sum_count"]) == {w: (sum(v), len(v)) for w, v in by_word.items()}
+    assert {k: sorted(v) for k, v in res["lists"]} == {w: sorted(v) for w, v in by_word.items()}
+    assert dict(res["tally"]) == {w: {"n": len(v), "max": max(v)} for w, v in by_word.items()}
+    assert dict(res["fold"]) == dict(counts)
+    assert dict(res["zero_once"]) == {w: n + 1000 for w, n in counts.items()}
+    for name in ("sum_count", "lists", "tally", "fold"):
+        assert len(res[name]) == len(counts), name  # one record per key
+    assert res["empty"] == []
+
+
+@pytest.mark.parametrize(
+    ("zero", "error"),
+    [
+        ({"$l": 5}, "not a record"),
+        ({"$d": [[{"$l": []}, 1]]}, "not a record"),  # an unhashable dict key
+        ({"$x": 1}, "not a record"),
+        ({"$b": "!!"}, "not a record"),
+        ({"$d": [["a", 1]]}, "not a record"),  # not the canonical encoding
+        ("x" * 70_000, "over 65536 bytes"),
+    ],
+)
+def test_hostile_aggregate_zero_is_refused(zero: object, error: str, recipient: Identity) -> None:
+    from confide.enclave.flow import FlowFormatError
+    from confide.enclave.flow.plan import parse_plan
+
+    flow = Flow(FUNCTIONS + AGG_FUNCTIONS)
+    flow._inputs["in0"] = {"path": "-", "spec": {"header_sha256": "0" * 64, "format": "text",
+                                               "csv_header": False, "partitions": 1}}  # fmt: skip
+    ds = Dataset(flow, _Node("source", args={"input": "in0", "partitions": 1}))
+    desc = flow.describe([ds.map("word_len").fold_by_key(0, "add").save("x")], [recipient.public])
+    (op,) = [op for st in desc["stages"] for op in st["chain"] if op["op"] == "aggregate_local"]
+    assert parse_plan(desc).stages[0].chain[-1]["zero"] == 0
+    op["zero"] = zero
+    with pytest.raises(FlowFormatError, match=rf"stage 0: chain\[1\]: field 'zero' (is )?{error}"):
+        parse_plan(desc)
+    with pytest.raises(FlowError, match="zero value cannot be a record"):
+        ds.fold_by_key(object(), "add")
 
 
 def test_count_joins_csv_and_json_lines(

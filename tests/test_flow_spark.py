@@ -98,11 +98,18 @@ def test_same_results_as_plain_pyspark_and_the_local_engine(
 ) -> None:
     lines = ops.gen_lines(7, 300)
     path = seal_text(tmp_path / "in.sealed", lines, [enclave_identity.public], chunk_size=1024)
+    module = FUNCTIONS + ops.AGG_FUNCTIONS
     fns: dict[str, Any] = {"__name__": "flow_functions"}
-    exec(compile(FUNCTIONS, "<flow functions>", "exec"), fns)  # the same functions, for plain PySpark
+    exec(compile(module, "<flow functions>", "exec"), fns)  # the same functions, for plain PySpark
     sc = spark.sparkContext
     words_rdd = sc.parallelize(lines, 3).flatMap(fns["words"])
+    lens_rdd = words_rdd.map(fns["word_len"])
     plain = {
+        "agg": sorted(lens_rdd.aggregateByKey((0, 0), fns["sum_count"], fns["merge_sum_count"], 3).collect()),
+        "agg_lists": sorted(
+            (k, sorted(v)) for k, v in lens_rdd.aggregateByKey([], fns["append"], fns["concat"]).collect()
+        ),
+        "fold": sorted(words_rdd.map(fns["one"]).foldByKey(0, fns["add"], 2).collect()),
         "wc": sorted(words_rdd.map(fns["one"]).reduceByKey(fns["add"], 3).collect()),
         "distinct": sorted(words_rdd.distinct(2).collect()),
         "groups": sorted(
@@ -113,11 +120,15 @@ def test_same_results_as_plain_pyspark_and_the_local_engine(
     }
 
     def confidential(eng: Any, out: Path) -> dict[str, Any]:
-        flow = Flow(FUNCTIONS)
+        flow = Flow(module)
         words = flow.text(path, partitions=3).flat_map("words")
+        lens = words.map("word_len")
         res = run_and_open(
             flow,
             {
+                "agg": lens.aggregate_by_key((0, 0), "sum_count", "merge_sum_count", 3),
+                "agg_lists": lens.aggregate_by_key([], "append", "concat"),
+                "fold": words.map("one").fold_by_key(0, "add", 2),
                 "wc": words.map("one").reduce_by_key("add", 3),
                 "distinct": words.distinct(2),
                 "groups": words.key_by("first_char").group_by_key(2),
@@ -129,6 +140,9 @@ def test_same_results_as_plain_pyspark_and_the_local_engine(
             out,
         )
         return {
+            "agg": sorted(res["agg"]),
+            "agg_lists": sorted((k, sorted(v)) for k, v in res["agg_lists"]),
+            "fold": sorted(res["fold"]),
             "wc": sorted(res["wc"]),
             "distinct": sorted(res["distinct"]),
             "groups": sorted((k, sorted(v)) for k, v in res["groups"]),
@@ -140,7 +154,7 @@ def test_same_results_as_plain_pyspark_and_the_local_engine(
     local = confidential(LocalEngine([make_enclave(zygote, enclave_identity)]), tmp_path / "local")
     assert on_spark == plain
     assert local == plain
-    assert plain["wc"] and plain["groups"] and plain["sorted"]
+    assert plain["wc"] and plain["groups"] and plain["sorted"] and plain["agg"] and plain["agg_lists"]
 
 
 # ---- what Spark sees ------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from confide.enclave.flow.driver import enc
 from confide.enclave.flow.plan import FORMAT
 from confide.enclave.keys import PublicIdentity
 from confide.enclave.sealed_file import SealedReader, SealedWriter
@@ -275,6 +276,25 @@ class Dataset:
         """(k, v) pairs to one (k, fn(...fn(v1, v2)..., vn)) per key; combined on the map side first."""
         op = {"op": "reduce_local", "fn": self._flow.fn_name(fn)}
         return self._shuffle([], "pair", [op], [op], buckets=num_partitions)
+
+    def aggregate_by_key(
+        self, zero: Any, seq_fn: Fn, comb_fn: Fn, num_partitions: int | None = None
+    ) -> Dataset:
+        """(k, v) pairs to one (k, acc) per key, as PySpark's aggregateByKey: on the map side
+        acc = seq_fn(acc, v) from a fresh copy of `zero` per key and partition, then the partitions'
+        accumulators are merged with comb_fn(acc1, acc2). `zero` is a record value (it travels in the
+        job description)."""
+        try:
+            encoded = enc(zero)
+        except TypeError as exc:
+            raise FlowError(f"the zero value cannot be a record: {exc}") from None
+        seq = {"op": "aggregate_local", "fn": self._flow.fn_name(seq_fn), "zero": encoded}
+        comb = {"op": "reduce_local", "fn": self._flow.fn_name(comb_fn)}
+        return self._shuffle([], "pair", [seq], [comb], buckets=num_partitions)
+
+    def fold_by_key(self, zero: Any, fn: Fn, num_partitions: int | None = None) -> Dataset:
+        """aggregate_by_key(zero, fn, fn), as PySpark's foldByKey."""
+        return self.aggregate_by_key(zero, fn, fn, num_partitions)
 
     def group_by_key(self, num_partitions: int | None = None) -> Dataset:
         """(k, v) pairs to (k, [values]) (the order of the values is not defined)."""

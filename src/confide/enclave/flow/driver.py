@@ -166,6 +166,15 @@ def _reduce(it: Iterable[Any], fn: Callable[[Any, Any], Any]) -> Iterator[Any]:
     yield from acc.items()
 
 
+def _aggregate(it: Iterable[Any], zero: Any, fn: Callable[[Any, Any], Any]) -> Iterator[Any]:
+    """Map side of aggregate_by_key: fn(acc, v) per key from a fresh copy of the zero value."""
+    acc: dict[Any, Any] = {}
+    for x in it:
+        k, v = _pair(x, "aggregate_by_key")
+        acc[k] = fn(acc[k] if k in acc else dec(zero), v)
+    yield from acc.items()
+
+
 def _group(it: Iterable[Any]) -> Iterator[Any]:
     acc: dict[Any, list[Any]] = {}
     for x in it:
@@ -227,6 +236,8 @@ def _apply(op: dict[str, Any], it: Iterable[Any], fns: dict[str, Any]) -> Iterab
         return ((fn(x), x) for x in it)
     if kind == "reduce_local":
         return _reduce(it, fn)
+    if kind == "aggregate_local":
+        return _aggregate(it, op["zero"], fn)
     if kind == "group_local":
         return _group(it)
     if kind == "group_concat":

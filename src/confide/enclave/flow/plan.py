@@ -11,18 +11,21 @@ Each stage but a sink feeds exactly one input of one later stage.
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..encoding import check_fields, get_typed
+from ..encoding import b64d, canonical_json, check_fields, get_typed
+from . import driver
 from .errors import FlowFormatError
 
 FORMAT = "confide-flow-job-v1"
 MAX_STAGES = 256
 MAX_PARTITIONS = 1 << 16
 MAX_CHAIN = 64
+MAX_ZERO_BYTES = 64 << 10  # the encoded zero value of aggregate_local
 FN_OPS = frozenset({"map", "flat_map", "filter", "map_partitions", "key_by", "reduce_local"})
 PLAIN_OPS = frozenset(
     {"group_local", "group_concat", "distinct_local", "sort_local", "count_local", "sum_local"}
@@ -40,6 +43,7 @@ class SourceSpec:
     format: str
     csv_header: bool
     partitions: int
+    data_key: bytes | None = None  # given by the owner in the sealed description: the file is sealed to it
 
 
 @dataclass(frozen=True)
@@ -112,16 +116,38 @@ def _name(value: Any, what: str, where: str) -> str:
     return value
 
 
+def _fn(obj: dict[str, Any], functions: dict[str, str], where: str) -> str:
+    fn = _name(obj["fn"], "field 'fn'", where)
+    if fn not in functions:
+        raise FlowFormatError(f"function {fn!r} is not listed in the job's functions", where=where)
+    return fn
+
+
+def _record(value: Any, where: str) -> Any:
+    """A record value in the driver's tagged encoding (aggregate_local's zero), checked before any
+    sandbox sees it: it decodes, re-encodes to itself, is hashable where it is a dict key, small."""
+    try:
+        size = len(canonical_json(value))
+        same = driver.enc(driver.dec(value)) == value
+    except (TypeError, ValueError, RecursionError, AttributeError, binascii.Error):
+        same, size = False, 0
+    if not same:
+        raise FlowFormatError("field 'zero' is not a record in the dataflow encoding", where=where)
+    if size > MAX_ZERO_BYTES:
+        raise FlowFormatError(f"field 'zero' is over {MAX_ZERO_BYTES} bytes encoded", where=where)
+    return value
+
+
 def _op(obj: Any, functions: dict[str, str], where: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise FlowFormatError("an operator must be an object", where=where)
     kind = obj.get("op")
     if kind in FN_OPS:
         check_fields(obj, required=("op", "fn"), where=where)
-        fn = _name(obj["fn"], "field 'fn'", where)
-        if fn not in functions:
-            raise FlowFormatError(f"function {fn!r} is not listed in the job's functions", where=where)
-        return {"op": kind, "fn": fn}
+        return {"op": kind, "fn": _fn(obj, functions, where)}
+    if kind == "aggregate_local":
+        check_fields(obj, required=("op", "fn", "zero"), where=where)
+        return {"op": kind, "fn": _fn(obj, functions, where), "zero": _record(obj["zero"], where)}
     if kind == "sort_local":
         check_fields(obj, required=("op", "ascending"), where=where)
         return {"op": kind, "ascending": get_typed(obj, "ascending", bool, where=where)}
@@ -192,7 +218,12 @@ def parse_plan(obj: dict[str, Any], *, where: str = "job description") -> JobPla
         _name(name, "input name", iw)
         if not isinstance(spec, dict):
             raise FlowFormatError("an input must be an object", where=iw)
-        check_fields(spec, required=("header_sha256", "format", "csv_header", "partitions"), where=iw)
+        check_fields(
+            spec,
+            required=("header_sha256", "format", "csv_header", "partitions"),
+            optional=("data_key",),
+            where=iw,
+        )
         digest = get_typed(spec, "header_sha256", str, where=iw)
         if not _HEX64.match(digest):
             raise FlowFormatError("header_sha256 must be 64 lowercase hex digits", where=iw)
@@ -204,6 +235,7 @@ def parse_plan(obj: dict[str, Any], *, where: str = "job description") -> JobPla
             spec["format"],
             get_typed(spec, "csv_header", bool, where=iw),
             _int(spec, "partitions", 1, MAX_PARTITIONS, iw),
+            b64d(spec["data_key"], field="data_key", where=iw) if "data_key" in spec else None,
         )
     stages_obj = get_typed(obj, "stages", list, where=where)
     if not 1 <= len(stages_obj) <= MAX_STAGES:
