@@ -5,7 +5,7 @@
 sealed batches; ``open_result`` gives a recipient the verified result.
 """
 
-from confide.flow.api import Dataset, Flow, FlowError, seal_description
+from confide.flow.api import Dataset, Flow, FlowError, ShufflePadding, seal_description
 from confide.flow.engine import Endpoint, LocalEngine, terminal_progress
 from confide.flow.results import open_manifest, open_result, seal_text
 
@@ -15,6 +15,7 @@ __all__ = [
     "Flow",
     "FlowError",
     "LocalEngine",
+    "ShufflePadding",
     "open_manifest",
     "open_result",
     "seal_description",

@@ -61,15 +61,44 @@ def _module_functions(source: str) -> dict[str, str]:
     return out
 
 
+@dataclass(frozen=True)
+class ShufflePadding:
+    """Padded exchanges for a whole job (``Flow(padded_shuffle=...)``): every task sends every
+    bucket of every exchange the same number of same-size sealed batches, so the engine's view of
+    bucket sizes does not show key frequencies. `records` is your bound on the records one task sends
+    one bucket (after the map-side combine of reduce/aggregate/group/distinct), `record_bytes` on one
+    record's JSON encoding; a task over either fails the job, naming its stage and partition.
+    `batch_records` is the record slots per batch. The engine still sees each task's timing."""
+
+    records: int
+    record_bytes: int = 256
+    batch_records: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("records", "record_bytes", "batch_records"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise FlowError(f"ShufflePadding.{name} must be a positive integer")
+
+    def spec(self) -> dict[str, int]:
+        return {
+            "records": self.records,
+            "record_bytes": self.record_bytes,
+            "batch_records": self.batch_records,
+        }
+
+
 class Flow:
     """One job's builder: its function module and its sealed inputs."""
 
-    def __init__(self, functions: str | Path = "") -> None:
+    def __init__(self, functions: str | Path = "", *, padded_shuffle: ShufflePadding | None = None) -> None:
+        """`padded_shuffle`: pad every exchange of the job (see ShufflePadding)."""
         if isinstance(functions, Path) or (functions and "\n" not in functions and functions.endswith(".py")):
             functions = Path(functions).read_text(encoding="utf-8")
         self.module_source: str = str(functions)
         self.functions = _module_functions(self.module_source)
         self._inputs: dict[str, dict[str, Any]] = {}
+        self.padded_shuffle = padded_shuffle
 
     # ---- sources -----------------------------------------------------------------------------
     def _source(self, path: str | Path, fmt: str, partitions: int | None, csv_header: bool) -> Dataset:
@@ -162,7 +191,8 @@ class Flow:
                 ids = []
                 for b, out in zip(built, outs, strict=True):
                     b.chain.extend(dict(op) for op in a["tail"])
-                    ids.append(finish(b, out))
+                    pad = self.padded_shuffle
+                    ids.append(finish(b, {**out, "pad": pad.spec()} if pad else out))
                 return _Pending(None, ids, buckets, [dict(op) for op in a["head"]], a["combine"], a["how"])
             raise FlowError(f"{node.kind} is not a dataset")
 

@@ -26,6 +26,8 @@ MAX_STAGES = 256
 MAX_PARTITIONS = 1 << 16
 MAX_CHAIN = 64
 MAX_ZERO_BYTES = 64 << 10  # the encoded zero value of aggregate_local
+MAX_PAD_BATCH = 16 << 20  # a padded batch's payload
+MAX_PAD_TASK = 1 << 30  # what one task's padded output streams may add up to
 FN_OPS = frozenset({"map", "flat_map", "filter", "map_partitions", "key_by", "reduce_local"})
 PLAIN_OPS = frozenset(
     {"group_local", "group_concat", "distinct_local", "sort_local", "count_local", "sum_local"}
@@ -47,6 +49,26 @@ class SourceSpec:
 
 
 @dataclass(frozen=True)
+class Pad:
+    """A padded exchange: each task sends every bucket exactly `batches` data batches of
+    `payload_bytes` each, whatever its data; the job fails if a task has more than `records` records
+    for one bucket or a record over `record_bytes` encoded."""
+
+    records: int  # the bound on records per (task, bucket)
+    record_bytes: int  # the bound on one record's encoded size
+    batch_records: int  # record slots per batch
+
+    @property
+    def batches(self) -> int:
+        return -(-self.records // self.batch_records)
+
+    @property
+    def payload_bytes(self) -> int:
+        # a record count, then "[" r1 "," r2 ... "]" of at most batch_records records, then spaces
+        return 4 + 1 + self.batch_records * (self.record_bytes + 1)
+
+
+@dataclass(frozen=True)
 class Output:
     kind: str  # hash | single | forward | sink
     buckets: int = 1
@@ -54,6 +76,7 @@ class Output:
     offset: int = 0  # forward
     sink_format: str = "records"  # sink: records | text
     sink_name: str = ""
+    pad: Pad | None = None  # hash, single, forward: a padded exchange
 
 
 @dataclass(frozen=True)
@@ -77,6 +100,11 @@ class JobPlan:
     stages: tuple[Stage, ...]
     recipients: tuple[str, ...]  # public identity lines
     raw: dict[str, Any]
+
+    @property
+    def padded(self) -> bool:
+        """Whether any exchange is padded (then every task report has a fixed size too)."""
+        return any(st.output.pad is not None for st in self.stages)
 
     def consumer(self, stage: int) -> tuple[int, int] | None:
         """(child stage, input index) that reads `stage`'s output, None for a sink."""
@@ -157,25 +185,53 @@ def _op(obj: Any, functions: dict[str, str], where: str) -> dict[str, Any]:
     raise FlowFormatError(f"unknown operator {kind!r}", where=where)
 
 
+def _pad(obj: dict[str, Any], streams: int, where: str) -> Pad | None:
+    """An exchange's optional padding; `streams` is how many buckets each task sends to."""
+    if "pad" not in obj:
+        return None
+    pw = f"{where}: pad"
+    spec = get_typed(obj, "pad", dict, where=where)
+    check_fields(spec, required=("records", "record_bytes", "batch_records"), where=pw)
+    pad = Pad(
+        _int(spec, "records", 1, 1 << 24, pw),
+        _int(spec, "record_bytes", 1, 1 << 20, pw),
+        _int(spec, "batch_records", 1, 1 << 16, pw),
+    )
+    if pad.payload_bytes > MAX_PAD_BATCH:
+        raise FlowFormatError(
+            f"a padded batch of {pad.payload_bytes} bytes is over {MAX_PAD_BATCH}: fewer batch_records",
+            where=pw,
+        )
+    if streams * pad.batches * pad.payload_bytes > MAX_PAD_TASK:
+        raise FlowFormatError(
+            f"padded, each task would send {streams} x {pad.batches} batches of {pad.payload_bytes} "
+            f"bytes, over {MAX_PAD_TASK}",
+            where=pw,
+        )
+    return pad
+
+
 def _output(obj: Any, where: str) -> Output:
     if not isinstance(obj, dict):
         raise FlowFormatError("output must be an object", where=where)
     kind = obj.get("kind")
     if kind == "hash":
-        check_fields(obj, required=("kind", "keyed", "buckets"), where=where)
+        check_fields(obj, required=("kind", "keyed", "buckets"), optional=("pad",), where=where)
         keyed = obj["keyed"]
         if keyed not in ("pair", "self"):
             raise FlowFormatError("field 'keyed' must be 'pair' or 'self'", where=where)
-        return Output("hash", _int(obj, "buckets", 1, MAX_PARTITIONS, where), keyed=keyed)
+        buckets = _int(obj, "buckets", 1, MAX_PARTITIONS, where)
+        return Output("hash", buckets, keyed=keyed, pad=_pad(obj, buckets, where))
     if kind == "single":
-        check_fields(obj, required=("kind",), where=where)
-        return Output("single", 1)
+        check_fields(obj, required=("kind",), optional=("pad",), where=where)
+        return Output("single", 1, pad=_pad(obj, 1, where))
     if kind == "forward":
-        check_fields(obj, required=("kind", "offset", "buckets"), where=where)
+        check_fields(obj, required=("kind", "offset", "buckets"), optional=("pad",), where=where)
         return Output(
             "forward",
             _int(obj, "buckets", 1, MAX_PARTITIONS, where),
             offset=_int(obj, "offset", 0, MAX_PARTITIONS, where),
+            pad=_pad(obj, 1, where),
         )
     if kind == "sink":
         check_fields(obj, required=("kind", "format", "name"), where=where)

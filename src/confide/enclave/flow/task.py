@@ -43,6 +43,7 @@ from ..sealed_file import SealedReader, SealedWriter, create_partial
 from . import driver
 from .batch import KEY_LEN, Header, JobKeys, parse_header
 from .errors import FlowFormatError, FlowIntegrityError, FlowTaskError
+from .padding import fixed_size_json, padded_payloads
 from .plan import JobPlan, Stage, parse_plan
 
 BATCH_RECORDS = 4096
@@ -269,7 +270,8 @@ class FlowEnclave:
                     os.close(fd)
         outputs = self._emit(job, st, partition, out, report, out_dir, where)
         header = Header(plan.job_id, "report", stage, partition, 0, 0, True)
-        return outputs, job.keys.seal(header, canonical_json(report))
+        body = fixed_size_json(report) if plan.padded else canonical_json(report)
+        return outputs, job.keys.seal(header, body)
 
     def _source_bytes(
         self, job: _Job, st: Stage, partition: int, path: str | None, where: str
@@ -357,10 +359,17 @@ class FlowEnclave:
                     raise FlowIntegrityError(f"{src}: malformed data batch", where=where)
                 (count,) = _COUNT.unpack_from(payload)
                 s["records"] += count
-                s["frames"].append(payload[_COUNT.size :])
+                s["frames"].append(payload[_COUNT.size :].rstrip(b" "))  # a padded batch's filler
                 s["next"] += 1
             else:
                 counts = parse_json_object(payload, where=f"{where}: end batch")
+                counts.pop("pad", None)
+                pad = plan.stages[header.stage].output.pad
+                if pad is not None and s["next"] != pad.batches:
+                    raise FlowIntegrityError(
+                        f"{src}: {s['next']} batches of a padded stream of {pad.batches} arrived",
+                        where=where,
+                    )
                 if not header.last or counts != {"batches": s["next"], "records": s["records"]}:
                     raise FlowIntegrityError(
                         f"{src}: the end batch counts {counts.get('batches')} batches and "
@@ -464,22 +473,30 @@ class FlowEnclave:
             (only,) = buckets.values()
             only.extend(items)
         outputs: list[tuple[int, bytes]] = []
+        pad = st.output.pad
         for b, recs in buckets.items():
             seq = 0
-            for i in range(0, len(recs), self.batch_records):
-                part = recs[i : i + self.batch_records]
-                payload = (
-                    _COUNT.pack(len(part))
-                    + json.dumps(part, ensure_ascii=False, separators=(",", ":")).encode()
-                )
+            for _, payload in padded_payloads(recs, pad, where) if pad else self._payloads(recs):
                 outputs.append(
                     (b, keys.seal(Header(keys.job_hex, "data", st.id, partition, b, seq, False), payload))
                 )
                 seq += 1
-            end = canonical_json({"batches": seq, "records": len(recs)})
+            counts = {"batches": seq, "records": len(recs)}
+            end = fixed_size_json(counts) if pad else canonical_json(counts)
             outputs.append((b, keys.seal(Header(keys.job_hex, "end", st.id, partition, b, seq, True), end)))
             report["produced"][str(b)] = [seq, len(recs)]
         return outputs
+
+    def _payloads(self, recs: list[Any]) -> list[tuple[int, bytes]]:
+        """An unpadded stream: (record count, payload) per batch of up to `batch_records` records."""
+        out = []
+        for i in range(0, len(recs), self.batch_records):
+            part = recs[i : i + self.batch_records]
+            payload = (
+                _COUNT.pack(len(part)) + json.dumps(part, ensure_ascii=False, separators=(",", ":")).encode()
+            )
+            out.append((len(part), payload))
+        return out
 
     # ---- the final verification --------------------------------------------------------------------
 
