@@ -17,7 +17,7 @@ An engine (local process pool, later Spark) calls three things and handles only 
   writes a sealed manifest for the recipients naming each output part and its SHA-256.
 
 One sandboxed run per (stage, partition). A long-lived sandboxed child fed a stream of batches,
-spilling, padding and attested key release to workers are later steps (issue 8).
+spilling and attested key release to workers are later steps (issue 8).
 """
 
 from __future__ import annotations
