@@ -26,10 +26,13 @@ import numpy as np
 import pandas as pd
 
 from common import machine
+from confide.client.dataset_keys import new_dataset_id, wrap_dataset_key
 from confide.client.home import Home
+from confide.client.manifest_build import build_manifest, sign_approval
+from confide.client.sealing import open_reader
 from confide.enclave import manifest as mf
 from confide.enclave.keys import Identity, PublicIdentity
-from confide.enclave.sealed_file import SealedWriter, open_reader
+from confide.enclave.sealed_file import SealedWriter
 
 HERE = Path(__file__).resolve().parent
 
@@ -58,11 +61,11 @@ class Kit:
 
     def dataset(self, owner: Identity, data: bytes) -> dict[str, Any]:
         self.n += 1
-        key, ds_id, path = os.urandom(32), mf.new_dataset_id(), self.root / f"in{self.n}.sealed"
+        key, ds_id, path = os.urandom(32), new_dataset_id(), self.root / f"in{self.n}.sealed"
         with open(path, "wb") as fh, SealedWriter(fh, data_key=key, recipients=[owner.public]) as w:
             w.write(data)
         sha = hashlib.sha256(path.read_bytes()).hexdigest()
-        env = mf.wrap_dataset_key(
+        env = wrap_dataset_key(
             key, dataset_id=ds_id, owner=owner.public, service=self.service, ciphertext_sha256=sha
         )
         return {"owner": owner, "id": ds_id, "sha": sha, "env": env, "path": path}
@@ -76,7 +79,7 @@ class Kit:
         params: dict[str, Any],
     ) -> tuple[float, dict[str, bytes]]:
         people = {"lab": lab.public, **{n: d["owner"].public for n, d in ds.items()}}
-        m = mf.build_manifest(
+        m = build_manifest(
             service=self.service,
             creator=lab.public,
             function=mf.builtin_descriptor(fn),
@@ -85,7 +88,7 @@ class Kit:
             outputs=[mf.TaskOutput(o, (who.fingerprint,), 1 << 29) for o, who in outs.items()],
             participants=people,
         )
-        approvals = [mf.sign_approval(d["owner"], m) for d in ds.values()] + [mf.sign_approval(lab, m)]
+        approvals = [sign_approval(d["owner"], m) for d in ds.values()] + [sign_approval(lab, m)]
         paths = {o: self.root / f"{m.task_id}-{o}.sealed" for o in [*outs, "_error"]}
         t0 = time.perf_counter()
         result = self.enclave.task(

@@ -63,7 +63,9 @@ def main() -> None:
     ap.add_argument("--step-ms", type=float, default=20.0)
     args = ap.parse_args()
     sys.path.insert(0, str(HERE.parent / "tests"))
+    from confide.client.function_seal import seal_function_source
     from confide.client.home import Home
+    from confide.client.manifest_build import build_manifest, sign_approval
     from confide.enclave import manifest as mf
     from confide.enclave.config import EnclaveConfig
     from confide.enclave.keys import Identity, PublicIdentity
@@ -89,7 +91,7 @@ def main() -> None:
             samples: list[tuple[int, float]] = []
             order = [s for _ in range(args.repeats) for s in range(args.levels)]
             for s in order:  # interleaved, so drift does not look like signal
-                m = mf.build_manifest(
+                m = build_manifest(
                     service=kit.service,
                     creator=lab.public,
                     function=desc,
@@ -99,8 +101,8 @@ def main() -> None:
                     outputs=[mf.TaskOutput("out", (lab.fingerprint,), 64, "pow2")],
                     participants=parties,
                 )
-                sealed = mf.seal_function_source(SOURCE, descriptor=desc, service=kit.service)
-                approvals = [mf.sign_approval(p, m) for p in (lab, owner, algo)]
+                sealed = seal_function_source(SOURCE, descriptor=desc, service=kit.service)
+                approvals = [sign_approval(p, m) for p in (lab, owner, algo)]
                 t0 = time.perf_counter()
                 result, body, _ = kit.run(
                     m, approvals, {"secret": datasets[s]}, function_source={"sealed": mf.b64e(sealed)}

@@ -129,13 +129,14 @@ def bench_startup(repeats: int, work: Path) -> dict[str, Any]:
 def _bench_client_command(repeats: int, work: Path, env: dict[str, str]) -> dict[str, Any]:
     """A party command against a real platform on loopback, and the platform's own answer time."""
     sys.path.insert(0, str(ROOT / "tests"))
+    from confide.client.identity_file import save_identity
     from platform_support import Party, ServerProcess, this_build_dev_policy
 
     server = ServerProcess(work / "srv", workers=1).start()
     try:
         party = Party(server.url, "bench").register()
         key = work / "bench-party.key"
-        party.identity.save(key)
+        save_identity(party.identity, key)
         policy = work / "dev-policy.toml"
         policy.write_text(this_build_dev_policy().to_toml())
         cenv = {
@@ -172,8 +173,9 @@ def _bench_client_command(repeats: int, work: Path, env: dict[str, str]) -> dict
 def bench_decrypt(size_mib: int, repeats: int) -> dict[str, Any]:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+    from confide.client.identity_file import save_identity
+    from confide.client.sealing import encrypt_file
     from confide.enclave.keys import Identity
-    from confide.enclave.sealed_file import encrypt_file
 
     shm = Path(tempfile.mkdtemp(prefix="confide-bench-", dir="/dev/shm"))
     try:
@@ -184,7 +186,7 @@ def bench_decrypt(size_mib: int, repeats: int) -> dict[str, Any]:
                 fh.write(block[i % 7 :] + block[: i % 7])
         ident = Identity.generate("bench")
         key_file = shm / "bench.key"
-        ident.save(key_file)
+        save_identity(ident, key_file)
         encrypt_file(plain, shm / "file.sealed", recipients=[ident.public])
         raw_key = AESGCM.generate_key(256).hex()
         subprocess.run(

@@ -35,8 +35,8 @@ def _worker(op: str, src: str, dst: str, key_hex: str) -> None:
     """Runs in a fresh process: one operation, then prints seconds and peak RSS."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+    from confide.client.sealing import decrypt_file, encrypt_file
     from confide.enclave.keys import Identity
-    from confide.enclave.sealed_file import decrypt_file, encrypt_file
 
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     key = bytes.fromhex(key_hex)

@@ -35,6 +35,7 @@ from sklearn.metrics import roc_auc_score
 
 from confide.attest.anchors import load_trust_anchors
 from confide.client import Client
+from confide.client.identity_file import save_identity
 from confide.client.policy import Policy
 from confide.enclave.config import EnclaveConfig
 from confide.enclave.errors import ConfideError
@@ -128,7 +129,7 @@ def main(work: Path) -> int:
 
         def party(name: str) -> Client:
             ident = Identity.generate(name)
-            ident.save(work / f"{name}.key")
+            save_identity(ident, work / f"{name}.key")
             client = Client(
                 url, ident, policy=policy, anchors=anchors, say=lambda m: print(f"  [{name}] {m}")
             )

@@ -52,16 +52,16 @@ class TaskKit:
         import os as _os
         from types import SimpleNamespace
 
-        from confide.enclave import manifest as mf
+        from confide.client.dataset_keys import new_dataset_id, wrap_dataset_key
         from confide.enclave.sealed_file import SealedWriter
 
         data_key = _os.urandom(32)
-        dataset_id = mf.new_dataset_id()
+        dataset_id = new_dataset_id()
         path = self.path("blob.sealed")
         with open(path, "wb") as fh, SealedWriter(fh, data_key=data_key, recipients=[owner.public]) as w:
             w.write(data)
         sha = hashlib.sha256(path.read_bytes()).hexdigest()
-        envelope = mf.wrap_dataset_key(
+        envelope = wrap_dataset_key(
             data_key,
             dataset_id=dataset_id,
             owner=owner.public,
@@ -81,7 +81,7 @@ class TaskKit:
         """The host's `task` call; returns (result, receipt body, {output: path})."""
         import base64
 
-        from confide.enclave import manifest as mf
+        from confide.client.receipts import verify_task_receipt
 
         outs = {o.name: self.path(f"{o.name}.sealed") for o in m.outputs}
         if error_output:
@@ -96,12 +96,12 @@ class TaskKit:
         }
         args.update(over)
         result = self.enclave.task(**args)
-        body = mf.verify_task_receipt(base64.b64decode(result["receipt"]), self.service)
+        body = verify_task_receipt(base64.b64decode(result["receipt"]), self.service)
         return result, body, outs
 
     @staticmethod
     def read(path: Path, who: Identity) -> bytes:
-        from confide.enclave.sealed_file import open_reader
+        from confide.client.sealing import open_reader
 
         fh, reader = open_reader(path)
         with fh:

@@ -34,13 +34,17 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from confide.client import api_auth
+from confide.client.dataset_keys import new_dataset_id, wrap_dataset_key
+from confide.client.manifest_build import build_manifest, sign_approval
 from confide.client.policy import Policy
+from confide.client.receipts import verify_task_receipt
+from confide.client.sealing import encrypt_stream
 from confide.enclave import manifest as mf
 from confide.enclave.config import EnclaveConfig
 from confide.enclave.encoding import canonical_json
 from confide.enclave.keys import Identity, PublicIdentity
 from confide.enclave.measurement import measure
-from confide.enclave.sealed_file import SealedReader, encrypt_stream
+from confide.enclave.sealed_file import SealedReader
 
 PG_USER = "postgres"
 PG_PORT = 5432  # the socket lives in a private directory: the port only names the socket file
@@ -396,13 +400,13 @@ def upload_dataset(
 ) -> UploadedDataset:
     """What a data owner's client does: seal with a fresh key, upload, wrap the key to the service."""
     key = AESGCM.generate_key(256)
-    dataset_id = mf.new_dataset_id()
+    dataset_id = new_dataset_id()
     sealed = io.BytesIO()
     encrypt_stream(
         io.BytesIO(data), sealed, recipients=[owner.public], data_key=key, metadata={"dataset_id": dataset_id}
     )
     blob = owner.put_blob(sealed.getvalue())
-    envelope = mf.wrap_dataset_key(
+    envelope = wrap_dataset_key(
         key, dataset_id=dataset_id, owner=owner.public, service=service, ciphertext_sha256=blob["sha256"]
     )
     owner.ok(
@@ -460,7 +464,7 @@ def create_task(
     params: dict[str, Any] | None = None,
 ) -> mf.Manifest:
     parties = {p.fp: p for p in [creator, dataset.owner, *recipients]}
-    manifest = mf.build_manifest(
+    manifest = build_manifest(
         service=service,
         creator=creator.public,
         function=function,
@@ -478,7 +482,7 @@ def approve(party: Party, manifest: mf.Manifest) -> None:
     party.ok(
         "POST",
         f"/v1/tasks/{manifest.task_id}/approvals",
-        {"approval": mf.sign_approval(party.identity, manifest)},
+        {"approval": sign_approval(party.identity, manifest)},
     )
 
 
@@ -497,7 +501,7 @@ def wait_task(
 
 def receipt_body(info: dict[str, Any], service: PublicIdentity) -> dict[str, Any]:
     """The latest receipt, its service signature checked."""
-    return mf.verify_task_receipt(base64.b64decode(info["receipt"]), service)
+    return verify_task_receipt(base64.b64decode(info["receipt"]), service)
 
 
 def open_output(party: Party, sha256: str) -> bytes:

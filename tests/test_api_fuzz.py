@@ -49,9 +49,12 @@ from schemathesis import Case, HookContext, Response
 from schemathesis.python import asgi
 
 from confide.client import api_auth
+from confide.client.dataset_keys import new_dataset_id, wrap_dataset_key
+from confide.client.function_seal import seal_function_source
+from confide.client.manifest_build import build_manifest, sign_approval
+from confide.client.sealing import encrypt_stream
 from confide.enclave import manifest as mf
 from confide.enclave.keys import Identity
-from confide.enclave.sealed_file import encrypt_stream
 from confide.host.api import Platform, create_app
 from confide.host.blobstore import BlobStore
 from confide.host.db import Database, Evidence, now, sqlite_url
@@ -155,7 +158,7 @@ class World:
         """What an owner's client does: seal, upload, wrap the key to the service; returns the
         body of ``POST /v1/datasets`` (not sent)."""
         key = AESGCM.generate_key(256)
-        dataset_id = mf.new_dataset_id()
+        dataset_id = new_dataset_id()
         sealed = io.BytesIO()
         encrypt_stream(
             io.BytesIO(data),
@@ -165,7 +168,7 @@ class World:
             metadata={"dataset_id": dataset_id},
         )
         sha = self.call("PUT", "/v1/blobs", owner, sealed.getvalue())["sha256"]
-        envelope = mf.wrap_dataset_key(
+        envelope = wrap_dataset_key(
             key, dataset_id=dataset_id, owner=owner.public, service=self.service.public, ciphertext_sha256=sha
         )
         return {
@@ -180,7 +183,7 @@ class World:
     def manifest(self, fn: mf.FunctionDescriptor, dataset: dict[str, Any]) -> mf.Manifest:
         """Bob's task on Alice's dataset."""
         alice, bob = self.alice, self.bob
-        return mf.build_manifest(
+        return build_manifest(
             service=self.service.public,
             creator=bob.public,
             function=fn,
@@ -203,7 +206,7 @@ class World:
         clear = _function(bob, "upper", SOURCE)
         self.call("POST", "/v1/functions", bob, {"descriptor": clear.to_json(), "source": SOURCE})
         secret = _function(alice, "secret", SOURCE + "#")
-        sealed = mf.seal_function_source(SOURCE + "#", descriptor=secret, service=self.service.public)
+        sealed = seal_function_source(SOURCE + "#", descriptor=secret, service=self.service.public)
         self.call(
             "POST",
             "/v1/functions",
@@ -216,7 +219,7 @@ class World:
         for manifest in tasks:
             self.call("POST", "/v1/tasks", bob, {"manifest": manifest.to_json()})
         first = tasks[0].task_id
-        approval = {"approval": mf.sign_approval(alice, tasks[0])}
+        approval = {"approval": sign_approval(alice, tasks[0])}
         self.call("POST", "/v1/tasks/{task_id}/approvals", alice, approval, task_id=first)
         self.call("POST", "/v1/tasks/{task_id}/run", bob, {}, task_id=first)
 
@@ -240,7 +243,7 @@ class World:
         next_task = self.manifest(clear, dataset).to_json()
         lower = SOURCE.replace("upper", "lower")
         register_carol = _registration(Identity.generate("carol"), "carol")
-        approve_second = {"approval": mf.sign_approval(bob, tasks[1])}
+        approve_second = {"approval": sign_approval(bob, tasks[1])}
         second = {"task_id": tasks[1].task_id}
         third = {"task_id": tasks[2].task_id}
         self.templates.update(

@@ -16,6 +16,7 @@ import pytest
 
 from confide.client import analytics
 from confide.client.approval import describe_manifest
+from confide.client.manifest_build import build_manifest, sign_approval
 from confide.enclave import manifest as mf
 from confide.enclave.errors import ConfideError
 from confide.enclave.keys import Identity
@@ -111,7 +112,7 @@ PARAMS = {
 
 
 def manifest(kit, datasets: dict, params: dict):
-    return mf.build_manifest(
+    return build_manifest(
         service=kit.service,
         creator=LAB.public,
         function=mf.builtin_descriptor("join-aggregate"),
@@ -125,7 +126,7 @@ def manifest(kit, datasets: dict, params: dict):
 def run(kit, tables: dict[str, bytes], params: dict):
     datasets = {n: kit.dataset(OWNERS[n], t) for n, t in tables.items()}
     m = manifest(kit, datasets, params)
-    approvals = [mf.sign_approval(ds.owner, m) for ds in datasets.values()] + [mf.sign_approval(LAB, m)]
+    approvals = [sign_approval(ds.owner, m) for ds in datasets.values()] + [sign_approval(LAB, m)]
     return kit.run(m, approvals, datasets)
 
 

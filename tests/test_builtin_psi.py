@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from confide.cli.main import main
 from confide.client import analytics
 from confide.client.approval import describe_manifest
+from confide.client.manifest_build import build_manifest, sign_approval
 from confide.enclave import manifest as mf
 from confide.enclave.errors import ConfideError, IntegrityError
 from confide.enclave.keys import Identity
@@ -88,7 +89,7 @@ def reference(tables: dict[str, bytes], columns: dict[str, str], *, hashed: bool
 
 
 def manifest(kit, datasets: dict, params: dict, outputs: dict[str, tuple[str, ...]], **kw):
-    return mf.build_manifest(
+    return build_manifest(
         service=kit.service,
         creator=LAB.public,
         function=mf.builtin_descriptor("psi"),
@@ -103,7 +104,7 @@ def manifest(kit, datasets: dict, params: dict, outputs: dict[str, tuple[str, ..
 def run(kit, datasets: dict, params: dict, outputs: dict[str, tuple[str, ...]] | None = None):
     outputs = outputs or {"size": (LAB.fingerprint,)}
     m = manifest(kit, datasets, params, outputs)
-    approvals = [mf.sign_approval(ds.owner, m) for ds in datasets.values()] + [mf.sign_approval(LAB, m)]
+    approvals = [sign_approval(ds.owner, m) for ds in datasets.values()] + [sign_approval(LAB, m)]
     return kit.run(m, approvals, datasets)
 
 
@@ -179,7 +180,7 @@ def test_members_may_go_only_to_their_inputs_owner(kit) -> None:
     # the hostile creator builds the manifest object itself (no parser) and everyone signs it
     good = manifest(kit, datasets, {"column": "email"}, {"members_shop": (SHOP.fingerprint,)})
     evil = dataclasses.replace(good, outputs=(mf.TaskOutput("members_shop", (LAB.fingerprint,)),))
-    approvals = [mf.sign_approval(who, evil) for who in (BANK, SHOP, LAB)]
+    approvals = [sign_approval(who, evil) for who in (BANK, SHOP, LAB)]
     result, body, outs = kit.run(evil, approvals, datasets)
     assert result["ok"] is False
     assert "may be sealed only to that input's owner" in json.dumps(body)

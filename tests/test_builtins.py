@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import xgboost
 
+from confide.client.manifest_build import build_manifest, sign_approval
 from confide.enclave import manifest as mf
 from confide.enclave.keys import Identity
 
@@ -29,7 +30,7 @@ def table(seed: int, n: int = 120, *, regression: bool = False, columns=("x1", "
 
 
 def train(kit, datasets: dict, params: dict):
-    m = mf.build_manifest(
+    m = build_manifest(
         service=kit.service,
         creator=LAB.public,
         function=mf.builtin_descriptor("gbdt-train"),
@@ -38,7 +39,7 @@ def train(kit, datasets: dict, params: dict):
         outputs=[mf.TaskOutput("model", (LAB.fingerprint,)), mf.TaskOutput("report", (LAB.fingerprint,))],
         participants=PARTIES,
     )
-    approvals = [mf.sign_approval(ds.owner, m) for ds in datasets.values()] + [mf.sign_approval(LAB, m)]
+    approvals = [sign_approval(ds.owner, m) for ds in datasets.values()] + [sign_approval(LAB, m)]
     return kit.run(m, approvals, datasets)
 
 
@@ -136,7 +137,7 @@ def test_predict_with_a_trained_model(sets) -> None:
     model_ds = kit.dataset(LAB, model)
     scoring = table(8, n=25)
     data_ds = kit.dataset(HOSP_A, scoring)
-    m = mf.build_manifest(
+    m = build_manifest(
         service=kit.service,
         creator=HOSP_A.public,
         function=mf.builtin_descriptor("gbdt-predict"),
@@ -145,7 +146,7 @@ def test_predict_with_a_trained_model(sets) -> None:
         participants=PARTIES,
     )
     result, body, outs = kit.run(
-        m, [mf.sign_approval(LAB, m), mf.sign_approval(HOSP_A, m)], {"model": model_ds, "data": data_ds}
+        m, [sign_approval(LAB, m), sign_approval(HOSP_A, m)], {"model": model_ds, "data": data_ds}
     )
     assert result["ok"], body
     got = pd.read_csv(io.BytesIO(kit.read(outs["predictions"], HOSP_A)))
@@ -159,7 +160,7 @@ def test_predict_with_a_trained_model(sets) -> None:
 
 def test_predict_refuses_a_non_model(sets) -> None:
     kit, d = sets
-    m = mf.build_manifest(
+    m = build_manifest(
         service=kit.service,
         creator=HOSP_A.public,
         function=mf.builtin_descriptor("gbdt-predict"),
@@ -168,7 +169,7 @@ def test_predict_refuses_a_non_model(sets) -> None:
         participants=PARTIES,
     )
     result, _body, outs = kit.run(
-        m, [mf.sign_approval(HOSP_B, m), mf.sign_approval(HOSP_A, m)], {"model": d["b"], "data": d["a"]}
+        m, [sign_approval(HOSP_B, m), sign_approval(HOSP_A, m)], {"model": d["b"], "data": d["a"]}
     )
     assert result["ok"] is False and result["category"] == "exception"
     assert "input 'model' is not an XGBoost model" in kit.read(outs["_error"], HOSP_A).decode()

@@ -24,6 +24,7 @@ from click.testing import CliRunner
 
 from confide.cli.main import main
 from confide.client.attest_cache import SIGNING_CONTEXT
+from confide.client.identity_file import save_identity
 from confide.client.policy import Policy
 from confide.client.transport import Transport
 from confide.enclave.config import EnclaveConfig
@@ -343,7 +344,7 @@ def test_a_cache_entry_not_signed_by_this_party_is_not_used(env, tmp_path, calls
     assert not _uses_cache(env, key, tmp_path, calls)
     # a verdict signed by another party's key
     other = tmp_path / "other.key"
-    Identity.generate("other").save(other)
+    save_identity(Identity.generate("other"), other)
     path.write_text(json.dumps(_resign(json.loads(path.read_text()), other)))
     assert not _uses_cache(env, key, tmp_path, calls)
     assert _uses_cache(env, key, tmp_path, calls)  # the fresh entry is used again

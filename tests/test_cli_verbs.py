@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from confide.attest.anchors import load_trust_anchors
 from confide.cli.main import main
 from confide.client import ApiError, Client
+from confide.client.manifest_build import build_manifest
 from confide.client.policy import Policy
 from confide.enclave import manifest as mf
 from confide.enclave.errors import FormatError
@@ -120,7 +121,7 @@ def test_manifest_names_are_free_text_but_bounded_and_printable():
     a, b = Identity.generate(), Identity.generate()
 
     def build(name: str) -> mf.Manifest:
-        m = mf.build_manifest(
+        m = build_manifest(
             service=Identity.generate().public,
             creator=a.public,
             function=mf.builtin_descriptor("gbdt-train"),

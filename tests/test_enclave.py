@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 
 from confide.client.home import Home
-from confide.client.local import attest, check_receipt, run_function
+from confide.client.local import attest, check_receipt, new_request_id, run_function
 from confide.client.policy import Policy
+from confide.client.sealing import encrypt_file, open_reader
 from confide.enclave.errors import ConfideError, EnclaveError, IntegrityError, PolicyError
 from confide.enclave.keys import Identity
-from confide.enclave.request import InputGrant, OutputSpec, RunRequest, function_digest, new_request_id
-from confide.enclave.sealed_file import SealedReader, encrypt_file, open_reader
+from confide.enclave.request import InputGrant, OutputSpec, RunRequest, function_digest
+from confide.enclave.sealed_file import SealedReader
 from confide.host.enclave_process import EnclaveProcess
 
 COPY_UPPER = """

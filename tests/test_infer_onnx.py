@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from confide.client.sealing import open_reader
 from confide.enclave import builtins as builtins_pkg
 from confide.enclave.errors import FormatError, IntegrityError
 from confide.enclave.infer import wire
@@ -20,7 +21,7 @@ from confide.enclave.keys import Identity
 from confide.enclave.memory import MemoryBudget
 from confide.enclave.pipeline import open_input
 from confide.enclave.sandbox import SandboxLimits, Zygote, make_input_memfd
-from confide.enclave.sealed_file import SealedReader, open_reader
+from confide.enclave.sealed_file import SealedReader
 from confide.infer.accelerator import LyingAccelerator, NumpyAccelerator
 from confide.infer.model_meta import KIND, model_meta, seal_model
 from infer_support import cnn, mlp, ort_run

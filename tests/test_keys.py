@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from confide.client.identity_file import save_identity
 from confide.enclave import hpke_box
 from confide.enclave.errors import ConfideError, FormatError, IntegrityError
 from confide.enclave.keys import (
@@ -20,7 +21,7 @@ from confide.enclave.keys import (
 
 def test_identity_file_is_owner_only_and_round_trips(tmp_path: Path, alice: Identity) -> None:
     path = tmp_path / "alice.key"
-    alice.save(path)
+    save_identity(alice, path)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     loaded = Identity.load(path)
     assert loaded.fingerprint == alice.fingerprint
@@ -29,9 +30,9 @@ def test_identity_file_is_owner_only_and_round_trips(tmp_path: Path, alice: Iden
 
 def test_identity_refuses_overwrite_and_group_readable(tmp_path: Path, alice: Identity) -> None:
     path = tmp_path / "alice.key"
-    alice.save(path)
+    save_identity(alice, path)
     with pytest.raises(ConfideError, match="refusing to overwrite"):
-        Identity.generate().save(path)
+        save_identity(Identity.generate(), path)
     os.chmod(path, 0o640)
     with pytest.raises(ConfideError, match="accessible by other users"):
         Identity.load(path)

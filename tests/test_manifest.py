@@ -15,6 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from confide.client.approval import describe_manifest
+from confide.client.dataset_keys import new_dataset_id, wrap_dataset_key
+from confide.client.function_seal import seal_function_source
+from confide.client.manifest_build import build_manifest, sign_approval
+from confide.client.receipts import verify_task_receipt
 from confide.enclave import manifest as mf
 from confide.enclave.encoding import b64e, canonical_json
 from confide.enclave.errors import ConfideError, FormatError, IntegrityError
@@ -34,8 +38,8 @@ def sha(data: bytes) -> str:
 
 def inputs_ab() -> list[mf.TaskInput]:
     return [
-        mf.TaskInput("hospital_a", mf.new_dataset_id(), HOSP_A.fingerprint, sha(b"a")),
-        mf.TaskInput("hospital_b", mf.new_dataset_id(), HOSP_B.fingerprint, sha(b"b")),
+        mf.TaskInput("hospital_a", new_dataset_id(), HOSP_A.fingerprint, sha(b"a")),
+        mf.TaskInput("hospital_b", new_dataset_id(), HOSP_B.fingerprint, sha(b"b")),
     ]
 
 
@@ -56,14 +60,14 @@ def gbdt_manifest(**over: Any) -> mf.Manifest:
         "participants": PARTIES,
     }
     args.update(over)
-    return mf.build_manifest(**args)
+    return build_manifest(**args)
 
 
 def python_manifest(confidential: bool = True) -> mf.Manifest:
     desc = mf.function_descriptor(
         name="scorer", source=SOURCE, owner=ALGO.public, description="writes x", outputs=["out"]
     )
-    return mf.build_manifest(
+    return build_manifest(
         service=SERVICE.public,
         creator=LAB.public,
         function=desc,
@@ -128,7 +132,7 @@ def test_sealed_function_source_opens_only_for_its_descriptor_and_service() -> N
     d = mf.function_descriptor(
         name="scorer", source=SOURCE, owner=ALGO.public, description="d", outputs=["out"]
     )
-    sealed = mf.seal_function_source(SOURCE, descriptor=d, service=SERVICE.public)
+    sealed = seal_function_source(SOURCE, descriptor=d, service=SERVICE.public)
     assert mf.open_function_source(sealed, descriptor=d, service=SERVICE) == SOURCE
     other = mf.function_descriptor(
         name="scorer", source=SOURCE, owner=ALGO.public, description="e", outputs=["out"]
@@ -138,7 +142,7 @@ def test_sealed_function_source_opens_only_for_its_descriptor_and_service() -> N
     with pytest.raises(IntegrityError, match="does not open"):
         mf.open_function_source(sealed, descriptor=d, service=Identity.generate())
     with pytest.raises(IntegrityError, match="source has SHA-256"):
-        mf.seal_function_source(SOURCE + " ", descriptor=d, service=SERVICE.public)
+        seal_function_source(SOURCE + " ", descriptor=d, service=SERVICE.public)
 
 
 # ---- dataset key envelopes ------------------------------------------------------------------------
@@ -146,8 +150,8 @@ def test_sealed_function_source_opens_only_for_its_descriptor_and_service() -> N
 
 def test_dataset_key_envelope_round_trip_and_bindings() -> None:
     key = os.urandom(32)
-    ds = mf.new_dataset_id()
-    env = mf.wrap_dataset_key(
+    ds = new_dataset_id()
+    env = wrap_dataset_key(
         key, dataset_id=ds, owner=HOSP_A.public, service=SERVICE.public, ciphertext_sha256=sha(b"a")
     )
     assert env["format"] == "confide-dataset-key-v1" and env["owner"] == HOSP_A.fingerprint
@@ -156,7 +160,7 @@ def test_dataset_key_envelope_round_trip_and_bindings() -> None:
     assert mf.open_dataset_key(json.dumps(env), SERVICE) == key
     # moved to another dataset / claimed by another owner / another blob: refused before or by HPKE
     for field, value, message in (
-        ("dataset_id", mf.new_dataset_id(), "does not open"),
+        ("dataset_id", new_dataset_id(), "does not open"),
         ("owner", HOSP_B.fingerprint, "does not open"),
         ("ciphertext_sha256", sha(b"other"), "does not open"),
     ):
@@ -166,7 +170,7 @@ def test_dataset_key_envelope_round_trip_and_bindings() -> None:
         mf.open_dataset_key(env, SERVICE, expect=mf.TaskInput("a", ds, HOSP_B.fingerprint, sha(b"a")))
     with pytest.raises(IntegrityError, match="is for dataset"):
         mf.open_dataset_key(
-            env, SERVICE, expect=mf.TaskInput("a", mf.new_dataset_id(), HOSP_A.fingerprint, sha(b"a"))
+            env, SERVICE, expect=mf.TaskInput("a", new_dataset_id(), HOSP_A.fingerprint, sha(b"a"))
         )
     with pytest.raises(IntegrityError, match="not this service"):
         mf.open_dataset_key(env, Identity.generate(), expect=inp)
@@ -259,10 +263,10 @@ def test_manifest_text_limits_and_strictness() -> None:
 
 
 def test_predict_manifest_needs_exactly_its_inputs() -> None:
-    ds = mf.new_dataset_id()
+    ds = new_dataset_id()
     good = [
         mf.TaskInput("model", ds, LAB.fingerprint, sha(b"m")),
-        mf.TaskInput("data", mf.new_dataset_id(), HOSP_A.fingerprint, sha(b"d")),
+        mf.TaskInput("data", new_dataset_id(), HOSP_A.fingerprint, sha(b"d")),
     ]
     outs = [mf.TaskOutput("predictions", (HOSP_A.fingerprint,))]
     m = gbdt_manifest(function=mf.builtin_descriptor("gbdt-predict"), inputs=good, outputs=outs, params={})
@@ -300,7 +304,7 @@ def test_describe_manifest_shows_what_is_approved() -> None:
     evil = mf.function_descriptor(
         name="f", source="", owner=ALGO.public, description="\x1b[2Jok", outputs=["out"]
     )
-    m2 = mf.build_manifest(
+    m2 = build_manifest(
         service=SERVICE.public,
         creator=LAB.public,
         function=evil,
@@ -316,40 +320,40 @@ def test_describe_manifest_shows_what_is_approved() -> None:
 
 def test_approval_sign_and_verify() -> None:
     m = gbdt_manifest()
-    a = mf.sign_approval(HOSP_A, m)
+    a = sign_approval(HOSP_A, m)
     assert set(a) == {"format", "task_id", "manifest_sha256", "party", "max_runs", "signature"}
     assert mf.verify_approval(a, m).party == HOSP_A.fingerprint
     assert mf.verify_approval(json.dumps(a), m).party == HOSP_A.fingerprint
     assert a["max_runs"] == mf.DEFAULT_MAX_RUNS
-    assert mf.verify_approval(mf.sign_approval(HOSP_A, m, max_runs=1), m).max_runs == 1
+    assert mf.verify_approval(sign_approval(HOSP_A, m, max_runs=1), m).max_runs == 1
 
 
 def test_max_runs_is_signed_and_bounded() -> None:
     """A host cannot raise an approval's run limit: max_runs is under the signature."""
     m = gbdt_manifest()
-    raised = {**mf.sign_approval(HOSP_A, m, max_runs=1), "max_runs": 1000}
+    raised = {**sign_approval(HOSP_A, m, max_runs=1), "max_runs": 1000}
     with pytest.raises(IntegrityError, match="does not verify"):
         mf.verify_approval(raised, m)
     for bad in (0, -1, mf.MAX_RUNS + 1, True, "2"):
         with pytest.raises(FormatError):
-            mf.sign_approval(HOSP_A, m, max_runs=bad)  # type: ignore[arg-type]
+            sign_approval(HOSP_A, m, max_runs=bad)  # type: ignore[arg-type]
         with pytest.raises(FormatError):
-            mf.parse_approval({**mf.sign_approval(HOSP_A, m), "max_runs": bad})
+            mf.parse_approval({**sign_approval(HOSP_A, m), "max_runs": bad})
 
 
 def test_receipt_of_a_run_beyond_its_limit_is_refused() -> None:
-    body = mf.verify_task_receipt(receipt(run=3, max_runs=3), SERVICE.public)
+    body = verify_task_receipt(receipt(run=3, max_runs=3), SERVICE.public)
     assert (body["run"], body["max_runs"]) == (3, 3)
     with pytest.raises(IntegrityError, match="run 4 beyond the 3 run"):
-        mf.verify_task_receipt(receipt(run=4, max_runs=3), SERVICE.public)
+        verify_task_receipt(receipt(run=4, max_runs=3), SERVICE.public)
     with pytest.raises(IntegrityError, match="run 0"):
-        mf.verify_task_receipt(receipt(run=0), SERVICE.public)
+        verify_task_receipt(receipt(run=0), SERVICE.public)
 
 
 def test_forged_replayed_and_stale_approvals_fail() -> None:
     m = gbdt_manifest()
     # forged: says hospital_a, signed by someone else
-    forged = {**mf.sign_approval(HOSP_B, m), "party": HOSP_A.fingerprint}
+    forged = {**sign_approval(HOSP_B, m), "party": HOSP_A.fingerprint}
     with pytest.raises(
         IntegrityError, match=f"approval by hospital_a \\({HOSP_A.fingerprint}\\).*does not verify"
     ):
@@ -357,16 +361,16 @@ def test_forged_replayed_and_stale_approvals_fail() -> None:
     # replayed from another task
     other = gbdt_manifest()
     with pytest.raises(IntegrityError, match="replayed from another task"):
-        mf.verify_approval(mf.sign_approval(HOSP_A, other), m)
+        mf.verify_approval(sign_approval(HOSP_A, other), m)
     # the manifest changed after approval (same task id)
     changed = mf.parse_manifest(edited(m, lambda o: o["params"].update(rounds=11)))
     with pytest.raises(IntegrityError, match="changed after approval"):
-        mf.verify_approval(mf.sign_approval(HOSP_A, m), changed)
+        mf.verify_approval(sign_approval(HOSP_A, m), changed)
     # an outsider
     with pytest.raises(IntegrityError, match="not a participant"):
-        mf.verify_approval(mf.sign_approval(Identity.generate(), m), m)
+        mf.verify_approval(sign_approval(Identity.generate(), m), m)
     with pytest.raises(FormatError, match="unknown field"):
-        mf.verify_approval({**mf.sign_approval(HOSP_A, m), "note": "x"}, m)
+        mf.verify_approval({**sign_approval(HOSP_A, m), "note": "x"}, m)
 
 
 # ---- receipts -------------------------------------------------------------------------------------
@@ -394,23 +398,23 @@ def receipt(error: dict | None = None, *, run: int = 1, max_runs: int = 3) -> by
 
 
 def test_receipt_round_trip_and_forgery() -> None:
-    body = mf.verify_task_receipt(receipt(), SERVICE.public)
+    body = verify_task_receipt(receipt(), SERVICE.public)
     assert body["status"] == "ok" and body["error"] is None and body["outputs"][0]["size"] == 3
     assert [i["name"] for i in body["inputs"]] == ["hospital_a", "hospital_b"]
-    err = mf.verify_task_receipt(receipt({"check": "approval", "message": "no"}), SERVICE.public)
+    err = verify_task_receipt(receipt({"check": "approval", "message": "no"}), SERVICE.public)
     assert err["status"] == "error" and err["error"] == {"check": "approval", "message": "no"}
     with pytest.raises(IntegrityError, match="does not verify"):
-        mf.verify_task_receipt(receipt(), Identity.generate().public)
+        verify_task_receipt(receipt(), Identity.generate().public)
     obj = json.loads(receipt())
     obj["body"]["outputs"][0]["sha256"] = sha(b"x")
     with pytest.raises(IntegrityError, match="does not verify"):
-        mf.verify_task_receipt(json.dumps(obj), SERVICE.public)
+        verify_task_receipt(json.dumps(obj), SERVICE.public)
     # signed by the right key but naming another service line
     body = json.loads(receipt())["body"]
     body["service"] = LAB.public.to_line()
     resigned = canonical_json({"body": body, "signature": b64e(SERVICE.sign(canonical_json(body)))})
     with pytest.raises(IntegrityError, match="names another service key"):
-        mf.verify_task_receipt(resigned, SERVICE.public)
+        verify_task_receipt(resigned, SERVICE.public)
 
 
 # ---- fuzzing: hostile input raises Confide errors only -----------------------------------------
@@ -422,8 +426,8 @@ json_values = st.recursive(
 )
 BASE = gbdt_manifest()
 BASE_JSON = BASE.to_json()
-APPROVAL = mf.sign_approval(HOSP_A, BASE)
-ENVELOPE = mf.wrap_dataset_key(
+APPROVAL = sign_approval(HOSP_A, BASE)
+ENVELOPE = wrap_dataset_key(
     os.urandom(32),
     dataset_id=BASE.inputs[0].dataset_id,
     owner=HOSP_A.public,
@@ -497,7 +501,7 @@ def test_fuzz_envelope(obj: Any) -> None:
 @given(mutated(json.loads(receipt())))
 def test_fuzz_receipt(obj: Any) -> None:
     with contextlib.suppress(ConfideError):
-        mf.verify_task_receipt(json.dumps(obj), SERVICE.public)
+        verify_task_receipt(json.dumps(obj), SERVICE.public)
 
 
 @settings(max_examples=200, deadline=None)

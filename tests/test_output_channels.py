@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from confide.client.manifest_build import build_manifest, sign_approval
 from confide.enclave import manifest as mf
 from confide.enclave.errors import FormatError, IntegrityError
 from confide.enclave.keys import Identity
@@ -43,7 +44,7 @@ def _manifest(kit, data, source: str, *, max_bytes: int, pad=None, params=None, 
     desc = mf.function_descriptor(
         name="fn", source=source, owner=ALGO.public, description="test", inputs=["data"], outputs=["out"]
     )
-    return mf.build_manifest(
+    return build_manifest(
         service=kit.service,
         creator=LAB.public,
         function=desc,
@@ -56,7 +57,7 @@ def _manifest(kit, data, source: str, *, max_bytes: int, pad=None, params=None, 
 
 
 def _run(kit, data, m: mf.Manifest, source: str):
-    approvals = [mf.sign_approval(p, m) for p in (LAB, OWNER, ALGO)]
+    approvals = [sign_approval(p, m) for p in (LAB, OWNER, ALGO)]
     return kit.run(m, approvals, {"data": data}, function_source={"clear": source})
 
 
@@ -115,7 +116,7 @@ def test_padding_is_approved_in_the_manifest() -> None:
 
 def _manifest_json() -> dict:
     desc = mf.function_descriptor(name="fn", source="x", owner=ALGO.public, description="t", outputs=["out"])
-    return mf.build_manifest(
+    return build_manifest(
         service=LAB.public,
         creator=LAB.public,
         function=desc,

@@ -17,7 +17,9 @@ import pytest
 
 from confide.attest.anchors import load_trust_anchors
 from confide.client import api_auth
+from confide.client.dataset_keys import wrap_dataset_key
 from confide.client.local import check_attestation
+from confide.client.manifest_build import build_manifest, sign_approval
 from confide.client.policy import Policy
 from confide.enclave import manifest as mf
 from confide.enclave.keys import Identity, PublicIdentity
@@ -262,7 +264,7 @@ def test_others_objects_are_404(server: ServerProcess, alice: Party, bob: Party,
     assert mine["key_envelope"]["dataset_id"] == ds.dataset_id and mine["owner"] == alice.fp
 
     # Bob cannot register a dataset on Alice's blob, nor in Alice's name
-    env = mf.wrap_dataset_key(
+    env = wrap_dataset_key(
         os.urandom(32),
         dataset_id="1" * 32,
         owner=bob.public,
@@ -305,7 +307,7 @@ def test_others_objects_are_404(server: ServerProcess, alice: Party, bob: Party,
         ("GET", f"/v1/tasks/{tid}", None),
         ("GET", f"/v1/tasks/{tid}/audit", None),
         ("POST", f"/v1/tasks/{tid}/run", {}),
-        ("POST", f"/v1/tasks/{tid}/approvals", {"approval": mf.sign_approval(carol.identity, manifest)}),
+        ("POST", f"/v1/tasks/{tid}/approvals", {"approval": sign_approval(carol.identity, manifest)}),
     ):
         r = carol.call(method, path, body_)
         assert r.status_code == 404, (method, path, r.text)
@@ -313,9 +315,7 @@ def test_others_objects_are_404(server: ServerProcess, alice: Party, bob: Party,
     assert tid not in {t["task_id"] for t in carol.ok("GET", "/v1/tasks")["tasks"]}
     assert not [e for e in carol.ok("GET", "/v1/audit")["events"] if e["task_id"] == tid]
     # approvals only in one's own name; manifests only by their creator
-    r = alice.call(
-        "POST", f"/v1/tasks/{tid}/approvals", {"approval": mf.sign_approval(bob.identity, manifest)}
-    )
+    r = alice.call("POST", f"/v1/tasks/{tid}/approvals", {"approval": sign_approval(bob.identity, manifest)})
     assert r.status_code == 403
     r = alice.call("POST", "/v1/tasks", {"manifest": manifest.to_json()})
     assert r.status_code == 403
@@ -328,7 +328,7 @@ def test_task_for_another_service_or_unknown_data_is_refused(server: ServerProce
     ds = upload_dataset(alice, b"rows\n", service)
     fn = register_function(alice, UPPER, name="upper-a")
     other_service = Identity.generate("other").public
-    manifest = mf.build_manifest(
+    manifest = build_manifest(
         service=other_service,
         creator=alice.public,
         function=fn,
@@ -339,7 +339,7 @@ def test_task_for_another_service_or_unknown_data_is_refused(server: ServerProce
     r = alice.call("POST", "/v1/tasks", {"manifest": manifest.to_json()})
     assert r.status_code == 400 and error_of(r)["where"] == "manifest.service"
     ghost = mf.TaskInput("data", "e" * 32, alice.fp, "e" * 64)
-    manifest = mf.build_manifest(
+    manifest = build_manifest(
         service=service,
         creator=alice.public,
         function=fn,

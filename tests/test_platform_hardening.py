@@ -30,6 +30,7 @@ import httpx
 import pytest
 
 from confide.client import api_auth
+from confide.client.manifest_build import build_manifest, sign_approval
 from confide.client.transport import ApiError as TransportApiError
 from confide.client.transport import Transport
 from confide.enclave import manifest as mf
@@ -452,7 +453,7 @@ def test_a_party_rejects_a_task_it_was_added_to(server: ServerProcess, tmp_path:
     # the task cannot run, and the rejection is final
     r = mallory.call("POST", f"/v1/tasks/{tid}/run", {})
     assert r.status_code == 409 and f"rejected by {owner.fp}" in r.json()["error"]["message"]
-    r = owner.call("POST", f"/v1/tasks/{tid}/approvals", {"approval": mf.sign_approval(owner.identity, grab)})
+    r = owner.call("POST", f"/v1/tasks/{tid}/approvals", {"approval": sign_approval(owner.identity, grab)})
     assert r.status_code == 409 and "rejected" in r.json()["error"]["message"]
     events = [
         e for e in mallory.ok("GET", f"/v1/tasks/{tid}/audit")["events"] if e["kind"] == "task.rejected"
@@ -521,7 +522,7 @@ def test_the_creator_approves_with_the_manifest_and_cannot_slip_in_another_party
     fn = register_function(lab, UPPER, name="with-approval")
 
     def manifest_for(creator: Party) -> mf.Manifest:
-        return mf.build_manifest(
+        return build_manifest(
             service=SERVICE,
             creator=creator.public,
             function=fn,
@@ -533,15 +534,13 @@ def test_the_creator_approves_with_the_manifest_and_cannot_slip_in_another_party
     m = manifest_for(lab)
     other = manifest_for(lab)
     for approval, status in (
-        (mf.sign_approval(owner.identity, m), 403),  # the owner's approval, slipped in by the creator
-        (mf.sign_approval(lab.identity, other), 400),  # the creator's approval of another manifest
+        (sign_approval(owner.identity, m), 403),  # the owner's approval, slipped in by the creator
+        (sign_approval(lab.identity, other), 400),  # the creator's approval of another manifest
     ):
         r = lab.call("POST", "/v1/tasks", {"manifest": m.to_json(), "approval": approval})
         assert r.status_code == status, r.text
         assert lab.call("GET", f"/v1/tasks/{m.task_id}").status_code == 404  # not created
-    view = lab.ok(
-        "POST", "/v1/tasks", {"manifest": m.to_json(), "approval": mf.sign_approval(lab.identity, m)}
-    )
+    view = lab.ok("POST", "/v1/tasks", {"manifest": m.to_json(), "approval": sign_approval(lab.identity, m)})
     assert [a["party"] for a in view["approvals"]] == [lab.fp]
     events = [e["kind"] for e in lab.ok("GET", "/v1/audit")["events"] if e.get("task_id") == m.task_id]
     assert events == ["task.created", "task.approved"]

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
+from confide.client.function_seal import seal_function_source
+from confide.client.manifest_build import build_manifest
 from confide.enclave import manifest as mf
 from confide.enclave.errors import ConfideError, IntegrityError
 from confide.enclave.keys import PublicIdentity
@@ -209,7 +211,7 @@ def test_confidential_function_source_travels_sealed(world: World) -> None:
         inputs=["data"],
         outputs=["out"],
     )
-    sealed = mf.seal_function_source(source, descriptor=desc, service=world.service)
+    sealed = seal_function_source(source, descriptor=desc, service=world.service)
     world.bob.ok(
         "POST",
         "/v1/functions",
@@ -218,7 +220,7 @@ def test_confidential_function_source_travels_sealed(world: World) -> None:
     shown = world.alice.ok("GET", f"/v1/functions/{desc.digest}")
     assert shown["confidential"] is True and "source" not in shown and "sealed_source" not in shown
     ds = upload_dataset(world.alice, DATA, world.service)
-    manifest = mf.build_manifest(
+    manifest = build_manifest(
         service=world.service,
         creator=world.bob.public,
         function=desc,

@@ -20,7 +20,9 @@ from click.testing import CliRunner
 from confide.attest.anchors import load_trust_anchors
 from confide.cli.main import main
 from confide.client import ApiError, Client, check_audit_chain
+from confide.client.manifest_build import build_manifest, sign_approval
 from confide.client.policy import Policy
+from confide.client.receipts import verify_task_receipt
 from confide.enclave import manifest as mf
 from confide.enclave.encoding import b64e, canonical_json
 from confide.enclave.errors import ConfideError, FormatError, IntegrityError, PolicyError
@@ -120,7 +122,7 @@ def test_receipt_signed_by_another_key_is_rejected(parties, finished_task):
     _, lab = parties
     task, _, _ = finished_task
     info = lab.task(task)
-    body = mf.verify_task_receipt(
+    body = verify_task_receipt(
         __import__("base64").b64decode(info["receipt"]), lab.service.public, where="receipt"
     )
     forger = Identity.generate("forger")
@@ -349,7 +351,7 @@ def test_host_substituted_manifest_is_refused_naming_both_digests(parties, mallo
     created = lab.manifest(task)
     # the host's substitute: its own data, its own approval as that data's owner
     own = mallory.upload_dataset(_numbers_csv(tmp_path / "host.csv", 5))
-    swapped = mf.build_manifest(
+    swapped = build_manifest(
         service=lab.service.public,
         creator=lab.identity.public,
         function=mf.builtin_descriptor("gbdt-train"),
@@ -361,7 +363,7 @@ def test_host_substituted_manifest_is_refused_naming_both_digests(parties, mallo
         created_at=created.created_at,
     )
     assert swapped.digest != created.digest
-    approval = mf.sign_approval(mallory.identity, swapped)
+    approval = sign_approval(mallory.identity, swapped)
     with _db(server) as db:
         db.execute(
             "UPDATE tasks SET manifest = ?, manifest_sha256 = ? WHERE task_id = ?",
@@ -382,7 +384,7 @@ def test_host_substituted_manifest_is_refused_naming_both_digests(parties, mallo
         lab.receipt(task)
     assert not (tmp_path / "out" / "model").exists()
     # the enclave refused to run it too: the lab never approved the substitute
-    body = mf.verify_task_receipt(base64.b64decode(lab.task(task)["receipt"]), lab.service.public)
+    body = verify_task_receipt(base64.b64decode(lab.task(task)["receipt"]), lab.service.public)
     assert body["status"] == "error" and body["error"]["check"] == "approval"
     assert f"no approval by lab ({lab.fingerprint})" in body["error"]["message"]
     # a script elsewhere names the manifest it expects; this home's record still disagrees

@@ -12,17 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from confide.client.sealing import decrypt_file, encrypt_file, encrypt_stream
 from confide.enclave.errors import ConfideError, FormatError, IntegrityError, KeyMismatchError
 from confide.enclave.keys import Identity
-from confide.enclave.sealed_file import (
-    MAC_LEN,
-    TAG_LEN,
-    SealedReader,
-    SealedWriter,
-    decrypt_file,
-    encrypt_file,
-    encrypt_stream,
-)
+from confide.enclave.sealed_file import MAC_LEN, TAG_LEN, SealedReader, SealedWriter
 
 CS = 1024  # smallest chunk size: many chunks from little data
 

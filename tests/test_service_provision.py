@@ -13,6 +13,7 @@ import pytest
 
 from confide.attest import verify_evidence
 from confide.client.home import Home
+from confide.client.manifest_build import build_manifest, sign_approval
 from confide.enclave import manifest as mf
 from confide.enclave.errors import EnclaveError
 from confide.enclave.keys import Identity, PublicIdentity
@@ -83,7 +84,7 @@ def test_second_worker_provisioned_runs_a_task_and_survives_restart(pool, tmp_pa
     lab, owner = Identity.generate("lab"), Identity.generate("owner")
     ds = kit.dataset(owner, b"a,y\n1,0\n2,1\n")
     source = "def run(ctx):\n    ctx.outputs['out'].write(ctx.inputs['d'].read().upper())\n"
-    m = mf.build_manifest(
+    m = build_manifest(
         service=service,
         creator=lab.public,
         function=mf.function_descriptor(
@@ -93,7 +94,7 @@ def test_second_worker_provisioned_runs_a_task_and_survives_restart(pool, tmp_pa
         outputs=[mf.TaskOutput("out", (lab.fingerprint,))],
         participants={"lab": lab.public, "owner": owner.public},
     )
-    approvals = [mf.sign_approval(owner, m), mf.sign_approval(lab, m)]
+    approvals = [sign_approval(owner, m), sign_approval(lab, m)]
     result, body, outs = kit.run(m, approvals, {"d": ds}, function_source={"clear": source})
     assert result["ok"], body
     assert kit.read(outs["out"], lab) == b"A,Y\n1,0\n2,1\n"

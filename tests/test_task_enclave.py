@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import xgboost
 
+from confide.client.function_seal import seal_function_source
+from confide.client.manifest_build import build_manifest, sign_approval
 from confide.enclave import manifest as mf
 from confide.enclave.keys import Identity
 from confide.enclave.sealed_file import SealedReader
@@ -73,7 +75,7 @@ def train_manifest(kit, data, **over) -> mf.Manifest:
         "participants": PARTIES,
     }
     args.update(over)
-    return mf.build_manifest(**args)
+    return build_manifest(**args)
 
 
 IDENTITIES = {p.fingerprint: p for p in (LAB, HOSP_A, HOSP_B, ALGO, MALLORY)}
@@ -86,7 +88,7 @@ def approve(
     signers = list(who)
     if creator and IDENTITIES[m.creator] not in signers:
         signers.append(IDENTITIES[m.creator])
-    return [mf.sign_approval(p, m, max_runs=max_runs) for p in signers]
+    return [sign_approval(p, m, max_runs=max_runs) for p in signers]
 
 
 def assert_refused(result, body, outs, check: str, *needles: str) -> None:
@@ -158,7 +160,7 @@ def python_manifest(kit, data, *, confidential: bool, owner: Identity = ALGO, so
         requirements=["pandas"],
         outputs=["out"],
     )
-    return mf.build_manifest(
+    return build_manifest(
         service=kit.service,
         creator=LAB.public,
         function=desc,
@@ -187,7 +189,7 @@ def test_user_function_clear(world) -> None:
 def test_user_function_confidential(world, monkeypatch) -> None:
     kit, data = world
     m = python_manifest(kit, data, confidential=True)
-    sealed = mf.seal_function_source(SCORER, descriptor=m.function, service=kit.service)
+    sealed = seal_function_source(SCORER, descriptor=m.function, service=kit.service)
     seen: list[str] = []
     real = kit.enclave.call
 
@@ -236,7 +238,7 @@ def test_failing_function_seals_its_error_to_creator_and_recipients(world) -> No
 def test_forged_approval(world) -> None:
     kit, data = world
     m = train_manifest(kit, data)
-    forged = {**mf.sign_approval(HOSP_B, m), "party": HOSP_A.fingerprint}  # B signs, claims to be A
+    forged = {**sign_approval(HOSP_B, m), "party": HOSP_A.fingerprint}  # B signs, claims to be A
     result, body, outs = kit.run(m, [forged, *approve(m, HOSP_B)], inputs_ab(data))
     assert_refused(result, body, outs, "approval", f"hospital_a ({HOSP_A.fingerprint})", "does not verify")
 
@@ -318,7 +320,7 @@ def test_recipient_added_after_approval(world) -> None:
     obj["outputs"][0]["recipients"].append(MALLORY.fingerprint)
     grown = mf.parse_manifest(obj)
     assert grown.task_id == m.task_id
-    result, body, outs = kit.run(grown, [*approvals, mf.sign_approval(MALLORY, grown)], inputs_ab(data))
+    result, body, outs = kit.run(grown, [*approvals, sign_approval(MALLORY, grown)], inputs_ab(data))
     assert_refused(result, body, outs, "approval", "changed after approval")
 
 
@@ -349,7 +351,7 @@ def test_function_source_not_matching_digest(world) -> None:
 def test_confidential_function_without_its_owners_approval(world) -> None:
     kit, data = world
     m = python_manifest(kit, data, confidential=True)
-    sealed = mf.seal_function_source(SCORER, descriptor=m.function, service=kit.service)
+    sealed = seal_function_source(SCORER, descriptor=m.function, service=kit.service)
     result, body, outs = kit.run(
         m,
         approve(m, HOSP_A, HOSP_B, LAB),

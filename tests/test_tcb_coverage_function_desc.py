@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 
+from confide.client.function_seal import seal_function_source
 from confide.enclave import hpke_box
 from confide.enclave.errors import FormatError, IntegrityError
 from confide.enclave.function_desc import (
     FUNCTION_SOURCE_PURPOSE,
     MAX_SOURCE_BYTES,
-    _source_binding,
     builtin_descriptor,
     builtin_source,
     check_function_source,
@@ -19,7 +19,7 @@ from confide.enclave.function_desc import (
     function_descriptor,
     open_function_source,
     parse_function_descriptor,
-    seal_function_source,
+    source_binding,
 )
 from confide.enclave.keys import Identity
 
@@ -114,7 +114,7 @@ def test_the_enclave_refuses_swapped_corrupted_oversized_and_non_text_sources() 
         b"\xff\xfe not text",
         SERVICE.public.kem_key,
         FUNCTION_SOURCE_PURPOSE,
-        **_source_binding(d, SERVICE.public.fingerprint),  # type: ignore[arg-type]
+        **source_binding(d, SERVICE.public.fingerprint),  # type: ignore[arg-type]
     )
     with pytest.raises(FormatError, match="source is not UTF-8 text"):
         open_function_source(binary, descriptor=d, service=SERVICE)  # type: ignore[arg-type]

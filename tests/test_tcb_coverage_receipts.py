@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
+from confide.client.receipts import verify_task_receipt
 from confide.enclave.encoding import b64e, canonical_json
 from confide.enclave.errors import ConfideError, FormatError, IntegrityError
 from confide.enclave.keys import Identity
-from confide.enclave.manifest import RECEIPT_CHECKS, make_task_receipt, verify_task_receipt
+from confide.enclave.manifest import RECEIPT_CHECKS, RECEIPT_FIELDS, make_task_receipt
 
 SERVICE, OTHER = Identity.generate("service"), Identity.generate("other")
 H = "ab" * 32
@@ -51,6 +52,17 @@ def test_a_good_receipt_verifies_with_and_without_error_and_audit_head() -> None
     err = receipt(error={"check": RECEIPT_CHECKS[0], "message": "m"}, audit_head={"seq": 3, "sha256": H})
     body = verify_task_receipt(err, SERVICE.public)
     assert body["status"] == "error" and body["audit_head"] == {"seq": 3, "sha256": H}
+
+
+def test_the_signed_body_has_exactly_the_fields_the_client_requires() -> None:
+    """RECEIPT_FIELDS (enclave) is the one list of fields: make_task_receipt signs those, and the
+    client's verify_task_receipt refuses a body with one missing or one more."""
+    for data in (receipt(), receipt(error={"check": RECEIPT_CHECKS[0], "message": "m"})):
+        assert sorted(json.loads(data)["body"]) == sorted(RECEIPT_FIELDS)
+    with pytest.raises(FormatError, match="audit_head"):
+        verify_task_receipt(resigned(lambda b: b.pop("audit_head")), SERVICE.public)
+    with pytest.raises(FormatError, match="extra"):
+        verify_task_receipt(resigned(lambda b: b.update(extra=1)), SERVICE.public)
 
 
 def test_make_receipt_refuses_an_unknown_check() -> None:

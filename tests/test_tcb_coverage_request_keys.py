@@ -10,11 +10,13 @@ from typing import Any
 
 import pytest
 
+from confide.client.identity_file import save_identity
+from confide.client.receipts import verify_receipt
 from confide.enclave import hpke_box
 from confide.enclave.encoding import b64e, canonical_json
 from confide.enclave.errors import ConfideError, FormatError
 from confide.enclave.keys import Identity, PublicIdentity, check_pin, load_public
-from confide.enclave.request import REQUEST_FORMAT, REQUEST_PURPOSE, open_request, verify_receipt
+from confide.enclave.request import REQUEST_FORMAT, REQUEST_PURPOSE, open_request
 
 ENCLAVE, CLIENT = Identity.generate("enclave"), Identity.generate("client")
 H32 = "ab" * 32
@@ -101,9 +103,9 @@ def test_bad_public_lines(line: Any, message: str) -> None:
 
 def test_identity_files(tmp_path: Path) -> None:
     p = tmp_path / "id.json"
-    ENCLAVE.save(p)
+    save_identity(ENCLAVE, p)
     with pytest.raises(ConfideError, match="refusing to overwrite an existing identity"):
-        ENCLAVE.save(p)
+        save_identity(ENCLAVE, p)
     assert Identity.load(p).fingerprint == ENCLAVE.fingerprint
     os.chmod(p, 0o644)
     with pytest.raises(ConfideError, match="accessible by other users \\(mode 644\\)"):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from confide.client.sealing import encrypt_file, open_reader
 from confide.enclave.errors import ConfideError, FormatError, IntegrityError, KeyMismatchError
 from confide.enclave.keys import Identity
 from confide.enclave.sealed_file import (
@@ -21,8 +22,6 @@ from confide.enclave.sealed_file import (
     TAG_LEN,
     SealedReader,
     SealedWriter,
-    encrypt_file,
-    open_reader,
 )
 
 WHO = Identity.generate("sealed-file-test")

@@ -8,9 +8,10 @@ from pathlib import Path
 import click
 
 from confide.cli.common import friendly, parse_assignments
+from confide.client.identity_file import save_identity
 from confide.client.progress import byte_progress
+from confide.client.sealing import decrypt_file, encrypt_file, open_reader
 from confide.enclave.keys import Identity, load_public
-from confide.enclave.sealed_file import decrypt_file, encrypt_file, open_reader
 
 
 @click.command()
@@ -23,7 +24,7 @@ def keygen(name: str, out_dir: Path) -> None:
     """Create a party identity: NAME.key (private, mode 0600) and NAME.pub (one shareable line)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ident = Identity.generate(name)
-    ident.save(out_dir / f"{name}.key")
+    save_identity(ident, out_dir / f"{name}.key")
     (out_dir / f"{name}.pub").write_text(ident.public.to_line() + "\n", encoding="utf-8")
     click.echo(f"identity {name}: fingerprint {ident.fingerprint}")
     click.echo(f"private key: {out_dir / (name + '.key')} (keep it secret)")

@@ -108,9 +108,9 @@ def dry_run(
     outputs and the error report are sealed to `identity` and opened here. Nothing is sent anywhere."""
     from confide.client.local import run_function
     from confide.client.policy import Policy
+    from confide.client.sealing import decrypt_file, encrypt_file
     from confide.enclave.config import EnclaveConfig
     from confide.enclave.measurement import measure
-    from confide.enclave.sealed_file import decrypt_file, encrypt_file
 
     for name, path in samples.items():
         if not Path(path).is_file():

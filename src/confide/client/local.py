@@ -13,22 +13,20 @@ from typing import Any
 
 from confide.attest import Claims, TrustAnchors, verify_evidence
 from confide.client.policy import Policy, evaluate
+from confide.client.receipts import verify_receipt
+from confide.client.sealing import open_reader
 from confide.enclave.encoding import b64d, b64e
 from confide.enclave.errors import EvidenceError, IntegrityError
 from confide.enclave.keys import Identity, PublicIdentity
-from confide.enclave.request import (
-    InputGrant,
-    OutputSpec,
-    RunRequest,
-    function_digest,
-    new_request_id,
-    params_digest,
-    verify_receipt,
-)
-from confide.enclave.sealed_file import open_reader
+from confide.enclave.request import InputGrant, OutputSpec, RunRequest, function_digest, params_digest
 from confide.host.enclave_process import EnclaveProcess
 
 DEFAULT_MAX_OUTPUT = 256 << 20
+
+
+def new_request_id() -> str:
+    """A run request's id (16 random bytes): the enclave refuses one it has seen (a replay)."""
+    return os.urandom(16).hex()
 
 
 @dataclass(frozen=True)

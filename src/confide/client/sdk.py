@@ -21,10 +21,14 @@ from typing import TYPE_CHECKING, Any
 from confide.client.audit_pins import AuditRewritten as AuditRewritten
 from confide.client.audit_pins import AuditVerifier, PinStore
 from confide.client.audit_pins import check_audit_chain as check_audit_chain
+from confide.client.dataset_keys import new_dataset_id, wrap_dataset_key
 from confide.client.dataset_ref import PREFIX as REF_PREFIX
 from confide.client.dataset_ref import DatasetPin, is_bare_id, make_ref, parse_ref
+from confide.client.function_seal import seal_function_source
+from confide.client.manifest_build import build_manifest, sign_approval
 from confide.client.policy import Policy
 from confide.client.progress import byte_progress
+from confide.client.receipts import verify_task_receipt
 from confide.client.task_store import TaskStore
 from confide.client.transport import ApiError, Transport, Unreachable
 from confide.enclave import manifest as mf
@@ -297,13 +301,14 @@ class Client:
     def upload_dataset(self, path: Path, *, name: str | None = None) -> DatasetRef:
         """Encrypt a file with a fresh data key, wrap the key to the attested service (bound to the
         dataset id and our fingerprint), and upload both. Only columns and row count are visible."""
-        from confide.enclave.sealed_file import encrypt_stream, write_atomically
+        from confide.client.sealing import encrypt_stream
+        from confide.enclave.sealed_file import write_atomically
 
         path = Path(path)
         name = name or path.stem
         columns, rows = _csv_shape(path)
         service = self.service
-        dataset_id = mf.new_dataset_id()
+        dataset_id = new_dataset_id()
         data_key = os.urandom(32)  # AES-256-GCM data key
         size = _size_of(path)
         with _tempdir(prefix="confide-upload-") as tmp:
@@ -322,7 +327,7 @@ class Client:
                 )
             blob = self.api.put_blob(sealed)
         digest = str(blob["sha256"])
-        envelope = mf.wrap_dataset_key(
+        envelope = wrap_dataset_key(
             data_key,
             service=service.public,
             dataset_id=dataset_id,
@@ -406,7 +411,7 @@ class Client:
         digest = descriptor.digest
         body: dict[str, Any] = {"descriptor": descriptor.to_json()}
         if confidential:
-            sealed = mf.seal_function_source(source, descriptor=descriptor, service=self.service.public)
+            sealed = seal_function_source(source, descriptor=descriptor, service=self.service.public)
             body["sealed_source"] = b64e(sealed)
         else:
             body["source"] = source
@@ -474,7 +479,7 @@ class Client:
         participants = dict(self.party(fp) for fp in sorted(fps))
         if len(participants) != len(fps):
             raise ConfideError("two participants are registered under the same name", where="create task")
-        manifest = mf.build_manifest(
+        manifest = build_manifest(
             service=service.public,
             creator=self.identity.public,
             function=descriptor,
@@ -490,7 +495,7 @@ class Client:
         )
         task_id = manifest.task_id
         self.records.remember_manifest(self.fingerprint, task_id, manifest.digest, "created")
-        approval = mf.sign_approval(self.identity, manifest, max_runs=max_runs)
+        approval = sign_approval(self.identity, manifest, max_runs=max_runs)
         self.api.call("POST", "/v1/tasks", {"manifest": manifest.to_json(), "approval": approval})
         self.records.remember_manifest(self.fingerprint, task_id, manifest.digest, "approved", max_runs)
         self.say(f"created task {task_id} ({descriptor.name}), manifest {manifest.digest}")
@@ -543,7 +548,7 @@ class Client:
                 f"task is for service {manifest.service}, not the attested {self.service.fingerprint}",
                 where=f"task {task_id}",
             )
-        approval = mf.sign_approval(self.identity, manifest, max_runs=max_runs)
+        approval = sign_approval(self.identity, manifest, max_runs=max_runs)
         self.records.remember_manifest(self.fingerprint, task_id, manifest.digest, "approved", max_runs)
         self.api.call("POST", f"/v1/tasks/{task_id}/approvals", {"approval": approval})
         self.say(f"approved task {task_id} (manifest {manifest.digest[:16]}…, at most {max_runs} run(s))")
@@ -652,7 +657,7 @@ class Client:
         if not raw:
             raise ConfideError("task has no receipt yet", where=f"task {task_id}")
         data = b64d(raw, field="receipt", where=f"task {task_id}")
-        body = mf.verify_task_receipt(data, self.service.public, where=where)
+        body = verify_task_receipt(data, self.service.public, where=where)
         if body.get("task_id") != task_id:
             raise IntegrityError(f"receipt is for task {body.get('task_id')!r}", where=where)
         if body.get("manifest_sha256") != expected:
@@ -745,8 +750,9 @@ class Client:
     def _fetch_output(self, sha256: str, dst: Path, *, padded: bool = False) -> Path:
         """Download, decrypt; strip the enclave's size padding when the sealed header (authenticated
         under the data key) says it is padded. `padded`: the manifest says it must be."""
+        from confide.client.sealing import open_reader
         from confide.enclave.padding import PAD_FORMAT, unpad_file
-        from confide.enclave.sealed_file import open_reader, write_atomically
+        from confide.enclave.sealed_file import write_atomically
 
         with _tempdir(prefix="confide-fetch-") as tmp:
             sealed = Path(tmp) / "output.cnf"

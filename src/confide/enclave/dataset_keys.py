@@ -1,9 +1,10 @@
 """Dataset key envelopes (PROTOCOL.md section 3): a dataset's data key wrapped to the enclave
-service, bound to the dataset, its owner, the service and the ciphertext digest."""
+service, bound to the dataset, its owner, the service and the ciphertext digest. The owner wraps
+(``confide.client.dataset_keys``, outside the TCB, with ``DatasetKeyEnvelope.binding`` from here);
+the enclave parses, checks and opens."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from . import hpke_box
 from .encoding import b64d, b64e, check_fields
 from .errors import FormatError, IntegrityError
-from .keys import Identity, PublicIdentity
+from .keys import Identity
 from .task_fields import (
     DATASET_KEY_FORMAT,
     DATASET_KEY_PURPOSE,
@@ -27,10 +28,6 @@ from .task_fields import (
 
 if TYPE_CHECKING:  # only for annotations: manifest imports this module
     from .manifest import TaskInput
-
-
-def new_dataset_id() -> str:
-    return os.urandom(16).hex()
 
 
 @dataclass(frozen=True)
@@ -58,24 +55,6 @@ class DatasetKeyEnvelope:
             "service": self.service,
             "ciphertext_sha256": self.ciphertext_sha256,  # not "ciphertext": open_sealed's own argument
         }
-
-
-def wrap_dataset_key(
-    data_key: bytes,
-    *,
-    dataset_id: str,
-    owner: PublicIdentity | str,
-    service: PublicIdentity,
-    ciphertext_sha256: str,
-) -> dict[str, Any]:
-    """Owner side: the dataset's data key wrapped to the service, bound to dataset, owner and blob."""
-    if len(data_key) != 32:
-        raise FormatError("a data key is 32 bytes", where="dataset key envelope")
-    owner_fp = owner.fingerprint if isinstance(owner, PublicIdentity) else owner
-    env = DatasetKeyEnvelope(dataset_id, owner_fp, service.fingerprint, ciphertext_sha256, b"")
-    parse_dataset_key({**env.to_json(), "wrapped": b64e(bytes(48))})  # validate the fields first
-    wrapped = hpke_box.seal(data_key, service.kem_key, DATASET_KEY_PURPOSE, **env.binding())
-    return DatasetKeyEnvelope(dataset_id, owner_fp, service.fingerprint, ciphertext_sha256, wrapped).to_json()
 
 
 def parse_dataset_key(

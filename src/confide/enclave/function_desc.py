@@ -1,5 +1,6 @@
 """Function descriptors (PROTOCOL.md section 4): built-ins shipped in the TCB, parties' Python
-functions, their digests, and source sealed to the enclave service (confidential code)."""
+functions, their digests, and opening source sealed to the enclave service (confidential code,
+sealed on the owner's machine by confide.client.function_seal)."""
 
 from __future__ import annotations
 
@@ -335,21 +336,8 @@ def check_function_source(descriptor: FunctionDescriptor, source: str) -> None:
         )
 
 
-def _source_binding(descriptor: FunctionDescriptor, service_fp: str) -> dict[str, str]:
+def source_binding(descriptor: FunctionDescriptor, service_fp: str) -> dict[str, str]:
     return {"function": descriptor.digest, "owner": descriptor.owner, "service": service_fp}
-
-
-def seal_function_source(source: str, *, descriptor: FunctionDescriptor, service: PublicIdentity) -> bytes:
-    """Owner side: the source sealed so that only the service's enclaves can read it."""
-    check_function_source(descriptor, source)
-    if not descriptor.owner:
-        raise FormatError("a confidential function needs an owner", where=f"function {descriptor.name!r}")
-    return hpke_box.seal(
-        source.encode("utf-8"),
-        service.kem_key,
-        FUNCTION_SOURCE_PURPOSE,
-        **_source_binding(descriptor, service.fingerprint),
-    )
 
 
 def open_function_source(sealed: bytes, *, descriptor: FunctionDescriptor, service: Identity) -> str:
@@ -362,7 +350,7 @@ def open_function_source(sealed: bytes, *, descriptor: FunctionDescriptor, servi
         service.kem_key,
         FUNCTION_SOURCE_PURPOSE,
         where=w,
-        **_source_binding(descriptor, service.fingerprint),
+        **source_binding(descriptor, service.fingerprint),
     )
     try:
         source = plain.decode("utf-8")

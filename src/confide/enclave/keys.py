@@ -1,11 +1,12 @@
 """Party identities: an Ed25519 signing key and an X25519 encryption key (for HPKE).
 
-Private keys live in one file with owner-only permissions. The public half is one text line,
-``confide-pub1:<base64url of 32-byte Ed25519 key || 32-byte X25519 key> [label]``, that parties
-can paste into a message. Its fingerprint is 128 bits of SHA-256 over both keys, written as 8 groups
-of 4 hex digits; pins (the fingerprints parties compare out of band, the owners named in manifests
-and dataset key envelopes) use all 128 bits (``check_pin``). ``short_fingerprint`` (the first 80
-bits) is for display only: it identifies nothing a host could not grind a second key for.
+Private keys live in one file with owner-only permissions (written on a party's machine by
+``confide.client.identity_file.save_identity``, read by ``Identity.load``). The public half is one
+text line, ``confide-pub1:<base64url of 32-byte Ed25519 key || 32-byte X25519 key> [label]``, that
+parties can paste into a message. Its fingerprint is 128 bits of SHA-256 over both keys, written as
+8 groups of 4 hex digits; pins (the fingerprints parties compare out of band, the owners named in
+manifests and dataset key envelopes) use all 128 bits (``check_pin``). ``short_fingerprint`` (the
+first 80 bits) is for display only: it identifies nothing a host could not grind a second key for.
 """
 
 from __future__ import annotations
@@ -174,17 +175,6 @@ class Identity:
         return cls(
             Ed25519PrivateKey.from_private_bytes(sign), X25519PrivateKey.from_private_bytes(kem), label
         )
-
-    def save(self, path: Path, *, overwrite: bool = False) -> None:
-        """Write with mode 0600, never following a symlink and never widening permissions."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if overwrite else os.O_EXCL)
-        try:
-            fd = os.open(path, flags, 0o600)
-        except FileExistsError:
-            raise ConfideError("refusing to overwrite an existing identity", where=str(path)) from None
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fd, 0o600)
-            fh.write(self.private_bytes())
 
     @classmethod
     def load(cls, path: Path) -> Identity:

@@ -1,9 +1,15 @@
-"""Multi-party task objects (docs/PROTOCOL.md sections 3-5): one piece of code for client, platform
-and enclave, so every side computes the same digests and checks the same signatures.
+"""Multi-party task objects (docs/PROTOCOL.md sections 3-5): one piece of code for platform and
+enclave (and the client, which builds with these objects), so every side computes the same digests
+and checks the same signatures.
 
 Everything parsed here may come from a hostile party or host: unknown fields are rejected, types
 checked, sizes capped, names must be identifiers, and fingerprints are recomputed from the
 participants' public lines (a fingerprint written in a manifest is only a reference to one of them).
+
+What only a party's machine does lives outside the TCB, in ``confide.client``, built on these
+objects: ``manifest_build`` (``build_manifest``, ``sign_approval``, ``new_task_id``), ``receipts``
+(``verify_task_receipt``), ``dataset_keys`` (``wrap_dataset_key``, ``new_dataset_id``),
+``function_seal`` (``seal_function_source``) and ``approval`` (what a party approves, for people).
 
 Public API (the objects live in task_fields, function_desc, dataset_keys and here; import them
 all from this module)
@@ -15,29 +21,24 @@ Functions (section 4)
     ``parse_function_descriptor(obj)``             strict parse of a descriptor object
     ``builtin_descriptor(name)``, ``builtin_source(name)``, ``BUILTINS``   the built-ins of this build
     ``check_function_source(descriptor, source)``  the source hashes to ``source_sha256``
-    ``seal_function_source(source, descriptor=, service=)`` -> bytes   (confidential functions)
     ``open_function_source(sealed, descriptor=, service=)`` -> str     (enclave side; checks the hash)
 Datasets (section 3)
-    ``DatasetKeyEnvelope``; ``wrap_dataset_key(data_key, dataset_id=, owner=, service=, ciphertext_sha256=)``
-    -> envelope dict (client); ``parse_dataset_key(obj)``; ``open_dataset_key(envelope, service,
-    expect=)`` -> data key (enclave); ``new_dataset_id()``
+    ``DatasetKeyEnvelope`` (``.binding()``: what the wrapped key is bound to); ``parse_dataset_key(obj)``;
+    ``open_dataset_key(envelope, service, expect=)`` -> data key (enclave)
 Tasks (section 5)
     ``TaskInput``, ``TaskOutput``, ``Participant``, ``Manifest`` (``.digest``, ``.text``, ``.to_json()``,
     ``.participant(fp)``, ``.name_of(fp)``, ``.input(name)``, ``.output(name)``, ``.required_approvals()``,
-    ``.error_recipients()``); ``build_manifest(...)``; ``parse_manifest(text)``;
-    ``new_task_id()`` (what a party approves, for people: ``confide.client.approval``)
+    ``.error_recipients()``); ``parse_manifest(text)``
 Approvals
-    ``Approval``; ``sign_approval(identity, manifest)`` -> approval dict; ``parse_approval(obj)``;
+    ``Approval`` (``.signed_part()``: the message a party signs); ``parse_approval(obj)``;
     ``verify_approval(approval, manifest)`` -> Approval (signature by a participant, over this manifest)
 Receipts
-    ``make_task_receipt(service, ...)`` -> bytes (enclave); ``verify_task_receipt(data, service_public)``
-    -> the receipt body (after checking the service's signature)
+    ``make_task_receipt(service, ...)`` -> bytes (enclave); ``RECEIPT_FIELDS`` (its body's fields);
+    ``parse_audit_head(obj, where)``
 """
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,10 +46,8 @@ from typing import Any
 from .dataset_keys import (
     DatasetKeyEnvelope,
     check_dataset_key,
-    new_dataset_id,
     open_dataset_key,
     parse_dataset_key,
-    wrap_dataset_key,
 )
 from .encoding import b64d, b64e, canonical_json, check_fields, get_typed
 from .errors import FormatError, IntegrityError
@@ -65,7 +64,6 @@ from .function_desc import (
     function_digest,
     open_function_source,
     parse_function_descriptor,
-    seal_function_source,
 )
 from .keys import Identity, PublicIdentity
 from .padding import check_pad
@@ -125,10 +123,6 @@ from .task_fields import (
 DEFAULT_ERROR_MAX_BYTES = 4 << 10  # `_error` cap when the manifest names none
 MAX_ERROR_OUTPUT_BYTES = 1 << 20
 MIN_ERROR_MAX_BYTES = 64  # room for the padding trailer and a line of text
-
-
-def new_task_id() -> str:
-    return os.urandom(16).hex()
 
 
 @dataclass(frozen=True)
@@ -417,49 +411,6 @@ def parse_manifest(data: str | bytes | Mapping[str, Any], *, where: str = "manif
     )
 
 
-def build_manifest(
-    *,
-    service: PublicIdentity | str,
-    creator: PublicIdentity | str,
-    function: FunctionDescriptor | Mapping[str, Any],
-    inputs: Sequence[TaskInput | tuple[str, str, str, str]],
-    outputs: Sequence[TaskOutput | tuple[str, Sequence[str], int]],
-    participants: Mapping[str, PublicIdentity | str],
-    params: Mapping[str, Any] | None = None,
-    confidential: bool = False,
-    task_id: str | None = None,
-    created_at: int | None = None,
-    error_max_bytes: int | None = None,
-) -> Manifest:
-    """Creator side: a manifest, checked by the same parser the enclave uses.
-
-    `service`, `creator`: public identities or fingerprints. `inputs`: TaskInput or
-    (name, dataset_id, owner fp, ciphertext_sha256). `outputs`: TaskOutput or (name, recipient fps,
-    max_bytes). `participants`: name -> public identity (or its line); fingerprints come from these."""
-    descriptor = function if isinstance(function, FunctionDescriptor) else parse_function_descriptor(function)
-    people = {
-        n: p if isinstance(p, PublicIdentity) else PublicIdentity.from_line(p, where=f"participant {n!r}")
-        for n, p in participants.items()
-    }
-    obj = Manifest(
-        task_id=task_id or new_task_id(),
-        service=service.fingerprint if isinstance(service, PublicIdentity) else service,
-        creator=creator.fingerprint if isinstance(creator, PublicIdentity) else creator,
-        created_at=int(time.time()) if created_at is None else created_at,
-        function=descriptor,
-        function_digest=descriptor.digest,
-        confidential=confidential,
-        params=dict(params or {}),
-        inputs=tuple(i if isinstance(i, TaskInput) else TaskInput(*i) for i in inputs),
-        outputs=tuple(
-            o if isinstance(o, TaskOutput) else TaskOutput(o[0], tuple(o[1]), o[2]) for o in outputs
-        ),
-        participants=tuple(Participant(n, p.to_line(), p) for n, p in people.items()),
-        error_max_bytes=error_max_bytes,
-    ).to_json()
-    return parse_manifest(obj)
-
-
 # ---- approvals ----------------------------------------------------------------------------------
 
 
@@ -482,23 +433,6 @@ class Approval:
 
     def to_json(self) -> dict[str, Any]:
         return {**self.signed_part(), "signature": b64e(self.signature)}
-
-
-def sign_approval(
-    identity: Identity, manifest: Manifest, *, max_runs: int = DEFAULT_MAX_RUNS
-) -> dict[str, Any]:
-    """A party's consent to exactly this manifest (its digest and task id), for at most `max_runs`
-    runs (the enclave counts them; see run_ledger for what a host that rolls back state can do)."""
-    if not isinstance(max_runs, int) or isinstance(max_runs, bool) or not 1 <= max_runs <= MAX_RUNS:
-        raise FormatError(f"max_runs must be within 1..{MAX_RUNS}, got {max_runs!r}", where="approval")
-    unsigned = Approval(manifest.task_id, manifest.digest, identity.fingerprint, b"", max_runs)
-    return Approval(
-        unsigned.task_id,
-        unsigned.manifest_sha256,
-        unsigned.party,
-        identity.sign(canonical_json(unsigned.signed_part())),
-        max_runs,
-    ).to_json()
 
 
 def parse_approval(data: str | bytes | Mapping[str, Any], *, where: str = "approval") -> Approval:
@@ -596,7 +530,9 @@ def make_task_receipt(
     return canonical_json({"body": body, "signature": b64e(service.sign(canonical_json(body)))})
 
 
-_RECEIPT_FIELDS = (
+# The fields of the body make_task_receipt signs: what confide.client.receipts.verify_task_receipt
+# requires, no more and no less.
+RECEIPT_FIELDS = (
     "format",
     "task_id",
     "manifest_sha256",
@@ -626,48 +562,6 @@ def parse_audit_head(value: Any, where: str) -> dict[str, Any]:
         "seq": int_field(obj, "seq", where, low=0, high=(1 << 63) - 1),
         "sha256": hex_field(obj, "sha256", HEX64_RE, where),
     }
-
-
-def verify_task_receipt(
-    data: str | bytes, service_public: PublicIdentity, *, where: str = "task receipt"
-) -> dict[str, Any]:
-    """Check the service's signature over a task receipt and its shape; returns the body."""
-    w = where
-    obj = load_object(data, MAX_RECEIPT_BYTES, w)
-    check_fields(obj, required=("body", "signature"), where=w)
-    body = as_object(obj["body"], f"{w}: body")
-    signature = b64d(obj["signature"], field="signature", where=w, length=64)
-    service_public.verify(signature, canonical_json(body), what=w)
-    check_fields(body, required=_RECEIPT_FIELDS, where=w)
-    if body["format"] != RECEIPT_FORMAT:
-        raise FormatError(f"unknown receipt format {str(body['format'])[:80]!r}", where=w)
-    named = PublicIdentity.from_line(get_typed(body, "service", str, where=w), where=w)
-    if (named.sign_pub, named.kem_pub) != (service_public.sign_pub, service_public.kem_pub):
-        raise IntegrityError("receipt names another service key than the one that signed it", where=w)
-    for key in ("inputs", "outputs"):
-        for entry in get_typed(body, key, list, where=w):
-            as_object(entry, f"{w}: {key}")
-    for key in ("run", "max_runs"):
-        int_field(body, key, w, low=0, high=MAX_RUNS)
-    status = get_typed(body, "status", str, where=w)
-    error = body["error"]
-    if status == "ok":
-        if error is not None:
-            raise FormatError("status ok with an error", where=w)
-        if not 1 <= body["run"] <= body["max_runs"]:
-            raise IntegrityError(
-                f"receipt of run {body['run']} beyond the {body['max_runs']} run(s) approved", where=w
-            )
-    elif status == "error":
-        err = as_object(error, f"{w}: error")
-        check_fields(err, required=("check", "message"), where=f"{w}: error")
-        if err["check"] not in RECEIPT_CHECKS:
-            raise FormatError(f"unknown error check {str(err['check'])[:40]!r}", where=w)
-    else:
-        raise FormatError(f"unknown status {status[:40]!r}", where=w)
-    if body["audit_head"] is not None:
-        parse_audit_head(body["audit_head"], f"{w}: audit_head")
-    return body
 
 
 __all__ = [
@@ -704,6 +598,7 @@ __all__ = [
     "MAX_VERSION_LEN",
     "PROVIDED_REQUIREMENTS",
     "RECEIPT_CHECKS",
+    "RECEIPT_FIELDS",
     "RECEIPT_FORMAT",
     "TASK_FORMAT",
     "Approval",
@@ -713,7 +608,6 @@ __all__ = [
     "Participant",
     "TaskInput",
     "TaskOutput",
-    "build_manifest",
     "builtin_descriptor",
     "builtin_source",
     "check_dataset_key",
@@ -721,8 +615,6 @@ __all__ = [
     "function_descriptor",
     "function_digest",
     "make_task_receipt",
-    "new_dataset_id",
-    "new_task_id",
     "open_dataset_key",
     "open_function_source",
     "parse_approval",
@@ -730,9 +622,5 @@ __all__ = [
     "parse_dataset_key",
     "parse_function_descriptor",
     "parse_manifest",
-    "seal_function_source",
-    "sign_approval",
     "verify_approval",
-    "verify_task_receipt",
-    "wrap_dataset_key",
 ]

@@ -9,7 +9,6 @@ inputs, swap the function, or redirect outputs. A request id makes each request 
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -73,10 +72,6 @@ class RunRequest:
         return hpke_box.seal(
             canonical_json(self.to_json()), enclave.kem_key, REQUEST_PURPOSE, enclave=enclave.fingerprint
         )
-
-
-def new_request_id() -> str:
-    return os.urandom(16).hex()
 
 
 def function_digest(source: str) -> str:
@@ -177,15 +172,3 @@ def make_receipt(
         "time": int(time.time()),
     }
     return canonical_json({"body": body, "signature": b64e(enclave.sign(canonical_json(body)))})
-
-
-def verify_receipt(data: bytes, enclave: PublicIdentity, *, where: str) -> dict[str, Any]:
-    """Client side: check the enclave's signature; returns the receipt body."""
-    obj = parse_json_object(data, where=where)
-    check_fields(obj, required=("body", "signature"), where=where)
-    body = get_typed(obj, "body", dict, where=where)
-    sig = b64d(obj["signature"], field="signature", where=where, length=64)
-    enclave.verify(sig, canonical_json(body), what=where)
-    if body.get("format") != RECEIPT_FORMAT:
-        raise FormatError(f"unknown receipt format {body.get('format')!r}", where=where)
-    return body

@@ -395,24 +395,7 @@ class SealedReader:
         return total
 
 
-# ---- whole-file helpers (used by the CLI and the enclave) -----------------------------------------
-
-
-def encrypt_stream(
-    src: ReadStream,
-    dst: BinaryIO,
-    *,
-    recipients: Sequence[PublicIdentity] = (),
-    data_key: bytes | None = None,
-    metadata: Mapping[str, Any] | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    progress: Progress | None = None,
-) -> SealedWriter:
-    writer = SealedWriter(
-        dst, recipients=recipients, data_key=data_key, metadata=metadata, chunk_size=chunk_size
-    )
-    writer.write_chunks_from(src, progress)
-    return writer
+# ---- atomic files (the enclave's outputs and state; parties' whole-file helpers: client/sealing.py)
 
 
 def create_partial(path: Path) -> tuple[Path, BinaryIO]:
@@ -438,48 +421,3 @@ def write_atomically(path: Path, fill: Callable[[BinaryIO], Any]) -> Any:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def encrypt_file(
-    src_path: Path,
-    dst_path: Path,
-    *,
-    recipients: Sequence[PublicIdentity],
-    metadata: Mapping[str, Any] | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    progress: Progress | None = None,
-) -> SealedHeader:
-    try:
-        src = open(src_path, "rb")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise ConfideError(f"cannot read input ({exc.strerror})", where=str(src_path)) from None
-    with src:
-        writer = write_atomically(
-            dst_path,
-            lambda dst: encrypt_stream(
-                src, dst, recipients=recipients, metadata=metadata, chunk_size=chunk_size, progress=progress
-            ),
-        )
-    return writer.header
-
-
-def open_reader(path: Path) -> tuple[io.FileIO, SealedReader]:
-    try:
-        fh = open(path, "rb", buffering=0)  # noqa: SIM115 - returned to the caller; chunks are read whole
-    except OSError as exc:
-        raise ConfideError(f"cannot read sealed file ({exc.strerror})", where=str(path)) from None
-    try:
-        return fh, SealedReader(fh, where=str(path))
-    except BaseException:
-        fh.close()
-        raise
-
-
-def decrypt_file(
-    src_path: Path, dst_path: Path, *, identity: Identity, progress: Progress | None = None
-) -> SealedReader:
-    fh, reader = open_reader(src_path)
-    with fh:
-        reader.unlock(identity=identity)
-        write_atomically(dst_path, lambda dst: reader.decrypt_to(dst, progress))
-    return reader

@@ -27,9 +27,10 @@ from typing import Any
 import onnx
 from onnx import helper, shape_inference
 
+from confide.client.sealing import encrypt_file
 from confide.enclave.errors import FormatError
 from confide.enclave.keys import PublicIdentity
-from confide.enclave.sealed_file import DEFAULT_CHUNK_SIZE, SealedHeader, encrypt_file
+from confide.enclave.sealed_file import DEFAULT_CHUNK_SIZE, SealedHeader
 
 META_FORMAT = "confide-onnx-meta-v1"
 KIND = "onnx-model"
