@@ -31,12 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from common import machine
+from confide.client.home import Home
+from confide.client.policy import Policy
 from confide.enclave.keys import Identity
 from confide.enclave.sealed_file import SealedWriter
 from confide.flow import Flow, ShufflePadding, open_result, seal_text
 from confide.flow.channel import Conn
 from confide.flow.node_agent import AgentClient, start_agent
 from confide.flow.spark_engine import SparkEngine, spark_session
+from confide.flow.workers import local_backend
 
 HERE = Path(__file__).resolve().parent
 
@@ -140,7 +143,15 @@ def main() -> int:
         small = seal_text(work / "small.sealed", "a b c\n" * 1000, [enclave_id.public])
         (work / "small.txt").write_text("a b c\n" * 1000)
         sock = str(work / "agent.sock")
-        agent, pool = start_agent(enclave_id, sock, zygotes=2)
+        home = Home(work / "home")  # a simulated TEE vouches for the worker; the client attests it
+        backend = local_backend(home)
+        trust = {
+            "policy": Policy(
+                backends=("sim",), measurements=(backend.identity.measurement,), allow_simulation=True
+            ),
+            "anchors": home.anchors(),
+        }
+        agent, pool = start_agent(enclave_id, sock, zygotes=2, backend=backend)
         session = spark_session("local[2]", **{"spark.default.parallelism": "2", "spark.driver.memory": "1g"})
         sc = session.sparkContext
         engine = SparkEngine(session, AgentClient(sock), sock)
@@ -152,7 +163,7 @@ def main() -> int:
             flow = Flow(FUNCTIONS, padded_shuffle=pad)
             wc = flow.text(src, partitions=args.partitions).flat_map("words").map("one")
             action = wc.reduce_by_key("add", args.buckets).save("wc")
-            flow.run(action, engine=engine, recipients=[recipient.public], out_dir=out)
+            flow.run(action, engine=engine, recipients=[recipient.public], out_dir=out, **trust)
             return time.perf_counter() - t0
 
         def plain(src: Path, out: Path) -> float:

@@ -145,3 +145,15 @@ def dev_policy():
     from platform_support import this_build_dev_policy
 
     return this_build_dev_policy()
+
+
+@pytest.fixture(autouse=True)
+def _flow_clients_trust_the_test_build(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dataflow tests: Flow.run attests the engine's coordinator against CONFIDE_POLICY; point it at
+    a policy for the test build (flow_support.BUILD) and the test platform's simulated root."""
+    if request.module.__name__.startswith(("test_flow", "test_tcb_coverage_flow")):
+        from flow_support import trust_this_build
+
+        trust_this_build(monkeypatch, request.getfixturevalue("tmp_path_factory").mktemp("flow-trust"))

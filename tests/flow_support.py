@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from confide.client.policy import Policy
+from confide.enclave.backend import SIM_SIGNER, EnclaveIdentity, SimBackend
 from confide.enclave.flow import FlowEnclave
 from confide.enclave.keys import Identity
 from confide.enclave.sandbox import Zygote
+from confide.enclave.sim_platform import SimPlatform
 from confide.flow import Dataset, Flow, LocalEngine, open_result
 
 FUNCTIONS = """
@@ -73,7 +79,30 @@ def recipient() -> Identity:
     return Identity.generate("recipient")
 
 
+BUILD = "f1" * 32  # the measurement every flow worker of these tests reports (one build)
+_PLATFORM = Path(tempfile.mkdtemp(prefix="cf-sim-platform-"))  # one simulated platform per test run
+atexit.register(shutil.rmtree, _PLATFORM, True)
+
+
+def sim_backend(measurement: str = BUILD, *, debug: bool = False, platform: Path = _PLATFORM) -> SimBackend:
+    """A simulated TEE vouching for one flow worker: same platform and measurement = same build."""
+    ident = EnclaveIdentity("sim", measurement, SIM_SIGNER, 1, 1, debug)
+    return SimBackend(SimPlatform.load_or_create(platform), ident)
+
+
+def trust_this_build(monkeypatch: pytest.MonkeyPatch, work: Path) -> None:
+    """What a client of these tests trusts (Flow.run attests the engine's coordinator): a
+    development policy accepting the simulated build BUILD, and the test platform's vendor root."""
+    policy = work / "flow-policy.toml"
+    policy.write_text(Policy(backends=("sim",), measurements=(BUILD,), allow_simulation=True).to_toml())
+    sim_backend()  # the platform exists
+    monkeypatch.setenv("CONFIDE_POLICY", str(policy))
+    monkeypatch.setenv("CONFIDE_SIM_ROOT", str(_PLATFORM / "vendor_root.crt"))
+    monkeypatch.setenv("CONFIDE_HOME", str(work / "home"))
+
+
 def make_enclave(zygote: Zygote, identity: Identity, **kw: Any) -> FlowEnclave:
+    kw.setdefault("backend", sim_backend())
     return FlowEnclave(identity, zygote, **kw)
 
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from confide.enclave.errors import FormatError
-from confide.enclave.flow import FlowEnclave, FlowIntegrityError, Header, JobKeys, parse_header
+from confide.enclave.flow import FlowIntegrityError, Header, JobKeys, parse_header
 from confide.enclave.flow.driver import dec, enc, key_json
 from confide.enclave.flow.plan import parse_plan
 from confide.enclave.keys import Identity
 from confide.enclave.sandbox import Zygote
 from confide.flow import Flow, LocalEngine, open_result, seal_text
-from flow_support import FUNCTIONS, enclave_identity, recipient, zygote
+from flow_support import FUNCTIONS, enclave_identity, make_enclave, recipient, zygote
 
 __all__ = ["enclave_identity", "recipient", "zygote"]  # fixtures
 
@@ -167,8 +167,8 @@ def test_two_workers_share_the_job_key_by_grant(
 ) -> None:
     other = Zygote.start(preimport=())
     try:
-        a = FlowEnclave(enclave_identity, zygote)
-        b = FlowEnclave(Identity.generate("worker-2"), other)
+        a = make_enclave(zygote, enclave_identity)
+        b = make_enclave(other, Identity.generate("worker-2"))
         path = seal_text(
             tmp_path / "in.sealed",
             [f"w{i % 9} x" for i in range(300)],
@@ -181,7 +181,7 @@ def test_two_workers_share_the_job_key_by_grant(
         got = dict(open_result(tmp_path / "out", "wc", recipient))
         assert got == {**{f"w{i}": len(range(i, 300, 9)) for i in range(9)}, "x": 300}
         # a worker without the grant cannot run the job's tasks
-        c = FlowEnclave(Identity.generate("worker-3"), other)
+        c = make_enclave(other, Identity.generate("worker-3"))
         ticket, _ = a.start_job(
             __import__("confide.flow", fromlist=["x"]).seal_description(
                 flow.describe([action], [recipient.public]), enclave_identity.public

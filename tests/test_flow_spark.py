@@ -31,7 +31,15 @@ from confide.flow import Flow, LocalEngine, open_result, seal_text
 from confide.flow.malicious import MaliciousSparkEngine
 from confide.flow.node_agent import AgentClient, NodeAgent, ZygotePool, start_agent
 from confide.flow.spark_engine import SparkEngine, spark_session
-from flow_support import FUNCTIONS, enclave_identity, make_enclave, recipient, run_and_open, zygote
+from flow_support import (
+    FUNCTIONS,
+    enclave_identity,
+    make_enclave,
+    recipient,
+    run_and_open,
+    sim_backend,
+    zygote,
+)
 
 __all__ = ["enclave_identity", "recipient", "zygote"]  # fixtures
 
@@ -46,7 +54,7 @@ def sockdir() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def agent(enclave_identity: Identity, sockdir: Path) -> Iterator[NodeAgent]:
-    a, pool = start_agent(enclave_identity, sockdir / "agent.sock", zygotes=2)
+    a, pool = start_agent(enclave_identity, sockdir / "agent.sock", zygotes=2, backend=sim_backend())
     yield a
     a.stop()
     pool.close()
@@ -243,16 +251,14 @@ def test_another_nodes_worker_gets_the_job_key_only_by_grant(
 ) -> None:
     """The executors' node agent is another enclave worker: without a grant to its identity it
     cannot run the job's tasks; with one it runs them (the coordinator only opens and verifies)."""
-    from confide.enclave.flow import FlowEnclave
-
-    other = FlowEnclave(Identity.generate("other-node"), ZygotePool([zygote]))  # type: ignore[arg-type]
+    other = make_enclave(ZygotePool([zygote]), Identity.generate("other-node"))  # type: ignore[arg-type]
     sock = str(Path(agent.socket_path).with_name("other.sock"))
     with NodeAgent(other, sock):
         coord = AgentClient(agent.socket_path)
         denied = SparkEngine(spark, coord, sock)
         with pytest.raises(FlowIntegrityError, match="no job key grant is addressed to it"):
             word_count(secret_input, denied, tmp_path / "o1", recipient)
-        granted = SparkEngine(spark, coord, sock, workers=[other.public_line])
+        granted = SparkEngine(spark, coord, sock, workers=[(other.public_line, other.evidence())])
         assert word_count(secret_input, granted, tmp_path / "o2", recipient)["accepted"]
         assert dict(open_result(tmp_path / "o2", "wc", recipient))["kiwi-private"] == 80
 

@@ -14,7 +14,7 @@ from confide.enclave.keys import Identity
 from confide.enclave.sandbox import Zygote
 from confide.flow import Flow, open_result, seal_text
 from confide.flow.malicious import MaliciousEngine
-from flow_support import FUNCTIONS, enclave_identity, recipient, zygote
+from flow_support import FUNCTIONS, enclave_identity, make_enclave, recipient, zygote
 
 __all__ = ["enclave_identity", "recipient", "zygote"]  # fixtures
 
@@ -24,7 +24,7 @@ LINES = [f"{SECRET_WORDS[i % 3]} common{i % 5} {SECRET_WORDS[(i + 1) % 3]}" for 
 
 @pytest.fixture(scope="module")
 def enclave(zygote: Zygote, enclave_identity: Identity) -> FlowEnclave:
-    return FlowEnclave(enclave_identity, zygote, batch_records=2)  # several batches per stream
+    return make_enclave(zygote, enclave_identity, batch_records=2)  # several batches per stream
 
 
 @pytest.fixture(scope="module")

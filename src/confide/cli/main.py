@@ -38,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "function": ("function", "function", "Functions: built-ins or your own run(ctx) code."),
     "task": ("task", "task", "Tasks: create, review, approve, run, fetch results."),
     "audit": ("audit", "audit", "The platform's audit log, hash chain checked."),
+    "flow": ("flow", "flow", "Confidential dataflow jobs: functions in enclaves, the engine sees ciphertext."),
     "serve": ("serve", "serve", "Run the platform server (the untrusted host)."),
     "gramine": ("gramine", "gramine", "Gramine-SGX deployment files."),
 }

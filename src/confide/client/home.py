@@ -53,15 +53,24 @@ class Home:
 
         return SimPlatform.load_or_create(self.platform_dir)
 
-    def anchors(self) -> TrustAnchors:
+    def anchors(self, sim_root: Path | None = None) -> TrustAnchors:
         """The vendor roots shipped with Confide, plus this installation's simulated vendor root
-        when there is one (only its public certificate is read)."""
+        when there is one (only its public certificate is read), plus `sim_root` (another simulated
+        platform's vendor_root.crt: development only)."""
         from confide.attest import TrustAnchors
         from confide.attest.anchors import default_anchors, load_trust_anchors, merge_anchors
 
-        root = self.sim_root_path
-        local = load_trust_anchors(sim=[root]) if root.exists() else TrustAnchors()
-        return merge_anchors(default_anchors(), local)
+        roots = [p for p in (self.sim_root_path,) if p.exists()] + ([sim_root] if sim_root else [])
+        return merge_anchors(default_anchors(), load_trust_anchors(sim=roots) if roots else TrustAnchors())
+
+    def trust_from_env(self) -> tuple[Policy, TrustAnchors]:
+        """The policy and trust anchors a command uses: CONFIDE_POLICY (else this home's policy.toml,
+        else the production defaults) and these anchors plus CONFIDE_SIM_ROOT."""
+        policy = os.environ.get("CONFIDE_POLICY")
+        sim_root = os.environ.get("CONFIDE_SIM_ROOT")
+        return self.policy(Path(policy) if policy else None), self.anchors(
+            Path(sim_root) if sim_root else None
+        )
 
     def policy(self, path: Path | None) -> Policy:
         if path is not None:

@@ -99,13 +99,14 @@ class Connection:
         self, method: str, path: str, body: Body, headers: Callable[[], dict[str, str]]
     ) -> http.client.HTTPResponse:
         for attempt in (1, 2):
+            fields = headers()  # first: signing may itself make a call (the platform id) on this connection
+            content = body() if callable(body) else body
             reused = self._conn is not None
             conn = self._conn or self._connect()
             self._conn = conn
-            content = body() if callable(body) else body
             try:
                 try:
-                    conn.request(method, self.prefix + path, body=content, headers=headers())
+                    conn.request(method, self.prefix + path, body=content, headers=fields)
                 except STALE:
                     # the server may have answered before reading the whole body (a refused upload):
                     # its answer says why; no answer at all means the connection was stale

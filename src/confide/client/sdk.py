@@ -175,12 +175,13 @@ class Client:
         """The trust anchors evidence is checked against: those given, else the vendor roots shipped
         with Confide and this home's simulated root; plus `sim_root` when given."""
         if self._anchors is None:
-            anchors = self._given_anchors if self._given_anchors is not None else self.home.anchors()
-            if self._sim_root is not None:
+            if self._given_anchors is None:
+                self._anchors = self.home.anchors(self._sim_root)
+            else:
                 from confide.attest.anchors import load_trust_anchors, merge_anchors
 
-                anchors = merge_anchors(anchors, load_trust_anchors(sim=[self._sim_root]))
-            self._anchors = anchors
+                extra = load_trust_anchors(sim=[self._sim_root] if self._sim_root else [])
+                self._anchors = merge_anchors(self._given_anchors, extra)
         return self._anchors
 
     def _anchors_digest(self) -> str:

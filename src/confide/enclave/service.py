@@ -28,6 +28,7 @@ from .backend import TeeBackend
 from .encoding import b64d, b64e, hexd
 from .errors import EnclaveError, EvidenceError, IntegrityError
 from .keys import Identity, PublicIdentity
+from .peer import check_peer
 from .report_data import keys_binding, nonce_binding, report_data_for
 from .state import seal_identity, state_path, unseal_identity
 
@@ -75,23 +76,7 @@ class ServiceState:
 
     def _check_peer(self, evidence_b64: str, what: str) -> bytes:
         """The peer's evidence verified by the backend, from this same build; returns its report data."""
-        evidence = b64d(evidence_b64, field="evidence", where=what)
-        try:
-            peer, report_data = self.backend.verify_peer(evidence)
-        except EvidenceError as exc:
-            raise EvidenceError(f"{what}: {exc.message}", where=exc.where) from None
-        me = self.backend.identity
-        if peer.backend != me.backend:
-            raise EvidenceError(f"peer runs on backend {peer.backend!r}, not {me.backend!r}", where=what)
-        if peer.debug and not me.debug:
-            raise EvidenceError("peer is a debug enclave and this one is not: refused", where=what)
-        if peer.measurement != me.measurement:
-            raise EvidenceError(
-                f"peer measurement {peer.measurement} differs from this enclave's {me.measurement} "
-                "(another build or configuration): refused",
-                where=what,
-            )
-        return report_data
+        return check_peer(self.backend, b64d(evidence_b64, field="evidence", where=what), what)
 
     # -- calls --------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:

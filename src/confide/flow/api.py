@@ -17,12 +17,17 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from confide.client.policy import Policy
+from confide.enclave.encoding import b64e
 from confide.enclave.flow.driver import enc
 from confide.enclave.flow.plan import FORMAT
-from confide.enclave.keys import PublicIdentity
+from confide.enclave.keys import Identity, PublicIdentity
 from confide.enclave.sealed_file import SealedReader, SealedWriter
+
+if TYPE_CHECKING:
+    from confide.attest import TrustAnchors
 
 Fn = Callable[..., Any] | str
 
@@ -91,8 +96,17 @@ class ShufflePadding:
 class Flow:
     """One job's builder: its function module and its sealed inputs."""
 
-    def __init__(self, functions: str | Path = "", *, padded_shuffle: ShufflePadding | None = None) -> None:
-        """`padded_shuffle`: pad every exchange of the job (see ShufflePadding)."""
+    def __init__(
+        self,
+        functions: str | Path = "",
+        *,
+        identity: Identity | None = None,
+        padded_shuffle: ShufflePadding | None = None,
+    ) -> None:
+        """`identity`: your key, for sources sealed to you (see `text`): used for each source
+        addressed to it; sources sealed to the engine's workers are read by them as they are.
+        `padded_shuffle`: pad every exchange of the job (see ShufflePadding)."""
+        self.identity = identity
         if isinstance(functions, Path) or (functions and "\n" not in functions and functions.endswith(".py")):
             functions = Path(functions).read_text(encoding="utf-8")
         self.module_source: str = str(functions)
@@ -101,11 +115,20 @@ class Flow:
         self.padded_shuffle = padded_shuffle
 
     # ---- sources -----------------------------------------------------------------------------
-    def _source(self, path: str | Path, fmt: str, partitions: int | None, csv_header: bool) -> Dataset:
+    def _source(
+        self, path: str | Path, fmt: str, partitions: int | None, csv_header: bool, identity: Identity | None
+    ) -> Dataset:
         path = Path(path)
         with open(path, "rb", buffering=0) as fh:
             reader = SealedReader(fh, where=str(path))
             digest, n_chunks = reader.header.digest.hex(), reader.n_chunks
+            # a file sealed to its owner: the owner's data key travels in the job description, which is
+            # sealed only to the attested coordinator (Flow.run)
+            data_key = None
+            if identity is not None:
+                data_key = reader.unlock(identity=identity).data_key
+            elif self.identity is not None and self.identity.fingerprint in reader.header.wrapped_keys:
+                data_key = reader.unlock(identity=self.identity).data_key
         if partitions is None:
             partitions = n_chunks
         if partitions < 1:
@@ -118,22 +141,37 @@ class Flow:
                 "format": fmt,
                 "csv_header": csv_header,
                 "partitions": partitions,
+                **({"data_key": b64e(data_key)} if data_key is not None else {}),
             },
         }
         return Dataset(self, _Node("source", args={"input": name, "partitions": partitions}))
 
-    def text(self, path: str | Path, *, partitions: int | None = None) -> Dataset:
-        """Lines of a sealed UTF-8 text file (without their line ends); by default one partition per chunk."""
-        return self._source(path, "text", partitions, False)
+    # Each source reads a sealed file (CNFSEAL1) sealed to the engine's worker, or sealed to you: then
+    # pass your `identity` and the file's data key goes to the attested coordinator in the job.
 
-    def csv(self, path: str | Path, *, header: bool = True, partitions: int | None = None) -> Dataset:
+    def text(
+        self, path: str | Path, *, partitions: int | None = None, identity: Identity | None = None
+    ) -> Dataset:
+        """Lines of a sealed UTF-8 text file (without their line ends); by default one partition per chunk."""
+        return self._source(path, "text", partitions, False, identity)
+
+    def csv(
+        self,
+        path: str | Path,
+        *,
+        header: bool = True,
+        partitions: int | None = None,
+        identity: Identity | None = None,
+    ) -> Dataset:
         """Rows of a sealed CSV file: dicts by the header row's names, or tuples of strings without one.
         A field may not hold a line break (rows are split on chunk boundaries at newlines)."""
-        return self._source(path, "csv", partitions, header)
+        return self._source(path, "csv", partitions, header, identity)
 
-    def json_lines(self, path: str | Path, *, partitions: int | None = None) -> Dataset:
+    def json_lines(
+        self, path: str | Path, *, partitions: int | None = None, identity: Identity | None = None
+    ) -> Dataset:
         """One JSON value per line of a sealed file (arrays become tuples); blank lines are skipped."""
-        return self._source(path, "jsonl", partitions, False)
+        return self._source(path, "jsonl", partitions, False, identity)
 
     def fn_name(self, fn: Fn) -> str:
         name = fn if isinstance(fn, str) else getattr(fn, "__name__", "")
@@ -226,13 +264,37 @@ class Flow:
         engine: Any,
         recipients: Sequence[PublicIdentity],
         out_dir: str | Path,
+        policy: Policy | None = None,
+        anchors: TrustAnchors | None = None,
     ) -> dict[str, Any]:
         """Run the actions on `engine`; their results are sealed files in `out_dir` that only the
-        recipients can open (confide.flow.open_result). Returns the engine's public summary."""
+        recipients can open (confide.flow.open_result). Returns the engine's public summary.
+
+        The job description (functions, and every key the job needs) is sealed only to an engine
+        coordinator whose evidence, fetched with a fresh nonce, passes `policy` under `anchors`
+        (default: CONFIDE_POLICY or $CONFIDE_HOME/policy.toml, and the vendor roots plus
+        CONFIDE_SIM_ROOT, as the `confide` commands use)."""
         description = self.describe(actions, recipients)
-        sealed = seal_description(description, PublicIdentity.from_line(engine.enclave_public))
+        coordinator = attest_engine(engine, policy, anchors)
+        sealed = seal_description(description, coordinator)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         return engine.run(sealed, self.input_paths(), str(out_dir))
+
+
+def attest_engine(
+    engine: Any, policy: Policy | None = None, anchors: TrustAnchors | None = None
+) -> PublicIdentity:
+    """The engine coordinator's key, once its evidence (fresh nonce) passes the policy; else the
+    PolicyError or EvidenceError that says why."""
+    from confide.client.home import Home
+    from confide.client.local import check_attestation
+
+    if policy is None or anchors is None:
+        env_policy, env_anchors = Home.from_env().trust_from_env()
+        policy, anchors = policy or env_policy, anchors or env_anchors
+    nonce = os.urandom(32)
+    evidence = engine.evidence(nonce)
+    return check_attestation(evidence, nonce, policy, anchors, keys_line=engine.enclave_public).enclave
 
 
 def seal_description(description: dict[str, Any], enclave: PublicIdentity) -> bytes:

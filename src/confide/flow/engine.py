@@ -43,9 +43,11 @@ class Endpoint(Protocol):
 
     def finish_job(self, ticket: bytes, reports: Sequence[bytes], out_dir: str) -> dict[str, Any]: ...
 
-    def grant(self, ticket: bytes, worker_line: str) -> bytes: ...
+    def evidence(self, nonce: bytes | None = None) -> bytes: ...
 
-    def accept(self, ticket: bytes, wrapped: bytes) -> None: ...
+    def grant(self, ticket: bytes, worker_line: str, worker_evidence: bytes) -> tuple[bytes, bytes]: ...
+
+    def accept(self, ticket: bytes, wrapped: bytes, granter_evidence: bytes) -> None: ...
 
 
 def terminal_progress(stage: int, done: int, total: int) -> None:
@@ -73,6 +75,10 @@ class LocalEngine:
     def enclave_public(self) -> str:
         return self.workers[0].public_line
 
+    def evidence(self, nonce: bytes) -> bytes:
+        """The coordinator's evidence for a client's fresh `nonce` (Flow.run checks it)."""
+        return self.workers[0].evidence(nonce)
+
     # ---- hooks ---------------------------------------------------------------------------------
     def _deliver(self, stage: int, partition: int, batches: list[bytes]) -> list[bytes]:
         return batches
@@ -95,8 +101,8 @@ class LocalEngine:
     def run(self, sealed_description: bytes, inputs: dict[str, str], out_dir: str) -> dict[str, Any]:
         coordinator = self.workers[0]
         ticket, graph = coordinator.start_job(sealed_description, inputs)
-        for w in self.workers[1:]:
-            w.accept(ticket, coordinator.grant(ticket, w.public_line))
+        for w in self.workers[1:]:  # each gets the job key after the coordinator checked its evidence
+            w.accept(ticket, *coordinator.grant(ticket, w.public_line, w.evidence()))
         # per stage: bucket -> batches, in the order the producing tasks returned them
         store: dict[int, dict[int, list[bytes]]] = {}
         reports: list[bytes] = []

@@ -9,10 +9,12 @@ that the tasks of a node run concurrently. The socket server itself handles only
 
 ``AgentClient`` is the same worker seen through the socket, as an ``Endpoint`` (the Spark engine's
 driver uses it to start and verify jobs). ``python -m confide.flow.node_agent --socket PATH
---identity KEYFILE`` runs an agent until killed; it prints ``ready <public line>`` when it serves.
+--identity KEYFILE [--backend sim --platform DIR]`` runs an agent until killed; when it serves it
+prints ``ready <public line>`` and ``evidence <base64>`` (what a Spark driver passes as `workers`).
 
-Attested key release is not here yet: a worker that does not hold the job gets the job key from the
-grant (HPKE to its identity) the engine forwards with the task, without checking its evidence.
+A worker that does not hold the job gets the job key from the grant the engine forwards with the
+task: HPKE-sealed to its identity by a coordinator that first checked this worker's evidence, and
+taken only with the coordinator's evidence for that very grant (FlowEnclave.grant/accept).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from confide.enclave import errors as enclave_errors
+from confide.enclave.backend import TeeBackend
 from confide.enclave.flow import FlowEnclave, parse_header
 from confide.enclave.flow import errors as flow_errors
 from confide.enclave.keys import Identity
@@ -216,10 +219,12 @@ class NodeAgent:
             return {"graph": graph}, [ticket]
         if op == "finish_job":
             return {"summary": e.finish_job(frames[0], frames[1:], str(req["out_dir"]))}, []
+        if op == "evidence":
+            return {}, [e.evidence(frames[0] if frames else None)]
         if op == "grant":
-            return {}, [e.grant(frames[0], str(req["worker_line"]))]
+            return {}, list(e.grant(frames[0], str(req["worker_line"]), frames[1]))
         if op == "accept":
-            e.accept(frames[0], frames[1])
+            e.accept(frames[0], frames[1], frames[2])
             return {}, []
         raise enclave_errors.FormatError(f"unknown operation {op!r}", where="node agent")
 
@@ -235,7 +240,8 @@ class NodeAgent:
                     "this worker does not hold the job and no job key grant is addressed to it",
                     where="node agent",
                 )
-            self.enclave.accept(ticket, base64.b64decode(wrapped))
+            key, _, evidence = wrapped.partition(".")
+            self.enclave.accept(ticket, base64.b64decode(key), base64.b64decode(evidence))
 
     def _run_task(self, req: dict[str, Any], frames: list[bytes], conn: Conn) -> None:
         t0 = time.perf_counter()
@@ -335,11 +341,15 @@ class AgentClient:
     def finish_job(self, ticket: bytes, reports: Sequence[bytes], out_dir: str) -> dict[str, Any]:
         return dict(self._call({"op": "finish_job", "out_dir": out_dir}, [ticket, *reports])[0]["summary"])
 
-    def grant(self, ticket: bytes, worker_line: str) -> bytes:
-        return self._call({"op": "grant", "worker_line": worker_line}, [ticket])[1][0]
+    def evidence(self, nonce: bytes | None = None) -> bytes:
+        return self._call({"op": "evidence"}, [nonce] if nonce else [])[1][0]
 
-    def accept(self, ticket: bytes, wrapped: bytes) -> None:
-        self._call({"op": "accept"}, [ticket, wrapped])
+    def grant(self, ticket: bytes, worker_line: str, worker_evidence: bytes) -> tuple[bytes, bytes]:
+        out = self._call({"op": "grant", "worker_line": worker_line}, [ticket, worker_evidence])[1]
+        return out[0], out[1]
+
+    def accept(self, ticket: bytes, wrapped: bytes, granter_evidence: bytes) -> None:
+        self._call({"op": "accept"}, [ticket, wrapped, granter_evidence])
 
 
 def split_outputs(frames: Sequence[bytes]) -> tuple[list[tuple[int, bytes]], bytes]:
@@ -355,10 +365,15 @@ def split_outputs(frames: Sequence[bytes]) -> tuple[list[tuple[int, bytes]], byt
 
 
 def start_agent(
-    identity: Identity, socket_path: str | Path, *, zygotes: int = 2, limits: SandboxLimits | None = None
+    identity: Identity,
+    socket_path: str | Path,
+    *,
+    zygotes: int = 2,
+    limits: SandboxLimits | None = None,
+    backend: TeeBackend | None = None,
 ) -> tuple[NodeAgent, ZygotePool]:
     pool = ZygotePool([Zygote.start(preimport=()) for _ in range(max(1, zygotes))])
-    enclave = FlowEnclave(identity, pool, limits=limits)  # type: ignore[arg-type]
+    enclave = FlowEnclave(identity, pool, limits=limits, backend=backend)  # type: ignore[arg-type]
     return NodeAgent(enclave, socket_path).start(), pool
 
 
@@ -367,10 +382,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--socket", required=True, help="unix socket path the node's stubs connect to")
     ap.add_argument("--identity", required=True, help="the worker's identity key file")
     ap.add_argument("--zygotes", type=int, default=2, help="concurrent tasks (sandbox zygotes)")
+    ap.add_argument("--backend", default="sim", help="TEE backend that vouches for this worker")
+    ap.add_argument("--platform", default=None, help="the simulated platform directory (sim backend)")
     args = ap.parse_args(argv)
     try:
+        from confide.enclave.backend import create_backend
+        from confide.enclave.config import EnclaveConfig
+
         identity = Identity.load(Path(args.identity))
-        agent, pool = start_agent(identity, args.socket, zygotes=args.zygotes)
+        platform = Path(
+            args.platform or Path(os.environ.get("CONFIDE_HOME") or "~/.confide").expanduser() / "platform"
+        )
+        backend = create_backend(args.backend, platform_dir=platform, config=EnclaveConfig())
+        agent, pool = start_agent(identity, args.socket, zygotes=args.zygotes, backend=backend)
     except (OSError, enclave_errors.ConfideError) as exc:
         print(f"error: {exc} (node agent)", file=sys.stderr)
         return 2
@@ -378,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     print(f"ready {agent.enclave.public_line}", flush=True)
+    print(f"evidence {base64.b64encode(agent.enclave.evidence()).decode()}", flush=True)
     stop.wait()
     agent.stop()
     pool.close()

@@ -16,7 +16,9 @@ completeness verification as with the local engine, so whatever Spark drops, dup
 fails the job there, naming stage and partition.
 
 The key of a job reaches the other nodes' workers as HPKE grants to their identities, carried in
-the task closure (sealed bytes); their attestation before the grant is a later step.
+the task closure (sealed bytes), each made by the coordinator only after it checked that worker's
+evidence (the same build, holding that identity), and each carrying the coordinator's evidence for
+that grant, which the worker checks before it takes the key.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ class SparkEngine:
     """Runs a job on Spark. `spark` is a SparkSession or SparkContext; `coordinator` the enclave
     worker that opens and verifies the job (an ``AgentClient`` of the driver's node agent, or any
     ``Endpoint``); `socket_path` is where every node's agent listens (the job's public conf);
-    `workers` the public lines of the other nodes' agents, which get the job key as grants."""
+    `workers` the other nodes' agents as (public line, evidence) pairs (each agent prints both when
+    it starts, see node_agent): each gets the job key as a grant once its evidence is checked."""
 
     def __init__(
         self,
@@ -56,7 +59,7 @@ class SparkEngine:
         coordinator: Endpoint,
         socket_path: str,
         *,
-        workers: Sequence[str] = (),
+        workers: Sequence[tuple[str, bytes]] = (),
         progress: Progress | None = None,
         task_timeout: float = 600.0,
     ) -> None:
@@ -70,6 +73,10 @@ class SparkEngine:
     @property
     def enclave_public(self) -> str:
         return self.coordinator.public_line
+
+    def evidence(self, nonce: bytes) -> bytes:
+        """The coordinator's evidence for a client's fresh `nonce` (Flow.run checks it)."""
+        return self.coordinator.evidence(nonce)
 
     # ---- hooks (the tests' malicious engine overrides them) ------------------------------------
     def _shuffled(self, stage: int, rdd: Any) -> Any:
@@ -91,11 +98,11 @@ class SparkEngine:
         coordinator = self.coordinator
         ticket, graph = coordinator.start_job(sealed_description, inputs)
         own = coordinator.public_line
-        grants = {
-            line: base64.b64encode(coordinator.grant(ticket, line)).decode()
-            for line in self.workers
-            if line != own
-        }
+        grants = {}
+        for line, evidence in self.workers:
+            if line != own:
+                wrapped, vouch = coordinator.grant(ticket, line, evidence)
+                grants[line] = f"{base64.b64encode(wrapped).decode()}.{base64.b64encode(vouch).decode()}"
         outs: dict[int, Any] = {}
         reports: list[bytes] = []
         try:

@@ -16,8 +16,13 @@ An engine (local process pool, later Spark) calls three things and handles only 
   (so every input partition was consumed exactly once and every shuffle block arrived); then it
   writes a sealed manifest for the recipients naming each output part and its SHA-256.
 
-One sandboxed run per (stage, partition). A long-lived sandboxed child fed a stream of batches,
-spilling and attested key release to workers are later steps (issue 8).
+A job's key leaves the coordinator only to another worker whose evidence shows this same build
+(backend, measurement, debug flag, as the platform's workers check each other) holding the keys the
+key is sealed to; that worker in turn accepts the key only with the coordinator's evidence vouching
+for exactly that grant (this job, this worker, this ciphertext): ``evidence``, ``grant``, ``accept``.
+
+One sandboxed run per (stage, partition). A long-lived sandboxed child fed a stream of batches and
+spilling are later steps (issue 8).
 """
 
 from __future__ import annotations
@@ -36,8 +41,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .. import hpke_box
+from ..backend import TeeBackend
 from ..encoding import canonical_json, parse_json_object
 from ..keys import Identity, PublicIdentity
+from ..peer import check_peer
+from ..report_data import nonce_binding, report_data_for
 from ..sandbox import SandboxLimits, Zygote, make_input_memfd
 from ..sealed_file import SealedReader, SealedWriter, create_partial
 from . import driver
@@ -108,18 +116,23 @@ def manifest_name(name: str) -> str:
 
 class FlowEnclave:
     """An enclave worker for dataflow jobs. `identity` is its key pair (inputs and job descriptions
-    are sealed to it); `zygote` the sandbox its user functions run in."""
+    are sealed to it); `zygote` the sandbox its user functions run in; `backend` the TEE that vouches
+    for it (its evidence, and the check of other workers' evidence before a job key passes between
+    them: without one this worker runs the jobs it opens itself, and grants and accepts no key)."""
 
     def __init__(
         self,
         identity: Identity,
         zygote: Zygote,
         *,
+        backend: TeeBackend | None = None,
         limits: SandboxLimits | None = None,
         batch_records: int = BATCH_RECORDS,
     ) -> None:
         self.identity = identity
         self.zygote = zygote
+        self.backend = backend
+        self._boot_evidence: bytes | None = None
         self.limits = limits or SandboxLimits(memory_bytes=256 << 20, cpu_seconds=60, wall_seconds=120.0)
         self.batch_records = batch_records
         self._jobs: dict[str, _Job] = {}
@@ -152,7 +165,8 @@ class FlowEnclave:
                     raise FlowIntegrityError(
                         "not the file the job description names (header digest)", where=iw
                     )
-                r.unlock(identity=self.identity)
+                # the owner's data key from the sealed description, or the file is sealed to this worker
+                r.unlock(data_key=spec.data_key) if spec.data_key else r.unlock(identity=self.identity)
                 input_keys[name] = r.data_key
                 input_chunks[name] = r.n_chunks
                 csv_names[name] = _csv_names(r, iw) if spec.format == "csv" and spec.csv_header else None
@@ -183,17 +197,69 @@ class FlowEnclave:
         }
         return ticket, graph
 
-    # ---- key release to other workers (attestation of the worker is a later step) -------------------
+    # ---- attestation, and key release to other workers -----------------------------------------------
 
-    def grant(self, ticket: bytes, worker_line: str) -> bytes:
+    def _require_backend(self, what: str) -> TeeBackend:
+        if self.backend is None:
+            raise FlowIntegrityError(
+                "this worker has no TEE backend to attest with: no job key passes to or from it",
+                where=what,
+            )
+        return self.backend
+
+    def evidence(self, nonce: bytes | None = None) -> bytes:
+        """Evidence binding this worker's keys (and `nonce`, a client's fresh challenge, when given):
+        what a client checks before it seals a job description to this worker, and a coordinator
+        before it grants a job key to it."""
+        backend = self._require_backend("evidence")
+        if nonce:
+            return backend.evidence(
+                report_data_for(self.identity.public, nonce), extra={"flow": self.public_line}
+            )
+        if self._boot_evidence is None:
+            self._boot_evidence = backend.evidence(
+                report_data_for(self.identity.public, None), extra={"flow": self.public_line}
+            )
+        return self._boot_evidence
+
+    def grant(self, ticket: bytes, worker_line: str, worker_evidence: bytes) -> tuple[bytes, bytes]:
+        """The job key sealed to another worker, only if `worker_evidence` shows this same build
+        holding `worker_line`'s keys; with this enclave's evidence vouching for that grant."""
         job = self._job(ticket)
+        backend = self._require_backend("job key grant")
         worker = PublicIdentity.from_line(worker_line, where="worker identity")
-        return hpke_box.seal(job.keys.job_key, worker.kem_key, GRANT_PURPOSE, job=job.keys.job_hex)
+        what = f"job key grant: the evidence of worker {worker.fingerprint}"
+        if check_peer(backend, worker_evidence, what) != report_data_for(worker, None):
+            raise FlowIntegrityError("the evidence does not bind this worker's keys: refused", where=what)
+        measurement = backend.identity.measurement
+        wrapped = hpke_box.seal(
+            job.keys.job_key, worker.kem_key, GRANT_PURPOSE, job=job.keys.job_hex, measurement=measurement
+        )
+        vouch = backend.evidence(
+            report_data_for(self.identity.public, _grant_binding(job.keys.job_hex, worker, wrapped)),
+            extra={"flow": self.public_line},
+        )
+        return wrapped, vouch
 
-    def accept(self, ticket: bytes, wrapped: bytes) -> None:
+    def accept(self, ticket: bytes, wrapped: bytes, granter_evidence: bytes) -> None:
+        """Take a job key granted by a coordinator whose evidence (same build) vouches for exactly this
+        grant: this job, this worker, this ciphertext."""
+        backend = self._require_backend("job key grant")
         header, _ = parse_header(ticket, where="ticket")
+        what = "job key grant: the granting enclave's evidence"
+        report_data = check_peer(backend, granter_evidence, what)
+        if report_data[32:] != nonce_binding(_grant_binding(header.job, self.identity.public, wrapped)):
+            raise FlowIntegrityError(
+                "the granter's evidence does not vouch for this grant (another job, worker or key): refused",
+                where=what,
+            )
         key = hpke_box.open_sealed(
-            wrapped, self.identity.kem_key, GRANT_PURPOSE, where="job key grant", job=header.job
+            wrapped,
+            self.identity.kem_key,
+            GRANT_PURPOSE,
+            where="job key grant",
+            job=header.job,
+            measurement=backend.identity.measurement,
         )
         keys = JobKeys(bytes.fromhex(header.job), key)
         _, body = keys.open(ticket, where="ticket")
@@ -625,3 +691,9 @@ def _parse_output(out: bytes, *, keyed: bool, where: str) -> list[Any]:
         items.extend(frame)
         off += 4 + n
     return items
+
+
+def _grant_binding(job: str, worker: PublicIdentity, wrapped: bytes) -> bytes:
+    """What a coordinator's evidence binds when it grants a job key: the job, the worker, the grant."""
+    h = hashlib.sha256(b"confide-flow-grant-v1\0" + job.encode() + b"\0" + worker.to_line().encode() + b"\0")
+    return h.digest() + hashlib.sha256(wrapped).digest()
