@@ -1,0 +1,137 @@
+"""The console's Starlette app: the routes, and the `Console` that holds the party's `Client`.
+
+Pages are plain functions of (console, request) returning HTML; they run in Starlette's thread
+pool, one at a time (the client keeps one connection to the platform), and every Confide error
+becomes a page that says what was refused and where, never a traceback."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from confide.console.forms import Form
+from confide.console.html import Frame, esc, notice, page
+from confide.console.security import Guard, GuardMiddleware
+from confide.enclave.errors import ConfideError
+
+if TYPE_CHECKING:
+    from confide.client.sdk import Client
+
+TASK_ID_RE = re.compile(r"[0-9a-f]{32}")
+Handler = Callable[["Console", Request], Response | str]
+
+
+class Console:
+    """One party's console: its client (and key), the launch's secrets, where results go."""
+
+    def __init__(self, client: Client, guard: Guard, *, results_dir: Path) -> None:
+        self.client = client
+        self.guard = guard
+        self.results_dir = Path(results_dir)
+        self.lock = threading.Lock()
+        self._name: str | None = None
+
+    def frame(self, request: Request) -> Frame:
+        if self._name is None:
+            try:
+                self._name = str(self.client.whoami().get("name") or "(not registered)")
+            except ConfideError:
+                self._name = "(not registered)"
+        try:
+            simulated: bool | None = self.client.service.claims.simulated
+        except ConfideError:
+            simulated = None
+        return Frame(self._name, self.client.fingerprint, simulated, str(request.state.csrf))
+
+    def task_dir(self, task_id: str) -> Path:
+        return self.results_dir / task_id
+
+
+def form_of(request: Request) -> Form:
+    """The POSTed form, parsed and CSRF-checked by the guard."""
+    form = getattr(request.state, "form", None)
+    if not isinstance(form, Form):
+        raise ConfideError("no form", where="request")
+    return form
+
+
+def task_id_of(request: Request) -> str:
+    task_id = str(request.path_params.get("task_id", ""))
+    if not TASK_ID_RE.fullmatch(task_id):
+        raise ConfideError("not a task id (32 hex digits)", where=f"task {task_id[:40]!r}")
+    return task_id
+
+
+def error_page(console: Console, request: Request, exc: ConfideError) -> HTMLResponse:
+    where = f" ({exc.where})" if exc.where else ""
+    body = notice(f"error: {exc.message}{where}", kind="error")
+    back = request.headers.get("referer")  # not sent (no-referrer): a link home instead
+    body += f'<p><a href="{esc(back or "/")}">Back</a></p>'
+    try:
+        frame = console.frame(request)
+    except ConfideError:
+        frame = Frame("?", console.client.fingerprint, None, str(request.state.csrf))
+    return HTMLResponse(page(frame, "Refused", body), status_code=400)
+
+
+def _endpoint(console: Console, handler: Handler) -> Callable[[Request], Response]:
+    def endpoint(request: Request) -> Response:
+        with console.lock:
+            try:
+                result = handler(console, request)
+            except ConfideError as exc:
+                return error_page(console, request, exc)
+        return HTMLResponse(result) if isinstance(result, str) else result
+
+    return endpoint
+
+
+def stylesheet(_console: Console, _request: Request) -> Response:
+    css = resources.files("confide.console").joinpath("static/console.css").read_bytes()
+    return Response(css, media_type="text/css", headers={"cache-control": "no-store"})
+
+
+def redirect(path: str) -> RedirectResponse:
+    return RedirectResponse(path, status_code=303)
+
+
+def create_app(console: Console) -> Starlette:
+    from confide.console import pages, task_pages
+
+    routes: list[tuple[str, Handler, tuple[str, ...]]] = [
+        ("/", task_pages.inbox, ("GET",)),
+        ("/tasks/new", task_pages.new_task, ("GET", "POST")),
+        ("/tasks/{task_id}", task_pages.task_page, ("GET",)),
+        ("/tasks/{task_id}/approve", task_pages.approve, ("POST",)),
+        ("/tasks/{task_id}/reject", task_pages.reject, ("POST",)),
+        ("/tasks/{task_id}/run", task_pages.run, ("POST",)),
+        ("/tasks/{task_id}/results", task_pages.results, ("GET",)),
+        ("/tasks/{task_id}/results/{name}", task_pages.download, ("GET",)),
+        ("/service", pages.service, ("GET",)),
+        ("/datasets", pages.datasets, ("GET", "POST")),
+        ("/functions", pages.functions, ("GET", "POST")),
+        ("/audit", pages.audit, ("GET",)),
+        ("/static/console.css", stylesheet, ("GET",)),
+    ]
+    app = Starlette(
+        routes=[Route(path, _endpoint(console, h), methods=list(methods)) for path, h, methods in routes]
+    )
+    app.add_middleware(GuardMiddleware, guard=console.guard)
+    return app
+
+
+def serve(console: Console, sock: Any, *, log_level: str = "warning") -> None:
+    """Serve on an already bound socket (127.0.0.1) until interrupted."""
+    import uvicorn
+
+    config = uvicorn.Config(create_app(console), log_level=log_level, access_log=False, lifespan="off")
+    uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,196 @@
+"""The service (what its evidence proves, against which policy), datasets (upload, checked here
+first; list), functions (list, register) and the audit log (its hash chain checked)."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+from starlette.requests import Request
+
+from confide.console.app import Console, form_of
+from confide.console.html import esc, field, form, notice, page, pre, table, when
+from confide.enclave.errors import ConfideError
+
+SAFE_NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def service(console: Console, request: Request) -> str:
+    c = console.client
+    key = c.attest()  # a fresh nonce on every view: what the page shows was verified just now
+    claims = key.claims
+    rows = [
+        ["Service key", f"<code>{esc(key.fingerprint)}</code>"],
+        ["Backend", esc(claims.backend) + (" <strong>(SIMULATED)</strong>" if claims.simulated else "")],
+        ["Measurement", f'<code class="digest">{esc(claims.measurement)}</code>'],
+        ["Signer", f"<code>{esc(claims.signer or '-')}</code>"],
+        ["Debug", esc(claims.debug)],
+        ["Security version", esc(claims.security_version)],
+        ["TCB status", esc(claims.tcb_status or "-")],
+        ["Evidence issued", esc(when(claims.issued_at))],
+        ["Verified at", esc(when(key.attested_at))],
+    ]
+    body = notice(f"The service's evidence (fresh nonce) passed your policy ({c.policy.source}).")
+    body += table(("Claim", "Value"), rows, caption="Verified attestation claims", empty="")
+    body += "<h2>The policy it was checked against</h2>" + pre(c.policy.to_toml(), label="policy")
+    return page(console.frame(request), "The enclave service", body, current="/service")
+
+
+def datasets(console: Console, request: Request) -> str:
+    frame = console.frame(request)
+    body = ""
+    if request.method == "POST":
+        body += _upload(console, request)
+    c = console.client
+    names = c.party_names()
+    rows = []
+    from confide.client.dataset_ref import make_ref
+
+    for d in c.datasets():
+        mine = d.get("owner") == c.fingerprint
+        ref = make_ref(str(d["dataset_id"]), str(d["owner"]), str(d["ciphertext_sha256"])) if mine else ""
+        rows.append(
+            [
+                esc(d.get("name")),
+                esc(names.get(str(d.get("owner"))) or d.get("owner")),
+                esc(d.get("rows")),
+                esc(", ".join(map(str, (d.get("schema") or {}).get("columns") or ()))),
+                esc(d.get("size")),
+                esc(when(d.get("created_at"))),
+                f"<code>{esc(ref)}</code>" if ref else "-",
+            ]
+        )
+    body += "<section><h2>Upload a dataset</h2><p>The file is checked and encrypted on this machine; its key is wrapped to the attested service. The platform sees only its name, columns and row count.</p>"
+    inner = field("file", "CSV file", kind="file", required=True)
+    inner += field("name", "Name", hint="visible to the platform (default: the file name)")
+    inner += field("strict", "Refuse to upload a file with CSV problems", kind="checkbox")
+    body += (
+        form(frame, "/datasets", inner, label="Upload", multipart=True, button_class="primary") + "</section>"
+    )
+    body += "<section><h2>Datasets</h2>"
+    body += table(
+        ("Name", "Owner", "Rows", "Columns", "Bytes", "Uploaded", "Reference to share"),
+        rows,
+        caption="Datasets you own or that tasks you take part in read",
+        empty="No datasets.",
+    )
+    body += "</section>"
+    return page(frame, "Datasets", body, current="/datasets")
+
+
+def _upload(console: Console, request: Request) -> str:
+    from confide.client.csv_check import check_csv
+
+    f = form_of(request)
+    upload = f.files.get("file")
+    if upload is None or not upload.data:
+        raise ConfideError("choose a non-empty file", where="CSV file")
+    stem = SAFE_NAME_RE.sub("_", Path(upload.filename).stem)[:64] or "dataset"
+    name = f.get("name").strip() or stem
+    with tempfile.TemporaryDirectory(prefix="confide-console-") as tmp:
+        path = Path(tmp) / f"{stem}.csv"
+        path.write_bytes(upload.data)
+        report = check_csv(path)
+        problems = [
+            f"{p.message} (line {p.line})" if p.line is not None else p.message for p in report.problems
+        ]
+        if problems and f.get("strict"):
+            raise ConfideError(
+                f"{len(problems)} CSV problem(s), nothing uploaded: " + "; ".join(problems),
+                where=upload.filename,
+            )
+        ref = console.client.upload_dataset(path, name=name)
+    out = "".join(notice(f"warning: {p}", kind="warning") for p in problems)
+    out += notice(f"Uploaded {name!r}: {ref.rows} rows, columns {', '.join(ref.columns)}.")
+    out += f'<p>Share this reference with task creators: <code class="ref">{esc(ref.ref)}</code></p>'
+    return out
+
+
+def functions(console: Console, request: Request) -> str:
+    frame = console.frame(request)
+    c = console.client
+    body = ""
+    if request.method == "POST":
+        f = form_of(request)
+        digest = c.register_function(
+            f.required("source", "Source"),
+            name=f.required("name", "Name"),
+            version=f.get("version").strip() or "1",
+            outputs=[o.strip() for o in f.required("outputs", "Outputs").split(",") if o.strip()],
+            inputs=[i.strip() for i in (f.get("inputs").strip() or "*").split(",") if i.strip()],
+            description=f.get("description").strip(),
+            confidential=bool(f.get("confidential")),
+        )
+        body += notice(f"Registered function {f.get('name')!r}: digest {digest}.")
+    names = c.party_names()
+    rows = [
+        [
+            esc(fn.get("name")),
+            esc(fn.get("version")),
+            esc(fn.get("description") or ""),
+            esc(fn.get("kind")),
+            esc(names.get(str(fn.get("owner"))) or fn.get("owner") or "- (built in)"),
+            "confidential" if fn.get("confidential") else "clear",
+            f"<code>{esc(fn.get('digest'))}</code>",
+        ]
+        for fn in c.functions()
+    ]
+    body += "<section><h2>Functions</h2>"
+    body += table(
+        ("Name", "Version", "Description", "Kind", "Owner", "Code", "Digest"),
+        rows,
+        caption="Functions you can use",
+        empty="No functions.",
+    )
+    body += "</section><section><h2>Register a function</h2>"
+    inner = field("name", "Name", required=True)
+    inner += field("version", "Version", value="1")
+    inner += field("outputs", "Outputs", hint="comma-separated output names", required=True)
+    inner += field("inputs", "Inputs", value="*", hint="comma-separated input names, * for any")
+    inner += field("description", "Description")
+    inner += field("source", "Source", kind="textarea", hint="a Python file defining run(ctx)", required=True)
+    inner += field("confidential", "Confidential: seal the source to the attested service", kind="checkbox")
+    body += form(frame, "/functions", inner, label="Register", button_class="primary") + "</section>"
+    return page(frame, "Functions", body, current="/functions")
+
+
+def _compact(detail: object) -> str:
+    import json
+
+    if not detail:
+        return ""
+    return json.dumps(detail, sort_keys=True, ensure_ascii=False, separators=(", ", ": "))
+
+
+def audit(console: Console, request: Request) -> str:
+    from confide.client.audit_pins import PinStore
+
+    c = console.client
+    events = c.audit()  # raises (shown as a refusal) when the chain or the pins do not check
+    names = c.party_names()
+    pin = PinStore(c.home.root / "audit-pins.json").platform(c.service.fingerprint).get("head") or {}
+    body = notice(
+        f"Hash chain verified: {len(events)} event(s) visible to you, every hash and link checked; "
+        f"pinned head: event {pin.get('seq', '-')}."
+    )
+    if pin.get("sha256"):
+        body += f'<p>Pinned head sha256 <code class="digest">{esc(pin.get("sha256"))}</code></p>'
+    rows = [
+        [
+            esc(ev.get("seq")),
+            esc(when(ev.get("time"))),
+            esc(ev.get("kind")),
+            esc(names.get(str(ev.get("actor"))) or ev.get("actor") or "-"),
+            esc(ev.get("task_id") or "-"),
+            esc(_compact(ev.get("detail"))),
+        ]
+        for ev in reversed(events)
+    ]
+    body += table(
+        ("Event", "Time", "Kind", "Actor", "Task", "Detail"),
+        rows,
+        caption="Audit events, newest first",
+        empty="No events.",
+    )
+    return page(console.frame(request), "Audit log", body, current="/audit")

@@ -1,0 +1,237 @@
+"""`confide ui`'s guard, in front of a real platform (the shared one-worker `server`): a request
+without the launch token or session is refused, so is one under a foreign Host name (DNS
+rebinding), and a POST without the session's CSRF token, from another site or another origin;
+every answer carries the strict headers. And what a page does with the SDK: the approval text is
+exactly `describe_manifest`'s, and an approval signs only the digest the page showed."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from confide.client.approval import describe_manifest
+from confide.console.app import Console, create_app
+from confide.console.security import SECURITY_HEADERS, Guard
+from platform_support import UPPER_FN, ServerProcess, sdk_clients, this_build_dev_policy
+
+PORT = 48123  # the port the guard expects in Host and Origin (TestClient binds nothing)
+BASE = f"http://127.0.0.1:{PORT}"
+
+
+@pytest.fixture(scope="module")
+def parties(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    owner, lab = sdk_clients(server, tmp_path_factory.mktemp("homes"), ("owner", "lab"))
+    yield owner, lab
+    owner.close()
+    lab.close()
+
+
+@pytest.fixture(scope="module")
+def console(parties: Any, tmp_path_factory: pytest.TempPathFactory) -> Console:
+    owner, _lab = parties
+    return Console(owner, Guard(port=PORT), results_dir=tmp_path_factory.mktemp("results"))
+
+
+@pytest.fixture
+def anonymous(console: Console) -> TestClient:
+    return TestClient(create_app(console), base_url=BASE, follow_redirects=False)
+
+
+@pytest.fixture
+def browser(console: Console) -> TestClient:
+    """A client that opened the launch URL: it holds the session cookie."""
+    client = TestClient(create_app(console), base_url=BASE, follow_redirects=False)
+    r = client.get(f"/?token={console.guard.token}")
+    assert r.status_code == 303, r.text
+    return client
+
+
+def csrf_of(html: str) -> str:
+    found = re.search(r'name="csrf" value="([0-9a-f]{64})"', html)
+    assert found, "no CSRF field on the page"
+    return found.group(1)
+
+
+def assert_strict_headers(r: httpx.Response) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        assert r.headers.get(name) == value, (name, r.headers.get(name))
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    assert r.headers["x-frame-options"] == "DENY"
+    assert r.headers["referrer-policy"] == "no-referrer"
+
+
+def test_no_token_no_session_is_refused(anonymous: TestClient, console: Console) -> None:
+    for path in ("/", "/service", "/datasets", "/audit", "/static/console.css", "/tasks/" + "0" * 32):
+        r = anonymous.get(path)
+        assert r.status_code == 403, path
+        assert_strict_headers(r)
+        assert "confide ui" in r.text
+    assert anonymous.get("/?token=" + "x" * len(console.guard.token)).status_code == 403
+    assert anonymous.get("/?token=").status_code == 403
+    forged = {console.guard.cookie: "0" * 32 + "." + "0" * 64}
+    assert anonymous.get("/", cookies=forged).status_code == 403
+    other_launch = Guard(port=PORT)  # a session cookie made by another launch's key
+    assert anonymous.get("/", cookies={console.guard.cookie: other_launch.new_session()}).status_code == 403
+    r = anonymous.post("/functions", data={"csrf": "x", "name": "n"})
+    assert r.status_code == 403
+
+
+def test_token_becomes_a_strict_session_cookie(anonymous: TestClient, console: Console) -> None:
+    r = anonymous.get(f"/datasets?token={console.guard.token}")
+    assert r.status_code == 303
+    assert r.headers["location"] == "/datasets"  # the token leaves the address bar
+    cookie = r.headers["set-cookie"]
+    assert cookie.startswith(f"{console.guard.cookie}=")
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
+    assert console.guard.token not in cookie
+    assert_strict_headers(r)
+    page = anonymous.get("/datasets")  # the cookie jar now holds the session
+    assert page.status_code == 200
+    assert_strict_headers(page)
+    assert '<link rel="stylesheet" href="/static/console.css">' in page.text
+    assert "http://" not in page.text.replace(BASE, "")  # nothing from another origin
+    css = anonymous.get("/static/console.css")
+    assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
+    assert "url(" not in css.text and "@import" not in css.text
+
+
+def test_foreign_host_header_is_refused(browser: TestClient) -> None:
+    assert browser.get("/").status_code == 200
+    for host in (f"evil.example:{PORT}", "127.0.0.1", f"127.0.0.1:{PORT + 1}", f"localhost:{PORT}.evil", ""):
+        r = browser.get("/", headers={"host": host})
+        assert r.status_code == 400, host
+        assert_strict_headers(r)
+    assert browser.get("/", headers={"host": f"localhost:{PORT}"}).status_code == 200
+
+
+def test_state_changes_need_csrf_same_origin(browser: TestClient, parties: Any) -> None:
+    owner, _lab = parties
+    page = browser.get("/functions")
+    assert page.status_code == 200
+    token = csrf_of(page.text)
+    form = {"name": "upper-console", "outputs": "out", "inputs": "data", "source": UPPER_FN}
+
+    def registered() -> bool:
+        return any(f.get("name") == "upper-console" for f in owner.functions())
+
+    refused = [
+        ({}, {}),  # no CSRF token
+        ({"csrf": "0" * 64}, {}),  # a wrong one
+        ({"csrf": Guard(port=PORT).csrf_token("a.b")}, {}),  # another launch's
+        ({"csrf": token}, {"sec-fetch-site": "cross-site"}),
+        ({"csrf": token}, {"sec-fetch-site": "same-site"}),  # another port of 127.0.0.1
+        ({"csrf": token}, {"origin": "http://evil.example"}),
+        ({"csrf": token}, {"origin": f"http://127.0.0.1:{PORT + 1}"}),
+        ({"csrf": token}, {"origin": "null"}),
+    ]
+    for extra, headers in refused:
+        r = browser.post("/functions", data={**form, **extra}, headers=headers)
+        assert r.status_code == 403, (extra, headers, r.text)
+        assert_strict_headers(r)
+    assert not registered()
+    r = browser.put("/functions", content=b"")
+    assert r.status_code == 405
+    ok = browser.post(
+        "/functions", data={**form, "csrf": token}, headers={"sec-fetch-site": "same-origin", "origin": BASE}
+    )
+    assert ok.status_code == 200, ok.text
+    assert "Registered function" in ok.text
+    assert registered()
+
+
+def test_csrf_token_is_bound_to_its_session(browser: TestClient, console: Console) -> None:
+    token = csrf_of(browser.get("/functions").text)
+    second = TestClient(create_app(console), base_url=BASE, follow_redirects=False)
+    assert second.get(f"/?token={console.guard.token}").status_code == 303
+    r = second.post("/functions", data={"csrf": token, "name": "x", "outputs": "o", "source": "x"})
+    assert r.status_code == 403
+    assert csrf_of(second.get("/functions").text) != token
+
+
+def test_task_page_shows_the_manifest_and_approves_only_what_it_showed(
+    browser: TestClient, parties: Any, tmp_path: Path
+) -> None:
+    owner, lab = parties
+    data = tmp_path / "rows.csv"
+    data.write_text("name,score\nada,1\n")
+    ds = owner.upload_dataset(data)
+    fn = lab.register_function(UPPER_FN, name="upper", description="<b>upper</b> & co", outputs=["out"])
+    task = lab.create_task(function=fn, inputs={"data": ds.ref}, outputs={"out": [lab.fingerprint]})
+    inbox = browser.get("/?only=mine")
+    assert task in inbox.text
+    page = browser.get(f"/tasks/{task}")
+    assert page.status_code == 200
+    manifest = owner.manifest(task)
+    from html import escape
+
+    assert escape(describe_manifest(manifest), quote=True) in page.text
+    assert "<b>upper</b>" not in page.text  # another party's text is escaped
+    assert "pending" in page.text
+    token = csrf_of(page.text)
+    swapped = browser.post(f"/tasks/{task}/approve", data={"csrf": token, "digest": "f" * 64})
+    assert swapped.status_code == 400 and "not the reviewed" in swapped.text
+    assert owner.fingerprint not in {a.get("party") for a in lab.task(task)["approvals"]}
+    r = browser.post(f"/tasks/{task}/approve", data={"csrf": token, "digest": manifest.digest})
+    assert r.status_code == 303 and r.headers["location"] == f"/tasks/{task}?done=approved"
+    assert owner.fingerprint in {a.get("party") for a in lab.task(task)["approvals"]}
+    assert browser.get("/tasks/not-a-task").status_code == 400
+
+
+def test_confide_ui_prints_a_token_url_on_loopback(server: ServerProcess, tmp_path: Path) -> None:
+    from confide.client.identity_file import save_identity
+    from confide.enclave.keys import Identity
+
+    key = tmp_path / "me.key"
+    save_identity(Identity.generate("me"), key)
+    policy = tmp_path / "policy.toml"
+    policy.write_text(this_build_dev_policy().to_toml())
+    cmd = [sys.executable, "-m", "confide.cli.main", "ui", "--no-open", "--port", "0", "--url", server.url]
+    cmd += ["--identity", str(key), "--policy", str(policy)]
+    cmd += ["--sim-root", str(server.data_dir / "platform" / "vendor_root.crt")]
+    cmd += ["--results-dir", str(tmp_path / "results")]
+    env = {**os.environ, "CONFIDE_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        found = re.fullmatch(r"http://127\.0\.0\.1:(\d+)/\?token=([A-Za-z0-9_-]{43})", url)
+        assert found, url
+        base = f"http://127.0.0.1:{found.group(1)}"
+        with httpx.Client(timeout=30) as http:
+            _wait_listening(http, base)
+            assert http.get(f"{base}/service").status_code == 403
+            r = http.get(url)
+            assert r.status_code == 303 and "HttpOnly" in r.headers["set-cookie"]
+            page = http.get(f"{base}/service")
+            assert page.status_code == 200, page.text
+            assert "SIMULATED" in page.text and "Verified attestation claims" in page.text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_listening(http: httpx.Client, base: str) -> None:
+    import time
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            http.get(f"{base}/")
+            return
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
