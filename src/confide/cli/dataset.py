@@ -37,11 +37,11 @@ def dataset_upload(client: Client, path: Path, name: str | None, strict: bool) -
     from confide.client.csv_check import check_csv
     from confide.enclave.errors import ConfideError
 
-    report = check_csv(path)
-    for problem in report.problems:
+    report = check_csv(path) if path.suffix.lower() not in (".npy", ".npz") else None  # arrays: no CSV
+    for problem in report.problems if report is not None else ():
         where = f"{path}:{problem.line}" if problem.line is not None else str(path)
         click.echo(f"{'error' if strict else 'warning'}: {problem.message} ({where})", err=True)
-    if report.problems and strict:
+    if report is not None and report.problems and strict:
         raise ConfideError(
             f"{len(report.problems)} CSV problem(s) found; nothing was uploaded (--strict)", where=str(path)
         )

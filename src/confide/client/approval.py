@@ -77,8 +77,9 @@ def describe_manifest(manifest: Manifest) -> str:
         "",
     ]
     from confide.client.analytics import describe  # psi / join-aggregate: what each output releases
+    from confide.client.inference import describe as describe_inference
 
-    analytics = describe(m, _clean)
+    analytics = describe(m, _clean) + describe_inference(m, _clean)
     lines += [*analytics, ""] if analytics else []
     lines += [
         "The enclave runs it only with approvals of this exact manifest by: "

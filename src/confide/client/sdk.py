@@ -302,12 +302,37 @@ class Client:
     def upload_dataset(self, path: Path, *, name: str | None = None) -> DatasetRef:
         """Encrypt a file with a fresh data key, wrap the key to the attested service (bound to the
         dataset id and our fingerprint), and upload both. Only columns and row count are visible."""
+        path = Path(path)
+        columns, rows = _csv_shape(path)
+        return self._upload(path, name or path.stem, {"columns": list(columns)}, rows, {}, "dataset")
+
+    def upload_model(self, path: Path, *, name: str | None = None) -> DatasetRef:
+        """Upload an ONNX model like a dataset (sealed here, its key wrapped to the attested service),
+        checked first; its visible metadata (input and output names and shapes, parameter count,
+        FLOPs, size: confide.infer.model_meta) is in the sealed header and the platform's record."""
+        from confide.infer.model_meta import KIND, model_meta
+
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfideError(f"cannot read model ({exc.strerror})", where=str(path)) from None
+        meta = model_meta(data, where=str(path))
+        schema = {"columns": [], "kind": KIND, "model": meta}
+        return self._upload(path, name or path.stem, schema, None, {"kind": KIND, "model": meta}, "model")
+
+    def _upload(
+        self,
+        path: Path,
+        name: str,
+        schema: dict[str, Any],
+        rows: int | None,
+        metadata: dict[str, Any],
+        what: str,
+    ) -> DatasetRef:
         from confide.client.sealing import encrypt_stream
         from confide.enclave.sealed_file import write_atomically
 
-        path = Path(path)
-        name = name or path.stem
-        columns, rows = _csv_shape(path)
         service = self.service
         dataset_id = new_dataset_id()
         data_key = os.urandom(32)  # AES-256-GCM data key
@@ -322,7 +347,7 @@ class Client:
                         dst,
                         recipients=[self.identity.public],
                         data_key=data_key,
-                        metadata={"dataset_id": dataset_id, "name": name},
+                        metadata={"dataset_id": dataset_id, "name": name, **metadata},
                         progress=advance,
                     ),
                 )
@@ -338,15 +363,17 @@ class Client:
         body = {
             "dataset_id": dataset_id,
             "name": name,
-            "schema": {"columns": list(columns)},
+            "schema": schema,
             "rows": rows,
             "ciphertext_sha256": digest,
             "key_envelope": envelope,
         }
         self.api.call("POST", "/v1/datasets", body)
+        columns = tuple(schema.get("columns") or ())
         ref = DatasetRef(dataset_id, name, self.fingerprint, digest, int(blob["size"]), rows, columns)
         self.records.remember_dataset(dataset_id, ref.ref)
-        self.say(f"uploaded dataset {name!r} ({dataset_id}): {rows} rows, key wrapped to the service")
+        shown = f"{rows} rows" if rows is not None else f"{size} bytes"
+        self.say(f"uploaded {what} {name!r} ({dataset_id}): {shown}, key wrapped to the service")
         self.say(f"share this reference with task creators: {ref.ref}")
         return ref
 

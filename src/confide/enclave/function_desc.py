@@ -198,6 +198,18 @@ class _Builtin:
 
 
 BUILTINS: dict[str, _Builtin] = {
+    "infer": _Builtin(
+        "onnx_infer.py",
+        ("numpy", "onnxruntime"),
+        "Runs an ONNX model (input model: a model uploaded by its owner, `confide model upload`) on "
+        "input data (a NumPy .npz archive with one array per model input, or a .npy array for a "
+        "one-input model) with ONNX Runtime on the CPU, in the enclave's sandbox. Params: mode "
+        "(all-in-enclave, the only mode of platform tasks: the model and the data are decrypted "
+        "only in the enclave and no accelerator sees either), outputs (a list of model output "
+        "names; default all). Output: outputs (.npz, one array per model output).",
+        ("model", "data"),
+        ("outputs",),
+    ),
     "gbdt-train": _Builtin(
         "gbdt_train.py",
         ("numpy", "pandas", "xgboost"),

@@ -3,7 +3,8 @@
 Inputs: ``model`` (an ONNX model, decrypted from its sealed file by the enclave) and ``data``
 (a NumPy ``.npz`` archive with one array per model input, named as the model names them; or a
 ``.npy`` array for a model with exactly one input). Output: ``outputs``, an ``.npz`` archive of
-every model output (or of ``params.outputs``, a list of output names).
+every model output (or of ``params.outputs``, a list of output names). ``params.mode`` may only be
+``all-in-enclave`` (the default); on the platform this module is the built-in ``infer``.
 
 Runs in the sandbox child like any party's function: the model is hostile input to the data owner
 and the data to the model owner. ONNX Runtime is imported here, in the child (it cannot be
@@ -22,9 +23,15 @@ def run(ctx: Any) -> None:
     import numpy as np  # only inside the sandbox child, never in the enclave process
     import onnxruntime as ort
 
-    unknown = sorted(set(ctx.params) - {"outputs"})
+    unknown = sorted(set(ctx.params) - {"outputs", "mode"})
     if unknown:
         raise ValueError(f"onnx-infer: unknown parameter(s) {', '.join(unknown)}")
+    mode = ctx.params.get("mode", "all-in-enclave")
+    if mode != "all-in-enclave":
+        raise ValueError(
+            f"onnx-infer: mode {str(mode)[:40]!r} is not available here (all-in-enclave is; the "
+            "outsourced modes need the accelerator channel, which platform tasks do not have yet)"
+        )
     if hasattr(ort, "disable_telemetry_events"):
         ort.disable_telemetry_events()
     ort.set_default_logger_severity(3)

@@ -1,0 +1,76 @@
+"""Protected inference for SDK users: a task for the ``infer`` built-in, and the words an approver
+reads about what such a task reveals to whom.
+
+The model is a dataset of its owner (``Client.upload_model``): like every input, the enclave opens it
+only with its owner's approval of the exact manifest, so a model never runs on data its owner did
+not approve, and the data never meets a model its owners did not approve.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from confide.enclave.errors import ConfideError
+from confide.enclave.manifest import Manifest
+
+if TYPE_CHECKING:
+    from confide.client.sdk import Client
+
+MODES = ("all-in-enclave",)  # the modes platform tasks run; the outsourced ones need the accelerator channel
+
+
+def infer(
+    client: Client,
+    *,
+    model: str,
+    data: str,
+    recipients: Sequence[str] | None = None,
+    outputs: Sequence[str] | None = None,
+    mode: str = "all-in-enclave",
+    **task: Any,
+) -> str:
+    """Create an ``infer`` task: the model (a reference from `upload_model`) on `data` (a reference
+    to an uploaded .npz/.npy), output ``outputs`` (.npz) sealed to `recipients` (default: this
+    client). Returns the task id; the model's owner and the data's owner must approve it."""
+    if mode not in MODES:
+        raise ConfideError(
+            f"mode must be one of {', '.join(MODES)} for platform tasks, got {mode!r}", where="infer"
+        )
+    params: dict[str, Any] = {"mode": mode}
+    if outputs is not None:
+        params["outputs"] = list(outputs)
+    to = list(recipients) if recipients is not None else [client.fingerprint]
+    return client.create_task(
+        function="infer",
+        inputs={"model": model, "data": data},
+        outputs={"outputs": to},
+        params=params,
+        **task,
+    )
+
+
+def describe(m: Manifest, clean: Callable[[str], str] = str) -> list[str]:
+    """Lines for the approval text of an infer task: the mode, and what it reveals to whom."""
+    fn = m.function
+    if fn.kind != "builtin" or fn.name != "infer":
+        return []
+    mode = m.params.get("mode", "all-in-enclave")
+    owners = {i.name: clean(m.name_of(i.owner)) for i in m.inputs}
+    to = ", ".join(clean(m.name_of(r)) for o in m.outputs for r in o.recipients)
+    lines = [f"What runs and what it reveals (infer, mode {clean(str(mode))}):"]
+    if mode == "all-in-enclave":
+        lines += [
+            f"  the model of {owners.get('model', '?')} and the data of {owners.get('data', '?')} are "
+            "decrypted only in the enclave, in the sandbox where ONNX Runtime runs; no accelerator and "
+            "no other party sees either",
+            f"  outputs -> {to}: the model's outputs on that data (which tell about both the model and the data)",
+            "  everyone sees the model's visible metadata (input/output names and shapes, parameter "
+            "count, FLOPs, size); the host sees the run's duration and each output's size",
+        ]
+    else:
+        lines.append("  this mode is not available for platform tasks: the enclave will refuse the task")
+    return lines
+
+
+__all__ = ["MODES", "describe", "infer"]
