@@ -131,7 +131,8 @@ def test_state_changes_need_csrf_same_origin(browser: TestClient, parties: Any) 
         ({"csrf": token}, {"sec-fetch-site": "same-site"}),  # another port of 127.0.0.1
         ({"csrf": token}, {"origin": "http://evil.example"}),
         ({"csrf": token}, {"origin": f"http://127.0.0.1:{PORT + 1}"}),
-        ({"csrf": token}, {"origin": "null"}),
+        ({"csrf": token}, {"origin": "null"}),  # without Fetch Metadata vouching for it
+        ({"csrf": token}, {"origin": "null", "sec-fetch-site": "cross-site"}),
     ]
     for extra, headers in refused:
         r = browser.post("/functions", data={**form, **extra}, headers=headers)

@@ -181,9 +181,9 @@ def audit(console: Console, request: Request) -> str:
             esc(ev.get("seq")),
             esc(when(ev.get("time"))),
             esc(ev.get("kind")),
-            esc(names.get(str(ev.get("actor"))) or ev.get("actor") or "-"),
-            esc(ev.get("task_id") or "-"),
-            esc(_compact(ev.get("detail"))),
+            f'<span class="wrap">{esc(names.get(str(ev.get("actor"))) or ev.get("actor") or "-")}</span>',
+            f"<code>{esc(ev.get('task_id') or '-')}</code>",
+            f'<span class="wrap">{esc(_compact(ev.get("detail")))}</span>',
         ]
         for ev in reversed(events)
     ]

@@ -7,8 +7,9 @@
   by port); without a valid cookie or token every request is refused (403).
 - **State changes** are POSTs only, and each is refused (403) when the browser says it comes from
   another site (``Sec-Fetch-Site: cross-site`` or ``same-site``: another port of 127.0.0.1 is the
-  same site), when its ``Origin`` is not this console's, or when its form lacks the CSRF token bound
-  to the session. The form is parsed here, once, and handed to the page as ``request.state.form``.
+  same site), when its ``Origin`` is not this console's (``null``, which browsers send under
+  ``no-referrer``, only with ``Sec-Fetch-Site: same-origin``), or when its form lacks the CSRF token
+  bound to the session. The form is parsed here, once, and handed to the page as ``request.state.form``.
 - **Every answer** carries a Content-Security-Policy of ``default-src 'self'``, ``X-Frame-Options:
   DENY``, ``Referrer-Policy: no-referrer``, ``nosniff`` and ``Cache-Control: no-store``.
 """
@@ -202,7 +203,10 @@ class GuardMiddleware:
             await _refuse(send, 403, "Refused", f"a state change from another site ({site}) is refused")
             return None
         origin = headers.get("origin")
-        if origin is not None and origin not in g.origins:
+        # Under Referrer-Policy: no-referrer a browser sends `Origin: null` even for its own forms;
+        # then its Fetch Metadata (which no page can set) must say same-origin.
+        vouched = origin == "null" and site == "same-origin"
+        if origin is not None and origin not in g.origins and not vouched:
             await _refuse(send, 403, "Refused", "a state change from another origin is refused")
             return None
         try:

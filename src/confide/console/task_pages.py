@@ -84,13 +84,14 @@ def inbox(console: Console, request: Request) -> str:
 def _approvals(manifest: Manifest, info: dict[str, Any]) -> str:
     approvers = {str(a.get("party")) for a in info.get("approvals", [])}
     rejected = {str(r.get("party")): r for r in info.get("rejections") or []}
+    names = {p.fingerprint: p.name for p in manifest.participants}
     rows = []
     for fp in manifest.required_approvals():
         if fp in rejected:
             status = f"rejected: {esc(rejected[fp].get('reason') or '')}"
         else:
             status = "approved" if fp in approvers else "<strong>pending</strong>"
-        rows.append([esc(manifest.name_of(fp)), f"<code>{esc(fp)}</code>", status])
+        rows.append([esc(names.get(fp, fp)), f"<code>{esc(fp)}</code>", status])
     return table(
         ("Party", "Fingerprint", "Approval"),
         rows,
@@ -145,7 +146,7 @@ def task_page(console: Console, request: Request) -> str:
     state = str(info.get("state"))
     body = ""
     done = DONE_MESSAGES.get(request.query_params.get("done", ""))
-    if done:
+    if done and (request.query_params.get("done") != "queued" or state in ACTIVE):
         body += notice(done)
     body += f"<p>State: {state_badge(state)} (attempts {esc(info.get('attempts', 0))}) {esc(state_reason(info))}</p>"
     if info.get("message"):
@@ -193,7 +194,14 @@ def _actions(f: Frame, task_id: str, info: dict[str, Any], manifest: Manifest) -
             button_class="danger",
         )
     if state in ("created", "failed"):
-        out += form(f, f"/tasks/{task_id}/run", "", label="Run")
+        waiting = [fp for fp in manifest.required_approvals() if fp not in approvers]
+        note = (
+            f"<p>Still waiting for {len(waiting)} approval(s): the enclave refuses to run it until every "
+            "one is in (and signs a receipt saying which is missing).</p>"
+            if waiting
+            else ""
+        )
+        out += form(f, f"/tasks/{task_id}/run", note, label="Run" if state == "created" else "Run again")
     return out or "<p>Nothing for you to do on this task now.</p>"
 
 
