@@ -46,6 +46,7 @@ TCB_DISTRIBUTIONS: tuple[str, ...] = (
     "scikit-learn",  # imported lazily in the sandbox by xgboost's sklearn API
     "onnx",  # enclave/infer parses models in the sandbox child
     "onnxruntime",  # builtins/onnx_infer.py, imported in the sandbox child (not pre-importable: starts a thread)
+    "pyarrow",  # parquet_keys.py (Parquet and its modular encryption), parsed in the sandbox child
 )
 
 _SKIP_DIST_FILES = {"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"}

@@ -1,5 +1,5 @@
 """The zygote's whole environment, and so every sandboxed child's: nothing is inherited from the
-enclave process, and the numeric libraries are pinned to one thread so the zygote stays
+enclave process, and the numeric libraries (and Arrow's allocator) are pinned to one thread so the zygote stays
 single-threaded (safe to fork) and children do not start thread pools they were not asked for."""
 
 from __future__ import annotations
@@ -12,6 +12,10 @@ THREAD_ENV = {
     "VECLIB_MAXIMUM_THREADS": "1",
     "BLIS_NUM_THREADS": "1",
     "GOTO_NUM_THREADS": "1",
+    # Arrow (pandas imports pyarrow when it is installed): its bundled jemalloc starts a background
+    # thread at import; use the system allocator (it also respects RLIMIT_AS) and no such thread.
+    "ARROW_DEFAULT_MEMORY_POOL": "system",
+    "JE_ARROW_MALLOC_CONF": "background_thread:false",
 }
 
 
