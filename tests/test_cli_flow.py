@@ -60,7 +60,7 @@ def test_a_word_count_runs_and_only_the_recipient_opens_it(world: dict[str, Any]
             world["env"], "flow", "open", str(d / "res"), "word_counts", "--identity", str(d / f"{who}.key")
         )
         assert denied.exit_code == 1 and denied.output.startswith("error: file is not addressed to identity")
-    as_json = _run(world, "-o", "json", out="res-json")
+    as_json = _run(world, "-o", "json", "--memory-budget", "1", out="res-json")
     assert as_json.exit_code == 0 and json.loads(as_json.stdout)["accepted"] is True
 
 

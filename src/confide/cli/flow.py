@@ -63,6 +63,8 @@ def workers_cmd(count: int, fmt: str) -> None:
 @click.option(
     "--workers", type=click.IntRange(1, 64), default=2, show_default=True, help="local enclave workers"
 )
+@click.option("--memory-budget", "budget_mib", type=click.IntRange(1), default=None,
+              help="MiB of decrypted records a task may hold; a larger keyed partition spills, sealed")  # fmt: skip
 @click.option("--policy", "policy_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               envvar="CONFIDE_POLICY", help="policy the engine's coordinator must pass")  # fmt: skip
 @click.option("--progress/--no-progress", default=True, show_default=True)
@@ -77,6 +79,7 @@ def run_cmd(
     engine: str,
     master: str,
     workers: int,
+    budget_mib: int | None,
     policy_path: Path | None,
     progress: bool,
     fmt: str,
@@ -100,7 +103,8 @@ def run_cmd(
     try:
         built = module["job"](fl, named)
         actions = list(built) if isinstance(built, list | tuple) else [built]
-        with _engine(engine, master, workers, _progress if progress else None) as eng:
+        budget = budget_mib << 20 if budget_mib else None
+        with _engine(engine, master, workers, _progress if progress else None, budget) as eng:
             summary = fl.run(
                 *actions, engine=eng, recipients=pubs, out_dir=out, policy=policy, anchors=anchors
             )
@@ -154,11 +158,11 @@ def _load_job(path: Path) -> dict[str, Any]:
 
 
 @contextmanager
-def _engine(kind: str, master: str, workers: int, progress: Any) -> Iterator[Any]:
+def _engine(kind: str, master: str, workers: int, progress: Any, budget: int | None) -> Iterator[Any]:
     from confide.flow import LocalEngine
     from confide.flow.workers import local_workers
 
-    with local_workers(home(), workers if kind == "local" else 1) as local:
+    with local_workers(home(), workers if kind == "local" else 1, memory_budget=budget) as local:
         if kind == "local":
             yield LocalEngine(local.enclaves, progress=progress)
             return

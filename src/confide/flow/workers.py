@@ -46,15 +46,19 @@ def local_backend(home: Home, name: str = "sim") -> TeeBackend:
 
 
 @contextlib.contextmanager
-def local_workers(home: Home, count: int = 2, *, backend: str = "sim") -> Iterator[LocalWorkers]:
-    """`count` enclave workers (one zygote each), closed on exit."""
+def local_workers(
+    home: Home, count: int = 2, *, backend: str = "sim", memory_budget: int | None = None
+) -> Iterator[LocalWorkers]:
+    """`count` enclave workers (one zygote each), closed on exit; `memory_budget`: the decrypted
+    bytes a task may hold (a larger keyed partition spills to sealed files)."""
     tee = local_backend(home, backend)
     zygotes: list[Zygote] = []
     try:
         enclaves = []
         for i in range(max(1, count)):
             zygotes.append(Zygote.start(preimport=()))
-            enclaves.append(FlowEnclave(worker_identity(tee, home.state_dir, i), zygotes[-1], backend=tee))
+            ident = worker_identity(tee, home.state_dir, i)
+            enclaves.append(FlowEnclave(ident, zygotes[-1], backend=tee, memory_budget=memory_budget))
         yield LocalWorkers(tee, enclaves)
     finally:
         for z in zygotes:

@@ -86,7 +86,12 @@ def _canon(j: Any) -> Any:
 
 def key_json(key: Any) -> str:
     """The canonical encoding of a key (what the enclave's PRF is applied to)."""
-    return json.dumps(_canon(enc(key)), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return canonical_encoded(enc(key))
+
+
+def canonical_encoded(j: Any) -> str:
+    """key_json of an already encoded key (the enclave side routes encoded records by key)."""
+    return json.dumps(_canon(j), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def write_frame(out: BinaryIO, items: list[Any]) -> None:

@@ -30,12 +30,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import hmac
 import io
 import json
 import os
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -128,10 +129,17 @@ class FlowEnclave:
         backend: TeeBackend | None = None,
         limits: SandboxLimits | None = None,
         batch_records: int = BATCH_RECORDS,
+        memory_budget: int | None = None,
+        spill_dir: str | Path | None = None,
     ) -> None:
         self.identity = identity
         self.zygote = zygote
         self.backend = backend
+        # the decrypted records a task may hold at once (like SGX's EPC): a keyed stage whose input is
+        # larger spills to encrypted files in spill_dir (see _run_spilled); None: no limit
+        self.memory_budget = memory_budget
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
+        self.last_task: dict[str, int] = {}  # what the last task held and spilled (tests, benchmarks)
         self._boot_evidence: bytes | None = None
         self.limits = limits or SandboxLimits(memory_bytes=256 << 20, cpu_seconds=60, wall_seconds=120.0)
         self.batch_records = batch_records
@@ -323,12 +331,24 @@ class FlowEnclave:
                 fds["in0"] = make_input_memfd(raw, name="confide-flow-in0")
                 report["records_in"] = None
             else:
+                incoming = sum(len(b) for b in batches)
+                budget = self.memory_budget
+                if budget is not None and incoming > budget // 2:
+                    outputs = self._run_spilled(job, st, partition, batches, report, out_dir, incoming, where)
+                    header = Header(plan.job_id, "report", stage, partition, 0, 0, True)
+                    body = fixed_size_json(report) if plan.padded else canonical_json(report)
+                    return outputs, job.keys.seal(header, body)
                 frames, consumed, n_in = self._check_batches(job, st, partition, batches, where)
                 report["consumed"] = consumed
                 report["records_in"] = n_in
                 for i, data in enumerate(frames):
                     specs.append({"name": f"in{i}", "kind": "frames"})
                     fds[f"in{i}"] = make_input_memfd(data, name=f"confide-flow-in{i}")
+                self.last_task = {
+                    "held_bytes": sum(len(f) for f in frames),
+                    "subpartitions": 1,
+                    "spilled_bytes": 0,
+                }
             out = self._run_driver(job, st, specs, fds, where)
         finally:
             for fd in fds.values():
@@ -338,6 +358,78 @@ class FlowEnclave:
         header = Header(plan.job_id, "report", stage, partition, 0, 0, True)
         body = fixed_size_json(report) if plan.padded else canonical_json(report)
         return outputs, job.keys.seal(header, body)
+
+    # ---- spilling: a keyed stage's partition larger than the memory budget -------------------------
+
+    def _run_spilled(
+        self,
+        job: _Job,
+        st: Stage,
+        partition: int,
+        batches: Sequence[bytes],
+        report: dict[str, Any],
+        out_dir: str | None,
+        incoming: int,
+        where: str,
+    ) -> list[tuple[int, bytes]]:
+        """Split the partition by key into sub-partitions that each fit half the budget, spilled as
+        sealed files (a fresh key held only here; each file's header binds job, stage, partition,
+        sub-partition and parent), then run the stage's functions once per sub-partition. Every
+        record of a key lands in one sub-partition, so per-key operators (reduce, aggregate, group,
+        distinct, join) give the same result; a stage whose result depends on all records together
+        (sort, count) cannot spill and fails naming the budget."""
+        budget = self.memory_budget
+        assert budget is not None
+        plan = job.plan
+        keyed = [
+            plan.stages[k].output.keyed if plan.stages[k].output.kind == "hash" else None for k in st.parents
+        ]
+        if not st.parents or None in keyed:
+            raise FlowTaskError(
+                f"the partition holds {incoming} bytes, over half the worker's memory budget of {budget} "
+                "bytes, and this stage reads an unkeyed exchange (sort_by, count, union), which cannot "
+                "spill: give it more partitions or the worker more memory",
+                where=where,
+            )
+        n_sub = min(4096, -(-incoming // max(1, budget // 4)))  # ~a quarter of the budget each
+        spill = _Spill(self, job, st, partition, n_sub, len(st.parents), budget, where)
+        try:
+            route = spill.router([str(k) for k in keyed])
+            _, consumed, n_in = self._check_batches(job, st, partition, batches, where, sink=route)
+            report["consumed"] = consumed
+            report["records_in"] = n_in
+            spill.seal_all()
+            emitter = _Emitter(self, job, st, partition, out_dir, where)
+            try:
+                held = 0
+                for sub in range(n_sub):
+                    parts = spill.read(sub)
+                    held = max(held, sum(len(x) for x in parts))
+                    fds = {
+                        f"in{i}": make_input_memfd(data, name=f"confide-flow-in{i}")
+                        for i, data in enumerate(parts)
+                    }
+                    specs = [{"name": f"in{i}", "kind": "frames"} for i in range(len(parts))]
+                    try:
+                        out = self._run_driver(job, st, specs, fds, where)
+                    finally:
+                        for fd in fds.values():
+                            with contextlib.suppress(OSError):
+                                os.close(fd)
+                    held = max(held, len(out))
+                    emitter.add(out)
+                    del out, parts
+                outputs = emitter.finish(report)
+            finally:
+                emitter.abort()
+            self.last_task = {"held_bytes": held, "subpartitions": n_sub, "spilled_bytes": spill.written}
+            return outputs
+        finally:
+            spill.remove()
+
+    def _read_spill(self, path: Path) -> bytes:
+        """A spill file's bytes as they are on disk now (the host may have changed them)."""
+        return path.read_bytes()
 
     def _source_bytes(
         self, job: _Job, st: Stage, partition: int, path: str | None, where: str
@@ -377,10 +469,18 @@ class FlowEnclave:
             return buf[start:] + bytes(tail), c0, c1
 
     def _check_batches(
-        self, job: _Job, st: Stage, bucket: int, batches: Sequence[bytes], where: str
+        self,
+        job: _Job,
+        st: Stage,
+        bucket: int,
+        batches: Sequence[bytes],
+        where: str,
+        sink: Callable[[int, bytes], None] | None = None,
     ) -> tuple[list[bytes], dict[str, dict[str, list[int]]], int]:
         """Open and check every batch; returns one framed input per parent, what was consumed, and the
-        record count. Any missing, extra, duplicated, out-of-order, foreign or forged batch fails."""
+        record count. Any missing, extra, duplicated, out-of-order, foreign or forged batch fails.
+        With `sink`, each data batch's records go to sink(parent index, payload) as it is opened
+        and nothing is kept (the framed inputs come back empty)."""
         plan = job.plan
         streams: dict[tuple[int, int], dict[str, Any]] = {}
         for k in st.parents:
@@ -425,7 +525,11 @@ class FlowEnclave:
                     raise FlowIntegrityError(f"{src}: malformed data batch", where=where)
                 (count,) = _COUNT.unpack_from(payload)
                 s["records"] += count
-                s["frames"].append(payload[_COUNT.size :].rstrip(b" "))  # a padded batch's filler
+                records = payload[_COUNT.size :].rstrip(b" ")  # a padded batch's filler
+                if sink is not None:
+                    sink(st.parents.index(header.stage), records)
+                else:
+                    s["frames"].append(records)
                 s["next"] += 1
             else:
                 counts = parse_json_object(payload, where=f"{where}: end batch")
@@ -500,58 +604,12 @@ class FlowEnclave:
         where: str,
     ) -> list[tuple[int, bytes]]:
         """Parse the sandbox's (hostile) output, bucket and seal it, or write the sink's part file."""
-        keys = job.keys
-        kind = st.output.kind
-        items = _parse_output(out, keyed=kind == "hash", where=where)
-        report["records_out"] = len(items)
-        if kind == "sink":
-            if out_dir is None:
-                raise FlowFormatError("the engine gave no output directory for a sink task", where=where)
-            name = st.output.sink_name
-            fname = sink_file_names(name, partition)
-            text = st.output.sink_format == "text"
-            meta = {"confide_flow": {"job": job.plan.job_id, "output": name, "part": partition}}
-
-            def lines() -> Any:
-                for x in items:
-                    if text:
-                        if not isinstance(x, str):
-                            raise FlowTaskError("a text sink got a non-text record", where=where)
-                        yield (x + "\n").encode("utf-8")
-                    else:
-                        yield (json.dumps(x, ensure_ascii=False, separators=(",", ":")) + "\n").encode(
-                            "utf-8"
-                        )
-
-            sha = _seal_for(job.plan.recipients, lines(), Path(out_dir) / fname, meta)
-            report["sink"] = {"output": name, "file": fname, "sha256": sha, "records": len(items)}
-            return []
-        buckets: dict[int, list[Any]] = {b: [] for b in job.plan.expected_buckets(st.id, partition)}
-        if kind == "hash":
-            cache: dict[str, int] = {}
-            n = st.output.buckets
-            for key, rec in items:
-                b = cache.get(key)
-                if b is None:
-                    b = cache[key] = keys.bucket_of(key, n)
-                buckets[b].append(rec)
-        else:
-            (only,) = buckets.values()
-            only.extend(items)
-        outputs: list[tuple[int, bytes]] = []
-        pad = st.output.pad
-        for b, recs in buckets.items():
-            seq = 0
-            for _, payload in padded_payloads(recs, pad, where) if pad else self._payloads(recs):
-                outputs.append(
-                    (b, keys.seal(Header(keys.job_hex, "data", st.id, partition, b, seq, False), payload))
-                )
-                seq += 1
-            counts = {"batches": seq, "records": len(recs)}
-            end = fixed_size_json(counts) if pad else canonical_json(counts)
-            outputs.append((b, keys.seal(Header(keys.job_hex, "end", st.id, partition, b, seq, True), end)))
-            report["produced"][str(b)] = [seq, len(recs)]
-        return outputs
+        emitter = _Emitter(self, job, st, partition, out_dir, where)
+        try:
+            emitter.add(out)
+            return emitter.finish(report)
+        finally:
+            emitter.abort()
 
     def _payloads(self, recs: list[Any]) -> list[tuple[int, bytes]]:
         """An unpadded stream: (record count, payload) per batch of up to `batch_records` records."""
@@ -665,6 +723,244 @@ def _csv_names(reader: SealedReader, where: str) -> list[str]:
     if len(set(row)) != len(row) or not row:
         raise FlowFormatError("the CSV header row is empty or names a column twice", where=where)
     return row
+
+
+class _Emitter:
+    """One task's output, fed the sandbox's output in one or more pieces (one per sub-partition of a
+    spilled task): records are bucketed and sealed into batches as they come (a padded stream is
+    sealed at the end: its bound caps what it holds), a sink's part file is written as it comes.
+    Holds at most one batch per bucket in clear, plus a padded stream's records."""
+
+    def __init__(
+        self, enclave: FlowEnclave, job: _Job, st: Stage, partition: int, out_dir: str | None, where: str
+    ) -> None:
+        self.enclave, self.job, self.st, self.partition, self.where = enclave, job, st, partition, where
+        self.kind = st.output.kind
+        self.records = 0
+        self.outputs: list[tuple[int, bytes]] = []
+        self.pending: dict[int, list[Any]] = {b: [] for b in job.plan.expected_buckets(st.id, partition)}
+        self.seq = dict.fromkeys(self.pending, 0)
+        self.counts = dict.fromkeys(self.pending, 0)
+        self.cache: dict[str, int] = {}
+        self.sink: _SinkFile | None = None
+        if self.kind == "sink":
+            if out_dir is None:
+                raise FlowFormatError("the engine gave no output directory for a sink task", where=where)
+            name = st.output.sink_name
+            meta = {"confide_flow": {"job": job.plan.job_id, "output": name, "part": partition}}
+            fname = sink_file_names(name, partition)
+            self.sink = _SinkFile(job.plan.recipients, Path(out_dir) / fname, meta)
+            self.sink_name = fname
+
+    def add(self, out: bytes) -> None:
+        items = _parse_output(out, keyed=self.kind == "hash", where=self.where)
+        self.records += len(items)
+        if self.sink is not None:
+            text = self.st.output.sink_format == "text"
+            for x in items:
+                if text:
+                    if not isinstance(x, str):
+                        raise FlowTaskError("a text sink got a non-text record", where=self.where)
+                    self.sink.write((x + "\n").encode("utf-8"))
+                else:
+                    self.sink.write(
+                        (json.dumps(x, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+                    )
+            return
+        if self.kind == "hash":
+            n = self.st.output.buckets
+            for key, rec in items:
+                b = self.cache.get(key)
+                if b is None:
+                    b = self.cache[key] = self.job.keys.bucket_of(key, n)
+                self._put(b, rec)
+        else:
+            (only,) = self.pending
+            for rec in items:
+                self._put(only, rec)
+
+    def _put(self, bucket: int, rec: Any) -> None:
+        recs = self.pending[bucket]
+        recs.append(rec)
+        self.counts[bucket] += 1
+        if self.st.output.pad is None and len(recs) >= self.enclave.batch_records:
+            self._seal(bucket, self.enclave._payloads(recs))
+            recs.clear()
+
+    def _seal(self, bucket: int, payloads: list[tuple[int, bytes]]) -> None:
+        keys = self.job.keys
+        for _, payload in payloads:
+            header = Header(keys.job_hex, "data", self.st.id, self.partition, bucket, self.seq[bucket], False)
+            self.outputs.append((bucket, keys.seal(header, payload)))
+            self.seq[bucket] += 1
+
+    def finish(self, report: dict[str, Any]) -> list[tuple[int, bytes]]:
+        report["records_out"] = self.records
+        if self.sink is not None:
+            sha = self.sink.close()
+            self.sink = None
+            name = self.st.output.sink_name
+            report["sink"] = {"output": name, "file": self.sink_name, "sha256": sha, "records": self.records}
+            return []
+        keys, pad = self.job.keys, self.st.output.pad
+        for b, recs in self.pending.items():
+            self._seal(b, padded_payloads(recs, pad, self.where) if pad else self.enclave._payloads(recs))
+            recs.clear()
+            counts = {"batches": self.seq[b], "records": self.counts[b]}
+            end = fixed_size_json(counts) if pad else canonical_json(counts)
+            header = Header(keys.job_hex, "end", self.st.id, self.partition, b, self.seq[b], True)
+            self.outputs.append((b, keys.seal(header, end)))
+            report["produced"][str(b)] = [self.seq[b], self.counts[b]]
+        return self.outputs
+
+    def abort(self) -> None:
+        if self.sink is not None:
+            self.sink.discard()
+            self.sink = None
+
+
+class _Spill:
+    """The sealed spill files of one task: n_sub sub-partitions x parents, under a fresh key."""
+
+    FLUSH_BYTES = 1 << 18
+
+    def __init__(
+        self,
+        enclave: FlowEnclave,
+        job: _Job,
+        st: Stage,
+        partition: int,
+        n_sub: int,
+        n_parents: int,
+        budget: int,
+        where: str,
+    ) -> None:
+        import tempfile
+
+        self.enclave, self.job, self.st, self.partition, self.where = enclave, job, st, partition, where
+        self.n_sub, self.n_parents = n_sub, n_parents
+        self.key = os.urandom(KEY_LEN)
+        self.route_key = os.urandom(32)
+        base = enclave.spill_dir
+        if base is not None:
+            base.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix="confide-spill-", dir=base))
+        # buffered records per (sub, parent), flushed as frames: together at most ~a quarter budget
+        self.flush = max(1 << 12, min(self.FLUSH_BYTES, budget // (4 * n_sub * n_parents)))
+        self.buffers: dict[tuple[int, int], list[bytes]] = {}
+        self.sizes: dict[tuple[int, int], int] = {}
+        self.writers: dict[tuple[int, int], tuple[BinaryIO, SealedWriter]] = {}
+        self.written = 0
+
+    def _meta(self, sub: int, parent: int) -> dict[str, Any]:
+        return {
+            "confide_flow_spill": {
+                "job": self.job.plan.job_id,
+                "stage": self.st.id,
+                "part": self.partition,
+                "sub": sub,
+                "parent": parent,
+            }
+        }
+
+    def _path(self, sub: int, parent: int) -> Path:
+        return self.dir / f"{sub:05d}-{parent}.spill"
+
+    def router(self, keyed: list[str]) -> Callable[[int, bytes], None]:
+        def route(parent: int, payload: bytes) -> None:
+            try:
+                records = json.loads(payload)
+            except (ValueError, RecursionError):
+                raise FlowIntegrityError("a batch's records are not valid JSON", where=self.where) from None
+            for rec in records:
+                key = rec if keyed[parent] == "self" else (rec[0] if isinstance(rec, list) and rec else None)
+                digest = hmac.new(self.route_key, driver.canonical_encoded(key).encode(), "sha256").digest()
+                sub = int.from_bytes(digest[:8], "big") % self.n_sub
+                self._add(sub, parent, json.dumps(rec, ensure_ascii=False, separators=(",", ":")).encode())
+
+        return route
+
+    def _add(self, sub: int, parent: int, rec: bytes) -> None:
+        slot = (sub, parent)
+        self.buffers.setdefault(slot, []).append(rec)
+        self.sizes[slot] = self.sizes.get(slot, 0) + len(rec) + 1
+        if self.sizes[slot] >= self.flush:
+            self._flush(slot)
+
+    def _flush(self, slot: tuple[int, int]) -> None:
+        recs = self.buffers.pop(slot, [])
+        self.sizes.pop(slot, None)
+        if not recs:
+            return
+        frame = b"[" + b",".join(recs) + b"]"
+        w = self.writers.get(slot)
+        if w is None:
+            fh = open(self._path(*slot), "xb")  # noqa: SIM115 (closed in seal_all/remove)
+            w = self.writers[slot] = (fh, SealedWriter(fh, data_key=self.key, metadata=self._meta(*slot)))
+        w[1].write(driver.FRAME.pack(len(frame)) + frame)
+        self.written += 4 + len(frame)
+
+    def seal_all(self) -> None:
+        for slot in list(self.buffers):
+            self._flush(slot)
+        for fh, writer in self.writers.values():
+            writer.close()
+            fh.close()
+
+    def read(self, sub: int) -> list[bytes]:
+        """Sub-partition `sub`, one framed input per parent, each file checked to be the one written
+        for exactly this (job, stage, partition, sub-partition, parent)."""
+        parts = []
+        for parent in range(self.n_parents):
+            path = self._path(sub, parent)
+            if (sub, parent) not in self.writers:
+                parts.append(b"")
+                continue
+            w = f"{self.where}: spill file {path.name}"
+            try:
+                blob = self.enclave._read_spill(path)
+            except OSError as exc:
+                raise FlowIntegrityError(f"spill file gone ({exc.strerror})", where=w) from None
+            reader = SealedReader(io.BytesIO(blob), where=w).unlock(data_key=self.key)
+            if reader.header.metadata != self._meta(sub, parent):
+                raise FlowIntegrityError("spill file of another task or sub-partition (swapped)", where=w)
+            parts.append(b"".join(bytes(c) for c in reader.iter_chunks()))
+            with contextlib.suppress(OSError):
+                path.unlink()
+        return parts
+
+    def remove(self) -> None:
+        for fh, _ in self.writers.values():
+            with contextlib.suppress(OSError):
+                fh.close()
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _SinkFile:
+    """A sealed part file written as records come; published (renamed into place) only by close."""
+
+    def __init__(self, recipients: Sequence[str], path: Path, metadata: dict[str, Any]) -> None:
+        pubs = [PublicIdentity.from_line(r, where="job recipients") for r in recipients]
+        self.path = path
+        self.tmp, self.fh = create_partial(path)
+        self.hashing = _HashingFile(self.fh)
+        self.writer = SealedWriter(self.hashing, recipients=pubs, metadata=metadata)  # type: ignore[arg-type]
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def close(self) -> str:
+        self.writer.close()
+        self.fh.close()
+        os.replace(self.tmp, self.path)
+        return self.hashing.sha.hexdigest()
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.fh.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 def _parse_output(out: bytes, *, keyed: bool, where: str) -> list[Any]:

@@ -1,0 +1,138 @@
+"""A worker's memory budget (issue 8): a keyed stage whose partition is four times the budget spills
+to sealed files, runs per sub-partition, gives the same result as without a budget, and never holds
+more than the budget in clear; a stage that cannot spill fails naming the budget; a host that
+tampers with or swaps the spill files is refused; nothing is left on disk."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from confide.enclave.errors import IntegrityError
+from confide.enclave.flow import FlowIntegrityError, FlowTaskError
+from confide.enclave.keys import Identity
+from confide.enclave.sandbox import Zygote
+from confide.flow import Flow, LocalEngine, open_result, seal_text
+from flow_support import FUNCTIONS, enclave_identity, make_enclave, recipient, zygote
+
+__all__ = ["enclave_identity", "recipient", "zygote"]  # fixtures
+
+BUDGET = 48 << 10
+EXTRA = """
+def kv(line):
+    a, b = line.split()
+    return (a, int(b))
+
+def left_side(line):
+    a, b = line.split()
+    return (a, "L" + b)
+
+def right_side(line):
+    a, b = line.split()
+    return (a, "R" + b)
+
+def by_key(pair):
+    return pair[0]
+"""
+LINES = [f"key{(i * 7919) % 3000:05d}-ünï {i % 97}" for i in range(12000)]  # ~4x the budget per bucket
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory, enclave_identity: Identity) -> Path:
+    return seal_text(
+        tmp_path_factory.mktemp("spill") / "kv.sealed", LINES, [enclave_identity.public], chunk_size=1 << 14
+    )
+
+
+def _run(enclave: Any, build: Any, data: Path, out: Path, recipient: Identity) -> list[Any]:
+    flow = Flow(FUNCTIONS + EXTRA)
+    action = build(flow, flow.text(data)).save("o")
+    flow.run(action, engine=LocalEngine([enclave]), recipients=[recipient.public], out_dir=out)
+    return open_result(out, "o", recipient)
+
+
+JOBS = {
+    "reduce_by_key": lambda f, t: t.map("kv").reduce_by_key("add", 1),
+    "group_by_key": lambda f, t: t.map("kv").group_by_key(1),
+    "distinct": lambda f, t: t.map("kv").distinct(1),
+    "aggregate_by_key": lambda f, t: t.map("kv").aggregate_by_key(0, "add", "add", 1),
+    "join": lambda f, t: t.map("left_side").join(t.map("right_side"), num_partitions=1),
+    "left join": lambda f, t: t.map("left_side").join(t.filter("is_long").map("right_side"), "left", 1),
+}
+
+
+def _canonical(name: str, rows: list[Any]) -> Any:
+    if name == "group_by_key":
+        return sorted((k, sorted(vs)) for k, vs in rows)
+    return sorted(rows, key=repr)
+
+
+@pytest.mark.parametrize("name", list(JOBS))
+def test_a_partition_four_times_the_budget_spills_and_gives_the_same_result(
+    name: str, data: Path, tmp_path: Path, zygote: Zygote, enclave_identity: Identity, recipient: Identity
+) -> None:
+    free = make_enclave(zygote, enclave_identity)
+    want = _run(free, JOBS[name], data, tmp_path / "free", recipient)
+    assert free.last_task["subpartitions"] == 1 and free.last_task["held_bytes"] > 4 * BUDGET
+    spill_dir = tmp_path / "spill"
+    tight = make_enclave(zygote, enclave_identity, memory_budget=BUDGET, spill_dir=spill_dir)
+    got = _run(tight, JOBS[name], data, tmp_path / "tight", recipient)
+    assert _canonical(name, got) == _canonical(name, want)
+    stats = tight.last_task
+    assert stats["subpartitions"] >= 8 and stats["spilled_bytes"] > 4 * BUDGET
+    assert 0 < stats["held_bytes"] <= BUDGET
+    assert list(spill_dir.iterdir()) == []  # every spill file deleted
+
+
+def test_the_reduce_result_is_the_plain_one(
+    data: Path, tmp_path: Path, zygote: Zygote, enclave_identity: Identity, recipient: Identity
+) -> None:
+    tight = make_enclave(zygote, enclave_identity, memory_budget=BUDGET, spill_dir=tmp_path / "s")
+    got = dict(_run(tight, JOBS["reduce_by_key"], data, tmp_path / "o", recipient))
+    want: defaultdict[str, int] = defaultdict(int)
+    for line in LINES:
+        k, v = line.split()
+        want[k] += int(v)
+    assert got == dict(want) and Counter(type(k) for k in got) == Counter({str: 3000})
+
+
+def test_a_stage_that_cannot_spill_fails_naming_the_budget(
+    data: Path, tmp_path: Path, zygote: Zygote, enclave_identity: Identity, recipient: Identity
+) -> None:
+    tight = make_enclave(zygote, enclave_identity, memory_budget=BUDGET, spill_dir=tmp_path / "s")
+    with pytest.raises(FlowTaskError, match="cannot spill") as err:
+        _run(tight, lambda f, t: t.map("kv").sort_by("by_key"), data, tmp_path / "o", recipient)
+    assert "stage 1 partition 0" in str(err.value) and str(BUDGET) in str(err.value)
+    assert not (tmp_path / "o" / "o.manifest.cnfseal").exists()
+
+
+class _TamperingHost:
+    """The host under the enclave: it rewrites a spill file between its writing and its reading."""
+
+    @staticmethod
+    def flip(blob: bytes) -> bytes:
+        return blob[:-40] + bytes([blob[-40] ^ 1]) + blob[-39:]
+
+
+@pytest.mark.parametrize("attack", ["flip", "swap"])
+def test_a_host_that_tampers_with_spill_files_is_refused(
+    attack: str, data: Path, tmp_path: Path, zygote: Zygote, enclave_identity: Identity, recipient: Identity
+) -> None:
+    tight = make_enclave(zygote, enclave_identity, memory_budget=BUDGET, spill_dir=tmp_path / "s")
+    seen: list[Path] = []
+
+    def hostile(path: Path) -> bytes:
+        seen.append(path)
+        if attack == "flip":
+            return _TamperingHost.flip(path.read_bytes())
+        others = sorted(p for p in path.parent.iterdir() if p != path)
+        return others[0].read_bytes()  # another sub-partition's file, sealed under the same key
+
+    tight._read_spill = hostile  # type: ignore[method-assign]
+    with pytest.raises((IntegrityError, FlowIntegrityError)) as err:
+        _run(tight, JOBS["group_by_key"], data, tmp_path / "o", recipient)
+    assert seen and ("swapped" in str(err.value) if attack == "swap" else "authentication" in str(err.value))
+    assert list((tmp_path / "s").iterdir()) == []
