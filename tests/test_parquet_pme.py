@@ -345,6 +345,9 @@ def test_no_enclave_process_module_imports_the_parquet_reader() -> None:
                 names = [node.module or "", *(a.name for a in node.names)]
             else:
                 continue
-            if any(n.endswith("parquet_keys") or n.split(".")[0] == "pyarrow" for n in names):
+            in_child = path.parent.name == "builtins"  # read as text and run in the sandbox child
+            if any(
+                n.endswith("parquet_keys") or (n.split(".")[0] == "pyarrow" and not in_child) for n in names
+            ):
                 offenders.append(path.relative_to(measurement.TCB_ROOT).as_posix())
     assert offenders == []

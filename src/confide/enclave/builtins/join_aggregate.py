@@ -1,6 +1,10 @@
 """Built-in join-aggregate v1: join the inputs on a key, aggregate by groups, suppress small cohorts.
 
-Inputs: one or more UTF-8 CSV files with a header. Params: ``key`` (required: the key column, one
+Inputs: one or more UTF-8 CSV files with a header, or plain Parquet files (``PAR1`` at both ends),
+mixed freely. A Parquet column is read as the text a CSV cell would hold: null is an empty cell,
+integers, decimals, booleans, dates and times as Arrow casts them to text, floats as their shortest
+decimal (NaN and infinities are errors), nested columns refused; Parquet with modular encryption is
+refused here until the enclave releases master keys to built-ins (enclave/parquet_keys.py). Params: ``key`` (required: the key column, one
 name for every input or an object input name -> column), ``k`` (required: the minimum cohort, an
 integer >= 2: a group with fewer than k distinct keys is suppressed), ``group_by`` (a list of
 column references, default none: one group), ``aggregates`` (a list of {"op": count|sum|avg|min|
@@ -20,6 +24,7 @@ import csv
 import decimal
 import io
 import json
+import math
 import re
 from fractions import Fraction
 from typing import Any
@@ -115,11 +120,73 @@ def _text(name: str, raw: bytes) -> str:
     return text[1:] if text.startswith("\ufeff") else text
 
 
-def _header(pd: Any, name: str, text: str) -> list[str]:
+def _source(name: str, raw: bytes) -> Any:
+    """CSV text, or a pyarrow ParquetFile for a Parquet input."""
+    if len(raw) >= 12 and raw[:4] == raw[-4:] == b"PARE":
+        _fail(
+            f"input {name!r} is Parquet with modular encryption: built-ins are not given its master keys "
+            "yet (seal the plain Parquet or CSV file instead)"
+        )
+    if len(raw) < 12 or raw[:4] != b"PAR1" or raw[-4:] != b"PAR1":
+        return _text(name, raw)
+    import pyarrow as pa  # only inside the sandbox child, never in the enclave process
+    import pyarrow.parquet as pq
+
     try:
-        return [str(c) for c in pd.read_csv(io.StringIO(text), nrows=0, dtype=str).columns]
+        return pq.ParquetFile(pa.BufferReader(raw))
+    except Exception as exc:
+        _fail(f"input {name!r} is not a readable Parquet file ({str(exc)[:200]})")
+    raise AssertionError
+
+
+def _header(pd: Any, name: str, source: Any) -> list[str]:
+    if not isinstance(source, str):
+        names = [str(n) for n in source.schema_arrow.names]
+        if len(set(names)) != len(names):
+            _fail(f"input {name!r}: a Parquet file with repeated column names {names[:20]}")
+        return names
+    try:
+        return [str(c) for c in pd.read_csv(io.StringIO(source), nrows=0, dtype=str).columns]
     except Exception as exc:
         _fail(f"input {name!r} is not a readable CSV file ({str(exc)[:200]})")
+    raise AssertionError
+
+
+def _parquet_cells(name: str, column: str, values: Any) -> list[str]:
+    """A Parquet column as the text of CSV cells (null: empty)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_floating(values.type):
+        cells = []
+        for row, v in enumerate(values.to_pylist(), 1):
+            if v is not None and not math.isfinite(v):
+                _fail(f"input {name!r}, column {column!r}, data row {row}: {v!r} is not a number")
+            cells.append("" if v is None else format(decimal.Decimal(repr(v)), "f"))
+        return cells
+    try:
+        return list(pc.fill_null(pc.cast(values, pa.string()), "").to_pylist())
+    except Exception as exc:
+        _fail(
+            f"input {name!r}, column {column!r}: a {values.type} column cannot be read as text ({str(exc)[:200]})"
+        )
+    raise AssertionError
+
+
+def _frame(pd: Any, name: str, source: Any, used: list[str]) -> Any:
+    """The `used` columns of an input, as text."""
+    if not isinstance(source, str):
+        try:
+            table = source.read(columns=used, use_threads=False)
+        except Exception as exc:
+            _fail(f"input {name!r}: not a readable Parquet file ({str(exc)[:200]})")
+        return pd.DataFrame({col: _parquet_cells(name, col, table.column(col)) for col in used}, dtype=str)
+    try:
+        return pd.read_csv(
+            io.StringIO(source), usecols=used, dtype=str, keep_default_na=False, na_filter=False
+        )
+    except Exception as exc:
+        _fail(f"input {name!r}: not a readable CSV file ({str(exc)[:200]})")
     raise AssertionError
 
 
@@ -173,8 +240,8 @@ def run(ctx: Any) -> None:
     if not inputs:
         _fail("needs at least one input")
     p = _params(dict(ctx.params), inputs)
-    texts = {name: _text(name, ctx.inputs[name].read()) for name in inputs}
-    headers = {name: _header(pd, name, texts[name]) for name in inputs}
+    sources = {name: _source(name, ctx.inputs[name].read()) for name in inputs}
+    headers = {name: _header(pd, name, sources[name]) for name in inputs}
     for name in inputs:
         if p["keys"][name] not in headers[name]:
             _fail(f"input {name!r} has no key column {p['keys'][name]!r} (its header: {headers[name][:20]})")
@@ -185,12 +252,7 @@ def run(ctx: Any) -> None:
     for name in inputs:
         key = p["keys"][name]
         used = sorted({col for (inp, col) in where.values() if inp == name} | {key})
-        try:
-            frame = pd.read_csv(
-                io.StringIO(texts[name]), usecols=used, dtype=str, keep_default_na=False, na_filter=False
-            )
-        except Exception as exc:
-            _fail(f"input {name!r}: not a readable CSV file ({str(exc)[:200]})")
+        frame = _frame(pd, name, sources[name], used)
         for col in used:
             if len(frame):
                 lengths = frame[col].str.len()
