@@ -4,10 +4,11 @@ Inputs: one or more UTF-8 CSV files with a header, or plain Parquet files (``PAR
 mixed freely. A Parquet column is read as the text a CSV cell would hold: null is an empty cell,
 integers, decimals, booleans, dates and times as Arrow casts them to text, floats as their shortest
 decimal (NaN and infinities are errors), nested columns refused; Parquet with modular encryption is
-refused here until the enclave releases master keys to built-ins (enclave/parquet_keys.py). Params: ``key`` (required: the key column, one
-name for every input or an object input name -> column), ``k`` (required: the minimum cohort, an
-integer >= 2: a group with fewer than k distinct keys is suppressed), ``group_by`` (a list of
-column references, default none: one group), ``aggregates`` (a list of {"op": count|sum|avg|min|
+refused here until the enclave releases master keys to built-ins (enclave/parquet_keys.py).
+
+Params: ``key`` (required: the key column, one name for every input or an object input name ->
+column), ``k`` (required: the minimum cohort, an integer >= 2: a group with fewer than k distinct
+keys is suppressed), ``group_by`` (a list of column references, default none: one group), ``aggregates`` (a list of {"op": count|sum|avg|min|
 max, "column": reference, "as": output column name}; count without a column counts joined rows;
 default [{"op": "count"}]), ``avg_places`` (6: avg is rounded half-even to this many decimal places),
 ``max_field_chars`` (4096), ``max_join_rows`` (10^7: a join that would make more rows is an error).
