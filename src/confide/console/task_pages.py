@@ -151,15 +151,19 @@ def task_page(console: Console, request: Request) -> str:
     body += f"<p>State: {state_badge(state)} (attempts {esc(info.get('attempts', 0))}) {esc(state_reason(info))}</p>"
     if info.get("message"):
         body += f"<p>Platform says: {esc(info['message'])}</p>"
+    receipt = "<section><h2>Receipt</h2>" + _receipt(console, task_id, info, manifest) + "</section>"
+    if info.get("receipt"):  # what happened first, once something did
+        body += receipt
     body += "<section><h2>Approvals</h2>" + _approvals(manifest, info) + "</section>"
-    body += "<section><h2>Actions</h2>" + _actions(frame, task_id, info, manifest) + "</section>"
-    body += "<section><h2>Receipt</h2>" + _receipt(console, task_id, info, manifest) + "</section>"
     body += (
         "<section><h2>What an approval covers</h2><p>Exactly what <code>confide task show</code> prints; "
         "the enclave checks every approval against this manifest's digest.</p>"
         + pre(describe_manifest(manifest), label="task manifest")
         + "</section>"
     )
+    body += "<section><h2>Actions</h2>" + _actions(frame, task_id, info, manifest) + "</section>"
+    if not info.get("receipt"):
+        body += receipt
     return page(frame, f"Task {task_id}", body, refresh_s=2 if state in ACTIVE else None)
 
 
