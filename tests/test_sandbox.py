@@ -312,6 +312,8 @@ def test_environment_is_scrubbed(zygote: Zygote) -> None:
         "VECLIB_MAXIMUM_THREADS",
         "BLIS_NUM_THREADS",
         "GOTO_NUM_THREADS",
+        "ARROW_DEFAULT_MEMORY_POOL",  # Arrow's allocator without jemalloc's background thread
+        "JE_ARROW_MALLOC_CONF",
         # set by scikit-learn at import (xgboost imports it when installed)
         "KMP_DUPLICATE_LIB_OK",
         "KMP_INIT_AT_FORK",
