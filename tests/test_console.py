@@ -104,6 +104,44 @@ def test_token_becomes_a_strict_session_cookie(anonymous: TestClient, console: C
     assert "url(" not in css.text and "@import" not in css.text
 
 
+def test_foreign_host_is_refused_before_the_token_is_looked_at(
+    anonymous: TestClient, console: Console
+) -> None:
+    r = anonymous.get(f"/?token={console.guard.token}", headers={"host": f"rebound.example:{PORT}"})
+    assert r.status_code == 400
+    assert "set-cookie" not in r.headers
+    assert_strict_headers(r)
+
+
+def test_upload_checks_the_csv_here_first(browser: TestClient, parties: Any) -> None:
+    owner, _lab = parties
+    token = csrf_of(browser.get("/datasets").text)
+    ragged = b"name,score\nada,1\nbob\n"
+    before = len(owner.datasets())
+    r = browser.post(
+        "/datasets",
+        data={"csrf": token, "name": "ragged", "strict": "1"},
+        files={"file": ("ragged.csv", ragged, "text/csv")},
+    )
+    assert r.status_code == 400 and "nothing uploaded" in r.text and "line 3" in r.text
+    assert len(owner.datasets()) == before
+    r = browser.post(
+        "/datasets",
+        data={"csrf": token, "name": "ragged"},
+        files={"file": ("ragged.csv", ragged, "text/csv")},
+    )
+    assert r.status_code == 200 and "warning:" in r.text and "line 3" in r.text
+    ref = re.search(r'<code class="ref">(cds1:[^<]+)</code>', r.text)
+    assert ref, r.text
+    assert owner.dataset(ref.group(1)).name == "ragged"
+    assert len(owner.datasets()) == before + 1
+    no_csrf = browser.post(
+        "/datasets", data={"name": "x"}, files={"file": ("x.csv", b"a,b\n1,2\n", "text/csv")}
+    )
+    assert no_csrf.status_code == 403
+    assert len(owner.datasets()) == before + 1
+
+
 def test_foreign_host_header_is_refused(browser: TestClient) -> None:
     assert browser.get("/").status_code == 200
     for host in (f"evil.example:{PORT}", "127.0.0.1", f"127.0.0.1:{PORT + 1}", f"localhost:{PORT}.evil", ""):

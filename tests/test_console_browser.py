@@ -235,6 +235,10 @@ def test_three_parties_through_their_consoles(
         assert "NAME" in cells and "ADA" in cells and "GRACE" in cells and "ALAN" in cells
         assert "checked against the receipt" in lab.get_by_role("status").first.inner_text()
         shots(lab, "results")
+        with lab.expect_download() as fetched:
+            lab.get_by_role("link", name="Download out").click()
+        saved = fetched.value.path()
+        assert Path(saved).read_text() == "NAME,SCORE\nADA,1\nGRACE,2\nALAN,3\n"
 
         lab.get_by_role("link", name="Inbox").click()
         done = lab.get_by_role("table", name="Done tasks")
