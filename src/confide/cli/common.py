@@ -74,12 +74,22 @@ def parse_assignments(items: tuple[str, ...], *, what: str) -> dict[str, str]:
     return out
 
 
-def parse_params(items: tuple[str, ...], *, what: str = "--param") -> dict[str, Any]:
-    """`KEY=VALUE` parameters, each VALUE parsed as JSON when it is JSON (else kept as a string)."""
+def parse_params(
+    items: tuple[str, ...], *, what: str = "--param", from_files: bool = False
+) -> dict[str, Any]:
+    """`KEY=VALUE` parameters, each VALUE parsed as JSON when it is JSON (else kept as a string).
+    With `from_files` (the CLI's own flags only, never a form), `KEY=@PATH` reads VALUE from PATH."""
     import json
 
     values: dict[str, Any] = {}
     for key, raw in parse_assignments(items, what=what).items():
+        if from_files and raw.startswith("@"):
+            try:
+                raw = Path(raw[1:]).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfideError(
+                    f"cannot read {key}'s value from {raw[1:]!r} ({exc})", where=what
+                ) from None
         try:
             values[key] = json.loads(raw)
         except ValueError:

@@ -66,7 +66,12 @@ def task() -> None:
     show_default=True,
     help="your approval allows at most this many runs per enclave worker (retries included)",
 )
-@click.option("--param", "params", multiple=True, help="KEY=VALUE; VALUE parsed as JSON when it parses")
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    help="KEY=VALUE; VALUE parsed as JSON when it parses; KEY=@FILE reads VALUE from FILE",
+)
 @click.option("--params-json", default=None, help="all parameters as one JSON object")
 @with_client
 def task_create(
@@ -95,7 +100,7 @@ def task_create(
         if not isinstance(loaded, dict):
             raise ConfideError("must be a JSON object", where="--params-json")
         values.update(loaded)
-    values.update(parse_params(params))
+    values.update(parse_params(params, from_files=True))
     caps = {
         name: parse_size(size, where=f"--max-output {name}")
         for name, size in parse_assignments(max_outputs, what="--max-output").items()

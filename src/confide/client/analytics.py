@@ -1,5 +1,5 @@
-"""Clean-room analytics for SDK users: tasks for the ``psi`` and ``join-aggregate`` built-ins, and
-the words an approver reads about what such a task releases to whom.
+"""Clean-room analytics for SDK users: tasks for the ``psi``, ``join-aggregate`` and ``sql``
+built-ins, and the words an approver reads about what such a task releases to whom.
 
 The helpers only build a task through ``Client.create_task``; the enclave enforces the rules
 (membership bits only to their input's owner, k >= 2, suppression), whatever a creator writes.
@@ -99,6 +99,55 @@ def join_aggregate(
     )
 
 
+def sql(
+    client: Client,
+    *,
+    inputs: Mapping[str, str],
+    query: str,
+    rule: Mapping[str, Any],
+    recipients: Sequence[str] | None = None,
+    memory_limit_mib: int | None = None,
+    max_result_rows: int | None = None,
+    **task: Any,
+) -> str:
+    """Create a ``sql`` task: `query` (one SELECT; its text is in the manifest, so every owner
+    approves exactly it) runs in DuckDB over `inputs` (input name -> dataset reference; each input is
+    a table of that name) under the analysis `rule` ({tables: {input: {columns, join_columns,
+    id_column}}, aggregates, min_group_size, join_required, allow_raw_columns}), which the enclave
+    checks on DuckDB's parse tree and enforces on the result. Outputs ``result`` and ``report`` go to
+    `recipients` (default: this client). Returns the task id."""
+    if not isinstance(query, str) or not query.strip():
+        raise ConfideError("query must be the SQL text of one SELECT", where="sql")
+    if not isinstance(rule, Mapping) or not isinstance(rule.get("tables"), Mapping):
+        raise ConfideError("rule must be an object with tables (input name -> columns)", where="sql")
+    if sorted(rule["tables"]) != sorted(inputs):
+        raise ConfideError(
+            f"rule.tables must name exactly the inputs {sorted(inputs)}, got {sorted(rule['tables'])}",
+            where="sql",
+        )
+    k = rule.get("min_group_size")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ConfideError(f"rule.min_group_size must be an integer of at least 2, got {k!r}", where="sql")
+    to = list(recipients) if recipients is not None else [client.fingerprint]
+    params: dict[str, Any] = {"query": query, "rule": _plain(rule)}
+    if memory_limit_mib is not None:
+        params["memory_limit_mib"] = memory_limit_mib
+    if max_result_rows is not None:
+        params["max_result_rows"] = max_result_rows
+    return client.create_task(
+        function="sql", inputs=inputs, outputs={"result": to, "report": to}, params=params, **task
+    )
+
+
+def _plain(value: Any) -> Any:
+    """JSON values of mappings and sequences (a rule may be built from tuples or read-only maps)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 # ---- what an approver reads -------------------------------------------------------------------
 
 
@@ -113,12 +162,14 @@ def _columns(spec: Any, inputs: Sequence[str]) -> str:
 def describe(m: Manifest, clean: Callable[[str], str] = str) -> list[str]:
     """Lines for the approval text of a psi or join-aggregate task: what each output releases."""
     fn = m.function
-    if fn.kind != "builtin" or fn.name not in ("psi", "join-aggregate"):
+    if fn.kind != "builtin" or fn.name not in ("psi", "join-aggregate", "sql"):
         return []
     p = m.params
     inputs = [i.name for i in m.inputs]
     to = {o.name: ", ".join(clean(m.name_of(r)) for r in o.recipients) for o in m.outputs}
     lines = [f"What leaves ({fn.name}, enforced in the enclave):"]
+    if fn.name == "sql":
+        return lines + _describe_sql(p, to, clean)
     if fn.name == "psi":
         hashed = p.get("hash") is True
         form = (
@@ -167,4 +218,65 @@ def describe(m: Manifest, clean: Callable[[str], str] = str) -> list[str]:
     return lines
 
 
-__all__ = ["describe", "join_aggregate", "psi"]
+def _describe_sql(p: Mapping[str, Any], to: Mapping[str, str], clean: Callable[[str], str]) -> list[str]:
+    """The query as written and the rule in words; anything malformed is shown as it is (the enclave
+    refuses it)."""
+    query = p.get("query")
+    rule: dict[str, Any] = p["rule"] if isinstance(p.get("rule"), dict) else {}
+    lines = ["  the query, exactly as it will run (checked against the rule below before any data is read):"]
+    text = (
+        clean(query)
+        if isinstance(query, str)
+        else f"{query!r} (not SQL text: the enclave will refuse the task)"
+    )
+    lines += [f"    | {line}" for line in text.splitlines() or [""]]
+    lines.append("  the analysis rule:")
+    tables: dict[str, Any] = rule["tables"] if isinstance(rule.get("tables"), dict) else {}
+    for name, t in sorted(tables.items()):
+        t = t if isinstance(t, dict) else {}
+        cols = ", ".join(map(str, t.get("columns") or [])) or "(none)"
+        joins = ", ".join(map(str, t.get("join_columns") or [])) or "(none: it cannot be joined)"
+        ident = t.get("id_column")
+        lines.append(
+            f"    table {clean(str(name))}: may use columns {clean(cols)}; may be joined on {clean(joins)}"
+        )
+        if ident:
+            lines.append(f"      each distinct {clean(str(ident))} is one person for the threshold")
+    aggs = ", ".join(map(str, rule.get("aggregates") or [])) or "(none)"
+    lines.append(f"    aggregate functions allowed: {clean(aggs)} (each over one plain column, or count(*))")
+    k = rule.get("min_group_size")
+    lines.append(
+        f"    min_group_size k = {clean(repr(k))}: an output row is released only if its group has at least "
+        "k distinct ids of every joined table that names an id column, and at least k rows (k < 2 is refused)"
+    )
+    raw = rule.get("allow_raw_columns", False)
+    lines.append(
+        "    raw columns: ALLOWED in a query without aggregates (rows released when at least k ids share "
+        "the same output values)"
+        if raw is True
+        else "    raw columns: not allowed (every output is an aggregate or a GROUP BY column)"
+    )
+    joined = rule.get("join_required", True)
+    lines.append(
+        "    every table must be joined in the query"
+        if joined is not False
+        else "    a table may be queried alone (join_required is false)"
+    )
+    lines.append(
+        "    refused in the enclave: subqueries, WITH, UNION/INTERSECT/EXCEPT, VALUES, table functions, "
+        "window functions, CAST, arithmetic on row values, any statement but SELECT"
+    )
+    lines.append(f"  result -> {to.get('result', '-')}: the query's rows that pass the threshold")
+    lines.append(
+        f"  report -> {to.get('report', '-')}: k and how many rows were released (not how many suppressed)"
+    )
+    if any(a in ("min", "max") for a in rule.get("aggregates") or []):
+        lines.append("  min and max release one row's exact value per group (k does not hide it)")
+    lines.append(
+        "  k guards each result alone: recipients of several tasks over the same data can subtract them; "
+        "whether the run failed is seen by everyone"
+    )
+    return lines
+
+
+__all__ = ["describe", "join_aggregate", "psi", "sql"]

@@ -262,6 +262,26 @@ BUILTINS: dict[str, _Builtin] = {
         ("*",),
         ("report", "result"),
     ),
+    "sql": _Builtin(
+        "sql.py",
+        ("duckdb", "pandas"),
+        "Runs one SQL SELECT (params.query, approved as written) in DuckDB over the inputs (UTF-8 CSV "
+        "with a header, each a table named after its input) under an analysis rule (params.rule, "
+        "approved with it): tables (exactly the inputs; per table its allowed columns, join_columns "
+        "and optional id_column), aggregates (some of count, sum, avg, min, max), min_group_size k "
+        "(>= 2), join_required (true: every table must be joined), allow_raw_columns (false: every "
+        "output is an aggregate or a GROUP BY column). The rule is checked on DuckDB's parse tree "
+        "before any data is loaded, naming the clause that breaks it: INNER joins on join columns "
+        "only; aggregates over one plain column; no subquery, CTE, UNION/INTERSECT/EXCEPT, VALUES, "
+        "table function, window, CAST (TRY_CAST only), arithmetic on row values, or statement other "
+        "than SELECT. Every output row whose group has fewer than k distinct id_column values (of each "
+        "joined table that names one) or fewer than k rows is suppressed. Outputs: result (CSV: the "
+        "released rows) and report (JSON: k, rows released; the suppressed count is not released). "
+        "DuckDB runs single-threaded with no file or network access and no extensions; a run-time "
+        "error's text is withheld. Optional params: memory_limit_mib (1024), max_result_rows (10^6).",
+        ("*",),
+        ("report", "result"),
+    ),
 }
 BUILTIN_VERSION = "1"
 

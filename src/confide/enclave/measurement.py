@@ -46,6 +46,7 @@ TCB_DISTRIBUTIONS: tuple[str, ...] = (
     "scikit-learn",  # imported lazily in the sandbox by xgboost's sklearn API
     "onnx",  # enclave/infer parses models in the sandbox child
     "onnxruntime",  # builtins/onnx_infer.py, imported in the sandbox child (not pre-importable: starts a thread)
+    "duckdb",  # builtins/sql.py, imported in the sandbox child (not pre-imported: the zygote stays as it was)
     "pyarrow",  # parquet_keys.py (Parquet and its modular encryption), parsed in the sandbox child
 )
 

@@ -23,7 +23,8 @@ DATASET_KEY_PURPOSE = "dataset-key"
 FUNCTION_SOURCE_PURPOSE = "function-source"
 
 FUNCTION_KINDS = ("builtin", "python")
-PROVIDED_REQUIREMENTS = ("numpy", "onnxruntime", "pandas", "scikit-learn", "xgboost")  # what the sandbox offers
+# what the sandbox offers
+PROVIDED_REQUIREMENTS = ("duckdb", "numpy", "onnxruntime", "pandas", "scikit-learn", "xgboost")
 RECEIPT_CHECKS = ("approval", "manifest", "function", "input", "output", "runs", "run")
 ERROR_OUTPUT = "_error"  # the extra output carrying a failed function's (sealed) error text
 
