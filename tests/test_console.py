@@ -223,6 +223,8 @@ def test_task_page_shows_the_manifest_and_approves_only_what_it_showed(
     assert r.status_code == 303 and r.headers["location"] == f"/tasks/{task}?done=approved"
     assert owner.fingerprint in {a.get("party") for a in lab.task(task)["approvals"]}
     assert browser.get("/tasks/not-a-task").status_code == 400
+    datasets = browser.get("/datasets").text  # which tasks read each dataset
+    assert f'<a href="/tasks/{task}">{task[:8]}</a>' in datasets
 
 
 def test_confide_ui_prints_a_token_url_on_loopback(server: ServerProcess, tmp_path: Path) -> None:

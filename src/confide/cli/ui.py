@@ -35,8 +35,8 @@ def ui(client: Client, port: int, no_open: bool, results_dir: Path) -> None:
     """Serve your web console on 127.0.0.1 (never another address) until Ctrl-C.
 
     It does what the party commands do, through the same SDK, in this process: your key signs
-    approvals here and never reaches the browser. Open the printed URL: its one-time secret token
-    is exchanged for a session cookie; without it every request is refused."""
+    approvals here and never reaches the browser. Open the printed URL: its secret token, made at
+    this launch, is exchanged for a session cookie; without one every request is refused."""
     import socket
 
     from confide.console.app import Console, serve

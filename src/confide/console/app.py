@@ -25,6 +25,7 @@ from confide.enclave.errors import ConfideError
 
 if TYPE_CHECKING:
     from confide.client.sdk import Client
+    from confide.enclave.manifest import Manifest
 
 TASK_ID_RE = re.compile(r"[0-9a-f]{32}")
 Handler = Callable[["Console", Request], Response | str]
@@ -39,6 +40,7 @@ class Console:
         self.results_dir = Path(results_dir)
         self.lock = threading.Lock()
         self._name: str | None = None
+        self._manifests: dict[str, Manifest] = {}  # a task id's manifest never changes: parsed once
 
     def frame(self, request: Request) -> Frame:
         if self._name is None:
@@ -51,6 +53,14 @@ class Console:
         except ConfideError:
             simulated = None
         return Frame(self._name, self.client.fingerprint, simulated, str(request.state.csrf))
+
+    def manifest(self, task_id: str) -> Manifest:
+        """The task's manifest, checked by `Client.manifest` (for display: approving fetches and
+        checks it again, against the digest the page showed)."""
+        known = self._manifests.get(task_id)
+        if known is None:
+            known = self._manifests[task_id] = self.client.manifest(task_id)
+        return known
 
     def task_dir(self, task_id: str) -> Path:
         return self.results_dir / task_id

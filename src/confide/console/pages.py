@@ -14,6 +14,7 @@ from confide.console.html import esc, field, form, notice, page, pre, table, whe
 from confide.enclave.errors import ConfideError
 
 SAFE_NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_TASKS_SCANNED = 100
 
 
 def service(console: Console, request: Request) -> str:
@@ -44,6 +45,7 @@ def datasets(console: Console, request: Request) -> str:
         body += _upload(console, request)
     c = console.client
     names = c.party_names()
+    used = _tasks_by_dataset(console)
     rows = []
     from confide.client.dataset_ref import make_ref
 
@@ -59,6 +61,10 @@ def datasets(console: Console, request: Request) -> str:
                 esc(d.get("size")),
                 esc(when(d.get("created_at"))),
                 f"<code>{esc(ref)}</code>" if ref else "-",
+                " ".join(
+                    f'<a href="/tasks/{esc(t)}">{esc(t[:8])}</a>' for t in used.get(str(d["dataset_id"]), [])
+                )
+                or "-",
             ]
         )
     body += "<section><h2>Upload a dataset</h2><p>The file is checked and encrypted on this machine; its key is wrapped to the attested service. The platform sees only its name, columns and row count.</p>"
@@ -70,13 +76,29 @@ def datasets(console: Console, request: Request) -> str:
     )
     body += "<section><h2>Datasets</h2>"
     body += table(
-        ("Name", "Owner", "Rows", "Columns", "Bytes", "Uploaded", "Reference to share"),
+        ("Name", "Owner", "Rows", "Columns", "Bytes", "Uploaded", "Reference to share", "Used by tasks"),
         rows,
         caption="Datasets you own or that tasks you take part in read",
         empty="No datasets.",
     )
     body += "</section>"
     return page(frame, "Datasets", body, current="/datasets")
+
+
+def _tasks_by_dataset(console: Console) -> dict[str, list[str]]:
+    """dataset id -> the tasks (that this party takes part in) whose manifest reads it, the most
+    recent MAX_TASKS_SCANNED tasks only."""
+    used: dict[str, list[str]] = {}
+    tasks = sorted(console.client.tasks(), key=lambda t: t.get("created_at") or 0, reverse=True)
+    for t in tasks[:MAX_TASKS_SCANNED]:
+        task_id = str(t.get("task_id"))
+        try:
+            manifest = console.manifest(task_id)
+        except ConfideError:
+            continue  # shown as refused on the task's own page
+        for i in manifest.inputs:
+            used.setdefault(i.dataset_id, []).append(task_id)
+    return used
 
 
 def _upload(console: Console, request: Request) -> str:

@@ -141,7 +141,7 @@ def task_page(console: Console, request: Request) -> str:
     c = console.client
     task_id = task_id_of(request)
     info = c.task(task_id)
-    manifest = c.manifest(task_id)
+    manifest = console.manifest(task_id)
     frame = console.frame(request)
     state = str(info.get("state"))
     body = ""
