@@ -142,6 +142,14 @@ def test_upload_checks_the_csv_here_first(browser: TestClient, parties: Any) -> 
     assert len(owner.datasets()) == before + 1
 
 
+def test_no_websocket_passes_the_guard(browser: TestClient) -> None:
+    from starlette.websockets import WebSocketDisconnect
+
+    with pytest.raises(WebSocketDisconnect) as closed, browser.websocket_connect("/") as ws:
+        ws.receive_text()
+    assert closed.value.code == 1008  # the guard's refusal (the router's own would be 1000)
+
+
 def test_foreign_host_header_is_refused(browser: TestClient) -> None:
     assert browser.get("/").status_code == 200
     for host in (f"evil.example:{PORT}", "127.0.0.1", f"127.0.0.1:{PORT + 1}", f"localhost:{PORT}.evil", ""):

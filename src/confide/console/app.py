@@ -19,7 +19,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from confide.console.forms import Form
-from confide.console.html import Frame, esc, notice, page
+from confide.console.html import Frame, notice, page
 from confide.console.security import Guard, GuardMiddleware
 from confide.enclave.errors import ConfideError
 
@@ -84,8 +84,7 @@ def task_id_of(request: Request) -> str:
 def error_page(console: Console, request: Request, exc: ConfideError) -> HTMLResponse:
     where = f" ({exc.where})" if exc.where else ""
     body = notice(f"error: {exc.message}{where}", kind="error")
-    back = request.headers.get("referer")  # not sent (no-referrer): a link home instead
-    body += f'<p><a href="{esc(back or "/")}">Back</a></p>'
+    body += '<p><a href="/">Back to the inbox</a></p>'
     try:
         frame = console.frame(request)
     except ConfideError:
