@@ -15,7 +15,7 @@ from confide.enclave import request
 from confide.enclave.encoding import b64d, canonical_json, check_fields, get_typed, parse_json_object
 from confide.enclave.errors import FormatError, IntegrityError
 from confide.enclave.keys import PublicIdentity
-from confide.enclave.manifest import RECEIPT_FIELDS, parse_audit_head
+from confide.enclave.manifest import RECEIPT_FIELDS, RECEIPT_OPTIONAL_FIELDS, parse_audit_head
 from confide.enclave.task_fields import (
     MAX_RECEIPT_BYTES,
     MAX_RUNS,
@@ -37,7 +37,7 @@ def verify_task_receipt(
     body = as_object(obj["body"], f"{w}: body")
     signature = b64d(obj["signature"], field="signature", where=w, length=64)
     service_public.verify(signature, canonical_json(body), what=w)
-    check_fields(body, required=RECEIPT_FIELDS, where=w)
+    check_fields(body, required=RECEIPT_FIELDS, optional=RECEIPT_OPTIONAL_FIELDS, where=w)
     if body["format"] != RECEIPT_FORMAT:
         raise FormatError(f"unknown receipt format {str(body['format'])[:80]!r}", where=w)
     named = PublicIdentity.from_line(get_typed(body, "service", str, where=w), where=w)

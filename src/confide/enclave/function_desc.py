@@ -125,9 +125,12 @@ def parse_function_descriptor(data: str | bytes | Mapping[str, Any]) -> Function
             identifier(n, "input name", f"{w}: inputs")
         check_unique(inputs, "input name", w)
     outputs = list_field(obj, "outputs", w, low=1, high=MAX_OUTPUTS)
-    for n in outputs:
-        _output_name(n, f"{w}: outputs")
-    check_unique(outputs, "output name", w)
+    if outputs == ["*"] and kind != "builtin":
+        raise FormatError("only a built-in may name its outputs at run time (outputs ['*'])", where=w)
+    if outputs != ["*"]:  # a built-in whose outputs its parameters name (flow: the job's sinks)
+        for n in outputs:
+            _output_name(n, f"{w}: outputs")
+        check_unique(outputs, "output name", w)
     return FunctionDescriptor(
         kind=kind,
         name=name,
@@ -195,9 +198,25 @@ class _Builtin:
     # P here an output P<input> is allowed per input, sealed to that input's owner and nobody else
     optional_outputs: bool = False
     per_input_outputs: tuple[str, ...] = ()
+    # flow: the outputs are the job's sinks, checked against params.job by the enclave at run time
+    outputs_from_params: bool = False
 
 
 BUILTINS: dict[str, _Builtin] = {
+    "flow": _Builtin(
+        "flow_job.py",
+        (),
+        "Runs a confidential dataflow job (confide.flow: map, flat_map, filter, key_by, reduce_by_key, "
+        "aggregate_by_key, group_by_key, join, distinct, sort_by, union, count) over the inputs, "
+        "inside the enclave: params.job holds the job's function module (readable here), the SHA-256 "
+        "of each function and its stages; each stage's functions run in the sandbox, every partition "
+        "is verified consumed exactly once, and each of the job's outputs (its save() names) becomes "
+        "the task output of that name: JSON lines of records (or text lines), sealed to its "
+        "recipients. The receipt carries the verified per-stage counts.",
+        ("*",),
+        ("*",),
+        outputs_from_params=True,
+    ),
     "infer": _Builtin(
         "onnx_infer.py",
         ("numpy", "onnxruntime"),
@@ -295,6 +314,8 @@ def check_task_outputs(
     """The manifest's outputs (name -> recipients) against what the function writes; `inputs`: name
     -> owner. Exactly the descriptor's outputs, except for analytics built-ins (see _Builtin)."""
     spec = BUILTINS.get(descriptor.name) if descriptor.kind == "builtin" else None
+    if spec is not None and spec.outputs_from_params:
+        return
     if spec is None or not (spec.optional_outputs or spec.per_input_outputs):
         if sorted(outputs) != sorted(descriptor.outputs):
             raise FormatError(

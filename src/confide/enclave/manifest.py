@@ -494,6 +494,7 @@ def make_task_receipt(
     max_runs: int = 0,
     error: Mapping[str, str] | None = None,
     audit_head: Mapping[str, Any] | None = None,
+    flow: Sequence[Mapping[str, Any]] | None = None,
 ) -> bytes:
     """Enclave side: the receipt body of section 5, signed with the service key. `audit_head` is the
     platform's audit head ({seq, sha256}) as the host passed it with the call: signing it makes a
@@ -527,6 +528,10 @@ def make_task_receipt(
         if audit_head is None
         else {"seq": int(audit_head["seq"]), "sha256": str(audit_head["sha256"])},
     }
+    if flow is not None:  # a dataflow task: the per-stage counts its completeness verification accepted
+        body["flow"] = [
+            {k: int(st[k]) for k in ("stage", "tasks", "records_out", "batches_out")} for st in flow
+        ]
     return canonical_json({"body": body, "signature": b64e(service.sign(canonical_json(body)))})
 
 
@@ -552,6 +557,7 @@ RECEIPT_FIELDS = (
     "error",
     "audit_head",
 )
+RECEIPT_OPTIONAL_FIELDS = ("flow",)  # present on dataflow tasks only
 
 
 def parse_audit_head(value: Any, where: str) -> dict[str, Any]:
@@ -600,6 +606,7 @@ __all__ = [
     "RECEIPT_CHECKS",
     "RECEIPT_FIELDS",
     "RECEIPT_FORMAT",
+    "RECEIPT_OPTIONAL_FIELDS",
     "TASK_FORMAT",
     "Approval",
     "DatasetKeyEnvelope",

@@ -61,9 +61,16 @@ from .manifest import (
     verify_approval,
 )
 from .memory import MemoryBudget
-from .pipeline import OutputFile, input_sha256, open_input, run_sandboxed, write_error_output
+from .pipeline import (
+    MIN_WORKING_MEMORY,
+    OutputFile,
+    input_sha256,
+    open_input,
+    run_sandboxed,
+    write_error_output,
+)
 from .run_ledger import RunLedger
-from .sandbox import Zygote
+from .sandbox import SandboxLimits, Zygote
 from .service import ServiceState
 
 
@@ -267,6 +274,8 @@ class TaskRunner:
         reserved = 0
         fds: dict[str, int] = {}
         outputs: dict[str, OutputFile] = {}
+        if m.function.kind == "builtin" and m.function.name == "flow":
+            return self._execute_flow(m, keys, args, service, started)
         try:
             with _step("runs"):  # counted (and sealed) before any input is decrypted
                 self._run = self.ledger.next_run(m.task_id, self._max_runs)
@@ -337,6 +346,102 @@ class TaskRunner:
                 os.close(fd)
             self.budget.release(reserved)
 
+    def _execute_flow(
+        self, m: Manifest, keys: dict[str, bytes], args: dict[str, Any], service: Identity, started: int
+    ) -> dict[str, Any]:
+        """The `flow` built-in: the approved dataflow job, run whole in this enclave
+        (flow/in_enclave.py); each of its outputs sealed to the task output's recipients; the verified
+        per-stage counts signed in the receipt."""
+        import tempfile
+
+        from .flow import FlowIntegrityError, FlowTaskError
+        from .flow.driver import enc
+        from .flow.in_enclave import description_for, run_job, sink_names
+        from .flow.plan import parse_plan
+
+        outputs: dict[str, OutputFile] = {}
+        job = m.params.get("job")
+        with _step("output"):
+            sinks = sink_names(job)
+            if sorted(sinks) != sorted(o.name for o in m.outputs):
+                raise FormatError(
+                    f"the job writes outputs {sorted(sinks)}, the manifest declares {sorted(o.name for o in m.outputs)}",
+                    where="params.job",
+                )
+        with _step("runs"):
+            self._run = self.ledger.next_run(m.task_id, self._max_runs)
+        paths = {i.name: str(args["inputs"][i.name]) for i in m.inputs}
+        with _step("input"):
+            for inp in m.inputs:
+                if input_sha256(paths[inp.name], where=_input_where(m, inp.name)) != inp.ciphertext_sha256:
+                    raise IntegrityError(
+                        "the file is not the ciphertext the manifest pins", where=_input_where(m, inp.name)
+                    )
+        metadata = {"task_id": m.task_id, "manifest_sha256": m.digest}
+        published: list[dict[str, Any]] = []
+        error: dict[str, str] | None = None
+        counts: list[dict[str, Any]] | None = None
+        category = "ok"
+        work = Path(tempfile.mkdtemp(prefix="confide-flow-task-"))
+        try:
+            with _step("manifest"):
+                description = description_for(
+                    job, task_id=m.task_id, input_paths=paths, data_keys=keys, service=service
+                )
+                parse_plan(description)  # refused here, as the approved job, before anything runs
+            limits = SandboxLimits(
+                memory_bytes=max(MIN_WORKING_MEMORY, self.budget.free),
+                cpu_seconds=self.config.cpu_seconds,
+                wall_seconds=float(self.config.wall_seconds),
+            )
+            try:
+                results, summary = run_job(
+                    description,
+                    paths,
+                    work,
+                    service=service,
+                    zygote=self.zygote,
+                    backend=self.backend,
+                    limits=limits,
+                    memory_budget=self.budget.free // 2,
+                )
+                counts = list(summary["counts"])
+            except (FlowTaskError, FlowIntegrityError, FormatError) as exc:
+                results, category = {}, "exception"
+                failure = f"{exc.message} ({exc.where})" if exc.where else exc.message
+                error = {"check": "run", "message": f"the dataflow job failed: {failure}"[:512]}
+            if error is None:
+                with _step("output"):
+                    for o in m.outputs:
+                        fmt, records = results[o.name]
+                        out = outputs[o.name] = OutputFile(
+                            Path(args["outputs"][o.name]),
+                            [m.participant(r).identity for r in o.recipients],
+                            {**metadata, "output": o.name},
+                            max_bytes=o.max_bytes,
+                            pad=o.pad,
+                        )
+                        for rec in records:
+                            line = rec if fmt == "text" else _json_line(enc(rec))
+                            out.write((line + "\n").encode("utf-8"))
+                        published.append({"name": o.name, "sha256": out.publish(), "size": out.size})
+                        del outputs[o.name]
+            receipt = self._receipt(
+                service, m, args["manifest"], started, outputs=published, error=error, flow=counts
+            )
+            return {
+                "ok": error is None,
+                "category": category,
+                "receipt": b64e(receipt),
+                "outputs": {p["name"]: {"sha256": p["sha256"], "size": p["size"]} for p in published},
+            }
+        finally:
+            for out in outputs.values():
+                out.discard()
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+
     def _receipt(
         self,
         service: Identity,
@@ -346,6 +451,7 @@ class TaskRunner:
         *,
         outputs: list[dict[str, Any]],
         error: dict[str, str] | None,
+        flow: list[dict[str, Any]] | None = None,
     ) -> bytes:
         ident = self.backend.identity
         return make_task_receipt(
@@ -367,4 +473,11 @@ class TaskRunner:
             max_runs=self._max_runs,
             error=error,
             audit_head=self._audit_head,
+            flow=flow,
         )
+
+
+def _json_line(value: Any) -> str:
+    import json
+
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))

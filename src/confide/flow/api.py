@@ -146,6 +146,21 @@ class Flow:
         }
         return Dataset(self, _Node("source", args={"input": name, "partitions": partitions}))
 
+    def task_input(
+        self, name: str, *, format: str = "text", header: bool = True, partitions: int = 1
+    ) -> Dataset:
+        """Input `name` of a platform task (see confide.flow.platform): a dataset the task names,
+        read as text lines, CSV (`header`: the first row names the fields) or JSON lines."""
+        if format not in ("text", "csv", "jsonl"):
+            raise FlowError("format must be 'text', 'csv' or 'jsonl'")
+        if partitions < 1:
+            raise FlowError("partitions must be at least 1")
+        if name in self._inputs:
+            raise FlowError(f"input {name!r} is already a source of this job")
+        spec = {"format": format, "csv_header": bool(header) and format == "csv", "partitions": partitions}
+        self._inputs[name] = {"path": None, "spec": spec}
+        return Dataset(self, _Node("source", args={"input": name, "partitions": partitions}))
+
     # Each source reads a sealed file (CNFSEAL1) sealed to the engine's worker, or sealed to you: then
     # pass your `identity` and the file's data key goes to the attested coordinator in the job.
 

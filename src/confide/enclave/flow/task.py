@@ -157,7 +157,12 @@ class FlowEnclave:
             raise FlowFormatError("job description too large", where=where)
         reader = SealedReader(io.BytesIO(sealed_description), where=where).unlock(identity=self.identity)
         body = b"".join(bytes(c) for c in reader.iter_chunks())
-        plan = parse_plan(parse_json_object(body, where=where))
+        return self.start_plan(parse_json_object(body, where=where), inputs)
+
+    def start_plan(self, description: dict[str, Any], inputs: dict[str, str]) -> tuple[bytes, dict[str, Any]]:
+        """`start_job` for a description already inside the enclave (a platform flow task's)."""
+        where = "job description"
+        plan = parse_plan(description)
         if plan.job_id in self._jobs:
             raise FlowIntegrityError("this job was already started (a replayed job description)", where=where)
         input_keys: dict[str, bytes] = {}
@@ -703,7 +708,13 @@ class FlowEnclave:
                 {"confide_flow": {"job": plan.job_id, "manifest": name}},
             )
         del self._jobs[plan.job_id]
-        return {"job": plan.job_id, "accepted": True, "stages": len(plan.stages), "outputs": sorted(outputs)}
+        return {
+            "job": plan.job_id,
+            "accepted": True,
+            "stages": len(plan.stages),
+            "outputs": sorted(outputs),
+            "counts": stages,  # per stage: tasks, records and batches out, as verified
+        }
 
 
 def _csv_names(reader: SealedReader, where: str) -> list[str]:
