@@ -21,7 +21,7 @@ from starlette.testclient import TestClient
 from confide.client.approval import describe_manifest
 from confide.console.app import Console, create_app
 from confide.console.security import SECURITY_HEADERS, Guard
-from platform_support import UPPER_FN, ServerProcess, sdk_clients, this_build_dev_policy
+from platform_support import UPPER, UPPER_FN, ServerProcess, sdk_clients, this_build_dev_policy
 
 PORT = 48123  # the port the guard expects in Host and Origin (TestClient binds nothing)
 BASE = f"http://127.0.0.1:{PORT}"
@@ -233,6 +233,51 @@ def test_task_page_shows_the_manifest_and_approves_only_what_it_showed(
     assert browser.get("/tasks/not-a-task").status_code == 400
     datasets = browser.get("/datasets").text  # which tasks read each dataset
     assert f'<a href="/tasks/{task}">{task[:8]}</a>' in datasets
+
+
+def test_a_followed_task_page_waits_for_the_change_and_blocks_no_other_page(
+    console: Console, parties: Any, tmp_path: Path
+) -> None:
+    import threading
+    import time
+
+    owner, lab = parties
+    data = tmp_path / "rows.csv"
+    data.write_text("name\nada\n")
+    ds = owner.upload_dataset(data)
+    fn = lab.register_function(UPPER, name="upper-sleepy", outputs=["out"])
+    task = lab.create_task(
+        function=fn, inputs={"data": ds.ref}, outputs={"out": [lab.fingerprint]}, params={"sleep": "5"}
+    )
+    owner.approve(task)
+    lab.run(task)
+    deadline = time.monotonic() + 60
+    while owner.task(task)["state"] != "running":
+        assert time.monotonic() < deadline, "task never ran"
+        time.sleep(0.1)
+    follower = TestClient(create_app(console), base_url=BASE, follow_redirects=False)
+    other = TestClient(create_app(console), base_url=BASE, follow_redirects=False)
+    for c in (follower, other):
+        assert c.get(f"/?token={console.guard.token}").status_code == 303
+    running = other.get(f"/tasks/{task}")
+    assert f'content="1; url=/tasks/{task}?follow=running"' in running.text
+    followed: dict[str, Any] = {}
+
+    def follow() -> None:
+        started = time.monotonic()
+        followed["page"] = follower.get(f"/tasks/{task}?follow=running")
+        followed["took"] = time.monotonic() - started
+
+    thread = threading.Thread(target=follow)
+    thread.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    assert other.get("/datasets").status_code == 200
+    assert time.monotonic() - started < 3, "a following page held up another page"
+    thread.join(30)
+    assert followed["took"] > 1  # it waited for the run ...
+    assert "succeeded" in followed["page"].text  # ... and came back when the state changed
+    assert "follow=" not in followed["page"].text
 
 
 def test_confide_ui_prints_a_token_url_on_loopback(server: ServerProcess, tmp_path: Path) -> None:

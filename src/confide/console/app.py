@@ -25,9 +25,11 @@ from confide.enclave.errors import ConfideError
 
 if TYPE_CHECKING:
     from confide.client.sdk import Client
+    from confide.client.transport import Transport
     from confide.enclave.manifest import Manifest
 
 TASK_ID_RE = re.compile(r"[0-9a-f]{32}")
+FOLLOW_WAIT_S = 10.0  # one long poll of a task page that follows a running task
 Handler = Callable[["Console", Request], Response | str]
 
 
@@ -41,6 +43,8 @@ class Console:
         self.lock = threading.Lock()
         self._name: str | None = None
         self._manifests: dict[str, Manifest] = {}  # a task id's manifest never changes: parsed once
+        self._follow_lock = threading.Lock()
+        self._follower: Transport | None = None
 
     def frame(self, request: Request) -> Frame:
         if self._name is None:
@@ -61,6 +65,18 @@ class Console:
         if known is None:
             known = self._manifests[task_id] = self.client.manifest(task_id)
         return known
+
+    def follow(self, task_id: str, state: str, *, wait_s: float = FOLLOW_WAIT_S) -> None:
+        """Return when the task leaves `state`, or after `wait_s` (the platform's long poll), on a
+        signed connection of its own: the other pages do not wait for it."""
+        from urllib.parse import quote
+
+        from confide.client.transport import Transport
+
+        with self._follow_lock:
+            if self._follower is None:
+                self._follower = Transport(self.client.api.url, self.client.identity, timeout=wait_s + 30)
+            self._follower.call("GET", f"/v1/tasks/{task_id}?wait={wait_s:.1f}&state={quote(state)}")
 
     def task_dir(self, task_id: str) -> Path:
         return self.results_dir / task_id
@@ -92,8 +108,14 @@ def error_page(console: Console, request: Request, exc: ConfideError) -> HTMLRes
     return HTMLResponse(page(frame, "Refused", body), status_code=400)
 
 
-def _endpoint(console: Console, handler: Handler) -> Callable[[Request], Response]:
+def _endpoint(
+    console: Console, handler: Handler, before: Callable[[Console, Request], None] | None = None
+) -> Callable[[Request], Response]:
+    """`handler` under the console's lock; `before` first, outside it (a long poll)."""
+
     def endpoint(request: Request) -> Response:
+        if before is not None:
+            before(console, request)
         with console.lock:
             try:
                 result = handler(console, request)
@@ -116,6 +138,7 @@ def redirect(path: str) -> RedirectResponse:
 def create_app(console: Console) -> Starlette:
     from confide.console import pages, task_pages
 
+    before: dict[Handler, Callable[[Console, Request], None]] = {task_pages.task_page: task_pages.follow}
     routes: list[tuple[str, Handler, tuple[str, ...]]] = [
         ("/", task_pages.inbox, ("GET",)),
         ("/tasks/new", task_pages.new_task, ("GET", "POST")),
@@ -132,7 +155,10 @@ def create_app(console: Console) -> Starlette:
         ("/static/console.css", stylesheet, ("GET",)),
     ]
     app = Starlette(
-        routes=[Route(path, _endpoint(console, h), methods=list(methods)) for path, h, methods in routes]
+        routes=[
+            Route(path, _endpoint(console, h, before.get(h)), methods=list(methods))
+            for path, h, methods in routes
+        ]
     )
     app.add_middleware(GuardMiddleware, guard=console.guard)
     return app

@@ -43,7 +43,15 @@ class Frame:
     csrf: str
 
 
-def page(frame: Frame, title: str, body: str, *, current: str = "", refresh_s: int | None = None) -> str:
+def page(
+    frame: Frame,
+    title: str,
+    body: str,
+    *,
+    current: str = "",
+    refresh_s: int | None = None,
+    refresh_url: str | None = None,
+) -> str:
     nav = "".join(
         f'<li><a href="{href}"{" aria-current=page" if href == current else ""}>{esc(label)}</a></li>'
         for href, label in NAV
@@ -54,7 +62,11 @@ def page(frame: Frame, title: str, body: str, *, current: str = "", refresh_s: i
             '<div class="banner simulated" role="alert"><strong>SIMULATED</strong> enclave backend: '
             "no protection against the host. For development only.</div>"
         )
-    refresh = f'<meta http-equiv="refresh" content="{int(refresh_s)}">' if refresh_s else ""
+    refresh = ""
+    if refresh_s is not None:
+        target = f"; url={esc(refresh_url)}" if refresh_url else ""
+        refresh = f'<meta http-equiv="refresh" content="{int(refresh_s)}{target}">'
+
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
         '<meta name="viewport" content="width=device-width, initial-scale=1">'

@@ -164,7 +164,22 @@ def task_page(console: Console, request: Request) -> str:
     body += "<section><h2>Actions</h2>" + _actions(frame, task_id, info, manifest) + "</section>"
     if not info.get("receipt"):
         body += receipt
-    return page(frame, f"Task {task_id}", body, refresh_s=2 if state in ACTIVE else None)
+    if state not in ACTIVE:
+        return page(frame, f"Task {task_id}", body)
+    # following a running task: the next load waits in `follow` until the state changes
+    return page(frame, f"Task {task_id}", body, refresh_s=1, refresh_url=f"/tasks/{task_id}?follow={state}")
+
+
+def follow(console: Console, request: Request) -> None:
+    """Before a task page that follows a running task: wait until it leaves the state it was in
+    (at most FOLLOW_WAIT_S). A failure here only ends the wait: the page itself says what is wrong."""
+    state = request.query_params.get("follow", "")
+    if state not in ACTIVE:
+        return
+    try:
+        console.follow(task_id_of(request), state)
+    except ConfideError:
+        return
 
 
 def _actions(f: Frame, task_id: str, info: dict[str, Any], manifest: Manifest) -> str:
