@@ -126,3 +126,54 @@ def test_a_local_file_source_cannot_be_a_platform_task(world: dict[str, Any], tm
     flow = Flow(FUNCTIONS)
     with pytest.raises(ConfideError, match="reads only task inputs"):
         flow_task(world["lab"], flow, flow.text(path).save("o"), inputs={}, outputs={"o": []})
+
+
+def test_the_same_job_file_runs_as_a_task_from_the_cli(
+    world: dict[str, Any], server: Any, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from confide.cli.main import main
+    from confide.client.identity_file import save_identity
+    from platform_support import this_build_dev_policy
+
+    lab = world["lab"]
+    key, policy = tmp_path / "lab.key", tmp_path / "policy.toml"
+    save_identity(lab.identity, key)
+    policy.write_text(this_build_dev_policy().to_toml())
+    env = {
+        "CONFIDE_URL": server.url,
+        "CONFIDE_IDENTITY": str(key),
+        "CONFIDE_POLICY": str(policy),
+        "CONFIDE_SIM_ROOT": str(server.data_dir / "platform" / "vendor_root.crt"),
+        "CONFIDE_HOME": str(lab.home.root),  # the lab's own record of what it created
+    }
+    job = Path(__file__).resolve().parents[1] / "examples" / "wordcount_job.py"
+    args = [
+        "flow",
+        "task",
+        str(job),
+        "--input",
+        f"text={world['refs']['shop']}",
+        "--output",
+        f"word_counts={lab.fingerprint}",
+    ]
+    r = CliRunner().invoke(main, args, env=env, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    task = r.stdout.strip().splitlines()[-1]
+    world["shop"].approve(task)
+    lab.run(task)
+    assert lab.wait(task, timeout=120)["state"] == "succeeded"
+    got = read_records(lab.results(task, tmp_path / "out").outputs["word_counts"])
+    assert got == sorted(
+        Counter(w for line in SHOP for w in line.lower().split()).items(), key=lambda p: (-p[1], p[0])
+    )
+    wrong = [
+        *args[:3],
+        "--input",
+        f"nope={world['refs']['shop']}",
+        "--output",
+        f"word_counts={lab.fingerprint}",
+    ]
+    bad = CliRunner().invoke(main, wrong, env=env)
+    assert bad.exit_code == 1 and "job(flow, inputs) failed: KeyError: 'text' (inputs given: nope)" in bad.output

@@ -14,13 +14,16 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from confide.cli.common import friendly, home, parse_assignments
+from confide.cli.common import friendly, home, parse_assignments, with_client
 from confide.cli.output import emit_json, output_option
 from confide.enclave.errors import ConfideError
+
+if TYPE_CHECKING:
+    from confide.client.sdk import Client
 
 
 @click.group()
@@ -101,7 +104,7 @@ def run_cmd(
     module = _load_job(job_file)
     fl = Flow(job_file.read_text(encoding="utf-8"), identity=owner)
     try:
-        built = module["job"](fl, named)
+        built = _build(module, fl, named, job_file)
         actions = list(built) if isinstance(built, list | tuple) else [built]
         budget = budget_mib << 20 if budget_mib else None
         with _engine(engine, master, workers, _progress if progress else None, budget) as eng:
@@ -118,6 +121,46 @@ def run_cmd(
         f"exactly once; outputs {', '.join(summary.get('outputs', []))} sealed in {out} for "
         f"{', '.join(p.fingerprint for p in pubs)}"
     )
+
+
+@flow.command(name="task")
+@click.argument("job_file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--input", "inputs", multiple=True, required=True, help="NAME=DATASET_REF (repeat)")
+@click.option(
+    "--output",
+    "outputs",
+    multiple=True,
+    required=True,
+    help="NAME=RECIPIENT[,RECIPIENT...] (repeat): a party name, a .pub file or a fingerprint",
+)
+@click.option("--max-runs", type=click.IntRange(1, 1000), default=3, show_default=True)
+@with_client
+def task_cmd(
+    client: Client, job_file: Path, inputs: tuple[str, ...], outputs: tuple[str, ...], max_runs: int
+) -> None:
+    """Create a platform task running JOB_FILE's job (the `flow` built-in) on datasets; prints its id.
+    The job file is the same as for `flow run`: its job(flow, inputs) reads each input with
+    flow.text/csv/json_lines(inputs[NAME]). Every input owner approves the job's code (`task show`)."""
+    from confide.flow import Flow, FlowError
+    from confide.flow.api import TaskInput
+    from confide.flow.platform import flow_task
+
+    refs = parse_assignments(inputs, what="--input")
+    out_map: dict[str, list[str]] = {}
+    for name, given in parse_assignments(outputs, what="--output").items():
+        who = [r.strip() for r in given.split(",") if r.strip()]
+        if not who:
+            raise ConfideError(f"output {name!r} has no recipient", where="--output")
+        out_map[name] = [client.resolve_party(r, where=f"--output {name}") for r in who]
+    module = _load_job(job_file)
+    fl = Flow(job_file.read_text(encoding="utf-8"))
+    try:
+        built = _build(module, fl, {name: TaskInput(name) for name in refs}, job_file)
+        actions = list(built) if isinstance(built, list | tuple) else [built]
+        task_id = flow_task(client, fl, *actions, inputs=refs, outputs=out_map, max_runs=max_runs)
+    except FlowError as exc:
+        raise ConfideError(str(exc), where=str(job_file)) from None
+    click.echo(task_id)
 
 
 @flow.command(name="open")
@@ -155,6 +198,21 @@ def _load_job(path: Path) -> dict[str, Any]:
     if not callable(module.get("job")):
         raise ConfideError("the job file defines no job(flow, inputs) function", where=str(path))
     return module
+
+
+def _build(module: dict[str, Any], fl: Any, inputs: dict[str, Any], job_file: Path) -> Any:
+    """The job file's job(flow, inputs), its own failure one clear error (it runs here, on your machine)."""
+    from confide.flow import FlowError
+
+    try:
+        return module["job"](fl, inputs)
+    except FlowError:
+        raise
+    except Exception as exc:
+        raise ConfideError(
+            f"job(flow, inputs) failed: {type(exc).__name__}: {exc} (inputs given: {', '.join(sorted(inputs))})",
+            where=str(job_file),
+        ) from None
 
 
 @contextmanager

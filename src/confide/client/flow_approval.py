@@ -21,9 +21,9 @@ def describe(m: Manifest, clean: Callable[[str], str] = str) -> list[str]:
     if fn.kind != "builtin" or fn.name != "flow":
         return []
     job = m.params.get("job")
-    stages = job.get("stages") if isinstance(job, dict) else None
-    if not isinstance(stages, list):
+    if not isinstance(job, dict) or not isinstance(job.get("stages"), list):
         return ["Dataflow job: malformed (the enclave will refuse the task)"]
+    stages: list[Any] = job["stages"]
     inputs = job.get("inputs") if isinstance(job.get("inputs"), dict) else {}
     lines = [
         f"Dataflow job ({len(stages)} stages; every record stays inside the enclave, the functions are "

@@ -36,6 +36,15 @@ class FlowError(ValueError):
     """A job that cannot be built (unknown function, lambda, bad argument)."""
 
 
+@dataclass(frozen=True)
+class TaskInput:
+    """Where a job file's `job(flow, inputs)` gets a platform task's input instead of a local file:
+    `flow.text(TaskInput("corpus"))` is `flow.task_input("corpus", format="text")`, so one job file
+    runs locally (`confide flow run`) and as a platform task (`confide flow task`)."""
+
+    name: str
+
+
 @dataclass(eq=False)
 class _Node:
     kind: str
@@ -116,8 +125,15 @@ class Flow:
 
     # ---- sources -----------------------------------------------------------------------------
     def _source(
-        self, path: str | Path, fmt: str, partitions: int | None, csv_header: bool, identity: Identity | None
+        self,
+        path: str | Path | TaskInput,
+        fmt: str,
+        partitions: int | None,
+        csv_header: bool,
+        identity: Identity | None,
     ) -> Dataset:
+        if isinstance(path, TaskInput):
+            return self.task_input(path.name, format=fmt, header=csv_header, partitions=partitions or 1)
         path = Path(path)
         with open(path, "rb", buffering=0) as fh:
             reader = SealedReader(fh, where=str(path))
@@ -165,14 +181,14 @@ class Flow:
     # pass your `identity` and the file's data key goes to the attested coordinator in the job.
 
     def text(
-        self, path: str | Path, *, partitions: int | None = None, identity: Identity | None = None
+        self, path: str | Path | TaskInput, *, partitions: int | None = None, identity: Identity | None = None
     ) -> Dataset:
         """Lines of a sealed UTF-8 text file (without their line ends); by default one partition per chunk."""
         return self._source(path, "text", partitions, False, identity)
 
     def csv(
         self,
-        path: str | Path,
+        path: str | Path | TaskInput,
         *,
         header: bool = True,
         partitions: int | None = None,
@@ -183,7 +199,7 @@ class Flow:
         return self._source(path, "csv", partitions, header, identity)
 
     def json_lines(
-        self, path: str | Path, *, partitions: int | None = None, identity: Identity | None = None
+        self, path: str | Path | TaskInput, *, partitions: int | None = None, identity: Identity | None = None
     ) -> Dataset:
         """One JSON value per line of a sealed file (arrays become tuples); blank lines are skipped."""
         return self._source(path, "jsonl", partitions, False, identity)
