@@ -86,6 +86,7 @@ def consoles(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) ->
         r.server.should_exit = True
     for r in running.values():
         r.thread.join(10)
+        r.console.close()
     for c in clients:
         c.close()
 

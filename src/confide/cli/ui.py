@@ -64,4 +64,5 @@ def ui(client: Client, port: int, no_open: bool, results_dir: Path) -> None:
     try:
         serve(console, sock)
     finally:
+        console.close()
         sock.close()

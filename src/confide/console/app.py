@@ -78,6 +78,13 @@ class Console:
                 self._follower = Transport(self.client.api.url, self.client.identity, timeout=wait_s + 30)
             self._follower.call("GET", f"/v1/tasks/{task_id}?wait={wait_s:.1f}&state={quote(state)}")
 
+    def close(self) -> None:
+        """Close the follower's connection (the client belongs to whoever made it)."""
+        with self._follow_lock:
+            if self._follower is not None:
+                self._follower.close()
+                self._follower = None
+
     def task_dir(self, task_id: str) -> Path:
         return self.results_dir / task_id
 
