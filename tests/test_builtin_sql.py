@@ -161,6 +161,25 @@ def test_rows_threshold_without_id_columns_and_a_single_table(kit) -> None:
     assert result_frame(kit, outs).to_numpy().tolist() == [["a", 3]]
 
 
+def test_dates_load_as_dates_and_typed_literals_are_allowed(kit) -> None:
+    bank = b"id,region,balance,opened\n" + b"".join(
+        f"{i},a,{i},2020-01-{i + 1:02d}\n".encode() for i in range(9)
+    )
+    shop = b"customer,segment,spend\n" + b"".join(f"{i},x,1\n".encode() for i in range(9))
+    rule = {**RULE, "min_group_size": 3}
+    rule["tables"] = {
+        **RULE["tables"],
+        "bank": {**RULE["tables"]["bank"], "columns": ["region", "balance", "opened"]},
+    }
+    query = (
+        "SELECT region, count(*) AS n, sum(balance) AS s, min(opened) AS first FROM bank JOIN shop "
+        "ON bank.id = shop.customer WHERE opened >= DATE '2020-01-05' GROUP BY region"
+    )
+    result, body, outs = run(kit, {"bank": bank, "shop": shop}, {"query": query, "rule": rule})
+    assert result["ok"], body
+    assert result_frame(kit, outs).to_numpy().tolist() == [["a", 5, 4 + 5 + 6 + 7 + 8, "2020-01-05"]]
+
+
 def test_raw_columns_only_when_the_rule_allows_them(kit) -> None:
     """allow_raw_columns: a list query; a row leaves only if k distinct ids share its output values."""
     bank = b"id,region,balance\n" + b"".join(
@@ -246,7 +265,7 @@ VIOLATIONS = [
         "(GROUP BY): GROUP BY names something other than a plain column",
     ),
     (f"SELECT DISTINCT region {J}", "(SELECT): column bank.region is output raw"),
-    (f"SELECT count(*) {J} WHERE CAST(region AS INT) > 0", "(WHERE): CAST (use TRY_CAST"),
+    (f"SELECT count(*) {J} WHERE CAST(region AS INT) > 0", "(WHERE): CAST of a value that is not a literal"),
     (f"SELECT count(*) {J} WHERE balance * 1000000000000 > 0", "(WHERE): arithmetic (*) on row values"),
     (f"SELECT count(*) {J} WHERE getenv('HOME') = ''", "(WHERE): function 'getenv' is not allowed"),
     (f"SELECT count(*) {J} WHERE region ~ 'x'", "(WHERE): function 'regexp_matches' is not allowed"),
@@ -353,6 +372,28 @@ def test_hostile_parameters_get_a_clear_error(kit, params: dict, message: str) -
     result, _body, outs = run(kit, tables, params)
     assert result["ok"] is False and result["category"] == "exception"
     error = kit.read(outs["_error"], LAB).decode()
+    assert message in error, error[:800]
+
+
+@pytest.mark.parametrize(
+    ("bank", "message"),
+    [
+        (b"id,r\xe9gion,balance\n1,a,1\n", "input 'bank' is not UTF-8 text (byte 4, line 1)"),
+        (b"id,region,balance,REGION\n1,a,1,b\n", "input 'bank' has a column name twice"),
+        (b"", "input 'bank' has no header line"),
+        (b"id,region,balance\n1,a,1\n2,b\n", "input 'bank' is not a readable CSV file"),
+        (b"id,region,balance\n1,\xff,1\n", "input 'bank' is not UTF-8 text (byte 20, line 2)"),
+        (
+            b"id,region,balance\n" + b"1,a,1\n" * 12000 + b"2,\xff,1\n",
+            "input 'bank', column 'region': not UTF-8 text",
+        ),
+    ],
+)
+def test_hostile_inputs_get_a_clear_error(kit, bank: bytes, message: str) -> None:
+    query = "SELECT count(*) FROM bank JOIN shop ON bank.id = shop.customer"
+    result, _body, outs = run(kit, {"bank": bank, "shop": shop_table(6, 20)}, {"query": query, "rule": RULE})
+    assert result["ok"] is False and result["category"] == "exception"
+    error = kit.read(outs["_error"], LAB).decode(errors="replace")
     assert message in error, error[:800]
 
 

@@ -264,7 +264,7 @@ def _describe_sql(p: Mapping[str, Any], to: Mapping[str, str], clean: Callable[[
     )
     lines.append(
         "    refused in the enclave: subqueries, WITH, UNION/INTERSECT/EXCEPT, VALUES, table functions, "
-        "window functions, CAST, arithmetic on row values, any statement but SELECT"
+        "window functions, CAST of a column, arithmetic on row values, any statement but SELECT"
     )
     lines.append(f"  result -> {to.get('result', '-')}: the query's rows that pass the threshold")
     lines.append(

@@ -283,7 +283,7 @@ BUILTINS: dict[str, _Builtin] = {
     ),
     "sql": _Builtin(
         "sql.py",
-        ("duckdb", "pandas"),
+        ("duckdb",),  # and pyarrow's CSV reader, like join-aggregate's Parquet inputs
         "Runs one SQL SELECT (params.query, approved as written) in DuckDB over the inputs (UTF-8 CSV "
         "with a header, each a table named after its input) under an analysis rule (params.rule, "
         "approved with it): tables (exactly the inputs; per table its allowed columns, join_columns "
@@ -292,7 +292,7 @@ BUILTINS: dict[str, _Builtin] = {
         "output is an aggregate or a GROUP BY column). The rule is checked on DuckDB's parse tree "
         "before any data is loaded, naming the clause that breaks it: INNER joins on join columns "
         "only; aggregates over one plain column; no subquery, CTE, UNION/INTERSECT/EXCEPT, VALUES, "
-        "table function, window, CAST (TRY_CAST only), arithmetic on row values, or statement other "
+        "table function, window, CAST of a column (TRY_CAST only), arithmetic on row values, or statement other "
         "than SELECT. Every output row whose group has fewer than k distinct id_column values (of each "
         "joined table that names one) or fewer than k rows is suppressed. Outputs: result (CSV: the "
         "released rows) and report (JSON: k, rows released; the suppressed count is not released). "

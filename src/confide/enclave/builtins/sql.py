@@ -1,7 +1,8 @@
 """Built-in sql v1: one SELECT in DuckDB over the inputs, under an analysis rule every owner approves.
 
 Inputs: one or more UTF-8 CSV files with a header, each loaded as a DuckDB table named after its
-input (types inferred by pandas; only an empty cell is NULL). Params: ``query`` (required: the SQL
+input (parsed by Arrow's CSV reader on one thread, which infers integers, doubles, dates, timestamps
+and text, as DuckDB's own read_csv would; only an empty unquoted cell is NULL). Params: ``query`` (required: the SQL
 text, at most 16384 characters), ``rule`` (required, see below), ``memory_limit_mib`` (1024: DuckDB's
 memory_limit; the sandbox's address-space limit stays the hard wall), ``max_result_rows`` (10^6).
 
@@ -28,8 +29,8 @@ clause unless it is one SELECT of this shape:
   output columns (the list rule), and its ORDER BY names only output columns;
 - refused: subqueries and CTEs (an inner query could pick single rows and pass them out through an
   outer aggregate), UNION/INTERSECT/EXCEPT, VALUES, table functions, DESCRIBE/SHOW, SELECT *,
-  window functions, QUALIFY, SAMPLE, GROUPING SETS/ROLLUP/CUBE, GROUP BY ALL, DISTINCT, CAST (only
-  TRY_CAST), arithmetic on row values (only on aggregates), functions outside a short list, and any
+  window functions, QUALIFY, SAMPLE, GROUPING SETS/ROLLUP/CUBE, GROUP BY ALL, DISTINCT, CAST of a
+  column (TRY_CAST, or a typed literal such as DATE '1994-01-01'), arithmetic on row values (only on aggregates), functions outside a short list, and any
   statement that is not a SELECT (PRAGMA, ATTACH, COPY, INSTALL, LOAD, SET, CALL, ...). The last
   three close error oracles: a failure that depends on one row's value would tell everyone a bit.
 
@@ -46,6 +47,7 @@ files, no network), no extension loading, no temp directory, no Python replaceme
 locked configuration. Runs in the sandbox child, which imports duckdb (not pre-imported in the zygote).
 """
 
+import codecs
 import copy
 import csv
 import io
@@ -133,6 +135,7 @@ REFS = {
     "EMPTY": "a SELECT without FROM",
 }
 DEFAULT_MEMORY_MIB = 1024
+HEADER_BYTES = 1 << 16
 
 
 def _fail(message: str) -> NoReturn:
@@ -369,9 +372,11 @@ class _Checker:
             parts = [x for c in e.get("case_checks") or [] for x in (c.get("when_expr"), c.get("then_expr"))]
             parts.append(e.get("else_expr"))
         elif cls == "CAST":
-            if not e.get("try_cast"):
+            child = e.get("child")
+            if not e.get("try_cast") and not (isinstance(child, dict) and child.get("class") == "CONSTANT"):
                 _refuse(
-                    clause, "CAST (use TRY_CAST: a cast that fails on one row's value would fail the run)"
+                    clause,
+                    "CAST of a value that is not a literal (use TRY_CAST: a cast failing on one row fails the run)",
                 )
             parts = [e.get("child")]
         else:
@@ -571,30 +576,49 @@ def _hidden(con: Any, checker: _Checker, shape: dict[str, Any], node: dict[str, 
     return len(items)
 
 
-def _load(con: Any, pd: Any, name: str, raw: bytes) -> list[str]:
+def _header(name: str, raw: bytes) -> list[str]:
+    """The CSV header's column names, from the file's first 64 KiB (the rest is Arrow's to check:
+    its reader refuses text that is not UTF-8); names may not repeat, ignoring case."""
     try:
-        text = raw.decode("utf-8")
+        head = codecs.getincrementaldecoder("utf-8")().decode(
+            raw[:HEADER_BYTES], final=len(raw) <= HEADER_BYTES
+        )
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         _fail(f"input {name!r} is not UTF-8 text (byte {exc.start}, line {line})")
     try:
-        frame = pd.read_csv(io.StringIO(text), keep_default_na=False, na_values=[""])
-    except Exception as exc:
-        _fail(f"input {name!r} is not a readable CSV file ({str(exc)[:200]})")
-    cols = [str(c) for c in frame.columns]
-    if len({c.lower() for c in cols}) != len(cols):
-        _fail(f"input {name!r} has columns whose names differ only in case (SQL names ignore case)")
-    con.register("__confide_load", frame)
-    con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM __confide_load')
-    con.unregister("__confide_load")
-    return cols
+        header = next(csv.reader(io.StringIO(head.removeprefix("\ufeff"), newline="")), None)
+    except csv.Error as exc:
+        _fail(f"input {name!r} is not a readable CSV file ({exc})")
+    if not header or (len(raw) > HEADER_BYTES and "\n" not in head):
+        _fail(f"input {name!r} has no header line (in its first {HEADER_BYTES} bytes)")
+    if len({c.lower() for c in header}) != len(header):
+        _fail(f"input {name!r} has a column name twice (SQL names ignore case)")
+    return header
 
 
-def _header(pd: Any, name: str, raw: bytes) -> list[str]:
+def _load(con: Any, name: str, raw: bytes) -> None:
+    """The CSV as DuckDB table `name`: Arrow's CSV reader (one thread) infers the types (integers,
+    doubles, dates, timestamps, text); only an empty unquoted cell is NULL."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
     try:
-        return [str(c) for c in pd.read_csv(io.BytesIO(raw), nrows=0).columns]
-    except Exception as exc:
+        table = pcsv.read_csv(
+            pa.BufferReader(raw.removeprefix(b"\xef\xbb\xbf")),
+            read_options=pcsv.ReadOptions(use_threads=False),
+            convert_options=pcsv.ConvertOptions(
+                null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=False
+            ),
+        )
+    except (pa.ArrowInvalid, pa.ArrowException) as exc:
         _fail(f"input {name!r} is not a readable CSV file ({str(exc)[:200]})")
+    for field in table.schema:  # Arrow reads a column that is not UTF-8 as bytes
+        if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
+            _fail(f"input {name!r}, column {field.name!r}: not UTF-8 text")
+    con.register("__confide_load", table)
+    con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM __confide_load').fetchall()
+    con.unregister("__confide_load")
 
 
 def _connect(duckdb: Any, memory_mib: int) -> Any:
@@ -617,7 +641,6 @@ def _connect(duckdb: Any, memory_mib: int) -> Any:
 
 def run(ctx: Any) -> None:
     import duckdb  # only inside the sandbox child, never in the enclave process
-    import pandas as pd
 
     inputs = sorted(ctx.inputs)
     if not inputs:
@@ -640,7 +663,7 @@ def run(ctx: Any) -> None:
         _refuse("statement", "exactly one SELECT is allowed")
     node = tree["statements"][0]["node"]
     raws = {name: ctx.inputs[name].read() for name in inputs}
-    headers = {name: _header(pd, name, raws[name]) for name in inputs}
+    headers = {name: _header(name, raws[name]) for name in inputs}
     for name in inputs:
         missing = sorted(
             (rule["tables"][name]["columns"] | rule["tables"][name]["join"])
@@ -659,7 +682,7 @@ def run(ctx: Any) -> None:
     hidden = _hidden(con, checker, shape, node)
     sql = con.execute("SELECT json_deserialize_sql(?::JSON)", [json.dumps(tree)]).fetchall()[0][0]
     for name in inputs:
-        _load(con, pd, name, raws[name])
+        _load(con, name, raws[name])
         raws[name] = b""
     try:
         cur = con.execute(sql)
