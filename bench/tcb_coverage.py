@@ -62,6 +62,13 @@ TESTS = [
     "tests/test_infer_slalom.py",
     "tests/test_infer_onnx.py",
     "tests/test_infer_tcb.py",
+    "tests/test_flow_attest.py",  # flow: attested key release, spill, the platform's in-enclave jobs
+    "tests/test_flow_spill.py",
+    "tests/test_flow_padding.py",
+    "tests/test_flow_platform.py",
+    "tests/test_builtin_infer.py",
+    "tests/test_builtin_sql.py",
+    "tests/test_parquet_pme.py",
     # tests written for the TCB's coverage gaps (each asserts behaviour, mostly hostile input)
     *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").glob("test_tcb_coverage_*.py")),
 ]

@@ -21,7 +21,8 @@ with open(sys.argv[1], "w") as fh:
     for _ in range(20000):
         fh.write(" ".join(random.choices(vocab, weights, k=12)) + "\n")
 PY
-$C encrypt "$WORK/flow/corpus.txt" --to "$WORK/flow/owner.pub" --out "$WORK/flow/corpus.cnf" --no-progress
+$C encrypt "$WORK/flow/corpus.txt" --to "$WORK/flow/owner.pub" --out "$WORK/flow/corpus.cnf" \
+  --chunk-size 262144 --no-progress  # 256 KiB chunks: a few partitions
 rm "$WORK/flow/corpus.txt"  # only the sealed copy is left
 echo "== the owner runs the word count; the engine moves only ciphertext"
 $C flow run examples/wordcount_job.py --input text="$WORK/flow/corpus.cnf" --identity "$WORK/flow/owner.key" \
