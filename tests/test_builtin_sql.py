@@ -316,6 +316,20 @@ def test_in_process_run_matches_the_sandboxed_run_and_refuses_alike(kit, tables)
         assert message in str(err.value), (query, str(err.value))
 
 
+def test_table_names_ignore_case_like_sql() -> None:
+    rule = {
+        **RULE,
+        "min_group_size": 2,
+        "tables": {"Bank": RULE["tables"]["bank"], "shop": RULE["tables"]["shop"]},
+    }
+    bank = b"id,region,balance\n1,a,1\n2,a,2\n"
+    shop = b"customer,segment,spend\n1,x,1\n2,x,1\n"
+    query = "SELECT count(*) AS n FROM BANK JOIN shop ON bank.id = shop.customer"
+    assert in_process({"query": query, "rule": rule}, {"Bank": bank, "shop": shop})["result"] == b"n\n2\n"
+    with pytest.raises(ValueError, match="differ only in case"):
+        in_process({"query": query, "rule": rule}, {"Bank": bank, "bank": bank, "shop": shop})
+
+
 BAD_PARAMS = [
     ({"rule": RULE}, "parameter 'query' (the SQL text) is required"),
     ({"query": 42, "rule": RULE}, "parameter 'query' (the SQL text) is required"),

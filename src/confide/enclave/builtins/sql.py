@@ -181,7 +181,7 @@ def _rule(given: Any, inputs: list[str]) -> dict[str, Any]:
         ident = t.get("id_column")
         if ident is not None and not (isinstance(ident, str) and ident):
             _fail(f"rule: tables.{name}.id_column must be a column name, got {str(ident)[:40]!r}")
-        spec[name] = {
+        spec[name.lower()] = {  # SQL names ignore case
             "columns": set(_names(t.get("columns", []), f"tables.{name}.columns")),
             "join": set(_names(t.get("join_columns", []), f"tables.{name}.join_columns")),
             "id": ident.lower() if ident else None,
@@ -645,6 +645,8 @@ def run(ctx: Any) -> None:
     inputs = sorted(ctx.inputs)
     if not inputs:
         _fail("needs at least one input")
+    if len({n.lower() for n in inputs}) != len(inputs):
+        _fail(f"input names {inputs} differ only in case: SQL table names ignore case")
     p = _params(dict(ctx.params), inputs)
     rule = p["rule"]
     con = _connect(duckdb, p["memory_mib"])
@@ -663,12 +665,10 @@ def run(ctx: Any) -> None:
         _refuse("statement", "exactly one SELECT is allowed")
     node = tree["statements"][0]["node"]
     raws = {name: ctx.inputs[name].read() for name in inputs}
-    headers = {name: _header(name, raws[name]) for name in inputs}
+    headers = {name.lower(): _header(name, raws[name]) for name in inputs}
     for name in inputs:
-        missing = sorted(
-            (rule["tables"][name]["columns"] | rule["tables"][name]["join"])
-            - {c.lower() for c in headers[name]}
-        )
+        table = rule["tables"][name.lower()]
+        missing = sorted((table["columns"] | table["join"]) - {c.lower() for c in headers[name.lower()]})
         if missing:
             _fail(f"rule names column(s) {', '.join(missing)} of {name!r}, which its header does not have")
     aggregates = {
