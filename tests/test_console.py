@@ -230,6 +230,7 @@ def test_task_page_shows_the_manifest_and_approves_only_what_it_showed(
     r = browser.post(f"/tasks/{task}/approve", data={"csrf": token, "digest": manifest.digest})
     assert r.status_code == 303 and r.headers["location"] == f"/tasks/{task}?done=approved"
     assert owner.fingerprint in {a.get("party") for a in lab.task(task)["approvals"]}
+    assert "The signed receipt" not in page.text  # not run yet: no receipt
     assert browser.get("/tasks/not-a-task").status_code == 400
     datasets = browser.get("/datasets").text  # which tasks read each dataset
     assert f'<a href="/tasks/{task}">{task[:8]}</a>' in datasets
@@ -278,6 +279,35 @@ def test_a_followed_task_page_waits_for_the_change_and_blocks_no_other_page(
     assert followed["took"] > 1  # it waited for the run ...
     assert "succeeded" in followed["page"].text  # ... and came back when the state changed
     assert "follow=" not in followed["page"].text
+
+
+def test_a_new_party_registers_in_its_console(server: ServerProcess, parties: Any, tmp_path: Path) -> None:
+    from confide.attest.anchors import load_trust_anchors
+    from confide.client.sdk import Client
+    from confide.enclave.keys import Identity
+
+    owner, _lab = parties
+    anchors = load_trust_anchors(sim=[server.data_dir / "platform" / "vendor_root.crt"])
+    with Client(
+        server.url,
+        Identity.generate("newcomer"),
+        policy=this_build_dev_policy(),
+        anchors=anchors,
+        home=tmp_path,
+    ) as newcomer:
+        console = Console(newcomer, Guard(port=PORT), results_dir=tmp_path / "results")
+        web = TestClient(create_app(console), base_url=BASE, follow_redirects=False)
+        assert web.get(f"/?token={console.guard.token}").status_code == 303
+        page = web.get("/")
+        assert page.status_code == 200 and "(not registered)" in page.text
+        assert "does not know this key" in page.text and newcomer.fingerprint in page.text
+        assert web.post("/register", data={"name": "newcomer"}).status_code == 403  # no CSRF token
+        assert owner.parties(name="newcomer") == []
+        r = web.post("/register", data={"csrf": csrf_of(page.text), "name": "newcomer"})
+        assert r.status_code == 303 and r.headers["location"] == "/"
+        inbox = web.get("/")
+        assert "Waiting for my approval" in inbox.text and "<strong>newcomer</strong>" in inbox.text
+        assert [p["fingerprint"] for p in owner.parties(name="newcomer")] == [newcomer.fingerprint]
 
 
 def test_confide_ui_prints_a_token_url_on_loopback(server: ServerProcess, tmp_path: Path) -> None:

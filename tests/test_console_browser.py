@@ -229,6 +229,9 @@ def test_three_parties_through_their_consoles(
         lab.get_by_text("Receipt verified").wait_for(timeout=60_000)  # the page follows the task
         assert "succeeded" in lab.locator(".state").first.inner_text()
         shots(lab, "task-succeeded")
+        lab.get_by_text("The signed receipt").click()  # <details>: opens with a click or Enter
+        receipt = lab.get_by_label("receipt", exact=True).inner_text()
+        assert f'"task_id": "{task_id}"' in receipt and '"status": "ok"' in receipt
         lab.get_by_role("link", name="Results for me").click()
         table = lab.get_by_role("table")
         table.wait_for()

@@ -42,21 +42,33 @@ class Console:
         self.results_dir = Path(results_dir)
         self.lock = threading.Lock()
         self._name: str | None = None
+        self.name_error = ""
         self._manifests: dict[str, Manifest] = {}  # a task id's manifest never changes: parsed once
         self._follow_lock = threading.Lock()
         self._follower: Transport | None = None
 
-    def frame(self, request: Request) -> Frame:
+    def party_name(self) -> str | None:
+        """The name the platform has for this party; None while it does not know this key (then
+        `name_error` says what the platform answered)."""
         if self._name is None:
             try:
-                self._name = str(self.client.whoami().get("name") or "(not registered)")
-            except ConfideError:
-                self._name = "(not registered)"
+                self._name = str(self.client.whoami().get("name") or "")
+            except ConfideError as exc:
+                self.name_error = f"{exc.message} ({exc.where})" if exc.where else exc.message
+                return None
+        return self._name
+
+    def forget_name(self) -> None:
+        self._name = None
+
+    def frame(self, request: Request) -> Frame:
+        name = self.party_name()
         try:
             simulated: bool | None = self.client.service.claims.simulated
         except ConfideError:
             simulated = None
-        return Frame(self._name, self.client.fingerprint, simulated, str(request.state.csrf))
+        shown = name if name is not None else "(not registered)"
+        return Frame(shown, self.client.fingerprint, simulated, str(request.state.csrf))
 
     def manifest(self, task_id: str) -> Manifest:
         """The task's manifest, checked by `Client.manifest` (for display: approving fetches and
@@ -148,6 +160,7 @@ def create_app(console: Console) -> Starlette:
     before: dict[Handler, Callable[[Console, Request], None]] = {task_pages.task_page: task_pages.follow}
     routes: list[tuple[str, Handler, tuple[str, ...]]] = [
         ("/", task_pages.inbox, ("GET",)),
+        ("/register", pages.register, ("POST",)),
         ("/tasks/new", task_pages.new_task, ("GET", "POST")),
         ("/tasks/{task_id}", task_pages.task_page, ("GET",)),
         ("/tasks/{task_id}/approve", task_pages.approve, ("POST",)),

@@ -8,13 +8,33 @@ import tempfile
 from pathlib import Path
 
 from starlette.requests import Request
+from starlette.responses import Response
 
-from confide.console.app import Console, form_of
+from confide.console.app import Console, form_of, redirect
 from confide.console.html import esc, field, form, notice, page, pre, table, when
 from confide.enclave.errors import ConfideError
 
 SAFE_NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_TASKS_SCANNED = 100
+
+
+def register_form(console: Console, request: Request) -> str:
+    """What the inbox shows while the platform does not know this party's key."""
+    frame = console.frame(request)
+    body = notice(f"The platform does not know this key yet: {console.name_error}", kind="warning")
+    body += (
+        "<p>Register this party's public keys under a name (the name is for people: every manifest "
+        f"pins your fingerprint <code>{esc(console.client.fingerprint)}</code>, not the name).</p>"
+    )
+    return body + form(
+        frame, "/register", field("name", "Your name on the platform", required=True), label="Register"
+    )
+
+
+def register(console: Console, request: Request) -> Response:
+    console.client.register(form_of(request).required("name", "Your name on the platform"))
+    console.forget_name()
+    return redirect("/")
 
 
 def service(console: Console, request: Request) -> str:

@@ -57,7 +57,11 @@ HEADERS = ("Task", "State", "Function", "Creator", "Updated")
 
 
 def inbox(console: Console, request: Request) -> str:
+    from confide.console.pages import register_form
+
     c = console.client
+    if console.party_name() is None:
+        return page(console.frame(request), "Register", register_form(console, request), current="/")
     pending = c.tasks(pending=True)
     only_mine = request.query_params.get("only") == "mine"
     body = '<p><a href="/?only=mine">Show only what needs me</a> · <a href="/">Show all</a></p>'
@@ -108,10 +112,14 @@ def _receipt(console: Console, task_id: str, info: dict[str, Any], manifest: Man
         body = c.receipt(task_id, info)
     except ConfideError as exc:
         return notice(f"receipt NOT accepted: {exc.message} ({exc.where})", kind="error")
+    import json
+
     out = notice(
         f"Receipt verified: signed by the attested service {c.service.fingerprint}, for manifest "
         f"{body.get('manifest_sha256')}, run {body.get('run')} of at most {body.get('max_runs')}."
     )
+    out += "<details><summary>The signed receipt (what <code>confide task receipt</code> prints)</summary>"
+    out += pre(json.dumps(body, indent=2), label="receipt") + "</details>"
     if body.get("status") == "ok":
         mine = [o.name for o in manifest.outputs if c.fingerprint in o.recipients]
         if mine:
