@@ -223,7 +223,10 @@ def _describe_sql(p: Mapping[str, Any], to: Mapping[str, str], clean: Callable[[
     refuses it)."""
     query = p.get("query")
     rule: dict[str, Any] = p["rule"] if isinstance(p.get("rule"), dict) else {}
-    lines = ["  the query, exactly as it will run (checked against the rule below before any data is read):"]
+    lines = [
+        "  the query as written (checked against the rule below before any data is read; it runs with"
+        " hidden threshold counts added):"
+    ]
     text = (
         clean(query)
         if isinstance(query, str)
@@ -240,8 +243,11 @@ def _describe_sql(p: Mapping[str, Any], to: Mapping[str, str], clean: Callable[[
         lines.append(
             f"    table {clean(str(name))}: may use columns {clean(cols)}; may be joined on {clean(joins)}"
         )
-        if ident:
-            lines.append(f"      each distinct {clean(str(ident))} is one person for the threshold")
+        lines.append(
+            f"      each distinct {clean(str(ident))} is one person for the threshold"
+            if ident
+            else "      no id column: the threshold counts its rows"
+        )
     aggs = ", ".join(map(str, rule.get("aggregates") or [])) or "(none)"
     lines.append(f"    aggregate functions allowed: {clean(aggs)} (each over one plain column, or count(*))")
     k = rule.get("min_group_size")
