@@ -162,7 +162,7 @@ def _columns(spec: Any, inputs: Sequence[str]) -> str:
 def describe(m: Manifest, clean: Callable[[str], str] = str) -> list[str]:
     """Lines for the approval text of a psi or join-aggregate task: what each output releases."""
     fn = m.function
-    if fn.kind != "builtin" or fn.name not in ("psi", "join-aggregate", "sql"):
+    if fn.kind != "builtin" or fn.name not in ("psi", "join-aggregate", "sql", "describe"):
         return []
     p = m.params
     inputs = [i.name for i in m.inputs]
@@ -170,6 +170,8 @@ def describe(m: Manifest, clean: Callable[[str], str] = str) -> list[str]:
     lines = [f"What leaves ({fn.name}, enforced in the enclave):"]
     if fn.name == "sql":
         return lines + _describe_sql(p, to, clean)
+    if fn.name == "describe":
+        return lines + _describe_stats(p, to, clean)
     if fn.name == "psi":
         hashed = p.get("hash") is True
         form = (
@@ -286,3 +288,17 @@ def _describe_sql(p: Mapping[str, Any], to: Mapping[str, str], clean: Callable[[
 
 
 __all__ = ["describe", "join_aggregate", "psi", "sql"]
+
+
+def _describe_stats(p: Mapping[str, Any], to: Mapping[str, str], clean: Callable[[str], str]) -> list[str]:
+    cols = p.get("columns")
+    which = ", ".join(clean(str(c)) for c in cols) if isinstance(cols, list) else "every column"
+    lines = [
+        f"  report -> {to.get('report', '?')}: for {which} of the union of the inputs: how many values, "
+        f"and only over at least k = {clean(str(p.get('k')))} values: mean and standard deviation "
+        "(numbers), or how many distinct values and the values seen at least k times (text)",
+        "  the number of distinct values includes rare ones: it tells that some exist, not which",
+    ]
+    if p.get("min_max") is True:
+        lines.append("  min_max: each numeric column's minimum and maximum, one row's exact value each")
+    return lines

@@ -229,6 +229,19 @@ BUILTINS: dict[str, _Builtin] = {
         ("model", "data"),
         ("outputs",),
     ),
+    "describe": _Builtin(
+        "describe.py",
+        ("pandas",),
+        "Per-column statistics of the union of the inputs (UTF-8 CSV with the same header), with a "
+        "cohort threshold. Params: k (required, >= 2: a statistic over fewer than k values is "
+        "suppressed and a category seen fewer than k times is not named), columns (default all), "
+        "max_categories (10), min_max (false: true also releases each numeric column's minimum and "
+        "maximum, one row's exact value each). Output: report (JSON: rows, and per column its kind, "
+        "count, and mean and std, or distinct count, the categories seen at least k times and how "
+        "many rows hold an unnamed one).",
+        ("*",),
+        ("report",),
+    ),
     "gbdt-train": _Builtin(
         "gbdt_train.py",
         ("numpy", "pandas", "xgboost"),
