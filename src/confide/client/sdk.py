@@ -310,7 +310,14 @@ class Client:
         """Upload an ONNX model like a dataset (sealed here, its key wrapped to the attested service),
         checked first; its visible metadata (input and output names and shapes, parameter count,
         FLOPs, size: confide.infer.model_meta) is in the sealed header and the platform's record."""
-        from confide.infer.model_meta import KIND, model_meta
+        try:
+            from confide.infer.model_meta import KIND, model_meta
+        except ImportError as exc:
+            raise ConfideError(
+                f"uploading a model needs the inference extra ({exc.name} is missing): "
+                "pip install 'confide[inference]'",
+                where=str(path),
+            ) from None
 
         path = Path(path)
         try:
