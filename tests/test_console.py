@@ -6,6 +6,7 @@ exactly `describe_manifest`'s, and an approval signs only the digest the page sh
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -308,6 +309,63 @@ def test_a_new_party_registers_in_its_console(server: ServerProcess, parties: An
         inbox = web.get("/")
         assert "Waiting for my approval" in inbox.text and "<strong>newcomer</strong>" in inbox.text
         assert [p["fingerprint"] for p in owner.parties(name="newcomer")] == [newcomer.fingerprint]
+
+
+def test_outputs_are_previewed_as_tables_and_bars(tmp_path: Path) -> None:
+    from confide.console.preview import charts, preview
+
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"rows": {"a": 400, "b": 120}, "label_balance": {"0": 3, "1": 1}, "k": 5}))
+    assert [(c.title, c.items, c.top) for c in charts(report)] == [
+        ("rows", (("a", 400.0), ("b", 120.0)), 400.0),
+        ("label_balance", (("0", 3.0), ("1", 1.0)), 3.0),
+    ]
+    shown = preview(report)
+    assert shown is not None and shown.kind == "json" and shown.headers == ("key", "value")
+    assert ("k", "5") in shown.rows
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps([{"g": "x", "n": 1}, {"g": "y", "m": True}]))
+    shown = preview(listed)
+    assert shown is not None and shown.headers == ("g", "n", "m") and shown.rows[1] == ("y", "", "true")
+    table = tmp_path / "t.csv"
+    table.write_text("a,b\n" + "".join(f"{i},{i}\n" for i in range(500)))
+    shown = preview(table)
+    assert shown is not None and shown.kind == "csv" and len(shown.rows) == 200 and shown.total_rows == 500
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"\x00\x01,\x02")
+    assert preview(binary) is None and charts(binary) == []
+    assert charts(table) == [] and charts(listed) == []  # bars only for objects of numbers
+
+
+def test_results_page_verifies_decrypts_and_draws(parties: Any, tmp_path: Path) -> None:
+    owner, lab = parties
+    data = tmp_path / "counts.json"
+    data.write_text(json.dumps({"rows": {"a": 4, "b": 2}}))  # UPPER_FN upper-cases it: still JSON
+    ds = owner.upload_dataset(data)
+    fn = lab.register_function(UPPER_FN, name="upper-json", outputs=["out"])
+    task = lab.create_task(function=fn, inputs={"data": ds.ref}, outputs={"out": [lab.fingerprint]})
+    owner.approve(task)
+    lab.run(task)
+    assert lab.wait(task, timeout=120)["state"] == "succeeded"
+    console = Console(lab, Guard(port=PORT), results_dir=tmp_path / "results")
+    web = TestClient(create_app(console), base_url=BASE, follow_redirects=False)
+    assert web.get(f"/?token={console.guard.token}").status_code == 303
+    page = web.get(f"/tasks/{task}/results")
+    assert page.status_code == 200, page.text
+    assert "checked against the receipt" in page.text
+    assert '<meter min="0" max="4" value="4" aria-label="A">4</meter>' in page.text
+    assert '<meter min="0" max="4" value="2" aria-label="B">2</meter>' in page.text
+    download = web.get(f"/tasks/{task}/results/out")
+    assert download.status_code == 200 and json.loads(download.content) == {"ROWS": {"A": 4, "B": 2}}
+    assert download.headers["content-type"] == "application/octet-stream"
+    assert "attachment" in download.headers["content-disposition"]
+    assert web.get(f"/tasks/{task}/results/..%2Fx").status_code in (400, 404)
+    mine = Console(owner, Guard(port=PORT), results_dir=tmp_path / "owner-results")
+    owners_view = TestClient(create_app(mine), base_url=BASE, follow_redirects=False)
+    assert owners_view.get(f"/?token={mine.guard.token}").status_code == 303
+    page = owners_view.get(f"/tasks/{task}/results")  # the owner approved but receives nothing
+    assert page.status_code == 200 and "0 output(s)" in page.text and "<meter" not in page.text
+    assert not (tmp_path / "owner-results" / task / "out").exists()
 
 
 def test_confide_ui_prints_a_token_url_on_loopback(server: ServerProcess, tmp_path: Path) -> None:

@@ -72,3 +72,41 @@ def preview(path: Path) -> Preview | None:
     except csv.Error:
         return None
     return _bounded(table[0], table[1:], "csv")
+
+
+@dataclass(frozen=True)
+class Chart:
+    """A JSON output's object of numbers (rows per input, a class balance), to show as bars."""
+
+    title: str
+    items: tuple[tuple[str, float], ...]
+
+    @property
+    def top(self) -> float:
+        return max((v for _, v in self.items), default=0.0)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+
+
+def charts(path: Path) -> list[Chart]:
+    """Bars for each member of a JSON object output that is itself an object of 2 to MAX_ROWS
+    non-negative numbers (gbdt-train's ``rows`` and ``label_balance``, for one)."""
+    try:
+        if path.stat().st_size > MAX_PREVIEW_BYTES:
+            return []
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return []
+    if not isinstance(value, Mapping):
+        return []
+    out = []
+    for key, member in value.items():
+        if (
+            isinstance(member, Mapping)
+            and 2 <= len(member) <= MAX_ROWS
+            and all(map(_number, member.values()))
+        ):
+            out.append(Chart(str(key), tuple((str(k), float(v)) for k, v in member.items())))
+    return out

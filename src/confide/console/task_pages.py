@@ -10,7 +10,7 @@ from starlette.responses import FileResponse, Response
 
 from confide.console.app import Console, form_of, redirect, task_id_of
 from confide.console.html import Frame, esc, field, form, notice, page, pre, select, state_badge, table, when
-from confide.console.preview import preview
+from confide.console.preview import Chart, charts, preview
 from confide.enclave.errors import ConfideError
 
 if TYPE_CHECKING:
@@ -346,8 +346,23 @@ def results(console: Console, request: Request) -> str:
                 caption=f"{name} ({shown.kind}){more}",
                 empty="(no rows)",
             )
+        body += "".join(_chart(name, chart) for chart in charts(path))
         body += "</section>"
     return page(console.frame(request), f"Results of task {task_id}", body)
+
+
+def _chart(output: str, chart: Chart) -> str:
+    """Bars as <meter> elements: drawn by the browser, read out by screen readers, no styles."""
+    top = chart.top or 1.0
+    rows = [
+        [
+            esc(label),
+            esc(f"{value:g}"),
+            f'<meter min="0" max="{top:g}" value="{value:g}" aria-label="{esc(label)}">{esc(f"{value:g}")}</meter>',
+        ]
+        for label, value in chart.items
+    ]
+    return table(("", "Value", ""), rows, caption=f"{output}: {chart.title}", empty="")
 
 
 def download(console: Console, request: Request) -> Response:
