@@ -32,25 +32,32 @@ SECTIONS = (
 )
 
 
-def _task_rows(console: Console, rows: list[dict[str, Any]]) -> list[list[str]]:
-    names = console.client.party_names()
-    functions = {str(f["digest"]): f for f in console.client.functions()}
-    out = []
-    for r in rows:
-        tid = str(r.get("task_id"))
-        fn = functions.get(str(r.get("function_digest")))
-        fn_name = f"{fn.get('name')}@{fn.get('version')}" if fn else str(r.get("function_digest", ""))[:16]
-        creator = names.get(str(r.get("creator"))) or str(r.get("creator"))
-        out.append(
-            [
-                f'<a href="/tasks/{esc(tid)}">{esc(tid)}</a>',
-                state_badge(r.get("state")),
-                esc(fn_name),
-                esc(creator),
-                esc(when(r.get("updated_at"))),
-            ]
-        )
-    return out
+class TaskRows:
+    """Table rows for task summaries, with the names of parties and functions fetched once."""
+
+    def __init__(self, console: Console) -> None:
+        self.names = console.client.party_names()
+        self.functions = {str(f["digest"]): f for f in console.client.functions()}
+
+    def __call__(self, rows: list[dict[str, Any]]) -> list[list[str]]:
+        out = []
+        for r in rows:
+            tid = str(r.get("task_id"))
+            fn = self.functions.get(str(r.get("function_digest")))
+            fn_name = (
+                f"{fn.get('name')}@{fn.get('version')}" if fn else str(r.get("function_digest", ""))[:16]
+            )
+            creator = self.names.get(str(r.get("creator"))) or str(r.get("creator"))
+            out.append(
+                [
+                    f'<a href="/tasks/{esc(tid)}">{esc(tid)}</a>',
+                    state_badge(r.get("state")),
+                    esc(fn_name),
+                    esc(creator),
+                    esc(when(r.get("updated_at"))),
+                ]
+            )
+        return out
 
 
 HEADERS = ("Task", "State", "Function", "Creator", "Updated")
@@ -63,25 +70,27 @@ def inbox(console: Console, request: Request) -> str:
     if console.party_name() is None:
         return page(console.frame(request), "Register", register_form(console, request), current="/")
     pending = c.tasks(pending=True)
+    rows_of = TaskRows(console)
     only_mine = request.query_params.get("only") == "mine"
     body = '<p><a href="/?only=mine">Show only what needs me</a> · <a href="/">Show all</a></p>'
     body += "<section><h2>Waiting for my approval</h2>"
     body += table(
         HEADERS,
-        _task_rows(console, pending),
+        rows_of(pending),
         caption="Tasks waiting for my approval",
         empty="Nothing waits for your approval.",
     )
     body += "</section>"
+    everything = [] if only_mine else c.tasks()
     if not only_mine:
         mine = {str(t.get("task_id")) for t in pending}
-        rest = [t for t in c.tasks() if str(t.get("task_id")) not in mine]
+        rest = [t for t in everything if str(t.get("task_id")) not in mine]
         for title, states in SECTIONS:
             rows = [t for t in rest if t.get("state") in states]
             body += f"<section><h2>{esc(title)}</h2>"
-            body += table(HEADERS, _task_rows(console, rows), caption=f"{title} tasks", empty="None.")
+            body += table(HEADERS, rows_of(rows), caption=f"{title} tasks", empty="None.")
             body += "</section>"
-    active = any(t.get("state") in ACTIVE for t in c.tasks()) if not only_mine else False
+    active = any(t.get("state") in ACTIVE for t in everything)
     return page(console.frame(request), "Inbox", body, current="/", refresh_s=3 if active else None)
 
 
