@@ -9,7 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from confide.client.sealing import decrypt_file, encrypt_file, encrypt_stream
@@ -234,6 +234,8 @@ def test_fuzz_mutations_of_a_valid_file_always_fail_cleanly(data: st.DataObject)
         blob[pos] = data.draw(st.integers(0, 255).filter(lambda b, p=pos: b != blob[p]))
     cut = data.draw(st.integers(0, len(blob)))
     mutated = bytes(blob[:cut]) if data.draw(st.booleans()) else bytes(blob)
+    # two mutations of one byte can put the original back (found by CI: 0 then 45 at one position)
+    assume(mutated != _VALID["blob"])
     with pytest.raises(ConfideError):
         unseal(mutated, ident)
 
