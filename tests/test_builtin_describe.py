@@ -121,3 +121,36 @@ def test_the_approval_text_says_what_leaves(kit) -> None:
     assert "What leaves (describe, enforced in the enclave):" in text
     assert "for age of the union of the inputs" in text and "at least k = 7 values" in text
     assert "min_max: each numeric column's minimum and maximum, one row's exact value each" in text
+
+
+def _in_process(params: dict, tables: dict[str, bytes]) -> dict:
+    """run(ctx) in this process (coverage sees it here; in the sandbox child it is compiled as text)."""
+    import io
+
+    from confide.enclave.builtins import describe as describe_builtin
+    from confide.enclave.sandbox.context import Context
+
+    out = io.BytesIO()
+    describe_builtin.run(
+        Context(dict(params), {n: io.BytesIO(t) for n, t in tables.items()}, {"report": out})
+    )  # type: ignore[arg-type]
+    return json.loads(out.getvalue())
+
+
+def test_in_process_run_matches_the_sandboxed_run(kit) -> None:
+    tables = {"a": table(6, 120), "b": table(7, 80)}
+    params = {"k": 10, "min_max": True, "max_categories": 2}
+    result, body, outs = run(kit, tables, params)
+    assert result["ok"], body
+    assert _in_process(params, tables) == json.loads(kit.read(outs["report"], LAB))
+    for bad, message in [
+        ({"k": 5, "max_categories": -1}, "max_categories must be an integer"),
+        ({"k": True}, "k must be an integer"),
+        ({"k": 5, "columns": ["age", "age"]}, "distinct column names"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            _in_process(bad, tables)
+    with pytest.raises(ValueError, match="has header"):
+        _in_process({"k": 5}, {"a": table(1, 10), "b": b"x,y\n1,2\n"})
+    with pytest.raises(ValueError, match="no inputs"):
+        _in_process({"k": 5}, {})

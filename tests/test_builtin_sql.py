@@ -548,3 +548,43 @@ def test_sql_through_the_cli(server, tmp_path) -> None:
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "lab" / "result"), expect, check_dtype=False)
     r = _cli(env, *create[:-2], "--param", "rule=@/nonexistent/rule.json", identity=keys["qlab"])
     assert r.exit_code != 0 and "cannot read rule's value from '/nonexistent/rule.json'" in r.output
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        ([], "the analysis rule: an object"),
+        ({"tables": {}, "bogus": 1}, "unknown field(s) bogus"),
+        ({"tables": {"bank": {}}}, "tables must name exactly the task's inputs"),
+        ({"tables": {"bank": {"columns": [], "extra": 1}, "shop": {}}}, "must be an object with columns"),
+        ({"tables": {"bank": {"id_column": 7}, "shop": {}}}, "id_column must be a column name"),
+        ({"tables": {"bank": {"columns": "id"}, "shop": {}}}, "columns must be a list of column names"),
+        (
+            {"tables": {"bank": {}, "shop": {}}, "aggregates": ["median"]},
+            "aggregates must be a non-empty list",
+        ),
+        (
+            {"tables": {"bank": {}, "shop": {}}, "aggregates": ["count"]},
+            "min_group_size (k, at least 2) is required",
+        ),
+        (
+            {"tables": {"bank": {}, "shop": {}}, "aggregates": ["count"], "min_group_size": 1},
+            "min_group_size must be",
+        ),
+        (
+            {
+                "tables": {"bank": {}, "shop": {}},
+                "aggregates": ["count"],
+                "min_group_size": 2,
+                "join_required": "y",
+            },
+            "join_required must be true or false",
+        ),
+    ],
+)
+def test_malformed_rules_are_refused_in_process(rule: Any, message: str) -> None:
+    with pytest.raises(ValueError, match="^sql: ") as err:
+        in_process(
+            {"query": "SELECT count(*) FROM bank", "rule": rule}, {"bank": b"id\n1\n", "shop": b"id\n1\n"}
+        )
+    assert message in str(err.value)
