@@ -99,6 +99,35 @@ class TaskKit:
         body = verify_task_receipt(base64.b64decode(result["receipt"]), self.service)
         return result, body, outs
 
+    def run_builtin(
+        self,
+        name: str,
+        tables: dict[str, bytes],
+        params: dict,
+        *,
+        owners: dict[str, Identity],
+        creator: Identity,
+        outputs: tuple[str, ...],
+        participants: dict,
+    ):
+        """A built-in's task over `tables` (input name -> bytes, uploaded by owners[name]), each output
+        sealed to the creator, approved by every owner and the creator; returns what `run` returns."""
+        from confide.client.manifest_build import build_manifest, sign_approval
+        from confide.enclave import manifest as mf
+
+        datasets = {n: self.dataset(owners[n], t) for n, t in tables.items()}
+        m = build_manifest(
+            service=self.service,
+            creator=creator.public,
+            function=mf.builtin_descriptor(name),
+            params=params,
+            inputs=[self.task_input(n, ds) for n, ds in datasets.items()],
+            outputs=[mf.TaskOutput(o, (creator.fingerprint,)) for o in outputs],
+            participants=participants,
+        )
+        approvals = [sign_approval(ds.owner, m) for ds in datasets.values()] + [sign_approval(creator, m)]
+        return self.run(m, approvals, datasets)
+
     @staticmethod
     def read(path: Path, who: Identity) -> bytes:
         from confide.client.sealing import open_reader

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from confide.client.manifest_build import build_manifest, sign_approval
+from confide.client.manifest_build import build_manifest
 from confide.enclave import manifest as mf
 from confide.enclave.keys import Identity
 
@@ -31,18 +31,9 @@ def table(seed: int, n: int) -> bytes:
 
 
 def run(kit, tables: dict[str, bytes], params: dict):
-    datasets = {n: kit.dataset(OWNERS[n], t) for n, t in tables.items()}
-    m = build_manifest(
-        service=kit.service,
-        creator=LAB.public,
-        function=mf.builtin_descriptor("describe"),
-        params=params,
-        inputs=[kit.task_input(n, ds) for n, ds in datasets.items()],
-        outputs=[mf.TaskOutput("report", (LAB.fingerprint,))],
-        participants=PARTIES,
+    return kit.run_builtin(
+        "describe", tables, params, owners=OWNERS, creator=LAB, outputs=("report",), participants=PARTIES
     )
-    approvals = [sign_approval(ds.owner, m) for ds in datasets.values()] + [sign_approval(LAB, m)]
-    return kit.run(m, approvals, datasets)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 
 from confide.client import analytics
 from confide.client.approval import describe_manifest
-from confide.client.manifest_build import build_manifest, sign_approval
+from confide.client.manifest_build import build_manifest
 from confide.enclave import manifest as mf
 from confide.enclave.errors import ConfideError
 from confide.enclave.keys import Identity
@@ -124,10 +124,15 @@ def manifest(kit, datasets: dict, params: dict):
 
 
 def run(kit, tables: dict[str, bytes], params: dict):
-    datasets = {n: kit.dataset(OWNERS[n], t) for n, t in tables.items()}
-    m = manifest(kit, datasets, params)
-    approvals = [sign_approval(ds.owner, m) for ds in datasets.values()] + [sign_approval(LAB, m)]
-    return kit.run(m, approvals, datasets)
+    return kit.run_builtin(
+        "join-aggregate",
+        tables,
+        params,
+        owners=OWNERS,
+        creator=LAB,
+        outputs=("result", "report"),
+        participants=PARTIES,
+    )
 
 
 def result_rows(kit, outs) -> tuple[list[str], list[list[str]]]:

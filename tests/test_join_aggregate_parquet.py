@@ -15,8 +15,6 @@ import pyarrow.parquet as pq
 import pyarrow.parquet.encryption as pe
 import pytest
 
-from confide.client.manifest_build import build_manifest, sign_approval
-from confide.enclave import manifest as mf
 from confide.enclave import parquet_keys as pk
 from confide.enclave.builtins import join_aggregate
 from confide.enclave.keys import Identity
@@ -81,18 +79,15 @@ def as_csv(table: pa.Table) -> bytes:
 
 
 def run(kit, inputs: dict[str, bytes], params: dict):
-    datasets = {n: kit.dataset(OWNERS[n], t) for n, t in inputs.items()}
-    m = build_manifest(
-        service=kit.service,
-        creator=LAB.public,
-        function=mf.builtin_descriptor("join-aggregate"),
-        params=params,
-        inputs=[kit.task_input(n, ds) for n, ds in datasets.items()],
-        outputs=[mf.TaskOutput("result", (LAB.fingerprint,)), mf.TaskOutput("report", (LAB.fingerprint,))],
+    return kit.run_builtin(
+        "join-aggregate",
+        inputs,
+        params,
+        owners=OWNERS,
+        creator=LAB,
+        outputs=("result", "report"),
         participants=PARTIES,
     )
-    approvals = [sign_approval(ds.owner, m) for ds in datasets.values()] + [sign_approval(LAB, m)]
-    return kit.run(m, approvals, datasets)
 
 
 @pytest.fixture(scope="module")
