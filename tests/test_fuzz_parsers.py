@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -71,6 +72,35 @@ def test_sim_evidence_mutations(sim_evidence: tuple[bytes, TrustAnchors], data: 
         return
     # a mutation that still verifies must not have changed anything signed
     assert claims == verify_evidence(ev, at=int(time.time()), anchors=anchors)
+
+
+def test_sim_evidence_certificate_with_unused_signature_bits_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The fuzz test's find: the platform certificate's signature BIT STRING re-encoded with a
+    non-zero unused-bits count (possible when its last bit is zero) still parsed and verified, under
+    another fingerprint. Every certificate reaching a verifier must be the one DER encoding."""
+    import base64
+    import json
+
+    for attempt in range(64):  # each platform's signature ends in a zero bit with probability 1/2
+        plat = SimPlatform.create(tmp_path / f"platform{attempt}")
+        backend = SimBackend(plat, EnclaveIdentity("sim", "ab" * 32, SIM_SIGNER, 1, 1, False))
+        ev = backend.evidence(report_data_for(ENCLAVE.public, b"n"), extra={})
+        outer = json.loads(ev)
+        der = bytearray(base64.b64decode(outer["certificates"][0]))
+        if not der[-1] & 1:
+            break
+    else:
+        raise AssertionError("64 platforms in a row had a signature ending in a one bit")
+    anchors = TrustAnchors(sim_roots=(plat.root_der,))
+    sig_at = len(der) - 64  # Ed25519: ... 03 41 00 <64 bytes>
+    assert der[sig_at - 3 : sig_at] == b"\x03\x41\x00"
+    verify_evidence(ev, at=int(time.time()), anchors=anchors)  # the original verifies
+    der[sig_at - 1] = 1  # "one unused bit": the same 64 signature bytes to a lenient parser
+    outer["certificates"][0] = base64.b64encode(bytes(der)).decode()
+    with pytest.raises(EvidenceError, match="not canonical DER"):
+        verify_evidence(json.dumps(outer).encode(), at=int(time.time()), anchors=anchors)
 
 
 @settings(max_examples=200, deadline=None)

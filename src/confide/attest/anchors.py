@@ -225,9 +225,30 @@ def parse_der_certificate(der: bytes, what: str, *, where: str) -> x509.Certific
         with warnings.catch_warnings():
             # AMD and some vendor certificates use serial numbers that RFC 5280 disallows.
             warnings.simplefilter("ignore")
-            return x509.load_der_x509_certificate(bytes(der))
+            cert = x509.load_der_x509_certificate(bytes(der))
     except Exception as e:  # ValueError, InvalidVersion, ...: any parse failure of untrusted bytes
         raise EvidenceError(f"{what} is not a valid DER X.509 certificate ({e})", where=where) from e
+    _check_signature_encoding(cert, bytes(der), what, where=where)
+    return cert
+
+
+def _der_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+def _check_signature_encoding(cert: x509.Certificate, der: bytes, what: str, *, where: str) -> None:
+    """The signature BIT STRING must be the one DER encoding of the signature bytes: no unused bits.
+
+    The parser accepts a non-zero unused-bits count when those bits are zero, which gives one signed
+    certificate several encodings (and several fingerprints); found by the evidence fuzz test."""
+    sig = cert.signature
+    if not der.endswith(b"\x03" + _der_length(len(sig) + 1) + b"\x00" + sig):
+        raise EvidenceError(
+            f"{what} is not canonical DER (its signature BIT STRING has unused bits)", where=where
+        )
 
 
 def public_key(cert: x509.Certificate, what: str, *, where: str) -> PublicKeyTypes:
@@ -250,6 +271,8 @@ def parse_pem_certificates(pem: bytes, what: str, *, where: str) -> list[x509.Ce
         raise EvidenceError(f"{what} is not a PEM certificate bundle ({e})", where=where) from e
     if not certs:
         raise EvidenceError(f"{what} holds no certificate", where=where)
+    for cert in certs:
+        _check_signature_encoding(cert, cert.public_bytes(Encoding.DER), what, where=where)
     return certs
 
 
