@@ -176,4 +176,6 @@ def test_the_same_job_file_runs_as_a_task_from_the_cli(
         f"word_counts={lab.fingerprint}",
     ]
     bad = CliRunner().invoke(main, wrong, env=env)
-    assert bad.exit_code == 1 and "job(flow, inputs) failed: KeyError: 'text' (inputs given: nope)" in bad.output
+    assert (
+        bad.exit_code == 1 and "job(flow, inputs) failed: KeyError: 'text' (inputs given: nope)" in bad.output
+    )

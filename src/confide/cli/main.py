@@ -38,8 +38,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "function": ("function", "function", "Functions: built-ins or your own run(ctx) code."),
     "task": ("task", "task", "Tasks: create, review, approve, run, fetch results."),
     "audit": ("audit", "audit", "The platform's audit log, hash chain checked."),
-    "model": ("model", "model", "ONNX models for the infer built-in: sealed here, key wrapped to the service."),
-    "flow": ("flow", "flow", "Confidential dataflow jobs: functions in enclaves, the engine sees ciphertext."),
+    "model": (
+        "model",
+        "model",
+        "ONNX models for the infer built-in: sealed here, key wrapped to the service.",
+    ),
+    "flow": (
+        "flow",
+        "flow",
+        "Confidential dataflow jobs: functions in enclaves, the engine sees ciphertext.",
+    ),
     "ui": ("ui", "ui", "Your web console on 127.0.0.1: review, approve, run, results, audit."),
     "serve": ("serve", "serve", "Run the platform server (the untrusted host)."),
     "gramine": ("gramine", "gramine", "Gramine-SGX deployment files."),
