@@ -50,7 +50,7 @@ def test_the_model_shows_only_its_metadata(world: dict[str, Any]) -> None:
 
 def test_inference_runs_only_with_both_owners_approval(world: dict[str, Any]) -> None:
     vendor, clinic, lab, tmp = world["vendor"], world["clinic"], world["lab"], world["tmp"]
-    task = inference.infer(lab, model=world["model"].ref, data=world["data"].ref)
+    task = lab.infer(model=world["model"].ref, data=world["data"].ref)
     text = vendor.describe(task)
     assert "What runs and what it reveals (infer, mode all-in-enclave):" in text
     assert "are decrypted only in the enclave" in text and "no accelerator and no other party" in text

@@ -473,7 +473,7 @@ def test_sql_end_to_end_on_a_server(server, tmp_path, tables) -> None:
         clients = sdk_clients(server, tmp_path, ("bank", "shop", "lab"))
         bank, shop, lab = clients
         refs = upload_tables({"bank": bank, "shop": shop}, tables, tmp_path)
-        task = analytics.sql(lab, inputs=refs, query=QUERY, rule=RULE)
+        task = lab.sql(inputs=refs, query=QUERY, rule=RULE)
         for c in clients:
             c.approve(task)
         lab.run(task)

@@ -4,6 +4,8 @@ cannot drift from the code."""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import re
 import shlex
@@ -75,6 +77,11 @@ def test_readme_walkthrough_and_sdk_snippet(tmp_path: Path) -> None:
         results = tmp_path / "walkthrough" / "results"
         assert (results / "model").exists() or any(results.iterdir()), out[-3000:]
         assert "model:" in done.stdout and "receipt: ok" in done.stdout, out[-3000:]
+        walk = tmp_path / "walkthrough"
+        assert json.loads((walk / "psi" / "size").read_text())["size"] == 200  # P00201-P00400
+        rows = list(csv.DictReader((walk / "sql" / "result").open()))
+        assert sorted(r["smoker"] for r in rows) == ["0", "1"], rows
+        assert all(int(r["patients"]) >= 20 for r in rows) and sum(int(r["patients"]) for r in rows) == 200
         assert "Traceback" not in out
     finally:
         server.stop()

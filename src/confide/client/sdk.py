@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from confide.client import analytics, inference
 from confide.client.audit_pins import AuditRewritten as AuditRewritten
 from confide.client.audit_pins import AuditVerifier, PinStore
 from confide.client.audit_pins import check_audit_chain as check_audit_chain
@@ -89,6 +90,12 @@ class TaskResult:
 
 class Client:
     """A party's session with one platform. `say` receives progress lines (default: silent)."""
+
+    # the built-ins' task builders, as methods: client.psi(inputs=..., column=...) and so on
+    psi = analytics.psi
+    join_aggregate = analytics.join_aggregate
+    sql = analytics.sql
+    infer = inference.infer
 
     def __init__(
         self,
