@@ -68,6 +68,9 @@ def test_train_is_deterministic_for_a_seed(sets) -> None:
     assert report["objective"] == "binary:logistic" and report["params"]["rounds"] == 12
     assert report["rows"] == {"hospital_a": 120, "hospital_b": 120} and report["total_rows"] == 240
     assert report["features"] == ["x1", "x2", "x3"] and set(report["label_balance"]) == {"0", "1"}
+    importance = report["feature_importance"]  # y = x1 - x2 > 0: x3 is noise
+    assert list(importance) == ["x1", "x2", "x3"] and all(v >= 0 for v in importance.values())
+    assert min(importance["x1"], importance["x2"]) > importance["x3"]
 
 
 def test_train_features_and_exclude_choose_the_columns(sets) -> None:

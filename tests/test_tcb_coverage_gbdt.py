@@ -41,12 +41,16 @@ def test_train_report_and_determinism() -> None:
     report = json.loads(one["report"])
     assert report["features"] == ["x1", "x2"] and report["rows"] == {"a": 60, "b": 60}
     assert report["label_balance"] == {"0": 72, "1": 48}
+    importance = report["feature_importance"]  # the label is x1 % 7 > 3: x1 carries the gain
+    assert list(importance) == ["x1", "x2"] and importance["x1"] > 0 <= importance["x2"]
+    assert max(importance, key=importance.__getitem__) == "x1"
 
 
 def test_train_regression_and_predict_with_features() -> None:
     out = train({"label": "y", "features": ["x1"], "objective": "reg:squarederror", "rounds": 2}, {"a": REG})
     report = json.loads(out["report"])
     assert report["features"] == ["x1"] and report["label_balance"]["max"] == 2.5
+    assert list(report["feature_importance"]) == ["x1"]
     scores = call(gbdt_predict, {}, {"model": out["model"], "data": REG}, ("predictions",))["predictions"]
     lines = scores.decode().splitlines()
     assert lines[0] == "score" and len(lines) == 4 and all(float(s) == float(s) for s in lines[1:])

@@ -249,7 +249,8 @@ BUILTINS: dict[str, _Builtin] = {
         "inputs: CSV files with the same header. Params: label (required), objective "
         "(binary:logistic), rounds, max_depth, eta, seed, features or exclude (lists of column names; "
         "default: every column but the label). Outputs: model (XGBoost JSON model) and "
-        "report (JSON: rows per input, features, label balance). Deterministic for a given seed.",
+        "report (JSON: rows per input, features, label balance, each feature's total split gain). "
+        "Deterministic for a given seed.",
         ("*",),
         ("model", "report"),
     ),
