@@ -316,9 +316,9 @@ def test_outputs_are_previewed_as_tables_and_bars(tmp_path: Path) -> None:
 
     report = tmp_path / "report.json"
     report.write_text(json.dumps({"rows": {"a": 400, "b": 120}, "label_balance": {"0": 3, "1": 1}, "k": 5}))
-    assert [(c.title, c.items, c.top) for c in charts(report)] == [
-        ("rows", (("a", 400.0), ("b", 120.0)), 400.0),
-        ("label_balance", (("0", 3.0), ("1", 1.0)), 3.0),
+    assert [(c.title, c.items) for c in charts(report)] == [
+        ("rows", (("a", 400.0), ("b", 120.0))),
+        ("label_balance", (("0", 3.0), ("1", 1.0))),
     ]
     shown = preview(report)
     assert shown is not None and shown.kind == "json" and shown.headers == ("key", "value")
@@ -337,6 +337,88 @@ def test_outputs_are_previewed_as_tables_and_bars(tmp_path: Path) -> None:
     assert charts(table) == [] and charts(listed) == []  # bars only for objects of numbers
 
 
+def test_builtin_reports_are_drawn_with_suppressions_marked(tmp_path: Path) -> None:
+    from confide.console.plots import Bars
+    from confide.console.reports import views
+
+    def out(name: str, text: str) -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    gbdt = {
+        "model": out("model", "{}"),
+        "report": out(
+            "gbdt.json",
+            json.dumps(
+                {
+                    "label": "outcome",
+                    "rows": {"a": 400, "b": 100},
+                    "label_balance": {"0": 300, "1": 200},
+                    "feature_importance": {"age": 5.5, "bmi": 20.0, "<script>x</script>": 0.0},
+                }
+            ),
+        ),
+    }
+    html = views("gbdt-train", gbdt, {})["report"].html
+    titles = re.findall(r"<figcaption>([^<]*)</figcaption>", html)
+    assert titles == ["Class balance of label outcome", "Feature importance", "Rows per input"]
+    assert "300 (60.0%)" in html and "200 (40.0%)" in html  # the balance as shares
+    ranked = re.findall(r"<title>([^<:]*): [^<]*</title></rect>", html)
+    assert ranked[2:5] == ["bmi", "age", "&lt;script&gt;x&lt;/script&gt;"]  # most important first, escaped
+    assert "<script>" not in html and "model" not in views("gbdt-train", gbdt, {})
+
+    joined = {
+        "result": out("result.csv", "region,n,total\nnorth,12,340\nsouth,7,90\n"),
+        "report": out("ja.json", json.dumps({"k": 5, "groups": 2, "suppressed_groups": 3})),
+    }
+    shown = views("join-aggregate", joined, {"group_by": ["region"]})
+    assert "2 group(s) released, 3 suppressed" in shown["report"].html
+    result = shown["result"].html
+    assert "Suppressed groups: <strong>3</strong> (not in this table)" in result
+    assert "<figcaption>n by region</figcaption>" in result and "north: 12" in result
+    assert "<svg" not in views("join-aggregate", joined, {})["result"].html  # no groups: no bars
+
+    described = {
+        "report": out(
+            "d.json",
+            json.dumps(
+                {
+                    "k": 5,
+                    "rows": 40,
+                    "columns": {
+                        "age": {"kind": "numeric", "count": 40, "mean": 51.25, "std": 9.5},
+                        "rare": {"kind": "text", "count": 3, "suppressed": True},
+                        "sex": {
+                            "kind": "text",
+                            "count": 40,
+                            "distinct": 3,
+                            "top": [{"value": "f", "count": 21}],
+                            "unnamed": 2,
+                        },
+                    },
+                }
+            ),
+        )
+    }
+    view = views("describe", described, {})["report"]
+    assert view.replaces_preview and "1 of 3 column(s) suppressed" in view.html
+    assert (
+        '<td>rare</td><td>text</td><td>3</td><td><strong class="suppressed">suppressed</strong>' in view.html
+    )
+    assert "f (21)" in view.html and "mean 51.25" in view.html
+
+    sql = {"result": out("s.csv", "a,n\nx,9\n"), "report": out("s.json", json.dumps({"k": 5, "rows": 1}))}
+    assert "how many is not reported" in views("sql", sql, {})["result"].html
+
+    # what is not the built-in's output shape gets no view (and no error)
+    junk = {"report": out("junk.json", "[1, 2"), "result": out("junk.csv", "\x00")}
+    for builtin in ("gbdt-train", "join-aggregate", "describe", "sql", None):
+        assert views(builtin, junk, {"group_by": "x"}) == {}
+    with pytest.raises(ValueError):
+        Bars("bad", (("x", -1.0),))
+
+
 def test_results_page_verifies_decrypts_and_draws(parties: Any, tmp_path: Path) -> None:
     owner, lab = parties
     data = tmp_path / "counts.json"
@@ -353,8 +435,9 @@ def test_results_page_verifies_decrypts_and_draws(parties: Any, tmp_path: Path) 
     page = web.get(f"/tasks/{task}/results")
     assert page.status_code == 200, page.text
     assert "checked against the receipt" in page.text
-    assert '<meter min="0" max="4" value="4" aria-label="A">4</meter>' in page.text
-    assert '<meter min="0" max="4" value="2" aria-label="B">2</meter>' in page.text
+    bars = re.findall(r'<rect class="bar" [^>]*width="([0-9.]+)"[^>]*><title>([^<]*)</title>', page.text)
+    assert [(float(w), t) for w, t in bars] == [(420.0, "A: 4"), (210.0, "B: 2")]  # to scale
+    assert '<svg class="plot" role="img"' in page.text and "<figcaption>ROWS</figcaption>" in page.text
     download = web.get(f"/tasks/{task}/results/out")
     assert download.status_code == 200 and json.loads(download.content) == {"ROWS": {"A": 4, "B": 2}}
     assert download.headers["content-type"] == "application/octet-stream"
@@ -364,7 +447,7 @@ def test_results_page_verifies_decrypts_and_draws(parties: Any, tmp_path: Path) 
     owners_view = TestClient(create_app(mine), base_url=BASE, follow_redirects=False)
     assert owners_view.get(f"/?token={mine.guard.token}").status_code == 303
     page = owners_view.get(f"/tasks/{task}/results")  # the owner approved but receives nothing
-    assert page.status_code == 200 and "0 output(s)" in page.text and "<meter" not in page.text
+    assert page.status_code == 200 and "0 output(s)" in page.text and "<svg" not in page.text
     assert not (tmp_path / "owner-results" / task / "out").exists()
 
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from confide.console.plots import Bars
 
 MAX_PREVIEW_BYTES = 4 << 20
 MAX_ROWS = 200
@@ -74,23 +77,14 @@ def preview(path: Path) -> Preview | None:
     return _bounded(table[0], table[1:], "csv")
 
 
-@dataclass(frozen=True)
-class Chart:
-    """A JSON output's object of numbers (rows per input, a class balance), to show as bars."""
-
-    title: str
-    items: tuple[tuple[str, float], ...]
-
-    @property
-    def top(self) -> float:
-        return max((v for _, v in self.items), default=0.0)
+def is_count(value: Any) -> bool:
+    """A finite non-negative number (not a bool): what a bar can show."""
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    )
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
-
-
-def charts(path: Path) -> list[Chart]:
+def charts(path: Path) -> list[Bars]:
     """Bars for each member of a JSON object output that is itself an object of 2 to MAX_ROWS
     non-negative numbers (gbdt-train's ``rows`` and ``label_balance``, for one)."""
     try:
@@ -106,7 +100,7 @@ def charts(path: Path) -> list[Chart]:
         if (
             isinstance(member, Mapping)
             and 2 <= len(member) <= MAX_ROWS
-            and all(map(_number, member.values()))
+            and all(map(is_count, member.values()))
         ):
-            out.append(Chart(str(key), tuple((str(k), float(v)) for k, v in member.items())))
+            out.append(Bars(str(key), tuple((str(k), float(v)) for k, v in member.items())))
     return out

@@ -10,7 +10,8 @@ from starlette.responses import FileResponse, Response
 
 from confide.console.app import Console, form_of, redirect, task_id_of
 from confide.console.html import Frame, esc, field, form, notice, page, pre, select, state_badge, table, when
-from confide.console.preview import Chart, charts, preview
+from confide.console.preview import preview
+from confide.console.reports import views
 from confide.enclave.errors import ConfideError
 
 if TYPE_CHECKING:
@@ -336,14 +337,18 @@ def results(console: Console, request: Request) -> str:
         f"{c.service.fingerprint} and decrypted on this machine; the receipt signs the audit log up to "
         f"event {head.get('seq')} (checked)."
     )
+    manifest = console.manifest(task_id)
+    builtin = manifest.function.name if manifest.function.kind == "builtin" else None
+    shown_views = views(builtin, result.outputs, manifest.params)
     for name, path in sorted(result.outputs.items()):
         digest = sizes.get(name, {}).get("sha256", "")
         body += f"<section><h2>Output {esc(name)}</h2><p>{esc(path.stat().st_size)} bytes, sealed sha256 <code>{esc(digest)}</code> "
         body += f'<a href="/tasks/{esc(task_id)}/results/{esc(name)}" download>Download {esc(name)}</a></p>'
-        shown = preview(path)
-        if shown is None:
-            body += "<p>No preview (not CSV or JSON).</p>"
-        else:
+        view = shown_views.get(name)
+        if view is not None:
+            body += view.html
+        shown = None if view is not None and view.replaces_preview else preview(path)
+        if shown is not None:
             more = (
                 f" (first {len(shown.rows)} of {shown.total_rows} rows)"
                 if shown.total_rows > len(shown.rows)
@@ -355,23 +360,10 @@ def results(console: Console, request: Request) -> str:
                 caption=f"{name} ({shown.kind}){more}",
                 empty="(no rows)",
             )
-        body += "".join(_chart(name, chart) for chart in charts(path))
+        elif view is None:
+            body += "<p>No preview (not CSV or JSON).</p>"
         body += "</section>"
     return page(console.frame(request), f"Results of task {task_id}", body)
-
-
-def _chart(output: str, chart: Chart) -> str:
-    """Bars as <meter> elements: drawn by the browser, read out by screen readers, no styles."""
-    top = chart.top or 1.0
-    rows = [
-        [
-            esc(label),
-            esc(f"{value:g}"),
-            f'<meter min="0" max="{top:g}" value="{value:g}" aria-label="{esc(label)}">{esc(f"{value:g}")}</meter>',
-        ]
-        for label, value in chart.items
-    ]
-    return table(("", "Value", ""), rows, caption=f"{output}: {chart.title}", empty="")
 
 
 def download(console: Console, request: Request) -> Response:
