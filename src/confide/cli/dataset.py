@@ -11,7 +11,7 @@ import click
 from confide.cli.common import with_client
 
 if TYPE_CHECKING:
-    from confide.client.sdk import Client
+    from confide.client.sdk import Client, DatasetRef
 
 
 @click.group(name="dataset")
@@ -27,16 +27,47 @@ def dataset() -> None:
     is_flag=True,
     help="refuse to upload a file with CSV problems (default: print them as warnings and upload)",
 )
+@click.option(
+    "--pme-keys",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="for a Parquet file with modular encryption: a JSON file of its master keys (id -> base64 "
+    "key), sealed with the file so that only the enclave's sandbox can open it",
+)
+@click.option(
+    "--key-material",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="with --pme-keys: parquet-mr's external key material file (default: the "
+    "_KEY_MATERIAL_FOR_<name>.json beside PATH, if there is one)",
+)
 @with_client
-def dataset_upload(client: Client, path: Path, name: str | None, strict: bool) -> None:
+def dataset_upload(
+    client: Client,
+    path: Path,
+    name: str | None,
+    strict: bool,
+    pme_keys: Path | None,
+    key_material: Path | None,
+) -> None:
     """Encrypt PATH, wrap its key to the attested service, upload; prints the dataset reference to share.
 
     PATH is checked on this machine first (empty or binary file, rows whose field count differs from
     the header's, a numeric column with some non-numeric values), each problem named by line: once
-    sealed, nobody but the enclave can read the file to find them."""
+    sealed, nobody but the enclave can read the file to find them. A Parquet file is read here
+    instead (its columns and row count are what the platform sees); one with modular encryption
+    (PME) is opened here with the --pme-keys first."""
+    from confide.client import pme_dataset
     from confide.client.csv_check import check_csv
     from confide.enclave.errors import ConfideError
 
+    if key_material is not None and pme_keys is None:
+        raise click.UsageError("--key-material goes with --pme-keys", ctx=click.get_current_context())
+    if pme_dataset.is_parquet(path) or pme_keys is not None:
+        keys = pme_dataset.load_master_keys(pme_keys) if pme_keys is not None else None
+        ref = client.upload_dataset(path, name=name, master_keys=keys, key_material=key_material)
+        _uploaded(ref)
+        return
     report = check_csv(path) if path.suffix.lower() not in (".npy", ".npz") else None  # arrays: no CSV
     for problem in report.problems if report is not None else ():
         where = f"{path}:{problem.line}" if problem.line is not None else str(path)
@@ -45,7 +76,10 @@ def dataset_upload(client: Client, path: Path, name: str | None, strict: bool) -
         raise ConfideError(
             f"{len(report.problems)} CSV problem(s) found; nothing was uploaded (--strict)", where=str(path)
         )
-    ref = client.upload_dataset(path, name=name)
+    _uploaded(client.upload_dataset(path, name=name))
+
+
+def _uploaded(ref: DatasetRef) -> None:
     click.echo(
         f"dataset {ref.dataset_id} uploaded; share this reference (it pins you as the owner and "
         "the ciphertext's digest):",

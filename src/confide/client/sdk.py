@@ -306,12 +306,42 @@ class Client:
         return ServiceKey(cached, hit.claims, hit.attested_at)
 
     # ---- datasets ---------------------------------------------------------------------------------
-    def upload_dataset(self, path: Path, *, name: str | None = None) -> DatasetRef:
+    def upload_dataset(
+        self,
+        path: Path,
+        *,
+        name: str | None = None,
+        master_keys: Mapping[str, bytes] | None = None,
+        key_material: Path | None = None,
+    ) -> DatasetRef:
         """Encrypt a file with a fresh data key, wrap the key to the attested service (bound to the
-        dataset id and our fingerprint), and upload both. Only columns and row count are visible."""
+        dataset id and our fingerprint), and upload both. Only columns and row count are visible.
+
+        A Parquet file with modular encryption needs its `master_keys` (id -> AES key) and, when
+        parquet-mr kept it outside the file, its `key_material` file (default: the
+        ``_KEY_MATERIAL_FOR_<name>.json`` beside it): they are sealed together with the file
+        (confide.client.pme_dataset), after the file was opened here with them."""
+        from confide.client import pme_dataset
+
         path = Path(path)
-        columns, rows = _csv_shape(path)
-        return self._upload(path, name or path.stem, {"columns": list(columns)}, rows, {}, "dataset")
+        if master_keys is None:
+            columns, rows = (
+                pme_dataset.parquet_shape(path) if pme_dataset.is_parquet(path) else _csv_shape(path)
+            )
+            return self._upload(path, name or path.stem, {"columns": list(columns)}, rows, {}, "dataset")
+        material_path = key_material or pme_dataset.key_material_beside(path)
+        try:
+            data = path.read_bytes()
+            material = material_path.read_bytes() if material_path is not None else None
+        except OSError as exc:
+            raise ConfideError(f"cannot read {exc.filename} ({exc.strerror})", where=str(path)) from None
+        bundle = pme_dataset.pack(data, dict(master_keys), material)
+        columns, rows = pme_dataset.check(bundle, name=path.name)
+        with _tempdir(prefix="confide-pme-") as tmp:
+            packed = Path(tmp) / path.name
+            packed.write_bytes(bundle)
+            schema = {"columns": list(columns), "format": "parquet-pme"}
+            return self._upload(packed, name or path.stem, schema, rows, {"format": "parquet-pme"}, "dataset")
 
     def upload_model(self, path: Path, *, name: str | None = None) -> DatasetRef:
         """Upload an ONNX model like a dataset (sealed here, its key wrapped to the attested service),

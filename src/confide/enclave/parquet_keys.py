@@ -254,3 +254,57 @@ def _failure(kms: EnclaveKms | None, exc: BaseException, where: str) -> ConfideE
         )
     text = " ".join(str(exc).split())[:MAX_ERROR_CHARS]
     return FormatError(f"cannot be read as Parquet: {type(exc).__name__}: {text}", where=where)
+
+
+# ----------------------------------------------------------------------------------------------
+# a PME dataset: the file, its key material and its master keys, sealed together by their owner
+
+BUNDLE_MAGIC = b"CNFPME1\n"
+MAX_BUNDLE_HEADER = MAX_KEY_MATERIAL_BYTES + (64 << 10)
+BUNDLE_FIELDS = frozenset({"master_keys", "key_material"})
+
+
+def is_bundle(raw: bytes) -> bool:
+    return raw[: len(BUNDLE_MAGIC)] == BUNDLE_MAGIC
+
+
+def parse_bundle(raw: bytes, *, name: str) -> tuple[bytes, dict[str, bytes], bytes | None]:
+    """(file, master keys, key material or None) of a PME dataset's plaintext.
+
+    Layout: ``CNFPME1\\n`` ‖ header length (4 bytes, big-endian) ‖ header (JSON: ``master_keys``: id ->
+    base64 key; ``key_material``: base64 of the external key material file, or null) ‖ the Parquet
+    file. The owner's client packs it (confide.client.pme_dataset) and seals it like any dataset,
+    so the master keys travel under the dataset key wrapped to the attested service, and open only
+    here, in the sandbox child of a run the owner approved."""
+    where = f"parquet dataset {name!r}"
+    head = len(BUNDLE_MAGIC) + 4
+    if not is_bundle(raw) or len(raw) < head:
+        raise FormatError("is not a Confide PME dataset (magic CNFPME1)", where=where)
+    size = int.from_bytes(raw[len(BUNDLE_MAGIC) : head], "big")
+    if size > MAX_BUNDLE_HEADER or head + size > len(raw):
+        raise FormatError(f"header of {size} bytes does not fit the dataset", where=where)
+    try:
+        header = json.loads(raw[head : head + size].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise FormatError("header is not JSON", where=where) from None
+    if not isinstance(header, dict) or set(header) != BUNDLE_FIELDS:
+        raise FormatError(f"header must hold exactly {sorted(BUNDLE_FIELDS)}", where=where)
+    keys, material = header["master_keys"], header["key_material"]
+    if not isinstance(keys, dict) or not keys:
+        raise FormatError("master_keys must be a non-empty object (id -> base64 key)", where=where)
+    try:
+        master = {k: base64.b64decode(v, validate=True) for k, v in keys.items() if isinstance(v, str)}
+        material_raw = None if material is None else base64.b64decode(material, validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise FormatError("a master key or the key material is not base64", where=where) from None
+    if len(master) != len(keys):
+        raise FormatError("every master key must be a base64 string", where=where)
+    return raw[head + size :], check_master_keys(master, where=where), material_raw
+
+
+def read_dataset(raw: bytes, *, name: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """A Parquet input of a built-in: a PME dataset (see parse_bundle) or a plain Parquet file."""
+    if not is_bundle(raw):
+        return read_parquet(raw, name=name, columns=columns)
+    data, master, material = parse_bundle(raw, name=name)
+    return read_parquet(data, name=name, master_keys=master, key_material=material, columns=columns)

@@ -3,8 +3,9 @@
 Inputs: one or more UTF-8 CSV files with a header, or plain Parquet files (``PAR1`` at both ends),
 mixed freely. A Parquet column is read as the text a CSV cell would hold: null is an empty cell,
 integers, decimals, booleans, dates and times as Arrow casts them to text, floats as their shortest
-decimal (NaN and infinities are errors), nested columns refused; Parquet with modular encryption is
-refused here until the enclave releases master keys to built-ins (enclave/parquet_keys.py).
+decimal (NaN and infinities are errors), nested columns refused. Parquet with modular encryption
+comes as a Confide PME dataset (the file, its key material and master keys, sealed together by the
+owner: enclave/parquet_keys.parse_bundle) and is decrypted here, in the sandbox child.
 
 Params: ``key`` (required: the key column, one name for every input or an object input name ->
 column), ``k`` (required: the minimum cohort, an integer >= 2: a group with fewer than k distinct
@@ -121,12 +122,29 @@ def _text(name: str, raw: bytes) -> str:
     return text[1:] if text.startswith("\ufeff") else text
 
 
+class _Decrypted:
+    """A PME dataset's table, opened in this sandbox child with the master keys sealed in it, behind
+    the two methods of pyarrow's ParquetFile that _header and _frame use."""
+
+    def __init__(self, table: Any) -> None:
+        self.schema_arrow = table.schema
+        self._table = table
+
+    def read(self, columns: list[str], use_threads: bool = False) -> Any:
+        return self._table.select(columns)
+
+
 def _source(name: str, raw: bytes) -> Any:
-    """CSV text, or a pyarrow ParquetFile for a Parquet input."""
+    """CSV text, or a pyarrow ParquetFile (or _Decrypted) for a Parquet input."""
+    from confide.enclave import parquet_keys  # the sandbox child's PME reader and KMS client
+
+    if parquet_keys.is_bundle(raw):
+        return _Decrypted(parquet_keys.read_dataset(raw, name=name))
     if len(raw) >= 12 and raw[:4] == raw[-4:] == b"PARE":
         _fail(
-            f"input {name!r} is Parquet with modular encryption: built-ins are not given its master keys "
-            "yet (seal the plain Parquet or CSV file instead)"
+            f"input {name!r} is Parquet with modular encryption but not a Confide PME dataset: upload it "
+            "with its master keys (confide dataset upload FILE --pme-keys KEYS.json), which seals them "
+            "with the file"
         )
     if len(raw) < 12 or raw[:4] != b"PAR1" or raw[-4:] != b"PAR1":
         return _text(name, raw)

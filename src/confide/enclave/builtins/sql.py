@@ -2,7 +2,9 @@
 
 Inputs: one or more UTF-8 CSV files with a header, each loaded as a DuckDB table named after its
 input (parsed by Arrow's CSV reader on one thread, which infers integers, doubles, dates, timestamps
-and text, as DuckDB's own read_csv would; only an empty unquoted cell is NULL). Params: ``query`` (required: the SQL
+and text, as DuckDB's own read_csv would; only an empty unquoted cell is NULL), or Parquet files, plain
+or Confide PME datasets (decrypted here, in the sandbox child, with the master keys their owner
+sealed with them: enclave/parquet_keys), loaded with their Parquet types. Params: ``query`` (required: the SQL
 text, at most 16384 characters), ``rule`` (required, see below), ``memory_limit_mib`` (1024: DuckDB's
 memory_limit; the sandbox's address-space limit stays the hard wall), ``max_result_rows`` (10^6).
 
@@ -597,22 +599,37 @@ def _header(name: str, raw: bytes) -> list[str]:
     return header
 
 
-def _load(con: Any, name: str, raw: bytes) -> None:
-    """The CSV as DuckDB table `name`: Arrow's CSV reader (one thread) infers the types (integers,
-    doubles, dates, timestamps, text); only an empty unquoted cell is NULL."""
+def _parquet(name: str, raw: bytes) -> Any:
+    """The Arrow table of a Parquet input (plain, or a Confide PME dataset decrypted here with the
+    master keys sealed in it); None for a CSV input."""
+    from confide.enclave import parquet_keys  # pre-imported by the zygote
+
+    if not parquet_keys.is_bundle(raw) and (len(raw) < 12 or raw[:4] not in (b"PAR1", b"PARE")):
+        return None
+    table = parquet_keys.read_dataset(raw, name=name)
+    if len({c.lower() for c in table.schema.names}) != len(table.schema.names):
+        _fail(f"input {name!r} has a column name twice (SQL names ignore case)")
+    return table
+
+
+def _load(con: Any, name: str, raw: bytes, table: Any = None) -> None:
+    """The input as DuckDB table `name`: a Parquet input's Arrow table as it is; a CSV through
+    Arrow's CSV reader (one thread), which infers the types (integers, doubles, dates, timestamps,
+    text); only an empty unquoted cell is NULL."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
-    try:
-        table = pcsv.read_csv(
-            pa.BufferReader(raw.removeprefix(b"\xef\xbb\xbf")),
-            read_options=pcsv.ReadOptions(use_threads=False),
-            convert_options=pcsv.ConvertOptions(
-                null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=False
-            ),
-        )
-    except (pa.ArrowInvalid, pa.ArrowException) as exc:
-        _fail(f"input {name!r} is not a readable CSV file ({str(exc)[:200]})")
+    if table is None:
+        try:
+            table = pcsv.read_csv(
+                pa.BufferReader(raw.removeprefix(b"\xef\xbb\xbf")),
+                read_options=pcsv.ReadOptions(use_threads=False),
+                convert_options=pcsv.ConvertOptions(
+                    null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=False
+                ),
+            )
+        except (pa.ArrowInvalid, pa.ArrowException) as exc:
+            _fail(f"input {name!r} is not a readable CSV file ({str(exc)[:200]})")
     for field in table.schema:  # Arrow reads a column that is not UTF-8 as bytes
         if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
             _fail(f"input {name!r}, column {field.name!r}: not UTF-8 text")
@@ -665,7 +682,11 @@ def run(ctx: Any) -> None:
         _refuse("statement", "exactly one SELECT is allowed")
     node = tree["statements"][0]["node"]
     raws = {name: ctx.inputs[name].read() for name in inputs}
-    headers = {name.lower(): _header(name, raws[name]) for name in inputs}
+    parquet = {name: _parquet(name, raws[name]) for name in inputs}
+    headers = {
+        name.lower(): _header(name, raws[name]) if parquet[name] is None else list(parquet[name].schema.names)
+        for name in inputs
+    }
     for name in inputs:
         table = rule["tables"][name.lower()]
         missing = sorted((table["columns"] | table["join"]) - {c.lower() for c in headers[name.lower()]})
@@ -682,7 +703,7 @@ def run(ctx: Any) -> None:
     hidden = _hidden(con, checker, shape, node)
     sql = con.execute("SELECT json_deserialize_sql(?::JSON)", [json.dumps(tree)]).fetchall()[0][0]
     for name in inputs:
-        _load(con, name, raws[name])
+        _load(con, name, raws[name], parquet.pop(name))
         raws[name] = b""
     try:
         cur = con.execute(sql)

@@ -55,6 +55,12 @@ def _kill_process(proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
         proc.wait()
 
 
+# What the built-ins and parties' functions find already imported. The PME reader (and with it
+# pyarrow) is here because a child may not be able to import Confide's own modules: it reads only
+# the interpreter's trees (server.read_paths), which an editable install's source is not under.
+DEFAULT_PREIMPORT = ("numpy", "pandas", "xgboost", "confide.enclave.parquet_keys")
+
+
 class Zygote:
     """A running zygote. Not meant for concurrent use: runs are serialised by a lock."""
 
@@ -73,7 +79,7 @@ class Zygote:
         cls,
         *,
         strict: bool = True,
-        preimport: tuple[str, ...] = ("numpy", "pandas", "xgboost"),
+        preimport: tuple[str, ...] = DEFAULT_PREIMPORT,
         _disable_layers: tuple[str, ...] = (),
         _force_nobody: bool = False,
     ) -> Zygote:
@@ -96,7 +102,7 @@ class Zygote:
         cls,
         *,
         strict: bool = True,
-        preimport: tuple[str, ...] = ("numpy", "pandas", "xgboost"),
+        preimport: tuple[str, ...] = DEFAULT_PREIMPORT,
         _disable_layers: tuple[str, ...] = (),
         _force_nobody: bool = False,
     ) -> PendingZygote:
