@@ -262,6 +262,49 @@ BUILTINS: dict[str, _Builtin] = {
         ("model", "data"),
         ("predictions",),
     ),
+    "logistic-regression-train": _Builtin(
+        "numeric_ml.py",
+        ("numpy", "scikit-learn"),
+        "Trains a logistic-regression classifier (scikit-learn, lbfgs, L2; multinomial for more than "
+        "two classes) on the union of the inputs: UTF-8 CSV files with the same header, every feature "
+        "cell a finite decimal number (another is refused naming input, line and column). Params: "
+        "label (required; at least two classes), features or exclude (lists of column names; default "
+        "every column but the label), C (1.0, inverse L2 strength), max_iter (100), fit_intercept "
+        "(true), standardize (true: features scaled by the training mean and standard deviation). "
+        "Outputs, those the manifest names: model (JSON, never pickle: label, features, classes, "
+        "coefficients, intercepts, and each feature's training mean and standard deviation) and "
+        "report (JSON: rows per input, features, every class with its row count, iterations, "
+        "converged), each to its recipients only.",
+        ("*",),
+        ("model", "report"),
+        optional_outputs=True,
+    ),
+    "logistic-regression-predict": _Builtin(
+        "numeric_ml.py",
+        ("numpy",),
+        "Scores input data (UTF-8 CSV with the model's feature columns; params.label names a column "
+        "to ignore) with input model (logistic-regression-train's JSON model, checked field by field "
+        "as hostile input). Output: predictions (CSV, one row per data row in order: the probability "
+        "of each class, or of the second class when there are two, and the most likely class), to "
+        "its recipients only: per-row values.",
+        ("model", "data"),
+        ("predictions",),
+    ),
+    "pca": _Builtin(
+        "numeric_ml.py",
+        ("numpy", "scikit-learn"),
+        "Principal component analysis (scikit-learn, full SVD) of the union of the inputs (UTF-8 CSV "
+        "with the same header). Params: n_components (required, 1..number of columns), min_rows "
+        "(required, >= 2: fewer rows are refused and nothing is computed), columns (default every "
+        "column whose cells are all numbers), standardize (false). Outputs, those the manifest names: "
+        "components (JSON: columns, their means and scales, the components, explained variance and "
+        "its ratio, the number of rows) and projected (CSV: every row's scores on the components, in "
+        "row order: PER-ROW values, one line per person of the inputs, which min_rows does not "
+        "protect), each to its recipients only.",
+        ("*",),
+        ("components", "projected"),
+        optional_outputs=True,
+    ),
     "psi": _Builtin(
         "psi.py",
         ("pandas",),
