@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from confide import __version__
 from confide.host.api.errors import install_error_handlers
 from confide.host.api.routes_data import add_data_routes
+from confide.host.api.routes_docs import add_docs_routes
 from confide.host.api.routes_lists import add_list_routes
 from confide.host.api.routes_public import add_public_routes
 from confide.host.api.routes_status import add_status_routes
@@ -28,6 +29,9 @@ def create_app(platform: Platform) -> FastAPI:
         # A signed request cannot follow a redirect (the signature covers the path): a path with a
         # stray trailing slash is a plain 404 with the error body, not a 307 without one.
         redirect_slashes=False,
+        # FastAPI's Swagger UI and ReDoc load their scripts from a CDN: /docs is our own page instead
+        docs_url=None,
+        redoc_url=None,
     )
     app.router.route_class = ConfideRoute
     app.state.platform = platform
@@ -45,4 +49,5 @@ def create_app(platform: Platform) -> FastAPI:
     add_task_routes(app, platform)
     add_list_routes(app, platform)
     add_status_routes(app, platform)  # GET /status and /metrics, unauthenticated
+    add_docs_routes(app)  # GET /docs, unauthenticated, offline
     return app
