@@ -264,6 +264,39 @@ def test_cli_run_before_approval_is_refused_by_the_enclave(cli_env, tmp_path):
     assert "approval" in r.output and "Traceback" not in r.output
 
 
+def test_cli_logistic_regression_train_with_the_generic_flags(cli_env, tmp_path):
+    """`task create --function logistic-regression-train --output model=PARTY --param label=y`: the
+    generic flags build the manifest (one of the two optional outputs), `task show` says what leaves."""
+    for name in ("clinic", "stats"):
+        _cli(cli_env, "keygen", name, "--out-dir", str(tmp_path))
+        _cli(cli_env, "party", "register", "--name", name, identity=tmp_path / f"{name}.key")
+    clinic, stats = tmp_path / "clinic.key", tmp_path / "stats.key"
+    csv = tmp_path / "visits.csv"
+    csv.write_text("id,x,y\n" + "".join(f"p{i},{i % 7},{int(i % 7 > 3)}\n" for i in range(40)))
+    dataset_id = _cli(cli_env, "dataset", "upload", str(csv), identity=clinic).stdout.split()[-1]
+    stats_fp = Identity.load(stats).fingerprint
+    r = _cli(
+        cli_env, "task", "create", "--function", "logistic-regression-train", "--input", f"data={dataset_id}",
+        "--output", f"model={stats_fp}", "--param", "label=y", "--param", 'exclude=["id"]', "--param", "C=2",
+        identity=stats,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    task_id = r.stdout.strip().splitlines()[-1]
+    r = _cli(cli_env, "task", "show", task_id, identity=clinic)
+    assert r.exit_code == 0, r.output
+    assert "What leaves (logistic-regression-train, enforced in the enclave):" in r.stdout
+    assert "label 'y', every column but the label and id; C = 2" in r.stdout
+    for key in (clinic, stats):
+        assert _cli(cli_env, "task", "approve", task_id, "--yes", identity=key).exit_code == 0
+    r = _cli(cli_env, "task", "run", task_id, identity=stats)
+    assert r.exit_code == 0 and "succeeded" in r.stdout, r.output
+    r = _cli(cli_env, "task", "results", task_id, "--out", str(tmp_path / "res"), identity=stats)
+    assert r.exit_code == 0, r.output
+    model = json.loads((tmp_path / "res" / "model").read_text())
+    assert model["features"] == ["x"] and model["classes"] == [0, 1] and model["coef"][0][0] > 0
+    assert not (tmp_path / "res" / "report").exists()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
