@@ -69,6 +69,7 @@ TESTS = [
     "tests/test_builtin_infer.py",
     "tests/test_builtin_sql.py",
     "tests/test_builtin_describe.py",
+    "tests/test_builtin_ml.py",
     "tests/test_parquet_pme.py",
     # tests written for the TCB's coverage gaps (each asserts behaviour, mostly hostile input)
     *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").glob("test_tcb_coverage_*.py")),
