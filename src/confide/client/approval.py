@@ -77,12 +77,15 @@ def describe_manifest(manifest: Manifest) -> str:
         "",
     ]
     from confide.client.analytics import describe  # psi / join-aggregate: what each output releases
+    from confide.client.custody import describe as describe_custody
     from confide.client.flow_approval import describe as describe_flow
     from confide.client.inference import describe as describe_inference
     from confide.client.ml_tasks import describe as describe_ml
+    from confide.client.ordered_join import describe as describe_ordered_join
 
     analytics = describe(m, _clean) + describe_inference(m, _clean) + describe_flow(m, _clean)
     analytics += describe_ml(m, _clean)
+    analytics += describe_ordered_join(m, _clean) + describe_custody(m, _clean)
     lines += [*analytics, ""] if analytics else []
     lines += [
         "The enclave runs it only with approvals of this exact manifest by: "

@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from confide.client import analytics, inference
+from confide.client import analytics, custody, inference, ordered_join
 from confide.client.audit_pins import AuditRewritten as AuditRewritten
 from confide.client.audit_pins import AuditVerifier, PinStore
 from confide.client.audit_pins import check_audit_chain as check_audit_chain
@@ -96,6 +96,11 @@ class Client:
     join_aggregate = analytics.join_aggregate
     sql = analytics.sql
     infer = inference.infer
+    ordered_set_join = ordered_join.ordered_set_join
+    password_check = custody.password_check
+    sign_message = custody.sign_message
+    upload_password = custody.upload_password
+    upload_key = custody.upload_key
 
     def __init__(
         self,

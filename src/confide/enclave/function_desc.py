@@ -200,6 +200,9 @@ class _Builtin:
     per_input_outputs: tuple[str, ...] = ()
     # flow: the outputs are the job's sinks, checked against params.job by the enclave at run time
     outputs_from_params: bool = False
+    # (output, input) pairs: that output, when the manifest names it, is sealed to that input's owner
+    # and nobody else (password-check: the result only to the owner of the password)
+    owner_only_outputs: tuple[tuple[str, str], ...] = ()
 
 
 BUILTINS: dict[str, _Builtin] = {
@@ -358,6 +361,54 @@ BUILTINS: dict[str, _Builtin] = {
         ("*",),
         ("report", "result"),
     ),
+    "ordered-set-join": _Builtin(
+        "ordered_set_join.py",
+        (),
+        "Streaming merge join of two or more inputs (UTF-8 CSV with a header), each sorted by its id "
+        "column: ids normalised like psi's (whitespace stripped, Unicode NFC, case-folded; empty ids "
+        "match nothing) must be strictly ascending in code point order, and an input out of order or "
+        "with an id twice is refused naming the input and line. Memory does not grow with the inputs. "
+        "Params: column (required: one id column name for all inputs, or input name -> column), "
+        "columns (list of input.column: the cells joined carries; default none), max_id_chars (1024), "
+        "max_field_chars (65536). Outputs, any of: size (JSON: how many ids are in every input), "
+        "members_<input> (CSV column member: 1/0 per data row of <input>, in its order; the enclave "
+        "refuses a manifest that seals it to anyone but that input's owner), joined (CSV: column id, "
+        "the common normalised ids ascending, then one column input.column per params.columns entry "
+        "with that input's cell, to its recipients). CLI: confide task create --function "
+        "ordered-set-join --input a=REF --input b=REF --output size=PARTY --param column=id.",
+        ("*",),
+        ("joined", "members_", "size"),
+        optional_outputs=True,
+        per_input_outputs=("members_",),
+    ),
+    "password-check": _Builtin(
+        "password_check.py",
+        (),
+        "Checks one password (input password: one UTF-8 line) against a breach corpus (input exposed: "
+        "lines of SHA1HEX:COUNT as in Have I Been Pwned's Pwned Passwords download, or bare SHA1HEX) "
+        "by the SHA-1 of the password's UTF-8 bytes. The corpus is read line by line to its end "
+        "whatever the password (a malformed line is refused naming its number, never its text; errors "
+        "never quote the password). Output: result (JSON count and exposed, padded to a fixed 96 "
+        "bytes); the enclave refuses a manifest that seals it to anyone but the owner of input "
+        "password. The corpus owner learns only that a check ran. No params.",
+        ("exposed", "password"),
+        ("result",),
+        owner_only_outputs=(("result", "password"),),
+    ),
+    "sign": _Builtin(
+        "sign.py",
+        ("cryptography",),
+        "Signs input message (bytes) with input key (an unencrypted PKCS#8 private key, PEM or DER: "
+        "RSA of at least 2048 bits or Ed25519, uploaded sealed by its owner; no other party and no "
+        "host ever sees it). Params: algorithm (required: ed25519, rsa-pss-sha256 (MGF1-SHA-256, "
+        "32-byte salt) or rsa-pkcs1v15-sha256; must fit the key). Outputs, any of: signature (the raw "
+        "signature bytes) and public_key (PEM SubjectPublicKeyInfo), to their recipients. No part of "
+        "the private key leaves: an encrypted, garbled, short or mismatched key is refused naming only "
+        "its type and size.",
+        ("key", "message"),
+        ("public_key", "signature"),
+        optional_outputs=True,
+    ),
 }
 BUILTIN_VERSION = "1"
 
@@ -373,6 +424,9 @@ def check_task_outputs(
     spec = BUILTINS.get(descriptor.name) if descriptor.kind == "builtin" else None
     if spec is not None and spec.outputs_from_params:
         return
+    for out, inp in spec.owner_only_outputs if spec is not None else ():
+        if out in outputs:
+            _only_to_owner(out, inp, inputs, outputs[out], f"is for the owner of input {inp!r} only", where)
     if spec is None or not (spec.optional_outputs or spec.per_input_outputs):
         if sorted(outputs) != sorted(descriptor.outputs):
             raise FormatError(
@@ -392,17 +446,24 @@ def check_task_outputs(
                 )
             continue
         inp = name[len(prefix) :]
-        if inp not in inputs:
-            raise FormatError(
-                f"output {name!r} is for input {inp!r}, which the task does not have (inputs: {sorted(inputs)})",
-                where=where,
-            )
-        if tuple(recipients) != (inputs[inp],):
-            raise IntegrityError(
-                f"output {name!r} describes the rows of input {inp!r}: it may be sealed only to that "
-                f"input's owner {inputs[inp]}, not to {', '.join(recipients)}",
-                where=where,
-            )
+        _only_to_owner(name, inp, inputs, recipients, f"describes the rows of input {inp!r}", where)
+
+
+def _only_to_owner(
+    name: str, inp: str, inputs: Mapping[str, str], recipients: Sequence[str], why: str, where: str
+) -> None:
+    """Output `name` may be sealed to the owner of input `inp` and nobody else."""
+    if inp not in inputs:
+        raise FormatError(
+            f"output {name!r} is for input {inp!r}, which the task does not have (inputs: {sorted(inputs)})",
+            where=where,
+        )
+    if tuple(recipients) != (inputs[inp],):
+        raise IntegrityError(
+            f"output {name!r} {why}: it may be sealed only to that input's owner {inputs[inp]}, "
+            f"not to {', '.join(recipients)}",
+            where=where,
+        )
 
 
 def builtin_source(name: str) -> str:

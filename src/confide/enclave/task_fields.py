@@ -24,7 +24,15 @@ FUNCTION_SOURCE_PURPOSE = "function-source"
 
 FUNCTION_KINDS = ("builtin", "python")
 # what the sandbox offers
-PROVIDED_REQUIREMENTS = ("duckdb", "numpy", "onnxruntime", "pandas", "scikit-learn", "xgboost")
+PROVIDED_REQUIREMENTS = (
+    "cryptography",
+    "duckdb",
+    "numpy",
+    "onnxruntime",
+    "pandas",
+    "scikit-learn",
+    "xgboost",
+)
 RECEIPT_CHECKS = ("approval", "manifest", "function", "input", "output", "runs", "run")
 ERROR_OUTPUT = "_error"  # the extra output carrying a failed function's (sealed) error text
 
