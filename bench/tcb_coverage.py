@@ -69,6 +69,8 @@ TESTS = [
     "tests/test_builtin_infer.py",
     "tests/test_builtin_sql.py",
     "tests/test_builtin_describe.py",
+    "tests/test_builtin_ordered_join.py",  # ordered-set-join, password-check, sign: run(ctx) in-process too
+    "tests/test_builtin_custody.py",
     "tests/test_builtin_ml.py",
     "tests/test_parquet_pme.py",
     # tests written for the TCB's coverage gaps (each asserts behaviour, mostly hostile input)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from confide.enclave import manifest as mf
 from confide.enclave.builtins import password_check, sign
 from confide.enclave.errors import ConfideError, IntegrityError
 from confide.enclave.keys import Identity
+from confide.enclave.sandbox.context import Context
 
 ALICE = Identity.generate("alice")  # wants to know about her password; asks for signatures
 HIBP = Identity.generate("hibp")  # owns the breach corpus
@@ -141,6 +143,8 @@ def test_a_malformed_corpus_line_is_refused_by_number(kit, line: bytes, number: 
     assert f"input 'exposed', line {number}: not a corpus line" in error
     assert line.decode() not in error or len(line) < 6  # the line's text is not quoted
     assert not outs["result"].exists()
+    with pytest.raises(ValueError, match=f"input 'exposed', line {number}: not a corpus line"):
+        password_check.count_in_corpus(io.BytesIO(data), b"0" * 40)  # in this process too
 
 
 @pytest.mark.parametrize(
@@ -159,13 +163,11 @@ def test_a_bad_password_is_refused_without_quoting_it(kit, password: bytes, mess
     assert result["ok"] is False
     error = kit.read(outs["_error"], ALICE).decode()
     assert message in error and "Sesame" not in error
+    with pytest.raises(ValueError, match=message):  # in this process too
+        password_check.password_hash(io.BytesIO(password))
 
 
 def test_password_check_in_process_and_bad_shapes() -> None:
-    import io
-
-    from confide.enclave.sandbox.context import Context
-
     def call(params: dict, inputs: dict[str, bytes], outputs: tuple[str, ...]) -> bytes:
         outs = {o: io.BytesIO() for o in outputs}
         password_check.run(Context(params, {n: io.BytesIO(v) for n, v in inputs.items()}, dict(outs)))  # type: ignore[arg-type]
@@ -311,6 +313,14 @@ def test_a_bad_key_is_refused_and_no_key_byte_leaves(kit, key, secret, algorithm
     for piece in secret_forms(secret) + [body[i : i + 12] for i in range(16, len(body) - 12, 12)]:
         assert piece not in error
     assert not outs["signature"].exists() and not outs["public_key"].exists()
+    ctx = Context(
+        {"algorithm": algorithm},
+        {"key": io.BytesIO(key), "message": io.BytesIO(MESSAGE)},
+        {"signature": io.BytesIO()},
+    )
+    with pytest.raises(ValueError) as local:  # in this process too (coverage sees it)
+        sign.run(ctx)
+    assert message in str(local.value)
 
 
 def test_sign_approval_text_and_sdk_helpers(kit, tmp_path: Path) -> None:
@@ -359,24 +369,32 @@ def test_sign_approval_text_and_sdk_helpers(kit, tmp_path: Path) -> None:
     assert stub.uploaded[1:] == ("vault", {"columns": []}, None, "key")
 
 
+def _sign_here(algorithm: str, key: bytes, outputs=("signature",)) -> dict[str, bytes]:
+    outs = {o: io.BytesIO() for o in outputs}
+    inputs = {"key": io.BytesIO(key), "message": io.BytesIO(MESSAGE)}
+    sign.run(Context({"algorithm": algorithm}, inputs, dict(outs)))  # type: ignore[arg-type]
+    return {o: b.getvalue() for o, b in outs.items()}
+
+
 def test_sign_in_process_equals_the_sandboxed_run(kit) -> None:
-    import io
-
-    from confide.enclave.sandbox.context import Context
-
-    outs = {"signature": io.BytesIO()}
-    ctx = Context(
-        {"algorithm": "ed25519"}, {"key": io.BytesIO(pkcs8(ED)), "message": io.BytesIO(MESSAGE)}, dict(outs)
-    )  # type: ignore[arg-type]
-    sign.run(ctx)
-    assert outs["signature"].getvalue() == ED.sign(MESSAGE)
+    """run(ctx) in this process (coverage sees it) gives the bytes the enclave gives."""
+    got = _sign_here("rsa-pkcs1v15-sha256", pkcs8(RSA), ("signature", "public_key"))
+    result, body, outs = run_sign(kit, pkcs8(RSA), "rsa-pkcs1v15-sha256")
+    assert result["ok"], body
+    assert got == {o: kit.read(outs[o], ALICE) for o in ("signature", "public_key")}
+    pss = _sign_here("rsa-pss-sha256", pkcs8(RSA))["signature"]
+    mgf = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+    RSA.public_key().verify(pss, MESSAGE, mgf, hashes.SHA256())
+    assert _sign_here("ed25519", pkcs8(ED))["signature"] == ED.sign(MESSAGE)
     with pytest.raises(ValueError, match="needs inputs 'key' and 'message'"):
-        sign.run(Context({"algorithm": "ed25519"}, {"key": io.BytesIO(pkcs8(ED))}, dict(outs)))  # type: ignore[arg-type]
+        sign.run(Context({"algorithm": "ed25519"}, {"key": io.BytesIO(pkcs8(ED))}, {}))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown parameter"):
         sign.run(
             Context(
-                {"algorithm": "ed25519", "salt": 1},
-                {"key": io.BytesIO(b""), "message": io.BytesIO(b"")},
-                dict(outs),
-            )
-        )  # type: ignore[arg-type]
+                {"algorithm": "ed25519", "salt": 1}, {"key": io.BytesIO(b""), "message": io.BytesIO(b"")}, {}
+            )  # type: ignore[arg-type]
+        )
+    with pytest.raises(ValueError, match="writes signature and/or public_key, got"):
+        _sign_here("ed25519", pkcs8(ED), ("key",))
+    with pytest.raises(ValueError, match="longer than 65536 bytes: not a private key"):
+        _sign_here("ed25519", b"-----BEGIN PRIVATE KEY-----\n" + b"A" * 70000)

@@ -223,6 +223,9 @@ def test_bad_input_is_refused_naming_input_and_line(kit, bank, params, message) 
     assert message in error
     assert "b@x" not in error.casefold() or "b@x" in message  # ids are never quoted
     assert not paths["size"].exists()
+    with pytest.raises(ValueError) as local:  # the same refusal in this process (coverage sees it)
+        _in_process(params, {"bank": bank, "shop": GOOD}, tuple(outs))
+    assert message in str(local.value)
 
 
 def test_an_unsorted_input_after_the_last_common_id_is_still_refused() -> None:
