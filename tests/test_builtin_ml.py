@@ -157,22 +157,22 @@ def test_a_non_numeric_cell_names_its_input_file_line_and_column(kit) -> None:
     assert "label column 'y' has 1 class(es); at least 2 are needed" in message
 
 
-@pytest.mark.parametrize(
-    ("params", "message"),
-    [
-        ({}, "parameter 'label' (the label column's name) is required"),
-        ({"label": "nope"}, "label column 'nope' is not in the header"),
-        ({"label": "y", "features": ["x1"], "exclude": ["id"]}, "give either 'features' or 'exclude'"),
-        ({"label": "y", "features": ["x1", "y"]}, "the label 'y' cannot also be a feature"),
-        ({"label": "y", "exclude": ["zz"]}, "exclude names column(s) ['zz'] not in the header"),
-        ({"label": "y", "exclude": ["id"], "C": 0}, "C must be a number in (0, 1e12]"),
-        ({"label": "y", "exclude": ["id"], "C": "1"}, "C must be a number"),
-        ({"label": "y", "exclude": ["id"], "max_iter": 0}, "max_iter must be an integer in 1..100000"),
-        ({"label": "y", "exclude": ["id"], "standardize": "yes"}, "standardize must be true or false"),
-        ({"label": "y", "penalty": "l1"}, "unknown parameter(s) penalty"),
-        ({"label": "y"}, "input 'a', line 2, column 'id': 'c6-0' is not a finite number"),
-    ],
-)
+BAD_TRAIN = [
+    ({}, "parameter 'label' (the label column's name) is required"),
+    ({"label": "nope"}, "label column 'nope' is not in the header"),
+    ({"label": "y", "features": ["x1"], "exclude": ["id"]}, "give either 'features' or 'exclude'"),
+    ({"label": "y", "features": ["x1", "y"]}, "the label 'y' cannot also be a feature"),
+    ({"label": "y", "exclude": ["zz"]}, "exclude names column(s) ['zz'] not in the header"),
+    ({"label": "y", "exclude": ["id"], "C": 0}, "C must be a number in (0, 1e12]"),
+    ({"label": "y", "exclude": ["id"], "C": "1"}, "C must be a number"),
+    ({"label": "y", "exclude": ["id"], "max_iter": 0}, "max_iter must be an integer in 1..100000"),
+    ({"label": "y", "exclude": ["id"], "standardize": "yes"}, "standardize must be true or false"),
+    ({"label": "y", "penalty": "l1"}, "unknown parameter(s) penalty"),
+    ({"label": "y"}, "input 'a', line 2, column 'id': 'c6-0' is not a finite number"),
+]
+
+
+@pytest.mark.parametrize(("params", "message"), BAD_TRAIN)
 def test_bad_training_parameters_are_refused(kit, params: dict, message: str) -> None:
     assert message in refused(kit, TRAIN, {"a": csv(table(6, 30))}, params, ("model", "report"))
 
@@ -199,37 +199,38 @@ def _json(doc: dict[str, Any]) -> bytes:
 DATA = csv(table(7, 20))
 
 
-@pytest.mark.parametrize(
-    ("model", "message"),
-    [
-        (b"\x80not json", "input 'model' is not JSON"),
-        (b'{"format": "confide.logistic-regression", "format": "x"}', "field 'format' appears twice"),
-        (_json(_model()).replace(b"0.1", b"NaN"), "NaN is not a number JSON allows"),
-        (_json(_model()).replace(b"0.1", b"1e999"), "intercept[0] must be a finite number"),
-        (b"[1, 2]", "input 'model' must be a JSON object"),
-        (_json(_model(format="pickle")), "format must be 'confide.logistic-regression'"),
-        (_json(_model(version=2)), "version 2 is not supported"),
-        (_json(_model(version=True)), "version True is not supported"),
-        (_json(_model(extra=1)), "unknown field(s) extra"),
-        (_json({k: v for k, v in _model().items() if k != "scales"}), "field 'scales' is missing"),
-        (_json(_model(features=["x1", "x1"])), "features must be a list of 1..10000 distinct column names"),
-        (_json(_model(classes=[0])), "classes must be a list of 2..1000 distinct labels"),
-        (_json(_model(classes=[0, "a"])), "all numbers or all text"),
-        (_json(_model(classes=[1, 1.0])), "distinct labels"),
-        (_json(_model(classes=[0, 10**400])), "classes must be a list"),
-        (_json(_model(coef=[[0.5, -1.0], [1.0, 1.0]])), "coef must have 1 row(s) for 2 classes"),
-        (_json(_model(coef=[[0.5]])), "coef[0] must be a list of 2 numbers"),
-        (_json(_model(coef=[[0.5, True]])), "coef[0][1] must be a finite number"),
-        (_json(_model(intercept=[])), "intercept must be a list of 1 numbers"),
-        (_json(_model(scales=[1.0, 0.0])), "scales[1] must be a positive finite number"),
-        (_json(_model(means="0")), "means must be a list of 2 numbers"),
-        (
-            _json(_model(features=["x1", "absent"])),
-            "input 'data' lacks the model's feature column(s) ['absent']",
-        ),
-        (_json(_model(coef=[[1e308, 1e308]])), "the model's score overflows"),
-    ],
-)
+HOSTILE_MODELS = [
+    (b"\x80not json", "input 'model' is not JSON"),
+    (b'{"format": "confide.logistic-regression", "format": "x"}', "field 'format' appears twice"),
+    (_json(_model()).replace(b"0.1", b"NaN"), "NaN is not a number JSON allows"),
+    (_json(_model()).replace(b"0.1", b"1e999"), "intercept[0] must be a finite number"),
+    (b"[1, 2]", "input 'model' must be a JSON object"),
+    (_json(_model(format="pickle")), "format must be 'confide.logistic-regression'"),
+    (_json(_model(version=2)), "version 2 is not supported"),
+    (_json(_model(version=True)), "version True is not supported"),
+    (_json(_model(label="")), "label must be a column name"),
+    (_json(_model(extra=1)), "unknown field(s) extra"),
+    (_json({k: v for k, v in _model().items() if k != "scales"}), "field 'scales' is missing"),
+    (_json(_model(features=["x1", "x1"])), "features must be a list of 1..10000 distinct column names"),
+    (_json(_model(classes=[0])), "classes must be a list of 2..1000 distinct labels"),
+    (_json(_model(classes=[0, "a"])), "all numbers or all text"),
+    (_json(_model(classes=[1, 1.0])), "distinct labels"),
+    (_json(_model(classes=[0, 10**400])), "classes must be a list"),
+    (_json(_model(coef=[[0.5, -1.0], [1.0, 1.0]])), "coef must have 1 row(s) for 2 classes"),
+    (_json(_model(coef=[[0.5]])), "coef[0] must be a list of 2 numbers"),
+    (_json(_model(coef=[[0.5, True]])), "coef[0][1] must be a finite number"),
+    (_json(_model(intercept=[])), "intercept must be a list of 1 numbers"),
+    (_json(_model(scales=[1.0, 0.0])), "scales[1] must be a positive finite number"),
+    (_json(_model(means="0")), "means must be a list of 2 numbers"),
+    (
+        _json(_model(features=["x1", "absent"])),
+        "input 'data' lacks the model's feature column(s) ['absent']",
+    ),
+    (_json(_model(coef=[[1e308, 1e308]])), "the model's score overflows"),
+]
+
+
+@pytest.mark.parametrize(("model", "message"), HOSTILE_MODELS)
 def test_hostile_model_json_is_refused_naming_the_field(kit, model: bytes, message: str) -> None:
     assert message in refused(kit, PREDICT, {"model": model, "data": DATA}, {}, ("predictions",))
 
@@ -292,30 +293,32 @@ def test_pca_standardized_default_columns_components_only(kit) -> None:
     np.testing.assert_allclose(doc["scale"], x.std(axis=0), rtol=1e-12)
 
 
-@pytest.mark.parametrize(
-    ("params", "message"),
-    [
-        ({"n_components": 1}, "required: min_rows must be an integer in 2..1000000000"),
-        ({"n_components": 1, "min_rows": 1}, "min_rows must be an integer in 2.."),
-        ({"min_rows": 5}, "required: n_components must be an integer"),
-        ({"n_components": 0, "min_rows": 5}, "n_components must be an integer in 1.."),
-        (
-            {"n_components": 4, "min_rows": 5, "columns": ["x1", "x2", "x3"]},
-            "n_components must be an integer in 1..3",
-        ),
-        ({"n_components": 1, "min_rows": 5, "columns": ["x1", "zz"]}, "columns ['zz'] are not in the header"),
-        ({"n_components": 1, "min_rows": 5, "columns": "x1"}, "columns must be a non-empty list"),
-        (
-            {"n_components": 1, "min_rows": 5, "columns": ["id"]},
-            "line 2, column 'id': 'c11-0' is not a finite number",
-        ),
-        ({"n_components": 1, "min_rows": 5, "whiten": True}, "unknown parameter(s) whiten"),
-        (
-            {"n_components": 1, "min_rows": 31},
-            "the inputs have fewer than min_rows = 31 rows: nothing is computed",
-        ),
-    ],
-)
+BAD_PCA = [
+    ({"n_components": 1}, "required: min_rows must be an integer in 2..1000000000"),
+    ({"n_components": 1, "min_rows": 1}, "min_rows must be an integer in 2.."),
+    ({"min_rows": 5}, "required: n_components must be an integer"),
+    ({"n_components": 0, "min_rows": 5}, "n_components must be an integer in 1.."),
+    (
+        {"n_components": 4, "min_rows": 5, "columns": ["x1", "x2", "x3"]},
+        "n_components must be an integer in 1..3",
+    ),
+    ({"n_components": 1, "min_rows": 5, "columns": ["x1", "zz"]}, "columns ['zz'] are not in the header"),
+    ({"n_components": 1, "min_rows": 5, "columns": "x1"}, "columns must be a non-empty list"),
+    (
+        {"n_components": 1, "min_rows": 5, "columns": ["id"]},
+        "line 2, column 'id': 'c11-0' is not a finite number",
+    ),
+    ({"n_components": 1, "min_rows": 5, "whiten": True}, "unknown parameter(s) whiten"),
+    (
+        {"n_components": 1, "min_rows": 31},
+        "the inputs have fewer than min_rows = 31 rows: nothing is computed",
+    ),
+    # checked before any cell: no line number of a cohort below min_rows leaves in the error
+    ({"n_components": 1, "min_rows": 31, "columns": ["id"]}, "fewer than min_rows = 31 rows"),
+]
+
+
+@pytest.mark.parametrize(("params", "message"), BAD_PCA)
 def test_bad_pca_parameters_and_small_cohorts_are_refused(kit, params: dict, message: str) -> None:
     assert message in refused(kit, "pca", {"a": csv(table(11, 30))}, params, ("components",))
 
@@ -473,7 +476,12 @@ def test_in_process_runs_match_the_sandboxed_runs(kit) -> None:
         ({"a": b"x1,y\n1,\xff\n"}, ("model",), "input 'a' is not UTF-8 text (byte 7, line 2)"),
         ({"a": b"x1,y\n1,\n"}, ("model",), "line 2, column 'y': a label must have 1..256 characters"),
         ({"a": b"y\n1\n2\n"}, ("model",), "no feature columns besides the label"),
-        ({"a": b"id,name\na,b\n"}, ("components",), "pca: no column holds only numbers"),
+        (
+            {"a": b"x1,y\n" + b"".join(b"%d,c%d\n" % (i, i) for i in range(1001))},
+            ("model",),
+            "label column 'y' has 1001 classes; at most 1000",
+        ),
+        ({"a": b"id,name\na,b\nc,d\n"}, ("components",), "pca: no column holds only numbers"),
     ],
 )
 def test_in_process_refusals(inputs: dict[str, bytes], outputs: tuple[str, ...], message: str) -> None:
@@ -489,3 +497,29 @@ def test_in_process_predict_multiclass_numeric_classes() -> None:
     lines = out["predictions"].decode().splitlines()
     assert lines[0] == "probability_1,probability_2.5,probability_7,class"
     assert [line.rsplit(",", 1)[1] for line in lines[1:]] == ["1", "2.5", "7"]
+
+
+@pytest.mark.parametrize(
+    ("inputs", "params", "outputs", "message"),
+    [({"a": csv(table(6, 30))}, p, ("model", "report"), m) for p, m in BAD_TRAIN]
+    + [({"model": model, "data": DATA}, {}, ("predictions",), m) for model, m in HOSTILE_MODELS]
+    + [({"a": csv(table(11, 30))}, p, ("components",), m) for p, m in BAD_PCA],
+)
+def test_in_process_gives_the_sandboxed_refusals(
+    inputs: dict[str, bytes], params: dict, outputs: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(ValueError) as info:
+        call(params, inputs, outputs)
+    assert message in str(info.value)
+
+
+def test_in_process_pca_components_match_the_sandboxed_run(kit) -> None:
+    tables = {"a": csv(table(14, 50))}
+    params = {"n_components": 2, "min_rows": 10, "standardize": True}
+    result, body, outs = run(kit, "pca", tables, params, ("components",))
+    assert result["ok"], body
+    here = json.loads(call(params, tables, ("components",))["components"])
+    there = json.loads(kit.read(outs["components"], LAB))
+    assert here.keys() == there.keys() and here["columns"] == there["columns"] == ["x1", "x2", "x3", "y"]
+    for key in ("mean", "scale", "components", "explained_variance", "explained_variance_ratio"):
+        np.testing.assert_allclose(here[key], there[key], rtol=1e-9, atol=1e-12)

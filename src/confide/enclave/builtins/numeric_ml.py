@@ -456,6 +456,9 @@ def _pca(ctx: Any) -> None:
     named = _names(PCA, given, "columns")
     n = _integer(PCA, given, "n_components", 1, MAX_FEATURES, None)
     tables = _union(PCA, ctx.inputs)
+    rows = sum(len(t.rows) for t in tables)
+    if rows < min_rows:  # before any cell is looked at: no line number of a small cohort leaves
+        _fail(PCA, f"the inputs have fewer than min_rows = {min_rows} rows: nothing is computed")
     header = tables[0].header
     if named is not None:
         missing = [c for c in named if c not in header]
@@ -469,9 +472,6 @@ def _pca(ctx: Any) -> None:
     if n > len(columns):
         _fail(PCA, f"n_components must be an integer in 1..{len(columns)} (the number of columns), got {n}")
     x = _matrix(np, tables, columns)
-    rows = x.shape[0]
-    if rows < min_rows:
-        _fail(PCA, f"the inputs have fewer than min_rows = {min_rows} rows: nothing is computed")
     if n > rows:
         _fail(PCA, f"n_components {n} is more than the number of rows")
     means, scales = _scaling(np, x, standardize)
