@@ -43,7 +43,7 @@ TCB_DISTRIBUTIONS: tuple[str, ...] = (
     "numpy",  # pre-imported in the sandbox zygote for untrusted functions
     "pandas",  # idem
     "xgboost-cpu",  # idem (GBDT)
-    "scikit-learn",  # imported lazily in the sandbox by xgboost's sklearn API
+    "scikit-learn",  # builtins/numeric_ml.py (logistic regression, PCA) in the sandbox child; xgboost's sklearn API
     "onnx",  # enclave/infer parses models in the sandbox child
     "onnxruntime",  # builtins/onnx_infer.py, imported in the sandbox child (not pre-importable: starts a thread)
     "duckdb",  # builtins/sql.py, imported in the sandbox child (not pre-imported: the zygote stays as it was)
