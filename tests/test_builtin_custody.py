@@ -398,3 +398,82 @@ def test_sign_in_process_equals_the_sandboxed_run(kit) -> None:
         _sign_here("ed25519", pkcs8(ED), ("key",))
     with pytest.raises(ValueError, match="longer than 65536 bytes: not a private key"):
         _sign_here("ed25519", b"-----BEGIN PRIVATE KEY-----\n" + b"A" * 70000)
+
+
+# ---- the CLI on a real server: a password typed at a prompt, a key uploaded as a secret -------------
+
+
+def test_password_check_and_sign_through_the_cli(server, tmp_path) -> None:
+    """`confide dataset upload-password` (hidden prompt) and `dataset upload --secret` show the
+    platform no schema; `task create --function password-check` with the result sealed to the corpus
+    owner is a clear error; the generic path runs both built-ins."""
+    from click.testing import CliRunner
+
+    from confide.cli.main import main
+    from platform_support import this_build_dev_policy
+
+    policy = tmp_path / "dev-policy.toml"
+    policy.write_text(this_build_dev_policy().to_toml())
+    env = {
+        "CONFIDE_HOME": str(tmp_path / "home"),
+        "CONFIDE_URL": server.url,
+        "CONFIDE_POLICY": str(policy),
+        "CONFIDE_SIM_ROOT": str(server.data_dir / "platform" / "vendor_root.crt"),
+    }
+
+    def cli(who: str, *args: str, stdin: str | None = None) -> Any:
+        return CliRunner().invoke(
+            main, list(args), input=stdin, env={**env, "CONFIDE_IDENTITY": str(keys[who])}
+        )
+
+    keys: dict[str, Path] = {}
+    for name in ("calice", "chibp"):
+        assert CliRunner().invoke(main, ["keygen", name, "--out-dir", str(tmp_path)], env=env).exit_code == 0
+        keys[name] = tmp_path / f"{name}.key"
+        assert cli(name, "party", "register", "--name", name).exit_code == 0
+    fps = {n: Identity.load(k).fingerprint for n, k in keys.items()}
+
+    def last(r: Any) -> str:
+        assert r.exit_code == 0, r.output
+        return r.stdout.strip().splitlines()[-1]
+
+    r = cli("calice", "dataset", "upload-password", stdin=f"{PASSWORD}\n{PASSWORD}\n")
+    password_ref = last(r)
+    assert PASSWORD not in r.output
+    (tmp_path / "corpus.txt").write_bytes(corpus(6, 50, extra={PASSWORD: 77}))
+    exposed_ref = last(cli("chibp", "dataset", "upload", str(tmp_path / "corpus.txt"), "--secret"))
+    (tmp_path / "vault.pem").write_bytes(pkcs8(ED))
+    (tmp_path / "msg.bin").write_bytes(MESSAGE)
+    key_ref = last(cli("chibp", "dataset", "upload", str(tmp_path / "vault.pem"), "--secret"))
+    message_ref = last(cli("calice", "dataset", "upload", str(tmp_path / "msg.bin"), "--secret"))
+    r = cli("calice", "dataset", "show", password_ref)
+    assert r.exit_code == 0, r.output
+    listed = json.loads(r.stdout)
+    assert listed["columns"] == [] and listed["rows"] is None and listed["size"] > 8192
+
+    create = ["task", "create", "--function", "password-check"]
+    create += ["--input", f"password={password_ref}", "--input", f"exposed={exposed_ref}"]
+    r = cli("chibp", *create, "--output", f"result={fps['chibp']}")
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert "error: output 'result' is for the owner of input 'password' only" in r.output
+    checks = last(cli("chibp", *create, "--output", f"result={fps['calice']}"))
+    signs = [
+        "task",
+        "create",
+        "--function",
+        "sign",
+        "--input",
+        f"key={key_ref}",
+        "--input",
+        f"message={message_ref}",
+    ]
+    signs += ["--output", f"signature={fps['calice']}", "--param", "algorithm=ed25519"]
+    signed = last(cli("calice", *signs))
+    for task in (checks, signed):
+        for who in ("calice", "chibp"):
+            assert cli(who, "task", "approve", task, "--yes").exit_code == 0
+        r = cli("calice", "task", "run", task)
+        assert r.exit_code == 0 and "succeeded" in r.stdout, r.output
+        assert cli("calice", "task", "results", task, "--out", str(tmp_path / task)).exit_code == 0
+    assert json.loads((tmp_path / checks / "result").read_text()) == {"count": 77, "exposed": True}
+    assert (tmp_path / signed / "signature").read_bytes() == ED.sign(MESSAGE)

@@ -41,6 +41,12 @@ def dataset() -> None:
     help="with --pme-keys: parquet-mr's external key material file (default: the "
     "_KEY_MATERIAL_FOR_<name>.json beside PATH, if there is one)",
 )
+@click.option(
+    "--secret",
+    is_flag=True,
+    help="a private key or other secret (the sign built-in's key): no CSV check, and the platform "
+    "is shown no header line or row count, only the sealed file's size",
+)
 @with_client
 def dataset_upload(
     client: Client,
@@ -49,6 +55,7 @@ def dataset_upload(
     strict: bool,
     pme_keys: Path | None,
     key_material: Path | None,
+    secret: bool,
 ) -> None:
     """Encrypt PATH, wrap its key to the attested service, upload; prints the dataset reference to share.
 
@@ -63,6 +70,13 @@ def dataset_upload(
 
     if key_material is not None and pme_keys is None:
         raise click.UsageError("--key-material goes with --pme-keys", ctx=click.get_current_context())
+    if secret:
+        if pme_keys is not None or strict:
+            raise click.UsageError("--secret goes alone", ctx=click.get_current_context())
+        from confide.client.custody import upload_key
+
+        _uploaded(upload_key(client, path, name=name))
+        return
     if pme_dataset.is_parquet(path) or pme_keys is not None:
         keys = pme_dataset.load_master_keys(pme_keys) if pme_keys is not None else None
         ref = client.upload_dataset(path, name=name, master_keys=keys, key_material=key_material)
@@ -77,6 +91,19 @@ def dataset_upload(
             f"{len(report.problems)} CSV problem(s) found; nothing was uploaded (--strict)", where=str(path)
         )
     _uploaded(client.upload_dataset(path, name=name))
+
+
+@dataset.command(name="upload-password")
+@click.option("--name", default="password", show_default=True, help="visible name")
+@with_client
+def dataset_upload_password(client: Client, name: str) -> None:
+    """Upload one password for the password-check built-in, typed at a hidden prompt (or one line on
+    standard input): it is padded to 8 KiB and sealed here, so the platform sees neither it nor its
+    length; prints the dataset reference."""
+    from confide.client.custody import upload_password
+
+    password = click.prompt("password", hide_input=True, confirmation_prompt=True, err=True)
+    _uploaded(upload_password(client, password, name=name))
 
 
 def _uploaded(ref: DatasetRef) -> None:
