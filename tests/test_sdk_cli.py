@@ -159,6 +159,35 @@ def test_audit_chain_is_checked(parties, finished_task):
         check_audit_chain(tampered, where="test")
 
 
+def test_sdk_logistic_regression_train_then_predict_with_the_model_as_a_dataset(parties, tmp_path):
+    """ml_tasks' helpers on a real server: the trained model (portable JSON) is uploaded by its
+    recipient as a dataset and scores the owner's rows; both owners approve the second task."""
+    from confide.client import ml_tasks
+
+    owner, lab = parties
+    rows = "".join(f"p{i},{(i * 7) % 11},{i % 5},{int((i * 7) % 11 > 5)}\n" for i in range(60))
+    (tmp_path / "train.csv").write_text("id,a,b,y\n" + rows)
+    data = owner.upload_dataset(tmp_path / "train.csv")
+    task = ml_tasks.logistic_regression_train(lab, inputs={"data": data.ref}, label="y", exclude=["id"])
+    for c in (owner, lab):
+        c.approve(task)
+    lab.run(task)
+    assert lab.wait(task, timeout=120)["state"] == "succeeded"
+    got = lab.results(task, tmp_path / "trained").outputs
+    assert json.loads(got["report"].read_text())["total_rows"] == 60
+    model = lab.upload_dataset(got["model"])
+    task = ml_tasks.logistic_regression_predict(lab, model=model.ref, data=data.ref, label="y")
+    for c in (owner, lab):
+        c.approve(task)
+    lab.run(task)
+    assert lab.wait(task, timeout=120)["state"] == "succeeded"
+    lines = lab.results(task, tmp_path / "scored").outputs["predictions"].read_text().splitlines()
+    assert lines[0] == "probability,class" and len(lines) == 61
+    truth = [line.rsplit(",", 1)[1] for line in rows.splitlines()]
+    hits = sum(p.rsplit(",", 1)[1] == t for p, t in zip(lines[1:], truth, strict=True))
+    assert hits >= 54  # y is a threshold on column a: the model learns it
+
+
 def test_platform_refusal_is_an_api_error_with_status(parties):
     _, lab = parties
     with pytest.raises(ApiError) as info:
