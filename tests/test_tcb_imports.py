@@ -13,7 +13,7 @@ ALLOWED_THIRD_PARTY = {
 }
 # Code under enclave/builtins/ is never imported by the enclave process: it is read as text and run
 # in the sandbox child, like a party's function, where the zygote provides these (all measured).
-SANDBOX_THIRD_PARTY = {"numpy", "pandas", "xgboost", "sklearn", "duckdb"}
+SANDBOX_THIRD_PARTY = {"numpy", "pandas", "xgboost", "sklearn", "duckdb", "opendp"}
 # Protected inference (issue 9) runs in the sandbox child too: enclave/infer/ (the Slalom core and the
 # numpy ONNX executor; tests/test_infer_tcb.py checks that no enclave-process module imports it) and
 # builtins/onnx_infer.py, which imports ONNX Runtime in the child (it cannot be pre-imported: it starts

@@ -217,6 +217,30 @@ def describe(m: Manifest, clean: Callable[[str], str] = str) -> list[str]:
     lines.append(
         "  k guards each result alone: recipients of several tasks over the same data can subtract them"
     )
+    if "dp" in p:
+        lines += _describe_dp(p["dp"], inputs, clean)
+    return lines
+
+
+def _describe_dp(dp: Any, inputs: list[str], clean: Callable[[str], str]) -> list[str]:
+    """join-aggregate's params.dp in words (shown as it is when malformed: the enclave refuses it)."""
+    if not isinstance(dp, dict):
+        return [f"  dp: {clean(repr(dp))} (not an object: the enclave will refuse the task)"]
+    budget: dict[str, Any] = dp["budget"] if isinstance(dp.get("budget"), dict) else {}
+    lines = [
+        f"  differential privacy ({clean(str(dp.get('mechanism', 'laplace')))} noise drawn by OpenDP in "
+        f"the enclave): this task spends epsilon {clean(repr(dp.get('epsilon')))}"
+        + (f", delta {clean(repr(dp['delta']))}" if "delta" in dp else "")
+        + f"; each key keeps at most {clean(repr(dp.get('max_contributions')))} joined row(s); sums "
+        f"clamped to {clean(repr(dp.get('bounds', {})))}",
+        "    the count and sums leave noisy; a group leaves only if its noisy count reaches the threshold "
+        "(at least k); the report gives the privacy loss, not the suppressed count",
+    ]
+    for name in inputs:
+        lines.append(
+            f"    budget of input {clean(name)}: total epsilon {clean(repr(budget.get(name)))} for its "
+            "dataset, counted by the enclave worker (a host that restores its sealed state can spend it again)"
+        )
     return lines
 
 

@@ -328,7 +328,7 @@ BUILTINS: dict[str, _Builtin] = {
     ),
     "join-aggregate": _Builtin(
         "join_aggregate.py",
-        ("pandas",),
+        ("opendp", "pandas"),
         "Joins the inputs (UTF-8 CSV with a header) on a key column (inner join on the key normalised "
         "like psi's ids), then aggregates by groups and suppresses every group with fewer than k "
         "distinct keys. Params: key (required: a name, or input name -> column), k (required, >= 2, "
@@ -337,7 +337,14 @@ BUILTINS: dict[str, _Builtin] = {
         "default a row count), avg_places (6), max_field_chars (4096), max_join_rows (10^7). Sums "
         "are exact decimals; avg is rounded half-even. Outputs: result (CSV: group columns and aggregates of the released "
         "groups only) and report (JSON: k, groups released, groups suppressed: that count leaves "
-        "too).",
+        "too). Optional dp (differential privacy with OpenDP; every field approved with the manifest): "
+        "epsilon (> 0, the task's total), mechanism (laplace or gaussian), delta (required for gaussian "
+        "or group_by), max_contributions (joined rows kept per key), bounds ([lo, hi] per summed column, "
+        "values clamped to it), budget (per input: its owner's total epsilon for that dataset, charged "
+        "by the enclave in its sealed state before any input is decrypted; a task past it is refused). "
+        "With dp only the row count and sums are allowed; they leave with OpenDP's noise, a group is "
+        "released when its noisy count reaches max(k, the threshold delta needs), and the report gives "
+        "the privacy loss spent instead of the suppressed count.",
         ("*",),
         ("report", "result"),
     ),

@@ -48,6 +48,7 @@ TCB_DISTRIBUTIONS: tuple[str, ...] = (
     "onnxruntime",  # builtins/onnx_infer.py, imported in the sandbox child (not pre-importable: starts a thread)
     "duckdb",  # builtins/sql.py, imported in the sandbox child (not pre-imported: the zygote stays as it was)
     "pyarrow",  # parquet_keys.py (Parquet and its modular encryption), parsed in the sandbox child
+    "opendp",  # builtins/dp_noise.py: differential privacy's noise, drawn in the sandbox child
 )
 
 _SKIP_DIST_FILES = {"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"}

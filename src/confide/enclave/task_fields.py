@@ -29,11 +29,12 @@ PROVIDED_REQUIREMENTS = (
     "duckdb",
     "numpy",
     "onnxruntime",
+    "opendp",
     "pandas",
     "scikit-learn",
     "xgboost",
 )
-RECEIPT_CHECKS = ("approval", "manifest", "function", "input", "output", "runs", "run")
+RECEIPT_CHECKS = ("approval", "manifest", "function", "input", "output", "runs", "privacy", "run")
 ERROR_OUTPUT = "_error"  # the extra output carrying a failed function's (sealed) error text
 
 MAX_NAME_LEN = 64

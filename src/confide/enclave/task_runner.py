@@ -16,7 +16,10 @@ signed by the service key, ``status: error`` and ``error.check`` naming the step
                  owner, if it has one;
 7. ``input``     each blob's SHA-256 is the approved one; only then the data keys are unwrapped;
 8. ``runs``      this worker counts the run (sealed, run_ledger) and refuses it past the smallest
-                 ``max_runs`` of the approvals; the receipt carries ``run`` and ``max_runs``.
+                 ``max_runs`` of the approvals; the receipt carries ``run`` and ``max_runs``;
+9. ``privacy``   a built-in with ``params.dp`` (dp_params): its epsilon is charged to each input
+                 dataset's budget (sealed, privacy_budget), refused when one would pass the total its
+                 owner approved in the manifest.
 
 Then each input is decrypted into a sealed memfd while its bytes are hashed again (a blob swapped
 after step 7 is caught), the function runs in the sandbox, and the outputs, sealed to exactly the
@@ -40,6 +43,7 @@ from typing import Any
 
 from .backend import TeeBackend
 from .config import EnclaveConfig
+from .dp_params import DP_BUILTINS, parse_dp
 from .encoding import b64d, b64e
 from .errors import ConfideError, EnclaveError, FormatError, IntegrityError
 from .keys import Identity
@@ -69,6 +73,7 @@ from .pipeline import (
     run_sandboxed,
     write_error_output,
 )
+from .privacy_budget import PrivacyBudget
 from .run_ledger import RunLedger
 from .sandbox import SandboxLimits, Zygote
 from .service import ServiceState
@@ -115,6 +120,7 @@ class TaskRunner:
         self.config = config
         self._audit_head: dict[str, Any] | None = None
         self.ledger = RunLedger(backend, service.path.parent)  # the worker's state directory
+        self.privacy = PrivacyBudget(backend, service.path.parent)
         self._run = 0  # this call's run number (0 until counted) and the approvals' limit
         self._max_runs = 0
 
@@ -279,6 +285,8 @@ class TaskRunner:
         try:
             with _step("runs"):  # counted (and sealed) before any input is decrypted
                 self._run = self.ledger.next_run(m.task_id, self._max_runs)
+            with _step("privacy"):  # charged (and sealed) before any input is decrypted
+                self._charge_privacy(m)
             with _step("input"):
                 for inp in m.inputs:
                     fds[inp.name], n = open_input(
@@ -345,6 +353,14 @@ class TaskRunner:
             for fd in fds.values():
                 os.close(fd)
             self.budget.release(reserved)
+
+    def _charge_privacy(self, m: Manifest) -> None:
+        if m.function.kind != "builtin" or m.function.name not in DP_BUILTINS:
+            return
+        dp = parse_dp(m.params, [i.name for i in m.inputs])
+        if dp is not None:
+            totals = {i.dataset_id: (dp.budget[i.name], _input_where(m, i.name)) for i in m.inputs}
+            self.privacy.charge(dp.epsilon, totals)
 
     def _execute_flow(
         self, m: Manifest, keys: dict[str, bytes], args: dict[str, Any], service: Identity, started: int

@@ -12,7 +12,11 @@ column), ``k`` (required: the minimum cohort, an integer >= 2: a group with fewe
 keys is suppressed), ``group_by`` (a list of column references, default none: one group), ``aggregates`` (a list of {"op": count|sum|avg|min|
 max, "column": reference, "as": output column name}; count without a column counts joined rows;
 default [{"op": "count"}]), ``avg_places`` (6: avg is rounded half-even to this many decimal places),
-``max_field_chars`` (4096), ``max_join_rows`` (10^7: a join that would make more rows is an error).
+``max_field_chars`` (4096), ``max_join_rows`` (10^7: a join that would make more rows is an error),
+``dp`` (optional: differential privacy, enclave/dp_params.py; the row count and bounded sums then
+leave with OpenDP's noise, builtins/dp_noise.py, each key keeps at most ``max_contributions`` joined
+rows, groups are released on their noisy count, and the report gives the privacy loss instead of
+the suppressed count).
 A column reference is ``column`` when exactly one input has it, else
 ``input.column``. Keys are normalised like psi's ids (strip, NFC, casefold); rows with an empty key
 join nothing. The join is an inner join on the normalised key (duplicate keys multiply rows, as in
@@ -55,7 +59,7 @@ def _int(given: dict[str, Any], key: str, default: Any, low: int, high: int) -> 
 
 
 def _params(given: dict[str, Any], inputs: list[str]) -> dict[str, Any]:
-    known = {"key", "k", "group_by", "aggregates", "avg_places", "max_field_chars", "max_join_rows"}
+    known = {"key", "k", "group_by", "aggregates", "avg_places", "max_field_chars", "max_join_rows", "dp"}
     unknown = sorted(set(given) - known)
     if unknown:
         _fail(f"unknown parameter(s) {', '.join(unknown)}")
@@ -110,7 +114,14 @@ def _params(given: dict[str, Any], inputs: list[str]) -> dict[str, Any]:
         "avg_places": _int(given, "avg_places", 6, 0, 30),
         "max_chars": _int(given, "max_field_chars", 4096, 1, 1 << 20),
         "max_rows": _int(given, "max_join_rows", 10_000_000, 1, 10**9),
+        "dp": _dp_params(given, inputs) if "dp" in given else None,
     }
+
+
+def _dp_params(given: dict[str, Any], inputs: list[str]) -> Any:
+    from confide.enclave.dp_params import parse_dp  # the check the enclave made before charging
+
+    return parse_dp(given, inputs)
 
 
 def _text(name: str, raw: bytes) -> str:
@@ -300,6 +311,9 @@ def run(ctx: Any) -> None:
         joined = part if joined is None else joined.merge(part, on=KEY, how="inner")
     assert joined is not None
     joined = joined.reset_index(drop=True)
+    if p["dp"] is not None:  # the privacy unit is one key: keep its first max_contributions rows
+        keep = joined.groupby(KEY, sort=False).cumcount() < p["dp"].max_contributions
+        joined = joined[keep].reset_index(drop=True)
     if not len(joined):
         groups: dict[tuple[str, ...], Any] = {}
     elif p["group_by"]:
@@ -309,6 +323,9 @@ def run(ctx: Any) -> None:
         groups = {(): range(len(joined))}
     keyv = joined[KEY].tolist()
     columns = {ref: joined[ref].tolist() for ref in refs}
+    if p["dp"] is not None:
+        _write_outputs(ctx, p, *_dp_release(p, groups, columns, len(joined)))
+        return
     rows: list[list[str]] = []
     suppressed = 0
     for group in sorted(groups):
@@ -327,11 +344,6 @@ def run(ctx: Any) -> None:
                     values = [v if v != "" else None for v in values]
                 row.append(_aggregate(agg["op"], values, p["avg_places"]))
         rows.append(row)
-    sink = io.StringIO()
-    writer = csv.writer(sink, lineterminator="\n")
-    writer.writerow(p["group_by"] + [a["as"] for a in p["aggregates"]])
-    writer.writerows(rows)
-    ctx.outputs["result"].write(sink.getvalue().encode("utf-8"))
     report = {
         "function": NAME,
         "version": "1",
@@ -339,4 +351,82 @@ def run(ctx: Any) -> None:
         "groups": len(rows),
         "suppressed_groups": suppressed,
     }
+    _write_outputs(ctx, p, rows, report)
+
+
+def _write_outputs(ctx: Any, p: dict[str, Any], rows: list[list[str]], report: dict[str, Any]) -> None:
+    sink = io.StringIO()
+    writer = csv.writer(sink, lineterminator="\n")
+    writer.writerow(p["group_by"] + [a["as"] for a in p["aggregates"]])
+    writer.writerows(rows)
+    ctx.outputs["result"].write(sink.getvalue().encode("utf-8"))
     ctx.outputs["report"].write(json.dumps(report, sort_keys=True).encode() + b"\n")
+
+
+def _dp_release(
+    p: dict[str, Any], groups: dict[tuple[str, ...], Any], columns: dict[str, list[Any]], joined_rows: int
+) -> tuple[list[list[str]], dict[str, Any]]:
+    """The released rows under params.dp (noisy counts and clamped sums, builtins/dp_noise.py) and
+    the report: no suppressed count (it would tell how many groups the data has), the privacy loss."""
+    from confide.enclave.builtins import dp_noise
+
+    dp = p["dp"]
+    if not p["group_by"]:  # one public group, present even when the join is empty
+        groups = {(): groups.get((), range(0))}
+    labels = {json.dumps(list(g), ensure_ascii=False): g for g in groups}
+    sum_aggs = [a for a in p["aggregates"] if a["op"] == "sum"]
+    exact_sums, bounds, ulps = [], [], []
+    for agg in sum_aggs:
+        lo, hi = dp.bounds[agg["column"]]
+        low, high = decimal.Decimal(repr(lo)), decimal.Decimal(repr(hi))
+        col = columns[agg["column"]]
+        sums = {}
+        for label, group in labels.items():
+            total = decimal.Decimal(0)
+            for i in groups[group]:
+                if col[i] is not None:
+                    total = EXACT.add(total, min(max(col[i], low), high))
+            sums[label] = float(total)
+        bound = max(abs(lo), abs(hi))
+        exact_sums.append(sums)
+        bounds.append(bound)
+        ulps.append(math.ulp(max(p["max_rows"], joined_rows + dp.max_contributions) * bound))
+    released, noisy, info = dp_noise.release(
+        {label: len(groups[g]) for label, g in labels.items()},
+        exact_sums,
+        public=not p["group_by"],
+        k=p["k"],
+        epsilon=float(dp.epsilon),
+        mechanism=dp.mechanism,
+        delta=dp.delta,
+        m=dp.max_contributions,
+        sum_bounds=bounds,
+        sum_ulp=ulps,
+    )
+    rows = []
+    for label in sorted(released, key=lambda lab: labels[lab]):
+        row = [str(v) for v in labels[label]]
+        sums_iter = iter(noisy)
+        for agg in p["aggregates"]:
+            row.append(str(released[label]) if agg["op"] == "count" else repr(next(sums_iter)[label]))
+        rows.append(row)
+    for measured, agg in zip(info["measurements"][1:], sum_aggs, strict=True):
+        measured["column"] = agg["column"]
+    report = {
+        "function": NAME,
+        "version": "1",
+        "k": p["k"],
+        "groups": len(rows),
+        "dp": {
+            "mechanism": dp.mechanism,
+            "epsilon_spent": float(dp.epsilon),
+            "delta": dp.delta,
+            "max_contributions": dp.max_contributions,
+            "bounds": {c: list(b) for c, b in dp.bounds.items()},
+            "threshold": info["threshold"],
+            "measurements": info["measurements"],
+            "epsilon_measured": info["epsilon"],
+            "delta_measured": info["delta"],
+        },
+    }
+    return rows, report

@@ -58,7 +58,15 @@ def _kill_process(proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
 # What the built-ins and parties' functions find already imported. The PME reader (and with it
 # pyarrow) is here because a child may not be able to import Confide's own modules: it reads only
 # the interpreter's trees (server.read_paths), which an editable install's source is not under.
-DEFAULT_PREIMPORT = ("numpy", "pandas", "xgboost", "confide.enclave.parquet_keys")
+# The dp modules likewise (dp_noise imports OpenDP only when a run draws noise: not in the zygote).
+DEFAULT_PREIMPORT = (
+    "numpy",
+    "pandas",
+    "xgboost",
+    "confide.enclave.parquet_keys",
+    "confide.enclave.dp_params",
+    "confide.enclave.builtins.dp_noise",
+)
 
 
 class Zygote:
