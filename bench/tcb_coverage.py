@@ -73,6 +73,7 @@ TESTS = [
     "tests/test_builtin_custody.py",
     "tests/test_builtin_ml.py",
     "tests/test_parquet_pme.py",
+    "tests/test_builtin_dp.py",  # join-aggregate's dp path and dp_noise in-process too; the sealed budget
     # tests written for the TCB's coverage gaps (each asserts behaviour, mostly hostile input)
     *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").glob("test_tcb_coverage_*.py")),
 ]

@@ -325,3 +325,57 @@ def test_the_approval_text_states_epsilon_and_each_inputs_budget(kit) -> None:
     assert "budget of input bank: total epsilon 2 for its dataset" in text
     assert "budget of input shop: total epsilon 7 for its dataset" in text
     assert "can spend it again" in text
+
+
+# ---- join-aggregate's dp path and dp_noise in this process (coverage cannot see the child) --------
+
+
+def call_in_process(params: dict, t: dict[str, bytes]) -> tuple[pd.DataFrame, dict]:
+    from confide.enclave.builtins import join_aggregate
+    from confide.enclave.sandbox.context import Context
+
+    outs = {"result": io.BytesIO(), "report": io.BytesIO()}
+    join_aggregate.run(Context(params, {k: io.BytesIO(v) for k, v in t.items()}, outs))  # type: ignore[arg-type]
+    return pd.read_csv(io.BytesIO(outs["result"].getvalue())), json.loads(outs["report"].getvalue())
+
+
+def test_in_process_an_empty_join_and_two_sums() -> None:
+    """No group_by and nothing joined: the one public group is measured (count 0, released only if
+    its noisy count reaches k; at scale 2 and k 50 it does not), and both sums' shares are spent."""
+    t = {"bank": b"id,balance,region\nx,1,r\n", "shop": b"customer,spend\ny,1\n"}
+    params = dp_params(epsilon=0.9, bounds={"balance": [-5, 5], "spend": [0, 1]})
+    params.update(group_by=[], k=50)
+    params["aggregates"] += [{"op": "sum", "column": "spend"}]
+    got, report = call_in_process(params, t)
+    assert got.empty and list(got.columns) == ["count", "sum(balance)", "sum(spend)"]
+    dp = report["dp"]
+    assert [m["statistic"] for m in dp["measurements"]] == ["count", "sum", "sum"]
+    assert [m.get("column") for m in dp["measurements"]] == [None, "balance", "spend"]
+    assert dp["epsilon_measured"] == pytest.approx(0.9, rel=1e-5) and dp["epsilon_measured"] <= 0.9
+    assert report["groups"] == 0 and dp["threshold"] == 50
+
+
+def test_in_process_clamping_and_truncation_bound_each_keys_share() -> None:
+    """A key with 1000 rows of balance 10^9 adds at most m = 1 row clamped to 1000: the noisy sum
+    stays within 12 scales of the clamped, truncated exact sum."""
+    bank = (
+        "id,region,balance\n"
+        + "".join(f"k{i},r,{i % 900}\n" for i in range(400))
+        + "huge,r,1000000000\n" * 1000
+    )
+    shop = "customer,spend\n" + "".join(f"k{i},1\n" for i in range(400)) + "huge,1\n"
+    got, report = call_in_process(dp_params(epsilon=4.0), {"bank": bank.encode(), "shop": shop.encode()})
+    count_m, sum_m = report["dp"]["measurements"]
+    assert abs(int(got["count"][0]) - 401) <= 12 * count_m["scale"]
+    exact_sum = sum(i % 900 for i in range(400)) + 1000
+    assert abs(float(got["sum(balance)"][0]) - exact_sum) <= 12 * sum_m["scale"]
+
+
+def test_dp_noise_refuses_a_delta_no_threshold_can_meet() -> None:
+    from confide.enclave.builtins import dp_noise
+
+    with pytest.raises(ValueError, match="no threshold meets the delta"):
+        dp_noise.release(
+            {'["a"]': 10}, [], public=False, k=2, epsilon=1e-6, mechanism="laplace", delta=1e-300,
+            m=1000, sum_bounds=[], sum_ulp=[],
+        )  # fmt: skip
