@@ -154,6 +154,26 @@ def test_same_membership_as_psi_on_the_same_data(kit) -> None:
     assert got[NAME] == got["psi"] and got["psi"]["size"] > 10
 
 
+@pytest.mark.parametrize(
+    "odd",
+    [
+        b"email\na\n   \nb\n",  # a line of spaces is no row (pandas skips it for psi)
+        b"\n\nemail,x\r\na,1\r\n\r\n \t \r\nb,2\r\n",  # blank lines before the header, CRLF
+        b'email,x\na,1\n"   ",0\n"b",2\n',  # a quoted blank id is a row with no id
+        b'\xef\xbb\xbfemail,x\n"a",1\n"b\nc",2\n',  # a BOM; an id over two lines
+    ],
+)
+def test_odd_rows_count_as_psi_counts_them(odd: bytes) -> None:
+    from confide.enclave.builtins import psi
+
+    tables = {"a": odd, "b": b"email\nb\n"}
+    outs = ("members_a", "members_b", "size")
+    mine = _in_process({"column": "email"}, tables, outs)
+    theirs = _in_process({"column": "email"}, tables, outs, module=psi)
+    assert mine["members_a"] == theirs["members_a"] and mine["members_b"] == theirs["members_b"]
+    assert json.loads(mine["size"])["size"] == json.loads(theirs["size"])["size"]
+
+
 def test_members_may_go_only_to_their_inputs_owner(kit) -> None:
     datasets = {
         "bank": kit.dataset(BANK, sorted_table(6, 20)),
@@ -236,10 +256,12 @@ def test_an_unsorted_input_after_the_last_common_id_is_still_refused() -> None:
         _in_process({"column": "id"}, {"a": a, "b": b}, ("size",))
 
 
-def _in_process(params: dict, tables: dict[str, bytes], outputs: tuple[str, ...]) -> dict[str, bytes]:
+def _in_process(
+    params: dict, tables: dict[str, bytes], outputs: tuple[str, ...], module: Any = ordered_set_join
+) -> dict[str, bytes]:
     outs = {o: io.BytesIO() for o in outputs}
     ctx = Context(dict(params), {n: io.BytesIO(t) for n, t in tables.items()}, dict(outs))  # type: ignore[arg-type]
-    ordered_set_join.run(ctx)
+    module.run(ctx)
     return {o: b.getvalue() for o, b in outs.items()}
 
 

@@ -87,21 +87,35 @@ def normalise(cell: str) -> str:
     return unicodedata.normalize("NFC", cell.strip()).casefold()
 
 
-def _lines(name: str, fh: Any) -> Iterator[str]:
-    """The input's physical lines as text, each checked to be UTF-8 (the BOM of line 1 dropped)."""
-    number = 0
-    while True:
-        raw = fh.readline(MAX_LINE + 1)
-        if not raw:
-            return
-        number += 1
-        if len(raw) > MAX_LINE:
-            _fail(f"input {name!r}, line {number}: longer than {MAX_LINE} bytes")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            _fail(f"input {name!r}, line {number}: not UTF-8 text (byte {exc.start} of the line)")
-        yield text[1:] if number == 1 and text.startswith("\ufeff") else text
+class _Lines:
+    """The input's physical lines as text for csv.reader, each checked to be UTF-8 (the BOM of line
+    1 dropped). A line of only spaces and tabs where a row would start is no row, as pandas reads it
+    for psi (``at_row_start`` is set by the reader's user after each row); ``number`` is the last
+    line handed out."""
+
+    def __init__(self, name: str, fh: Any) -> None:
+        self.name, self.fh, self.number, self.at_row_start = name, fh, 0, True
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            raw = self.fh.readline(MAX_LINE + 1)
+            if not raw:
+                return
+            self.number += 1
+            if len(raw) > MAX_LINE:
+                _fail(f"input {self.name!r}, line {self.number}: longer than {MAX_LINE} bytes")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                _fail(
+                    f"input {self.name!r}, line {self.number}: not UTF-8 text (byte {exc.start} of the line)"
+                )
+            if self.number == 1 and text.startswith("\ufeff"):
+                text = text[1:]
+            if self.at_row_start and not text.rstrip("\r\n").strip(" \t"):
+                continue  # a blank line: no row
+            self.at_row_start = False
+            yield text
 
 
 class _Side:
@@ -110,7 +124,8 @@ class _Side:
 
     def __init__(self, name: str, fh: Any, column: str, p: dict[str, Any], bits: Any) -> None:
         self.name, self.bits, self.max_id = name, bits, p["max_id"]
-        self.reader = csv.reader(_lines(name, fh), strict=True)
+        self.lines = _Lines(name, fh)
+        self.reader = csv.reader(iter(self.lines), strict=True)
         header = self._row()
         if header is None:
             _fail(f"input {name!r} is empty (no header line)")
@@ -125,15 +140,13 @@ class _Side:
         self.advance(None)
 
     def _row(self) -> list[str] | None:
-        while True:
-            try:
-                row = next(self.reader)
-            except StopIteration:
-                return None
-            except csv.Error as exc:
-                _fail(f"input {self.name!r}, line {self.reader.line_num}: not CSV ({exc})")
-            if row:  # a blank line is no row (as pandas reads it for psi)
-                return row
+        self.lines.at_row_start = True
+        try:
+            return next(self.reader)
+        except StopIteration:
+            return None
+        except csv.Error as exc:
+            _fail(f"input {self.name!r}, line {self.lines.number}: not CSV ({exc})")
 
     def column(self, name: str) -> int:
         if self.header.count(name) != 1:
@@ -149,7 +162,7 @@ class _Side:
             if row is None:
                 self.head = None
                 return
-            line = self.reader.line_num
+            line = self.lines.number
             if len(row) != len(self.header):
                 _fail(
                     f"input {self.name!r}, line {line}: {len(row)} fields, but the header has "
