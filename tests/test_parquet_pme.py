@@ -333,21 +333,35 @@ def test_the_reader_runs_in_the_strict_sandbox_child() -> None:
         zygote.close()
 
 
+# functions of enclave-process modules that run only in the sandbox child (the module's source is
+# sent to the zygote as a run's source, like a built-in's)
+CHILD_ONLY_FUNCTIONS = {("flow", "driver.py"): "_parquet_rows"}
+
+
 def test_no_enclave_process_module_imports_the_parquet_reader() -> None:
     offenders = []
     for path in measurement.tcb_files():
         if path.suffix != ".py" or path.name == "parquet_keys.py":
             continue
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        child_fn = CHILD_ONLY_FUNCTIONS.get((path.parent.name, path.name))
+        child_nodes = {
+            id(n)
+            for f in ast.walk(tree)
+            if isinstance(f, ast.FunctionDef) and f.name == child_fn
+            for n in ast.walk(f)
+        }
+        for node in ast.walk(tree):
+            if id(node) in child_nodes:
+                continue
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
                 names = [node.module or "", *(a.name for a in node.names)]
             else:
                 continue
-            in_child = path.parent.name == "builtins"  # read as text and run in the sandbox child
-            if any(
-                n.endswith("parquet_keys") or (n.split(".")[0] == "pyarrow" and not in_child) for n in names
-            ):
+            if path.parent.name == "builtins":  # read as text and run in the sandbox child
+                continue
+            if any(n.endswith("parquet_keys") or n.split(".")[0] == "pyarrow" for n in names):
                 offenders.append(path.relative_to(measurement.TCB_ROOT).as_posix())
     assert offenders == []

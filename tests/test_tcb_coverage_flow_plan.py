@@ -155,7 +155,7 @@ HOSTILE: dict[str, tuple[Mutation, str]] = {
     "bad input name": (_set(("inputs", "a b"), {}), "input name must be a name"),
     "input not object": (_set(("inputs", "a"), ["x"]), "an input must be an object"),
     "input digest": (_set(("inputs", "a", "header_sha256"), "A" * 64), "header_sha256 must be 64"),
-    "input format": (_set(("inputs", "a", "format"), "parquet"), "format must be one of"),
+    "input format": (_set(("inputs", "a", "format"), "orc"), "format must be one of"),
     "partitions zero": (_set(("inputs", "a", "partitions"), 0), "'partitions' must be within"),
     "partitions huge": (_set(("inputs", "a", "partitions"), 1 << 17), "'partitions' must be within"),
     "no stages": (_set(("stages",), []), f"a job needs 1..{MAX_STAGES} stages"),

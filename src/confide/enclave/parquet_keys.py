@@ -210,10 +210,12 @@ def read_parquet(
     master_keys: Mapping[str, bytes] | None = None,
     key_material: bytes | None = None,
     columns: Sequence[str] | None = None,
+    row_groups: tuple[int, int] | None = None,
 ) -> pa.Table:
     """The table in `data` (the file named `name` in errors): plain Parquet, or PME with an encrypted
     or plaintext footer when `master_keys` are given, its key material internal or in `key_material`
-    (the bytes of the JSON file parquet-mr writes beside it)."""
+    (the bytes of the JSON file parquet-mr writes beside it). `row_groups` (part, parts): only the
+    row groups [part * G // parts, (part + 1) * G // parts) of the file's G, a dataflow partition."""
     where = f"parquet file {name!r}"
     magic = _magic(data, where=where)
     if magic == b"PARE" and master_keys is None:
@@ -239,7 +241,13 @@ def read_parquet(
             raise _failure(kms, exc, where) from None
     try:
         reader = pq.ParquetFile(pa.BufferReader(data), decryption_properties=props)
-        return reader.read(columns=list(columns) if columns is not None else None, use_threads=False)
+        cols = list(columns) if columns is not None else None
+        if row_groups is None:
+            return reader.read(columns=cols, use_threads=False)
+        part, parts = row_groups
+        n = reader.num_row_groups
+        wanted = list(range(part * n // parts, (part + 1) * n // parts))
+        return reader.read_row_groups(wanted, columns=cols, use_threads=False)
     except Exception as exc:  # Arrow raises OSError, ArrowInvalid, ArrowException, KeyError...
         raise _failure(kms, exc, where) from None
 
@@ -302,9 +310,18 @@ def parse_bundle(raw: bytes, *, name: str) -> tuple[bytes, dict[str, bytes], byt
     return raw[head + size :], check_master_keys(master, where=where), material_raw
 
 
-def read_dataset(raw: bytes, *, name: str, columns: Sequence[str] | None = None) -> pa.Table:
-    """A Parquet input of a built-in: a PME dataset (see parse_bundle) or a plain Parquet file."""
+def read_dataset(
+    raw: bytes,
+    *,
+    name: str,
+    columns: Sequence[str] | None = None,
+    row_groups: tuple[int, int] | None = None,
+) -> pa.Table:
+    """A Parquet input of a built-in or a dataflow source: a PME dataset (see parse_bundle) or a
+    plain Parquet file (see read_parquet for `columns` and `row_groups`)."""
     if not is_bundle(raw):
-        return read_parquet(raw, name=name, columns=columns)
+        return read_parquet(raw, name=name, columns=columns, row_groups=row_groups)
     data, master, material = parse_bundle(raw, name=name)
-    return read_parquet(data, name=name, master_keys=master, key_material=material, columns=columns)
+    return read_parquet(
+        data, name=name, master_keys=master, key_material=material, columns=columns, row_groups=row_groups
+    )

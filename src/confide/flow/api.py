@@ -166,9 +166,10 @@ class Flow:
         self, name: str, *, format: str = "text", header: bool = True, partitions: int = 1
     ) -> Dataset:
         """Input `name` of a platform task (see confide.flow.platform): a dataset the task names,
-        read as text lines, CSV (`header`: the first row names the fields) or JSON lines."""
-        if format not in ("text", "csv", "jsonl"):
-            raise FlowError("format must be 'text', 'csv' or 'jsonl'")
+        read as text lines, CSV (`header`: the first row names the fields), JSON lines or Parquet
+        (plain, or a PME dataset: `confide dataset upload --pme-keys`)."""
+        if format not in ("text", "csv", "jsonl", "parquet"):
+            raise FlowError("format must be 'text', 'csv', 'jsonl' or 'parquet'")
         if partitions < 1:
             raise FlowError("partitions must be at least 1")
         if name in self._inputs:
@@ -203,6 +204,20 @@ class Flow:
     ) -> Dataset:
         """One JSON value per line of a sealed file (arrays become tuples); blank lines are skipped."""
         return self._source(path, "jsonl", partitions, False, identity)
+
+    def parquet(
+        self, path: str | Path | TaskInput, *, partitions: int | None = None, identity: Identity | None = None
+    ) -> Dataset:
+        """Rows of a sealed Parquet file, as dicts by column name: plain Parquet, or Parquet with
+        modular encryption packed with its master keys (confide.client.pme_dataset.pack, as
+        `confide dataset upload --pme-keys` does), decrypted only in the enclave's sandbox. Partition
+        p of P reads the row groups [p * G // P, (p + 1) * G // P) of the file's G (default P: one
+        per sealed chunk; with fewer row groups than partitions some are empty). Values: Parquet's
+        integers, floats, strings, booleans, bytes and lists as Python's; decimals as their exact
+        text; dates, times and timestamps in ISO 8601. Each partition's task decrypts the whole
+        file (Parquet's footer, at its end, says where the row groups are), so P partitions read it
+        P times."""
+        return self._source(path, "parquet", partitions, False, identity)
 
     def fn_name(self, fn: Fn) -> str:
         name = fn if isinstance(fn, str) else getattr(fn, "__name__", "")

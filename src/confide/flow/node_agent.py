@@ -39,6 +39,7 @@ from confide.enclave.flow import FlowEnclave, parse_header
 from confide.enclave.flow import errors as flow_errors
 from confide.enclave.keys import Identity
 from confide.enclave.sandbox import SandboxLimits, Zygote
+from confide.enclave.sandbox.zygote import PARQUET_READER
 
 from .channel import ChannelError, Conn
 
@@ -372,7 +373,7 @@ def start_agent(
     limits: SandboxLimits | None = None,
     backend: TeeBackend | None = None,
 ) -> tuple[NodeAgent, ZygotePool]:
-    pool = ZygotePool([Zygote.start(preimport=()) for _ in range(max(1, zygotes))])
+    pool = ZygotePool([Zygote.start(preimport=(PARQUET_READER,)) for _ in range(max(1, zygotes))])
     enclave = FlowEnclave(identity, pool, limits=limits, backend=backend)  # type: ignore[arg-type]
     return NodeAgent(enclave, socket_path).start(), pool
 

@@ -19,6 +19,7 @@ from confide.enclave.config import EnclaveConfig
 from confide.enclave.flow import FlowEnclave
 from confide.enclave.keys import Identity
 from confide.enclave.sandbox import Zygote
+from confide.enclave.sandbox.zygote import PARQUET_READER
 from confide.enclave.state import seal_identity, state_path, unseal_identity
 
 SEAL_LABEL = b"confide-flow-worker-identity"
@@ -56,7 +57,7 @@ def local_workers(
     try:
         enclaves = []
         for i in range(max(1, count)):
-            zygotes.append(Zygote.start(preimport=()))
+            zygotes.append(Zygote.start(preimport=(PARQUET_READER,)))
             ident = worker_identity(tee, home.state_dir, i)
             enclaves.append(FlowEnclave(ident, zygotes[-1], backend=tee, memory_budget=memory_budget))
         yield LocalWorkers(tee, enclaves)

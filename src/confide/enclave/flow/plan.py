@@ -32,7 +32,7 @@ FN_OPS = frozenset({"map", "flat_map", "filter", "map_partitions", "key_by", "re
 PLAIN_OPS = frozenset(
     {"group_local", "group_concat", "distinct_local", "sort_local", "count_local", "sum_local"}
 )
-SOURCE_FORMATS = ("text", "csv", "jsonl")
+SOURCE_FORMATS = ("text", "csv", "jsonl", "parquet")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _JOB = re.compile(r"^[0-9a-f]{32}$")

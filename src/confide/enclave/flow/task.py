@@ -331,6 +331,8 @@ class FlowEnclave:
                         "format": spec.format,
                         "skip_header": spec.csv_header and partition == 0,
                         "csv_names": job.csv_names.get(st.source),
+                        "input": st.source,
+                        "row_groups": [partition, st.partitions],
                     }
                 )
                 fds["in0"] = make_input_memfd(raw, name="confide-flow-in0")
@@ -440,7 +442,9 @@ class FlowEnclave:
         self, job: _Job, st: Stage, partition: int, path: str | None, where: str
     ) -> tuple[bytes, int, int]:
         """The bytes of the lines that start in this partition's chunk range (Hadoop's rule: partition
-        p > 0 skips up to its first newline; every partition reads the line that starts at its end)."""
+        p > 0 skips up to its first newline; every partition reads the line that starts at its end).
+        A Parquet source's partition gets the whole file (its footer says where the row groups are)
+        and reads only its row groups; its chunk range still names the partition in the report."""
         assert st.source is not None
         spec = job.plan.inputs[st.source]
         if path is None:
@@ -454,6 +458,8 @@ class FlowEnclave:
                     f"input {st.source!r} is not the file the job opened (swapped or resized)", where=where
                 )
             reader.unlock(data_key=job.input_keys[st.source])
+            if spec.format == "parquet":  # the child reads its share of the row groups from the footer
+                return b"".join(reader.read_chunk(i) for i in range(n)), c0, c1
             buf = b"".join(reader.read_chunk(i) for i in range(c0, c1))
             start = 0
             if partition > 0:

@@ -59,11 +59,12 @@ def _kill_process(proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
 # pyarrow) is here because a child may not be able to import Confide's own modules: it reads only
 # the interpreter's trees (server.read_paths), which an editable install's source is not under.
 # The dp modules likewise (dp_noise imports OpenDP only when a run draws noise: not in the zygote).
+PARQUET_READER = "confide.enclave.parquet_keys"  # also what the dataflow workers pre-import
 DEFAULT_PREIMPORT = (
     "numpy",
     "pandas",
     "xgboost",
-    "confide.enclave.parquet_keys",
+    PARQUET_READER,
     "confide.enclave.dp_params",
     "confide.enclave.builtins.dp_noise",
 )
