@@ -145,9 +145,11 @@ def release(
         if fits(k):
             threshold = k
         elif fits(HUGE_THRESHOLD):
-            threshold = int(dp.binary_search(fits, bounds=(k, HUGE_THRESHOLD), T=int))
+            threshold = int(dp.binary_search(fits, bounds=(k, HUGE_THRESHOLD), T=int))  # smallest passing
         else:
             raise ValueError("dp: no threshold meets the delta asked for")
+        if not fits(threshold):  # pragma: no cover - the search ends on a passing threshold
+            raise ValueError("dp: the threshold found does not meet the delta asked for")
         kept, eps, dl = _measure(
             make_thresholded(scale, threshold, count_delta), d_in, {g: int(c) for g, c in counts.items()}
         )
