@@ -105,6 +105,24 @@ def test_token_becomes_a_strict_session_cookie(anonymous: TestClient, console: C
     assert "url(" not in css.text and "@import" not in css.text
 
 
+def test_the_one_script_is_the_packages_and_no_page_has_an_inline_one(browser: TestClient) -> None:
+    scripts = []
+    for path in ("/", "/datasets", "/functions", "/tasks/new", "/audit", "/service"):
+        page = browser.get(path)
+        assert page.status_code == 200, path
+        scripts += re.findall(r"<script[^>]*>", page.text)
+        assert " on" + "submit=" not in page.text and "javascript:" not in page.text
+    assert scripts == ['<script src="/static/upload.js" defer>']  # on the datasets page only
+    js = browser.get("/static/upload.js")
+    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    assert "XMLHttpRequest" in js.text and "http" + "://" not in js.text and "eval(" not in js.text
+    assert_strict_headers(js)
+    for name in ("nope.js", "..%2Fapp.py", "console.css.map", "__init__.py"):
+        assert browser.get(f"/static/{name}").status_code == 404, name
+    datasets = browser.get("/datasets").text
+    assert 'data-progress="upload-progress"' in datasets and '<progress id="upload-progress"' in datasets
+
+
 def test_foreign_host_is_refused_before_the_token_is_looked_at(
     anonymous: TestClient, console: Console
 ) -> None:
@@ -237,6 +255,42 @@ def test_task_page_shows_the_manifest_and_approves_only_what_it_showed(
     assert f'<a href="/tasks/{task}">{task[:8]}</a>' in datasets
 
 
+def test_withdraw_cancel_and_a_tasks_audit_from_the_console(
+    browser: TestClient, parties: Any, tmp_path: Path
+) -> None:
+    owner, lab = parties
+    data = tmp_path / "rows.csv"
+    data.write_text("name\nada\n")
+    ds = owner.upload_dataset(data)
+    fn = lab.register_function(UPPER, name="upper-withdrawn", outputs=["out"])
+    task = lab.create_task(function=fn, inputs={"data": ds.ref}, outputs={"out": [lab.fingerprint]})
+    owner.approve(task)
+    page = browser.get(f"/tasks/{task}")
+    assert "Withdraw my approval" in page.text and "Cancel task" not in page.text  # not the creator
+    assert browser.post(f"/tasks/{task}/withdraw", data={}).status_code == 403  # no CSRF token
+    assert owner.fingerprint in {a.get("party") for a in lab.task(task)["approvals"]}
+    r = browser.post(f"/tasks/{task}/withdraw", data={"csrf": csrf_of(page.text)})
+    assert r.status_code == 303 and r.headers["location"] == f"/tasks/{task}?done=withdrawn"
+    assert owner.fingerprint not in {a.get("party") for a in lab.task(task)["approvals"]}
+    assert browser.post(f"/tasks/{task}/cancel", data={"csrf": csrf_of(page.text)}).status_code == 400
+    assert lab.task(task)["state"] == "created"  # only the creator cancels: the platform said so
+
+    creator = Console(lab, Guard(port=PORT), results_dir=tmp_path / "results")
+    web = TestClient(create_app(creator), base_url=BASE, follow_redirects=False)
+    assert web.get(f"/?token={creator.guard.token}").status_code == 303
+    page = web.get(f"/tasks/{task}")
+    assert "Cancel task" in page.text and f'href="/audit?task={task}"' in page.text
+    r = web.post(f"/tasks/{task}/cancel", data={"csrf": csrf_of(page.text)})
+    assert r.status_code == 303 and lab.task(task)["state"] == "cancelled"
+    assert "Cancel task" not in web.get(f"/tasks/{task}").text
+    audit = web.get(f"/audit?task={task}")
+    assert audit.status_code == 200 and f"event(s) of task {task}" in audit.text
+    ids = set(re.findall(r"<td><code>([0-9a-f]{32}|-)</code></td>", audit.text))
+    assert ids == {task}  # this task's events only
+    assert "task_cancelled" in audit.text or "cancel" in audit.text
+    assert web.get("/audit?task=../v1").status_code == 400
+
+
 def test_a_followed_task_page_waits_for_the_change_and_blocks_no_other_page(
     console: Console, parties: Any, tmp_path: Path
 ) -> None:
@@ -331,6 +385,10 @@ def test_outputs_are_previewed_as_tables_and_bars(tmp_path: Path) -> None:
     table.write_text("a,b\n" + "".join(f"{i},{i}\n" for i in range(500)))
     shown = preview(table)
     assert shown is not None and shown.kind == "csv" and len(shown.rows) == 200 and shown.total_rows == 500
+    long = tmp_path / "long.json"
+    long.write_text(json.dumps({"trees": "x" * 5000}))
+    shown = preview(long)
+    assert shown is not None and len(shown.rows[0][1]) == 300 and shown.rows[0][1].endswith("…")
     binary = tmp_path / "model.bin"
     binary.write_bytes(b"\x00\x01,\x02")
     assert preview(binary) is None and charts(binary) == []
@@ -366,7 +424,15 @@ def test_builtin_reports_are_drawn_with_suppressions_marked(tmp_path: Path) -> N
     assert "300 (60.0%)" in html and "200 (40.0%)" in html  # the balance as shares
     ranked = re.findall(r"<title>([^<:]*): [^<]*</title></rect>", html)
     assert ranked[2:5] == ["bmi", "age", "&lt;script&gt;x&lt;/script&gt;"]  # most important first, escaped
-    assert "<script>" not in html and "model" not in views("gbdt-train", gbdt, {})
+    assert "<script>" not in html and "model" not in views("gbdt-train", gbdt, {})  # "{}": no model
+    learner = {
+        "feature_names": ["age", "bmi"],
+        "objective": {"name": "binary:logistic"},
+        "gradient_booster": {"model": {"gbtree_model_param": {"num_trees": "20"}}},
+    }
+    gbdt["model"].write_text(json.dumps({"learner": learner, "version": [3, 2, 0]}))
+    model = views("gbdt-train", gbdt, {})["model"]
+    assert model.replaces_preview and "binary:logistic, 20 trees) over the features age, bmi" in model.html
 
     joined = {
         "result": out("result.csv", "region,n,total\nnorth,12,340\nsouth,7,90\n"),

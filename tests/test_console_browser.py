@@ -2,9 +2,13 @@
 hospitals upload a CSV each in their consoles, the lab registers a function and creates a task in
 its console, each hospital reads what it approves and approves in its own console (one of them with
 the keyboard only), the lab runs the task, sees the result as a table and the audit chain verified;
-a failing task shows its recipient the function's error text. Every control is found by its label
-or role; no request leaves the console's own origin. A screenshot of every page is saved under the
-test's tmp dir (and copied to $CONFIDE_SCREENSHOTS when set)."""
+the README's own task (gbdt-train, created in the lab's console, run once before the approvals and
+refused) ends in the results page's plots; a failing task shows its recipient the function's error
+text. One hospital's browser runs no JavaScript (its upload is the plain form), the other's shows
+the upload's progress. Every control is found by its label or role, every page's controls have an
+accessible name, the main flow's forms are reached by Tab; no request leaves the console's own
+origin. A screenshot of every page is saved under the test's tmp dir (and copied to
+$CONFIDE_SCREENSHOTS when set)."""
 
 from __future__ import annotations
 
@@ -35,6 +39,49 @@ def run(ctx):
     rows = [a[0]] + a[1:] + b[1:]
     ctx.outputs["out"].write(("\\n".join(r.upper() for r in rows) + "\\n").encode())
 """
+
+
+# Every control a person uses, and what a screen reader would call it: a <label for>, aria-label,
+# aria-labelledby, or (a button) its text. Returns the controls that have none.
+UNLABELLED_JS = """() => Array.from(document.querySelectorAll(
+    'input:not([type=hidden]), select, textarea, button')).filter(el => {
+  const text = n => (n && n.textContent || '').trim();
+  if (el.labels && Array.from(el.labels).some(l => text(l))) return false;
+  if ((el.getAttribute('aria-label') || '').trim()) return false;
+  const by = el.getAttribute('aria-labelledby');
+  if (by && by.split(/\\s+/).some(id => text(document.getElementById(id)))) return false;
+  return !(el.tagName === 'BUTTON' && text(el));
+}).map(el => el.outerHTML.slice(0, 160))"""
+
+# What Tab has reached: the focused control's label (or a link's or button's text).
+FOCUSED_JS = """() => { const el = document.activeElement;
+  if (!el || el === document.body) return '';
+  const label = el.labels && el.labels[0];
+  return ((label ? label.textContent : el.textContent) || '').trim(); }"""
+
+
+def tab_reaches(page: Any, wanted: list[str], *, presses: int = 40) -> None:
+    """From the top of the page (its first link), Tab alone reaches each of `wanted` (labels or
+    button texts), in order."""
+    page.locator("a.brand").focus()
+    seen = []
+    for _ in range(presses):
+        page.keyboard.press("Tab")
+        seen.append(page.evaluate(FOCUSED_JS))
+    order = [seen.index(w) if w in seen else -1 for w in wanted]
+    assert -1 not in order and order == sorted(order), f"Tab reached {seen}, wanted {wanted} in order"
+
+
+def numeric_table(seed: int, rows: int) -> str:
+    """A small hospital table for gbdt-train: the outcome depends on age and smoking."""
+    import random
+
+    rng = random.Random(seed)
+    out = ["age,bmi,smoker,outcome"]
+    for _ in range(rows):
+        age, bmi, smoker = rng.randint(20, 90), round(rng.gauss(27, 5), 1), rng.randint(0, 1)
+        out.append(f"{age},{bmi},{smoker},{int(0.05 * (age - 50) + smoker + rng.gauss(0, 0.5) > 0.5)}")
+    return "\n".join(out) + "\n"
 
 
 @dataclass
@@ -108,8 +155,13 @@ class Shots:
 
     def __call__(self, page: Any, name: str, *, full_page: bool = True) -> None:
         path = self.root / f"{len(self.taken) + 1:02d}-{name}.png"
-        page.wait_for_load_state("load")  # the stylesheet applied
+        page.wait_for_load_state("load")
+        # the stylesheet applied (also after the upload script swapped the page in)
+        page.wait_for_function(
+            "() => Array.from(document.querySelectorAll('link[rel=stylesheet]')).every(l => l.sheet)"
+        )
         assert page.evaluate("document.documentElement.scrollWidth") <= 1280, f"{name}: wider than the window"
+        assert page.evaluate(UNLABELLED_JS) == [], f"{name}: controls without an accessible name"
         page.screenshot(path=str(path), full_page=full_page)
         self.taken.append(path)
         copy_to = os.environ.get("CONFIDE_SCREENSHOTS")
@@ -118,10 +170,10 @@ class Shots:
             shutil.copy(path, Path(copy_to) / path.name)
 
 
-def open_console(browser: Any, running: Running, foreign: list[str]) -> Any:
+def open_console(browser: Any, running: Running, foreign: list[str], *, javascript: bool = True) -> Any:
     """A fresh browser profile signed in to one party's console; requests to any other origin are
     recorded in `foreign`."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, java_script_enabled=javascript)
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
     page.on(
@@ -149,11 +201,16 @@ def submit(page: Any, button: str, *, keyboard: bool = False) -> None:
 
 
 def upload(page: Any, path: Path, name: str) -> str:
+    """Upload in the datasets page: with JavaScript the page's script posts it and shows progress
+    (no navigation: wait for the answer it shows), without, the plain form."""
     page.get_by_role("link", name="Datasets").click()
     page.wait_for_url("**/datasets")
     page.get_by_label("CSV file").set_input_files(str(path))
     page.get_by_label("Name", exact=True).fill(name)
-    submit(page, "Upload")
+    page.get_by_role("button", name="Upload").click()
+    page.locator("code.ref, .notice.error").first.wait_for()
+    refused = page.locator(".notice.error")
+    assert not refused.count(), refused.first.inner_text()
     ref = page.locator("code.ref").inner_text()
     assert ref.startswith("cds1:")
     return ref
@@ -172,7 +229,9 @@ def test_three_parties_through_their_consoles(
     started = time.monotonic()
     shots = Shots(tmp_path)
     foreign: list[str] = []
-    a, b, lab = (open_console(browser, consoles[n], foreign) for n in ("hospital-a", "hospital-b", "lab"))
+    a = open_console(browser, consoles["hospital-a"], foreign)
+    b = open_console(browser, consoles["hospital-b"], foreign, javascript=False)  # the plain forms
+    lab = open_console(browser, consoles["lab"], foreign)
     try:
         # Keyboard: the first Tab reaches the console's own home link, then the main navigation.
         a.keyboard.press("Tab")
@@ -184,8 +243,24 @@ def test_three_parties_through_their_consoles(
         (tmp_path / "a.csv").write_text("name,score\nada,1\ngrace,2\n")
         (tmp_path / "b.csv").write_text("name,score\nalan,3\n")
         ref_a = upload(a, tmp_path / "a.csv", "cohort-a")
+        progress = a.locator("#upload-progress")  # the script showed how much it sent: all of it
+        assert progress.is_visible() and "all" in a.locator("#upload-progress-status").inner_text()
+        sent = float(progress.get_attribute("max") or 0)
+        assert (
+            sent > len("name,score\nada,1\ngrace,2\n")
+            and a.evaluate("document.getElementById('upload-progress').value") == sent
+        )
         shots(a, "datasets-uploaded")
+        tab_reaches(a, ["CSV file", "Name", "Refuse to upload a file with CSV problems", "Upload"])
+        # checked here before anything is sent: over the limit (made small for the test), no request
+        a.locator("form[data-progress]").evaluate("f => f.setAttribute('data-max-bytes', '10')")
+        a.get_by_label("CSV file").set_input_files(str(tmp_path / "a.csv"))
+        owned = len(consoles["hospital-a"].console.client.datasets())
+        a.get_by_role("button", name="Upload").click()
+        assert "over the console's" in a.locator("#upload-progress-status").inner_text()
+        assert len(consoles["hospital-a"].console.client.datasets()) == owned
         ref_b = upload(b, tmp_path / "b.csv", "cohort-b")
+        assert b.locator("#upload-progress").is_hidden()  # no script ran: the plain form posted
 
         lab.get_by_role("link", name="Functions").click()
         lab.get_by_label("Name", exact=True).fill("merge-upper")
@@ -205,6 +280,7 @@ def test_three_parties_through_their_consoles(
         lab.get_by_label("Inputs").fill(f"a={ref_a}\nb={ref_b}")
         lab.get_by_label("Outputs").fill("out=lab")
         shots(lab, "new-task")
+        tab_reaches(lab, ["Function", "Inputs", "Outputs", "Parameters", "Create task"])
         submit(lab, "Create task")
         assert "Task created" in lab.get_by_role("status").first.inner_text()
         task_id = lab.url.rsplit("/", 1)[1].split("?")[0]
@@ -221,6 +297,11 @@ def test_three_parties_through_their_consoles(
             if page is a:
                 shots(page, "task-to-approve")
                 shots(page, "task-to-approve-window", full_page=False)  # docs/img/console.png
+                tab_reaches(
+                    page,
+                    ["Approve", "Reason for rejecting (shown to the other participants)", "Reject"],
+                    presses=60,
+                )
             submit(page, "Approve", keyboard=how == "keyboard")
             assert "signed on this machine" in page.get_by_role("status").first.inner_text()
 
@@ -260,9 +341,45 @@ def test_three_parties_through_their_consoles(
         assert "Verified attestation claims" in lab.get_by_role("table").inner_text()
         shots(lab, "service")
 
+        # The README's task: gbdt-train on both hospitals' tables, created in the lab's console, run
+        # once before anyone approved (the enclave refuses), then approved and run: its plots.
+        a_client = consoles["hospital-a"].console.client
+        b_client = consoles["hospital-b"].console.client
+        (tmp_path / "ha.csv").write_text(numeric_table(1, 160))
+        (tmp_path / "hb.csv").write_text(numeric_table(2, 120))
+        gbdt_a, gbdt_b = (
+            a_client.upload_dataset(tmp_path / "ha.csv"),
+            b_client.upload_dataset(tmp_path / "hb.csv"),
+        )
+        lab.get_by_role("link", name="New task").click()
+        lab.get_by_label("Function").select_option("gbdt-train")
+        lab.get_by_label("Inputs").fill(f"a={gbdt_a.ref}\nb={gbdt_b.ref}")
+        lab.get_by_label("Outputs").fill("model=lab\nreport=lab")
+        lab.get_by_label("Parameters").fill("label=outcome\nrounds=20")
+        submit(lab, "Create task")
+        gbdt = lab.url.rsplit("/", 1)[1].split("?")[0]
+        assert "Still waiting for 2 approval(s)" in lab.get_by_role("main").inner_text()
+        submit(lab, "Run")
+        lab.get_by_text("The task failed in the enclave").wait_for(timeout=60_000)
+        assert "failed" in lab.locator(".state").first.inner_text()
+        shots(lab, "task-refused")
+        for owner in (a_client, b_client):
+            owner.approve(gbdt)
+        lab.goto(f"{consoles['lab'].origin}/tasks/{gbdt}")
+        submit(lab, "Run again")
+        lab.get_by_role("link", name="Results for me").wait_for(timeout=120_000)
+        lab.get_by_role("link", name="Results for me").click()
+        lab.locator("svg.plot").first.wait_for()
+        captions = lab.locator("figcaption").all_inner_texts()
+        assert captions == ["Class balance of label outcome", "Feature importance", "Rows per input"]
+        assert lab.get_by_role("img", name="Feature importance").count() == 1  # the SVG's title
+        shots(lab, "results-gbdt")
+        lab.goto(f"{consoles['lab'].origin}/tasks/{gbdt}")
+        lab.get_by_role("link", name="Audit events of this task").click()
+        assert f"of task {gbdt}" in lab.get_by_role("status").first.inner_text()
+
         # A failing task: its recipient (the lab) reads the function's error text, decrypted here.
         lab_client = consoles["lab"].console.client
-        a_client = consoles["hospital-a"].console.client
         failing = lab_client.register_function(FAILING, name="failing", outputs=["out"])
         (tmp_path / "secret.csv").write_text("name\nzed\n")
         ds = a_client.upload_dataset(tmp_path / "secret.csv")
@@ -281,7 +398,7 @@ def test_three_parties_through_their_consoles(
         assert a.get_by_label("error text").count() == 0
 
         assert foreign == []
-        assert len(shots.taken) >= 9
+        assert len(shots.taken) >= 11
         print(f"screenshots: {shots.root} ({len(shots.taken)}); flow took {time.monotonic() - started:.1f} s")
     except BaseException:
         for name, page in (("hospital-a", a), ("hospital-b", b), ("lab", lab)):  # what each showed
@@ -289,3 +406,19 @@ def test_three_parties_through_their_consoles(
             page.screenshot(path=str(tmp_path / f"failed-{name}.png"), full_page=True)
         print(f"pages at the failure: {tmp_path}/failed-*")
         raise
+
+
+def test_the_servers_api_docs_page_needs_no_other_site(
+    server: ServerProcess, browser: Any, tmp_path: Path
+) -> None:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    asked: list[str] = []
+    page.on("request", lambda req: asked.append(req.url))
+    page.goto(f"{server.url}/docs")
+    assert page.get_by_role("heading", level=1).inner_text().startswith("Confide platform API")
+    assert page.get_by_role("heading", name="tasks", exact=True).count() == 1
+    assert page.locator("section.op").count() > 20
+    assert [u for u in asked if not u.startswith(server.url + "/")] == []
+    Shots(tmp_path)(page, "api-docs")
+    context.close()

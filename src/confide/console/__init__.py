@@ -6,7 +6,8 @@ are checked against their receipts and decrypted here. A local web page that can
 so `security` admits only the browser that opened the launch URL (a per-launch token, then an
 HttpOnly SameSite=Strict session cookie), only under its own Host name (DNS rebinding), and takes a
 state change only with the session's CSRF token and from its own origin. Nothing is loaded from
-another origin: the stylesheet ships in the package and no page uses JavaScript.
+another origin: the stylesheet ships in the package, and the one script (upload progress on the
+datasets page, which works as a plain form without it) too.
 """
 
 from __future__ import annotations

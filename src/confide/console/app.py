@@ -145,9 +145,16 @@ def _endpoint(
     return endpoint
 
 
-def stylesheet(_console: Console, _request: Request) -> Response:
-    css = resources.files("confide.console").joinpath("static/console.css").read_bytes()
-    return Response(css, media_type="text/css", headers={"cache-control": "no-store"})
+STATIC = {"console.css": "text/css", "upload.js": "text/javascript"}  # every file a page may load
+
+
+def static(_console: Console, request: Request) -> Response:
+    name = str(request.path_params.get("name", ""))
+    media = STATIC.get(name)
+    if media is None:
+        return Response("not found", status_code=404, media_type="text/plain")
+    data = resources.files("confide.console").joinpath("static", name).read_bytes()
+    return Response(data, media_type=media, headers={"cache-control": "no-store"})
 
 
 def redirect(path: str) -> RedirectResponse:
@@ -166,13 +173,15 @@ def create_app(console: Console) -> Starlette:
         ("/tasks/{task_id}/approve", task_pages.approve, ("POST",)),
         ("/tasks/{task_id}/reject", task_pages.reject, ("POST",)),
         ("/tasks/{task_id}/run", task_pages.run, ("POST",)),
+        ("/tasks/{task_id}/cancel", task_pages.cancel, ("POST",)),
+        ("/tasks/{task_id}/withdraw", task_pages.withdraw, ("POST",)),
         ("/tasks/{task_id}/results", task_pages.results, ("GET",)),
         ("/tasks/{task_id}/results/{name}", task_pages.download, ("GET",)),
         ("/service", pages.service, ("GET",)),
         ("/datasets", pages.datasets, ("GET", "POST")),
         ("/functions", pages.functions, ("GET", "POST")),
         ("/audit", pages.audit, ("GET",)),
-        ("/static/console.css", stylesheet, ("GET",)),
+        ("/static/{name}", static, ("GET",)),
     ]
     app = Starlette(
         routes=[

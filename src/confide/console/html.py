@@ -3,7 +3,7 @@ another party goes through `esc`; markup is built only from this module's pieces
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from html import escape
@@ -51,7 +51,10 @@ def page(
     current: str = "",
     refresh_s: int | None = None,
     refresh_url: str | None = None,
+    scripts: Sequence[str] = (),
 ) -> str:
+    """The layout around `body`. `scripts` name files of console/static (the only scripts a page
+    loads: from this origin, deferred, none inline)."""
     nav = "".join(
         f'<li><a href="{href}"{" aria-current=page" if href == current else ""}>{esc(label)}</a></li>'
         for href, label in NAV
@@ -66,6 +69,7 @@ def page(
     if refresh_s is not None:
         target = f"; url={esc(refresh_url)}" if refresh_url else ""
         refresh = f'<meta http-equiv="refresh" content="{int(refresh_s)}{target}">'
+    refresh += "".join(f'<script src="/static/{esc(name)}" defer></script>' for name in scripts)
 
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
@@ -97,12 +101,20 @@ def notice(text: str, *, kind: str = "ok") -> str:
 
 
 def form(
-    frame: Frame, action: str, inner: str, *, label: str, multipart: bool = False, button_class: str = ""
+    frame: Frame,
+    action: str,
+    inner: str,
+    *,
+    label: str,
+    multipart: bool = False,
+    button_class: str = "",
+    attrs: Mapping[str, str] | None = None,
 ) -> str:
     enctype = ' enctype="multipart/form-data"' if multipart else ""
     cls = f' class="{esc(button_class)}"' if button_class else ""
+    extra = "".join(f' {esc(k)}="{esc(v)}"' for k, v in (attrs or {}).items())
     return (
-        f'<form method="post" action="{esc(action)}"{enctype}>'
+        f'<form method="post" action="{esc(action)}"{enctype}{extra}>'
         f'<input type="hidden" name="csrf" value="{esc(frame.csrf)}">{inner}'
         f"<button type=submit{cls}>{esc(label)}</button></form>"
     )

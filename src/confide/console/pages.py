@@ -10,7 +10,8 @@ from pathlib import Path
 from starlette.requests import Request
 from starlette.responses import Response
 
-from confide.console.app import Console, form_of, redirect
+from confide.console.app import TASK_ID_RE, Console, form_of, redirect
+from confide.console.forms import MAX_BODY_BYTES
 from confide.console.html import esc, field, form, notice, page, pre, table, when
 from confide.enclave.errors import ConfideError
 
@@ -91,8 +92,16 @@ def datasets(console: Console, request: Request) -> str:
     inner = field("file", "CSV file", kind="file", required=True)
     inner += field("name", "Name", hint="visible to the platform (default: the file name)")
     inner += field("strict", "Refuse to upload a file with CSV problems", kind="checkbox")
+    # shown by static/upload.js, which posts the same form and reports how much it has sent
+    inner += (
+        '<p id="upload-progress-row" hidden><label for="upload-progress">Upload progress</label>'
+        '<progress id="upload-progress" max="100" value="0"></progress></p>'
+        '<p id="upload-progress-status" class="plot-note" role="status" aria-live="polite"></p>'
+    )
+    attrs = {"data-progress": "upload-progress", "data-max-bytes": str(MAX_BODY_BYTES - (1 << 20))}
     body += (
-        form(frame, "/datasets", inner, label="Upload", multipart=True, button_class="primary") + "</section>"
+        form(frame, "/datasets", inner, label="Upload", multipart=True, button_class="primary", attrs=attrs)
+        + "</section>"
     )
     body += "<section><h2>Datasets</h2>"
     body += table(
@@ -102,7 +111,7 @@ def datasets(console: Console, request: Request) -> str:
         empty="No datasets.",
     )
     body += "</section>"
-    return page(frame, "Datasets", body, current="/datasets")
+    return page(frame, "Datasets", body, current="/datasets", scripts=("upload.js",))
 
 
 def _tasks_by_dataset(console: Console) -> dict[str, list[str]]:
@@ -170,7 +179,7 @@ def functions(console: Console, request: Request) -> str:
         [
             esc(fn.get("name")),
             esc(fn.get("version")),
-            esc(fn.get("description") or ""),
+            _brief(str(fn.get("description") or "")),
             esc(fn.get("kind")),
             esc(names.get(str(fn.get("owner"))) or fn.get("owner") or "- (built in)"),
             "confidential" if fn.get("confidential") else "clear",
@@ -197,6 +206,18 @@ def functions(console: Console, request: Request) -> str:
     return page(frame, "Functions", body, current="/functions")
 
 
+def _brief(text: str, *, chars: int = 160) -> str:
+    """A long description's first sentence, the rest behind a <details> (the built-ins' texts say
+    every parameter: a screenful each)."""
+    if len(text) <= chars:
+        return esc(text)
+    cut = text.find(". ", 0, chars)
+    cut = cut + 1 if cut > 0 else text.rfind(" ", 0, chars)
+    if cut <= 0:
+        cut = chars
+    return f"{esc(text[:cut])} <details><summary>More</summary>{esc(text[cut:].strip())}</details>"
+
+
 def _compact(detail: object) -> str:
     import json
 
@@ -209,13 +230,19 @@ def audit(console: Console, request: Request) -> str:
     from confide.client.audit_pins import PinStore
 
     c = console.client
-    events = c.audit()  # raises (shown as a refusal) when the chain or the pins do not check
+    task_id = request.query_params.get("task") or None
+    if task_id is not None and not TASK_ID_RE.fullmatch(task_id):
+        raise ConfideError("not a task id (32 hex digits)", where=f"task {task_id[:40]!r}")
+    events = c.audit(task_id)  # raises (shown as a refusal) when the chain or the pins do not check
     names = c.party_names()
     pin = PinStore(c.home.root / "audit-pins.json").platform(c.service.fingerprint).get("head") or {}
+    scope = f"of task {task_id}" if task_id else "visible to you"
     body = notice(
-        f"Hash chain verified: {len(events)} event(s) visible to you, every hash and link checked; "
+        f"Hash chain verified: {len(events)} event(s) {scope}, every hash and link checked; "
         f"pinned head: event {pin.get('seq', '-')}."
     )
+    if task_id:
+        body += '<p><a href="/audit">All events visible to you</a></p>'
     if pin.get("sha256"):
         body += f'<p>Pinned head sha256 <code class="digest">{esc(pin.get("sha256"))}</code></p>'
     rows = [
@@ -232,7 +259,7 @@ def audit(console: Console, request: Request) -> str:
     body += table(
         ("Event", "Time", "Kind", "Actor", "Task", "Detail"),
         rows,
-        caption="Audit events, newest first",
+        caption=f"Audit events {scope}, newest first",
         empty="No events.",
     )
     return page(console.frame(request), "Audit log", body, current="/audit")

@@ -16,6 +16,7 @@ from confide.console.plots import Bars
 
 MAX_PREVIEW_BYTES = 4 << 20
 MAX_ROWS = 200
+MAX_CELL_CHARS = 300  # a longer value is cut in the preview (the download has it whole)
 
 
 @dataclass(frozen=True)
@@ -27,15 +28,17 @@ class Preview:
 
 
 def _cell(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_CELL_CHARS else text[: MAX_CELL_CHARS - 1] + "…"
 
 
 def _bounded(headers: list[str], rows: list[list[str]], kind: str) -> Preview:
     width = max([len(headers), *(len(r) for r in rows)], default=0)
     headers = headers + [""] * (width - len(headers))
-    shown = tuple(tuple(r + [""] * (width - len(r))) for r in rows[:MAX_ROWS])
+    shown = tuple(tuple(map(_cut, r + [""] * (width - len(r)))) for r in rows[:MAX_ROWS])
     return Preview(kind, tuple(headers), shown, len(rows))
 
 

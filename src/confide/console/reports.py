@@ -86,9 +86,26 @@ def _gbdt_train(outputs: Outputs, _params: Params, ident: str) -> dict[str, View
     extra = ""
     if counts is None and isinstance(balance, Mapping):  # a regressor: the label's mean, min, max
         extra = "<p>Label " + ", ".join(f"{esc(k)} {esc(v)}" for k, v in balance.items()) + "</p>"
-    if not bars and not extra:
-        return {}
-    return {"report": View(extra + charts_html(bars, f"{ident}-report"))}
+    out = {"report": View(extra + charts_html(bars, f"{ident}-report"))} if bars or extra else {}
+    model = _model_summary(_json(outputs.get("model")))
+    if model:
+        out["model"] = View(f"<p>{model}</p>", replaces_preview=True)
+    return out
+
+
+def _model_summary(model: Any) -> str:
+    """What an XGBoost JSON model is, in a line (its trees are for gbdt-predict, not for reading)."""
+    try:
+        learner = model["learner"]
+        trees = learner["gradient_booster"]["model"]["gbtree_model_param"]["num_trees"]
+        objective = learner["objective"]["name"]
+        features = [str(f) for f in learner["feature_names"]]
+    except (KeyError, TypeError):
+        return ""
+    return (
+        f"An XGBoost model ({esc(objective)}, {esc(trees)} trees) over the features "
+        f"{esc(', '.join(features))}: download it, or give it to gbdt-predict as its model input."
+    )
 
 
 def _csv(path: Path | None) -> list[list[str]] | None:

@@ -23,6 +23,8 @@ DONE_MESSAGES = {
     "rejected": "You rejected this task.",
     "queued": "The task is queued; this page follows it.",
     "created": "Task created; your approval as its creator was signed on this machine.",
+    "cancelled": "You cancelled this task: the platform will not queue it again.",
+    "withdrawn": "Your approval was withdrawn: the enclave refuses the task until you approve again.",
 }
 SECTIONS = (
     ("Running", ("queued", "running")),
@@ -180,6 +182,7 @@ def task_page(console: Console, request: Request) -> str:
         + "</section>"
     )
     body += "<section><h2>Actions</h2>" + _actions(frame, task_id, info, manifest) + "</section>"
+    body += f'<p><a href="/audit?task={esc(task_id)}">Audit events of this task</a></p>'
     if not info.get("receipt"):
         body += receipt
     if state not in ACTIVE:
@@ -239,6 +242,23 @@ def _actions(f: Frame, task_id: str, info: dict[str, Any], manifest: Manifest) -
             else ""
         )
         out += form(f, f"/tasks/{task_id}/run", note, label="Run" if state == "created" else "Run again")
+    if me in approvers and state in ("created", "queued", "failed") and me != manifest.creator:
+        out += form(
+            f,
+            f"/tasks/{task_id}/withdraw",
+            "<p>Withdrawing deletes your approval: the enclave, which checks every required approval, "
+            "then refuses the task (a copy the platform kept would still verify: see "
+            "<code>confide task withdraw --help</code>).</p>",
+            label="Withdraw my approval",
+        )
+    if me == manifest.creator and state in ("created", "queued", "failed"):
+        out += form(
+            f,
+            f"/tasks/{task_id}/cancel",
+            "<p>Cancelling stops the platform from queueing the task again.</p>",
+            label="Cancel task",
+            button_class="danger",
+        )
     return out or "<p>Nothing for you to do on this task now.</p>"
 
 
@@ -254,6 +274,20 @@ def reject(console: Console, request: Request) -> Response:
     reason = form_of(request).get("reason").strip() or None
     console.client.reject_task(task_id, reason=reason)
     return redirect(f"/tasks/{task_id}?done=rejected")
+
+
+def cancel(console: Console, request: Request) -> Response:
+    task_id = task_id_of(request)
+    form_of(request)
+    console.client.cancel(task_id)
+    return redirect(f"/tasks/{task_id}?done=cancelled")
+
+
+def withdraw(console: Console, request: Request) -> Response:
+    task_id = task_id_of(request)
+    form_of(request)
+    console.client.withdraw(task_id)
+    return redirect(f"/tasks/{task_id}?done=withdrawn")
 
 
 def run(console: Console, request: Request) -> Response:
