@@ -109,6 +109,10 @@ def auc_of(model_path: Path, test: pd.DataFrame) -> float:
     return float(roc_auc_score(test["malignant"], scores))
 
 
+# what step 10 prints of /metrics: the same figures the status page shows, no party data in either
+METRICS_SHOWN = ("confide_workers{", "confide_queue_depth", "confide_tasks{", "confide_task_failures_recent{")
+
+
 def main(work: Path) -> int:
     work.mkdir(parents=True, exist_ok=True)
     step("1. Data stays home: two hospitals, two different patient populations")
@@ -118,6 +122,7 @@ def main(work: Path) -> int:
     port = free_port()
     server = start_server(work, port)
     url = f"http://127.0.0.1:{port}"
+    print(f"  operator's status page: {url}/status (open it while the demo runs; figures at {url}/metrics)")
     try:
         # Every party trusts only the enclave build it reviewed: a policy pinned to its measurement.
         # (Development policy: accepts the SIMULATED backend, which protects nothing against the host.)
@@ -203,6 +208,10 @@ def main(work: Path) -> int:
             print(
                 f"  #{ev['seq']:<4} {ev['kind']:<16} by {actor:<28} {shown or ''}  hash {ev['sha256'][:12]}…"
             )
+        step(f"10. The operator's view: the figures of {url}/metrics (also on {url}/status)")
+        for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+            if line.startswith(METRICS_SHOWN) and not line.endswith(" 0.0"):
+                print(f"  {line}")
         print(f"\nDone: joint model AUC {aucs['A + B (Confide)']:.4f} vs "
               f"{aucs['A only']:.4f} (A) and {aucs['B only']:.4f} (B); neither hospital's records left it "
               "unencrypted except inside the (simulated) enclave.")  # fmt: skip

@@ -374,6 +374,8 @@ def test_three_parties_through_their_consoles(
         assert captions == ["Class balance of label outcome", "Feature importance", "Rows per input"]
         assert lab.get_by_role("img", name="Feature importance").count() == 1  # the SVG's title
         shots(lab, "results-gbdt")
+        lab.locator("figure.chart").first.scroll_into_view_if_needed()
+        shots(lab, "results-gbdt-window", full_page=False)  # docs/img/console-results.png
         lab.goto(f"{consoles['lab'].origin}/tasks/{gbdt}")
         lab.get_by_role("link", name="Audit events of this task").click()
         assert f"of task {gbdt}" in lab.get_by_role("status").first.inner_text()
