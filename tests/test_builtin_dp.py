@@ -324,7 +324,19 @@ def test_the_approval_text_states_epsilon_and_each_inputs_budget(kit) -> None:
     assert "laplace noise drawn by OpenDP in the enclave): this task spends epsilon 0.5, delta 1e-07" in text
     assert "budget of input bank: total epsilon 2 for its dataset" in text
     assert "budget of input shop: total epsilon 7 for its dataset" in text
-    assert "can spend it again" in text
+    assert "can spend it again" in text and "at most 1 joined row(s) per key are kept" in text
+    m = build_manifest(
+        service=kit.service,
+        creator=LAB.public,
+        function=mf.builtin_descriptor("sql"),
+        params=sql_params(epsilon=0.25),
+        inputs=[kit.task_input(n, ds) for n, ds in data.items()],
+        outputs=[mf.TaskOutput(o, (LAB.fingerprint,)) for o in ("result", "report")],
+        participants=PARTIES,
+    )
+    text = describe_manifest(m)
+    assert "this task spends epsilon 0.25" in text and "at most 1 row(s) of each table per id" in text
+    assert "budget of input shop: total epsilon 100 for its dataset" in text
 
 
 # ---- join-aggregate's dp path and dp_noise in this process (coverage cannot see the child) --------
@@ -379,3 +391,129 @@ def test_dp_noise_refuses_a_delta_no_threshold_can_meet() -> None:
             {'["a"]': 10}, [], public=False, k=2, epsilon=1e-6, mechanism="laplace", delta=1e-300,
             m=1000, sum_bounds=[], sum_ulp=[],
         )  # fmt: skip
+
+
+# ---- sql: COUNT(*) and SUM under dp --------------------------------------------------------------
+
+SQL_RULE = {
+    "tables": {
+        "bank": {"columns": ["region", "balance"], "join_columns": ["id"], "id_column": "id"},
+        "shop": {"columns": ["spend"], "join_columns": ["customer"], "id_column": "customer"},
+    },
+    "aggregates": ["count", "sum", "avg"],
+    "min_group_size": 5,
+}
+SQL_QUERY = (
+    "SELECT b.region, count(*) AS n, sum(b.balance) AS total FROM bank AS b "
+    "JOIN shop AS s ON b.id = s.customer GROUP BY b.region"
+)
+
+
+def sql_params(query: str = SQL_QUERY, rule: dict | None = None, **dp) -> dict:
+    base = {"epsilon": 1.0, "delta": 1e-7, "max_contributions": 1, "bounds": {"bank.balance": [0, 1000]}}
+    base["budget"] = {"bank": 100, "shop": 100}
+    return {"query": query, "rule": rule or SQL_RULE, "dp": {**base, **dp}}
+
+
+def sql_task(kit, datasets: dict, params: dict):
+    m = build_manifest(
+        service=kit.service,
+        creator=LAB.public,
+        function=mf.builtin_descriptor("sql"),
+        params=params,
+        inputs=[kit.task_input(n, ds) for n, ds in datasets.items()],
+        outputs=[mf.TaskOutput(o, (LAB.fingerprint,)) for o in ("result", "report")],
+        participants=PARTIES,
+    )
+    approvals = [sign_approval(ds.owner, m) for ds in datasets.values()] + [sign_approval(LAB, m)]
+    return kit.run(m, approvals, datasets)
+
+
+def error_text(kit, outs) -> str:
+    return kit.read(outs["_error"], LAB).rstrip(b"\0").decode()
+
+
+def test_sql_noisy_count_and_sum_within_the_mechanisms_error(kit) -> None:
+    t = tables(21)
+    want = exact(t, ["region"])
+    for mechanism in ("laplace", "gaussian"):
+        result, body, outs = sql_task(kit, upload(kit, t), sql_params(mechanism=mechanism))
+        assert result["ok"], (body, error_text(kit, outs))
+        got, report = outputs(kit, outs)
+        dp = report["dp"]
+        assert dp["mechanism"] == mechanism and dp["epsilon_spent"] == 1.0 and dp["rows_per_person"] == 1
+        assert [m.get("column") for m in dp["measurements"]] == [None, "bank.balance"]
+        assert list(got.columns) == ["region", "n", "total"] and got["region"].tolist() == sorted(
+            want["region"]
+        )
+        want_by = want.set_index("region").loc[got["region"]]
+        count_m, sum_m = dp["measurements"]
+        assert ((got["n"] - want_by["count"].to_numpy()).abs() <= 12 * count_m["scale"]).all()
+        assert ((got["total"] - want_by["sum(balance)"].to_numpy()).abs() <= 12 * sum_m["scale"]).all()
+
+
+def test_sql_contributions_are_bounded_per_id_and_across_the_join(kit) -> None:
+    """One id with 50 rows in each table would join to 2500 rows; with m = 2 it adds 2 x 2 = 4."""
+    bank = "id,region,balance\n" + "".join(f"{i},r,1\n" for i in range(300)) + "7777,r,1\n" * 50
+    shop = "customer,spend\n" + "".join(f"{i},1\n" for i in range(300)) + "7777,1\n" * 50
+    t = {"bank": bank.encode(), "shop": shop.encode()}
+    result, body, outs = sql_task(kit, upload(kit, t), sql_params(max_contributions=2, epsilon=4.0))
+    assert result["ok"], (body, error_text(kit, outs))
+    got, report = outputs(kit, outs)
+    assert report["dp"]["rows_per_person"] == 4
+    count_scale = report["dp"]["measurements"][0]["scale"]
+    assert count_scale == pytest.approx(4 / 2.0, rel=1e-4)  # sensitivity 4, epsilon share 2
+    assert abs(int(got["n"][0]) - 304) <= 12 * count_scale  # not 2800
+
+
+@pytest.mark.parametrize(
+    ("query", "rule", "message"),
+    [
+        (SQL_QUERY + " HAVING count(*) > 3", None, "(HAVING): with dp a filter on exact aggregates"),
+        (SQL_QUERY + " ORDER BY total", None, "(ORDER BY/LIMIT)"),
+        (SQL_QUERY.replace("sum(b.balance)", "avg(b.balance)"), None, "(SELECT): with dp only GROUP BY"),
+        (SQL_QUERY.replace("count(*)", "count(DISTINCT b.balance)"), None, "(SELECT): with dp only GROUP BY"),
+        (SQL_QUERY.replace("sum(b.balance)", "sum(s.spend)"), None, "bounds must give [lo, hi] for exactly"),
+        (
+            SQL_QUERY,
+            {
+                **SQL_RULE,
+                "tables": {
+                    **SQL_RULE["tables"],
+                    "shop": {"columns": ["spend"], "join_columns": ["customer"]},
+                },
+            },
+            "(FROM): with dp table 'shop' needs an id_column",
+        ),
+        (
+            SQL_QUERY,
+            {
+                **SQL_RULE,
+                "tables": {
+                    **SQL_RULE["tables"],
+                    "bank": {
+                        "columns": ["region", "balance"],
+                        "join_columns": ["id", "region"],
+                        "id_column": "id",
+                    },
+                },
+            },
+            "(JOIN): with dp table 'bank' may be joined on its id_column 'id' only",
+        ),
+    ],
+)
+def test_sql_queries_dp_cannot_bound_are_refused_naming_the_clause(kit, query, rule, message) -> None:
+    result, _, outs = sql_task(kit, upload(kit, tables(22, 60)), sql_params(query, rule))
+    assert not result["ok"] and result["category"] == "exception"
+    assert message in error_text(kit, outs)
+
+
+def test_sql_dp_is_charged_and_needs_a_delta(kit) -> None:
+    data = upload(kit, tables(23, 200))
+    params = sql_params(epsilon=0.6, budget={"bank": 1, "shop": 1})
+    assert sql_task(kit, data, params)[0]["ok"]
+    message = refused(*sql_task(kit, data, params)[:2])
+    assert f"dataset {data['bank'].dataset_id}" in message or f"dataset {data['shop'].dataset_id}" in message
+    no_delta = sql_params()
+    del no_delta["dp"]["delta"]
+    assert "params.dp.delta is required with sql" in refused(*sql_task(kit, data, no_delta)[:2])

@@ -169,7 +169,8 @@ def describe(m: Manifest, clean: Callable[[str], str] = str) -> list[str]:
     to = {o.name: ", ".join(clean(m.name_of(r)) for r in o.recipients) for o in m.outputs}
     lines = [f"What leaves ({fn.name}, enforced in the enclave):"]
     if fn.name == "sql":
-        return lines + _describe_sql(p, to, clean)
+        dp = _describe_dp(p["dp"], inputs, clean, "row(s) of each table per id") if "dp" in p else []
+        return lines + _describe_sql(p, to, clean) + dp
     if fn.name == "describe":
         return lines + _describe_stats(p, to, clean)
     if fn.name == "psi":
@@ -218,12 +219,13 @@ def describe(m: Manifest, clean: Callable[[str], str] = str) -> list[str]:
         "  k guards each result alone: recipients of several tasks over the same data can subtract them"
     )
     if "dp" in p:
-        lines += _describe_dp(p["dp"], inputs, clean)
+        lines += _describe_dp(p["dp"], inputs, clean, "joined row(s) per key")
     return lines
 
 
-def _describe_dp(dp: Any, inputs: list[str], clean: Callable[[str], str]) -> list[str]:
-    """join-aggregate's params.dp in words (shown as it is when malformed: the enclave refuses it)."""
+def _describe_dp(dp: Any, inputs: list[str], clean: Callable[[str], str], unit: str) -> list[str]:
+    """params.dp of join-aggregate or sql in words (shown as it is when malformed: the enclave
+    refuses it); `unit`: what max_contributions counts."""
     if not isinstance(dp, dict):
         return [f"  dp: {clean(repr(dp))} (not an object: the enclave will refuse the task)"]
     budget: dict[str, Any] = dp["budget"] if isinstance(dp.get("budget"), dict) else {}
@@ -231,7 +233,7 @@ def _describe_dp(dp: Any, inputs: list[str], clean: Callable[[str], str]) -> lis
         f"  differential privacy ({clean(str(dp.get('mechanism', 'laplace')))} noise drawn by OpenDP in "
         f"the enclave): this task spends epsilon {clean(repr(dp.get('epsilon')))}"
         + (f", delta {clean(repr(dp['delta']))}" if "delta" in dp else "")
-        + f"; each key keeps at most {clean(repr(dp.get('max_contributions')))} joined row(s); sums "
+        + f"; at most {clean(repr(dp.get('max_contributions')))} {unit} are kept; sums "
         f"clamped to {clean(repr(dp.get('bounds', {})))}",
         "    the count and sums leave noisy; a group leaves only if its noisy count reaches the threshold "
         "(at least k); the report gives the privacy loss, not the suppressed count",

@@ -12,7 +12,9 @@ which draws the noise (builtins/dp_noise.py). Standard library only.
      "bounds": {"balance": [0, 5000]},  # [lo, hi] per summed column: each value clamped to it
      "budget": {"bank": 3, "shop": 10}} # per input: the owner's total epsilon for that dataset
 
-Under ``dp`` the aggregates may only be the row count and sums of bounded columns. The budget of
+Under ``dp`` the aggregates may only be the row count and sums of bounded columns (for ``sql``:
+count(*) and sum(column), bounds named table.column, checked against the query in the child,
+builtins/sql.py; delta always required there, as this process does not parse SQL). The budget of
 an input is stated in the manifest its owner signs (an approval is over the manifest's digest), so
 the host cannot raise it; an owner who approves a later task with a larger total raises it.
 """
@@ -27,7 +29,7 @@ from typing import Any
 
 from .errors import FormatError
 
-DP_BUILTINS = ("join-aggregate",)
+DP_BUILTINS = ("join-aggregate", "sql")
 MECHANISMS = ("laplace", "gaussian")
 MAX_EPSILON = 100.0
 MAX_DELTA = 1e-3
@@ -62,8 +64,12 @@ def _decimal(value: float) -> Decimal:
     return Decimal(repr(float(value)))  # the JSON number as written: 0.1 + 0.2 == 0.3 here
 
 
-def parse_dp(params: Mapping[str, Any], inputs: Sequence[str]) -> DpParams | None:
-    """The task's ``dp`` (None when it has none); FormatError naming the field otherwise."""
+def parse_dp(
+    params: Mapping[str, Any], inputs: Sequence[str], function: str = "join-aggregate"
+) -> DpParams | None:
+    """The task's ``dp`` (None when it has none); FormatError naming the field otherwise. For
+    ``sql`` the query is not parsed here (the child checks its shape and that bounds name exactly
+    its summed columns, as table.column), so delta is always required: it may group."""
     dp = params.get("dp")
     if dp is None:
         return None
@@ -85,19 +91,27 @@ def parse_dp(params: Mapping[str, Any], inputs: Sequence[str]) -> DpParams | Non
     m = dp["max_contributions"]
     if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= MAX_CONTRIBUTIONS:
         raise _fail("max_contributions", f"must be an integer in 1..{MAX_CONTRIBUTIONS}, got {m!r}")
-    group_by = params.get("group_by", [])
-    needs_delta = mechanism == "gaussian" or bool(group_by)
+    sql = function == "sql"
+    needs_delta = mechanism == "gaussian" or sql or bool(params.get("group_by", []))
     if "delta" in dp:
         delta = _number(dp["delta"], "delta", low=0.0, high=MAX_DELTA)
     elif needs_delta:
         why = (
-            "the gaussian mechanism" if mechanism == "gaussian" else "group_by (groups are found in the data)"
+            "the gaussian mechanism"
+            if mechanism == "gaussian"
+            else "sql (its GROUP BY may find groups in the data)"
+            if sql
+            else "group_by (groups are found in the data)"
         )
         raise _fail("delta", f"is required with {why}")
     else:
         delta = 0.0
-    summed = _summed_columns(params.get("aggregates", [{"op": "count"}]))
-    bounds = _bounds(dp.get("bounds", {}), summed)
+    given = dp.get("bounds", {})
+    if sql:  # table.column -> [lo, hi]; the child checks them against the query's sums
+        summed = sorted(given) if isinstance(given, dict) else []
+    else:
+        summed = _summed_columns(params.get("aggregates", [{"op": "count"}]))
+    bounds = _bounds(given, summed)
     budget = dp["budget"]
     if not isinstance(budget, dict) or sorted(budget) != sorted(inputs):
         got = sorted(budget) if isinstance(budget, dict) else budget

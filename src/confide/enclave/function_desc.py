@@ -350,7 +350,7 @@ BUILTINS: dict[str, _Builtin] = {
     ),
     "sql": _Builtin(
         "sql.py",
-        ("duckdb",),  # and pyarrow's CSV reader, like join-aggregate's Parquet inputs
+        ("duckdb", "opendp"),  # and pyarrow's CSV reader, like join-aggregate's Parquet inputs
         "Runs one SQL SELECT (params.query, approved as written) in DuckDB over the inputs (UTF-8 CSV "
         "with a header, each a table named after its input) under an analysis rule (params.rule, "
         "approved with it): tables (exactly the inputs; per table its allowed columns, join_columns "
@@ -364,7 +364,12 @@ BUILTINS: dict[str, _Builtin] = {
         "joined table that names one) or fewer than k rows is suppressed. Outputs: result (CSV: the "
         "released rows) and report (JSON: k, rows released; the suppressed count is not released). "
         "DuckDB runs single-threaded with no file or network access and no extensions; a run-time "
-        "error's text is withheld. Optional params: memory_limit_mib (1024), max_result_rows (10^6).",
+        "error's text is withheld. Optional params: memory_limit_mib (1024), max_result_rows (10^6), dp "
+        "(differential privacy as join-aggregate's, delta always required, bounds per table.column: the "
+        "query may then output only GROUP BY columns, count(*) and sum of bounded columns, without "
+        "HAVING, ORDER BY or LIMIT, over tables with an id_column joined on it alone; each table keeps "
+        "max_contributions rows per id, bounded columns are clamped, the counts and sums leave with "
+        "OpenDP's noise, a group on its noisy count, and each input's budget is charged).",
         ("*",),
         ("report", "result"),
     ),

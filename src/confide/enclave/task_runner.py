@@ -357,7 +357,7 @@ class TaskRunner:
     def _charge_privacy(self, m: Manifest) -> None:
         if m.function.kind != "builtin" or m.function.name not in DP_BUILTINS:
             return
-        dp = parse_dp(m.params, [i.name for i in m.inputs])
+        dp = parse_dp(m.params, [i.name for i in m.inputs], m.function.name)
         if dp is not None:
             totals = {i.dataset_id: (dp.budget[i.name], _input_where(m, i.name)) for i in m.inputs}
             self.privacy.charge(dp.epsilon, totals)

@@ -47,6 +47,16 @@ withheld (it may quote data); parse and bind errors, which depend only on the qu
 types, are passed on. DuckDB runs with one thread, no async I/O threads, no external access (no
 files, no network), no extension loading, no temp directory, no Python replacement scans and a
 locked configuration. Runs in the sandbox child, which imports duckdb (not pre-imported in the zygote).
+
+``dp`` (optional: differential privacy, enclave/dp_params.py; delta is always required here): the
+query may then output only GROUP BY columns, count(*) and sum(column) of a column that ``bounds``
+names as table.column (exactly the summed ones), with no HAVING, ORDER BY or LIMIT (each would act on
+exact aggregates); every table it reads needs an id_column and may be joined on it alone. Each table
+keeps at most ``max_contributions`` (m) rows per id and every bounded column is clamped to its
+[lo, hi] as DECIMAL(38, 9) before the query runs (a cell that is not a number, or beyond that type,
+counts as missing), so one person adds at most m^T joined rows over T tables; the counts and sums
+then leave with OpenDP's noise (builtins/dp_noise.py), rows sorted by their groups, a group released
+on its noisy count; the report gives the privacy loss.
 """
 
 import codecs
@@ -210,7 +220,7 @@ def _rule(given: Any, inputs: list[str]) -> dict[str, Any]:
 
 
 def _params(given: dict[str, Any], inputs: list[str]) -> dict[str, Any]:
-    unknown = sorted(set(given) - {"query", "rule", "memory_limit_mib", "max_result_rows"})
+    unknown = sorted(set(given) - {"query", "rule", "memory_limit_mib", "max_result_rows", "dp"})
     if unknown:
         _fail(f"unknown parameter(s) {', '.join(unknown)}")
     query = given.get("query")
@@ -223,7 +233,137 @@ def _params(given: dict[str, Any], inputs: list[str]) -> dict[str, Any]:
         "rule": _rule(given.get("rule"), inputs),
         "memory_mib": _int(given, "memory_limit_mib", DEFAULT_MEMORY_MIB, 16, 1 << 16),
         "max_rows": _int(given, "max_result_rows", 1_000_000, 1, 10**9),
+        "dp": _dp_params(given, inputs) if "dp" in given else None,
     }
+
+
+def _dp_params(given: dict[str, Any], inputs: list[str]) -> Any:
+    from confide.enclave.dp_params import parse_dp  # the check the enclave made before charging
+
+    return parse_dp(given, inputs, NAME)
+
+
+def _dp_plan(checker: "_Checker", shape: dict[str, Any], node: dict[str, Any], dp: Any) -> list[Any]:
+    """What each output column is under dp: ("group", None), ("count", None) or ("sum", (table,
+    column)); refuses, naming the clause, a query whose release dp cannot bound."""
+    if not shape["aggregated"]:
+        _refuse("SELECT", "with dp the query must aggregate (count(*), sum)")
+    if node.get("having") is not None:
+        _refuse("HAVING", "with dp a filter on exact aggregates would tell what the noise hides")
+    if node.get("modifiers"):
+        _refuse(
+            "ORDER BY/LIMIT",
+            "with dp the rows leave sorted by their groups (ordering exact aggregates leaks)",
+        )
+    for t in shape["tables"]:
+        spec = checker.rule["tables"][t]
+        if not spec["id"]:
+            _refuse("FROM", f"with dp table {t!r} needs an id_column (what one person adds is bounded by it)")
+        if spec["join"] - {spec["id"]}:
+            _refuse("JOIN", f"with dp table {t!r} may be joined on its id_column {spec['id']!r} only")
+    groups = {checker.column(g["column_names"], "GROUP BY") for g in node.get("group_expressions") or []}
+    plan: list[Any] = []
+    for item in node["select_list"]:
+        cls, name = item.get("class"), str(item.get("function_name", "")).lower()
+        args = [a.get("expression") or {} for a in item.get("arguments") or [] if isinstance(a, dict)]
+        if cls == "COLUMN_REF" and checker.column(item["column_names"], "SELECT") in groups:
+            plan.append(("group", None))
+        elif cls == "FUNCTION" and name == "count_star" and not item.get("distinct"):
+            plan.append(("count", None))
+        elif (
+            cls == "FUNCTION"
+            and name == "sum"
+            and not item.get("distinct")
+            and len(args) == 1
+            and args[0].get("class") == "COLUMN_REF"
+        ):
+            plan.append(("sum", checker.column(args[0]["column_names"], "SELECT")))
+        else:
+            _refuse("SELECT", "with dp only GROUP BY columns, count(*) and sum(column) may be output")
+    summed = sorted({f"{t}.{c}" for kind, tc in plan if kind == "sum" for t, c in [tc]})
+    if sorted(dp.bounds) != summed:
+        _fail(
+            f"params.dp.bounds must give [lo, hi] for exactly the summed columns {summed}, got {sorted(dp.bounds)}"
+        )
+    return plan
+
+
+def _dp_prepare(con: Any, name: str, rule: dict[str, Any], dp: Any) -> None:
+    """Table `name` cut to max_contributions rows per id, its bounded columns clamped (DECIMAL)."""
+    table = name.lower()
+    ident = rule["tables"][table]["id"]
+    clamp = [
+        f'greatest(least(TRY_CAST("{c}" AS DECIMAL(38, 9)), {hi!r}::DECIMAL(38, 9)), {lo!r}::DECIMAL(38, 9)) AS "{c}"'
+        for ref, (lo, hi) in sorted(dp.bounds.items())
+        for t, c in [ref.split(".", 1)]
+        if t == table
+    ]
+    replace = f" REPLACE ({', '.join(clamp)})" if clamp else ""
+    con.execute(
+        f'CREATE OR REPLACE TABLE "{name}" AS SELECT *{replace} FROM "{name}" '
+        f'QUALIFY row_number() OVER (PARTITION BY "{ident}") <= {int(dp.max_contributions)}'
+    ).fetchall()
+
+
+def _dp_release(
+    rows: list[Any], plan: list[Any], rule: dict[str, Any], dp: Any, tables: int
+) -> tuple[list[list[Any]], dict[str, Any]]:
+    """The released rows (groups' values, noisy counts and sums) and the report's dp part; `rows`:
+    the query's rows with the hidden counts, count(*) last."""
+    import decimal
+    import math
+
+    from confide.enclave.builtins import dp_noise
+
+    grouped = any(kind == "group" for kind, _ in plan)
+    per_person = dp.max_contributions**tables
+    keyed = {
+        json.dumps(
+            [None if row[i] is None else str(row[i]) for i, (kind, _) in enumerate(plan) if kind == "group"]
+        ): row
+        for row in rows
+    }
+    sums = [i for i, (kind, _) in enumerate(plan) if kind == "sum"]
+    total_rows = sum(int(row[-1]) for row in rows)
+    bounds = [max(abs(v) for v in dp.bounds[f"{plan[i][1][0]}.{plan[i][1][1]}"]) + 1e-9 for i in sums]
+    released, noisy, info = dp_noise.release(
+        {label: int(row[-1]) for label, row in keyed.items()},
+        [{label: float(row[i] or decimal.Decimal(0)) for label, row in keyed.items()} for i in sums],
+        public=not grouped,
+        k=rule["k"],
+        epsilon=float(dp.epsilon),
+        mechanism=dp.mechanism,
+        delta=dp.delta,
+        m=per_person,
+        sum_bounds=bounds,
+        sum_ulp=[math.ulp((total_rows + per_person) * b) for b in bounds],
+    )
+    out = []
+    for label in sorted(released, key=lambda lab: [(v is None, v) for v in json.loads(lab)]):
+        row, values = keyed[label], []
+        for i, (kind, _) in enumerate(plan):
+            if kind == "group":
+                values.append(row[i])
+            elif kind == "count":
+                values.append(released[label])
+            else:
+                values.append(repr(noisy[sums.index(i)][label]))
+        out.append(values)
+    for measured, i in zip(info["measurements"][1:], sums, strict=True):
+        measured["column"] = f"{plan[i][1][0]}.{plan[i][1][1]}"
+    report = {
+        "mechanism": dp.mechanism,
+        "epsilon_spent": float(dp.epsilon),
+        "delta": dp.delta,
+        "max_contributions": dp.max_contributions,
+        "rows_per_person": per_person,
+        "bounds": {c: list(b) for c, b in dp.bounds.items()},
+        "threshold": info["threshold"],
+        "measurements": info["measurements"],
+        "epsilon_measured": info["epsilon"],
+        "delta_measured": info["delta"],
+    }
+    return out, report
 
 
 class _Checker:
@@ -700,11 +840,15 @@ def run(ctx: Any) -> None:
     }
     checker = _Checker(rule, headers, aggregates)
     shape = checker.select(node)
+    dp = p["dp"]
+    plan = _dp_plan(checker, shape, node, dp) if dp is not None else None
     hidden = _hidden(con, checker, shape, node)
     sql = con.execute("SELECT json_deserialize_sql(?::JSON)", [json.dumps(tree)]).fetchall()[0][0]
     for name in inputs:
         _load(con, name, raws[name], parquet.pop(name))
         raws[name] = b""
+        if dp is not None and name.lower() in shape["tables"]:
+            _dp_prepare(con, name, rule, dp)
     try:
         cur = con.execute(sql)
         columns = [d[0] for d in cur.description][:-hidden]
@@ -712,7 +856,13 @@ def run(ctx: Any) -> None:
         writer = csv.writer(sink, lineterminator="\n")
         writer.writerow(columns)
         released = 0
-        while batch := cur.fetchmany(10_000):
+        if plan is not None:
+            dp_rows, dp_report = _dp_release(cur.fetchall(), plan, rule, dp, len(shape["tables"]))
+            if len(dp_rows) > p["max_rows"]:
+                _fail(f"the result has more than max_result_rows = {p['max_rows']} rows")
+            writer.writerows(["" if v is None else v for v in row] for row in dp_rows)
+            released = len(dp_rows)
+        while plan is None and (batch := cur.fetchmany(10_000)):
             for row in batch:
                 if min(row[-hidden:]) < rule["k"]:
                     continue
@@ -728,4 +878,6 @@ def run(ctx: Any) -> None:
         )
     ctx.outputs["result"].write(sink.getvalue().encode("utf-8"))
     report = {"function": NAME, "version": "1", "min_group_size": rule["k"], "rows": released}
+    if plan is not None:
+        report["dp"] = dp_report
     ctx.outputs["report"].write(json.dumps(report, sort_keys=True).encode() + b"\n")
