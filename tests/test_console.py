@@ -241,6 +241,11 @@ def test_task_page_shows_the_manifest_and_approves_only_what_it_showed(
 
     assert escape(describe_manifest(manifest), quote=True) in page.text
     assert "<b>upper</b>" not in page.text  # another party's text is escaped
+    assert escape(UPPER_FN.rstrip(), quote=True) in page.text  # the code, checked against its digest
+    sealed = lab.register_function(UPPER_FN, name="upper-sealed", outputs=["out"], confidential=True)
+    hidden = lab.create_task(function=sealed, inputs={"data": ds.ref}, outputs={"out": [lab.fingerprint]})
+    hidden_page = browser.get(f"/tasks/{hidden}").text
+    assert "code is confidential" in hidden_page and escape(UPPER_FN.rstrip(), quote=True) not in hidden_page
     assert "pending" in page.text
     token = csrf_of(page.text)
     swapped = browser.post(f"/tasks/{task}/approve", data={"csrf": token, "digest": "f" * 64})

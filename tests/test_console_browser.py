@@ -297,6 +297,8 @@ def test_three_parties_through_their_consoles(
             if page is a:
                 shots(page, "task-to-approve")
                 shots(page, "task-to-approve-window", full_page=False)  # docs/img/console.png
+                page.get_by_text("The function's source").click()  # <details>: the code it approves
+                assert 'ctx.outputs["out"].write' in page.get_by_label("function source").inner_text()
                 tab_reaches(
                     page,
                     ["Approve", "Reason for rejecting (shown to the other participants)", "Reject"],

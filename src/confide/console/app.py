@@ -44,6 +44,7 @@ class Console:
         self._name: str | None = None
         self.name_error = ""
         self._manifests: dict[str, Manifest] = {}  # a task id's manifest never changes: parsed once
+        self._sources: dict[str, str | None] = {}  # a digest's source never changes: checked once
         self._follow_lock = threading.Lock()
         self._follower: Transport | None = None
 
@@ -77,6 +78,13 @@ class Console:
         if known is None:
             known = self._manifests[task_id] = self.client.manifest(task_id)
         return known
+
+    def function_source(self, digest: str) -> str | None:
+        """A function's source, checked by `Client.function_source` against the digest the manifest
+        pins; None for a confidential function (sealed to the enclave)."""
+        if digest not in self._sources:
+            self._sources[digest] = self.client.function_source(digest)[2]
+        return self._sources[digest]
 
     def follow(self, task_id: str, state: str, *, wait_s: float = FOLLOW_WAIT_S) -> None:
         """Return when the task leaves `state`, or after `wait_s` (the platform's long poll), on a

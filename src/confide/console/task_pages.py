@@ -179,6 +179,7 @@ def task_page(console: Console, request: Request) -> str:
         "<section><h2>What an approval covers</h2><p>Exactly what <code>confide task show</code> prints; "
         "the enclave checks every approval against this manifest's digest.</p>"
         + pre(describe_manifest(manifest), label="task manifest")
+        + _source(console, manifest)
         + "</section>"
     )
     body += "<section><h2>Actions</h2>" + _actions(frame, task_id, info, manifest) + "</section>"
@@ -189,6 +190,22 @@ def task_page(console: Console, request: Request) -> str:
         return page(frame, f"Task {task_id}", body)
     # following a running task: the next load waits in `follow` until the state changes
     return page(frame, f"Task {task_id}", body, refresh_s=1, refresh_url=f"/tasks/{task_id}?follow={state}")
+
+
+def _source(console: Console, manifest: Manifest) -> str:
+    """The function's code when it is readable, checked against the digest the manifest pins."""
+    ref = manifest.function.name if manifest.function.kind == "builtin" else manifest.function_digest
+    try:
+        source = console.function_source(ref)
+    except ConfideError as exc:
+        return notice(f"the function's source is NOT shown: {exc.message} ({exc.where})", kind="error")
+    if source is None:
+        return "<p>The function's code is confidential: sealed to the enclave, readable by nobody else.</p>"
+    return (
+        "<details><summary>The function's source (checked against the digest above)</summary>"
+        + pre(source.rstrip(), label="function source")
+        + "</details>"
+    )
 
 
 def follow(console: Console, request: Request) -> None:
