@@ -517,3 +517,26 @@ def test_sql_dp_is_charged_and_needs_a_delta(kit) -> None:
     no_delta = sql_params()
     del no_delta["dp"]["delta"]
     assert "params.dp.delta is required with sql" in refused(*sql_task(kit, data, no_delta)[:2])
+
+
+def test_sql_dp_in_process_without_group_by() -> None:
+    """sql's dp path in this process (the child's lines are invisible to coverage): one public
+    group, its noisy count within 12 scales, two sums of one bounded column both measured."""
+    from confide.enclave.builtins import sql as sql_builtin
+    from confide.enclave.sandbox.context import Context
+
+    t = tables(24, 300)
+    query = (
+        "SELECT count(*), sum(b.balance), sum(b.balance) FROM bank AS b JOIN shop AS s ON b.id = s.customer"
+    )
+    outs = {"result": io.BytesIO(), "report": io.BytesIO()}
+    sql_builtin.run(Context(sql_params(query), {k: io.BytesIO(v) for k, v in t.items()}, outs))  # type: ignore[arg-type]
+    got = pd.read_csv(io.BytesIO(outs["result"].getvalue()))
+    report = json.loads(outs["report"].getvalue())
+    want = exact(t, [])
+    assert report["rows"] == len(got) == 1 and report["dp"]["threshold"] == 5
+    count_m, first, second = report["dp"]["measurements"]
+    assert first["column"] == second["column"] == "bank.balance"
+    assert abs(int(got.iloc[0, 0]) - int(want["count"][0])) <= 12 * count_m["scale"]
+    for col in (1, 2):
+        assert abs(float(got.iloc[0, col]) - float(want["sum(balance)"][0])) <= 12 * first["scale"]
