@@ -29,7 +29,14 @@ from confide.console.security import Guard
 from platform_support import FAILING, ServerProcess, sdk_clients
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+# rebound.test plays a DNS rebinding attacker's name, resolved to 127.0.0.1 inside this browser only
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--host-resolver-rules=MAP rebound.test 127.0.0.1",
+]
 TIMEOUT_MS = 60_000  # a busy 2-core machine
 
 MERGE_FN = """
@@ -426,3 +433,44 @@ def test_the_servers_api_docs_page_needs_no_other_site(
     assert [u for u in asked if not u.startswith(server.url + "/")] == []
     Shots(tmp_path)(page, "api-docs")
     context.close()
+
+
+def test_the_browser_is_refused_without_token_under_a_rebound_name_and_cross_site(
+    consoles: dict[str, Running], browser: Any, tmp_path: Path
+) -> None:
+    running = consoles["hospital-b"]
+    port = running.console.guard.port
+    client = running.console.client
+    before = {f["name"] for f in client.functions()}
+    stranger = browser.new_context()
+    page = stranger.new_page()
+    r = page.goto(running.origin + "/")  # no token, no cookie
+    assert r is not None and r.status == 403 and "Not signed in" in page.content()
+    r = page.goto(f"http://rebound.test:{port}/?token={running.console.guard.token}")  # DNS rebinding
+    assert r is not None and r.status == 400 and "Wrong host name" in page.content()
+    assert "set-cookie" not in r.headers and stranger.cookies() == []
+    stranger.close()
+
+    # A signed-in browser visits an attacker's pages: one on another port of 127.0.0.1 (the same
+    # site, so the cookie goes along) and one on another site; each posts a form to the console.
+    foreign: list[str] = []
+    victim = open_console(browser, running, foreign)
+    attack = (
+        f'<form method="post" action="{running.origin}/functions"><input name="name" value="evil">'
+        '<input name="outputs" value="o"><input name="source" value="def run(ctx): pass"></form>'
+        "<script>document.forms[0].submit()</script>"
+    )
+    for evil, why in (
+        (f"http://127.0.0.1:{port + 1}/", "another site (same-site)"),
+        ("http://evil.test/", ""),
+    ):
+        victim.context.route(evil + "**", lambda route: route.fulfill(body=attack, content_type="text/html"))
+        with victim.expect_response(f"{running.origin}/functions") as answered:
+            victim.goto(evil + "attack.html")
+        assert answered.value.status == 403, evil
+        victim.wait_for_load_state("load")
+        refusal = victim.content()
+        assert why in refusal if why else "Not signed in" in refusal  # SameSite=Strict: no cookie
+    assert {f["name"] for f in client.functions()} == before  # nothing was registered
+    Shots(tmp_path)(victim, "refused-cross-site")
+    victim.context.close()
