@@ -522,6 +522,29 @@ def test_results_page_verifies_decrypts_and_draws(parties: Any, tmp_path: Path) 
     assert not (tmp_path / "owner-results" / task / "out").exists()
 
 
+def test_a_join_aggregate_run_shows_its_suppressed_groups(parties: Any, tmp_path: Path) -> None:
+    owner, lab = parties
+    data = tmp_path / "visits.csv"
+    rows = [f"p{i},north,{i}" for i in range(6)] + ["q1,south,5", "q2,south,7"]  # south: 2 < k ids
+    data.write_text("id,region,amount\n" + "\n".join(rows) + "\n")
+    ds = owner.upload_dataset(data)
+    task = lab.join_aggregate(
+        inputs={"visits": ds.ref}, key="id", k=3, group_by=["region"], aggregates=[{"op": "count", "as": "n"}]
+    )
+    owner.approve(task)
+    lab.run(task)
+    assert lab.wait(task, timeout=120)["state"] == "succeeded"
+    console = Console(lab, Guard(port=PORT), results_dir=tmp_path / "results")
+    web = TestClient(create_app(console), base_url=BASE, follow_redirects=False)
+    assert web.get(f"/?token={console.guard.token}").status_code == 303
+    page = web.get(f"/tasks/{task}/results")
+    assert page.status_code == 200, page.text
+    assert "Cohort threshold k = 3: 1 group(s) released, 1 suppressed" in page.text
+    assert "Suppressed groups: <strong>1</strong> (not in this table)" in page.text
+    assert "<figcaption>n by region</figcaption>" in page.text and "<title>north: 6</title>" in page.text
+    assert "south" not in page.text  # a suppressed group is counted, never named
+
+
 def test_confide_ui_prints_a_token_url_on_loopback(server: ServerProcess, tmp_path: Path) -> None:
     from confide.client.identity_file import save_identity
     from confide.enclave.keys import Identity
