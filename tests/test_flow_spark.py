@@ -28,7 +28,7 @@ import test_flow_ops as ops
 from confide.enclave.flow import FlowIntegrityError, FlowTaskError
 from confide.enclave.keys import Identity
 from confide.flow import Flow, LocalEngine, open_result, seal_text
-from confide.flow.malicious import MaliciousSparkEngine
+from confide.flow.malicious import FlakySparkEngine, MaliciousSparkEngine
 from confide.flow.node_agent import AgentClient, NodeAgent, ZygotePool, start_agent
 from confide.flow.spark_engine import SparkEngine, spark_session
 from flow_support import (
@@ -62,7 +62,7 @@ def agent(enclave_identity: Identity, sockdir: Path) -> Iterator[NodeAgent]:
 
 @pytest.fixture(scope="module")
 def spark() -> Iterator[Any]:
-    s = spark_session("local[2]", **{"spark.default.parallelism": "2"})
+    s = spark_session("local[2,2]", **{"spark.default.parallelism": "2"})  # a failed task runs again once
     yield s
     s.stop()
 
@@ -220,6 +220,26 @@ def test_spark_side_tampering_is_refused(
         word_count(secret_input, eng, tmp_path / "out", recipient)
     assert eng.done
     assert not list((tmp_path / "out").glob("*.manifest.cnfseal"))
+
+
+def test_tasks_spark_runs_again_after_a_lost_executor_are_accepted(
+    tmp_path: Path, spark: Any, agent: NodeAgent, secret_input: Path, recipient: Identity
+) -> None:
+    """Every task of both stages (the source-and-map stage and the reduce-and-sink stage) fails once
+    after the enclave ran it; Spark runs it again and keeps the second attempt's rows."""
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    eng = FlakySparkEngine(
+        spark, AgentClient(agent.socket_path), agent.socket_path, stages=(0, 1), record=str(failed)
+    )
+    accepted = word_count(secret_input, eng, tmp_path / "out", recipient)
+    assert accepted["accepted"]
+    # 3 source partitions, 2 reduce partitions: each failed once, then ran again
+    assert sorted(p.name for p in failed.iterdir()) == [
+        "stage0-part0", "stage0-part1", "stage0-part2", "stage1-part0", "stage1-part1"
+    ]  # fmt: skip
+    want = Counter(w for line in LINES for w in line.split())
+    assert dict(open_result(tmp_path / "out", "wc", recipient)) == dict(want)
 
 
 def test_spark_side_replay_of_an_earlier_stage_is_refused(

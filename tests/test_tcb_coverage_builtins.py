@@ -46,7 +46,7 @@ class _Sink:
 
 @pytest.fixture(scope="module")
 def zygote() -> Iterator[Zygote]:
-    z = Zygote.start(preimport=("numpy", "pandas"))
+    z = Zygote.start()  # the pre-imports of the platform's zygote (DEFAULT_PREIMPORT)
     yield z
     z.close()
 

@@ -212,3 +212,36 @@ class MaliciousSparkEngine(SparkEngine):
             self.done = True
             return reports[1:]
         return reports
+
+
+def fail_first_attempt(fn: Any, record: str, stage: int, index: int, rows: Any) -> Any:
+    """Run the stage's task (the enclave does its work), then fail the task's first attempt as an
+    executor that died before handing back its rows would (noting it in the folder `record`): Spark
+    runs the task again."""
+    import os
+
+    from pyspark import TaskContext
+
+    out = list(fn(index, rows))
+    ctx = TaskContext.get()
+    if ctx is not None and ctx.attemptNumber() == 0:
+        open(os.path.join(record, f"stage{stage}-part{index}"), "w").close()
+        raise RuntimeError("injected failure: the executor died after the task ran")
+    return iter(out)
+
+
+class FlakySparkEngine(SparkEngine):
+    """Not an attack: a Spark engine whose every task of `stages` fails once after it ran, the way
+    lost executors make Spark run a task again; each failure is noted as a file in `record`. The job
+    must still be accepted (the enclave keeps no record of task runs; only the rows of the attempt
+    Spark kept reach the next stage and the verification), given a master that retries
+    (``local[N,F]``, F >= 2)."""
+
+    def __init__(self, *args: Any, stages: Sequence[int] = (), record: str, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.stages, self.record = set(stages), record
+
+    def _closure(self, stage: int, fn: Any) -> Any:
+        if stage not in self.stages:
+            return fn
+        return functools.partial(fail_first_attempt, fn, self.record, stage)
