@@ -45,9 +45,9 @@ class TaskKit:
         d.mkdir(parents=True, exist_ok=True)
         return d / name
 
-    def dataset(self, owner: Identity, data: bytes, *, service=None):
-        """Seal `data` as the owner does; returns a SimpleNamespace (path, dataset_id, sha256,
-        envelope, data_key, owner) the test can mix and match."""
+    def dataset(self, owner: Identity, data: bytes, *, service=None, metadata: dict | None = None):
+        """Seal `data` as the owner does (with header `metadata`); returns a SimpleNamespace (path,
+        dataset_id, sha256, envelope, data_key, owner) the test can mix and match."""
         import hashlib
         import os as _os
         from types import SimpleNamespace
@@ -58,7 +58,10 @@ class TaskKit:
         data_key = _os.urandom(32)
         dataset_id = new_dataset_id()
         path = self.path("blob.sealed")
-        with open(path, "wb") as fh, SealedWriter(fh, data_key=data_key, recipients=[owner.public]) as w:
+        with (
+            open(path, "wb") as fh,
+            SealedWriter(fh, data_key=data_key, recipients=[owner.public], metadata=metadata) as w,
+        ):
             w.write(data)
         sha = hashlib.sha256(path.read_bytes()).hexdigest()
         envelope = wrap_dataset_key(
@@ -109,13 +112,16 @@ class TaskKit:
         creator: Identity,
         outputs: tuple[str, ...],
         participants: dict,
+        metadata: dict[str, dict] | None = None,
     ):
-        """A built-in's task over `tables` (input name -> bytes, uploaded by owners[name]), each output
-        sealed to the creator, approved by every owner and the creator; returns what `run` returns."""
+        """A built-in's task over `tables` (input name -> bytes, uploaded by owners[name], sealed with
+        header metadata[name]), each output sealed to the creator, approved by every owner and the
+        creator; returns what `run` returns."""
         from confide.client.manifest_build import build_manifest, sign_approval
         from confide.enclave import manifest as mf
 
-        datasets = {n: self.dataset(owners[n], t) for n, t in tables.items()}
+        meta = metadata or {}
+        datasets = {n: self.dataset(owners[n], t, metadata=meta.get(n)) for n, t in tables.items()}
         m = build_manifest(
             service=self.service,
             creator=creator.public,

@@ -47,6 +47,13 @@ def dataset() -> None:
     help="a private key or other secret (the sign built-in's key): no CSV check, and the platform "
     "is shown no header line or row count, only the sealed file's size",
 )
+@click.option(
+    "--min-k",
+    type=int,
+    default=None,
+    help="a standing rule sealed with the data: the enclave lets only join-aggregate, sql or describe "
+    "with a cohort threshold of at least K read this dataset, whatever is approved later",
+)
 @with_client
 def dataset_upload(
     client: Client,
@@ -56,6 +63,7 @@ def dataset_upload(
     pme_keys: Path | None,
     key_material: Path | None,
     secret: bool,
+    min_k: int | None,
 ) -> None:
     """Encrypt PATH, wrap its key to the attested service, upload; prints the dataset reference to share.
 
@@ -71,7 +79,7 @@ def dataset_upload(
     if key_material is not None and pme_keys is None:
         raise click.UsageError("--key-material goes with --pme-keys", ctx=click.get_current_context())
     if secret:
-        if pme_keys is not None or strict:
+        if pme_keys is not None or strict or min_k is not None:
             raise click.UsageError("--secret goes alone", ctx=click.get_current_context())
         from confide.client.custody import upload_key
 
@@ -79,7 +87,7 @@ def dataset_upload(
         return
     if pme_dataset.is_parquet(path) or pme_keys is not None:
         keys = pme_dataset.load_master_keys(pme_keys) if pme_keys is not None else None
-        ref = client.upload_dataset(path, name=name, master_keys=keys, key_material=key_material)
+        ref = client.upload_dataset(path, name=name, master_keys=keys, key_material=key_material, min_k=min_k)
         _uploaded(ref)
         return
     report = check_csv(path) if path.suffix.lower() not in (".npy", ".npz") else None  # arrays: no CSV
@@ -90,7 +98,7 @@ def dataset_upload(
         raise ConfideError(
             f"{len(report.problems)} CSV problem(s) found; nothing was uploaded (--strict)", where=str(path)
         )
-    _uploaded(client.upload_dataset(path, name=name))
+    _uploaded(client.upload_dataset(path, name=name, min_k=min_k))
 
 
 @dataset.command(name="upload-password")

@@ -318,9 +318,14 @@ class Client:
         name: str | None = None,
         master_keys: Mapping[str, bytes] | None = None,
         key_material: Path | None = None,
+        min_k: int | None = None,
     ) -> DatasetRef:
         """Encrypt a file with a fresh data key, wrap the key to the attested service (bound to the
         dataset id and our fingerprint), and upload both. Only columns and row count are visible.
+
+        `min_k`: a standing rule sealed in the file's header (confide.enclave.cohort): the enclave
+        lets only a cohort-thresholded built-in (join-aggregate, sql, describe) with a threshold of
+        at least `min_k` read this dataset, whatever is approved later. It is shown in the record.
 
         A Parquet file with modular encryption needs its `master_keys` (id -> AES key) and, when
         parquet-mr kept it outside the file, its `key_material` file (default: the
@@ -329,11 +334,17 @@ class Client:
         from confide.client import pme_dataset
 
         path = Path(path)
+        policy: dict[str, Any] = {}
+        if min_k is not None:
+            if isinstance(min_k, bool) or not isinstance(min_k, int) or not 2 <= min_k <= 10**9:
+                raise ConfideError(f"min_k must be an integer in 2..10^9, got {min_k!r}", where="--min-k")
+            policy = {"policy": {"min_k": min_k}}
         if master_keys is None:
             columns, rows = (
                 pme_dataset.parquet_shape(path) if pme_dataset.is_parquet(path) else _csv_shape(path)
             )
-            return self._upload(path, name or path.stem, {"columns": list(columns)}, rows, {}, "dataset")
+            schema = {"columns": list(columns), **policy}
+            return self._upload(path, name or path.stem, schema, rows, policy, "dataset")
         material_path = key_material or pme_dataset.key_material_beside(path)
         try:
             data = path.read_bytes()
@@ -345,8 +356,9 @@ class Client:
         with _tempdir(prefix="confide-pme-") as tmp:
             packed = Path(tmp) / path.name
             packed.write_bytes(bundle)
-            schema = {"columns": list(columns), "format": "parquet-pme"}
-            return self._upload(packed, name or path.stem, schema, rows, {"format": "parquet-pme"}, "dataset")
+            schema = {"columns": list(columns), "format": "parquet-pme", **policy}
+            meta = {"format": "parquet-pme", **policy}
+            return self._upload(packed, name or path.stem, schema, rows, meta, "dataset")
 
     def upload_model(self, path: Path, *, name: str | None = None) -> DatasetRef:
         """Upload an ONNX model like a dataset (sealed here, its key wrapped to the attested service),

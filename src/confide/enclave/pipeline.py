@@ -86,6 +86,13 @@ def _open(path: str, where: str) -> io.FileIO:
         raise EnclaveError(f"cannot open input ({exc.strerror})", where=where) from None
 
 
+def input_metadata(path: str, *, where: str) -> dict[str, Any]:
+    """The header metadata of a sealed input, read before its data key is used (not yet
+    authenticated: open_input hashes the whole file against the approved digest)."""
+    with _open(path, where) as fh:
+        return dict(SealedReader(fh, where=where).header.metadata)
+
+
 def input_sha256(path: str, *, where: str) -> str:
     """SHA-256 of a whole input file (constant memory), before any key is used on it."""
     with _open(path, where) as fh:

@@ -34,7 +34,7 @@ PROVIDED_REQUIREMENTS = (
     "scikit-learn",
     "xgboost",
 )
-RECEIPT_CHECKS = ("approval", "manifest", "function", "input", "output", "runs", "privacy", "run")
+RECEIPT_CHECKS = ("approval", "manifest", "function", "input", "output", "cohort", "runs", "privacy", "run")
 ERROR_OUTPUT = "_error"  # the extra output carrying a failed function's (sealed) error text
 
 MAX_NAME_LEN = 64

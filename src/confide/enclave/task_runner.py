@@ -15,9 +15,11 @@ signed by the service key, ``status: error`` and ``error.check`` naming the step
                  the owner of each input (the owner bound in its envelope) and by the function's
                  owner, if it has one;
 7. ``input``     each blob's SHA-256 is the approved one; only then the data keys are unwrapped;
-8. ``runs``      this worker counts the run (sealed, run_ledger) and refuses it past the smallest
+8. ``cohort``    an input whose owner sealed a ``min_k`` in its header (cohort.py) is read only by
+                 a built-in whose cohort threshold is at least that (the strictest input wins);
+9. ``runs``      this worker counts the run (sealed, run_ledger) and refuses it past the smallest
                  ``max_runs`` of the approvals; the receipt carries ``run`` and ``max_runs``;
-9. ``privacy``   a built-in with ``params.dp`` (dp_params): its epsilon is charged to each input
+10. ``privacy``  a built-in with ``params.dp`` (dp_params): its epsilon is charged to each input
                  dataset's budget (sealed, privacy_budget), refused when one would pass the total its
                  owner approved in the manifest.
 
@@ -41,6 +43,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from . import cohort
 from .backend import TeeBackend
 from .config import EnclaveConfig
 from .dp_params import DP_BUILTINS, parse_dp
@@ -68,6 +71,7 @@ from .memory import MemoryBudget
 from .pipeline import (
     MIN_WORKING_MEMORY,
     OutputFile,
+    input_metadata,
     input_sha256,
     open_input,
     run_sandboxed,
@@ -280,6 +284,8 @@ class TaskRunner:
         reserved = 0
         fds: dict[str, int] = {}
         outputs: dict[str, OutputFile] = {}
+        with _step("cohort"):  # the owners' standing cohort rules (cohort.py), from the headers
+            cohort.check(m, self._cohort_rules(m, args))
         if m.function.kind == "builtin" and m.function.name == "flow":
             return self._execute_flow(m, keys, args, service, started)
         try:
@@ -353,6 +359,16 @@ class TaskRunner:
             for fd in fds.values():
                 os.close(fd)
             self.budget.release(reserved)
+
+    @staticmethod
+    def _cohort_rules(m: Manifest, args: dict[str, Any]) -> dict[str, int]:
+        rules = {}
+        for inp in m.inputs:
+            where = _input_where(m, inp.name)
+            k = cohort.owner_min_k(input_metadata(args["inputs"][inp.name], where=where), where=where)
+            if k is not None:
+                rules[inp.name] = k
+        return rules
 
     def _charge_privacy(self, m: Manifest) -> None:
         if m.function.kind != "builtin" or m.function.name not in DP_BUILTINS:
