@@ -558,3 +558,49 @@ def upload_tables(owners: dict[str, Any], tables: dict[str, bytes], where: Path)
         (where / f"{name}.csv").write_bytes(data)
         refs[name] = owners[name].upload_dataset(where / f"{name}.csv").ref
     return refs
+
+
+class CliParties:
+    """`confide` CLI calls (click's runner, in this process) by several parties of one server: each
+    named party gets a key (keygen) under `tmp` and is registered under its name; all trust this
+    build's development policy and the server's simulated root."""
+
+    def __init__(self, server: ServerProcess, tmp: Path, names: tuple[str, ...]) -> None:
+        from click.testing import CliRunner
+
+        from confide.cli.main import main
+
+        self._runner, self._main, self.tmp = CliRunner(), main, tmp
+        policy = tmp / "dev-policy.toml"
+        policy.write_text(this_build_dev_policy().to_toml())
+        self.env = {
+            "CONFIDE_HOME": str(tmp / "home"),
+            "CONFIDE_URL": server.url,
+            "CONFIDE_POLICY": str(policy),
+            "CONFIDE_SIM_ROOT": str(server.data_dir / "platform" / "vendor_root.crt"),
+        }
+        self.keys: dict[str, Path] = {}
+        for name in names:
+            r = self._runner.invoke(main, ["keygen", name, "--out-dir", str(tmp)], env=self.env)
+            assert r.exit_code == 0, r.output
+            self.keys[name] = tmp / f"{name}.key"
+            r = self(name, "party", "register", "--name", name)
+            assert r.exit_code == 0, r.output
+        self.fps = {n: Identity.load(k).fingerprint for n, k in self.keys.items()}
+
+    def __call__(self, who: str, *args: str, stdin: str | None = None) -> Any:
+        """`confide ARGS` as party `who`: click's Result."""
+        env = {**self.env, "CONFIDE_IDENTITY": str(self.keys[who])}
+        return self._runner.invoke(self._main, list(args), input=stdin, env=env)
+
+    def ok(self, who: str, *args: str, stdin: str | None = None) -> str:
+        """The last line of a successful command's output (a reference, a task id)."""
+        r = self(who, *args, stdin=stdin)
+        assert r.exit_code == 0, r.output
+        return str(r.stdout).strip().splitlines()[-1]
+
+    def upload(self, who: str, name: str, data: bytes, *options: str) -> str:
+        """`dataset upload` of `data` (written to NAME.csv) by `who`; the dataset's reference."""
+        path = self.tmp / f"{name}.csv"
+        path.write_bytes(data)
+        return self.ok(who, "dataset", "upload", str(path), *options)

@@ -407,35 +407,14 @@ def test_password_check_and_sign_through_the_cli(server, tmp_path) -> None:
     """`confide dataset upload-password` (hidden prompt) and `dataset upload --secret` show the
     platform no schema; `task create --function password-check` with the result sealed to the corpus
     owner is a clear error; the generic path runs both built-ins."""
-    from click.testing import CliRunner
+    from platform_support import CliParties
 
-    from confide.cli.main import main
-    from platform_support import this_build_dev_policy
-
-    policy = tmp_path / "dev-policy.toml"
-    policy.write_text(this_build_dev_policy().to_toml())
-    env = {
-        "CONFIDE_HOME": str(tmp_path / "home"),
-        "CONFIDE_URL": server.url,
-        "CONFIDE_POLICY": str(policy),
-        "CONFIDE_SIM_ROOT": str(server.data_dir / "platform" / "vendor_root.crt"),
-    }
-
-    def cli(who: str, *args: str, stdin: str | None = None) -> Any:
-        return CliRunner().invoke(
-            main, list(args), input=stdin, env={**env, "CONFIDE_IDENTITY": str(keys[who])}
-        )
-
-    keys: dict[str, Path] = {}
-    for name in ("calice", "chibp"):
-        assert CliRunner().invoke(main, ["keygen", name, "--out-dir", str(tmp_path)], env=env).exit_code == 0
-        keys[name] = tmp_path / f"{name}.key"
-        assert cli(name, "party", "register", "--name", name).exit_code == 0
-    fps = {n: Identity.load(k).fingerprint for n, k in keys.items()}
+    cli = CliParties(server, tmp_path, ("calice", "chibp"))
+    fps = cli.fps
 
     def last(r: Any) -> str:
         assert r.exit_code == 0, r.output
-        return r.stdout.strip().splitlines()[-1]
+        return str(r.stdout).strip().splitlines()[-1]
 
     r = cli("calice", "dataset", "upload-password", stdin=f"{PASSWORD}\n{PASSWORD}\n")
     password_ref = last(r)

@@ -9,15 +9,12 @@ import dataclasses
 import io
 import json
 import unicodedata
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
-from click.testing import CliRunner
 
-from confide.cli.main import main
 from confide.client import ordered_join
 from confide.client.approval import describe_manifest
 from confide.client.manifest_build import build_manifest, sign_approval
@@ -26,7 +23,7 @@ from confide.enclave.builtins import ordered_set_join
 from confide.enclave.errors import ConfideError, IntegrityError
 from confide.enclave.keys import Identity
 from confide.enclave.sandbox.context import Context
-from platform_support import this_build_dev_policy
+from platform_support import CliParties
 
 LAB = Identity.generate("lab")
 BANK = Identity.generate("bank")
@@ -329,59 +326,37 @@ def test_sdk_helper_builds_the_outputs_and_pads_the_sizes() -> None:
 # ---- the generic CLI on a real server -------------------------------------------------------------
 
 
-def _cli(env: dict[str, str], *args: str, identity: Path) -> Any:
-    return CliRunner().invoke(main, list(args), env={**env, "CONFIDE_IDENTITY": str(identity)})
-
-
 def test_ordered_set_join_through_the_cli(server, tmp_path) -> None:
     """`confide task create --function ordered-set-join` through the generic path: --param for each
     parameter, one --output per output; members sealed to the wrong party is a clear error."""
-    policy = tmp_path / "dev-policy.toml"
-    policy.write_text(this_build_dev_policy().to_toml())
-    env = {
-        "CONFIDE_HOME": str(tmp_path / "home"),
-        "CONFIDE_URL": server.url,
-        "CONFIDE_POLICY": str(policy),
-        "CONFIDE_SIM_ROOT": str(server.data_dir / "platform" / "vendor_root.crt"),
-    }
-    keys = {}
-    for name in ("obank", "oshop", "olab"):
-        assert CliRunner().invoke(main, ["keygen", name, "--out-dir", str(tmp_path)], env=env).exit_code == 0
-        keys[name] = tmp_path / f"{name}.key"
-        r = _cli(env, "party", "register", "--name", name, identity=keys[name])
-        assert r.exit_code == 0, r.output
-    fps = {n: Identity.load(k).fingerprint for n, k in keys.items()}
+    cli = CliParties(server, tmp_path, ("obank", "oshop", "olab"))
+    fps = cli.fps
     tables = {"obank": sorted_table(10, 40), "oshop": sorted_table(11, 40)}
-    refs = {}
-    for n, t in tables.items():
-        (tmp_path / f"{n}.csv").write_bytes(t)
-        r = _cli(env, "dataset", "upload", str(tmp_path / f"{n}.csv"), identity=keys[n])
-        assert r.exit_code == 0, r.output
-        refs[n] = r.stdout.strip().splitlines()[-1]
+    refs = {n: cli.upload(n, n, t) for n, t in tables.items()}
     create = ["task", "create", "--function", NAME, "--input", f"bank={refs['obank']}"]
     create += ["--input", f"shop={refs['oshop']}", "--output", f"joined={fps['olab']}"]
     create += ["--param", "column=email", "--param", 'columns=["shop.score"]']
-    r = _cli(env, *create, "--output", f"members_bank={fps['olab']}", identity=keys["olab"])
+    r = cli("olab", *create, "--output", f"members_bank={fps['olab']}")
     assert r.exit_code != 0 and "Traceback" not in r.output
     assert "error: output 'members_bank' describes the rows of input 'bank'" in r.output
-    r = _cli(env, *create, "--output", f"members_bank={fps['obank']}", identity=keys["olab"])
+    r = cli("olab", *create, "--output", f"members_bank={fps['obank']}")
     assert r.exit_code == 0, r.output
     task = r.stdout.strip().splitlines()[-1]
-    r = _cli(env, "task", "show", task, identity=keys["oshop"])
+    r = cli("oshop", "task", "show", task)
     assert r.exit_code == 0 and f"What leaves ({NAME}, enforced in the enclave):" in r.stdout
     assert "from shop (of oshop" in r.stdout and "score" in r.stdout
     for n in ("obank", "oshop", "olab"):
-        r = _cli(env, "task", "approve", task, "--yes", identity=keys[n])
+        r = cli(n, "task", "approve", task, "--yes")
         assert r.exit_code == 0, r.output
-    r = _cli(env, "task", "run", task, identity=keys["olab"])
+    r = cli("olab", "task", "run", task)
     assert r.exit_code == 0 and "succeeded" in r.stdout, r.output
     expect, members = reference(
         {"bank": tables["obank"], "shop": tables["oshop"]}, {"bank": "email", "shop": "email"}, ["shop.score"]
     )
-    r = _cli(env, "task", "results", task, "--out", str(tmp_path / "lab"), identity=keys["olab"])
+    r = cli("olab", "task", "results", task, "--out", str(tmp_path / "lab"))
     assert r.exit_code == 0, r.output
     got = pd.read_csv(tmp_path / "lab" / "joined", dtype=str, keep_default_na=False)
     pd.testing.assert_frame_equal(got, expect)
-    r = _cli(env, "task", "results", task, "--out", str(tmp_path / "bank"), identity=keys["obank"])
+    r = cli("obank", "task", "results", task, "--out", str(tmp_path / "bank"))
     assert r.exit_code == 0, r.output
     assert pd.read_csv(tmp_path / "bank" / "members_bank")["member"].tolist() == members["bank"]

@@ -9,22 +9,19 @@ import hashlib
 import io
 import json
 import unicodedata
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
-from click.testing import CliRunner
 
-from confide.cli.main import main
 from confide.client import analytics
 from confide.client.approval import describe_manifest
 from confide.client.manifest_build import build_manifest, sign_approval
 from confide.enclave import manifest as mf
 from confide.enclave.errors import ConfideError, IntegrityError
 from confide.enclave.keys import Identity
-from platform_support import sdk_clients, this_build_dev_policy, upload_tables
+from platform_support import CliParties, sdk_clients, upload_tables
 
 LAB = Identity.generate("lab")
 BANK = Identity.generate("bank")
@@ -283,35 +280,13 @@ def test_psi_end_to_end_on_a_server(server, tmp_path) -> None:
             c.close()
 
 
-def _cli(env: dict[str, str], *args: str, identity: Path) -> Any:
-    return CliRunner().invoke(main, list(args), env={**env, "CONFIDE_IDENTITY": str(identity)})
-
-
 def test_psi_through_the_cli(server, tmp_path) -> None:
     """`confide task create --function psi` through the generic path: plain --param, one --output per
     output; a members_<input> output sealed to the wrong party is refused with a clear error."""
-    policy = tmp_path / "dev-policy.toml"
-    policy.write_text(this_build_dev_policy().to_toml())
-    env = {
-        "CONFIDE_HOME": str(tmp_path / "home"),
-        "CONFIDE_URL": server.url,
-        "CONFIDE_POLICY": str(policy),
-        "CONFIDE_SIM_ROOT": str(server.data_dir / "platform" / "vendor_root.crt"),
-    }
-    keys = {}
-    for name in ("cbank", "cshop", "clab"):
-        assert CliRunner().invoke(main, ["keygen", name, "--out-dir", str(tmp_path)], env=env).exit_code == 0
-        keys[name] = tmp_path / f"{name}.key"
-        r = _cli(env, "party", "register", "--name", name, identity=keys[name])
-        assert r.exit_code == 0, r.output
-    fps = {n: Identity.load(k).fingerprint for n, k in keys.items()}
+    cli = CliParties(server, tmp_path, ("cbank", "cshop", "clab"))
+    fps = cli.fps
     tables = {"cbank": id_table(13, 60), "cshop": id_table(14, 60)}
-    refs = {}
-    for n, t in tables.items():
-        (tmp_path / f"{n}.csv").write_bytes(t)
-        r = _cli(env, "dataset", "upload", str(tmp_path / f"{n}.csv"), identity=keys[n])
-        assert r.exit_code == 0, r.output
-        refs[n] = r.stdout.strip().splitlines()[-1]
+    refs = {n: cli.upload(n, n, t) for n, t in tables.items()}
     create = ["task", "create", "--function", "psi", "--input", f"bank={refs['cbank']}"]
     create += [
         "--input",
@@ -321,26 +296,26 @@ def test_psi_through_the_cli(server, tmp_path) -> None:
         "--param",
         "column=email",
     ]
-    r = _cli(env, *create, "--output", f"members_shop={fps['clab']}", identity=keys["clab"])
+    r = cli("clab", *create, "--output", f"members_shop={fps['clab']}")
     assert r.exit_code != 0 and "Traceback" not in r.output
     assert "error: output 'members_shop' describes the rows of input 'shop'" in r.output
-    r = _cli(env, *create, "--output", f"members_shop={fps['cshop']}", identity=keys["clab"])
+    r = cli("clab", *create, "--output", f"members_shop={fps['cshop']}")
     assert r.exit_code == 0, r.output
     task = r.stdout.strip().splitlines()[-1]
-    r = _cli(env, "task", "show", task, identity=keys["cshop"])
+    r = cli("cshop", "task", "show", task)
     assert r.exit_code == 0 and "What leaves (psi, enforced in the enclave):" in r.stdout
     assert "members_shop -> cshop" in r.stdout and "for each row of shop, one bit" in r.stdout
     for n in ("cbank", "cshop", "clab"):
-        r = _cli(env, "task", "approve", task, "--yes", identity=keys[n])
+        r = cli(n, "task", "approve", task, "--yes")
         assert r.exit_code == 0, r.output
-    r = _cli(env, "task", "run", task, identity=keys["clab"])
+    r = cli("clab", "task", "run", task)
     assert r.exit_code == 0 and "succeeded" in r.stdout, r.output
     expect_ids, expect_members = reference(
         {"bank": tables["cbank"], "shop": tables["cshop"]}, {"bank": "email", "shop": "email"}
     )
-    r = _cli(env, "task", "results", task, "--out", str(tmp_path / "lab"), identity=keys["clab"])
+    r = cli("clab", "task", "results", task, "--out", str(tmp_path / "lab"))
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "lab" / "size").read_text())["size"] == len(expect_ids)
-    r = _cli(env, "task", "results", task, "--out", str(tmp_path / "shop"), identity=keys["cshop"])
+    r = cli("cshop", "task", "results", task, "--out", str(tmp_path / "shop"))
     assert r.exit_code == 0, r.output
     assert pd.read_csv(tmp_path / "shop" / "members_shop")["member"].tolist() == expect_members["shop"]

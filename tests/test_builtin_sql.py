@@ -14,9 +14,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pytest
-from click.testing import CliRunner
 
-from confide.cli.main import main
 from confide.client import analytics
 from confide.client.approval import describe_manifest
 from confide.client.manifest_build import build_manifest
@@ -25,7 +23,7 @@ from confide.enclave.builtins import sql as sql_builtin
 from confide.enclave.errors import ConfideError
 from confide.enclave.keys import Identity
 from confide.enclave.sandbox.context import Context
-from platform_support import sdk_clients, this_build_dev_policy, upload_tables
+from platform_support import CliParties, sdk_clients, upload_tables
 
 LAB = Identity.generate("lab")
 BANK = Identity.generate("bank")
@@ -488,35 +486,13 @@ def test_sql_end_to_end_on_a_server(server, tmp_path, tables) -> None:
             c.close()
 
 
-def _cli(env: dict[str, str], *args: str, identity: Path) -> Any:
-    return CliRunner().invoke(main, list(args), env={**env, "CONFIDE_IDENTITY": str(identity)})
-
-
 def test_sql_through_the_cli(server, tmp_path) -> None:
     """`confide task create --function sql --param query=@q.sql --param rule=@rule.json`; `task show`
     prints the query and the rule; an unreadable @file is a clear error."""
-    policy = tmp_path / "dev-policy.toml"
-    policy.write_text(this_build_dev_policy().to_toml())
-    env = {
-        "CONFIDE_HOME": str(tmp_path / "home"),
-        "CONFIDE_URL": server.url,
-        "CONFIDE_POLICY": str(policy),
-        "CONFIDE_SIM_ROOT": str(server.data_dir / "platform" / "vendor_root.crt"),
-    }
-    keys = {}
-    for name in ("qbank", "qshop", "qlab"):
-        assert CliRunner().invoke(main, ["keygen", name, "--out-dir", str(tmp_path)], env=env).exit_code == 0
-        keys[name] = tmp_path / f"{name}.key"
-        r = _cli(env, "party", "register", "--name", name, identity=keys[name])
-        assert r.exit_code == 0, r.output
-    lab_fp = Identity.load(keys["qlab"]).fingerprint
+    cli = CliParties(server, tmp_path, ("qbank", "qshop", "qlab"))
+    lab_fp = cli.fps["qlab"]
     tables = {"qbank": bank_table(7, 300), "qshop": shop_table(8, 300)}
-    refs = {}
-    for n, t in tables.items():
-        (tmp_path / f"{n}.csv").write_bytes(t)
-        r = _cli(env, "dataset", "upload", str(tmp_path / f"{n}.csv"), identity=keys[n])
-        assert r.exit_code == 0, r.output
-        refs[n] = r.stdout.strip().splitlines()[-1]
+    refs = {n: cli.upload(n, n, t) for n, t in tables.items()}
     (tmp_path / "rule.json").write_text(json.dumps({**RULE, "min_group_size": 5}))
     (tmp_path / "q.sql").write_text(QUERY + "\n")
     create = ["task", "create", "--function", "sql", "--input", f"bank={refs['qbank']}"]
@@ -529,23 +505,23 @@ def test_sql_through_the_cli(server, tmp_path) -> None:
         f"report={lab_fp}",
     ]
     create += ["--param", f"query=@{tmp_path / 'q.sql'}", "--param", f"rule=@{tmp_path / 'rule.json'}"]
-    r = _cli(env, *create, identity=keys["qlab"])
+    r = cli("qlab", *create)
     assert r.exit_code == 0, r.output
     task = r.stdout.strip().splitlines()[-1]
-    r = _cli(env, "task", "show", task, identity=keys["qshop"])
+    r = cli("qshop", "task", "show", task)
     assert r.exit_code == 0, r.output
     assert f"    | {QUERY}" in r.stdout and "min_group_size k = 5" in r.stdout
     for n in ("qbank", "qshop", "qlab"):
-        r = _cli(env, "task", "approve", task, "--yes", identity=keys[n])
+        r = cli(n, "task", "approve", task, "--yes")
         assert r.exit_code == 0, r.output
-    r = _cli(env, "task", "run", task, identity=keys["qlab"])
+    r = cli("qlab", "task", "run", task)
     assert r.exit_code == 0 and "succeeded" in r.stdout, r.output
-    r = _cli(env, "task", "results", task, "--out", str(tmp_path / "lab"), identity=keys["qlab"])
+    r = cli("qlab", "task", "results", task, "--out", str(tmp_path / "lab"))
     assert r.exit_code == 0, r.output
     counts = "count(DISTINCT b.id) AS k_bank, count(DISTINCT s.customer) AS k_shop, count(*) AS k_rows"
     expect = plain_duckdb({"bank": tables["qbank"], "shop": tables["qshop"]}, QUERY, counts, 5, tmp_path)
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "lab" / "result"), expect, check_dtype=False)
-    r = _cli(env, *create[:-2], "--param", "rule=@/nonexistent/rule.json", identity=keys["qlab"])
+    r = cli("qlab", *create[:-2], "--param", "rule=@/nonexistent/rule.json")
     assert r.exit_code != 0 and "cannot read rule's value from '/nonexistent/rule.json'" in r.output
 
 

@@ -10,10 +10,9 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from confide.cli.main import main
 from confide.enclave.keys import Identity
+from platform_support import CliParties
 
 LAB = Identity.generate("lab")
 A = Identity.generate("clinic-a")
@@ -129,41 +128,21 @@ def test_a_host_swapping_in_a_copy_without_the_rule_is_caught(kit) -> None:
     assert result["ok"] is False and body["error"]["check"] == "input", body
 
 
-def test_confide_dataset_upload_min_k_end_to_end(server, dev_policy, tmp_path: Path) -> None:
-    policy = tmp_path / "dev-policy.toml"
-    policy.write_text(dev_policy.to_toml())
-    env = {
-        "CONFIDE_HOME": str(tmp_path / "home"),
-        "CONFIDE_URL": server.url,
-        "CONFIDE_POLICY": str(policy),
-        "CONFIDE_SIM_ROOT": str(server.data_dir / "platform" / "vendor_root.crt"),
-    }
-
-    def cli(key: str, *args: str):
-        return CliRunner().invoke(
-            main, list(args), env={**env, "CONFIDE_IDENTITY": str(tmp_path / f"{key}.key")}
-        )
-
-    for who in ("owner", "lab"):
-        assert cli(who, "keygen", who, "--out-dir", str(tmp_path)).exit_code == 0
-        assert cli(who, "party", "register", "--name", f"cohort {who} {tmp_path.name}").exit_code == 0
+def test_confide_dataset_upload_min_k_end_to_end(server, tmp_path: Path) -> None:
+    cli = CliParties(server, tmp_path, ("owner", "lab"))
     data = tmp_path / "t.csv"
     data.write_bytes(TABLE)
     r = cli("owner", "dataset", "upload", str(data), "--min-k", "1")
     assert r.exit_code == 1 and "min_k must be an integer in 2..10^9" in r.output, r.output
-    r = cli("owner", "dataset", "upload", str(data), "--min-k", "25")
-    assert r.exit_code == 0, r.output
-    ref = r.stdout.strip().splitlines()[-1]
+    ref = cli.upload("owner", "t", TABLE, "--min-k", "25")
     listed = json.loads(cli("owner", "dataset", "list", "--mine", "--json").stdout)
     assert [d["schema"]["policy"] for d in listed if d.get("schema")] == [{"min_k": 25}], listed
     params = json.dumps({"key": "id", "k": 5, "group_by": ["town"], "aggregates": [{"op": "count"}]})
-    r = cli(
+    lab = cli.fps["lab"]
+    task = cli.ok(
         "lab", "task", "create", "--function", "join-aggregate", "--input", f"a={ref}",
-        "--output", f"result={tmp_path / 'lab.pub'}", "--output", f"report={tmp_path / 'lab.pub'}",
-        "--params-json", params,
+        "--output", f"result={lab}", "--output", f"report={lab}", "--params-json", params,
     )  # fmt: skip
-    assert r.exit_code == 0, r.output
-    task = r.stdout.strip().splitlines()[-1]
-    assert cli("owner", "task", "approve", task, "--yes").exit_code == 0
+    cli.ok("owner", "task", "approve", task, "--yes")
     r = cli("lab", "task", "run", task)
     assert r.exit_code == 1 and "requires a cohort threshold of at least 25" in r.output, r.output

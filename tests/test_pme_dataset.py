@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from click.testing import CliRunner
 
-from confide.cli.main import main
 from confide.client import pme_dataset
 from confide.enclave import parquet_keys as pk
 from confide.enclave.errors import ConfideError, FormatError
 from confide.enclave.keys import Identity
+from platform_support import CliParties
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "testvectors" / "parquet"
 JAVA_FILE = VECTORS / "external_key_material_java.parquet.encrypted"
@@ -144,107 +143,35 @@ def test_a_hostile_client_packing_a_wrong_key_gets_a_failed_run_naming_the_key(k
 # ---- the owner's CLI, against a real server -----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def env(server, dev_policy, tmp_path_factory):
-    root = tmp_path_factory.mktemp("pme-env")
-    policy = root / "dev-policy.toml"
-    policy.write_text(dev_policy.to_toml())
-    return {
-        "CONFIDE_HOME": str(root / "home"),
-        "CONFIDE_URL": server.url,
-        "CONFIDE_POLICY": str(policy),
-        "CONFIDE_SIM_ROOT": str(server.data_dir / "platform" / "vendor_root.crt"),
-    }
+def test_confide_dataset_upload_pme_keys_end_to_end(server, tmp_path: Path) -> None:
+    parties = CliParties(server, tmp_path, ("owner", "partner", "lab"))
 
-
-def cli(env: dict[str, str], key: Path, *args: str):
-    return CliRunner().invoke(main, list(args), env={**env, "CONFIDE_IDENTITY": str(key)})
-
-
-def test_confide_dataset_upload_pme_keys_end_to_end(env, tmp_path: Path) -> None:
-    keys = {}
-    for stem in ("owner", "partner", "lab"):
-        assert cli(env, tmp_path / "x", "keygen", stem, "--out-dir", str(tmp_path)).exit_code == 0
-        keys[stem] = tmp_path / f"{stem}.key"
-        r = cli(env, keys[stem], "party", "register", "--name", f"PME {stem} {tmp_path.name}")
-        assert r.exit_code == 0, r.output
+    cli = parties
     # the file as parquet-mr left it: its key material beside it
-    shutil_copy = (tmp_path / JAVA_FILE.name, tmp_path / JAVA_KEY_MATERIAL.name)
-    shutil_copy[0].write_bytes(JAVA_FILE.read_bytes())
-    shutil_copy[1].write_bytes(JAVA_KEY_MATERIAL.read_bytes())
+    data = tmp_path / JAVA_FILE.name
+    data.write_bytes(JAVA_FILE.read_bytes())
+    (tmp_path / JAVA_KEY_MATERIAL.name).write_bytes(JAVA_KEY_MATERIAL.read_bytes())
     wrong = keys_file(tmp_path, {**MASTER_KEYS, "kc1": b"9" * 16})
-    r = cli(env, keys["owner"], "dataset", "upload", str(shutil_copy[0]), "--pme-keys", str(wrong))
+    r = cli("owner", "dataset", "upload", str(data), "--pme-keys", str(wrong))
     assert r.exit_code == 1 and "'kc1'" in r.output and "Traceback" not in r.output, r.output
-    listed = cli(env, keys["owner"], "dataset", "list", "--mine", "--json")
+    listed = cli("owner", "dataset", "list", "--mine", "--json")
     assert json.loads(listed.stdout) == []  # nothing was uploaded
-    r = cli(env, keys["owner"], "dataset", "upload", str(shutil_copy[0]))
+    r = cli("owner", "dataset", "upload", str(data))
     assert r.exit_code == 1 and "give its master keys with --pme-keys" in r.output, r.output
-    r = cli(
-        env,
-        keys["owner"],
-        "dataset",
-        "upload",
-        str(shutil_copy[0]),
-        "--pme-keys",
-        str(keys_file(tmp_path, MASTER_KEYS)),
-    )
-    assert r.exit_code == 0, r.output
-    owner_ref = r.stdout.strip().splitlines()[-1]
-    shown = json.loads(cli(env, keys["owner"], "dataset", "show", owner_ref).stdout)
+    keys = str(keys_file(tmp_path, MASTER_KEYS))
+    owner_ref = cli.ok("owner", "dataset", "upload", str(data), "--pme-keys", keys)
+    shown = json.loads(cli("owner", "dataset", "show", owner_ref).stdout)
     assert shown["columns"] == ["integers", "strings"] and shown["rows"] == 100
-    partner_csv = tmp_path / "partner.csv"
-    partner_csv.write_bytes(PARTNER)
-    partner_ref = (
-        cli(env, keys["partner"], "dataset", "upload", str(partner_csv)).stdout.strip().splitlines()[-1]
-    )
-    r = cli(
-        env, keys["lab"], "task", "create", "--function", "join-aggregate",
+    partner_ref = cli.upload("partner", "partner", PARTNER)
+    lab = cli.fps["lab"]
+    task = cli.ok(
+        "lab", "task", "create", "--function", "join-aggregate",
         "--input", f"owner={owner_ref}", "--input", f"partner={partner_ref}",
-        "--output", f"result={tmp_path / 'lab.pub'}", "--output", f"report={tmp_path / 'lab.pub'}",
-        "--params-json", json.dumps(PARAMS),
+        "--output", f"result={lab}", "--output", f"report={lab}", "--params-json", json.dumps(PARAMS),
     )  # fmt: skip
-    assert r.exit_code == 0, r.output
-    task = r.stdout.strip().splitlines()[-1]
     for who in ("owner", "partner"):
-        assert cli(env, keys[who], "task", "approve", task, "--yes").exit_code == 0
-    r = cli(env, keys["lab"], "task", "run", task)
-    assert r.exit_code == 0, r.output
-    r = cli(env, keys["lab"], "task", "results", task, "--out", str(tmp_path / "out"))
-    assert r.exit_code == 0, r.output
+        assert cli(who, "task", "approve", task, "--yes").exit_code == 0
+    cli.ok("lab", "task", "run", task)
+    cli.ok("lab", "task", "results", task, "--out", str(tmp_path / "out"))
     rows = pd.read_csv(tmp_path / "out" / "result", dtype=str).to_dict("records")
     assert rows == [expected()]
-
-
-def test_sql_over_parquet_mrs_file_in_the_sandbox(kit) -> None:
-    rule = {
-        "tables": {
-            "owner": {
-                "columns": ["integers", "strings"],
-                "join_columns": ["integers"],
-                "id_column": "integers",
-            },
-            "partner": {"columns": ["w"], "join_columns": ["id"], "id_column": "id"},
-        },
-        "aggregates": ["count", "sum"],
-        "min_group_size": 5,
-    }
-    query = (
-        "SELECT p.w, count(*) AS n, sum(o.integers) AS total FROM owner o JOIN partner p "
-        "ON o.integers = p.id GROUP BY p.w ORDER BY p.w"
-    )
-    result, _, outs = kit.run_builtin(
-        "sql",
-        {"owner": bundle(), "partner": PARTNER},
-        {"query": query, "rule": rule},
-        owners={"owner": OWNER, "partner": PARTNER_ID},
-        creator=LAB,
-        outputs=("result", "report"),
-        participants={"lab": LAB.public, "owner": OWNER.public, "partner": PARTNER_ID.public},
-    )
-    assert result["ok"], kit.read(outs["_error"], LAB).replace(b"\x00", b"").decode()[:3000]
-    got = pd.read_csv(io.BytesIO(kit.read(outs["result"], LAB)))
-    common = pd.DataFrame({"i": range(50, 100)})
-    common["w"] = common["i"] % 7
-    want = common.groupby("w").agg(n=("i", "size"), total=("i", "sum")).reset_index()
-    want = want[want["n"] >= 5].reset_index(drop=True)
-    assert got.to_dict("records") == want.to_dict("records")
