@@ -1,19 +1,25 @@
-"""psi, join-aggregate and sql in the enclave (sim backend, real sandbox) vs the same computation in
-plain pandas / plain DuckDB, side by side in one run; results in bench/results/analytics.json.
+"""psi, join-aggregate and sql in the enclave (sim backend, real sandbox) vs the plain tool, side by
+side in one run, at the issue's sizes by default; results in bench/results/analytics.json.
 
-Enclave time is the host's whole `task` call: consent checks, decrypting both inputs, the sandboxed
-built-in, sealing its outputs, the receipt. Plain time is pandas reading the same CSV bytes from
-memory, normalising the ids (strip, NFC, casefold) and intersecting; for join-aggregate, pandas
-merge + groupby with int64 sums (the enclave's sums are exact decimals). For sql: a lineitem-like
-table generated with numpy (DuckDB's tpch extension downloads from the internet and is not used) and
-two queries of TPC-H Q1 and Q6 shape as the analysis rule allows them (no arithmetic inside an
-aggregate: Q1's sum(price * (1 - discount)) and Q6's sum(price * discount) are left out; dates are
-ISO text, read as DATE by both); plain is DuckDB with one thread, reading the same CSV bytes from a
-file (read_csv) and running the same query (the built-in parses with Arrow's CSV reader on one
-thread, also timed on its own).
-Peak RSS is not measured.
+Enclave time is the host's whole `task` call: consent checks, decrypting the inputs, the sandboxed
+built-in, sealing its outputs, the receipt; its peak memory is the enclave process tree's resident
+set (enclave, zygote, sandbox child), sampled every 20 ms (bench/common.PeakRss).
+- psi on 2 x 10 M ids: plain is pandas reading the same CSV bytes from memory, normalising the ids
+  (strip, NFC, casefold) and intersecting.
+- join-aggregate on two 5 M-row tables: plain DuckDB (one thread, as the built-ins run) joining the
+  same CSV files on the lower-cased trimmed key and summing per group with the k filter, and plain
+  pandas (merge + groupby, int64 sums; the enclave's sums are exact decimals).
+- sql: TPC-H lineitem at scale factor 1 (6,001,215 rows) from tpchgen-cli (the TPC-H generator of
+  datafusion-contrib; DuckDB's tpch extension downloads from the internet), and two queries of Q1
+  and Q6 shape as the analysis rule allows them (no arithmetic inside an aggregate: Q1's
+  sum(price * (1 - discount)) and Q6's sum(price * discount) are left out); plain is DuckDB reading
+  the same CSV file (read_csv) and running the same query, with one thread (as the built-in) and
+  with its default threads; the built-in parses with Arrow's CSV reader on one thread (also timed).
 
-Usage: python bench/analytics.py [--ids 1000000] [--rows 200000] [--lineitem-rows 1000000]
+The enclave runs with an 8 GiB memory budget (--memory-mib; the default enclave has 1 GiB, which two
+10 M-id inputs exceed: the run fails closed with category memory-limit).
+
+Usage: python bench/analytics.py [--ids 10000000] [--rows 5000000] [--sf 1] [--memory-mib 8192]
        [--out bench/results/analytics.json]
 """
 
@@ -33,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from common import machine
+from common import PeakRss, machine
 from confide.client.dataset_keys import new_dataset_id, wrap_dataset_key
 from confide.client.home import Home
 from confide.client.manifest_build import build_manifest, sign_approval
@@ -61,9 +67,14 @@ def table_csv(seed: int, n: int, value: str, *, groups: bool) -> bytes:
 
 
 class Kit:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, memory_mib: int) -> None:
         self.root = root
-        self.enclave = Home(root / "home").start_enclave()
+        # a larger enclave than the default 1 GiB (two 10 M-id inputs do not fit it), with the per-run
+        # CPU and wall limits raised to match
+        self.config = {"memory_budget_mib": memory_mib, "cpu_seconds": 1800, "wall_seconds": 3600.0}
+        config = root / "enclave.toml"
+        config.write_text("".join(f"{k} = {v}\n" for k, v in self.config.items()))
+        self.enclave = Home(root / "home").start_enclave(config=config)
         self.service = PublicIdentity.from_line(self.enclave.service_init()["service"])
         self.n = 0
 
@@ -99,14 +110,15 @@ class Kit:
         approvals = [sign_approval(d["owner"], m) for d in ds.values()] + [sign_approval(lab, m)]
         paths = {o: self.root / f"{m.task_id}-{o}.sealed" for o in [*outs, "_error"]}
         t0 = time.perf_counter()
-        result = self.enclave.task(
-            manifest=m.text,
-            approvals=approvals,
-            dataset_keys={n: d["env"] for n, d in ds.items()},
-            inputs={n: d["path"] for n, d in ds.items()},
-            outputs=paths,
-            function_source=None,
-        )
+        with PeakRss(self.enclave.proc.pid) as self.peak:
+            result = self.enclave.task(
+                manifest=m.text,
+                approvals=approvals,
+                dataset_keys={n: d["env"] for n, d in ds.items()},
+                inputs={n: d["path"] for n, d in ds.items()},
+                outputs=paths,
+                function_source=None,
+            )
         elapsed = time.perf_counter() - t0
         if not result["ok"]:
             fh, reader = open_reader(paths["_error"])
@@ -121,23 +133,18 @@ class Kit:
         return elapsed, got
 
 
-def lineitem_csv(seed: int, n: int) -> bytes:
-    """TPC-H lineitem's columns that Q1 and Q6 read, with its value ranges (orderkey as the id)."""
-    rng = np.random.default_rng(seed)
-    days = rng.integers(0, 2526, n)  # 1992-01-02 .. 1998-12-01
-    frame = pd.DataFrame(
-        {
-            "l_orderkey": rng.integers(1, max(2, n // 4), n),
-            "l_quantity": rng.integers(1, 51, n),
-            "l_extendedprice": np.round(rng.uniform(900, 105000, n), 2),
-            "l_discount": rng.integers(0, 11, n) / 100,
-            "l_tax": rng.integers(0, 9, n) / 100,
-            "l_returnflag": rng.choice(["A", "N", "R"], n),
-            "l_linestatus": rng.choice(["F", "O"], n),
-            "l_shipdate": (np.datetime64("1992-01-02") + days).astype(str),
-        }
+def lineitem_csv(sf: float, tmp: Path) -> bytes:
+    """TPC-H lineitem at scale factor `sf`, as CSV with a header, from tpchgen-cli."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("tpchgen-cli") or str(Path(sys.executable).with_name("tpchgen-cli"))
+    if not Path(exe).exists():
+        sys.exit("error: tpchgen-cli is missing (pip install tpchgen-cli; `make install` does)")
+    subprocess.run(
+        [exe, "csv", "-s", str(sf), "--tables", "lineitem", "--output-dir", str(tmp / "tpch")], check=True
     )
-    return frame.to_csv(index=False).encode()
+    return (tmp / "tpch" / "lineitem.csv").read_bytes()
 
 
 SQL_RULE = {
@@ -169,26 +176,53 @@ SQL_QUERIES = {
 }
 
 
-def plain_duckdb(data: bytes, query: str, tmp: Path) -> tuple[float, float, Any]:
-    """(seconds reading the CSV file with read_csv and running `query`, seconds parsing the same
-    bytes with Arrow's CSV reader on one thread as the built-in does, the result), DuckDB with one
-    thread."""
+def plain_duckdb(data: bytes, query: str, tmp: Path, threads: int | None) -> tuple[float, Any]:
+    """(seconds reading the CSV file with read_csv and running `query`, the result): DuckDB with
+    `threads` threads (None: its default, one per core)."""
     import duckdb
-    import pyarrow as pa
-    import pyarrow.csv as pcsv
 
     path = tmp / "lineitem.csv"
-    path.write_bytes(data)
-    con = duckdb.connect(config={"threads": 1})
+    if not path.exists():
+        path.write_bytes(data)
+    con = duckdb.connect(config={"threads": threads} if threads else {})
     t0 = time.perf_counter()
     con.execute(f"CREATE TABLE lineitem AS SELECT * FROM read_csv('{path}')")
     frame = con.execute(query).df()
     plain = time.perf_counter() - t0
+    con.close()
+    return plain, frame
+
+
+def arrow_parse(data: bytes) -> float:
+    """Seconds Arrow's CSV reader takes on one thread, as the built-in parses."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
     t0 = time.perf_counter()
     pcsv.read_csv(pa.BufferReader(data), read_options=pcsv.ReadOptions(use_threads=False))
-    load = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def plain_duckdb_join(a: bytes, b: bytes, k: int, tmp: Path) -> tuple[float, Any]:
+    """join-aggregate's computation in plain DuckDB (one thread) on the same CSV files: keys trimmed
+    and lower-cased (the ids are ASCII: casefold and NFC change nothing), groups of fewer than k
+    distinct keys left out."""
+    import duckdb
+
+    pa_, pb = tmp / "join_a.csv", tmp / "join_b.csv"
+    pa_.write_bytes(a)
+    pb.write_bytes(b)
+    con = duckdb.connect(config={"threads": 1})
+    t0 = time.perf_counter()
+    frame = con.execute(
+        f"""SELECT g, count(*) AS n, sum(v::HUGEINT) AS s, sum(w::HUGEINT) AS w
+        FROM (SELECT lower(trim(id::VARCHAR)) AS id, g, v FROM read_csv('{pa_}')) x
+        JOIN (SELECT lower(trim(id::VARCHAR)) AS id, w FROM read_csv('{pb}')) y USING (id)
+        GROUP BY g HAVING count(DISTINCT id) >= {k} ORDER BY g"""
+    ).df()
+    plain = time.perf_counter() - t0
     con.close()
-    return plain, load, frame
+    return plain, frame
 
 
 def plain_psi(a: bytes, b: bytes) -> tuple[int, Any]:
@@ -213,82 +247,110 @@ def plain_join(a: bytes, b: bytes, k: int) -> Any:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ids", type=int, default=1_000_000)
-    ap.add_argument("--rows", type=int, default=200_000)
-    ap.add_argument("--lineitem-rows", type=int, default=1_000_000)
+    ap.add_argument("--ids", type=int, default=10_000_000)
+    ap.add_argument("--rows", type=int, default=5_000_000)
+    ap.add_argument("--sf", type=float, default=1.0, help="TPC-H scale factor of lineitem (1: 6 M rows)")
+    ap.add_argument("--memory-mib", type=int, default=8192, help="the enclave's memory budget")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "analytics.json")
     args = ap.parse_args()
     lab, bank, shop = Identity.generate("lab"), Identity.generate("bank"), Identity.generate("shop")
     out: dict[str, Any] = {"machine": machine()}
     with tempfile.TemporaryDirectory() as tmp:
-        kit = Kit(Path(tmp))
+        kit = Kit(Path(tmp), args.memory_mib)
+        out["enclave_config"] = kit.config
         try:
-            a, b = ids_csv(1, args.ids), ids_csv(2, args.ids)
-            ds = {"bank": kit.dataset(bank, a), "shop": kit.dataset(shop, b)}
-            t0 = time.perf_counter()
-            size, bits = plain_psi(a, b)
-            plain = time.perf_counter() - t0
-            enclave, got = kit.task("psi", lab, ds, {"size": lab, "members_bank": bank}, {"column": "email"})
-            assert json.loads(got["size"])["size"] == size
-            assert got["members_bank"] == ("member\n" + "".join(f"{int(v)}\n" for v in bits)).encode()
-            out["psi"] = {
-                "ids_per_input": args.ids,
-                "input_bytes": [len(a), len(b)],
-                "intersection_size": size,
-                "outputs": ["size", "members_bank"],
-                "enclave_s": round(enclave, 3),
-                "plain_pandas_s": round(plain, 3),
-                "ratio": round(enclave / plain, 2),
-            }
-            print(json.dumps(out["psi"]))
-            a, b = table_csv(3, args.rows, "v", groups=True), table_csv(4, args.rows, "w", groups=False)
-            ds = {"bank": kit.dataset(bank, a), "shop": kit.dataset(shop, b)}
-            t0 = time.perf_counter()
-            groups = plain_join(a, b, 10)
-            plain = time.perf_counter() - t0
-            params = {
-                "key": "id",
-                "k": 10,
-                "group_by": ["g"],
-                "aggregates": [
-                    {"op": "count"},
-                    {"op": "sum", "column": "v"},
-                    {"op": "sum", "column": "w"},
-                ],
-            }
-            enclave, got = kit.task("join-aggregate", lab, ds, {"result": lab, "report": lab}, params)
-            res = pd.read_csv(io.BytesIO(got["result"]))
-            assert res["sum(v)"].tolist() == groups["s"].tolist() and len(res) == len(groups)
-            out["join_aggregate"] = {
-                "rows_per_input": args.rows,
-                "groups": len(res),
-                "enclave_s": round(enclave, 3),
-                "plain_pandas_s": round(plain, 3),
-                "ratio": round(enclave / plain, 2),
-            }
-            print(json.dumps(out["join_aggregate"]))
-            data = lineitem_csv(5, args.lineitem_rows)
-            ds = {"lineitem": kit.dataset(bank, data)}
-            out["sql"] = {"lineitem_rows": args.lineitem_rows, "input_bytes": len(data), "queries": {}}
-            for name, query in SQL_QUERIES.items():
-                plain, load, expect = plain_duckdb(data, query, Path(tmp))
-                enclave, got = kit.task(
-                    "sql", lab, ds, {"result": lab, "report": lab}, {"query": query, "rule": SQL_RULE}
-                )
-                res = pd.read_csv(io.BytesIO(got["result"]))
-                assert len(res) == len(expect) and res.iloc[:, -1].tolist() == expect.iloc[:, -1].tolist()
-                out["sql"]["queries"][name] = {
-                    "groups": len(res),
-                    "enclave_s": round(enclave, 3),
-                    "plain_duckdb_1thread_s": round(plain, 3),
-                    "arrow_csv_parse_s": round(load, 3),
-                    "ratio": round(enclave / plain, 2),
-                }
-            print(json.dumps(out["sql"]))
+            out["psi"] = bench_psi(kit, args.ids, lab, bank, shop)
+            out["join_aggregate"] = bench_join(kit, args.rows, lab, bank, shop, Path(tmp))
+            out["sql"] = bench_sql(kit, args.sf, lab, bank, Path(tmp))
         finally:
             kit.enclave.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
+
+
+def bench_psi(kit: Kit, n: int, lab: Identity, bank: Identity, shop: Identity) -> dict[str, Any]:
+    a, b = ids_csv(1, n), ids_csv(2, n)
+    ds = {"bank": kit.dataset(bank, a), "shop": kit.dataset(shop, b)}
+    t0 = time.perf_counter()
+    size, bits = plain_psi(a, b)
+    plain = time.perf_counter() - t0
+    enclave, got = kit.task("psi", lab, ds, {"size": lab, "members_bank": bank}, {"column": "email"})
+    assert json.loads(got["size"])["size"] == size
+    assert got["members_bank"] == ("member\n" + "".join(f"{int(v)}\n" for v in bits)).encode()
+    res = {
+        "ids_per_input": n,
+        "input_bytes": [len(a), len(b)],
+        "intersection_size": size,
+        "outputs": ["size", "members_bank"],
+        "enclave_s": round(enclave, 3),
+        "enclave_peak_rss_mib": kit.peak.peak_mib,
+        "plain_pandas_s": round(plain, 3),
+        "ratio": round(enclave / plain, 2),
+    }
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def bench_join(kit: Kit, n: int, lab: Identity, bank: Identity, shop: Identity, tmp: Path) -> dict[str, Any]:
+    a, b = table_csv(3, n, "v", groups=True), table_csv(4, n, "w", groups=False)
+    ds = {"bank": kit.dataset(bank, a), "shop": kit.dataset(shop, b)}
+    t0 = time.perf_counter()
+    groups = plain_join(a, b, 10)
+    pandas_s = time.perf_counter() - t0
+    duck_s, duck = plain_duckdb_join(a, b, 10, tmp)
+    params = {
+        "key": "id",
+        "k": 10,
+        "group_by": ["g"],
+        "aggregates": [{"op": "count"}, {"op": "sum", "column": "v"}, {"op": "sum", "column": "w"}],
+    }
+    enclave, got = kit.task("join-aggregate", lab, ds, {"result": lab, "report": lab}, params)
+    res_frame = pd.read_csv(io.BytesIO(got["result"]))
+    assert res_frame["sum(v)"].tolist() == groups["s"].tolist() == [int(x) for x in duck["s"]]
+    assert len(res_frame) == len(groups) == len(duck)
+    res = {
+        "rows_per_input": n,
+        "groups": len(res_frame),
+        "enclave_s": round(enclave, 3),
+        "enclave_peak_rss_mib": kit.peak.peak_mib,
+        "plain_duckdb_1thread_s": round(duck_s, 3),
+        "plain_pandas_s": round(pandas_s, 3),
+        "ratio_vs_duckdb": round(enclave / duck_s, 2),
+        "ratio_vs_pandas": round(enclave / pandas_s, 2),
+    }
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def bench_sql(kit: Kit, sf: float, lab: Identity, bank: Identity, tmp: Path) -> dict[str, Any]:
+    data = lineitem_csv(sf, tmp)
+    ds = {"lineitem": kit.dataset(bank, data)}
+    res: dict[str, Any] = {
+        "tpch_scale_factor": sf,
+        "lineitem_rows": data.count(b"\n") - 1,
+        "input_bytes": len(data),
+        "arrow_csv_parse_1thread_s": round(arrow_parse(data), 3),
+        "queries": {},
+    }
+    for name, query in SQL_QUERIES.items():
+        one, expect = plain_duckdb(data, query, tmp, 1)
+        default, _ = plain_duckdb(data, query, tmp, None)
+        enclave, got = kit.task(
+            "sql", lab, ds, {"result": lab, "report": lab}, {"query": query, "rule": SQL_RULE}
+        )
+        frame = pd.read_csv(io.BytesIO(got["result"]))
+        assert len(frame) == len(expect) and frame.iloc[:, -1].tolist() == expect.iloc[:, -1].tolist()
+        res["queries"][name] = {
+            "groups": len(frame),
+            "enclave_s": round(enclave, 3),
+            "enclave_peak_rss_mib": kit.peak.peak_mib,
+            "plain_duckdb_1thread_s": round(one, 3),
+            "plain_duckdb_default_threads_s": round(default, 3),
+            "ratio_vs_1thread": round(enclave / one, 2),
+            "ratio_vs_default_threads": round(enclave / default, 2),
+        }
+    print(json.dumps(res), flush=True)
+    return res
 
 
 if __name__ == "__main__":
