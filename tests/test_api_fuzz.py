@@ -73,6 +73,7 @@ PUBLIC = {
     ("POST", "/v1/parties"),
     ("GET", "/status"),  # the operator's status page and its figures (tests/test_status_page.py)
     ("GET", "/metrics"),
+    ("GET", "/docs"),  # the offline API docs page (tests/test_api_docs.py)
 }
 
 SOURCE = """
