@@ -337,7 +337,7 @@ class Client:
         policy: dict[str, Any] = {}
         if min_k is not None:
             if isinstance(min_k, bool) or not isinstance(min_k, int) or not 2 <= min_k <= 10**9:
-                raise ConfideError(f"min_k must be an integer in 2..10^9, got {min_k!r}", where="--min-k")
+                raise ConfideError(f"min_k must be an integer in 2..10^9, got {min_k!r}", where="min_k")
             policy = {"policy": {"min_k": min_k}}
         if master_keys is None:
             columns, rows = (

@@ -49,6 +49,7 @@ from confide.enclave.errors import ConfideError, FormatError, IntegrityError, Ke
 
 NONCE_BYTES = 12
 TAG_BYTES = 16
+PARQUET_MAGICS = (b"PAR1", b"PARE")  # plain or plaintext footer; encrypted footer
 MASTER_KEY_BYTES = (16, 24, 32)  # AES-128/192/256
 MAX_WRAPPED_CHARS = 1024  # a wrapped KEK is ~60 base64 characters
 MAX_KEY_MATERIAL_BYTES = 1 << 20
@@ -195,7 +196,7 @@ def _check_key_material(raw: bytes, *, where: str) -> None:
 
 def _magic(data: bytes, *, where: str) -> bytes:
     head, tail = data[:4], data[-4:]
-    if len(data) < 12 or head not in (b"PAR1", b"PARE") or tail != head:
+    if len(data) < 12 or head not in PARQUET_MAGICS or tail != head:
         raise FormatError(
             f"not a Parquet file ({len(data)} bytes; it must begin and end with PAR1 or PARE: truncated?)",
             where=where,
@@ -274,6 +275,12 @@ BUNDLE_FIELDS = frozenset({"master_keys", "key_material"})
 
 def is_bundle(raw: bytes) -> bool:
     return raw[: len(BUNDLE_MAGIC)] == BUNDLE_MAGIC
+
+
+def is_parquet(raw: bytes) -> bool:
+    """Whether an input is for read_dataset: a PME dataset, or bytes that start like Parquet (a
+    truncated or otherwise broken file among them: read_dataset says what is wrong with it)."""
+    return is_bundle(raw) or raw[:4] in PARQUET_MAGICS
 
 
 def parse_bundle(raw: bytes, *, name: str) -> tuple[bytes, dict[str, bytes], bytes | None]:

@@ -744,7 +744,7 @@ def _parquet(name: str, raw: bytes) -> Any:
     master keys sealed in it); None for a CSV input."""
     from confide.enclave import parquet_keys  # pre-imported by the zygote
 
-    if not parquet_keys.is_bundle(raw) and (len(raw) < 12 or raw[:4] not in (b"PAR1", b"PARE")):
+    if not parquet_keys.is_parquet(raw):
         return None
     table = parquet_keys.read_dataset(raw, name=name)
     if len({c.lower() for c in table.schema.names}) != len(table.schema.names):
