@@ -431,6 +431,89 @@ def test_run_time_errors_are_withheld_and_too_many_rows_refused(kit) -> None:
     assert "more than max_result_rows = 2 rows" in kit.read(outs["_error"], LAB).decode()
 
 
+ARITH_QUERY = (
+    "SELECT b.region, sum(b.balance * (1 - s.spend)) AS a, avg(b.balance + s.spend * 2.5) AS m, "
+    "sum(-b.balance) AS neg, min(s.spend - b.balance) AS lo, count(*) AS n "
+    "FROM bank AS b JOIN shop AS s ON b.id = s.customer GROUP BY b.region ORDER BY b.region"
+)
+
+
+def test_aggregate_arithmetic_agrees_with_plain_duckdb_only_when_the_rule_allows_it(
+    kit, tables, tmp_path
+) -> None:
+    """TPC-H Q1's shape, sum(price * (1 - discount)): + - * of columns and literals inside aggregates
+    under rule.aggregate_arithmetic, the same values as plain DuckDB; refused without the flag."""
+    rule = {**RULE, "aggregate_arithmetic": True}
+    result, body, outs = run(kit, tables, {"query": ARITH_QUERY, "rule": rule})
+    assert result["ok"], body
+    got = result_frame(kit, outs)
+    counts = "count(DISTINCT b.id) AS k_bank, count(DISTINCT s.customer) AS k_shop, count(*) AS k_rows"
+    expect = plain_duckdb(tables, ARITH_QUERY, counts, 10, tmp_path)
+    assert len(got) == len(expect) >= 3
+    pd.testing.assert_frame_equal(got, expect, check_dtype=False)
+    assert in_process({"query": ARITH_QUERY, "rule": rule}, tables)["result"] == kit.read(outs["result"], LAB)
+    result, body, outs = run(kit, tables, {"query": ARITH_QUERY, "rule": RULE})
+    assert result["ok"] is False
+    error = kit.read(outs["_error"], LAB).decode()
+    assert (
+        "(SELECT): sum(...) over something other than one plain column (the rule's aggregate_arithmetic"
+        in error
+    )
+
+
+ARITH_VIOLATIONS = [
+    (f"SELECT sum(balance / spend) {J}", "function '/' inside sum(...): aggregate_arithmetic allows only"),
+    (
+        f"SELECT sum(balance * (CASE WHEN bank.id = 7 THEN 1 ELSE 0 END)) {J}",
+        "a CASE expression inside sum(...)",
+    ),
+    (f"SELECT sum(abs(balance)) {J}", "function 'abs' inside sum(...)"),
+    (
+        f"SELECT sum(balance * 1001) {J}",
+        "inside sum(...) a literal must be a number of magnitude at most 1000",
+    ),
+    (
+        f"SELECT sum(balance * 1e9) {J}",
+        "inside sum(...) a literal must be a number of magnitude at most 1000",
+    ),
+    (f"SELECT sum(balance * '2') {J}", "inside sum(...) a literal must be a number"),
+    (f"SELECT sum(balance * NULL) {J}", "inside sum(...) a literal must be a number"),
+    (f"SELECT sum(balance + shop.customer) {J}", "(SELECT): shop.customer is not an allowed column of shop"),
+    (f"SELECT sum(balance * CAST(spend AS DOUBLE)) {J}", "a CAST expression inside sum(...)"),
+    (f"SELECT sum(balance * sum(spend)) {J}", "function 'sum' inside sum(...)"),
+    (f"SELECT sum(balance % 2) {J}", "function '%' inside sum(...)"),
+    (f"SELECT sum(balance * (SELECT 1)) {J}", "a SUBQUERY expression inside sum(...)"),
+    (f"SELECT count(*) {J} WHERE balance * 2 > 0", "(WHERE): arithmetic (*) on row values"),
+    (
+        f"SELECT region, sum(balance) {J} GROUP BY region HAVING sum(balance) * 2 > balance * 2",
+        "(HAVING): arithmetic (*) on row values",
+    ),
+]
+
+
+@pytest.mark.parametrize(("query", "message"), ARITH_VIOLATIONS, ids=[q[:60] for q, _ in ARITH_VIOLATIONS])
+def test_aggregate_arithmetic_refuses_what_could_single_out_rows(tables, query: str, message: str) -> None:
+    small = {"bank": bank_table(3, 40), "shop": shop_table(4, 40)}
+    with pytest.raises(ValueError, match="^sql: ") as err:
+        in_process({"query": query, "rule": {**RULE, "aggregate_arithmetic": True}}, small)
+    assert message in str(err.value), str(err.value)
+
+
+def test_an_overflow_in_aggregate_arithmetic_fails_the_run_and_withholds_the_value(kit) -> None:
+    """One row's product overflows BIGINT: the run fails (the one bit the rule documents), DuckDB's
+    message, which could quote the value, is withheld."""
+    big = 2**62
+    bank = b"id,region,balance\n" + b"".join(f"{i},r,{big if i == 3 else 1}\n".encode() for i in range(12))
+    shop = b"customer,segment,spend\n" + b"".join(f"{i},x,7\n".encode() for i in range(12))
+    query = f"SELECT sum(balance * spend) {J}"
+    rule = {**RULE, "aggregate_arithmetic": True, "min_group_size": 2}
+    result, _body, outs = run(kit, {"bank": bank, "shop": shop}, {"query": query, "rule": rule})
+    assert result["ok"] is False
+    error = kit.read(outs["_error"], LAB).decode()
+    assert "the query failed while running" in error and "message is withheld" in error
+    assert str(big) not in error and str(big * 7) not in error
+
+
 def test_approval_text_shows_the_query_and_the_rule(kit, tables) -> None:
     datasets = {n: kit.dataset(OWNERS[n], t) for n, t in tables.items()}
     text = describe_manifest(manifest(kit, datasets, {"query": QUERY, "rule": RULE}))
@@ -443,6 +526,12 @@ def test_approval_text_shows_the_query_and_the_rule(kit, tables) -> None:
     assert "raw columns: not allowed" in text and "every table must be joined" in text
     assert "min and max release one row's exact value per group" in text
     assert "how many rows were released (not how many suppressed)" in text
+    assert "arithmetic inside aggregates" not in text
+    arith = describe_manifest(
+        manifest(kit, datasets, {"query": ARITH_QUERY, "rule": {**RULE, "aggregate_arithmetic": True}})
+    )
+    assert "+ - * of columns and numbers up to 1000" in arith
+    assert "arithmetic inside aggregates: ALLOWED; an overflow on one row fails the whole run" in arith
 
 
 def test_sdk_helper_checks_the_rule_shape() -> None:

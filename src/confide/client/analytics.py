@@ -113,7 +113,7 @@ def sql(
     """Create a ``sql`` task: `query` (one SELECT; its text is in the manifest, so every owner
     approves exactly it) runs in DuckDB over `inputs` (input name -> dataset reference; each input is
     a table of that name) under the analysis `rule` ({tables: {input: {columns, join_columns,
-    id_column}}, aggregates, min_group_size, join_required, allow_raw_columns}), which the enclave
+    id_column}}, aggregates, min_group_size, join_required, allow_raw_columns, aggregate_arithmetic}), which the enclave
     checks on DuckDB's parse tree and enforces on the result. Outputs ``result`` and ``report`` go to
     `recipients` (default: this client). Returns the task id."""
     if not isinstance(query, str) or not query.strip():
@@ -277,7 +277,18 @@ def _describe_sql(p: Mapping[str, Any], to: Mapping[str, str], clean: Callable[[
             else "      no id column: the threshold counts its rows"
         )
     aggs = ", ".join(map(str, rule.get("aggregates") or [])) or "(none)"
-    lines.append(f"    aggregate functions allowed: {clean(aggs)} (each over one plain column, or count(*))")
+    arithmetic = rule.get("aggregate_arithmetic", False) is True
+    over = (
+        "one plain column, + - * of columns and numbers up to 1000, or count(*)"
+        if arithmetic
+        else "one plain column, or count(*)"
+    )
+    lines.append(f"    aggregate functions allowed: {clean(aggs)} (each over {over})")
+    if arithmetic:
+        lines.append(
+            "    arithmetic inside aggregates: ALLOWED; an overflow on one row fails the whole run (seen by "
+            "everyone), and a NULL in any column of the expression drops that row from the aggregate"
+        )
     k = rule.get("min_group_size")
     lines.append(
         f"    min_group_size k = {clean(repr(k))}: an output row is released only if its group has at least "

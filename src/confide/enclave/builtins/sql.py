@@ -11,7 +11,9 @@ memory_limit; the sandbox's address-space limit stays the hard wall), ``max_resu
 The rule (an object): ``tables`` (required: input name -> {"columns": [...], "join_columns": [...],
 "id_column": name}; exactly the task's inputs), ``aggregates`` (required: some of count, sum, avg,
 min, max), ``min_group_size`` (required: k >= 2), ``join_required`` (true: the query must read every
-table of the rule), ``allow_raw_columns`` (false). The query is checked on DuckDB's own parse tree
+table of the rule), ``allow_raw_columns`` (false), ``aggregate_arithmetic`` (false: with it, an
+aggregate may take + - * of allowed columns and numeric literals of magnitude at most 1000, as TPC-H's
+``sum(l_extendedprice * (1 - l_discount))``; never division, a function, a cast or a condition). The query is checked on DuckDB's own parse tree
 (``json_serialize_sql``), never on its text, before any data is loaded, and refused naming the
 clause unless it is one SELECT of this shape:
 
@@ -23,9 +25,15 @@ clause unless it is one SELECT of this shape:
   ``join_columns``); every table is a table of the rule, read at most once;
 - joins are INNER joins on equalities of join columns of the two sides (no CROSS, NATURAL,
   POSITIONAL, ASOF, LEFT/RIGHT/FULL, comma joins);
-- an aggregate is one of the rule's ``aggregates`` over one plain column (or count(*)), with
-  DISTINCT allowed, no FILTER and no ORDER BY inside: a condition inside an aggregate would single
-  out rows of a group that passes the threshold; GROUP BY names plain columns, one grouping set;
+- an aggregate is one of the rule's ``aggregates`` over one plain column (or count(*); with
+  ``aggregate_arithmetic``, + - * of columns and small literals), with DISTINCT allowed, no FILTER
+  and no ORDER BY inside: a condition inside an aggregate would single out rows of a group that
+  passes the threshold (so no division, whose NULL on a zero divisor would drop chosen rows, and no
+  CASE); GROUP BY names plain columns, one grouping set. What aggregate arithmetic still lets a
+  query learn: an overflow on one row (BIGINT or DECIMAL products) fails the whole run, one bit
+  that every party sees, and a NULL in any column of the expression drops that row from the
+  aggregate, as sum(column) skips a NULL cell; each such query needs every owner's approval of its
+  exact text;
 - unless ``allow_raw_columns``, every column outside an aggregate in SELECT, HAVING and ORDER BY is
   a GROUP BY column (AWS Clean Rooms' aggregation rule); with it, a query without aggregates may
   output columns (the list rule), and its ORDER BY names only output columns;
@@ -83,6 +91,8 @@ SCALARS = frozenset(
 )
 LIKE = frozenset({"~~", "!~~", "~~*", "!~~*"})  # LIKE, NOT LIKE, ILIKE, NOT ILIKE
 ARITHMETIC = frozenset({"+", "-", "*", "/"})
+AGGREGATE_ARITHMETIC = frozenset({"+", "-", "*"})  # inside an aggregate, with rule.aggregate_arithmetic
+MAX_AGGREGATE_LITERAL = 1000  # a larger factor would turn one row's value into an overflow sooner
 OPERATORS = frozenset(
     {"OPERATOR_NOT", "OPERATOR_IS_NULL", "OPERATOR_IS_NOT_NULL", "COMPARE_IN", "COMPARE_NOT_IN"}
 )
@@ -175,7 +185,15 @@ def _rule(given: Any, inputs: list[str]) -> dict[str, Any]:
     if not isinstance(given, dict):
         _fail(f"parameter 'rule' (the analysis rule: an object) is required, got {str(given)[:80]}")
     unknown = sorted(
-        set(given) - {"tables", "aggregates", "min_group_size", "join_required", "allow_raw_columns"}
+        set(given)
+        - {
+            "tables",
+            "aggregates",
+            "min_group_size",
+            "join_required",
+            "allow_raw_columns",
+            "aggregate_arithmetic",
+        }
     )
     if unknown:
         _fail(f"rule: unknown field(s) {', '.join(unknown)}")
@@ -211,7 +229,11 @@ def _rule(given: Any, inputs: list[str]) -> dict[str, Any]:
             f"rule: min_group_size must be an integer in 2..10^9 (a group of one would be released), got {str(k)[:40]!r}"
         )
     flags = {}
-    for key, default in (("join_required", True), ("allow_raw_columns", False)):
+    for key, default in (
+        ("join_required", True),
+        ("allow_raw_columns", False),
+        ("aggregate_arithmetic", False),
+    ):
         flags[key] = given.get(key, default)
         if not isinstance(flags[key], bool):
             _fail(f"rule: {key} must be true or false, got {str(flags[key])[:40]!r}")
@@ -560,9 +582,18 @@ class _Checker:
                 )
             if name == "count_star":
                 return True, set()
-            if len(args) != 1 or not isinstance(args[0], dict) or args[0].get("class") != "COLUMN_REF":
+            if len(args) != 1 or not isinstance(args[0], dict):
                 _refuse(clause, f"{name}(...) over something other than one plain column")
-            self.column(args[0]["column_names"], clause)
+            if args[0].get("class") == "COLUMN_REF":
+                self.column(args[0]["column_names"], clause)
+            elif self.rule["aggregate_arithmetic"]:
+                self._arithmetic(args[0], clause, name, 0)
+            else:
+                _refuse(
+                    clause,
+                    f"{name}(...) over something other than one plain column (the rule's "
+                    "aggregate_arithmetic would allow + - * of columns and literals)",
+                )
             return True, set()
         if e.get("filter") is not None or e.get("distinct"):
             _refuse(clause, f"FILTER or DISTINCT on the non-aggregate function {name!r}")
@@ -579,6 +610,53 @@ class _Checker:
         _refuse(
             clause,
             f"function {name!r} is not allowed (allowed: the rule's aggregates, {', '.join(sorted(SCALARS))}, LIKE, + - * / on aggregates)",
+        )
+
+    def _arithmetic(self, e: Any, clause: str, agg: str, depth: int) -> None:
+        """An aggregate's argument under rule.aggregate_arithmetic: allowed columns, numeric literals of
+        magnitude at most MAX_AGGREGATE_LITERAL, and + - * of those; anything else is refused."""
+        import decimal
+
+        if depth > 64 or not isinstance(e, dict):
+            _refuse(clause, f"an expression inside {agg}(...) nested too deep")
+        cls = e.get("class")
+        if cls == "COLUMN_REF":
+            self.column(e.get("column_names") or [], clause)
+            return
+        if cls == "CONSTANT":
+            literal = e.get("literal") if isinstance(e.get("literal"), dict) else {}
+            text = literal.get("text") if literal.get("kind") in ("INTEGER", "NUMERIC") else None
+            try:
+                value = decimal.Decimal(text) if isinstance(text, str) else None
+            except decimal.InvalidOperation:
+                value = None
+            if value is None or not value.is_finite() or abs(value) > MAX_AGGREGATE_LITERAL:
+                _refuse(
+                    clause,
+                    f"inside {agg}(...) a literal must be a number of magnitude at most {MAX_AGGREGATE_LITERAL}",
+                )
+            return
+        name = str(e.get("function_name", "")).lower()
+        args = [a.get("expression") if isinstance(a, dict) else None for a in e.get("arguments") or []]
+        if (
+            cls == "FUNCTION"
+            and e.get("is_operator")
+            and name in AGGREGATE_ARITHMETIC
+            and (len(args) == 2 or (len(args) == 1 and name in "+-"))
+            and e.get("filter") is None
+            and not e.get("distinct")
+            and not (e.get("order_bys") or {}).get("orders")
+            and not e.get("schema")
+            and not e.get("catalog")
+        ):
+            for a in args:
+                self._arithmetic(a, clause, agg, depth + 1)
+            return
+        what = f"function {name!r}" if cls == "FUNCTION" else f"a {cls} expression"
+        _refuse(
+            clause,
+            f"{what} inside {agg}(...): aggregate_arithmetic allows only + - * of columns and numeric "
+            "literals (a division, a function or a condition could single out rows)",
         )
 
     def _args(self, args: list[Any], clause: str, in_agg: bool) -> tuple[bool, set[tuple[str, str]]]:
@@ -752,10 +830,13 @@ def _parquet(name: str, raw: bytes) -> Any:
     return table
 
 
-def _load(con: Any, name: str, raw: bytes, table: Any = None) -> None:
-    """The input as DuckDB table `name`: a Parquet input's Arrow table as it is; a CSV through
+def _load(con: Any, name: str, raw: bytes, table: Any = None, *, copy: bool = False) -> Any:
+    """The input as DuckDB relation `name`: a Parquet input's Arrow table as it is; a CSV through
     Arrow's CSV reader (one thread), which infers the types (integers, doubles, dates, timestamps,
-    text); only an empty unquoted cell is NULL."""
+    text); only an empty unquoted cell is NULL. The Arrow table is registered under `name` and
+    scanned in place (a copy into a DuckDB table took a third of the time); with `copy` (the DP
+    path, which replaces it by a cut and clamped table) it is copied into table `name`. Returns the
+    Arrow table, which must outlive the queries."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
@@ -773,9 +854,13 @@ def _load(con: Any, name: str, raw: bytes, table: Any = None) -> None:
     for field in table.schema:  # Arrow reads a column that is not UTF-8 as bytes
         if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
             _fail(f"input {name!r}, column {field.name!r}: not UTF-8 text")
+    if not copy:
+        con.register(name, table)
+        return table
     con.register("__confide_load", table)
     con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM __confide_load').fetchall()
     con.unregister("__confide_load")
+    return None
 
 
 def _connect(duckdb: Any, memory_mib: int) -> Any:
@@ -844,8 +929,9 @@ def run(ctx: Any) -> None:
     plan = _dp_plan(checker, shape, node, dp) if dp is not None else None
     hidden = _hidden(con, checker, shape, node)
     sql = con.execute("SELECT json_deserialize_sql(?::JSON)", [json.dumps(tree)]).fetchall()[0][0]
+    loaded = []
     for name in inputs:
-        _load(con, name, raws[name], parquet.pop(name))
+        loaded.append(_load(con, name, raws[name], parquet.pop(name), copy=dp is not None))
         raws[name] = b""
         if dp is not None and name.lower() in shape["tables"]:
             _dp_prepare(con, name, rule, dp)
@@ -871,11 +957,15 @@ def run(ctx: Any) -> None:
                     _fail(f"the result has more than max_result_rows = {p['max_rows']} rows")
                 writer.writerow(["" if v is None else v for v in row[:-hidden]])
     except (duckdb.BinderException, duckdb.ParserException, duckdb.CatalogException) as exc:
-        _fail(f"DuckDB refused the query: {str(exc)[:300]}")
+        failure = f"DuckDB refused the query: {str(exc)[:300]}"
     except duckdb.Error as exc:
-        _fail(
-            f"the query failed while running ({type(exc).__name__}); DuckDB's message is withheld: it may quote input data"
-        )
+        # failed outside the handler: raised inside it, the error's traceback would carry DuckDB's
+        # message as the context ("During handling of the above exception ...")
+        failure = f"the query failed while running ({type(exc).__name__}); DuckDB's message is withheld: it may quote input data"
+    else:
+        failure = None
+    if failure is not None:
+        _fail(failure)
     ctx.outputs["result"].write(sink.getvalue().encode("utf-8"))
     report = {"function": NAME, "version": "1", "min_group_size": rule["k"], "rows": released}
     if plan is not None:
