@@ -1,8 +1,8 @@
 """The `infer` built-in on a real platform (issue 9): a model is uploaded like a dataset by its owner
 (sealed here, key wrapped to the service, only its metadata visible), an inference task runs only
 with the model owner's and the data owner's approvals, its outputs equal plain ONNX Runtime's, the
-approval text says what the mode reveals, and an unavailable mode is refused by the enclave with its
-error text for the recipients."""
+approval text says what the mode reveals, and an unknown mode is refused by the enclave with its
+error text for the recipients (the outsourced modes: test_builtin_infer_outsourced.py)."""
 
 from __future__ import annotations
 
@@ -85,7 +85,9 @@ def test_an_unavailable_mode_is_refused_in_the_enclave(world: dict[str, Any]) ->
     lab.run(task)
     info = lab.wait(task, timeout=120)
     assert info["state"] == "failed"
-    assert "mode 'outsourced-blinded' is not available here" in (lab.error_report(task, info) or "")
+    assert "mode 'outsourced-blinded' is not one of all-in-enclave, outsourced-verified, " in (
+        lab.error_report(task, info) or ""
+    )
 
 
 def test_model_inspect_and_a_bad_model_upload(tmp_path: Path) -> None:

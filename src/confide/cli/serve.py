@@ -76,6 +76,15 @@ from confide.cli.common import friendly
     "plus its size at --upload-min-kib-per-s",
 )
 @click.option("--upload-min-kib-per-s", type=click.IntRange(1, 1 << 30), default=64, show_default=True)
+@click.option(
+    "--accelerator",
+    type=click.Choice(["none", "numpy", "cuda", "auto"]),
+    default="none",
+    show_default=True,
+    help="start an (untrusted) accelerator process per enclave worker for the infer built-in's "
+    "outsourced modes: numpy on the CPU, cuda (PyTorch), or auto (cuda when available); none: "
+    "such tasks are refused",
+)
 @friendly
 def serve(
     db_url: str | None,
@@ -94,6 +103,7 @@ def serve(
     quota_mib: int,
     upload_timeout: float,
     upload_min_kib_per_s: int,
+    accelerator: str,
 ) -> None:
     """Run the platform: parties talk to it over HTTP; it relays ciphertext to enclave workers.
 
@@ -121,4 +131,5 @@ def serve(
             timeout_s=upload_timeout,
             min_rate=upload_min_kib_per_s << 10,
         ),
+        accelerator=None if accelerator == "none" else accelerator,
     )

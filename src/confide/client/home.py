@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from confide.client.policy import Policy
 
@@ -79,8 +79,11 @@ class Home:
             return Policy.load(self.policy_path)
         return Policy()
 
-    def start_enclave(self, config: Path | None = None) -> EnclaveProcess:
+    def start_enclave(self, config: Path | None = None, *, accelerator: Any = None) -> EnclaveProcess:
+        """`accelerator`: see EnclaveProcess (None, a backend name, or a socket)."""
         from confide.host.enclave_process import EnclaveProcess
 
         self.platform()
-        return EnclaveProcess(platform_dir=self.platform_dir, state_dir=self.state_dir, config=config)
+        return EnclaveProcess(
+            platform_dir=self.platform_dir, state_dir=self.state_dir, config=config, accelerator=accelerator
+        )

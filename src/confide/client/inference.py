@@ -17,7 +17,9 @@ from confide.enclave.manifest import Manifest
 if TYPE_CHECKING:
     from confide.client.sdk import Client
 
-MODES = ("all-in-enclave",)  # the modes platform tasks run; the outsourced ones need the accelerator channel
+# the modes platform tasks run (docs/inference/); the outsourced ones need a host with an accelerator
+# (`confide serve --accelerator`), else the enclave refuses the task before anything runs
+MODES = ("all-in-enclave", "outsourced-verified", "outsourced-blinded+verified")
 
 
 def infer(
@@ -67,6 +69,32 @@ def describe(m: Manifest, clean: Callable[[str], str] = str) -> list[str]:
             f"  outputs -> {to}: the model's outputs on that data (which tell about both the model and the data)",
             "  everyone sees the model's visible metadata (input/output names and shapes, parameter "
             "count, FLOPs, size); the host sees the run's duration and each output's size",
+        ]
+    elif mode in ("outsourced-verified", "outsourced-blinded+verified"):
+        model, data = owners.get("model", "?"), owners.get("data", "?")
+        lines += [
+            f"  the model of {model} is decrypted in the enclave, and its linear layers' weights "
+            "(MatMul, Gemm, Conv), quantized to 8 bits, are sent in clear to the host's untrusted "
+            f"accelerator: the host learns {model}'s weights (up to rounding); the rest of the model "
+            "(biases, activations, graph order) stays in the enclave",
+        ]
+        if mode == "outsourced-verified":
+            lines.append(
+                f"  integrity only: the accelerator also sees the data of {data} in clear, as the "
+                "quantized input of every linear layer (and every intermediate activation)"
+            )
+        else:
+            lines.append(
+                f"  the data of {data} is hidden from the accelerator: every value it receives is "
+                "blinded with a fresh random mask in a prime field (uniformly random to it)"
+            )
+        lines += [
+            "  every product the accelerator returns is checked in the enclave (Freivalds: a wrong "
+            "product passes with probability below 3.6e-15) before use; a wrong one stops the task and "
+            "nothing is released",
+            f"  outputs -> {to}: the model's outputs on that data, within the quantization error",
+            "  the host also sees the layer shapes, the number and size of the messages, the timing "
+            "of every layer, and the run's duration and output sizes",
         ]
     else:
         lines.append("  this mode is not available for platform tasks: the enclave will refuse the task")

@@ -266,9 +266,11 @@ def run_sandboxed(
     inputs: dict[str, int],
     outputs: Mapping[str, OutputFile],
     max_output_bytes: int,
+    stream: tuple[int, int] | None = None,
 ) -> RunResult:
     """One run: what is left of the memory budget is the function's allowance (at least
-    MIN_WORKING_MEMORY), released afterwards. An output over its own cap ends as `output-limit`."""
+    MIN_WORKING_MEMORY), released afterwards. An output over its own cap ends as `output-limit`.
+    `stream`: the child's ends of an accelerator stream (accelerator_link), passed on as they are."""
     if budget.free < MIN_WORKING_MEMORY:
         budget.reserve(MIN_WORKING_MEMORY, "the function's working memory (minimum)")
     allowance = budget.reserve(budget.free, "the function's working memory")
@@ -280,7 +282,9 @@ def run_sandboxed(
             max_output_bytes=min(config.max_output_mib << 20, max_output_bytes),
         )
         try:
-            return zygote.run(source, params=params, inputs=inputs, outputs=dict(outputs), limits=limits)
+            return zygote.run(
+                source, params=params, inputs=inputs, outputs=dict(outputs), limits=limits, stream=stream
+            )
         except OutputLimitExceeded as exc:
             return RunResult(False, "output-limit", str(exc), None, None, 0.0)
     finally:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import channel
+from .accelerator_link import AcceleratorLink
 from .backend import TeeBackend, create_backend
 from .channel import ChannelClosed
 from .config import EnclaveConfig
@@ -66,6 +67,7 @@ class EnclaveRuntime:
         zygote: Zygote,
         config: EnclaveConfig,
         service: ServiceState,
+        accelerator: AcceleratorLink | None = None,
     ) -> None:
         self.backend = backend
         self.keys = keys
@@ -75,7 +77,12 @@ class EnclaveRuntime:
         self.budget = MemoryBudget(config.memory_budget_bytes)
         self.service = service
         self.tasks = TaskRunner(
-            backend=backend, service=service, zygote=zygote, budget=self.budget, config=config
+            backend=backend,
+            service=service,
+            zygote=zygote,
+            budget=self.budget,
+            config=config,
+            accelerator=accelerator,
         )
         self.seen_requests: set[str] = set()
         # nonces this boot has attested to, oldest first; a run request must spend one (see run())
@@ -94,6 +101,7 @@ class EnclaveRuntime:
             "fingerprint": self.keys.fingerprint,
             "sandbox_layers": self.zygote.layers,
             "config": self.config.to_dict(),
+            "accelerator": self.tasks.accelerator is not None,
         }
 
     def handle(self, call: channel.Call) -> dict[str, Any]:
@@ -276,6 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--platform", type=Path, required=True, help="simulated platform directory")
     parser.add_argument("--state", type=Path, required=True, help="where sealed enclave state is kept")
     parser.add_argument("--config", type=Path, default=None, help="enclave configuration (TOML)")
+    parser.add_argument(
+        "--accelerator-fd",
+        type=int,
+        default=None,
+        help="unix socket to the host's (untrusted) accelerator process (accelerator_link.py)",
+    )
     args = parser.parse_args(argv)
     sock = socket.socket(fileno=args.fd)
     pending: PendingZygote | None = None
@@ -292,7 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         service = ServiceState(backend, args.state)  # the service key, if this worker was given it
         zygote = pending.wait()
         pending = None
-        runtime = EnclaveRuntime(backend=backend, keys=keys, zygote=zygote, config=config, service=service)
+        accelerator = None if args.accelerator_fd is None else AcceleratorLink.from_fd(args.accelerator_fd)
+        runtime = EnclaveRuntime(
+            backend=backend, keys=keys, zygote=zygote, config=config, service=service, accelerator=accelerator
+        )
     except ConfideError as exc:
         if pending is not None:
             pending.abandon()

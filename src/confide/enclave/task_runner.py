@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cohort
+from .accelerator_link import AcceleratorLink, needs_accelerator
 from .backend import TeeBackend
 from .config import EnclaveConfig
 from .dp_params import DP_BUILTINS, parse_dp
@@ -116,8 +117,10 @@ class TaskRunner:
         zygote: Zygote,
         budget: MemoryBudget,
         config: EnclaveConfig,
+        accelerator: AcceleratorLink | None = None,
     ) -> None:
         self.backend = backend
+        self.accelerator = accelerator  # the host's accelerator, if it offers one (accelerator_link)
         self.service = service
         self.zygote = zygote
         self.budget = budget
@@ -288,6 +291,14 @@ class TaskRunner:
             cohort.check(m, self._cohort_rules(m, args))
         if m.function.kind == "builtin" and m.function.name == "flow":
             return self._execute_flow(m, keys, args, service, started)
+        outsourced = needs_accelerator(m.function.kind, m.function.name, m.params)
+        if outsourced and self.accelerator is None:
+            raise TaskRefused(
+                "run",
+                f"mode {m.params.get('mode')} needs an accelerator and this host offers none (the "
+                "operator starts one with `confide serve --accelerator numpy|cuda|auto`); nothing ran",
+            )
+        stream: tuple[int, int] | None = None
         try:
             with _step("runs"):  # counted (and sealed) before any input is decrypted
                 self._run = self.ledger.next_run(m.task_id, self._max_runs)
@@ -315,6 +326,9 @@ class TaskRunner:
                         pad=o.pad,
                     )
             with _step("run"):
+                if outsourced:
+                    assert self.accelerator is not None
+                    stream = self.accelerator.open_stream()
                 result = run_sandboxed(
                     self.zygote,
                     self.budget,
@@ -324,6 +338,7 @@ class TaskRunner:
                     inputs=fds,
                     outputs=outputs,
                     max_output_bytes=max(o.max_bytes for o in m.outputs),
+                    stream=stream,
                 )
             published: list[dict[str, Any]] = []
             error: dict[str, str] | None = None
@@ -356,7 +371,7 @@ class TaskRunner:
         finally:
             for out in outputs.values():
                 out.discard()
-            for fd in fds.values():
+            for fd in (*fds.values(), *(stream or ())):
                 os.close(fd)
             self.budget.release(reserved)
 

@@ -37,7 +37,21 @@ class EnclaveProcess:
         config: Path | None = None,
         backend: str = "sim",
         stderr: int | None = None,
+        accelerator: str | socket.socket | None = None,
     ) -> None:
+        """`accelerator`: None (the enclave gets none: outsourced inference is refused), a backend
+        name (numpy, cuda, auto: an accelerator process is started for this enclave and stopped with
+        it), or a unix socket whose peer serves streams like confide.infer.accelerator.serve_streams
+        (tests)."""
+        self.accelerator: Any = None
+        accel_sock: socket.socket | None = None
+        if isinstance(accelerator, str):
+            from confide.infer.accelerator import AcceleratorProcess
+
+            self.accelerator = AcceleratorProcess(accelerator)
+            accel_sock = self.accelerator.enclave_sock
+        elif accelerator is not None:
+            accel_sock = accelerator
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         cmd = [
             sys.executable,
@@ -55,11 +69,17 @@ class EnclaveProcess:
         ]
         if config is not None:
             cmd += ["--config", str(config)]
+        passed = [child.fileno()]
+        if accel_sock is not None:
+            cmd += ["--accelerator-fd", str(accel_sock.fileno())]
+            passed.append(accel_sock.fileno())
         started = time.monotonic()
         self.proc = subprocess.Popen(
-            cmd, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stderr=stderr, close_fds=True
+            cmd, pass_fds=tuple(passed), stdin=subprocess.DEVNULL, stderr=stderr, close_fds=True
         )
         child.close()
+        if accel_sock is not None:
+            accel_sock.close()  # the enclave holds it now; the accelerator sees EOF when the enclave exits
         self.sock = parent
         self.sock.settimeout(START_TIMEOUT_S)
         self._ids = itertools.count(1)
@@ -157,6 +177,9 @@ class EnclaveProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.sock.close()
+        if self.accelerator is not None:
+            self.accelerator.close()
+            self.accelerator = None
 
     def __enter__(self) -> EnclaveProcess:
         return self

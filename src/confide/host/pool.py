@@ -76,6 +76,7 @@ class PoolSettings:
     backend: str = "sim"
     poll_seconds: float = 0.5
     lease_seconds: float = 60.0
+    accelerator: str | None = None  # numpy | cuda | auto: one accelerator process per enclave worker
 
 
 class EnclaveWorker:
@@ -170,6 +171,7 @@ class EnclaveWorker:
             state_dir=self.state_dir,
             config=self.pool.settings.enclave_config,
             backend=self.pool.settings.backend,
+            accelerator=self.pool.settings.accelerator,
         )
         self.enclave = enclave
         self.info = enclave.info

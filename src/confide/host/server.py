@@ -48,6 +48,7 @@ class ServeOptions:
     max_blob_bytes: int = DEFAULT_MAX_BYTES
     blob_dir: Path | None = None  # shared by every server of one platform (default: DATA/blobs)
     uploads: UploadLimits = field(default_factory=UploadLimits)  # concurrency, per-party quota, time
+    accelerator: str | None = None  # numpy | cuda | auto (untrusted; for infer's outsourced modes)
 
 
 def configure_logging() -> None:
@@ -109,6 +110,7 @@ def build(opts: ServeOptions) -> tuple[Platform, WorkerPool]:
             boot_id=os.urandom(4).hex(),
             enclave_config=opts.enclave_config,
             backend=opts.backend,
+            accelerator=opts.accelerator,
             poll_seconds=opts.poll_seconds,
             lease_seconds=opts.lease_seconds,
         ),
@@ -130,6 +132,7 @@ def serve(
     max_blob_bytes: int = DEFAULT_MAX_BYTES,
     blob_dir: Path | None = None,
     uploads: UploadLimits | None = None,
+    accelerator: str | None = None,
 ) -> None:
     """`confide serve`: run until SIGINT/SIGTERM (see `run`)."""
     run(
@@ -146,6 +149,7 @@ def serve(
             max_blob_bytes=max_blob_bytes,
             blob_dir=blob_dir,
             uploads=uploads or UploadLimits(),
+            accelerator=accelerator,
         )
     )
 

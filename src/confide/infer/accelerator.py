@@ -13,18 +13,29 @@ Backends:
   default; other attacks by name).
 
 ``python -m confide.infer.accelerator [--backend numpy|cuda|auto]`` serves the framed protocol of
-confide.enclave.infer.wire on stdin/stdout, so the enclave side talks to an external process.
+confide.enclave.infer.wire on stdin/stdout, so the enclave side talks to an external process. With
+``--control-fd N`` it serves an enclave instead (what ``confide serve --accelerator`` starts, one
+per enclave worker, through `AcceleratorProcess`): it writes one hello frame on the unix socket N,
+then receives, per outsourced task, the two pipe ends of a fresh stream (SCM_RIGHTS; see
+confide.enclave.accelerator_link) and serves each in its own thread with a fresh backend (weights
+of one task never meet another's).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import socket
+import subprocess
 import sys
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 
 import numpy as np
 
+from confide.enclave.errors import ConfideError
 from confide.enclave.infer import wire
 from confide.enclave.infer.field import FLOAT64_EXACT, HALF_BLIND, P_BLIND, uniform_mod
 
@@ -195,10 +206,95 @@ def serve(rfile: BinaryIO, wfile: BinaryIO, backend: Any) -> int:
             wire.send(wfile, {"ok": False, "seq": seq, "error": str(exc)})
 
 
+def serve_stream(rfd: int, wfd: int, backend: Any) -> int:
+    """Serve one enclave stream (two pipe ends) until it ends; closes both; returns requests served."""
+    with os.fdopen(rfd, "rb") as rfile, os.fdopen(wfd, "wb") as wfile:
+        try:
+            return serve(rfile, wfile, backend)
+        except (wire.WireError, OSError):
+            return 0  # the enclave side went away or spoke nonsense: it fails closed on its own
+
+
+def serve_streams(control: socket.socket, make: Callable[[], Any]) -> int:
+    """The enclave's accelerator: one thread with a fresh `make()` backend per stream received on
+    `control`, until the enclave closes it. Returns the number of streams."""
+    from confide.enclave.sandbox.protocol import recv_msg
+
+    threads: list[threading.Thread] = []
+    while True:
+        try:
+            msg = recv_msg(control)
+        except (OSError, ValueError, ConfideError):
+            msg = None
+        if msg is None:
+            break
+        _, fds = msg
+        if len(fds) != 2:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            continue
+        t = threading.Thread(target=serve_stream, args=(fds[0], fds[1], make()), daemon=True)
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join(timeout=5)
+    return len(threads)
+
+
+class AcceleratorProcess:
+    """The host's side: start ``python -m confide.infer.accelerator --control-fd`` and keep the other
+    end of its socket for an enclave (``enclave_sock``, passed as ``--accelerator-fd``)."""
+
+    def __init__(self, backend: str = "auto", *, extra_args: Sequence[str] = ()) -> None:
+        from confide.enclave.channel import read_frame
+        from confide.enclave.encoding import parse_json_object
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "confide.infer.accelerator",
+                "--backend",
+                backend,
+                "--control-fd",
+                str(theirs.fileno()),
+                *extra_args,
+            ],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+            close_fds=True,
+        )
+        theirs.close()
+        self.enclave_sock = ours
+        ours.settimeout(120)
+        try:
+            hello = parse_json_object(read_frame(ours, 1 << 16), where="accelerator start")
+        except (ConfideError, OSError) as exc:
+            self.close()  # waits for the process: its exit code is known below
+            raise ConfideError(
+                f"the accelerator (--backend {backend}) did not start (exit code {self.proc.returncode}; "
+                f"its stderr says why): {exc}",
+                where="accelerator",
+            ) from None
+        ours.settimeout(None)
+        self.backend = str(hello.get("backend", "?"))
+
+    def close(self) -> None:
+        self.enclave_sock.close()  # the accelerator exits when its control socket closes
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m confide.infer.accelerator", description=__doc__)
     ap.add_argument("--backend", default="numpy", choices=("numpy", "cuda", "auto"))
     ap.add_argument("--lie", choices=ATTACKS, help="tamper with every answer (tests only)")
+    ap.add_argument("--control-fd", type=int, default=None, help="serve an enclave's streams (see above)")
     args = ap.parse_args(argv)
     try:
         backend: Any = make_backend(args.backend)
@@ -207,6 +303,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.lie:
         backend = LyingAccelerator(backend, args.lie)
+    if args.control_fd is not None:
+        from confide.enclave.channel import send_message
+
+        control = socket.socket(fileno=args.control_fd)
+        send_message(control, {"ready": True, "backend": getattr(backend, "name", "lying")})
+
+        def make() -> Any:
+            b: Any = make_backend(args.backend)
+            return LyingAccelerator(b, args.lie) if args.lie else b
+
+        serve_streams(control, make)
+        return 0
     try:
         serve(sys.stdin.buffer, sys.stdout.buffer, backend)
     except wire.WireError as exc:

@@ -1,17 +1,33 @@
-"""Built-in onnx-infer v1 (all-in-enclave mode): run an ONNX model with ONNX Runtime on the CPU.
+"""Built-in onnx-infer v1: run an ONNX model on the data, in one of three modes (``params.mode``).
 
 Inputs: ``model`` (an ONNX model, decrypted from its sealed file by the enclave) and ``data``
 (a NumPy ``.npz`` archive with one array per model input, named as the model names them; or a
 ``.npy`` array for a model with exactly one input). Output: ``outputs``, an ``.npz`` archive of
-every model output (or of ``params.outputs``, a list of output names). ``params.mode`` may only be
-``all-in-enclave`` (the default); on the platform this module is the built-in ``infer``.
+every model output (or of ``params.outputs``, a list of output names). On the platform this module
+is the built-in ``infer``. Modes (docs/inference/):
+
+- ``all-in-enclave`` (the default): ONNX Runtime on the CPU, nothing leaves the sandbox;
+- ``outsourced-verified``: the numpy executor (enclave/infer/executor.py) with every MatMul/Gemm/
+  Conv product computed by the host's accelerator on quantized activations in clear and checked
+  with Freivalds' algorithm before use (integrity only);
+- ``outsourced-blinded+verified``: the same with activations blinded by fresh CSPRNG masks in
+  p = 2^23 + 2^21 + 7, so the accelerator sees only uniform field elements (integrity and input
+  privacy). In both outsourced modes the accelerator holds the model's 8-bit weights in clear.
+
+The outsourced modes read and write ``ctx.accelerator``, the byte stream to the accelerator that
+the enclave opened for this run (accelerator_link.py); without one they refuse. Every frame read
+from it is parsed as hostile (wire.py) and every product checked; a wrong one stops the inference
+naming the layer, and no output is written (the enclave publishes outputs only of a run that ends
+well). The offline phase (masks, unblinding factors r·W, Freivalds vectors) runs before any
+activation is sent.
 
 Runs in the sandbox child like any party's function: the model is hostile input to the data owner
 and the data to the model owner. ONNX Runtime is imported here, in the child (it cannot be
 pre-imported in the zygote: importing it starts a thread, and the zygote must stay single-threaded
 to fork safely), with one intra-op and one inter-op thread, sequential execution, no spinning and
-the CPU provider only; its memory is capped by the sandbox's memory limit. Arrays are read with
-``allow_pickle=False``; dtypes and ranks must match the model's declared inputs.
+the CPU provider only; its memory is capped by the sandbox's memory limit. The executor and onnx are
+pre-imported by the zygote. Arrays are read with ``allow_pickle=False``; dtypes and ranks must match
+the model's declared inputs.
 """
 
 from typing import Any
@@ -21,17 +37,19 @@ def run(ctx: Any) -> None:
     import io
 
     import numpy as np  # only inside the sandbox child, never in the enclave process
-    import onnxruntime as ort
 
+    modes = ("all-in-enclave", "outsourced-verified", "outsourced-blinded+verified")
     unknown = sorted(set(ctx.params) - {"outputs", "mode"})
     if unknown:
         raise ValueError(f"onnx-infer: unknown parameter(s) {', '.join(unknown)}")
     mode = ctx.params.get("mode", "all-in-enclave")
+    if mode not in modes:
+        raise ValueError(f"onnx-infer: mode {str(mode)[:40]!r} is not one of {', '.join(modes)}")
     if mode != "all-in-enclave":
-        raise ValueError(
-            f"onnx-infer: mode {str(mode)[:40]!r} is not available here (all-in-enclave is; the "
-            "outsourced modes need the accelerator channel, which platform tasks do not have yet)"
-        )
+        _outsourced(ctx, mode)  # without ONNX Runtime
+        return
+    import onnxruntime as ort
+
     if hasattr(ort, "disable_telemetry_events"):
         ort.disable_telemetry_events()
     ort.set_default_logger_severity(3)
@@ -86,4 +104,80 @@ def run(ctx: Any) -> None:
     results = session.run(wanted, feeds)
     buf = io.BytesIO()
     np.savez(buf, **dict(zip(wanted, results, strict=False)))
+    ctx.outputs["outputs"].write(buf.getvalue())
+
+
+def _read_data(raw: bytes, declared: list[str]) -> dict[str, Any]:
+    """The `data` input as {model input name: array} (.npz, or .npy for a one-input model)."""
+    import io
+
+    import numpy as np
+
+    try:
+        loaded = np.load(io.BytesIO(raw), allow_pickle=False)
+        arrays = {"": loaded} if isinstance(loaded, np.ndarray) else {n: loaded[n] for n in loaded.files}
+    except Exception as exc:
+        raise ValueError(f"onnx-infer: input 'data' is not a .npy/.npz file ({exc})") from None
+    if "" in arrays:
+        if len(declared) != 1:
+            raise ValueError(f"onnx-infer: a .npy input needs a one-input model (it has {sorted(declared)})")
+        return {declared[0]: arrays[""]}
+    if set(arrays) != set(declared):
+        raise ValueError(
+            f"onnx-infer: input 'data' has arrays {sorted(arrays)}, the model takes {sorted(declared)}"
+        )
+    return arrays
+
+
+def _outsourced(ctx: Any, mode: str) -> None:
+    """The outsourced modes: the numpy executor, linear layers on the accelerator, every product checked."""
+    import io
+
+    import numpy as np
+    import onnx
+
+    from confide.enclave.infer.executor import Executor, Graph
+    from confide.enclave.infer.slalom import Mode
+    from confide.enclave.infer.wire import AcceleratorClient
+
+    if ctx.accelerator is None:
+        raise ValueError(
+            f"onnx-infer: mode {mode} needs the accelerator stream and the enclave gave this run none"
+        )
+    try:
+        model = onnx.load_model_from_string(ctx.inputs["model"].read())
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise ValueError(f"onnx-infer: input 'model' is not a valid ONNX model ({exc})") from None
+    graph = Graph(model, where="input 'model'")  # refuses operators the executor does not implement
+    feeds = _read_data(ctx.inputs["data"].read(), list(graph.inputs))
+    for arg in model.graph.input:
+        if arg.name not in feeds:
+            continue  # an initializer listed as an input
+        arr = feeds[arg.name]
+        t = arg.type.tensor_type
+        if t.elem_type != onnx.TensorProto.FLOAT or arr.dtype != np.float32:
+            raise ValueError(
+                f"onnx-infer: array {arg.name!r} is {arr.dtype}; the outsourced modes take float32"
+            )
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        if len(dims) != arr.ndim or any(
+            d is not None and d != n for d, n in zip(dims, arr.shape, strict=True)
+        ):
+            raise ValueError(f"onnx-infer: array {arg.name!r} has shape {arr.shape}, the model takes {dims}")
+        if arr.size == 0 or not np.all(np.isfinite(arr)):
+            raise ValueError(f"onnx-infer: array {arg.name!r} is empty or not finite")
+    names = list(graph.outputs)
+    wanted = ctx.params.get("outputs", names)
+    if not isinstance(wanted, list) or not wanted or any(w not in names for w in wanted):
+        raise ValueError(f"onnx-infer: params.outputs must be a non-empty list of {names}")
+    client = AcceleratorClient(*ctx.accelerator)
+    slalom_mode = Mode.BLINDED if mode == "outsourced-blinded+verified" else Mode.VERIFIED
+    executor = Executor(graph, slalom_mode, client)  # sends the quantized weights (load)
+    executor.precompute({n: tuple(a.shape) for n, a in feeds.items()}, 1)  # offline phase
+    results, _stats = executor.run(feeds)  # raises naming the layer on any wrong product
+    client.close()
+    buf = io.BytesIO()
+    out: dict[str, Any] = {n: results[n] for n in wanted}
+    np.savez(buf, **out)
     ctx.outputs["outputs"].write(buf.getvalue())

@@ -88,6 +88,7 @@ def _child(plan: SandboxPlan, fds: ChildFds, probe_mode: bool) -> int:
             output_fds=fds.outputs,
             limits=request["limits"],
             probe=probe,
+            stream_fds=fds.stream,
         )
     except LayerFailed as exc:
         write_status(fds.status, {"outcome": "setup-failed", "layer": exc.layer, "detail": str(exc)})
@@ -104,7 +105,7 @@ def _child(plan: SandboxPlan, fds: ChildFds, probe_mode: bool) -> int:
         )
         write_status(fds.status, {"outcome": "probe", "layers": report, "io_problem": io_problem})
         return EXIT_OK
-    return _run_function(request, inputs, fds.outputs, fds.status)
+    return _run_function(request, inputs, fds.outputs, fds.status, fds.stream)
 
 
 def _probe_io(inputs: tuple[int, ...], outputs: tuple[int, ...]) -> str | None:
@@ -117,7 +118,11 @@ def _probe_io(inputs: tuple[int, ...], outputs: tuple[int, ...]) -> str | None:
 
 
 def _run_function(
-    request: dict[str, Any], input_fds: tuple[int, ...], output_fds: tuple[int, ...], status_fd: int
+    request: dict[str, Any],
+    input_fds: tuple[int, ...],
+    output_fds: tuple[int, ...],
+    status_fd: int,
+    stream_fds: tuple[int, ...] = (),
 ) -> int:
     # Keep our own references: the function may monkeypatch any module.
     write, cap, fmt = write_status, _cap, format_exception
@@ -128,6 +133,7 @@ def _run_function(
     stdout, stderr = sys.stdout, sys.stderr
     inputs = {name: os.fdopen(fd, "rb") for name, fd in zip(request["inputs"], input_fds, strict=True)}
     outputs = {name: os.fdopen(fd, "wb") for name, fd in zip(request["outputs"], output_fds, strict=True)}
+    stream = (os.fdopen(stream_fds[0], "rb"), os.fdopen(stream_fds[1], "wb")) if stream_fds else None
     source: str = request["source"]
     linecache.cache[FUNCTION_FILENAME] = (len(source), None, source.splitlines(True), FUNCTION_FILENAME)
     try:
@@ -137,7 +143,7 @@ def _run_function(
         fn = namespace.get("run")
         if not callable(fn):
             raise TypeError("the function's source must define run(ctx)")
-        fn(Context(request["params"], inputs, outputs))  # type: ignore[arg-type]
+        fn(Context(request["params"], inputs, outputs, stream))  # type: ignore[arg-type]
         for handle in outputs.values():
             handle.close()
         stdout.flush()

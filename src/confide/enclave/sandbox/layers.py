@@ -126,6 +126,7 @@ def apply_all(
     output_fds: tuple[int, ...],
     limits: dict[str, int],
     probe: Probe | None,
+    stream_fds: tuple[int, ...] = (),
 ) -> tuple[LayerRun, tuple[int, ...], dict[int, tuple[int, int]]]:
     """Apply every layer to the calling (freshly forked, single-threaded) process.
 
@@ -143,7 +144,7 @@ def apply_all(
     os.dup2(log_fd, 1, inheritable=False)
     os.dup2(log_fd, 2, inheritable=False)
     inputs = tuple(reopen_read_only(fd) for fd in input_fds)
-    keep = {0, 1, 2, status_fd, *inputs, *output_fds}
+    keep = {0, 1, 2, status_fd, *inputs, *output_fds, *stream_fds}
     if probe is not None:
         keep |= probe.extra_fds()
 
@@ -151,7 +152,9 @@ def apply_all(
         close_all_but(keep)
         return (
             f"stdin /dev/null, stdout+stderr to the log pipe, status pipe, {len(inputs)} input(s) "
-            f"reopened read-only, {len(output_fds)} output pipe(s); everything else closed"
+            f"reopened read-only, {len(output_fds)} output pipe(s)"
+            + (", the accelerator stream's two pipe ends" if stream_fds else "")
+            + "; everything else closed"
         )
 
     run.apply("fds-closed", close_fds)

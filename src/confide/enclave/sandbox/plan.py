@@ -30,3 +30,5 @@ class ChildFds:
     log: int  # write end: becomes the child's stdout and stderr
     inputs: tuple[int, ...]
     outputs: tuple[int, ...]
+    # (read end, write end) of a byte stream to an accelerator process, or () (see zygote.Zygote.run)
+    stream: tuple[int, ...] = ()

@@ -214,11 +214,13 @@ class ZygoteServer:
     def _run(self, obj: dict[str, Any], fds: list[int]) -> None:
         assert self.plan is not None
         n_in, n_out = int(obj["n_inputs"]), int(obj["n_outputs"])
-        if len(fds) != 3 + n_in + n_out:
+        n_stream = 2 if obj.get("stream") else 0
+        if len(fds) != 3 + n_in + n_out + n_stream:
             for fd in fds:
                 os.close(fd)
             send_msg(
-                self.sock, {"event": "exit", "error": f"expected {3 + n_in + n_out} fds, got {len(fds)}"}
+                self.sock,
+                {"event": "exit", "error": f"expected {3 + n_in + n_out + n_stream} fds, got {len(fds)}"},
             )
             return
         child_fds = ChildFds(
@@ -226,7 +228,8 @@ class ZygoteServer:
             status=fds[1],
             log=fds[2],
             inputs=tuple(fds[3 : 3 + n_in]),
-            outputs=tuple(fds[3 + n_in :]),
+            outputs=tuple(fds[3 + n_in : 3 + n_in + n_out]),
+            stream=tuple(fds[3 + n_in + n_out :]),
         )
         sys.stdout.flush()
         sys.stderr.flush()

@@ -6,7 +6,10 @@ inherit the caller's memory, keys, descriptors or threads, whatever state the ca
 
 Zygote.run sends one request per function run. Source and params travel in a sealed memfd that only
 the child reads; inputs go as the caller's fds (reopened read-only in the child); each output gets
-a pipe whose read end stays here and is streamed into the caller's sink, capped.
+a pipe whose read end stays here and is streamed into the caller's sink, capped. A run may also get
+`stream`, the child's two ends of a byte stream to an accelerator process (a pipe to read, a pipe
+to write) that the enclave opened and handed the host the other ends of; they are passed as they
+are (never reopened) and become ``ctx.accelerator``.
 """
 
 from __future__ import annotations
@@ -67,6 +70,10 @@ DEFAULT_PREIMPORT = (
     PARQUET_READER,
     "confide.enclave.dp_params",
     "confide.enclave.builtins.dp_noise",
+    # the infer built-in's outsourced modes (onnx: the graph checker; no thread at import)
+    "onnx",
+    "confide.enclave.infer.executor",
+    "confide.enclave.infer.wire",
 )
 
 
@@ -222,15 +229,17 @@ class Zygote:
         inputs: dict[str, int],
         outputs: dict[str, OutputSink],
         limits: SandboxLimits,
+        stream: tuple[int, int] | None = None,
     ) -> RunResult:
-        """Run `source` (defining run(ctx)) in a fresh sandboxed child; see the module docstring."""
+        """Run `source` (defining run(ctx)) in a fresh sandboxed child; see the module docstring.
+        `stream` (read fd, write fd) stays the caller's: it is passed on, not closed."""
         with self._lock:
             if not self.alive():
                 raise SandboxError("the zygote is not running", where="Zygote.run")
             for name, fd in inputs.items():
                 check_input_fd(name, fd)
-            if len(inputs) + len(outputs) + 3 > MAX_FDS:
-                raise SandboxError(f"too many inputs and outputs (max {MAX_FDS - 3})", where="Zygote.run")
+            if len(inputs) + len(outputs) + 5 > MAX_FDS:
+                raise SandboxError(f"too many inputs and outputs (max {MAX_FDS - 5})", where="Zygote.run")
             try:
                 payload = json.dumps(
                     {
@@ -247,10 +256,15 @@ class Zygote:
                 ).encode()
             except (TypeError, ValueError) as exc:
                 raise SandboxError(f"params must be JSON values: {exc}", where="Zygote.run") from exc
-            return self._run_locked(payload, inputs, outputs, limits)
+            return self._run_locked(payload, inputs, outputs, limits, stream)
 
     def _run_locked(
-        self, payload: bytes, inputs: dict[str, int], outputs: dict[str, OutputSink], limits: SandboxLimits
+        self,
+        payload: bytes,
+        inputs: dict[str, int],
+        outputs: dict[str, OutputSink],
+        limits: SandboxLimits,
+        stream: tuple[int, int] | None = None,
     ) -> RunResult:
         payload_fd = make_input_memfd(payload, name="confide-request")
         out_pipes = {name: os.pipe2(os.O_CLOEXEC) for name in outputs}
@@ -267,8 +281,16 @@ class Zygote:
                         "n_inputs": len(inputs),
                         "n_outputs": len(outputs),
                         "wall_seconds": limits.wall_seconds,
+                        "stream": stream is not None,
                     },
-                    [payload_fd, status_w, log_w, *inputs.values(), *(w for _, w in out_pipes.values())],
+                    [
+                        payload_fd,
+                        status_w,
+                        log_w,
+                        *inputs.values(),
+                        *(w for _, w in out_pipes.values()),
+                        *(stream or ()),
+                    ],
                 )
             except OSError as exc:
                 self._abandon()

@@ -1,0 +1,274 @@
+"""The `infer` built-in's outsourced modes in a real enclave worker (issue 9): the host hands the
+enclave an accelerator socket, the enclave opens one fresh pipe pair per task for the sandbox child,
+the child's executor outsources every MatMul/Gemm/Conv and checks each product with Freivalds.
+
+Played here by the adversary, the host's accelerator (a thread of this test, serving the streams
+the enclave sends over the socket with whatever behaviour the test sets): honest, lying about one
+layer, hanging up, writing garbage frames. A lie or a broken stream fails the task closed (no output
+published, the error names the layer); an enclave whose host offers no accelerator refuses the
+outsourced modes before anything runs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import socket
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+
+from confide.client import inference
+from confide.enclave import manifest as mf
+from confide.enclave.errors import ConfideError, EnclaveError
+from confide.enclave.infer import wire
+from confide.enclave.infer.field import HALF_BLIND
+from confide.enclave.keys import Identity
+from confide.enclave.sandbox.protocol import recv_msg
+from confide.infer.accelerator import LyingAccelerator, NumpyAccelerator, serve_stream
+from infer_support import cnn, mlp, ort_run
+
+VENDOR = Identity.generate("vendor")
+CLINIC = Identity.generate("clinic")
+LAB = Identity.generate("lab")
+PARTIES = {"vendor": VENDOR.public, "clinic": CLINIC.public, "lab": LAB.public}
+OUTSOURCED = ("outsourced-verified", "outsourced-blinded+verified")
+X_MLP = np.random.default_rng(7).normal(size=(8, 32)).astype(np.float32)
+X_CNN = np.random.default_rng(8).normal(size=(2, 1, 12, 12)).astype(np.float32)
+
+
+class HostAccelerator:
+    """The host's side of the enclave's accelerator socket, with a behaviour chosen per test."""
+
+    def __init__(self) -> None:
+        self.enclave_end, self._ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.behaviour = "honest"
+        self.streams = 0
+        self.seen: list[np.ndarray] = []  # every matmul request's array (what the accelerator learns)
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (msg := recv_msg(self._ours)) is not None:
+            head, fds = msg
+            assert head["op"] == "stream" and len(fds) == 2
+            self.streams += 1
+            threading.Thread(target=self._serve, args=(fds[0], fds[1], self.behaviour), daemon=True).start()
+
+    def _serve(self, rfd: int, wfd: int, behaviour: str) -> None:
+        if behaviour == "honest":
+            serve_stream(rfd, wfd, Recording(NumpyAccelerator(), self.seen))
+        elif behaviour.startswith("lie:"):
+            serve_stream(rfd, wfd, LyingAccelerator(NumpyAccelerator(), "flip", layers={behaviour[4:]}))
+        elif behaviour in ("hang-up", "garbage"):
+            with os.fdopen(rfd, "rb") as r, os.fdopen(wfd, "wb") as w, contextlib.suppress(OSError):
+                backend = NumpyAccelerator()
+                while (got := wire.recv(r, where="test")) is not None:
+                    head, arr = got
+                    if head["op"] == "load":
+                        assert arr is not None
+                        backend.load(head["layer"], arr)
+                        wire.send(w, {"ok": True, "seq": head["seq"]})
+                        continue
+                    if behaviour == "garbage":  # a frame header that is not JSON, then noise
+                        w.write(b"\x00\x00\x00\x10" + os.urandom(16))
+                        w.flush()
+                    return  # hang up: both ends closed on the first product asked for
+        else:
+            raise AssertionError(behaviour)
+
+
+class Recording:
+    def __init__(self, inner: Any, seen: list[np.ndarray]) -> None:
+        self.inner, self.seen = inner, seen
+
+    def load(self, layer: str, w_q: np.ndarray) -> None:
+        self.inner.load(layer, w_q)
+
+    def matmul(self, layer: str, x: np.ndarray) -> Any:
+        self.seen.append(np.array(x))
+        return self.inner.matmul(layer, x)
+
+
+@pytest.fixture(scope="module")
+def accel_worker(tmp_path_factory: pytest.TempPathFactory):
+    """An enclave worker whose host offers the test's accelerator: (kit, host accelerator)."""
+    from confide.client.home import Home
+    from confide.enclave.keys import PublicIdentity
+    from conftest import TaskKit
+
+    root = tmp_path_factory.mktemp("accel")
+    accel = HostAccelerator()
+    enclave = Home(root / "home").start_enclave(accelerator=accel.enclave_end)
+    assert enclave.info["accelerator"] is True
+    info = enclave.service_init()
+    yield TaskKit(root / "work", enclave, PublicIdentity.from_line(info["service"])), accel
+    enclave.close()
+
+
+def _npz(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def run(kit: Any, model: bytes, x: np.ndarray, mode: str) -> tuple[dict[str, Any], dict[str, Any], dict]:
+    return kit.run_builtin(
+        "infer",
+        {"model": model, "data": _npz(x=x)},
+        {"mode": mode},
+        owners={"model": VENDOR, "data": CLINIC},
+        creator=LAB,
+        outputs=("outputs",),
+        participants=PARTIES,
+    )
+
+
+def error_text(kit: Any, outs: dict) -> str:
+    return kit.read(outs["_error"], LAB).decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("mode", OUTSOURCED)
+def test_outsourced_modes_match_onnxruntime(accel_worker: Any, mode: str) -> None:
+    kit, accel = accel_worker
+    accel.behaviour = "honest"
+    for model, x, bound in ((mlp(), X_MLP, 0.01), (cnn(), X_CNN, None)):
+        before, seen_before = accel.streams, len(accel.seen)
+        result, body, outs = run(kit, model, x, mode)
+        assert result["ok"], body
+        assert accel.streams == before + 1  # one fresh stream per task
+        got = np.load(io.BytesIO(kit.read(outs["outputs"], LAB)), allow_pickle=False)["y"]
+        ref = ort_run(model, {"x": x})[0]
+        err = float(np.max(np.abs(got - ref)))
+        # the documented quantization error (docs/inference/): softmax outputs within 0.01, the
+        # CNN's logits within 3% of their largest magnitude; same argmax
+        assert err < (bound if bound is not None else 0.03 * float(np.max(np.abs(ref)))), err
+        assert np.array_equal(np.argmax(got, axis=1), np.argmax(ref, axis=1))
+        sent = accel.seen[seen_before:]
+        assert len(sent) == 3  # three linear layers each
+        rows = _first_rows(x, sent[0])
+        if mode == "outsourced-verified":  # the accelerator sees each input row, scaled by 2^s
+            for got_row, x_row in zip(sent[0].astype(float), rows, strict=True):
+                assert np.corrcoef(got_row, x_row)[0, 1] > 0.999
+        else:  # blinded: spread over the whole field, uncorrelated with the input
+            assert np.max(np.abs(sent[0])) > HALF_BLIND // 2
+            assert abs(np.corrcoef(sent[0].ravel().astype(float), rows.ravel())[0, 1]) < 0.25
+
+
+def _first_rows(x: np.ndarray, sent: np.ndarray) -> np.ndarray:
+    """The input as the first layer's rows (the MLP's x itself; the CNN's im2col patches)."""
+    if x.ndim == 2:
+        return x.astype(float)
+    p = np.pad(x[:, 0], ((0, 0), (1, 1), (1, 1)))
+    win = np.lib.stride_tricks.sliding_window_view(p, (3, 3), axis=(1, 2))  # b, 12, 12, 3, 3
+    return win.reshape(sent.shape).astype(float)
+
+
+@pytest.mark.parametrize("mode", OUTSOURCED)
+def test_a_lying_accelerator_fails_the_task_naming_the_layer(accel_worker: Any, mode: str) -> None:
+    kit, accel = accel_worker
+    accel.behaviour = "lie:fc1"
+    result, _, outs = run(kit, mlp(), X_MLP, mode)
+    assert not result["ok"] and result["category"] == "exception"
+    assert "outputs" not in result["outputs"] and not outs["outputs"].exists()  # nothing released
+    text = error_text(kit, outs)
+    assert "OutsourceRejected" in text and "layer fc1: accelerator result failed Freivalds' check" in text
+
+
+@pytest.mark.parametrize("behaviour", ["hang-up", "garbage"])
+def test_a_broken_accelerator_stream_fails_closed(accel_worker: Any, behaviour: str) -> None:
+    kit, accel = accel_worker
+    accel.behaviour = behaviour
+    result, _, outs = run(kit, mlp(), X_MLP, "outsourced-blinded+verified")
+    assert not result["ok"] and result["category"] == "exception"
+    assert "outputs" not in result["outputs"] and not outs["outputs"].exists()
+    text = error_text(kit, outs)
+    assert "WireError" in text and "layer fc0" in text, text
+    want = "the accelerator closed the channel" if behaviour == "hang-up" else "header is not JSON"
+    assert want in text, text
+
+
+def test_all_in_enclave_needs_no_accelerator_stream(accel_worker: Any) -> None:
+    kit, accel = accel_worker
+    before = accel.streams
+    result, body, outs = run(kit, mlp(), X_MLP, "all-in-enclave")
+    assert result["ok"], body and accel.streams == before  # the accelerator is never contacted
+    got = np.load(io.BytesIO(kit.read(outs["outputs"], LAB)), allow_pickle=False)["y"]
+    np.testing.assert_allclose(got, ort_run(mlp(), {"x": X_MLP})[0], rtol=1e-6, atol=1e-6)
+
+
+def test_no_accelerator_offered_is_a_clear_refusal(service_worker: Any) -> None:
+    kit, _ = service_worker  # an enclave started without --accelerator-fd
+    for mode in OUTSOURCED:
+        result, body, outs = run(kit, mlp(), X_MLP, mode)
+        assert result["category"] == "refused" and body["error"]["check"] == "run"
+        assert f"mode {mode} needs an accelerator and this host offers none" in body["error"]["message"]
+        assert not outs["outputs"].exists()
+
+
+def test_the_approval_text_says_what_each_mode_reveals() -> None:
+    def text(mode: str) -> str:
+        from confide.client.manifest_build import build_manifest
+
+        svc = Identity.generate("svc")
+        m = build_manifest(
+            service=svc.public,
+            creator=LAB.public,
+            function=mf.builtin_descriptor("infer"),
+            params={"mode": mode},
+            inputs=[
+                mf.TaskInput("model", "d" * 32, VENDOR.fingerprint, "0" * 64),
+                mf.TaskInput("data", "e" * 32, CLINIC.fingerprint, "1" * 64),
+            ],
+            outputs=[mf.TaskOutput("outputs", (LAB.fingerprint,))],
+            participants=PARTIES,
+        )
+        return "\n".join(inference.describe(m))
+
+    verified, blinded = text("outsourced-verified"), text("outsourced-blinded+verified")
+    for t in (verified, blinded):
+        assert "weights" in t and "in clear" in t and "accelerator" in t
+    assert "sees the data of clinic" in verified and "hidden from the accelerator" in blinded
+    assert set(inference.MODES) == {"all-in-enclave", *OUTSOURCED}
+
+
+def test_the_accelerator_process_serves_each_enclave_stream() -> None:
+    """What `confide serve --accelerator numpy` starts per worker, driven by the enclave's link."""
+    from confide.enclave.accelerator_link import AcceleratorLink
+    from confide.enclave.infer.executor import Executor, Graph
+    from confide.enclave.infer.slalom import Mode
+    from confide.infer.accelerator import AcceleratorProcess
+
+    proc = AcceleratorProcess("numpy")
+    assert proc.backend == "numpy-cpu"
+    link = AcceleratorLink(proc.enclave_sock)
+    try:
+        model = mlp()
+        for _ in range(2):  # two tasks, two fresh streams, each with its own loaded weights
+            rfd, wfd = link.open_stream()
+            with os.fdopen(rfd, "rb") as r, os.fdopen(wfd, "wb") as w:
+                client = wire.AcceleratorClient(r, w)
+                out, stats = Executor(Graph.from_bytes(model), Mode.BLINDED, client).run({"x": X_MLP})
+                client.close()
+            assert np.max(np.abs(out["y"] - ort_run(model, {"x": X_MLP})[0])) < 0.01
+            assert stats.outsourced_calls == 3
+    finally:
+        link.close()
+        proc.close()
+    assert proc.proc.returncode == 0  # it exits when the enclave's end closes
+    with pytest.raises(EnclaveError, match="accelerator is not reachable"):
+        link.open_stream()
+
+
+def test_a_cuda_accelerator_without_cuda_is_a_clear_start_error() -> None:
+    from confide.infer.accelerator import AcceleratorProcess
+
+    try:  # torch is imported only in the accelerator process, never in this one
+        proc = AcceleratorProcess("cuda")
+    except ConfideError as exc:  # this CPU machine: torch without CUDA, or no torch at all
+        assert "accelerator (--backend cuda) did not start (exit code 2)" in str(exc)
+        return
+    assert proc.backend == "torch-cuda"  # a machine with a GPU
+    proc.close()
