@@ -24,6 +24,17 @@ SQL). Numbers are plain decimals (``-12``, ``3.50``; an empty cell is missing an
 exact (decimal arithmetic without rounding). Outputs: ``result`` (CSV: the group columns, then one
 column per aggregate, sorted by the groups; suppressed groups left out) and ``report`` (JSON: k, how
 many groups were released and how many suppressed). Runs in the sandbox; the zygote provides pandas.
+
+Two engines, one result. Without ``dp`` the join and the aggregates run in DuckDB (builtins/duck.py:
+one thread, in memory) on Arrow columns: CSV read by Arrow's reader as text, ASCII keys normalised
+with Arrow's kernels (strip of Python's ASCII whitespace, then lower case, which is what strip, NFC
+and casefold do to ASCII) and every other key in Python, numbers checked against the same pattern
+and cast to DECIMAL(38, s) with s the column's largest scale, sums exact in DuckDB's 128-bit
+decimals, printed with the exponent Python's decimal sum would have. Whenever that path cannot
+promise the same output as the reference path below (a cell or parse it cannot handle, a non-ASCII
+number, min/max over a column of mixed scales or with a negative zero, a 38-digit overflow, a group
+column that is also summed, an error of any kind) it gives up and the reference path (pandas and
+Python decimals, which also words every error) runs instead; so does ``dp``.
 """
 
 import csv
@@ -184,6 +195,11 @@ def _header(pd: Any, name: str, source: Any) -> list[str]:
 
 def _parquet_cells(name: str, column: str, values: Any) -> list[str]:
     """A Parquet column as the text of CSV cells (null: empty)."""
+    return list(_parquet_text(name, column, values).to_pylist())
+
+
+def _parquet_text(name: str, column: str, values: Any) -> Any:
+    """A Parquet column as an Arrow string array of the text of CSV cells (null: empty)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -193,9 +209,9 @@ def _parquet_cells(name: str, column: str, values: Any) -> list[str]:
             if v is not None and not math.isfinite(v):
                 _fail(f"input {name!r}, column {column!r}, data row {row}: {v!r} is not a number")
             cells.append("" if v is None else format(decimal.Decimal(repr(v)), "f"))
-        return cells
+        return pa.array(cells, pa.string())
     try:
-        return list(pc.fill_null(pc.cast(values, pa.string()), "").to_pylist())
+        return pc.fill_null(pc.cast(values, pa.string()), "")
     except Exception as exc:
         _fail(
             f"input {name!r}, column {column!r}: a {values.type} column cannot be read as text ({str(exc)[:200]})"
@@ -211,6 +227,7 @@ def _frame(pd: Any, name: str, source: Any, used: list[str]) -> Any:
         except Exception as exc:
             _fail(f"input {name!r}: not a readable Parquet file ({str(exc)[:200]})")
         return pd.DataFrame({col: _parquet_cells(name, col, table.column(col)) for col in used}, dtype=str)
+    _refuse_ragged(name, source)  # pandas would drop extra fields and pad missing ones silently
     try:
         return pd.read_csv(
             io.StringIO(source), usecols=used, dtype=str, keep_default_na=False, na_filter=False
@@ -218,6 +235,18 @@ def _frame(pd: Any, name: str, source: Any, used: list[str]) -> Any:
     except Exception as exc:
         _fail(f"input {name!r}: not a readable CSV file ({str(exc)[:200]})")
     raise AssertionError
+
+
+def _refuse_ragged(name: str, text: str) -> None:
+    """Fails naming the first line whose record has more or fewer fields than the header."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        width = len(next(reader, []))
+        for record in reader:
+            if record and len(record) != width:
+                _fail(f"input {name!r}, line {reader.line_num}: {len(record)} fields, the header has {width}")
+    except csv.Error as exc:
+        _fail(f"input {name!r}, line {reader.line_num}: not a readable CSV record ({exc})")
 
 
 def _resolve(ref: str, headers: dict[str, list[str]], keys: dict[str, str]) -> tuple[str, str]:
@@ -259,7 +288,11 @@ def _aggregate(op: str, values: list[Any], places: int) -> str:
         total = EXACT.add(total, v)
     if op == "sum":
         return str(total)
-    scaled = round(Fraction(total) * 10**places / len(present))  # half-even on exact values
+    return _average(total, len(present), places)
+
+
+def _average(total: decimal.Decimal, n: int, places: int) -> str:
+    scaled = round(Fraction(total) * 10**places / n)  # half-even on exact values
     return str(decimal.Decimal(scaled).scaleb(-places, EXACT))
 
 
@@ -278,6 +311,11 @@ def run(ctx: Any) -> None:
     refs = p["group_by"] + [a["column"] for a in p["aggregates"] if a["column"] is not None]
     where = {ref: _resolve(ref, headers, p["keys"]) for ref in refs}
     numeric = {where[a["column"]] for a in p["aggregates"] if a["column"] is not None and a["op"] != "count"}
+    if p["dp"] is None:
+        fast = _in_duckdb(p, inputs, sources, headers, where, numeric)
+        if fast is not None:
+            _write_outputs(ctx, p, *fast)
+            return
     joined = None
     for name in inputs:
         key = p["keys"][name]
@@ -428,5 +466,296 @@ def _dp_release(
             "epsilon_measured": info["epsilon"],
             "delta_measured": info["delta"],
         },
+    }
+    return rows, report
+
+
+# ---- the DuckDB path ------------------------------------------------------------------------------
+ASCII_SPACE = " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"  # what str.strip() removes from ASCII text
+ASCII_NUMBER = "^[+-]?(?:[0-9]+(?:\\.[0-9]*)?|\\.[0-9]+)$"  # NUMBER_RE on ASCII text
+NEGATIVE_ZERO = "^-0*\\.?0*$"
+
+
+class _GiveUp(Exception):
+    """The DuckDB path cannot promise the reference path's output: the reference path runs."""
+
+
+def _in_duckdb(
+    p: dict[str, Any],
+    inputs: list[str],
+    sources: dict[str, Any],
+    headers: dict[str, list[str]],
+    where: dict[str, tuple[str, str]],
+    numeric: set[tuple[str, str]],
+) -> tuple[list[list[str]], dict[str, Any]] | None:
+    """(rows, report) computed in DuckDB, or None where the reference path must run (see the module
+    docstring)."""
+    import duckdb  # only inside the sandbox child, never in the enclave process
+
+    from confide.enclave.builtins import duck  # pre-imported by the zygote
+
+    group_refs = set(p["group_by"])
+    if any(where[g] in numeric for g in group_refs):
+        return None  # the reference path groups such a column by its decimal value
+    try:
+        tables, scales = {}, {}
+        for i, name in enumerate(inputs):
+            tables[f"t{i}"], sc = _arrow_input(p, name, sources[name], headers[name], where, numeric)
+            scales.update(sc)
+        minmax = {where[a["column"]] for a in p["aggregates"] if a["op"] in ("min", "max")}
+        if any(scales[c][0] != scales[c][1] or scales[c][2] for c in minmax):
+            return None  # mixed scales or a negative zero: which equal value prints is order-dependent
+        con = duck.connect(duckdb, _duckdb_memory_mib())
+        try:
+            for t, table in tables.items():
+                con.register(t, table)
+            if len(inputs) > 2 and _join_too_big(con, len(inputs), p["max_rows"]):
+                return None  # the reference path refuses it, with its message
+            return _aggregate_in_duckdb(con, p, inputs, where, numeric, scales)
+        finally:
+            con.close()
+    except (_GiveUp, duckdb.Error, decimal.DecimalException):
+        return None
+    except Exception as exc:  # pyarrow's errors: the reference path reads the input again and words them
+        if type(exc).__module__.startswith("pyarrow"):
+            return None
+        raise
+
+
+def _duckdb_memory_mib() -> int:
+    """Most of the sandbox's address-space limit (DuckDB's own limit makes it fail cleanly first)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return 4096
+    return max(64, int(soft * 0.6) >> 20)
+
+
+def _col(inp: str, col: str) -> str:
+    """The Arrow column name of input `inp`'s column `col` (refs may name one column twice)."""
+    return json.dumps([inp, col])
+
+
+def _arrow_input(
+    p: dict[str, Any],
+    name: str,
+    source: Any,
+    header: list[str],
+    where: dict[str, tuple[str, str]],
+    numeric: set[tuple[str, str]],
+) -> tuple[Any, dict[tuple[str, str], tuple[int, int, bool]]]:
+    """Input `name` as an Arrow table: its normalised key ("k", rows with an empty key dropped), its
+    used columns as text, and per numeric column a DECIMAL value ("v" + name) and the cell's scale
+    ("s" + name); and per numeric column (smallest scale, largest scale, whether a cell is -0)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    key = p["keys"][name]
+    used = sorted({col for (inp, col) in where.values() if inp == name} | {key})
+    if isinstance(source, str):
+        if _first_record(source) != header:
+            raise _GiveUp  # pandas read the header differently (a repeated name)
+        import pyarrow.csv as pcsv
+
+        try:
+            table = pcsv.read_csv(
+                pa.BufferReader(source.encode("utf-8")),
+                read_options=pcsv.ReadOptions(use_threads=False, block_size=16 << 20),
+                parse_options=pcsv.ParseOptions(newlines_in_values=True),
+                convert_options=pcsv.ConvertOptions(
+                    include_columns=used,
+                    column_types={c: pa.string() for c in used},
+                    strings_can_be_null=False,
+                    quoted_strings_can_be_null=False,
+                    null_values=[],
+                ),
+            )
+        except pa.ArrowInvalid:  # its message quotes the row: name the line instead, or give up
+            _refuse_ragged(name, source)
+            raise _GiveUp from None
+        columns = {c: table.column(c).combine_chunks() for c in used}
+    else:
+        table = source.read(columns=used, use_threads=False)
+        columns = {c: _parquet_text(name, c, table.column(c).combine_chunks()) for c in used}
+    for col in used:
+        longest = pc.max(pc.utf8_length(columns[col])).as_py()
+        if longest is not None and longest > p["max_chars"]:
+            raise _GiveUp  # the reference path names the row
+    out = {"k": _normalised_keys(columns[key])}
+    scales = {}
+    for inp, col in sorted(set(where.values())):
+        if inp != name:
+            continue
+        cells = columns[col]
+        out[_col(inp, col)] = cells
+        if (inp, col) in numeric:
+            value, scale, info = _decimals(cells)
+            out["v" + _col(inp, col)] = value
+            if scale is not None:
+                out["s" + _col(inp, col)] = scale
+            scales[(inp, col)] = info
+    result = pa.table(out)
+    return result.filter(pc.not_equal(result.column("k"), "")), scales
+
+
+def _first_record(text: str) -> list[str]:
+    try:
+        return next(csv.reader(io.StringIO(text, newline="")), [])
+    except csv.Error:
+        raise _GiveUp from None
+
+
+def _normalised_keys(cells: Any) -> Any:
+    """strip, NFC and casefold of every key: Arrow's kernels on ASCII keys, Python on the others."""
+    import unicodedata
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    keys = pc.ascii_lower(pc.utf8_trim(cells, characters=ASCII_SPACE))
+    other = pc.invert(pc.string_is_ascii(cells))
+    if pc.any(other).as_py():
+        mask = np.asarray(other.to_numpy(zero_copy_only=False), dtype=bool)
+        texts = cells.filter(other).to_pylist()
+        fixed = pa.array([unicodedata.normalize("NFC", t.strip()).casefold() for t in texts], pa.string())
+        keys = pc.replace_with_mask(keys, pa.array(mask), fixed)
+    return keys
+
+
+def _decimals(cells: Any) -> tuple[Any, Any, tuple[int, int, bool]]:
+    """(the cells' numbers, null where empty: int64 when every one is an integer, else text that
+    DuckDB casts to DECIMAL; each cell's scale, or None when they all have the same; (smallest and
+    largest scale of a number, whether one is a negative zero))."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not pc.all(pc.string_is_ascii(cells)).as_py():
+        raise _GiveUp  # str.strip and \\d know Unicode spaces and digits
+    text = pc.utf8_trim(cells, characters=ASCII_SPACE)
+    empty = pc.equal(text, "")
+    value = pc.if_else(empty, pa.scalar(None, pa.string()), text)
+    digits = pc.ascii_is_decimal(pc.utf8_ltrim(value, characters="-"))
+    if pc.all(digits).as_py() is not False:  # [-]digits (Arrow's integer parser also takes 0x..)
+        try:
+            ints = pc.cast(value, pa.int64())
+        except pa.ArrowInvalid:  # "--1", or beyond 64 bits
+            ints = None
+        if ints is not None:
+            negative_zero = pc.any(pc.and_(pc.starts_with(value, "-"), pc.equal(ints, 0))).as_py()
+            return ints, None, (0, 0, bool(negative_zero))
+    if not pc.all(pc.or_(pc.match_substring_regex(text, ASCII_NUMBER), empty)).as_py():
+        raise _GiveUp  # the reference path names the cell
+    dot = pc.find_substring(text, ".")
+    length = pc.utf8_length(text)
+    scale = pc.if_else(pc.less(dot, 0), 0, pc.subtract(pc.subtract(length, dot), 1))
+    scale = pc.if_else(pc.invert(empty), scale, pa.scalar(None, scale.type))
+    low, high = pc.min(scale).as_py() or 0, pc.max(scale).as_py() or 0
+    negative_zero = pc.any(pc.match_substring_regex(text, NEGATIVE_ZERO)).as_py()
+    return value, (scale if low != high else None), (low, high, bool(negative_zero))
+
+
+def _join_too_big(con: Any, n: int, max_rows: int) -> bool:
+    """Whether joining the inputs in order makes more than max_rows rows at some step (the reference
+    path's check, which it then reports)."""
+    if n < 2:
+        return False
+    counts = [f"(SELECT k, count(*)::HUGEINT AS c FROM t{i} GROUP BY k) c{i}" for i in range(n)]
+    for last in range(1, n):
+        product = " * ".join(f"c{i}.c" for i in range(last + 1))
+        joined = counts[0] + "".join(f" JOIN {counts[i]} USING (k)" for i in range(1, last + 1))
+        made = con.execute(f"SELECT coalesce(sum({product}), 0) FROM {joined}").fetchone()[0]
+        if made > max_rows:
+            return True
+    return False
+
+
+def _aggregate_in_duckdb(
+    con: Any,
+    p: dict[str, Any],
+    inputs: list[str],
+    where: dict[str, tuple[str, str]],
+    numeric: set[tuple[str, str]],
+    scales: dict[tuple[str, str], tuple[int, int, bool]],
+) -> tuple[list[list[str]], dict[str, Any]]:
+    def q(name: str) -> str:
+        return '"' + name.replace('"', '""') + '"'
+
+    def typed(ref: str) -> str:
+        return q("v" + _col(*where[ref]))
+
+    select = [q(_col(*where[g])) for g in p["group_by"]] + ["count(*)", "count(DISTINCT k)"]
+    for agg in p["aggregates"]:
+        ref, op = agg["column"], agg["op"]
+        if ref is None:
+            select.append("count(*)")
+        elif op == "count":
+            inp, col = where[ref]
+            select.append(
+                f"count({q('v' + _col(inp, col))})"
+                if (inp, col) in numeric
+                else f"count(NULLIF({q(_col(inp, col))}, ''))"
+            )
+        else:
+            fn = {"avg": "sum"}.get(op, op)
+            inp, col = where[ref]
+            low, high, _ = scales[(inp, col)]
+            scale = f"max({q('s' + _col(inp, col))})" if low != high else str(high)
+            select += [f"{fn}({typed(ref)})", f"count({typed(ref)})", scale]
+
+    def cast(i: str) -> str:  # each input's numbers cast once, before the join multiplies rows
+        casts = [
+            f"CAST({q('v' + _col(inp, col))} AS DECIMAL(38, {scales[(inp, col)][1]})) AS {q('v' + _col(inp, col))}"
+            for inp, col in sorted(numeric)
+            if inp == i
+        ]
+        return (
+            f"(SELECT * REPLACE ({', '.join(casts)}) FROM t{inputs.index(i)})"
+            if casts
+            else f"t{inputs.index(i)}"
+        )
+
+    source = " JOIN ".join(
+        f"{cast(name)} AS j{i}" + ("" if i == 0 else " USING (k)") for i, name in enumerate(inputs)
+    )
+    if len(inputs) == 2:  # the join-size check in the same pass: at most max_rows + 1 rows flow
+        source = f"(SELECT * FROM {source} LIMIT {p['max_rows'] + 1})"
+    groups = ", ".join(q(_col(*where[g])) for g in p["group_by"])
+    sql = f"SELECT {', '.join(select)} FROM {source}" + (f" GROUP BY {groups}" if groups else "")
+    found = con.execute(sql).fetchall()
+    width = len(p["group_by"])
+    if not p["group_by"] and found and found[0][0] == 0:
+        found = []  # an empty join has no group
+    if sum(row[width] for row in found) > p["max_rows"]:
+        raise _GiveUp  # the join is larger than max_join_rows: the reference path refuses it
+    rows: list[list[str]] = []
+    suppressed = 0
+    for row in sorted(found, key=lambda r: tuple(r[:width])):
+        if row[width + 1] < p["k"]:
+            suppressed += 1
+            continue
+        out = [str(v) for v in row[:width]]
+        at = width + 2
+        for agg in p["aggregates"]:
+            if agg["column"] is None or agg["op"] == "count":
+                out.append(str(row[at]))
+                at += 1
+                continue
+            value, present, scale = row[at : at + 3]
+            at += 3
+            if not present:
+                out.append("")
+            elif agg["op"] == "avg":
+                out.append(_average(value, present, p["avg_places"]))
+            else:  # the exponent the reference path's decimal sum (or min, max) has
+                out.append(str(value.quantize(decimal.Decimal(1).scaleb(-int(scale)), context=EXACT)))
+        rows.append(out)
+    report = {
+        "function": NAME,
+        "version": "1",
+        "k": p["k"],
+        "groups": len(rows),
+        "suppressed_groups": suppressed,
     }
     return rows, report

@@ -52,9 +52,9 @@ Outputs: ``result`` (CSV: the query's columns, released rows only) and ``report`
 many rows were released; the number suppressed is NOT reported: with a WHERE that isolates one
 person it would tell whether that person is in the data). A run-time error's DuckDB message is
 withheld (it may quote data); parse and bind errors, which depend only on the query and the column
-types, are passed on. DuckDB runs with one thread, no async I/O threads, no external access (no
-files, no network), no extension loading, no temp directory, no Python replacement scans and a
-locked configuration. Runs in the sandbox child, which imports duckdb (not pre-imported in the zygote).
+types, are passed on. DuckDB runs as builtins/duck.py configures it: one thread, no async I/O
+threads, no external access (no files, no network), no extension loading, no temp directory, no
+Python replacement scans and a locked configuration. Runs in the sandbox child, which imports duckdb (not pre-imported in the zygote).
 
 ``dp`` (optional: differential privacy, enclave/dp_params.py; delta is always required here): the
 query may then output only GROUP BY columns, count(*) and sum(column) of a column that ``bounds``
@@ -863,26 +863,10 @@ def _load(con: Any, name: str, raw: bytes, table: Any = None, *, copy: bool = Fa
     return None
 
 
-def _connect(duckdb: Any, memory_mib: int) -> Any:
-    return duckdb.connect(
-        ":memory:",
-        config={
-            "threads": 1,
-            "async_threads": 0,
-            "enable_external_access": False,
-            "autoload_known_extensions": False,
-            "autoinstall_known_extensions": False,
-            "allow_community_extensions": False,
-            "python_enable_replacements": False,
-            "temp_directory": "",
-            "memory_limit": f"{memory_mib}MiB",
-            "lock_configuration": True,
-        },
-    )
-
-
 def run(ctx: Any) -> None:
     import duckdb  # only inside the sandbox child, never in the enclave process
+
+    from confide.enclave.builtins import duck  # pre-imported by the zygote
 
     inputs = sorted(ctx.inputs)
     if not inputs:
@@ -891,7 +875,7 @@ def run(ctx: Any) -> None:
         _fail(f"input names {inputs} differ only in case: SQL table names ignore case")
     p = _params(dict(ctx.params), inputs)
     rule = p["rule"]
-    con = _connect(duckdb, p["memory_mib"])
+    con = duck.connect(duckdb, p["memory_mib"])
     try:
         statements = con.extract_statements(p["query"])
     except duckdb.Error as exc:

@@ -70,6 +70,7 @@ DEFAULT_PREIMPORT = (
     PARQUET_READER,
     "confide.enclave.dp_params",
     "confide.enclave.builtins.dp_noise",
+    "confide.enclave.builtins.duck",  # sql's and join-aggregate's DuckDB configuration
     # the infer built-in's outsourced modes (onnx: the graph checker; no thread at import)
     "onnx",
     "confide.enclave.infer.executor",
