@@ -2,7 +2,8 @@
 (sealed here, key wrapped to the service, only its metadata visible), an inference task runs only
 with the model owner's and the data owner's approvals, its outputs equal plain ONNX Runtime's, the
 approval text says what the mode reveals, and an unknown mode is refused by the enclave with its
-error text for the recipients (the outsourced modes: test_builtin_infer_outsourced.py)."""
+error text for the recipients. The server runs with `--accelerator numpy`, so an outsourced mode
+runs end to end (its adversarial tests: test_builtin_infer_outsourced.py)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,18 @@ from infer_support import mlp, ort_run
 from platform_support import sdk_clients
 
 X = np.random.default_rng(5).normal(size=(8, 32)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    """`confide serve --accelerator numpy`: the worker's enclave gets an accelerator process."""
+    from platform_support import ServerProcess
+
+    srv = ServerProcess(
+        tmp_path_factory.mktemp("server") / "data", workers=1, extra_args=("--accelerator", "numpy")
+    ).start()
+    yield srv
+    srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +80,23 @@ def test_inference_runs_only_with_both_owners_approval(world: dict[str, Any]) ->
     got = np.load(out, allow_pickle=False)["y"]
     np.testing.assert_allclose(got, ort_run(mlp(), {"x": X})[0], rtol=1e-6, atol=1e-6)
     assert clinic.results(task, tmp / "clinic-out").outputs == {}  # not a recipient
+
+
+def test_an_outsourced_mode_runs_on_the_servers_accelerator(world: dict[str, Any]) -> None:
+    vendor, clinic, lab, tmp = world["vendor"], world["clinic"], world["lab"], world["tmp"]
+    task = inference.infer(
+        lab, model=world["model"].ref, data=world["data"].ref, mode="outsourced-blinded+verified"
+    )
+    text = vendor.describe(task)
+    assert "mode outsourced-blinded+verified" in text and "are sent in clear to the host's untrusted" in text
+    assert "is hidden from the accelerator" in clinic.describe(task)
+    for c in (vendor, clinic):
+        c.approve(task)
+    lab.run(task)
+    assert lab.wait(task, timeout=120)["state"] == "succeeded"
+    got = np.load(lab.results(task, tmp / "out-blinded").outputs["outputs"], allow_pickle=False)["y"]
+    ref = ort_run(mlp(), {"x": X})[0]
+    assert np.max(np.abs(got - ref)) < 0.01 and np.array_equal(got.argmax(1), ref.argmax(1))
 
 
 def test_an_unavailable_mode_is_refused_in_the_enclave(world: dict[str, Any]) -> None:
