@@ -47,6 +47,7 @@ class HostAccelerator:
         self.behaviour = "honest"
         self.streams = 0
         self.seen: list[np.ndarray] = []  # every matmul request's array (what the accelerator learns)
+        self.release = threading.Event()  # ends a stall
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
@@ -62,7 +63,7 @@ class HostAccelerator:
             serve_stream(rfd, wfd, Recording(NumpyAccelerator(), self.seen))
         elif behaviour.startswith("lie:"):
             serve_stream(rfd, wfd, LyingAccelerator(NumpyAccelerator(), "flip", layers={behaviour[4:]}))
-        elif behaviour in ("hang-up", "garbage"):
+        elif behaviour in ("hang-up", "garbage", "stall"):
             with os.fdopen(rfd, "rb") as r, os.fdopen(wfd, "wb") as w, contextlib.suppress(OSError):
                 backend = NumpyAccelerator()
                 while (got := wire.recv(r, where="test")) is not None:
@@ -75,6 +76,10 @@ class HostAccelerator:
                     if behaviour == "garbage":  # a frame header that is not JSON, then noise
                         w.write(b"\x00\x00\x00\x10" + os.urandom(16))
                         w.flush()
+                    if behaviour == "stall":  # half a reply, then nothing, the stream held open
+                        w.write(b"\x00\x00")
+                        w.flush()
+                        self.release.wait(60)
                     return  # hang up: both ends closed on the first product asked for
         else:
             raise AssertionError(behaviour)
@@ -114,11 +119,13 @@ def _npz(**arrays: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def run(kit: Any, model: bytes, x: np.ndarray, mode: str) -> tuple[dict[str, Any], dict[str, Any], dict]:
+def run(
+    kit: Any, model: bytes, x: np.ndarray, mode: str, **params: Any
+) -> tuple[dict[str, Any], dict[str, Any], dict]:
     return kit.run_builtin(
         "infer",
         {"model": model, "data": _npz(x=x)},
-        {"mode": mode},
+        {"mode": mode, **params},
         owners={"model": VENDOR, "data": CLINIC},
         creator=LAB,
         outputs=("outputs",),
@@ -190,6 +197,22 @@ def test_a_broken_accelerator_stream_fails_closed(accel_worker: Any, behaviour: 
     assert want in text, text
 
 
+def test_a_stalled_accelerator_fails_the_layer_at_the_reply_timeout(accel_worker: Any) -> None:
+    kit, accel = accel_worker
+    accel.behaviour = "stall"
+    try:
+        result, _, outs = run(kit, mlp(), X_MLP, "outsourced-verified", reply_timeout_s=1)
+    finally:
+        accel.release.set()
+    assert not result["ok"] and result["category"] == "exception"  # not the run's wall timeout
+    assert "outputs" not in result["outputs"] and not outs["outputs"].exists()
+    text = error_text(kit, outs)
+    assert "layer fc0: cannot read the accelerator (no complete reply within 1 s" in text, text
+    for bad in (0, -1, "5", True, 3601):
+        result, _, outs = run(kit, mlp(), X_MLP, "outsourced-verified", reply_timeout_s=bad)
+        assert not result["ok"] and "params.reply_timeout_s must be a number" in error_text(kit, outs)
+
+
 def test_all_in_enclave_needs_no_accelerator_stream(accel_worker: Any) -> None:
     kit, accel = accel_worker
     before = accel.streams
@@ -231,6 +254,7 @@ def test_the_approval_text_says_what_each_mode_reveals() -> None:
     for t in (verified, blinded):
         assert "weights" in t and "in clear" in t and "accelerator" in t
     assert "sees the data of clinic" in verified and "hidden from the accelerator" in blinded
+    assert "waits at most 120 s for each accelerator reply" in verified
     assert set(inference.MODES) == {"all-in-enclave", *OUTSOURCED}
 
 
@@ -268,7 +292,9 @@ def test_a_cuda_accelerator_without_cuda_is_a_clear_start_error() -> None:
     try:  # torch is imported only in the accelerator process, never in this one
         proc = AcceleratorProcess("cuda")
     except ConfideError as exc:  # this CPU machine: torch without CUDA, or no torch at all
-        assert "accelerator (--backend cuda) did not start (exit code 2)" in str(exc)
+        said = str(exc)
+        assert "accelerator (--backend cuda) did not start (exit code 2): error: " in said, said
+        assert "CUDA is not available" in said or "torch is not installed" in said, said
         return
     assert proc.backend == "torch-cuda"  # a machine with a GPU
     proc.close()

@@ -30,6 +30,7 @@ def infer(
     recipients: Sequence[str] | None = None,
     outputs: Sequence[str] | None = None,
     mode: str = "all-in-enclave",
+    reply_timeout_s: float | None = None,
     **task: Any,
 ) -> str:
     """Create an ``infer`` task: the model (a reference from `upload_model`) on `data` (a reference
@@ -40,6 +41,8 @@ def infer(
             f"mode must be one of {', '.join(MODES)} for platform tasks, got {mode!r}", where="infer"
         )
     params: dict[str, Any] = {"mode": mode}
+    if reply_timeout_s is not None:  # outsourced modes: seconds to wait for each accelerator reply
+        params["reply_timeout_s"] = reply_timeout_s
     if outputs is not None:
         params["outputs"] = list(outputs)
     to = list(recipients) if recipients is not None else [client.fingerprint]
@@ -93,6 +96,8 @@ def describe(m: Manifest, clean: Callable[[str], str] = str) -> list[str]:
             "product passes with probability below 3.6e-15) before use; a wrong one stops the task and "
             "nothing is released",
             f"  outputs -> {to}: the model's outputs on that data, within the quantization error",
+            f"  the enclave waits at most {clean(str(m.params.get('reply_timeout_s', 120)))} s for each "
+            "accelerator reply; a slower or broken accelerator fails the task",
             "  the host also sees the layer shapes, the number and size of the messages, the timing "
             "of every layer, and the run's duration and output sizes",
         ]

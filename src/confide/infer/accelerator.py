@@ -29,6 +29,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
@@ -79,7 +80,10 @@ class CudaAccelerator:
     name = "torch-cuda"
 
     def __init__(self, device: str = "cuda") -> None:
-        import torch  # only where the operator installed it; never in the TCB
+        try:
+            import torch  # only where the operator installed it; never in the TCB
+        except ImportError:
+            raise RuntimeError("torch is not installed (the cuda backend needs PyTorch with CUDA)") from None
 
         if not torch.cuda.is_available():
             raise RuntimeError("torch is installed but CUDA is not available")
@@ -251,6 +255,7 @@ class AcceleratorProcess:
         from confide.enclave.encoding import parse_json_object
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        errors = tempfile.TemporaryFile()  # noqa: SIM115 - its stderr, read back if it does not start
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -264,6 +269,7 @@ class AcceleratorProcess:
             ],
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
+            stderr=errors,
             close_fds=True,
         )
         theirs.close()
@@ -273,11 +279,15 @@ class AcceleratorProcess:
             hello = parse_json_object(read_frame(ours, 1 << 16), where="accelerator start")
         except (ConfideError, OSError) as exc:
             self.close()  # waits for the process: its exit code is known below
+            errors.seek(0)
+            said = errors.read()[-2000:].decode("utf-8", "replace").strip().splitlines()
+            errors.close()
             raise ConfideError(
-                f"the accelerator (--backend {backend}) did not start (exit code {self.proc.returncode}; "
-                f"its stderr says why): {exc}",
+                f"the accelerator (--backend {backend}) did not start (exit code {self.proc.returncode}): "
+                + (said[-1] if said else str(exc)),
                 where="accelerator",
             ) from None
+        errors.close()  # the process keeps its own descriptor
         ours.settimeout(None)
         self.backend = str(hello.get("backend", "?"))
 

@@ -15,7 +15,8 @@ is the built-in ``infer``. Modes (docs/inference/):
   privacy). In both outsourced modes the accelerator holds the model's 8-bit weights in clear.
 
 The outsourced modes read and write ``ctx.accelerator``, the byte stream to the accelerator that
-the enclave opened for this run (accelerator_link.py); without one they refuse. Every frame read
+the enclave opened for this run (accelerator_link.py); without one they refuse. Each reply must
+arrive complete within ``params.reply_timeout_s`` (default 120 s) of its request, or the layer fails. Every frame read
 from it is parsed as hostile (wire.py) and every product checked; a wrong one stops the inference
 naming the layer, and no output is written (the enclave publishes outputs only of a run that ends
 well). The offline phase (masks, unblinding factors r·W, Freivalds vectors) runs before any
@@ -30,7 +31,7 @@ pre-imported by the zygote. Arrays are read with ``allow_pickle=False``; dtypes 
 the model's declared inputs.
 """
 
-from typing import Any
+from typing import Any, cast
 
 
 def run(ctx: Any) -> None:
@@ -39,12 +40,14 @@ def run(ctx: Any) -> None:
     import numpy as np  # only inside the sandbox child, never in the enclave process
 
     modes = ("all-in-enclave", "outsourced-verified", "outsourced-blinded+verified")
-    unknown = sorted(set(ctx.params) - {"outputs", "mode"})
+    unknown = sorted(set(ctx.params) - {"outputs", "mode", "reply_timeout_s"})
     if unknown:
         raise ValueError(f"onnx-infer: unknown parameter(s) {', '.join(unknown)}")
     mode = ctx.params.get("mode", "all-in-enclave")
     if mode not in modes:
         raise ValueError(f"onnx-infer: mode {str(mode)[:40]!r} is not one of {', '.join(modes)}")
+    if "reply_timeout_s" in ctx.params and mode == "all-in-enclave":
+        raise ValueError("onnx-infer: params.reply_timeout_s applies only to the outsourced modes")
     if mode != "all-in-enclave":
         _outsourced(ctx, mode)  # without ONNX Runtime
         return
@@ -105,6 +108,52 @@ def run(ctx: Any) -> None:
     buf = io.BytesIO()
     np.savez(buf, **dict(zip(wanted, results, strict=False)))
     ctx.outputs["outputs"].write(buf.getvalue())
+
+
+REPLY_TIMEOUT_S = 120.0  # default wait for each accelerator reply (params.reply_timeout_s)
+
+
+class _TimedReader:
+    """The accelerator's reply pipe, read with a deadline: each reply must arrive complete within the
+    timeout of its request (armed by _ArmingWriter.flush); a stalled accelerator fails the layer."""
+
+    def __init__(self, fh: Any, seconds: float) -> None:
+        import select
+
+        self._fd = fh.fileno()
+        self._fh = fh  # keeps the file object (and its fd) alive
+        self._seconds = seconds
+        self._deadline = 0.0
+        self._poll = select.poll()
+        self._poll.register(self._fd, select.POLLIN)
+
+    def arm(self) -> None:
+        import time
+
+        self._deadline = time.monotonic() + self._seconds
+
+    def read(self, n: int) -> bytes:
+        import os
+        import time
+
+        left = self._deadline - time.monotonic()
+        if left <= 0 or not self._poll.poll(max(1, int(left * 1000))):
+            raise TimeoutError(f"no complete reply within {self._seconds:g} s (params.reply_timeout_s)")
+        return os.read(self._fd, min(n, 1 << 20))
+
+
+class _ArmingWriter:
+    """The request pipe: every flush (the end of a request frame) arms the reader's deadline."""
+
+    def __init__(self, fh: Any, reader: _TimedReader) -> None:
+        self._fh, self._reader = fh, reader
+
+    def write(self, data: bytes) -> int:
+        return int(self._fh.write(data))
+
+    def flush(self) -> None:
+        self._fh.flush()
+        self._reader.arm()
 
 
 def _read_data(raw: bytes, declared: list[str]) -> dict[str, Any]:
@@ -171,7 +220,14 @@ def _outsourced(ctx: Any, mode: str) -> None:
     wanted = ctx.params.get("outputs", names)
     if not isinstance(wanted, list) or not wanted or any(w not in names for w in wanted):
         raise ValueError(f"onnx-infer: params.outputs must be a non-empty list of {names}")
-    client = AcceleratorClient(*ctx.accelerator)
+    timeout = ctx.params.get("reply_timeout_s", REPLY_TIMEOUT_S)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 3600:
+        raise ValueError(
+            f"onnx-infer: params.reply_timeout_s must be a number of seconds in (0, 3600], not {timeout!r}"
+        )
+    reader, writer = ctx.accelerator
+    timed = _TimedReader(reader, float(timeout))
+    client = AcceleratorClient(cast(Any, timed), cast(Any, _ArmingWriter(writer, timed)))
     slalom_mode = Mode.BLINDED if mode == "outsourced-blinded+verified" else Mode.VERIFIED
     executor = Executor(graph, slalom_mode, client)  # sends the quantized weights (load)
     executor.precompute({n: tuple(a.shape) for n, a in feeds.items()}, 1)  # offline phase
