@@ -298,3 +298,53 @@ def test_a_cuda_accelerator_without_cuda_is_a_clear_start_error() -> None:
         return
     assert proc.backend == "torch-cuda"  # a machine with a GPU
     proc.close()
+
+
+def _in_process(params: dict[str, Any], model: bytes, data: bytes, *, accelerator: bool = True) -> bytes:
+    """The built-in's run(ctx) in this process (coverage sees it), its stream served by a thread."""
+    from confide.enclave.builtins import onnx_infer
+    from confide.enclave.sandbox.context import Context
+
+    out = io.BytesIO()
+    stream = None
+    if accelerator:
+        req_r, req_w = os.pipe()
+        rep_r, rep_w = os.pipe()
+        threading.Thread(target=serve_stream, args=(req_r, rep_w, NumpyAccelerator()), daemon=True).start()
+        stream = (os.fdopen(rep_r, "rb"), os.fdopen(req_w, "wb"))
+    ctx = Context(params, {"model": io.BytesIO(model), "data": io.BytesIO(data)}, {"outputs": out}, stream)  # type: ignore[arg-type]
+    try:
+        onnx_infer.run(ctx)
+    finally:
+        for f in stream or ():
+            f.close()
+    return out.getvalue()
+
+
+def test_the_builtin_in_process_and_its_refusals() -> None:
+    model = mlp()
+    ref = ort_run(model, {"x": X_MLP})[0]
+    for mode in OUTSOURCED:
+        got = np.load(io.BytesIO(_in_process({"mode": mode}, model, _npz(x=X_MLP))))["y"]
+        assert np.max(np.abs(got - ref)) < 0.01
+    buf = io.BytesIO()
+    np.save(buf, X_MLP)  # a .npy for a one-input model, and params.outputs
+    got = np.load(io.BytesIO(_in_process({"mode": OUTSOURCED[1], "outputs": ["y"]}, model, buf.getvalue())))
+    assert got.files == ["y"]
+    bad: list[tuple[dict[str, Any], bytes, bytes, bool, str]] = [
+        ({"mode": "outsourced-blinded"}, model, _npz(x=X_MLP), True, "is not one of all-in-enclave"),
+        ({"mode": OUTSOURCED[0]}, model, _npz(x=X_MLP), False, "needs the accelerator stream"),
+        ({"reply_timeout_s": 5}, model, _npz(x=X_MLP), True, "applies only to the outsourced modes"),
+        ({"mode": OUTSOURCED[0]}, b"junk", _npz(x=X_MLP), True, "is not a valid ONNX model"),
+        ({"mode": OUTSOURCED[0]}, model, b"junk", True, "is not a .npy/.npz file"),
+        ({"mode": OUTSOURCED[0]}, model, _npz(z=X_MLP), True, "has arrays ['z'], the model takes ['x']"),
+        ({"mode": OUTSOURCED[0]}, model, _npz(x=X_MLP.astype(np.float64)), True, "take float32"),
+        ({"mode": OUTSOURCED[0]}, model, _npz(x=X_MLP[:, :16]), True, "the model takes [None, 32]"),
+        ({"mode": OUTSOURCED[0]}, model, _npz(x=X_MLP * np.nan), True, "empty or not finite"),
+        ({"mode": OUTSOURCED[0], "outputs": ["h0"]}, model, _npz(x=X_MLP), True, "params.outputs must be"),
+        ({"mode": OUTSOURCED[0], "reply_timeout_s": 0}, model, _npz(x=X_MLP), True, "reply_timeout_s must"),
+    ]
+    for params, m, data, accel, message in bad:
+        with pytest.raises(ValueError, match=None) as info:
+            _in_process(params, m, data, accelerator=accel)
+        assert message in str(info.value), (params, str(info.value))
