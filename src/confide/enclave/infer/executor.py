@@ -1,15 +1,20 @@
-"""Runs an ONNX graph in numpy inside the enclave, its MatMul/Gemm/Conv outsourced (slalom.py).
+"""Runs an ONNX graph in numpy inside the enclave, its linear layers outsourced (slalom.py).
 
 The model is hostile input to the data owner and the inputs are hostile to the model owner, so this
 runs in the sandbox child. The graph is parsed and checked by the ``onnx`` library (no parser of
-our own); the operators below are the ones implemented, any other is refused naming the node:
+our own); every node is then checked by ``ops.check_node`` (operator, input count, attributes and
+their values) and anything not implemented is refused naming the node:
 
 - linear, outsourced in ``outsourced-*`` modes (computed here in float64 in ``enclave`` mode):
   MatMul with a constant 2-D right operand, Gemm with a constant B (alpha, beta, transA/transB, a
-  constant C), Conv (group 1, any pads/strides/dilations) through im2col;
-- everything else, always here: Add, Sub, Mul, Div, Relu, Sigmoid, Tanh, Softmax, Flatten,
-  Reshape (constant shape), Transpose, Identity, MaxPool/AveragePool (no padding beyond pads),
-  GlobalAveragePool, and MatMul of two activations.
+  constant C), Conv with group 1 (any pads/strides/dilations) through im2col, and ConvTranspose
+  with group 1 and strides equal to its kernel (no overlap: one product, then a reshape);
+- everything else, always here (ops.py): element-wise arithmetic and comparisons, Relu, Sigmoid,
+  Tanh, Erf, Sqrt, Exp, HardSigmoid, HardSwish, LeakyRelu, Softmax, Clip, Cast, LayerNormalization,
+  BatchNormalization (inference), ReduceSum/Mean/Max/L2, the shape operators (Shape, Constant,
+  ConstantOfShape, Gather, Unsqueeze, Squeeze, Concat, Reshape, Flatten, Transpose, Slice, Expand,
+  Where), Resize (nearest, asymmetric, floor), pooling, grouped/depthwise Conv and MatMul of two
+  activations.
 
 Offline phase: ``Executor.precompute(shapes, count)`` plans the row count of every linear layer for
 those input shapes and draws ``count`` single-use pads per layer (masks, unblinding factors,
@@ -28,9 +33,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from confide.enclave.errors import ConfideError, FormatError
+from confide.enclave.infer import ops
+from confide.enclave.infer.ops import UnsupportedModel, attrs, conv_params, depthwise_conv, im2col
 from confide.enclave.infer.slalom import (
     Accelerator,
     LayerStats,
@@ -42,28 +49,19 @@ from confide.enclave.infer.slalom import (
 )
 
 MAX_NODES = 100_000
-LINEAR_OPS = {"MatMul", "Gemm", "Conv"}
-SUPPORTED = LINEAR_OPS | {
-    "Add",
-    "Sub",
-    "Mul",
-    "Div",
-    "Relu",
-    "Sigmoid",
-    "Tanh",
-    "Softmax",
-    "Flatten",
-    "Reshape",
-    "Transpose",
-    "Identity",
-    "MaxPool",
-    "AveragePool",
-    "GlobalAveragePool",
+LINEAR_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
+SUPPORTED = set(ops.OPS) | LINEAR_OPS
+__all__ = ["SUPPORTED", "Executor", "Graph", "RunStats", "UnsupportedModel"]
+
+_INPUT_KINDS = {
+    onnx.TensorProto.FLOAT: "f",
+    onnx.TensorProto.DOUBLE: "f",
+    onnx.TensorProto.FLOAT16: "f",
+    onnx.TensorProto.INT64: "i",
+    onnx.TensorProto.INT32: "i",
+    onnx.TensorProto.BOOL: "b",
 }
-
-
-class UnsupportedModel(FormatError):
-    """The model uses something this executor does not implement."""
+_ZERO = {"f": np.float32, "i": np.int64, "b": np.bool_}
 
 
 @dataclass
@@ -73,6 +71,7 @@ class _Linear:
     w: np.ndarray  # float64 (K, N), for enclave mode
     bias: np.ndarray | None
     conv: dict[str, Any] | None = None  # kernel, pads, strides, dilations, out channels
+    deconv: dict[str, Any] | None = None  # ConvTranspose: kernel, in and out channels
 
 
 @dataclass
@@ -94,11 +93,7 @@ class RunStats:
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
+    return attrs(node)
 
 
 class Graph:
@@ -112,23 +107,47 @@ class Graph:
         for op in model.opset_import:
             if op.domain not in ("", "ai.onnx"):
                 raise UnsupportedModel(f"operator set {op.domain!r} is not supported", where=where)
+        self.opset = 0
+        for op in model.opset_import:
+            if op.domain in ("", "ai.onnx"):
+                self.opset = int(op.version)
+        if not 7 <= self.opset <= 22:
+            raise UnsupportedModel(f"ONNX operator set {self.opset} (7 to 22 are implemented)", where=where)
         self.consts: dict[str, np.ndarray] = {}
         for t in g.initializer:
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 raise UnsupportedModel(f"initializer {t.name!r} has external data", where=where)
-            self.consts[t.name] = numpy_helper.to_array(t)
-        self.nodes = list(g.node)
-        for i, n in enumerate(self.nodes):
-            if n.domain not in ("", "ai.onnx") or n.op_type not in SUPPORTED:
-                name = n.name or f"#{i}"
-                raise UnsupportedModel(
-                    f"operator {n.domain or 'ai.onnx'}.{n.op_type} (node {name})", where=where
-                )
-            if n.op_type == "Constant":
+            try:
+                self.consts[t.name] = ops.norm(numpy_helper.to_array(t))
+            except FormatError as exc:
+                raise UnsupportedModel(f"initializer {t.name!r}: {exc.message}", where=where) from None
+        self.nodes = []
+        self.node_names = []
+        for i, n in enumerate(g.node):
+            name = n.name or f"{n.op_type}#{i}"
+            ops.check_node(n, self.opset, name)
+            if n.op_type == "Constant":  # folded now: a constant kernel is a constant however given
+                if n.output[0] in self.consts:
+                    raise FormatError(f"constant {n.output[0]!r} is defined twice", where=f"node {name}")
+                try:
+                    self.consts[n.output[0]] = ops.run_op(n, [], self.opset)
+                except FormatError as exc:
+                    raise FormatError(exc.message, where=f"node {name} (Constant)") from None
                 continue
+            self.nodes.append(n)
+            self.node_names.append(name)
         self.inputs = [v.name for v in g.input if v.name not in self.consts]
+        self.input_types: dict[str, tuple[str, tuple[int | None, ...]]] = {}
+        for v in g.input:
+            if v.name in self.consts:
+                continue
+            tt = v.type.tensor_type
+            kind = _INPUT_KINDS.get(tt.elem_type)
+            if kind is None:
+                raise UnsupportedModel(f"input {v.name!r} has element type {tt.elem_type}", where=where)
+            dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+            self.input_types[v.name] = (kind, dims)
         self.outputs = [v.name for v in g.output]
-        self.node_names = [n.name or f"{n.op_type}#{i}" for i, n in enumerate(self.nodes)]
 
     @classmethod
     def from_bytes(cls, data: bytes, *, where: str = "model") -> Graph:
@@ -148,6 +167,7 @@ class Executor:
         accelerator: Accelerator | None = None,
         *,
         bits_w: int = 8,
+        per_column: bool = True,
     ) -> None:
         if mode is not Mode.ENCLAVE and accelerator is None:
             raise ConfideError(f"mode {mode.value} needs an accelerator", where=graph.where)
@@ -157,7 +177,7 @@ class Executor:
         self.linear: dict[int, _Linear] = {}
         for i, node in enumerate(graph.nodes):
             if node.op_type in LINEAR_OPS:
-                lin = self._linear(i, node, bits_w)
+                lin = self._linear(i, node, bits_w, per_column)
                 if lin is not None:
                     self.linear[i] = lin
         self._pads: dict[tuple[tuple[int, ...], ...], deque[dict[int, Pad]]] = {}
@@ -168,7 +188,7 @@ class Executor:
                 accelerator.load(lin.layer.name, lin.layer.w_q)
 
     # ---- linear layers ----------------------------------------------------------------------
-    def _linear(self, i: int, node: onnx.NodeProto, bits_w: int) -> _Linear | None:
+    def _linear(self, i: int, node: onnx.NodeProto, bits_w: int, per_column: bool) -> _Linear | None:
         name = self.graph.node_names[i]
         c = self.graph.consts
         a = _attrs(node)
@@ -177,7 +197,9 @@ class Executor:
             if w is None or w.ndim != 2:
                 return None  # two activations: computed in the enclave
             w64 = w.astype(np.float64)
-            return _Linear(i, QuantLinear.from_float(name, w64, None, bits_w=bits_w), w64, None)
+            return _Linear(
+                i, QuantLinear.from_float(name, w64, None, bits_w=bits_w, per_column=per_column), w64, None
+            )
         if node.op_type == "Gemm":
             w = c.get(node.input[1])
             if w is None:
@@ -196,32 +218,75 @@ class Executor:
                 bias = np.broadcast_to(cb.astype(np.float64).reshape(-1), (w64.shape[1],)) * float(
                     a.get("beta", 1.0)
                 )
-            return _Linear(i, QuantLinear.from_float(name, w64, bias, bits_w=bits_w), w64, bias)
-        # Conv
+            return _Linear(
+                i, QuantLinear.from_float(name, w64, bias, bits_w=bits_w, per_column=per_column), w64, bias
+            )
         w = c.get(node.input[1])
-        if w is None or w.ndim != 4:
-            raise UnsupportedModel(f"Conv needs a constant 4-D kernel (node {name})", where=self.graph.where)
-        if int(a.get("group", 1)) != 1:
-            raise UnsupportedModel(f"grouped Conv (node {name})", where=self.graph.where)
-        if _s(a.get("auto_pad", "NOTSET")) not in ("NOTSET", "VALID"):
-            raise UnsupportedModel(f"Conv auto_pad (node {name})", where=self.graph.where)
-        m, cin, kh, kw = w.shape
-        w64 = w.astype(np.float64).reshape(m, cin * kh * kw).T.copy()
+        if w is None:
+            raise UnsupportedModel(
+                f"{node.op_type} needs a constant kernel (node {name})", where=self.graph.where
+            )
+        where = f"node {name} ({node.op_type})"
         bias = None
         if len(node.input) > 2 and node.input[2]:
             cb = c.get(node.input[2])
             if cb is None:
-                raise UnsupportedModel(f"Conv bias must be constant (node {name})", where=self.graph.where)
-            bias = cb.astype(np.float64).reshape(m)
-        conv = {
-            "kernel": (kh, kw),
-            "cin": cin,
-            "m": m,
-            "pads": tuple(a.get("pads", (0, 0, 0, 0))),
-            "strides": tuple(a.get("strides", (1, 1))),
-            "dilations": tuple(a.get("dilations", (1, 1))),
-        }
-        return _Linear(i, QuantLinear.from_float(name, w64, bias, bits_w=bits_w), w64, bias, conv)
+                raise UnsupportedModel(
+                    f"{node.op_type} bias must be constant (node {name})", where=self.graph.where
+                )
+            bias = cb.astype(np.float64).reshape(-1)
+        if node.op_type == "ConvTranspose":
+            return self._conv_transpose(i, name, w, bias, a, bits_w, where, per_column)
+        conv = conv_params(w.shape, a, where)
+        m, cin, kh, kw = w.shape
+        if bias is not None and bias.shape != (m,):
+            raise FormatError(f"Conv bias has {bias.size} entries for {m} channels", where=where)
+        if conv["group"] != 1:
+            return None  # grouped / depthwise: computed in the enclave (ops.conv_nchw)
+        w64 = w.astype(np.float64).reshape(m, cin * kh * kw).T.copy()
+        return _Linear(
+            i, QuantLinear.from_float(name, w64, bias, bits_w=bits_w, per_column=per_column), w64, bias, conv
+        )
+
+    def _conv_transpose(
+        self,
+        i: int,
+        name: str,
+        w: np.ndarray,
+        bias: np.ndarray | None,
+        a: dict[str, Any],
+        bits_w: int,
+        where: str,
+        per_column: bool,
+    ) -> _Linear:
+        """ConvTranspose with strides equal to the kernel and no padding: every output pixel comes
+        from one input pixel, so it is one product (B·H·W, Cin) x (Cin, Cout·kh·kw) and a reshape."""
+        if w.ndim != 4 or 0 in w.shape:
+            raise UnsupportedModel(f"ConvTranspose kernel of shape {w.shape}", where=where)
+        cin, cout, kh, kw = (int(v) for v in w.shape)
+        ks = tuple(int(v) for v in a.get("kernel_shape", (kh, kw)))
+        strides = tuple(int(v) for v in a.get("strides", (1, 1)))
+        if (
+            int(a.get("group", 1)) != 1
+            or ks != (kh, kw)
+            or strides != (kh, kw)
+            or tuple(int(v) for v in a.get("pads", (0, 0, 0, 0))) != (0, 0, 0, 0)
+            or tuple(int(v) for v in a.get("dilations", (1, 1))) != (1, 1)
+            or tuple(int(v) for v in a.get("output_padding", (0, 0))) != (0, 0)
+            or ops._s(a.get("auto_pad", "NOTSET")) != "NOTSET"
+        ):
+            raise UnsupportedModel(
+                "ConvTranspose is implemented only with group 1, strides equal to the kernel, no pads, "
+                f"dilations or output_padding (node {name})",
+                where=where,
+            )
+        if bias is not None and bias.shape != (cout,):
+            raise FormatError(f"ConvTranspose bias has {bias.size} entries for {cout} channels", where=where)
+        w64 = w.astype(np.float64).reshape(cin, cout * kh * kw)
+        full_bias = None if bias is None else np.repeat(bias, kh * kw)
+        deconv = {"kernel": (kh, kw), "cin": cin, "m": cout}
+        layer = QuantLinear.from_float(name, w64, full_bias, bits_w=bits_w, per_column=per_column)
+        return _Linear(i, layer, w64, full_bias, None, deconv)
 
     # ---- offline phase ----------------------------------------------------------------------
     @staticmethod
@@ -233,7 +298,12 @@ class Executor:
         key = self._key(shapes)
         if key not in self._plans:
             rows: dict[int, int] = {}
-            zeros = {n: np.zeros(s, dtype=np.float32) for n, s in shapes.items()}
+            zeros = {
+                n: np.zeros(s, dtype=_ZERO[self.graph.input_types[n][0]])
+                if n in self.graph.input_types
+                else np.zeros(s, dtype=np.float32)
+                for n, s in shapes.items()
+            }
             self._execute(zeros, rows_out=rows)
             self._plans[key] = rows
         return self._plans[key]
@@ -265,6 +335,21 @@ class Executor:
         extra = [n for n in inputs if n not in g.inputs]
         if missing or extra:
             raise ConfideError(f"inputs {sorted(inputs)} do not match the model's {g.inputs}", where=g.where)
+        for n in g.inputs:
+            kind, dims = g.input_types[n]
+            arr = np.asarray(inputs[n])
+            got = "b" if arr.dtype == np.bool_ else arr.dtype.kind.replace("u", "i")
+            if got != kind:
+                raise ConfideError(
+                    f"input {n!r} is {arr.dtype}; the model takes {kind!r} values", where=g.where
+                )
+            if arr.ndim != len(dims) or any(
+                d is not None and d != k for d, k in zip(dims, arr.shape, strict=True)
+            ):
+                raise ConfideError(
+                    f"input {n!r} has shape {arr.shape}; the model takes {dims}", where=g.where
+                )
+            ops.check_size(arr.shape, f"input {n!r}")
         stats = RunStats()
         pads: dict[int, Pad] | None = None
         if self.mode is not Mode.ENCLAVE:
@@ -277,7 +362,9 @@ class Executor:
                 pads = self._pad_set(self.plan(shapes))
                 stats.online_pad_s = time.perf_counter() - t0
         env = self._execute(dict(inputs), pads=pads, stats=stats)
-        return {n: env[n].astype(np.float32) for n in g.outputs}, stats
+        return {
+            n: env[n].astype(np.float32) if env[n].dtype.kind == "f" else env[n] for n in g.outputs
+        }, stats
 
     def _execute(
         self,
@@ -287,9 +374,12 @@ class Executor:
         stats: RunStats | None = None,
         rows_out: dict[int, int] | None = None,
     ) -> dict[str, np.ndarray]:
-        env: dict[str, np.ndarray] = {k: np.asarray(v, dtype=np.float64) for k, v in inputs.items()}
+        env: dict[str, np.ndarray] = {k: ops.norm(v) for k, v in inputs.items()}
+        if any(v.dtype.kind == "f" and not np.all(np.isfinite(v)) for v in env.values()):
+            raise ConfideError("an input is not finite (NaN or infinity)", where=self.graph.where)
         for name, value in self.graph.consts.items():
             env.setdefault(name, value)
+        opset = self.graph.opset
         for i, node in enumerate(self.graph.nodes):
             where = f"node {self.graph.node_names[i]} ({node.op_type})"
             try:
@@ -298,20 +388,42 @@ class Executor:
                 raise FormatError(f"input {exc.args[0]!r} is computed nowhere before", where=where) from None
             lin = self.linear.get(i)
             try:
-                if lin is not None:
-                    out = self._run_linear(lin, args[0], pads, stats, rows_out)
-                else:
-                    out = _op(node, args, where)
-            except (ValueError, TypeError, IndexError, ArithmeticError) as exc:
+                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                    if lin is not None:
+                        out = self._run_linear(lin, args[0], pads, stats, rows_out)
+                    elif node.op_type in LINEAR_OPS:
+                        out = self._inside_linear(node, args, where)
+                    else:
+                        out = ops.run_op(node, args, opset)
+            except FormatError as exc:
+                if exc.where:
+                    raise
+                raise FormatError(exc.message, where=where) from None
+            except (ValueError, TypeError, IndexError, ArithmeticError, MemoryError) as exc:
                 raise FormatError(f"cannot compute ({type(exc).__name__}: {exc})", where=where) from None
-                if stats is not None:
-                    stats.enclave_ops += (
-                        int(np.size(out))
-                        * (2 if node.op_type == "MatMul" else 1)
-                        * (int(np.shape(args[0])[-1]) if node.op_type == "MatMul" else 1)
-                    )
+            if stats is not None and lin is None:
+                stats.enclave_ops += _inside_cost(node, args, out)
             env[node.output[0]] = out
         return env
+
+    def _inside_linear(self, node: onnx.NodeProto, args: list[np.ndarray | None], where: str) -> np.ndarray:
+        """A linear op not outsourced: MatMul of two activations, or a grouped / depthwise Conv."""
+        if node.op_type == "MatMul":
+            return ops.run_op(node, args, self.graph.opset)
+        if node.op_type != "Conv":
+            raise UnsupportedModel(f"{node.op_type} here", where=where)
+        x, w = args[0], args[1]
+        if x is None or w is None:
+            raise FormatError("missing input", where=where)
+        x = np.asarray(x, dtype=np.float64)
+        bias = args[2] if len(args) > 2 else None
+        a = attrs(node)
+        conv = conv_params(w.shape, a, where)
+        if x.ndim != 4 or x.shape[1] != conv["cin"] * conv["group"]:
+            raise FormatError(f"Conv input shape {x.shape} for kernel {w.shape}", where=where)
+        if conv["cin"] == 1:
+            return depthwise_conv(x, w, bias, conv)
+        return ops.conv_nchw(x, w, bias, a, where)
 
     def _run_linear(
         self,
@@ -325,11 +437,19 @@ class Executor:
         if x is None:
             raise FormatError("linear layer without an input", where=where)
         x = np.asarray(x, dtype=np.float64)
+        if not np.all(np.isfinite(x)):
+            raise ConfideError("activations are not finite (NaN or infinity)", where=where)
         if lin.conv is not None:
             if x.ndim != 4 or x.shape[1] != lin.conv["cin"]:
                 raise ConfideError(f"Conv input shape {x.shape}", where=where)
-            cols, out_shape = _im2col(x, lin.conv)
+            cols, out_shape = im2col(x, lin.conv)
             x2 = cols
+        elif lin.deconv is not None:
+            if x.ndim != 4 or x.shape[1] != lin.deconv["cin"]:
+                raise ConfideError(f"ConvTranspose input shape {x.shape}", where=where)
+            b, _, h, w = x.shape
+            out_shape = (b, h, w)
+            x2 = x.transpose(0, 2, 3, 1).reshape(b * h * w, lin.deconv["cin"])
         else:
             node = self.graph.nodes[lin.node]
             if node.op_type == "Gemm" and _attrs(node).get("transA", 0):
@@ -364,83 +484,20 @@ class Executor:
         if lin.conv is not None:
             b, ho, wo = out_shape
             return y2.reshape(b, ho, wo, lin.layer.n).transpose(0, 3, 1, 2)
+        if lin.deconv is not None:
+            b, h, w = out_shape
+            kh, kw = lin.deconv["kernel"]
+            m = lin.deconv["m"]
+            y6 = y2.reshape(b, h, w, m, kh, kw).transpose(0, 3, 1, 4, 2, 5)
+            return y6.reshape(b, m, h * kh, w * kw)
         return y2.reshape(*lead, lin.layer.n)
 
 
-def _im2col(x: np.ndarray, conv: dict[str, Any]) -> tuple[np.ndarray, tuple[int, int, int]]:
-    kh, kw = conv["kernel"]
-    pt, pl, pb, pr = conv["pads"]
-    sh, sw = conv["strides"]
-    dh, dw = conv["dilations"]
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-    b, c, h, w = xp.shape
-    eh, ew = (kh - 1) * dh + 1, (kw - 1) * dw + 1
-    ho, wo = (h - eh) // sh + 1, (w - ew) // sw + 1
-    if ho <= 0 or wo <= 0:
-        raise ConfideError(f"Conv kernel larger than the padded input {x.shape}", where="im2col")
-    win = np.lib.stride_tricks.sliding_window_view(xp, (eh, ew), axis=(2, 3))  # b,c,H',W',eh,ew
-    win = win[:, :, ::sh, ::sw, ::dh, ::dw][:, :, :ho, :wo]  # b,c,ho,wo,kh,kw
-    cols = win.transpose(0, 2, 3, 1, 4, 5).reshape(b * ho * wo, c * kh * kw)
-    return np.ascontiguousarray(cols), (b, ho, wo)
-
-
-def _pool(x: np.ndarray, a: dict[str, Any], kind: str, where: str) -> np.ndarray:
-    kh, kw = a.get("kernel_shape", (1, 1))
-    sh, sw = a.get("strides", (1, 1))
-    pt, pl, pb, pr = a.get("pads", (0, 0, 0, 0))
-    if x.ndim != 4:
-        raise ConfideError(f"{kind} needs a 4-D input, not {x.shape}", where=where)
-    fill = -np.inf if kind == "max" else 0.0
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=fill)
-    win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
-    return win.max(axis=(4, 5)) if kind == "max" else win.mean(axis=(4, 5))
-
-
-def _op(node: onnx.NodeProto, args: list[np.ndarray | None], where: str) -> np.ndarray:
-    op = node.op_type
-    a = _attrs(node)
-    x = args[0]
-    if x is None:
-        raise FormatError("missing first input", where=where)
-    y = args[1] if len(args) > 1 else None
-    if op in ("Add", "Sub", "Mul", "Div", "MatMul", "Reshape") and y is None:
-        raise FormatError("missing second input", where=where)
-    if op == "Add":
-        return x + np.asarray(y)
-    if op == "Sub":
-        return x - np.asarray(y)
-    if op == "Mul":
-        return x * np.asarray(y)
-    if op == "Div":
-        return x / np.asarray(y)
-    if op == "Relu":
-        return np.maximum(x, 0.0)
-    if op == "Sigmoid":
-        return 1.0 / (1.0 + np.exp(-x))
-    if op == "Tanh":
-        return np.tanh(x)
-    if op == "Softmax":
-        axis = int(a.get("axis", -1))
-        e = np.exp(x - np.max(x, axis=axis, keepdims=True))
-        return e / np.sum(e, axis=axis, keepdims=True)
-    if op == "Identity":
-        return x
-    if op == "Flatten":
-        axis = int(a.get("axis", 1))
-        return x.reshape(math.prod(x.shape[:axis]), -1)
-    if op == "Reshape":
-        shape = [int(d) for d in np.asarray(y).reshape(-1)]
-        shape = [x.shape[j] if d == 0 and not a.get("allowzero", 0) else d for j, d in enumerate(shape)]
-        return x.reshape(shape)
-    if op == "Transpose":
-        perm = a.get("perm")
-        return np.transpose(x, perm)
-    if op == "MatMul":  # two activations
-        return np.matmul(x, np.asarray(y))
-    if op == "MaxPool":
-        return _pool(x, a, "max", where)
-    if op == "AveragePool":
-        return _pool(x, a, "avg", where)
-    if op == "GlobalAveragePool":
-        return x.mean(axis=tuple(range(2, x.ndim)), keepdims=True)
-    raise UnsupportedModel(f"operator {op}", where=where)
+def _inside_cost(node: onnx.NodeProto, args: list[np.ndarray | None], out: np.ndarray) -> int:
+    """Operations an inside node did: 2·K per output of a product, one per output element otherwise."""
+    if node.op_type == "MatMul" and args[0] is not None:
+        return 2 * int(out.size) * int(np.shape(args[0])[-1])
+    if node.op_type == "Conv" and args[1] is not None:
+        w = np.shape(args[1])
+        return 2 * int(out.size) * int(math.prod(w[1:]))
+    return int(out.size)
