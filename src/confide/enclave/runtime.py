@@ -33,7 +33,7 @@ from .pipeline import OutputFile, open_input, run_sandboxed, write_error_output
 from .report_data import report_data_for
 from .request import make_receipt, open_request
 from .sandbox import Zygote
-from .sandbox.zygote import PendingZygote
+from .sandbox.zygote import DEFAULT_PREIMPORT, INFER_PREIMPORT, PendingZygote
 from .service import ServiceState
 from .state import seal_identity, state_path, unseal_identity
 from .task_runner import TaskRunner
@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         config = EnclaveConfig.load(args.config)
         # 1. the zygote first, before this process holds any secret; it imports and probes its layers
         #    in its own process while this one measures itself
-        pending = Zygote.spawn(strict=config.sandbox == "strict")
+        preimport = DEFAULT_PREIMPORT + (INFER_PREIMPORT if args.accelerator_fd is not None else ())
+        pending = Zygote.spawn(strict=config.sandbox == "strict", preimport=preimport)
         # 2. the backend (the CPU) gives the enclave its identity, evidence and sealing keys
         ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
         backend = create_backend(args.backend, platform_dir=args.platform, config=config)

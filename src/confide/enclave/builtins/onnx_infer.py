@@ -26,8 +26,9 @@ Runs in the sandbox child like any party's function: the model is hostile input 
 and the data to the model owner. ONNX Runtime is imported here, in the child (it cannot be
 pre-imported in the zygote: importing it starts a thread, and the zygote must stay single-threaded
 to fork safely), with one intra-op and one inter-op thread, sequential execution, no spinning and
-the CPU provider only; its memory is capped by the sandbox's memory limit. The executor and onnx are
-pre-imported by the zygote. Arrays are read with ``allow_pickle=False``; dtypes and ranks must match
+the CPU provider only; its memory is capped by the sandbox's memory limit. The executor and onnx
+are pre-imported by the zygote of an enclave whose host offers an accelerator
+(zygote.INFER_PREIMPORT). Arrays are read with ``allow_pickle=False``; dtypes and ranks must match
 the model's declared inputs.
 """
 
@@ -180,6 +181,10 @@ def _read_data(raw: bytes, declared: list[str]) -> dict[str, Any]:
 
 def _outsourced(ctx: Any, mode: str) -> None:
     """The outsourced modes: the numpy executor, linear layers on the accelerator, every product checked."""
+    if ctx.accelerator is None:  # before the imports: only an accelerator's zygote pre-imports them
+        raise ValueError(
+            f"onnx-infer: mode {mode} needs the accelerator stream and the enclave gave this run none"
+        )
     import io
 
     import numpy as np
@@ -189,10 +194,6 @@ def _outsourced(ctx: Any, mode: str) -> None:
     from confide.enclave.infer.slalom import Mode
     from confide.enclave.infer.wire import AcceleratorClient
 
-    if ctx.accelerator is None:
-        raise ValueError(
-            f"onnx-infer: mode {mode} needs the accelerator stream and the enclave gave this run none"
-        )
     try:
         model = onnx.load_model_from_string(ctx.inputs["model"].read())
         onnx.checker.check_model(model)

@@ -71,11 +71,11 @@ DEFAULT_PREIMPORT = (
     "confide.enclave.dp_params",
     "confide.enclave.builtins.dp_noise",
     "confide.enclave.builtins.duck",  # sql's and join-aggregate's DuckDB configuration
-    # the infer built-in's outsourced modes (onnx: the graph checker; no thread at import)
-    "onnx",
-    "confide.enclave.infer.executor",
-    "confide.enclave.infer.wire",
 )
+# What the infer built-in's outsourced modes need in the child (onnx, the graph checker: no thread at
+# import). Pre-imported only by an enclave whose host offers an accelerator (runtime.main): onnx
+# adds about 2 s to every zygote start, and without an accelerator these modes are refused anyway.
+INFER_PREIMPORT = ("onnx", "confide.enclave.infer.executor", "confide.enclave.infer.wire")
 
 
 class Zygote:
