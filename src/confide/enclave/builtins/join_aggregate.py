@@ -187,10 +187,17 @@ def _header(pd: Any, name: str, source: Any) -> list[str]:
             _fail(f"input {name!r}: a Parquet file with repeated column names {names[:20]}")
         return names
     try:
-        return [str(c) for c in pd.read_csv(io.StringIO(source), nrows=0, dtype=str).columns]
+        return [str(c) for c in pd.read_csv(io.StringIO(_header_text(source)), nrows=0, dtype=str).columns]
     except Exception as exc:
         _fail(f"input {name!r} is not a readable CSV file ({str(exc)[:200]})")
     raise AssertionError
+
+
+def _header_text(text: str) -> str:
+    """The text's first line when it holds the whole header record (no quote in it), else the text:
+    reading a header from a 75 MB string took pandas 0.3 s."""
+    end = text.find("\n")
+    return text[: end + 1] if end >= 0 and '"' not in text[:end] else text
 
 
 def _parquet_cells(name: str, column: str, values: Any) -> list[str]:
@@ -601,7 +608,7 @@ def _arrow_input(
 
 def _first_record(text: str) -> list[str]:
     try:
-        return next(csv.reader(io.StringIO(text, newline="")), [])
+        return next(csv.reader(io.StringIO(_header_text(text), newline="")), [])
     except csv.Error:
         raise _GiveUp from None
 
