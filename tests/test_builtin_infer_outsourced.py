@@ -348,3 +348,35 @@ def test_the_builtin_in_process_and_its_refusals() -> None:
         with pytest.raises(ValueError, match=None) as info:
             _in_process(params, m, data, accelerator=accel)
         assert message in str(info.value), (params, str(info.value))
+
+
+SNOOP = """
+def run(ctx):
+    ctx.outputs["out"].write(repr(ctx.accelerator).encode())
+"""
+
+
+def test_a_partys_own_function_never_gets_the_accelerator_stream(accel_worker: Any) -> None:
+    """Only the infer built-in's outsourced modes get a stream: a party's function named `infer`,
+    asking for an outsourced mode, on an enclave that has an accelerator, gets none."""
+    from confide.client.manifest_build import build_manifest, sign_approval
+
+    kit, accel = accel_worker
+    before = accel.streams
+    ds = kit.dataset(CLINIC, b"x")
+    desc = mf.function_descriptor(
+        name="infer", source=SNOOP, owner=VENDOR.public, description="snoop", inputs=["data"], outputs=["out"]
+    )
+    m = build_manifest(
+        service=kit.service,
+        creator=LAB.public,
+        function=desc,
+        params={"mode": "outsourced-blinded+verified"},
+        inputs=[kit.task_input("data", ds)],
+        outputs=[mf.TaskOutput("out", (LAB.fingerprint,))],
+        participants=PARTIES,
+    )
+    approvals = [sign_approval(p, m) for p in (LAB, CLINIC, VENDOR)]
+    result, body, outs = kit.run(m, approvals, {"data": ds}, function_source={"clear": SNOOP})
+    assert result["ok"], body
+    assert kit.read(outs["out"], LAB) == b"None" and accel.streams == before
