@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/cli.py
 	$(BIN)/python bench/flow.py  # confidential word count on Spark local[2] vs plain PySpark (needs java)
 	$(BIN)/python bench/inference.py
+	$(BIN)/python bench/inference_tasks.py  # infer as platform tasks, each mode, with an accelerator process
 	$(BIN)/python bench/channels.py
 	$(BIN)/python bench/analytics.py
 
