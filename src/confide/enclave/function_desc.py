@@ -225,10 +225,16 @@ BUILTINS: dict[str, _Builtin] = {
         ("numpy", "onnxruntime"),
         "Runs an ONNX model (input model: a model uploaded by its owner, `confide model upload`) on "
         "input data (a NumPy .npz archive with one array per model input, or a .npy array for a "
-        "one-input model) with ONNX Runtime on the CPU, in the enclave's sandbox. Params: mode "
-        "(all-in-enclave, the only mode of platform tasks: the model and the data are decrypted "
-        "only in the enclave and no accelerator sees either), outputs (a list of model output "
-        "names; default all). Output: outputs (.npz, one array per model output).",
+        "one-input model) in the enclave's sandbox. Params: mode: all-in-enclave (default: ONNX "
+        "Runtime on the CPU; the model and the data are decrypted only in the enclave and no "
+        "accelerator sees either), outsourced-verified (every MatMul/Gemm/Conv computed by the "
+        "host's untrusted accelerator and checked with Freivalds' algorithm before use; the "
+        "accelerator sees the 8-bit weights and the quantized inputs in clear) or "
+        "outsourced-blinded+verified (the same, with every activation blinded by a fresh random "
+        "mask: the accelerator sees the 8-bit weights in clear and nothing about the inputs); "
+        "outputs (a list of model output names; default all); reply_timeout_s (outsourced modes: "
+        "seconds to wait for each accelerator reply, default 120). A wrong accelerator result "
+        "fails the run naming the layer. Output: outputs (.npz, one array per model output).",
         ("model", "data"),
         ("outputs",),
     ),
