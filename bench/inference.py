@@ -16,7 +16,11 @@ Per mode: latency p50/p99 (ms), Freivalds time per inference, offline precompute
 share of FLOPs done in the enclave, bytes moved enclave <-> accelerator per input, and accuracy
 against plain ONNX Runtime (max |Δ| of the softmax outputs, top-1 agreement).
 
-Usage: python bench/inference.py [--reps 200]
+The real models (all-MiniLM-L6-v2, PP-OCRv4 det; bench/inference_models.py) go under
+``real_models``: ``--only real`` measures only them and keeps the MLP figures, ``--only mlp`` the
+reverse.
+
+Usage: python bench/inference.py [--reps 200] [--only all|mlp|real] [--real-reps 20]
 """
 
 from __future__ import annotations
@@ -112,7 +116,17 @@ def timed(fn: Any, reps: int, warm: int = 5) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--only", choices=("all", "mlp", "real"), default="all")
+    ap.add_argument("--real-reps", type=int, default=20, help="repetitions per real-model cell")
+    ap.add_argument("--real-batches", default="1,16")
+    ap.add_argument("--real-models", default="minilm,ppocr_det")
     args = ap.parse_args()
+    out_path = HERE / "results" / "inference.json"
+    previous = json.loads(out_path.read_text()) if out_path.exists() else {}
+    if args.only == "real":
+        previous["real_models"] = real_models(args)
+        write(out_path, previous)
+        return
     model = mlp(seed=1, sizes=SIZES)
     meta = model_meta(model)
     rng = np.random.default_rng(0)
@@ -243,7 +257,25 @@ def main() -> None:
             f"batch {batch}: "
             + ", ".join(f"{k} {v['latency_ms']['p50']} ms ({v['vs_plain_p50']}x)" for k, v in row.items())
         )
-    out_path = HERE / "results" / "inference.json"
+    if args.only == "all":
+        results["real_models"] = real_models(args)
+    elif "real_models" in previous:
+        results["real_models"] = previous["real_models"]
+    write(out_path, results)
+
+
+def real_models(args: argparse.Namespace) -> dict[str, Any]:
+    """all-MiniLM-L6-v2 and PP-OCRv4 det in every mode (bench/inference_models.py)."""
+    import inference_models
+
+    return inference_models.run_all(
+        args.real_reps,
+        [m for m in args.real_models.split(",") if m],
+        [int(b) for b in args.real_batches.split(",") if b],
+    )
+
+
+def write(out_path: Path, results: dict[str, Any]) -> None:
     tmp = out_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(tmp, out_path)

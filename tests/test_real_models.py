@@ -343,6 +343,9 @@ def test_the_new_operators_match_onnxruntime() -> None:
     np.testing.assert_allclose(out["y"], ref, rtol=1e-5, atol=1e-5)
 
 
-def test_the_models_are_shipped_not_downloaded() -> None:
+def test_the_models_are_shipped_not_downloaded(ppocr: dict[str, Any]) -> None:
+    from confide.infer.model_meta import model_meta
+
     assert ppocr_det_path().name == "ch_PP-OCRv4_det_infer.onnx"
+    assert model_meta(ppocr["bytes"])["parameters"] == 1_171_841  # its weights are Constant nodes
     assert Path(ppocr_det_path()).stat().st_size > 1 << 20

@@ -111,6 +111,24 @@ def count_flops(model: onnx.ModelProto) -> int:
     return int(total)
 
 
+def _parameters(g: onnx.GraphProto) -> int:
+    """Elements of the initializers and of floating-point Constant nodes (exporters such as
+    paddle2onnx put every weight in a Constant node; integer constants are shapes and axes)."""
+    total = sum(math.prod(t.dims) for t in g.initializer)
+    floats = {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.BFLOAT16,
+    }
+    for n in g.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+            for a in n.attribute:
+                if a.name == "value" and a.t.data_type in floats:
+                    total += math.prod(a.t.dims)
+    return int(total)
+
+
 def model_meta(data: bytes, *, where: str = "model") -> dict[str, Any]:
     """The visible metadata of an ONNX model (see the module docstring)."""
     model = load(data, where=where)
@@ -120,7 +138,7 @@ def model_meta(data: bytes, *, where: str = "model") -> dict[str, Any]:
         "format": META_FORMAT,
         "inputs": [_value(v) for v in g.input if v.name not in inits],
         "outputs": [_value(v) for v in g.output],
-        "parameters": int(sum(math.prod(t.dims) for t in g.initializer)),
+        "parameters": _parameters(g),
         "flops_per_sample": count_flops(model),
         "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0),
         "bytes": len(data),
