@@ -6,7 +6,9 @@
   Freivalds vectors precomputed in an offline phase inside the enclave, every outsourced product
   checked before use (a wrong one fails closed, naming the layer);
 - ``wire``: the framed protocol to the untrusted accelerator process (``confide.infer.accelerator``);
-- ``executor``: runs an ONNX graph in numpy, non-linear ops inside, MatMul/Gemm outsourced.
+- ``executor``: runs an ONNX graph in numpy, its linear layers (MatMul, Gemm, Conv, ConvTranspose)
+  outsourced;
+- ``ops``: the operators that always run inside, every node and tensor checked as hostile input.
 
 Where this runs: only in the sandbox child (and in tests and benchmarks), never in the enclave
 process, because it imports numpy and onnx (tests/test_tcb_imports.py allows them in this folder
