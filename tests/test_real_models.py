@@ -208,6 +208,18 @@ def _i64(name: str, values: list[int]) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
 
 
+def test_a_node_may_not_overwrite_a_weight_or_leave_an_output_undefined() -> None:
+    w = numpy_helper.from_array(np.ones((3, 2), dtype=np.float32), "w")
+    overwrite = [
+        helper.make_node("Relu", ["x"], ["w"], name="evil"),  # replaces the weight the layer reads
+        helper.make_node("MatMul", ["x", "w"], ["y"], name="fc"),
+    ]
+    with pytest.raises(FormatError, match="node evil: output 'w' is defined twice"):
+        Graph(onnx.load_model_from_string(_graph(overwrite, [w])))
+    with pytest.raises(FormatError, match="graph output\\(s\\) \\['y'\\] are computed by no node"):
+        Graph(onnx.load_model_from_string(_graph([helper.make_node("Relu", ["x"], ["z"], name="r")])))
+
+
 @pytest.mark.parametrize(
     ("nodes", "inits", "error", "message"),
     [

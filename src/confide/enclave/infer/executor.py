@@ -148,6 +148,14 @@ class Graph:
             dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
             self.input_types[v.name] = (kind, dims)
         self.outputs = [v.name for v in g.output]
+        defined = set(self.consts) | set(self.inputs)
+        for n, name in zip(self.nodes, self.node_names, strict=True):
+            if n.output[0] in defined:  # single assignment: no node may overwrite a weight or an input
+                raise FormatError(f"output {n.output[0]!r} is defined twice", where=f"node {name}")
+            defined.add(n.output[0])
+        missing = [o for o in self.outputs if o not in defined]
+        if missing:
+            raise FormatError(f"graph output(s) {missing} are computed by no node", where=where)
 
     @classmethod
     def from_bytes(cls, data: bytes, *, where: str = "model") -> Graph:

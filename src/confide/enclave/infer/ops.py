@@ -487,13 +487,15 @@ def depthwise_conv(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, conv: 
     pt, pl, pb, pr = conv["pads"]
     sh, sw = conv["strides"]
     dh, dw = conv["dilations"]
+    b, c, h, wd = x.shape[0], x.shape[1], x.shape[2] + pt + pb, x.shape[3] + pl + pr
+    check_size((b, c, h, wd), "padded Conv input")
     xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-    b, c, h, wd = xp.shape
     ho = (h - ((kh - 1) * dh + 1)) // sh + 1
     wo = (wd - ((kw - 1) * dw + 1)) // sw + 1
     if ho <= 0 or wo <= 0:
         raise FormatError(f"Conv kernel larger than the padded input {x.shape}")
     m = w.shape[0]
+    check_size((b, m, ho, wo), "Conv result")
     mult = m // c
     y = np.zeros((b, m, ho, wo))
     xr = np.repeat(xp, mult, axis=1) if mult > 1 else xp
@@ -542,6 +544,7 @@ def im2col(x: np.ndarray, conv: dict[str, Any]) -> tuple[np.ndarray, tuple[int, 
     pt, pl, pb, pr = conv["pads"]
     sh, sw = conv["strides"]
     dh, dw = conv["dilations"]
+    check_size((x.shape[0], x.shape[1], x.shape[2] + pt + pb, x.shape[3] + pl + pr), "padded Conv input")
     xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
     b, c, h, w = xp.shape
     eh, ew = (kh - 1) * dh + 1, (kw - 1) * dw + 1
