@@ -104,9 +104,39 @@ def test_a_stage_that_cannot_spill_fails_naming_the_budget(
 ) -> None:
     tight = make_enclave(zygote, enclave_identity, memory_budget=BUDGET, spill_dir=tmp_path / "s")
     with pytest.raises(FlowTaskError, match="cannot spill") as err:
-        _run(tight, lambda f, t: t.map("kv").sort_by("by_key"), data, tmp_path / "o", recipient)
+        _run(
+            tight,
+            lambda f, t: t.map("kv").sort_by("by_key", num_partitions=1),
+            data,
+            tmp_path / "o",
+            recipient,
+        )
     assert "stage 1 partition 0" in str(err.value) and str(BUDGET) in str(err.value)
     assert not (tmp_path / "o" / "o.manifest.cnfseal").exists()
+
+
+def test_a_sort_over_the_budget_fits_when_range_partitioned(
+    tmp_path: Path, zygote: Zygote, enclave_identity: Identity, recipient: Identity
+) -> None:
+    """12,000 pairs (~270 KB encoded) under a 192 KiB budget: in one partition the sort cannot spill;
+    in 30 ranges (the map side in 4 KiB chunks) it runs: a routing task holds one map task's pairs
+    and every map task's sample (60 keys per range in all), a sorting task its range."""
+    budget = 4 * BUDGET
+    tight = make_enclave(zygote, enclave_identity, memory_budget=budget, spill_dir=tmp_path / "s")
+    lines = [f"{(i * 7919) % 3000:04d} {i % 97}" for i in range(12000)]
+    small = seal_text(tmp_path / "kv.sealed", lines, [enclave_identity.public], chunk_size=1 << 12)
+
+    def sort(n: int, out: Path) -> list[Any]:
+        flow = Flow(FUNCTIONS + EXTRA)
+        action = flow.text(small).map("kv").sort_by("by_key", num_partitions=n).save("o")
+        flow.run(action, engine=LocalEngine([tight]), recipients=[recipient.public], out_dir=out)
+        return open_result(out, "o", recipient)
+
+    with pytest.raises(FlowTaskError, match=rf"budget of {budget} bytes.*cannot spill"):
+        sort(1, tmp_path / "one")
+    pairs = [(a, int(b)) for a, b in (ln.split() for ln in lines)]
+    assert sort(30, tmp_path / "ranges") == sorted(pairs, key=lambda kv: kv[0])
+    assert tight.last_task["subpartitions"] == 1 and 0 < tight.last_task["held_bytes"] <= budget // 2
 
 
 class _TamperingHost:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from confide.client.policy import Policy
 from confide.enclave.encoding import b64e
 from confide.enclave.flow.driver import enc
-from confide.enclave.flow.plan import FORMAT
+from confide.enclave.flow.plan import FORMAT, MAX_SAMPLE
 from confide.enclave.keys import Identity, PublicIdentity
 from confide.enclave.sealed_file import SealedReader, SealedWriter
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from confide.attest import TrustAnchors
 
 Fn = Callable[..., Any] | str
+SAMPLES_PER_BUCKET = 60  # a range sort samples ~60 keys per output partition in all (PySpark's 3 x 20)
 
 
 class FlowError(ValueError):
@@ -269,6 +270,17 @@ class Flow:
                     buckets = total
                 elif exchange == "single":
                     outs, buckets = [{"kind": "single"}] * len(built), 1
+                elif exchange == "range":  # the map stage samples, a routing stage, the sorting stage
+                    (b,) = built
+                    n = a["buckets"] or b.partitions
+                    pad = self.padded_shuffle
+                    padding = {"pad": pad.spec()} if pad else {}
+                    b.chain.extend(dict(op) for op in a["tail"])
+                    per_task = min(MAX_SAMPLE, -(-SAMPLES_PER_BUCKET * n // b.partitions))
+                    sample = {"kind": "sample", "buckets": b.partitions, "sample": per_task, **padding}
+                    route = _Pending(None, [finish(b, sample)], b.partitions)
+                    ranges = {"kind": "range", "buckets": n, "ascending": a["ascending"], **padding}
+                    return _Pending(None, [finish(route, ranges)], n, [dict(op) for op in a["head"]])
                 else:
                     buckets = a.get("buckets") or max(b.partitions for b in built)
                     outs = [{"kind": "hash", "keyed": exchange, "buckets": buckets}] * len(built)
@@ -374,6 +386,7 @@ class Dataset:
         buckets: int | None = None,
         combine: str = "concat",
         how: str = "inner",
+        ascending: bool = True,
     ) -> Dataset:
         for o in others:
             if o._flow is not self._flow:
@@ -387,6 +400,7 @@ class Dataset:
             "buckets": buckets,
             "combine": combine,
             "how": how,
+            "ascending": ascending,
         }
         parents = (self._node, *(o._node for o in others))
         return Dataset(self._flow, _Node("shuffle", parents, args))
@@ -450,10 +464,35 @@ class Dataset:
             raise FlowError("join how must be 'inner' or 'left'")
         return self._shuffle([other], "pair", [], [], buckets=num_partitions, combine="join", how=how)
 
-    def sort_by(self, fn: Fn, ascending: bool = True) -> Dataset:
-        """Records ordered by fn(record) (stable), into one partition."""
+    def sort_by(self, fn: Fn, ascending: bool = True, num_partitions: int | None = None) -> Dataset:
+        """Records ordered by fn(record) (stable), as PySpark's sortBy: range-partitioned into
+        `num_partitions` (default: this dataset's partition count) partitions in global order, every
+        key of partition i before every key of partition i + 1. The N - 1 boundaries come from a
+        sample of the keys (about 60 per output partition, weighted by each map task's record count),
+        drawn and used only inside the enclave; a key that fills several ranges fills one partition
+        (the others stay empty). One partition: no sampling, everything into one sorted partition."""
         key = {"op": "key_by", "fn": self._flow.fn_name(fn)}
-        return self._shuffle([], "single", [key], [{"op": "sort_local", "ascending": bool(ascending)}])
+        sort = [{"op": "sort_local", "ascending": bool(ascending)}]
+        if num_partitions is not None and num_partitions < 1:
+            raise FlowError("num_partitions must be at least 1")
+        n = num_partitions or self._partitions()
+        if n == 1:
+            return self._shuffle([], "single", [key], sort)
+        return self._shuffle([], "range", [key], sort, buckets=n, ascending=bool(ascending))
+
+    def _partitions(self) -> int:
+        """This dataset's partition count, as the job description will have it."""
+        node = self._node
+        while node.kind == "narrow":
+            node = node.parents[0]
+        if node.kind == "source":
+            return int(node.args["partitions"])
+        a = node.args
+        if a["exchange"] == "forward":
+            return sum(Dataset(self._flow, p)._partitions() for p in node.parents)
+        if a["exchange"] == "single":
+            return 1
+        return int(a["buckets"] or max(Dataset(self._flow, p)._partitions() for p in node.parents))
 
     def union(self, other: Dataset) -> Dataset:
         """The partitions of this dataset, then those of `other`."""

@@ -122,6 +122,7 @@ class JobKeys:
         self.job_key = job_key
         self._aead = AESGCM(_hkdf(job_key, job_id, b"batch"))
         self._prf = _hkdf(job_key, job_id, b"bucket-prf")
+        self._sample = _hkdf(job_key, job_id, b"sort-sample")
 
     def seal(self, header: Header, payload: bytes) -> bytes:
         if header.job != self.job_hex:
@@ -147,6 +148,11 @@ class JobKeys:
                 where=where,
             ) from None
         return header, payload
+
+    def sample_seed(self, stage: int, part: int) -> bytes:
+        """The seed of a range sort's sampling in task (stage, part): fixed per job and task, so a
+        re-run of the task samples the same keys, and unknown to the engine."""
+        return hmac.digest(self._sample, f"{stage}:{part}".encode(), "sha256")
 
     def bucket_of(self, key_json: str, buckets: int) -> int:
         digest = hmac.digest(self._prf, key_json.encode("utf-8"), "sha256")

@@ -240,6 +240,39 @@ def _sort(it: Iterable[Any], ascending: bool) -> Iterator[Any]:
         yield x
 
 
+def range_bounds(samples: Iterable[Any], buckets: int) -> list[Any]:
+    """At most buckets - 1 increasing keys cutting the weighted sample into equal shares (Spark's
+    RangePartitioner.determineBounds): each map task's sample is (its record count, its sampled
+    keys), each key weighing count / len(keys). A key that spans several shares is one boundary."""
+    weighted: list[tuple[Any, float]] = []
+    for count, keys in samples:
+        if keys:
+            w = count / len(keys)
+            weighted.extend((k, w) for k in keys)
+    weighted.sort(key=lambda t: t[0])
+    step = sum(w for _, w in weighted) / buckets
+    bounds: list[Any] = []
+    cum, target = 0.0, step
+    for k, w in weighted:
+        if len(bounds) >= buckets - 1:
+            break
+        cum += w
+        if cum >= target and (not bounds or k > bounds[-1]):
+            bounds.append(k)
+            target += step
+    return bounds
+
+
+def _route(it: Iterable[Any], bounds: list[Any], buckets: int, ascending: bool) -> Iterator[tuple[int, Any]]:
+    """(bucket, (key, record)): bucket i of an ascending sort holds keys in (bounds[i-1], bounds[i]]."""
+    import bisect
+
+    for x in it:
+        k, _ = _pair(x, "sort_by")
+        b = bisect.bisect_left(bounds, k)
+        yield (b if ascending else buckets - 1 - b), x
+
+
 def _join(left: Iterable[Any], right: Iterable[Any], how: str) -> Iterator[Any]:
     table: dict[Any, list[Any]] = {}
     for x in right:
@@ -299,8 +332,12 @@ def run(ctx: Any) -> None:
     p = ctx.params
     fns = _load_module(p["module"]) if p["module"] else {}
     streams: list[Iterable[Any]] = []
+    samples: list[Any] = []
     for spec in p["inputs"]:
         fh = ctx.inputs[spec["name"]]
+        if spec["kind"] == "samples":  # a range sort's routing stage: every map task's sample
+            samples.extend(_records(fh))
+            continue
         streams.append(_source(fh.read(), spec) if spec["kind"] == "raw" else _records(fh))
     if p["combine"] == "join":
         it: Iterable[Any] = _join(streams[0], streams[1], p["how"])
@@ -309,6 +346,19 @@ def run(ctx: Any) -> None:
     for op in p["chain"]:
         it = _apply(op, it, fns)
     out = ctx.outputs["out"]
+    ranges = p.get("range")
+    if ranges is not None:  # a range sort's routing stage: [bucket, (key, record)] per record
+        n = ranges["buckets"]
+        bounds = range_bounds(samples, n)
+        batch_r: list[Any] = []
+        for b, x in _route(it, bounds, n, ranges["ascending"]):
+            batch_r.append([b, enc(x)])
+            if len(batch_r) >= FRAME_RECORDS:
+                write_frame(out, batch_r)
+                batch_r = []
+        if batch_r:
+            write_frame(out, batch_r)
+        return
     keyed = p["keyed"]  # None, "pair" (key = record[0]) or "self" (key = the record)
     text = p.get("text", False)
     batch: list[Any] = []

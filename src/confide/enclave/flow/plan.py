@@ -5,8 +5,15 @@ either one source (a partition of a sealed input file: a range of its chunks) or
 parent stages bucketed to it; it combines them (concatenation, or a join of two parents), applies a
 chain of operators in the sandbox, and sends its records to one output: ``hash`` (bucket = keyed
 PRF of the record's key mod ``buckets``), ``single`` (bucket 0), ``forward`` (task p to bucket
-p + offset, for union) or ``sink`` (a sealed part file per partition for the job's recipients).
-Each stage but a sink feeds exactly one input of one later stage.
+p + offset, for union), ``sample`` / ``range`` (a range-partitioned sort, below) or ``sink`` (a
+sealed part file per partition for the job's recipients). Each stage but a sink feeds exactly one
+input of one later stage.
+
+A range-partitioned sort is three stages: the parent's stage ends with ``key_by`` and a ``sample``
+output (task p sends its (key, record) pairs to bucket p of the next stage, and to EVERY bucket one
+sample batch: its record count and up to ``sample`` of its keys); the next stage (no operators, a
+``range`` output of N buckets) has every task compute the same N-1 boundaries from all the samples
+and route each of its pairs to its range; the stage after it sorts its bucket.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ MAX_CHAIN = 64
 MAX_ZERO_BYTES = 64 << 10  # the encoded zero value of aggregate_local
 MAX_PAD_BATCH = 16 << 20  # a padded batch's payload
 MAX_PAD_TASK = 1 << 30  # what one task's padded output streams may add up to
+MAX_SAMPLE = 1 << 16  # the keys one task of a range sort samples
 FN_OPS = frozenset({"map", "flat_map", "filter", "map_partitions", "key_by", "reduce_local"})
 PLAIN_OPS = frozenset(
     {"group_local", "group_concat", "distinct_local", "sort_local", "count_local", "sum_local"}
@@ -76,7 +84,9 @@ class Output:
     offset: int = 0  # forward
     sink_format: str = "records"  # sink: records | text
     sink_name: str = ""
-    pad: Pad | None = None  # hash, single, forward: a padded exchange
+    pad: Pad | None = None  # hash, single, forward, sample, range: a padded exchange
+    sample: int = 0  # sample: the keys each task samples (its sample batch to every bucket)
+    ascending: bool = True  # range: bucket 0 holds the smallest keys (else the largest)
 
 
 @dataclass(frozen=True)
@@ -233,6 +243,23 @@ def _output(obj: Any, where: str) -> Output:
             offset=_int(obj, "offset", 0, MAX_PARTITIONS, where),
             pad=_pad(obj, 1, where),
         )
+    if kind == "sample":
+        check_fields(obj, required=("kind", "buckets", "sample"), optional=("pad",), where=where)
+        return Output(
+            "sample",
+            _int(obj, "buckets", 1, MAX_PARTITIONS, where),
+            sample=_int(obj, "sample", 1, MAX_SAMPLE, where),
+            pad=_pad(obj, 1, where),
+        )
+    if kind == "range":
+        check_fields(obj, required=("kind", "buckets", "ascending"), optional=("pad",), where=where)
+        buckets = _int(obj, "buckets", 1, MAX_PARTITIONS, where)
+        return Output(
+            "range",
+            buckets,
+            ascending=get_typed(obj, "ascending", bool, where=where),
+            pad=_pad(obj, buckets, where),
+        )
     if kind == "sink":
         check_fields(obj, required=("kind", "format", "name"), where=where)
         fmt = obj["format"]
@@ -360,6 +387,31 @@ def _resolve(plan: JobPlan) -> JobPlan:
                 )
             (n,) = counts
             kinds = {resolved[k].output.kind for k in st.parents}
+            if "sample" in kinds:
+                parent = resolved[st.parents[0]]
+                if (
+                    len(st.parents) != 1
+                    or parent.output.buckets != parent.partitions
+                    or st.output.kind != "range"
+                    or st.chain
+                    or st.combine != "concat"
+                ):
+                    raise FlowFormatError(
+                        f"stage {st.id} reads a sort's samples: it must be the sort's routing stage (one "
+                        "parent sending to as many buckets as it has tasks, no operators, a range output)",
+                        where="job description",
+                    )
+        if st.output.kind == "range" and (
+            len(st.parents) != 1 or resolved[st.parents[0]].output.kind != "sample"
+        ):
+            raise FlowFormatError(
+                f"stage {st.id} has a range output but does not read a sort's samples",
+                where="job description",
+            )
+        if st.output.kind == "sample" and (not st.chain or st.chain[-1]["op"] != "key_by"):
+            raise FlowFormatError(
+                f"stage {st.id} samples a sort's keys but does not end with key_by", where="job description"
+            )
             if "forward" in kinds:
                 spans = sorted((resolved[k].output.offset, resolved[k].partitions) for k in st.parents)
                 pos = 0

@@ -34,6 +34,7 @@ import hmac
 import io
 import json
 import os
+import random
 import re
 import struct
 from collections.abc import Callable, Sequence
@@ -345,12 +346,21 @@ class FlowEnclave:
                     header = Header(plan.job_id, "report", stage, partition, 0, 0, True)
                     body = fixed_size_json(report) if plan.padded else canonical_json(report)
                     return outputs, job.keys.seal(header, body)
-                frames, consumed, n_in = self._check_batches(job, st, partition, batches, where)
+                samples: list[bytes] | None = None
+                if any(plan.stages[k].output.kind == "sample" for k in st.parents):
+                    samples = []  # a range sort's routing stage: every map task's sample batch
+                frames, consumed, n_in = self._check_batches(
+                    job, st, partition, batches, where, samples=samples
+                )
                 report["consumed"] = consumed
                 report["records_in"] = n_in
                 for i, data in enumerate(frames):
                     specs.append({"name": f"in{i}", "kind": "frames"})
                     fds[f"in{i}"] = make_input_memfd(data, name=f"confide-flow-in{i}")
+                if samples is not None:
+                    specs.append({"name": "samples", "kind": "samples"})
+                    framed = b"".join(driver.FRAME.pack(len(f)) + f for f in samples)
+                    fds["samples"] = make_input_memfd(framed, name="confide-flow-samples")
                 self.last_task = {
                     "held_bytes": sum(len(f) for f in frames),
                     "subpartitions": 1,
@@ -487,11 +497,13 @@ class FlowEnclave:
         batches: Sequence[bytes],
         where: str,
         sink: Callable[[int, bytes], None] | None = None,
+        samples: list[bytes] | None = None,
     ) -> tuple[list[bytes], dict[str, dict[str, list[int]]], int]:
         """Open and check every batch; returns one framed input per parent, what was consumed, and the
         record count. Any missing, extra, duplicated, out-of-order, foreign or forged batch fails.
         With `sink`, each data batch's records go to sink(parent index, payload) as it is opened
-        and nothing is kept (the framed inputs come back empty)."""
+        and nothing is kept (the framed inputs come back empty). From a ``sample`` parent (a range
+        sort's map side) each stream's last data batch is its sample: appended to `samples`."""
         plan = job.plan
         streams: dict[tuple[int, int], dict[str, Any]] = {}
         for k in st.parents:
@@ -545,12 +557,17 @@ class FlowEnclave:
             else:
                 counts = parse_json_object(payload, where=f"{where}: end batch")
                 counts.pop("pad", None)
-                pad = plan.stages[header.stage].output.pad
-                if pad is not None and s["next"] != pad.batches:
-                    raise FlowIntegrityError(
-                        f"{src}: {s['next']} batches of a padded stream of {pad.batches} arrived",
-                        where=where,
-                    )
+                out = plan.stages[header.stage].output
+                pad = out.pad
+                if pad is not None:
+                    want = pad.batches
+                    if out.kind == "sample":  # data only to the task's own bucket, a sample to all
+                        want = (pad.batches if header.part == bucket else 0) + 1
+                    if s["next"] != want:
+                        raise FlowIntegrityError(
+                            f"{src}: {s['next']} batches of a padded stream of {want} arrived",
+                            where=where,
+                        )
                 if not header.last or counts != {"batches": s["next"], "records": s["records"]}:
                     raise FlowIntegrityError(
                         f"{src}: the end batch counts {counts.get('batches')} batches and "
@@ -574,6 +591,12 @@ class FlowEnclave:
                     )
                 consumed[str(k)][str(p)] = [s["next"], s["records"]]
                 total += s["records"]
+                if plan.stages[k].output.kind == "sample":
+                    if samples is None or not s["frames"]:
+                        raise FlowIntegrityError(
+                            f"no sample batch from stage {k} partition {p} (a sort's sample)", where=where
+                        )
+                    samples.append(s["frames"].pop())
                 parts.extend(driver.FRAME.pack(len(f)) + f for f in s["frames"])
             framed.append(b"".join(parts))
         return framed, consumed, total
@@ -588,6 +611,11 @@ class FlowEnclave:
             "how": st.how,
             "chain": list(st.chain),
             "keyed": st.output.keyed if st.output.kind == "hash" else None,
+            "range": (
+                {"buckets": st.output.buckets, "ascending": st.output.ascending}
+                if st.output.kind == "range"
+                else None
+            ),
             "text": st.output.kind == "sink" and st.output.sink_format == "text",
         }
         sink = _Collect()
@@ -760,6 +788,9 @@ class _Emitter:
         self.counts = dict.fromkeys(self.pending, 0)
         self.cache: dict[str, int] = {}
         self.sink: _SinkFile | None = None
+        self.sample_keys: list[Any] = []  # a range sort's map side: a reservoir of encoded keys
+        self.sample_seen = 0
+        self.rng = random.Random(job.keys.sample_seed(st.id, partition))
         if self.kind == "sink":
             if out_dir is None:
                 raise FlowFormatError("the engine gave no output directory for a sink task", where=where)
@@ -770,7 +801,9 @@ class _Emitter:
             self.sink_name = fname
 
     def add(self, out: bytes) -> None:
-        items = _parse_output(out, keyed=self.kind == "hash", where=self.where)
+        items = _parse_output(
+            out, keyed=self.kind if self.kind in ("hash", "range") else None, where=self.where
+        )
         self.records += len(items)
         if self.sink is not None:
             text = self.st.output.sink_format == "text"
@@ -783,6 +816,29 @@ class _Emitter:
                     self.sink.write(
                         (json.dumps(x, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
                     )
+            return
+        if self.kind == "sample":  # (key, record) pairs to this task's own bucket, keys sampled
+            cap = self.st.output.sample
+            for rec in items:
+                if not (isinstance(rec, list) and len(rec) == 2):
+                    raise FlowTaskError(
+                        "sort_by's map side did not give (key, record) pairs", where=self.where
+                    )
+                self.sample_seen += 1
+                if len(self.sample_keys) < cap:
+                    self.sample_keys.append(rec[0])
+                else:
+                    j = self.rng.randrange(self.sample_seen)
+                    if j < cap:
+                        self.sample_keys[j] = rec[0]
+                self._put(self.partition, rec)
+            return
+        if self.kind == "range":  # the routing stage's [bucket, (key, record)]
+            n = self.st.output.buckets
+            for b, rec in items:
+                if type(b) is not int or not 0 <= b < n:
+                    raise FlowTaskError("the sort's routing gave a bucket out of range", where=self.where)
+                self._put(b, rec)
             return
         if self.kind == "hash":
             n = self.st.output.buckets
@@ -821,14 +877,34 @@ class _Emitter:
             return []
         keys, pad = self.job.keys, self.st.output.pad
         for b, recs in self.pending.items():
-            self._seal(b, padded_payloads(recs, pad, self.where) if pad else self.enclave._payloads(recs))
+            if self.kind != "sample" or b == self.partition:
+                self._seal(b, padded_payloads(recs, pad, self.where) if pad else self.enclave._payloads(recs))
             recs.clear()
+            if self.kind == "sample":  # the last data batch of every stream: this task's sample
+                self._seal(b, [self._sample_payload()])
+                self.counts[b] += 1
             counts = {"batches": self.seq[b], "records": self.counts[b]}
             end = fixed_size_json(counts) if pad else canonical_json(counts)
             header = Header(keys.job_hex, "end", self.st.id, self.partition, b, self.seq[b], True)
             self.outputs.append((b, keys.seal(header, end)))
             report["produced"][str(b)] = [self.seq[b], self.counts[b]]
         return self.outputs
+
+    def _sample_payload(self) -> tuple[int, bytes]:
+        """One record: [this task's record count, its sampled keys]. Padded, its size is fixed by the
+        sample size and the record bound, whatever the keys and counts."""
+        keys = [json.dumps(k, ensure_ascii=False, separators=(",", ":")) for k in self.sample_keys]
+        body = f"[[{self.sample_seen},[{','.join(keys)}]]]".encode()
+        pad = self.st.output.pad
+        if pad is None:
+            return 1, _COUNT.pack(1) + body
+        if any(len(k.encode()) > pad.record_bytes for k in keys):
+            raise FlowTaskError(
+                f"a sort key is over the job's padded record size ({pad.record_bytes} bytes encoded)",
+                where=self.where,
+            )
+        size = 32 + self.st.output.sample * (pad.record_bytes + 1)
+        return 1, _COUNT.pack(1) + body + b" " * (size - len(body))
 
     def abort(self) -> None:
         if self.sink is not None:
@@ -980,8 +1056,9 @@ class _SinkFile:
         self.tmp.unlink(missing_ok=True)
 
 
-def _parse_output(out: bytes, *, keyed: bool, where: str) -> list[Any]:
-    """The sandbox's output frames, parsed as hostile input."""
+def _parse_output(out: bytes, *, keyed: str | None, where: str) -> list[Any]:
+    """The sandbox's output frames, parsed as hostile input: on a hash output [key_json, record]
+    pairs, on a range output [bucket, record]."""
     items: list[Any] = []
     view = memoryview(out)
     off = 0
@@ -998,8 +1075,9 @@ def _parse_output(out: bytes, *, keyed: bool, where: str) -> list[Any]:
         if not isinstance(frame, list):
             raise FlowTaskError("the sandbox's output frame is not a list", where=where)
         if keyed:
+            first = str if keyed == "hash" else int
             for it in frame:
-                if not (isinstance(it, list) and len(it) == 2 and isinstance(it[0], str)):
+                if not (isinstance(it, list) and len(it) == 2 and type(it[0]) is first):
                     raise FlowTaskError("the sandbox's keyed output is malformed", where=where)
         items.extend(frame)
         off += 4 + n
