@@ -165,6 +165,46 @@ def test_same_results_as_plain_pyspark_and_the_local_engine(
     assert plain["wc"] and plain["groups"] and plain["sorted"] and plain["agg"] and plain["agg_lists"]
 
 
+def test_range_sort_on_spark_matches_plain_pyspark_sort_by(
+    tmp_path: Path, spark: Any, engine: SparkEngine, enclave_identity: Identity, recipient: Identity
+) -> None:
+    """sort_by into 3 ranges on Spark vs plain PySpark's sortBy(numPartitions=3) with the same key
+    function, ascending and descending, on skewed (90 % one key), duplicated and unicode keys with
+    empty source partitions: the same records in the same key order (PySpark leaves the order of
+    equal keys open: ours is sorted()'s, stable), and every output partition is a range."""
+    import itertools
+    import json
+    import random
+
+    import test_flow_sort as srt
+
+    rng = random.Random(11)
+    records = [
+        {"k": "日本" if rng.random() < 0.9 else rng.choice(srt.WORDS) + str(rng.randrange(9)), "i": i}
+        for i in range(600)
+    ]
+    path = seal_text(
+        tmp_path / "in.sealed", [json.dumps(r, ensure_ascii=False) for r in records],
+        [enclave_identity.public], chunk_size=4096,
+    )  # fmt: skip
+    fns: dict[str, Any] = {}
+    exec(compile(srt.FUNCTIONS, "<flow functions>", "exec"), fns)
+    for ascending in (True, False):
+        out = tmp_path / f"o-{ascending}"
+        flow = Flow(srt.FUNCTIONS)
+        action = flow.json_lines(path, partitions=4).sort_by("by_k", ascending, 3).save("s")
+        assert flow.run(action, engine=engine, recipients=[recipient.public], out_dir=out)["accepted"]
+        parts = srt._parts(out, "s", recipient)
+        got = [r for p in parts for r in p]
+        plain = spark.sparkContext.parallelize(records, 4).sortBy(fns["by_k"], ascending, 3).collect()
+        assert [r["k"] for r in got] == [r["k"] for r in plain]
+        assert sorted(got, key=repr) == sorted(plain, key=repr)
+        assert got == sorted(records, key=lambda r: r["k"], reverse=not ascending)
+        keys = [[r["k"] for r in p] for p in parts if p]
+        for a, b in itertools.pairwise(keys):
+            assert (max(a) <= min(b)) if ascending else (min(a) >= max(b))
+
+
 # ---- what Spark sees ------------------------------------------------------------------------------
 
 SECRETS = ["zebra-secret", "ünïcörn-token", "kiwi-private"]
@@ -220,6 +260,44 @@ def test_spark_side_tampering_is_refused(
         word_count(secret_input, eng, tmp_path / "out", recipient)
     assert eng.done
     assert not list((tmp_path / "out").glob("*.manifest.cnfseal"))
+
+
+SORT_ATTACKS = {
+    (
+        "drop",
+        1,
+    ): r"stage 1 partition 0: stream from stage 0 partition \d: .*(a batch is missing|end batch counts)",
+    (
+        "duplicate",
+        2,
+    ): (
+        r"stage 2 partition 0: stream from stage 1 partition \d: "
+        r"(batch seq \d+ where seq \d+ was due \(duplicated|batch after the end batch)"
+    ),
+    ("replay", 2): r"stage 2 partition 0: batch from stage 0 delivered to stage 2",
+}
+
+
+@pytest.mark.parametrize(("attack", "stage"), list(SORT_ATTACKS))
+def test_spark_side_tampering_with_a_range_sort_is_refused(
+    attack: str,
+    stage: int,
+    tmp_path: Path,
+    spark: Any,
+    agent: NodeAgent,
+    secret_input: Path,
+    recipient: Identity,
+) -> None:
+    """A batch of the sort's map-to-routing exchange (the samples travel in it) or of its range
+    exchange dropped, duplicated or replayed inside Spark's shuffle fails the job."""
+    eng = malicious(spark, agent, attack, stage)
+    flow = Flow(FUNCTIONS)
+    action = (
+        flow.text(secret_input, partitions=3).flat_map("words").sort_by("ident", num_partitions=2).save("s")
+    )
+    with pytest.raises(FlowIntegrityError, match=SORT_ATTACKS[(attack, stage)]):
+        flow.run(action, engine=eng, recipients=[recipient.public], out_dir=tmp_path / "out")
+    assert eng.done and not list((tmp_path / "out").glob("*.manifest.cnfseal"))
 
 
 def test_tasks_spark_runs_again_after_a_lost_executor_are_accepted(
