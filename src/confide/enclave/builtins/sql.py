@@ -624,7 +624,8 @@ class _Checker:
             self.column(e.get("column_names") or [], clause)
             return
         if cls == "CONSTANT":
-            literal = e.get("literal") if isinstance(e.get("literal"), dict) else {}
+            found = e.get("literal")
+            literal: dict[str, Any] = found if isinstance(found, dict) else {}
             text = literal.get("text") if literal.get("kind") in ("INTEGER", "NUMERIC") else None
             try:
                 value = decimal.Decimal(text) if isinstance(text, str) else None
@@ -919,6 +920,7 @@ def run(ctx: Any) -> None:
         raws[name] = b""
         if dp is not None and name.lower() in shape["tables"]:
             _dp_prepare(con, name, rule, dp)
+    failure: str | None = None
     try:
         cur = con.execute(sql)
         columns = [d[0] for d in cur.description][:-hidden]
@@ -946,8 +948,6 @@ def run(ctx: Any) -> None:
         # failed outside the handler: raised inside it, the error's traceback would carry DuckDB's
         # message as the context ("During handling of the above exception ...")
         failure = f"the query failed while running ({type(exc).__name__}); DuckDB's message is withheld: it may quote input data"
-    else:
-        failure = None
     if failure is not None:
         _fail(failure)
     ctx.outputs["result"].write(sink.getvalue().encode("utf-8"))
