@@ -350,6 +350,43 @@ def test_the_builtin_in_process_and_its_refusals() -> None:
         assert message in str(info.value), (params, str(info.value))
 
 
+def _embedding_model() -> bytes:
+    """ids (int64, [batch, 6]) -> Gather from a constant table -> mean over the sequence -> MatMul:
+    a transformer's input shape (token ids), its linear layer outsourced."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(11)
+    table = numpy_helper.from_array(rng.normal(size=(50, 16)).astype(np.float32), "table")
+    w = numpy_helper.from_array(rng.normal(size=(16, 4)).astype(np.float32), "w")
+    axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["e"]),
+            helper.make_node("ReduceMean", ["e", "axes"], ["m"], keepdims=0),
+            helper.make_node("MatMul", ["m", "w"], ["y"]),
+        ],
+        "embed",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [None, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
+        [table, w, axes],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+
+
+def test_token_id_inputs_run_in_the_outsourced_modes() -> None:
+    """int64 inputs (MiniLM's token ids) are taken; an id beyond the table fails closed."""
+    model = _embedding_model()
+    ids = np.random.default_rng(12).integers(0, 50, size=(3, 6)).astype(np.int64)
+    ref = ort_run(model, {"ids": ids})[0]
+    for mode in OUTSOURCED:
+        got = np.load(io.BytesIO(_in_process({"mode": mode}, model, _npz(ids=ids))))["y"]
+        assert np.max(np.abs(got - ref)) < 0.02 * np.max(np.abs(ref))
+    with pytest.raises(ValueError, match="the model takes int64; the outsourced modes take"):
+        _in_process({"mode": OUTSOURCED[1]}, model, _npz(ids=ids.astype(np.float32)))
+    with pytest.raises(Exception, match="Gather index out of range"):
+        _in_process({"mode": OUTSOURCED[1]}, model, _npz(ids=ids + 100))
+
+
 SNOOP = """
 def run(ctx):
     ctx.outputs["out"].write(repr(ctx.accelerator).encode())

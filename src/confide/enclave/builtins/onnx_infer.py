@@ -206,16 +206,24 @@ def _outsourced(ctx: Any, mode: str) -> None:
             continue  # an initializer listed as an input
         arr = feeds[arg.name]
         t = arg.type.tensor_type
-        if t.elem_type != onnx.TensorProto.FLOAT or arr.dtype != np.float32:
+        want = {
+            onnx.TensorProto.FLOAT: np.float32,
+            onnx.TensorProto.INT64: np.int64,  # token ids, as a transformer takes them
+            onnx.TensorProto.INT32: np.int32,
+            onnx.TensorProto.BOOL: np.bool_,
+        }.get(t.elem_type)
+        if want is None or arr.dtype != want:
             raise ValueError(
-                f"onnx-infer: array {arg.name!r} is {arr.dtype}; the outsourced modes take float32"
+                f"onnx-infer: array {arg.name!r} is {arr.dtype}, the model takes "
+                f"{onnx.TensorProto.DataType.Name(t.elem_type).lower()}; the outsourced modes take float32, "
+                "int64, int32 or bool inputs"
             )
         dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
         if len(dims) != arr.ndim or any(
             d is not None and d != n for d, n in zip(dims, arr.shape, strict=True)
         ):
             raise ValueError(f"onnx-infer: array {arg.name!r} has shape {arr.shape}, the model takes {dims}")
-        if arr.size == 0 or not np.all(np.isfinite(arr)):
+        if arr.size == 0 or (arr.dtype.kind == "f" and not np.all(np.isfinite(arr))):
             raise ValueError(f"onnx-infer: array {arg.name!r} is empty or not finite")
     names = list(graph.outputs)
     wanted = ctx.params.get("outputs", names)
