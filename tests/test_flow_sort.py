@@ -50,7 +50,7 @@ DATA: dict[str, list[dict[str, Any]]] = {
     "duplicates": _rng_records(3, 1200, lambda r, i: r.randrange(5)),
     "unicode": _rng_records(4, 1500, lambda r, i: r.choice(WORDS) + str(r.randrange(30))),
     "tuples": _rng_records(5, 900, lambda r, i: (r.randrange(4), r.choice(WORDS))),
-    "floats": _rng_records(6, 900, lambda r, i: r.uniform(-1e6, 1e6)),
+    "floats": _rng_records(6, 600, lambda r, i: r.uniform(-1e6, 1e6)),
 }
 
 
@@ -111,24 +111,24 @@ def test_range_sort_equals_sorted_and_partitions_are_ranges(
     data = [_norm(r) for r in DATA[name]]
     path = _seal(tmp_path, name, DATA[name], enclave_identity)
     parts, summary = _sorted_run(
-        LocalEngine([enclave]), path, tmp_path / "o", recipient, partitions=4, buckets=5, ascending=ascending
+        LocalEngine([enclave]), path, tmp_path / "o", recipient, partitions=3, buckets=4, ascending=ascending
     )
     got = [_norm(r) for p in parts for r in p]
     assert got == sorted(data, key=lambda r: r["k"], reverse=not ascending)  # stable, as sorted()
-    assert len(parts) == 5 and summary["stages"] == 3  # map and sample, route, sort
+    assert len(parts) == 4 and summary["stages"] == 3  # map and sample, route, sort
     keys = [[r["k"] for r in p] for p in parts]
     # every key of part i before every key of part i + 1 (empty parts skipped)
     for a, b in itertools.pairwise([p for p in keys if p]):
         assert (max(a) <= min(b)) if ascending else (min(a) >= max(b))
-    if name == "uniform":  # 60 samples per range (std ~12 % of a range): each within 0.5..1.5 of n / N
-        sizes = [len(p) for p in parts]
-        assert all(0.5 * len(data) / 5 <= s <= 1.5 * len(data) / 5 for s in sizes), sizes
+    if name == "uniform":  # 60 samples per range: each within 0.4..1.6 of n / N (the worst of 3,000
+        sizes = [len(p) for p in parts]  # simulated draws of this sample was 0.46 off)
+        assert all(0.4 * len(data) / 4 <= s <= 1.6 * len(data) / 4 for s in sizes), sizes
     if name == "skew":  # the hot key (90 %) is in one partition, whole
         hot = [i for i, p in enumerate(keys) if 7 in p]
         assert len(hot) == 1 and keys[hot[0]].count(7) == sum(1 for r in data if r["k"] == 7)
-    if name == "duplicates":  # 5 distinct keys over 5 ranges: no key in two partitions
+    if name == "duplicates":  # 5 distinct keys over 4 ranges: no key in two partitions
         seen = [set(p) for p in keys]
-        assert all(not (seen[i] & seen[j]) for i in range(5) for j in range(i + 1, 5))
+        assert all(not (seen[i] & seen[j]) for i in range(4) for j in range(i + 1, 4))
 
 
 def test_empty_partitions_and_more_ranges_than_keys(
