@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import platform
 import statistics
@@ -95,3 +96,41 @@ class PeakRss:
     @property
     def peak_mib(self) -> float:
         return round(self.peak_bytes / (1 << 20), 1)
+
+
+# ONNX Runtime as the infer built-in runs it (one intra-op and one inter-op thread, sequential, no
+# spinning, the CPU provider): the source of a sandboxed function's session (ORT_SESSION_SRC, which
+# binds `s` from the input `model`), and the same session in this process (ort_session)
+ORT_SESSION_SRC = """\
+    import onnxruntime as ort
+    ort.set_default_logger_severity(3)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    s = ort.InferenceSession(ctx.inputs["model"].read(), so, providers=["CPUExecutionProvider"])
+"""
+
+
+def ort_session(model: bytes) -> Any:
+    """ONNX Runtime on `model` with the options ORT_SESSION_SRC sets, in this process."""
+    namespace: dict[str, Any] = {"ctx": _ModelOnly(model)}
+    exec(ORT_SESSION_SRC.replace("\n    ", "\n").removeprefix("    "), namespace)
+    return namespace["s"]
+
+
+class _ModelOnly:
+    def __init__(self, model: bytes) -> None:
+        self.inputs = {"model": io.BytesIO(model)}
+
+
+class Sink:
+    """An output sink that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.data += data

@@ -42,7 +42,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from common import machine, percentiles  # noqa: E402
+from common import ORT_SESSION_SRC, Sink, machine, ort_session, percentiles  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -61,14 +61,7 @@ CHILD_BENCH = r"""
 def run(ctx):
     import io, json, time
     import numpy as np
-    import onnxruntime as ort
-    ort.set_default_logger_severity(3)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    s = ort.InferenceSession(ctx.inputs["model"].read(), so, providers=["CPUExecutionProvider"])
+__ORT_SESSION__
     x = np.load(io.BytesIO(ctx.inputs["data"].read()), allow_pickle=False)
     out = {}
     for b in ctx.params["batches"]:
@@ -81,25 +74,7 @@ def run(ctx):
         out[str(b)] = ts
     ctx.outputs["t"].write(json.dumps(out).encode())
 """
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-
-def ort_session(model: bytes) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+CHILD_BENCH = CHILD_BENCH.replace("__ORT_SESSION__\n", ORT_SESSION_SRC)
 
 
 def timed(fn: Any, reps: int, warm: int = 5) -> list[float]:

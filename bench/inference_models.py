@@ -44,7 +44,7 @@ ROOT = HERE.parent
 CACHE = Path(tempfile.gettempdir()) / "confide-bench-models"  # the export and references, reused
 sys.path.insert(0, str(HERE))
 
-from common import percentiles  # noqa: E402
+from common import ORT_SESSION_SRC, Sink, ort_session, percentiles  # noqa: E402
 
 SENTENCES = [
     "A confidential enclave runs the model on sealed data.",
@@ -63,15 +63,7 @@ CHILD = r"""
 def run(ctx):
     import io, json, resource, time
     import numpy as np
-    import onnxruntime as ort
-    ort.set_default_logger_severity(3)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    s = ort.InferenceSession(ctx.inputs["model"].read(), so, providers=["CPUExecutionProvider"])
+__ORT_SESSION__
     z = np.load(io.BytesIO(ctx.inputs["data"].read()), allow_pickle=False)
     feeds = {k: z[k] for k in z.files}
     for _ in range(2):
@@ -83,14 +75,7 @@ def run(ctx):
     ctx.outputs["t"].write(json.dumps({"t": ts, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}).encode())
     ctx.outputs["y"].write(buf.getvalue())
 """
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def write(self, data: bytes) -> None:
-        self.data += data
+CHILD = CHILD.replace("__ORT_SESSION__\n", ORT_SESSION_SRC)
 
 
 def model_bytes(name: str) -> bytes:
@@ -160,18 +145,6 @@ def vm_hwm_mib() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def ort_session(model: bytes) -> Any:
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(3)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
 def worker(name: str, batch: int, mode: str, reps: int) -> dict[str, Any]:

@@ -175,6 +175,19 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
+def accelerator_server(tmp_path_factory: pytest.TempPathFactory):
+    """`confide serve --accelerator numpy`: the worker's enclave gets an accelerator process, so the
+    infer built-in's outsourced modes run as platform tasks."""
+    from platform_support import ServerProcess
+
+    srv = ServerProcess(
+        tmp_path_factory.mktemp("server") / "data", workers=1, extra_args=("--accelerator", "numpy")
+    ).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
 def dev_policy():
     """A development policy accepting this build's simulated enclave."""
     from platform_support import this_build_dev_policy

@@ -25,15 +25,8 @@ X = np.random.default_rng(5).normal(size=(8, 32)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    """`confide serve --accelerator numpy`: the worker's enclave gets an accelerator process."""
-    from platform_support import ServerProcess
-
-    srv = ServerProcess(
-        tmp_path_factory.mktemp("server") / "data", workers=1, extra_args=("--accelerator", "numpy")
-    ).start()
-    yield srv
-    srv.stop()
+def server(accelerator_server: Any) -> Any:
+    return accelerator_server
 
 
 @pytest.fixture(scope="module")

@@ -90,15 +90,8 @@ def test_exported_minilm_is_the_float_pytorch_model(minilm: dict[str, Any]) -> N
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    """`confide serve --accelerator numpy`, so the outsourced modes run as platform tasks too."""
-    from platform_support import ServerProcess
-
-    srv = ServerProcess(
-        tmp_path_factory.mktemp("server") / "data", workers=1, extra_args=("--accelerator", "numpy")
-    ).start()
-    yield srv
-    srv.stop()
+def server(accelerator_server: Any) -> Any:
+    return accelerator_server
 
 
 @pytest.fixture(scope="module")

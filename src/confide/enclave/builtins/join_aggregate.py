@@ -389,14 +389,17 @@ def run(ctx: Any) -> None:
                     values = [v if v != "" else None for v in values]
                 row.append(_aggregate(agg["op"], values, p["avg_places"]))
         rows.append(row)
-    report = {
+    _write_outputs(ctx, p, rows, _report(p, rows, suppressed))
+
+
+def _report(p: dict[str, Any], rows: list[list[str]], suppressed: int) -> dict[str, Any]:
+    return {
         "function": NAME,
         "version": "1",
         "k": p["k"],
         "groups": len(rows),
         "suppressed_groups": suppressed,
     }
-    _write_outputs(ctx, p, rows, report)
 
 
 def _write_outputs(ctx: Any, p: dict[str, Any], rows: list[list[str]], report: dict[str, Any]) -> None:
@@ -758,11 +761,4 @@ def _aggregate_in_duckdb(
             else:  # the exponent the reference path's decimal sum (or min, max) has
                 out.append(str(value.quantize(decimal.Decimal(1).scaleb(-int(scale)), context=EXACT)))
         rows.append(out)
-    report = {
-        "function": NAME,
-        "version": "1",
-        "k": p["k"],
-        "groups": len(rows),
-        "suppressed_groups": suppressed,
-    }
-    return rows, report
+    return rows, _report(p, rows, suppressed)
