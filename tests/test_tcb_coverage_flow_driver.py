@@ -96,7 +96,7 @@ def call(params: dict[str, Any], inputs: dict[str, bytes]) -> bytes:
 
 
 def records(data: bytes, keyed: bool = False) -> list[Any]:
-    items = _parse_output(data, keyed=keyed, where="t")
+    items = _parse_output(data, keyed="hash" if keyed else None, where="t")
     return [driver.dec(x[1] if keyed else x) for x in items]
 
 

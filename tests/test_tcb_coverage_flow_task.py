@@ -23,13 +23,13 @@ def _frame(obj: object) -> bytes:
 
 def test_frames_are_concatenated_in_order() -> None:
     out = _frame(["a", "b"]) + _frame([]) + _frame([1, {"x": 2}])
-    assert _parse_output(out, keyed=False, where="s") == ["a", "b", 1, {"x": 2}]
-    assert _parse_output(b"", keyed=False, where="s") == []
+    assert _parse_output(out, keyed=None, where="s") == ["a", "b", 1, {"x": 2}]
+    assert _parse_output(b"", keyed=None, where="s") == []
 
 
 def test_keyed_frames_carry_key_record_pairs() -> None:
     out = _frame([["k1", 1], ["k2", [2]]])
-    assert _parse_output(out, keyed=True, where="s") == [["k1", 1], ["k2", [2]]]
+    assert _parse_output(out, keyed="hash", where="s") == [["k1", 1], ["k2", [2]]]
 
 
 @pytest.mark.parametrize(
@@ -51,7 +51,7 @@ def test_keyed_frames_carry_key_record_pairs() -> None:
 )
 def test_hostile_sandbox_output_is_refused(out: bytes, keyed: bool, message: str) -> None:
     with pytest.raises(FlowTaskError) as info:
-        _parse_output(out, keyed=keyed, where="stage 1 partition 0")
+        _parse_output(out, keyed="hash" if keyed else None, where="stage 1 partition 0")
     assert message in str(info.value) and "stage 1 partition 0" in str(info.value)
 
 
@@ -59,7 +59,7 @@ def test_deeply_nested_output_is_refused_not_a_crash() -> None:
     depth = 200000
     data = b"[" * depth + b"]" * depth
     with pytest.raises(FlowTaskError, match="not valid JSON|not a list"):
-        _parse_output(struct.pack(">I", len(data)) + data, keyed=False, where="s")
+        _parse_output(struct.pack(">I", len(data)) + data, keyed=None, where="s")
 
 
 def _sealed(data: bytes, who: Identity, chunk: int = 1024) -> SealedReader:

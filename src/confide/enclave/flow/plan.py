@@ -387,6 +387,21 @@ def _resolve(plan: JobPlan) -> JobPlan:
                 )
             (n,) = counts
             kinds = {resolved[k].output.kind for k in st.parents}
+            if "forward" in kinds:
+                spans = sorted((resolved[k].output.offset, resolved[k].partitions) for k in st.parents)
+                pos = 0
+                for offset, size in spans:
+                    if offset != pos or kinds != {"forward"}:
+                        raise FlowFormatError(
+                            f"the forwarded parents of stage {st.id} do not tile its {n} partitions",
+                            where="job description",
+                        )
+                    pos += size
+                if pos != n:
+                    raise FlowFormatError(
+                        f"the forwarded parents of stage {st.id} do not tile its {n} partitions",
+                        where="job description",
+                    )
             if "sample" in kinds:
                 parent = resolved[st.parents[0]]
                 if (
@@ -412,21 +427,6 @@ def _resolve(plan: JobPlan) -> JobPlan:
             raise FlowFormatError(
                 f"stage {st.id} samples a sort's keys but does not end with key_by", where="job description"
             )
-            if "forward" in kinds:
-                spans = sorted((resolved[k].output.offset, resolved[k].partitions) for k in st.parents)
-                pos = 0
-                for offset, size in spans:
-                    if offset != pos or kinds != {"forward"}:
-                        raise FlowFormatError(
-                            f"the forwarded parents of stage {st.id} do not tile its {n} partitions",
-                            where="job description",
-                        )
-                    pos += size
-                if pos != n:
-                    raise FlowFormatError(
-                        f"the forwarded parents of stage {st.id} do not tile its {n} partitions",
-                        where="job description",
-                    )
         resolved.append(
             Stage(st.id, st.source, st.parents, st.combine, st.how, st.chain, st.output, partitions=n)
         )
