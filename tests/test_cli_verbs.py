@@ -36,6 +36,7 @@ def env(server, dev_policy, tmp_path_factory):
         "CONFIDE_URL": server.url,
         "CONFIDE_POLICY": str(policy),
         "CONFIDE_SIM_ROOT": str(server.data_dir / "platform" / "vendor_root.crt"),
+        "COLUMNS": "200",  # tables fit their columns to the terminal: a pytest-xdist worker's is 80 wide
     }
 
 
