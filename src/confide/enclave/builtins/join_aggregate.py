@@ -501,6 +501,7 @@ def _in_duckdb(
     """(rows, report) computed in DuckDB, or None where the reference path must run (see the module
     docstring)."""
     import duckdb  # only inside the sandbox child, never in the enclave process
+    import pyarrow as pa
 
     from confide.enclave.builtins import duck  # pre-imported by the zygote
 
@@ -524,12 +525,8 @@ def _in_duckdb(
             return _aggregate_in_duckdb(con, p, inputs, where, numeric, scales)
         finally:
             con.close()
-    except (_GiveUp, duckdb.Error, decimal.DecimalException):
-        return None
-    except Exception as exc:  # pyarrow's errors: the reference path reads the input again and words them
-        if type(exc).__module__.startswith("pyarrow"):
-            return None
-        raise
+    except (_GiveUp, duckdb.Error, decimal.DecimalException, pa.ArrowException):
+        return None  # pyarrow's errors too: the reference path reads the input again and words them
 
 
 def _duckdb_memory_mib() -> int:
