@@ -63,6 +63,10 @@ class HostAccelerator:
             serve_stream(rfd, wfd, Recording(NumpyAccelerator(), self.seen))
         elif behaviour.startswith("lie:"):
             serve_stream(rfd, wfd, LyingAccelerator(NumpyAccelerator(), "flip", layers={behaviour[4:]}))
+        elif behaviour == "no-read":  # takes the stream and never reads a byte of it, holding it open
+            self.release.wait(60)
+            os.close(rfd)
+            os.close(wfd)
         elif behaviour in ("hang-up", "garbage", "stall"):
             with os.fdopen(rfd, "rb") as r, os.fdopen(wfd, "wb") as w, contextlib.suppress(OSError):
                 backend = NumpyAccelerator()
@@ -197,9 +201,28 @@ def test_a_broken_accelerator_stream_fails_closed(accel_worker: Any, behaviour: 
     assert want in text, text
 
 
+def test_an_accelerator_that_never_reads_fails_the_layer_at_the_timeout(accel_worker: Any) -> None:
+    """The first layer's weights (512 x 256 int8, 128 KiB) overflow the pipe's buffer: a blocking
+    write would wait for ever; the child's write gives up at params.reply_timeout_s."""
+    kit, accel = accel_worker
+    accel.behaviour = "no-read"
+    accel.release.clear()
+    x = np.random.default_rng(9).normal(size=(2, 512)).astype(np.float32)
+    try:
+        result, _, outs = run(kit, mlp(sizes=(512, 256, 10)), x, "outsourced-verified", reply_timeout_s=1)
+    finally:
+        accel.release.set()
+    assert not result["ok"] and result["category"] == "exception"  # not the run's wall timeout
+    assert "outputs" not in result["outputs"] and not outs["outputs"].exists()
+    text = error_text(kit, outs)
+    assert "layer fc0 (load): cannot reach the accelerator (the accelerator took" in text, text
+    assert "bytes of a request within 1 s (params.reply_timeout_s)" in text, text
+
+
 def test_a_stalled_accelerator_fails_the_layer_at_the_reply_timeout(accel_worker: Any) -> None:
     kit, accel = accel_worker
     accel.behaviour = "stall"
+    accel.release.clear()
     try:
         result, _, outs = run(kit, mlp(), X_MLP, "outsourced-verified", reply_timeout_s=1)
     finally:

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from . import channel
-from .accelerator_link import AcceleratorLink
+from .accelerator_link import OUTSOURCED_MODES, AcceleratorLink
 from .backend import TeeBackend, create_backend
 from .channel import ChannelClosed
 from .config import EnclaveConfig
 from .encoding import b64d, b64e, hexd
 from .errors import ConfideError, EnclaveError, FormatError
+from .function_desc import builtin_source
 from .keys import Identity
 from .memory import MemoryBudget
 from .pipeline import OutputFile, open_input, run_sandboxed, write_error_output
@@ -171,12 +172,20 @@ class EnclaveRuntime:
                     f"host's {table} {sorted(args[table])} differ from the approved {sorted(approved)}",
                     where="run request",
                 )
+        outsourced = _outsources(req.function_sha256, req.params)
+        if outsourced and self.tasks.accelerator is None:
+            raise EnclaveError(
+                f"mode {req.params.get('mode')} needs an accelerator and this enclave has none (start it "
+                "with `confide run --accelerator numpy|cuda|auto`); nothing ran",
+                where="run request",
+            )
         self.seen_requests.add(req.request_id)
         del self.attested_nonces[req.attestation_nonce]  # each attestation authorises one run
 
         reserved = 0
         fds: dict[str, int] = {}
         outputs: dict[str, OutputFile] = {}
+        stream: tuple[int, int] | None = None
         try:
             for name, grant in sorted(req.inputs.items()):
                 fds[name], n = open_input(
@@ -194,6 +203,9 @@ class EnclaveRuntime:
                     {"output": name, "request_id": req.request_id},
                 )
             started = time.monotonic()
+            if outsourced:
+                assert self.tasks.accelerator is not None
+                stream = self.tasks.accelerator.open_stream()
             result = run_sandboxed(
                 self.zygote,
                 self.budget,
@@ -203,6 +215,7 @@ class EnclaveRuntime:
                 inputs=fds,
                 outputs=outputs,
                 max_output_bytes=min(s.max_bytes for s in req.outputs.values()),
+                stream=stream,
             )
             elapsed = time.monotonic() - started
             if not result.ok:
@@ -237,7 +250,7 @@ class EnclaveRuntime:
         finally:
             for out in outputs.values():
                 out.discard()
-            for fd in fds.values():
+            for fd in (*fds.values(), *(stream or ())):
                 os.close(fd)
             self.budget.release(reserved)
 
@@ -269,6 +282,19 @@ class EnclaveRuntime:
                 reply = _error(call_id, EnclaveError(f"internal error: {type(exc).__name__}: {exc}"))
                 traceback.print_exc(file=sys.stderr)
             channel.send_message(sock, reply)
+
+
+_INFER_SHA256: list[str] = []  # the infer built-in's source digest, computed on first use
+
+
+def _outsources(function_sha256: str, params: dict[str, Any]) -> bool:
+    """True for a single-owner run of this build's own infer built-in in an outsourced mode: only
+    then does the sandbox child get a stream to the host's accelerator (never a party's function)."""
+    if params.get("mode") not in OUTSOURCED_MODES:
+        return False
+    if not _INFER_SHA256:
+        _INFER_SHA256.append(hashlib.sha256(builtin_source("infer").encode()).hexdigest())
+    return function_sha256 == _INFER_SHA256[0]
 
 
 def _error(call_id: int | None, exc: ConfideError) -> dict[str, Any]:

@@ -114,49 +114,6 @@ def run(ctx: Any) -> None:
 REPLY_TIMEOUT_S = 120.0  # default wait for each accelerator reply (params.reply_timeout_s)
 
 
-class _TimedReader:
-    """The accelerator's reply pipe, read with a deadline: each reply must arrive complete within the
-    timeout of its request (armed by _ArmingWriter.flush); a stalled accelerator fails the layer."""
-
-    def __init__(self, fh: Any, seconds: float) -> None:
-        import select
-
-        self._fd = fh.fileno()
-        self._fh = fh  # keeps the file object (and its fd) alive
-        self._seconds = seconds
-        self._deadline = 0.0
-        self._poll = select.poll()
-        self._poll.register(self._fd, select.POLLIN)
-
-    def arm(self) -> None:
-        import time
-
-        self._deadline = time.monotonic() + self._seconds
-
-    def read(self, n: int) -> bytes:
-        import os
-        import time
-
-        left = self._deadline - time.monotonic()
-        if left <= 0 or not self._poll.poll(max(1, int(left * 1000))):
-            raise TimeoutError(f"no complete reply within {self._seconds:g} s (params.reply_timeout_s)")
-        return os.read(self._fd, min(n, 1 << 20))
-
-
-class _ArmingWriter:
-    """The request pipe: every flush (the end of a request frame) arms the reader's deadline."""
-
-    def __init__(self, fh: Any, reader: _TimedReader) -> None:
-        self._fh, self._reader = fh, reader
-
-    def write(self, data: bytes) -> int:
-        return int(self._fh.write(data))
-
-    def flush(self) -> None:
-        self._fh.flush()
-        self._reader.arm()
-
-
 def _read_data(raw: bytes, declared: list[str]) -> dict[str, Any]:
     """The `data` input as {model input name: array} (.npz, or .npy for a one-input model)."""
     import io
@@ -190,6 +147,7 @@ def _outsourced(ctx: Any, mode: str) -> None:
     import numpy as np
     import onnx
 
+    from confide.enclave.infer.deadline_stream import DeadlineReader, DeadlineWriter
     from confide.enclave.infer.executor import Executor, Graph
     from confide.enclave.infer.slalom import Mode
     from confide.enclave.infer.wire import AcceleratorClient
@@ -235,8 +193,8 @@ def _outsourced(ctx: Any, mode: str) -> None:
             f"onnx-infer: params.reply_timeout_s must be a number of seconds in (0, 3600], not {timeout!r}"
         )
     reader, writer = ctx.accelerator
-    timed = _TimedReader(reader, float(timeout))
-    client = AcceleratorClient(cast(Any, timed), cast(Any, _ArmingWriter(writer, timed)))
+    timed = DeadlineReader(reader, float(timeout))
+    client = AcceleratorClient(cast(Any, timed), cast(Any, DeadlineWriter(writer, timed, float(timeout))))
     slalom_mode = Mode.BLINDED if mode == "outsourced-blinded+verified" else Mode.VERIFIED
     executor = Executor(graph, slalom_mode, client)  # sends the quantized weights (load)
     executor.precompute({n: tuple(a.shape) for n, a in feeds.items()}, 1)  # offline phase

@@ -75,7 +75,12 @@ DEFAULT_PREIMPORT = (
 # What the infer built-in's outsourced modes need in the child (onnx, the graph checker: no thread at
 # import). Pre-imported only by an enclave whose host offers an accelerator (runtime.main): onnx
 # adds about 2 s to every zygote start, and without an accelerator these modes are refused anyway.
-INFER_PREIMPORT = ("onnx", "confide.enclave.infer.executor", "confide.enclave.infer.wire")
+INFER_PREIMPORT = (
+    "onnx",
+    "confide.enclave.infer.executor",
+    "confide.enclave.infer.wire",
+    "confide.enclave.infer.deadline_stream",
+)
 
 
 class Zygote:
