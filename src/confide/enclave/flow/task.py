@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import heapq
 import hmac
 import io
 import json
@@ -37,7 +38,7 @@ import os
 import random
 import re
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -49,7 +50,14 @@ from ..keys import Identity, PublicIdentity
 from ..peer import check_peer
 from ..report_data import nonce_binding, report_data_for
 from ..sandbox import SandboxLimits, Zygote, make_input_memfd
-from ..sealed_file import SealedReader, SealedWriter, create_partial
+from ..sealed_file import (
+    DEFAULT_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+    TAG_LEN,
+    SealedReader,
+    SealedWriter,
+    create_partial,
+)
 from . import driver
 from .batch import KEY_LEN, Header, JobKeys, parse_header
 from .errors import FlowFormatError, FlowIntegrityError, FlowTaskError
@@ -342,7 +350,13 @@ class FlowEnclave:
                 incoming = sum(len(b) for b in batches)
                 budget = self.memory_budget
                 if budget is not None and incoming > budget // 2:
-                    outputs = self._run_spilled(job, st, partition, batches, report, out_dir, incoming, where)
+                    if st.chain and st.chain[0]["op"] == "sort_local":
+                        run = self._run_sort_spilled
+                    elif any(plan.stages[k].output.kind == "sample" for k in st.parents):
+                        run = self._run_routing_streamed
+                    else:
+                        run = self._run_spilled
+                    outputs = run(job, st, partition, batches, report, out_dir, incoming, where)
                     header = Header(plan.job_id, "report", stage, partition, 0, 0, True)
                     body = fixed_size_json(report) if plan.padded else canonical_json(report)
                     return outputs, job.keys.seal(header, body)
@@ -444,9 +458,205 @@ class FlowEnclave:
         finally:
             spill.remove()
 
-    def _read_spill(self, path: Path) -> bytes:
-        """A spill file's bytes as they are on disk now (the host may have changed them)."""
-        return path.read_bytes()
+    def _run_sort_spilled(
+        self,
+        job: _Job,
+        st: Stage,
+        partition: int,
+        batches: Sequence[bytes],
+        report: dict[str, Any],
+        out_dir: str | None,
+        incoming: int,
+        where: str,
+    ) -> list[tuple[int, bytes]]:
+        """A sorting task over the budget, sorted externally (_SortRuns): sorted runs are formed and
+        spilled as the batches are opened, then merged, and the merged records are fed about a
+        quarter of the budget at a time to sandboxed runs of what follows the sort in this stage,
+        whose output is sealed as it comes. The sort keys are those the map side's key_by computed
+        in its sandbox: forming and merging runs compares those decoded values here, and runs no
+        user code; the operators after the sort run in the sandbox as before, once per piece."""
+        budget = self.memory_budget
+        assert budget is not None
+        tail = list(st.chain[1:])
+        for i, op in enumerate(tail):  # per piece = per partition only for per-record operators
+            last = i == len(tail) - 1
+            if not (
+                op["op"] in _PER_RECORD_OPS
+                or (op["op"] in _COMBINER_OPS and last and st.output.kind != "sink")
+            ):
+                raise FlowTaskError(
+                    f"the partition holds {incoming} bytes, over half the worker's memory budget of "
+                    f"{budget} bytes, and its sort is followed by {op['op']}, which needs the whole "
+                    "partition at once: give it more partitions or the worker more memory",
+                    where=where,
+                )
+        sorter = _SortRuns(self, job, st, partition, budget, incoming, where)
+        try:
+            _, consumed, n_in = self._check_batches(job, st, partition, batches, where, sink=sorter.add)
+            report["consumed"] = consumed
+            report["records_in"] = n_in
+            emitter = _Emitter(self, job, st, partition, out_dir, where)
+            try:
+                held, pieces = sorter.held, 0
+                piece: list[Any] = []
+                per_piece = max(1, budget // 4 // sorter.mean_record)
+                for entry in sorter.merge():
+                    piece.append(entry[5])
+                    if len(piece) >= per_piece:
+                        held = max(held, self._run_piece(job, st, _framed(piece), tail, emitter, where))
+                        pieces += 1
+                        piece = []
+                if piece or not pieces:
+                    held = max(held, self._run_piece(job, st, _framed(piece), tail, emitter, where))
+                    pieces += 1
+                outputs = emitter.finish(report)
+            finally:
+                emitter.abort()
+            self.last_task = {
+                "held_bytes": held + sorter.merge_held,
+                "subpartitions": pieces,
+                "spilled_bytes": sorter.files.written,
+                "runs": sorter.first_runs,
+                "merge_passes": sorter.passes,
+                "spill_files": len(sorter.files.sizes),
+                "spill_file_bytes": sum(sorter.files.sizes),
+            }
+            return outputs
+        finally:
+            sorter.remove()
+
+    def _run_routing_streamed(
+        self,
+        job: _Job,
+        st: Stage,
+        partition: int,
+        batches: Sequence[bytes],
+        report: dict[str, Any],
+        out_dir: str | None,
+        incoming: int,
+        where: str,
+    ) -> list[tuple[int, bytes]]:
+        """A sort's routing task over the budget. Routing is per record (each pair to the range its
+        key falls in), but the boundaries depend on every map task's sample, the last data batch of
+        its stream: so first, for each stream, its end batch is opened (its authenticated header
+        counts the stream's data batches) and then its last data batch, the sample; then every
+        batch is checked as usual and the pairs are routed about a quarter of the budget at a time,
+        each piece in one sandboxed run that computes the same boundaries from the same samples.
+        Nothing spills."""
+        budget = self.memory_budget
+        assert budget is not None
+        plan = job.plan
+        (k,) = st.parents
+        ends: dict[int, int] = {}  # source task -> index of its end batch
+        data: dict[tuple[int, int], int] = {}  # (source task, seq) -> index of that data batch
+        for i, blob in enumerate(batches):
+            h, _ = parse_header(blob, where=f"{where}: batch {i}")
+            if h.stage == k and h.bucket == partition and h.kind == "end":
+                ends.setdefault(h.part, i)
+            elif h.stage == k and h.bucket == partition and h.kind == "data":
+                data.setdefault((h.part, h.seq), i)
+        samples: list[bytes] = []
+        sample_seq: dict[int, int] = {}  # source task -> the seq of its sample batch
+        for p in plan.expected_sources(k, partition):
+            src = f"stream from stage {k} partition {p}"
+            if p not in ends:
+                raise FlowIntegrityError(
+                    f"no end batch from stage {k} partition {p} (its shuffle blocks were dropped)",
+                    where=where,
+                )
+            end, _ = job.keys.open(batches[ends[p]], where=f"{where}: batch {ends[p]}")
+            at = data.get((p, end.seq - 1))
+            if at is None:
+                raise FlowIntegrityError(
+                    f"{src}: no sample batch (its last data batch, seq {end.seq - 1}: dropped or moved)",
+                    where=where,
+                )
+            header, payload = job.keys.open(batches[at], where=f"{where}: batch {at}")
+            if (
+                (end.kind, end.stage, end.part, end.bucket) != ("end", k, p, partition)
+                or (header.kind, header.stage, header.part, header.bucket) != ("data", k, p, partition)
+                or header.last
+                or len(payload) < _COUNT.size
+            ):
+                raise FlowIntegrityError(f"{src}: malformed sample or end batch", where=where)
+            samples.append(payload[_COUNT.size :].rstrip(b" "))
+            sample_seq[p] = header.seq
+        framed_samples = b"".join(driver.FRAME.pack(len(f)) + f for f in samples)
+        if len(framed_samples) > budget // 2:
+            raise FlowTaskError(
+                f"the sort's samples ({len(framed_samples)} bytes) are over half the worker's memory "
+                f"budget of {budget} bytes: give the sort fewer ranges or the worker more memory",
+                where=where,
+            )
+        # a piece, its routed output (the same records, each with its bucket) and the samples
+        piece_bytes = max(1, (budget - len(framed_samples)) // 4)
+        emitter = _Emitter(self, job, st, partition, out_dir, where)
+        try:
+            held, pieces, size = 0, 0, 0
+            piece: list[bytes] = []
+
+            def flush() -> None:
+                nonlocal held, pieces, size, piece
+                framed = b"".join(driver.FRAME.pack(len(f)) + f for f in piece)
+                piece, size = [], 0
+                held = max(held, self._run_piece(job, st, framed, [], emitter, where, framed_samples))
+                pieces += 1
+
+            def feed(parent: int, header: Header, payload: bytes) -> None:
+                nonlocal size
+                if sample_seq.get(header.part) == header.seq:
+                    return  # that stream's sample (checked below to be its last data batch)
+                if piece and size + len(payload) > piece_bytes:
+                    flush()
+                piece.append(payload)
+                size += len(payload)
+
+            _, consumed, n_in = self._check_batches(job, st, partition, batches, where, sink=feed)
+            for p, seq in sample_seq.items():
+                if consumed.get(str(k), {}).get(str(p), [None])[0] != seq + 1:
+                    raise FlowIntegrityError(
+                        f"stream from stage {k} partition {p}: its sample is not its last data batch",
+                        where=where,
+                    )
+            if piece or not pieces:
+                flush()
+            report["consumed"] = consumed
+            report["records_in"] = n_in
+            outputs = emitter.finish(report)
+        finally:
+            emitter.abort()
+        self.last_task = {"held_bytes": held, "subpartitions": pieces, "spilled_bytes": 0}
+        return outputs
+
+    def _run_piece(
+        self,
+        job: _Job,
+        st: Stage,
+        framed: bytes,
+        chain: Sequence[dict[str, Any]],
+        emitter: _Emitter,
+        where: str,
+        samples: bytes | None = None,
+    ) -> int:
+        """One sandboxed run of `chain` over one piece of a streamed task, its output to `emitter`;
+        returns the decrypted bytes the run was given and gave back."""
+        fds = {"in0": make_input_memfd(framed, name="confide-flow-in0")}
+        specs: list[dict[str, Any]] = [{"name": "in0", "kind": "frames"}]
+        if samples is not None:
+            fds["samples"] = make_input_memfd(samples, name="confide-flow-samples")
+            specs.append({"name": "samples", "kind": "samples"})
+        try:
+            out = self._run_driver(job, st, specs, fds, where, chain)
+        finally:
+            for fd in fds.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        emitter.add(out)
+        return len(framed) + len(samples or b"") + len(out)
+
+    def _open_spill(self, path: Path) -> io.BufferedIOBase:
+        """A spill file as it is on disk now (the host may have changed, swapped or removed it)."""
+        return open(path, "rb")
 
     def _source_bytes(
         self, job: _Job, st: Stage, partition: int, path: str | None, where: str
@@ -496,14 +706,15 @@ class FlowEnclave:
         bucket: int,
         batches: Sequence[bytes],
         where: str,
-        sink: Callable[[int, bytes], None] | None = None,
+        sink: Callable[[int, Header, bytes], None] | None = None,
         samples: list[bytes] | None = None,
     ) -> tuple[list[bytes], dict[str, dict[str, list[int]]], int]:
         """Open and check every batch; returns one framed input per parent, what was consumed, and the
         record count. Any missing, extra, duplicated, out-of-order, foreign or forged batch fails.
-        With `sink`, each data batch's records go to sink(parent index, payload) as it is opened
-        and nothing is kept (the framed inputs come back empty). From a ``sample`` parent (a range
-        sort's map side) each stream's last data batch is its sample: appended to `samples`."""
+        With `sink`, each data batch's records go to sink(parent index, its authenticated header,
+        payload) as it is opened and nothing is kept (the framed inputs come back empty). From a
+        ``sample`` parent (a range sort's map side) each stream's last data batch is its sample:
+        appended to `samples` (with a sink, the sink gets it: the caller picks it out)."""
         plan = job.plan
         streams: dict[tuple[int, int], dict[str, Any]] = {}
         for k in st.parents:
@@ -550,7 +761,7 @@ class FlowEnclave:
                 s["records"] += count
                 records = payload[_COUNT.size :].rstrip(b" ")  # a padded batch's filler
                 if sink is not None:
-                    sink(st.parents.index(header.stage), records)
+                    sink(st.parents.index(header.stage), header, records)
                 else:
                     s["frames"].append(records)
                 s["next"] += 1
@@ -591,7 +802,7 @@ class FlowEnclave:
                     )
                 consumed[str(k)][str(p)] = [s["next"], s["records"]]
                 total += s["records"]
-                if plan.stages[k].output.kind == "sample":
+                if plan.stages[k].output.kind == "sample" and sink is None:
                     if samples is None or not s["frames"]:
                         raise FlowIntegrityError(
                             f"no sample batch from stage {k} partition {p} (a sort's sample)", where=where
@@ -602,14 +813,22 @@ class FlowEnclave:
         return framed, consumed, total
 
     def _run_driver(
-        self, job: _Job, st: Stage, specs: list[dict[str, Any]], fds: dict[str, int], where: str
+        self,
+        job: _Job,
+        st: Stage,
+        specs: list[dict[str, Any]],
+        fds: dict[str, int],
+        where: str,
+        chain: Sequence[dict[str, Any]] | None = None,
     ) -> bytes:
+        """One sandboxed run of the driver over `fds`: the stage's operators (or `chain`: what
+        follows a spilled sort's merge), its output encoded for the stage's output."""
         params = {
             "module": job.plan.module_source,
             "inputs": specs,
             "combine": st.combine,
             "how": st.how,
-            "chain": list(st.chain),
+            "chain": list(st.chain if chain is None else chain),
             "keyed": st.output.keyed if st.output.kind == "hash" else None,
             "range": (
                 {"buckets": st.output.buckets, "ascending": st.output.ascending}
@@ -770,6 +989,17 @@ def _csv_names(reader: SealedReader, where: str) -> list[str]:
     return row
 
 
+_PER_RECORD_OPS = frozenset({"map", "flat_map", "filter", "key_by"})
+# a shuffle's map-side combiners: run per piece, the reduce side combines the pieces' results
+_COMBINER_OPS = frozenset({"reduce_local", "aggregate_local", "group_local", "distinct_local", "count_local"})
+
+
+def _framed(records: list[Any]) -> bytes:
+    """Encoded records as one frame of the driver's input."""
+    frame = json.dumps(records, ensure_ascii=False, separators=(",", ":")).encode()
+    return driver.FRAME.pack(len(frame)) + frame
+
+
 class _Emitter:
     """One task's output, fed the sandbox's output in one or more pieces (one per sub-partition of a
     spilled task): records are bucketed and sealed into batches as they come (a padded stream is
@@ -912,8 +1142,110 @@ class _Emitter:
             self.sink = None
 
 
+class _SpillFiles:
+    """The sealed temporary files of one task (a keyed stage's sub-partitions, a sort's runs) under a
+    fresh key held only in the enclave. Each file is a slot (kind, index, parent) whose header binds
+    job, stage, partition, kind and index, and parent, checked when it is read back: a file of
+    another task (another key), slot or job is refused. remove() deletes them all."""
+
+    def __init__(
+        self,
+        enclave: FlowEnclave,
+        job: _Job,
+        st: Stage,
+        partition: int,
+        where: str,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        import tempfile
+
+        self.enclave, self.job, self.st, self.partition, self.where = enclave, job, st, partition, where
+        self.key = os.urandom(KEY_LEN)
+        self.chunk_size = chunk_size
+        base = enclave.spill_dir
+        if base is not None:
+            base.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix="confide-spill-", dir=base))
+        self.writers: dict[tuple[str, int, int], tuple[BinaryIO, SealedWriter]] = {}
+        self.readers: dict[tuple[str, int, int], io.BufferedIOBase] = {}
+        self.written = 0  # plaintext bytes written, all files together
+        self.sizes: list[int] = []  # each sealed file's size on disk (what the host sees)
+
+    def meta(self, slot: tuple[str, int, int]) -> dict[str, Any]:
+        kind, index, parent = slot
+        return {
+            "confide_flow_spill": {
+                "job": self.job.plan.job_id,
+                "stage": self.st.id,
+                "part": self.partition,
+                kind: index,
+                "parent": parent,
+            }
+        }
+
+    def path(self, slot: tuple[str, int, int]) -> Path:
+        kind, index, parent = slot
+        return self.dir / f"{kind}-{index:05d}-{parent}.spill"
+
+    def has(self, slot: tuple[str, int, int]) -> bool:
+        return slot in self.writers
+
+    def write(self, slot: tuple[str, int, int], data: bytes | bytearray) -> None:
+        w = self.writers.get(slot)
+        if w is None:
+            fh = open(self.path(slot), "xb")  # noqa: SIM115 (closed in seal/remove)
+            w = self.writers[slot] = (
+                fh,
+                SealedWriter(fh, data_key=self.key, metadata=self.meta(slot), chunk_size=self.chunk_size),
+            )
+        w[1].write(data)
+        self.written += len(data)
+
+    def seal(self, slot: tuple[str, int, int]) -> None:
+        fh, writer = self.writers[slot]
+        if not fh.closed:
+            writer.close()
+            self.sizes.append(fh.tell())
+            fh.close()
+
+    def seal_all(self) -> None:
+        for slot in self.writers:
+            self.seal(slot)
+
+    def open(self, slot: tuple[str, int, int]) -> SealedReader:
+        """A reader of the file written for `slot`, its header checked to be exactly that slot's."""
+        path = self.path(slot)
+        w = f"{self.where}: spill file {path.name}"
+        try:
+            fh = self.enclave._open_spill(path)
+        except OSError as exc:
+            raise FlowIntegrityError(f"spill file gone ({exc.strerror})", where=w) from None
+        self.readers[slot] = fh
+        reader = SealedReader(fh, where=w).unlock(data_key=self.key)
+        if reader.header.metadata != self.meta(slot):
+            raise FlowIntegrityError("spill file of another task, sub-partition or run (swapped)", where=w)
+        return reader
+
+    def discard(self, slot: tuple[str, int, int]) -> None:
+        """Delete a file once it is read."""
+        fh = self.readers.pop(slot, None)
+        if fh is not None:
+            with contextlib.suppress(OSError):
+                fh.close()
+        with contextlib.suppress(OSError):
+            self.path(slot).unlink()
+
+    def remove(self) -> None:
+        for fh in [w[0] for w in self.writers.values()] + list(self.readers.values()):
+            with contextlib.suppress(OSError):
+                fh.close()
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 class _Spill:
-    """The sealed spill files of one task: n_sub sub-partitions x parents, under a fresh key."""
+    """A keyed stage's spilled partition: n_sub sub-partitions x parents, routed by a fresh HMAC key."""
 
     FLUSH_BYTES = 1 << 18
 
@@ -928,39 +1260,21 @@ class _Spill:
         budget: int,
         where: str,
     ) -> None:
-        import tempfile
-
-        self.enclave, self.job, self.st, self.partition, self.where = enclave, job, st, partition, where
+        self.where = where
         self.n_sub, self.n_parents = n_sub, n_parents
-        self.key = os.urandom(KEY_LEN)
         self.route_key = os.urandom(32)
-        base = enclave.spill_dir
-        if base is not None:
-            base.mkdir(parents=True, exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix="confide-spill-", dir=base))
+        self.files = _SpillFiles(enclave, job, st, partition, where)
         # buffered records per (sub, parent), flushed as frames: together at most ~a quarter budget
         self.flush = max(1 << 12, min(self.FLUSH_BYTES, budget // (4 * n_sub * n_parents)))
         self.buffers: dict[tuple[int, int], list[bytes]] = {}
         self.sizes: dict[tuple[int, int], int] = {}
-        self.writers: dict[tuple[int, int], tuple[BinaryIO, SealedWriter]] = {}
-        self.written = 0
 
-    def _meta(self, sub: int, parent: int) -> dict[str, Any]:
-        return {
-            "confide_flow_spill": {
-                "job": self.job.plan.job_id,
-                "stage": self.st.id,
-                "part": self.partition,
-                "sub": sub,
-                "parent": parent,
-            }
-        }
+    @property
+    def written(self) -> int:
+        return self.files.written
 
-    def _path(self, sub: int, parent: int) -> Path:
-        return self.dir / f"{sub:05d}-{parent}.spill"
-
-    def router(self, keyed: list[str]) -> Callable[[int, bytes], None]:
-        def route(parent: int, payload: bytes) -> None:
+    def router(self, keyed: list[str]) -> Callable[[int, Header, bytes], None]:
+        def route(parent: int, header: Header, payload: bytes) -> None:
             try:
                 records = json.loads(payload)
             except (ValueError, RecursionError):
@@ -986,49 +1300,202 @@ class _Spill:
         if not recs:
             return
         frame = b"[" + b",".join(recs) + b"]"
-        w = self.writers.get(slot)
-        if w is None:
-            fh = open(self._path(*slot), "xb")  # noqa: SIM115 (closed in seal_all/remove)
-            w = self.writers[slot] = (fh, SealedWriter(fh, data_key=self.key, metadata=self._meta(*slot)))
-        w[1].write(driver.FRAME.pack(len(frame)) + frame)
-        self.written += 4 + len(frame)
+        self.files.write(("sub", *slot), driver.FRAME.pack(len(frame)) + frame)
 
     def seal_all(self) -> None:
         for slot in list(self.buffers):
             self._flush(slot)
-        for fh, writer in self.writers.values():
-            writer.close()
-            fh.close()
+        self.files.seal_all()
 
     def read(self, sub: int) -> list[bytes]:
         """Sub-partition `sub`, one framed input per parent, each file checked to be the one written
-        for exactly this (job, stage, partition, sub-partition, parent)."""
+        for exactly this (job, stage, partition, sub-partition, parent), deleted once read."""
         parts = []
         for parent in range(self.n_parents):
-            path = self._path(sub, parent)
-            if (sub, parent) not in self.writers:
+            slot = ("sub", sub, parent)
+            if not self.files.has(slot):
                 parts.append(b"")
                 continue
-            w = f"{self.where}: spill file {path.name}"
-            try:
-                blob = self.enclave._read_spill(path)
-            except OSError as exc:
-                raise FlowIntegrityError(f"spill file gone ({exc.strerror})", where=w) from None
-            reader = SealedReader(io.BytesIO(blob), where=w).unlock(data_key=self.key)
-            if reader.header.metadata != self._meta(sub, parent):
-                raise FlowIntegrityError("spill file of another task or sub-partition (swapped)", where=w)
+            reader = self.files.open(slot)
             parts.append(b"".join(bytes(c) for c in reader.iter_chunks()))
-            with contextlib.suppress(OSError):
-                path.unlink()
+            self.files.discard(slot)
         return parts
 
     def remove(self) -> None:
-        for fh, _ in self.writers.values():
-            with contextlib.suppress(OSError):
-                fh.close()
-        import shutil
+        self.files.remove()
 
-        shutil.rmtree(self.dir, ignore_errors=True)
+
+class _SortRuns:
+    """A sorting task's partition over the memory budget, sorted externally: records (the routed
+    (key, record) pairs) are gathered as their batches are opened into runs of about a quarter of
+    the budget, each sorted and written as a sealed spill file (lines of about a chunk, each a JSON
+    array of entries [parent, source task, batch, position, key, record]: the key as the map
+    side's key_by computed it); merge() streams them back in order. Runs beyond what one merge
+    reads within a quarter of the budget are merged in passes first. Ties: every record's origin
+    (parent, source task, batch, position) is part of its sort key, so the order is exactly that of
+    a stable sort of the records in stream order (what the unbudgeted task does), whatever order
+    the engine delivered the streams in."""
+
+    def __init__(
+        self,
+        enclave: FlowEnclave,
+        job: _Job,
+        st: Stage,
+        partition: int,
+        budget: int,
+        incoming: int,
+        where: str,
+    ) -> None:
+        self.where = where
+        self.ascending = bool(st.chain[0]["ascending"])
+        self.run_bytes = max(1, budget // 4)
+        merge_bytes = max(1, budget // 4)
+        runs = -(-incoming // self.run_bytes) + 1
+        # a run being read holds two chunk buffers (SealedReader.iter_chunks) and one line's
+        # entries: chunks small enough for one merge of every run within a quarter of the budget,
+        # as far as the smallest chunk allows (below, merge passes)
+        self.chunk = max(MIN_CHUNK_SIZE, min(64 << 10, merge_bytes // (3 * runs) - TAG_LEN))
+        self.fan_in = max(2, merge_bytes // (3 * (self.chunk + TAG_LEN)))
+        self.files = _SpillFiles(enclave, job, st, partition, where, chunk_size=self.chunk)
+        self.buffer: list[tuple[Any, list[Any]]] = []
+        self.buffered = 0
+        self.records = 0
+        self.record_bytes = 0  # encoded, all records together (their mean sizes lines and pieces)
+        self.runs: list[int] = []  # the runs to merge, in order
+        self.first_runs = 0
+        self.next_run = 0
+        self.passes = 0
+        self.held = 0  # the most decrypted bytes (encoded records) held while forming runs
+
+    def add(self, parent: int, header: Header, payload: bytes) -> None:
+        """One opened batch's records (a sink of _check_batches): into the run being formed, which
+        is sorted and spilled first if they would take it over a quarter of the budget."""
+        if self.buffer and self.buffered + len(payload) > self.run_bytes:
+            self._spill_run()
+        try:
+            records = json.loads(payload)
+        except (ValueError, RecursionError):
+            raise FlowIntegrityError("a batch's records are not valid JSON", where=self.where) from None
+        if not isinstance(records, list):
+            raise FlowIntegrityError("a batch's records are not a list", where=self.where)
+        for pos, rec in enumerate(records):
+            if not (isinstance(rec, list) and len(rec) == 2):
+                raise FlowTaskError("sort_by's records are not (key, record) pairs", where=self.where)
+            entry = [parent, header.part, header.seq, pos, rec[0], rec[1]]
+            self.buffer.append((self._key(entry), entry))
+        self.records += len(records)
+        self.record_bytes += len(payload)
+        self.buffered += len(payload)
+        self.held = max(self.held, self.buffered)
+
+    @property
+    def mean_record(self) -> int:
+        return max(1, self.record_bytes // max(1, self.records))
+
+    def _key(self, entry: list[Any]) -> tuple[Any, tuple[int, ...]]:
+        """(the decoded key, the origin): ascending, ties in stream order; descending (the merge and
+        the run sorts reverse it), ties still in stream order, by the negated origin."""
+        try:
+            key = driver.dec(entry[4])
+        except (TypeError, ValueError, KeyError, AttributeError, RecursionError, IndexError):
+            raise FlowTaskError("a sort key is not a record value", where=self.where) from None
+        if self.ascending:
+            return key, (entry[0], entry[1], entry[2], entry[3])
+        return key, (-entry[0], -entry[1], -entry[2], -entry[3])
+
+    def _writer(self) -> Callable[[list[Any] | None], None]:
+        """Appends entries to a new run, a line of about a chunk at a time; None ends the run."""
+        slot = ("run", self.next_run, 0)
+        self.runs.append(self.next_run)
+        self.next_run += 1
+        per_line = max(1, self.chunk // self.mean_record)
+        line: list[list[Any]] = []
+
+        def put(entry: list[Any] | None) -> None:
+            if entry is not None:
+                line.append(entry)
+            if line and (entry is None or len(line) >= per_line):
+                self.files.write(
+                    slot, json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+                )
+                line.clear()
+            if entry is None:
+                self.files.seal(slot)
+
+        return put
+
+    def _spill_run(self) -> None:
+        if not self.buffer:
+            return
+        try:
+            self.buffer.sort(key=lambda t: t[0], reverse=not self.ascending)
+        except TypeError:
+            raise _uncomparable(self.where) from None
+        put = self._writer()
+        for _, entry in self.buffer:
+            put(entry)
+        put(None)
+        self.first_runs += 1
+        self.buffer, self.buffered = [], 0
+
+    def _read(self, run: int) -> Iterator[tuple[Any, list[Any]]]:
+        """Run `run`'s entries in order, with their sort keys; its file is checked (the slot in its
+        header, every chunk's tag, its final chunk) and deleted once read."""
+        slot = ("run", run, 0)
+        reader = self.files.open(slot)
+        pending = b""
+        for chunk in reader.iter_chunks():
+            lines = (pending + bytes(chunk)).split(b"\n")
+            pending = lines.pop()
+            for line in lines:
+                try:
+                    entries = json.loads(line)
+                except (ValueError, RecursionError):
+                    raise FlowIntegrityError(
+                        "a spill run's line is not valid JSON", where=self.where
+                    ) from None
+                for entry in entries:
+                    yield self._key(entry), entry
+        if pending:
+            raise FlowIntegrityError("a spill run ends inside a line", where=self.where)
+        self.files.discard(slot)
+
+    def _merged(self, runs: list[int]) -> Iterator[tuple[Any, list[Any]]]:
+        return heapq.merge(*(self._read(r) for r in runs), key=lambda t: t[0], reverse=not self.ascending)
+
+    @property
+    def merge_held(self) -> int:
+        """What the final merge holds: each run's chunk buffers and one line's entries."""
+        return len(self.runs) * 3 * (self.chunk + TAG_LEN)
+
+    def merge(self) -> Iterator[list[Any]]:
+        """Every record's entry in sorted order, the runs merged streaming."""
+        self._spill_run()
+        try:
+            while len(self.runs) > self.fan_in:  # a pass: each group of fan_in runs into one
+                self.passes += 1
+                runs, self.runs = self.runs, []
+                for i in range(0, len(runs), self.fan_in):
+                    group = runs[i : i + self.fan_in]
+                    if len(group) == 1:
+                        self.runs.append(group[0])
+                        continue
+                    put = self._writer()
+                    for _, entry in self._merged(group):
+                        put(entry)
+                    put(None)
+            for _, entry in self._merged(self.runs):
+                yield entry
+        except TypeError:
+            raise _uncomparable(self.where) from None
+
+    def remove(self) -> None:
+        self.files.remove()
+
+
+def _uncomparable(where: str) -> FlowTaskError:
+    """Keys that do not compare: the failure the unbudgeted sort in the sandbox reports."""
+    return FlowTaskError("the stage's functions failed: exception (TypeError)", where=where)
 
 
 class _SinkFile:
