@@ -46,26 +46,31 @@ def fixed_size_json(obj: dict[str, Any]) -> bytes:
     return canonical_json({**obj, "pad": " " * (target - body)})
 
 
-def padded_payloads(records: list[Any], pad: Pad, where: str) -> list[tuple[int, bytes]]:
-    """The (record count, payload) of each of the `pad.batches` data batches of one stream."""
-    if len(records) > pad.records:
+def padded_payload(records: list[Any], pad: Pad, where: str) -> tuple[int, bytes]:
+    """(record count, payload) of one padded data batch holding up to `pad.batch_records` records."""
+    encoded = [json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode() for r in records]
+    if any(len(e) > pad.record_bytes for e in encoded):
+        raise FlowTaskError(
+            f"a record is over the job's padded record size ({pad.record_bytes} bytes encoded)",
+            where=where,
+        )
+    body = COUNT.pack(len(encoded)) + b"[" + b",".join(encoded) + b"]"
+    return len(encoded), body + b" " * (pad.payload_bytes - len(body))
+
+
+def check_bound(records: int, pad: Pad, where: str) -> None:
+    """Fails once a task has more records for one bucket than the padded shuffle allows."""
+    if records > pad.records:
         raise FlowTaskError(
             f"more records for one bucket than the job's padded shuffle allows ({pad.records} per task "
             "and bucket): the job needs a larger bound",
             where=where,
         )
+
+
+def padded_payloads(records: list[Any], pad: Pad, where: str, *, sent: int = 0) -> list[tuple[int, bytes]]:
+    """The (record count, payload) of the data batches of one stream after the `sent` full ones
+    already sealed: `records` (the rest) in the next, dummies up to `pad.batches` in all."""
+    check_bound(sent * pad.batch_records + len(records), pad, where)
     k = pad.batch_records
-    out: list[tuple[int, bytes]] = []
-    for i in range(pad.batches):
-        encoded = [
-            json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode()
-            for r in records[i * k : (i + 1) * k]
-        ]
-        if any(len(e) > pad.record_bytes for e in encoded):
-            raise FlowTaskError(
-                f"a record is over the job's padded record size ({pad.record_bytes} bytes encoded)",
-                where=where,
-            )
-        body = COUNT.pack(len(encoded)) + b"[" + b",".join(encoded) + b"]"
-        out.append((len(encoded), body + b" " * (pad.payload_bytes - len(body))))
-    return out
+    return [padded_payload(records[i * k : (i + 1) * k], pad, where) for i in range(pad.batches - sent)]

@@ -61,7 +61,7 @@ from ..sealed_file import (
 from . import driver
 from .batch import KEY_LEN, Header, JobKeys, parse_header
 from .errors import FlowFormatError, FlowIntegrityError, FlowTaskError
-from .padding import fixed_size_json, padded_payloads
+from .padding import check_bound, fixed_size_json, padded_payload, padded_payloads
 from .plan import JobPlan, Stage, parse_plan
 
 BATCH_RECORDS = 4096
@@ -1001,10 +1001,11 @@ def _framed(records: list[Any]) -> bytes:
 
 
 class _Emitter:
-    """One task's output, fed the sandbox's output in one or more pieces (one per sub-partition of a
-    spilled task): records are bucketed and sealed into batches as they come (a padded stream is
-    sealed at the end: its bound caps what it holds), a sink's part file is written as it comes.
-    Holds at most one batch per bucket in clear, plus a padded stream's records."""
+    """One task's output, fed the sandbox's output in one or more pieces (one per sub-partition or
+    merged piece of a spilled task, or piece of a streamed routing task): records are bucketed and
+    sealed into batches as they come (a padded stream's full batches too; its last one and its
+    dummies at the end), a sink's part file is written as it comes. Holds at most one batch per
+    bucket in clear."""
 
     def __init__(
         self, enclave: FlowEnclave, job: _Job, st: Stage, partition: int, out_dir: str | None, where: str
@@ -1086,8 +1087,14 @@ class _Emitter:
         recs = self.pending[bucket]
         recs.append(rec)
         self.counts[bucket] += 1
-        if self.st.output.pad is None and len(recs) >= self.enclave.batch_records:
-            self._seal(bucket, self.enclave._payloads(recs))
+        pad = self.st.output.pad
+        if pad is None:
+            if len(recs) >= self.enclave.batch_records:
+                self._seal(bucket, self.enclave._payloads(recs))
+                recs.clear()
+        elif len(recs) >= pad.batch_records:  # a full padded batch: sealed now, the rest at the end
+            check_bound(self.counts[bucket], pad, self.where)
+            self._seal(bucket, [padded_payload(recs, pad, self.where)])
             recs.clear()
 
     def _seal(self, bucket: int, payloads: list[tuple[int, bytes]]) -> None:
@@ -1108,7 +1115,12 @@ class _Emitter:
         keys, pad = self.job.keys, self.st.output.pad
         for b, recs in self.pending.items():
             if self.kind != "sample" or b == self.partition:
-                self._seal(b, padded_payloads(recs, pad, self.where) if pad else self.enclave._payloads(recs))
+                self._seal(
+                    b,
+                    padded_payloads(recs, pad, self.where, sent=self.seq[b])
+                    if pad
+                    else self.enclave._payloads(recs),
+                )
             recs.clear()
             if self.kind == "sample":  # the last data batch of every stream: this task's sample
                 self._seal(b, [self._sample_payload()])
