@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import io
+import inspect
 import os
 import platform
 import statistics
@@ -99,10 +99,11 @@ class PeakRss:
 
 
 # ONNX Runtime as the infer built-in runs it (one intra-op and one inter-op thread, sequential, no
-# spinning, the CPU provider): the source of a sandboxed function's session (ORT_SESSION_SRC, which
-# binds `s` from the input `model`), and the same session in this process (ort_session)
-ORT_SESSION_SRC = """\
+# spinning, the CPU provider): `ort_session` in this process, and ORT_SESSION_SRC, the same function's
+# source, which a sandboxed function's source includes to build its session the same way.
+def ort_session(model: bytes) -> Any:
     import onnxruntime as ort
+
     ort.set_default_logger_severity(3)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
@@ -110,20 +111,11 @@ ORT_SESSION_SRC = """\
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    s = ort.InferenceSession(ctx.inputs["model"].read(), so, providers=["CPUExecutionProvider"])
-"""
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
-def ort_session(model: bytes) -> Any:
-    """ONNX Runtime on `model` with the options ORT_SESSION_SRC sets, in this process."""
-    namespace: dict[str, Any] = {"ctx": _ModelOnly(model)}
-    exec(ORT_SESSION_SRC.replace("\n    ", "\n").removeprefix("    "), namespace)
-    return namespace["s"]
-
-
-class _ModelOnly:
-    def __init__(self, model: bytes) -> None:
-        self.inputs = {"model": io.BytesIO(model)}
+# the future import first: it must start the sandboxed function's module
+ORT_SESSION_SRC = "from __future__ import annotations\n\n" + inspect.getsource(ort_session)
 
 
 class Sink:

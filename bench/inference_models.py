@@ -63,7 +63,7 @@ CHILD = r"""
 def run(ctx):
     import io, json, resource, time
     import numpy as np
-__ORT_SESSION__
+    s = ort_session(ctx.inputs["model"].read())
     z = np.load(io.BytesIO(ctx.inputs["data"].read()), allow_pickle=False)
     feeds = {k: z[k] for k in z.files}
     for _ in range(2):
@@ -75,7 +75,7 @@ __ORT_SESSION__
     ctx.outputs["t"].write(json.dumps({"t": ts, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}).encode())
     ctx.outputs["y"].write(buf.getvalue())
 """
-CHILD = CHILD.replace("__ORT_SESSION__\n", ORT_SESSION_SRC)
+CHILD = ORT_SESSION_SRC + CHILD
 
 
 def model_bytes(name: str) -> bytes:
