@@ -28,7 +28,6 @@ from flow_support import enclave_identity, make_enclave, recipient, zygote
 __all__ = ["enclave_identity", "recipient", "zygote"]  # fixtures
 
 BUDGET = 48 << 10
-BATCH = 256  # records per batch: a batch is well under a quarter of the budget
 FUNCTIONS = """
 def by_k(r):
     return r["k"]
@@ -73,7 +72,7 @@ class _Recording(FlowEnclave):
 
 
 def _enclave(zygote: Zygote, identity: Identity, **kw: Any) -> _Recording:
-    e = make_enclave(zygote, identity, batch_records=BATCH, **kw)
+    e = make_enclave(zygote, identity, **kw)  # with a budget, its batches are ~1/16 of it
     e.__class__ = _Recording
     assert isinstance(e, _Recording)
     e.tasks = {}

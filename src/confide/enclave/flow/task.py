@@ -1018,6 +1018,7 @@ class _Emitter:
         self.seq = dict.fromkeys(self.pending, 0)
         self.counts = dict.fromkeys(self.pending, 0)
         self.cache: dict[str, int] = {}
+        self.limit = enclave.batch_records  # records per unpadded batch (see add)
         self.sink: _SinkFile | None = None
         self.sample_keys: list[Any] = []  # a range sort's map side: a reservoir of encoded keys
         self.sample_seen = 0
@@ -1036,6 +1037,10 @@ class _Emitter:
             out, keyed=self.kind if self.kind in ("hash", "range") else None, where=self.where
         )
         self.records += len(items)
+        budget = self.enclave.memory_budget
+        if budget is not None and items:  # batches of ~1/16 of the budget: the next task opens them
+            mean = max(1, len(out) // len(items))
+            self.limit = max(1, min(self.enclave.batch_records, budget // 16 // mean))
         if self.sink is not None:
             text = self.st.output.sink_format == "text"
             for x in items:
@@ -1089,7 +1094,7 @@ class _Emitter:
         self.counts[bucket] += 1
         pad = self.st.output.pad
         if pad is None:
-            if len(recs) >= self.enclave.batch_records:
+            if len(recs) >= self.limit:
                 self._seal(bucket, self.enclave._payloads(recs))
                 recs.clear()
         elif len(recs) >= pad.batch_records:  # a full padded batch: sealed now, the rest at the end
@@ -1362,7 +1367,8 @@ class _SortRuns:
         self.ascending = bool(st.chain[0]["ascending"])
         self.run_bytes = max(1, budget // 4)
         merge_bytes = max(1, budget // 4)
-        runs = -(-incoming // self.run_bytes) + 1
+        # runs are at least 3/4 full when batches are at most 1/16 of the budget (see _Emitter)
+        runs = -(-incoming * 4 // (3 * self.run_bytes)) + 1
         # a run being read holds two chunk buffers (SealedReader.iter_chunks) and one line's
         # entries: chunks small enough for one merge of every run within a quarter of the budget,
         # as far as the smallest chunk allows (below, merge passes)
