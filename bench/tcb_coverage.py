@@ -67,6 +67,7 @@ TESTS = [
     "tests/test_flow_padding.py",
     "tests/test_flow_platform.py",
     "tests/test_builtin_infer.py",
+    "tests/test_infer_split.py",  # split mode: the weight stream in process, the planner, hostile reads
     "tests/test_builtin_sql.py",
     "tests/test_builtin_describe.py",
     "tests/test_builtin_ordered_join.py",  # ordered-set-join, password-check, sign: run(ctx) in-process too

@@ -278,7 +278,7 @@ def test_the_approval_text_says_what_each_mode_reveals() -> None:
         assert "weights" in t and "in clear" in t and "accelerator" in t
     assert "sees the data of clinic" in verified and "hidden from the accelerator" in blinded
     assert "waits at most 120 s for each accelerator reply" in verified
-    assert set(inference.MODES) == {"all-in-enclave", *OUTSOURCED}
+    assert set(inference.MODES) == {"all-in-enclave", *OUTSOURCED, "split"}
 
 
 def test_the_accelerator_process_serves_each_enclave_stream() -> None:

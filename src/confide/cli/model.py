@@ -22,13 +22,22 @@ def model() -> None:
 @model.command(name="upload")
 @click.argument("path", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("--name", default=None, help="visible name (default: the file name)")
+@click.option(
+    "--layout",
+    type=click.Choice(["auto", "inline", "external"]),
+    default="auto",
+    show_default=True,
+    help="external: ONNX's external-data layout (weights apart from the graph), which the infer "
+    "built-in's split mode needs for a model larger than the enclave's memory budget; auto: "
+    "external above 64 MiB",
+)
 @with_client
-def model_upload(client: Client, path: Path, name: str | None) -> None:
+def model_upload(client: Client, path: Path, name: str | None, layout: str) -> None:
     """Check PATH is an ONNX model, seal it here, wrap its key to the attested service, upload; prints
     the reference to share. Its input/output names and shapes, parameter count and FLOPs are visible
     to everyone (`confide model inspect` shows them first); its weights are not. A PyTorch model is
     exported first on your machine: torch.onnx.export(model.eval(), example, "model.onnx")."""
-    ref = client.upload_model(path, name=name)
+    ref = client.upload_model(path, name=name, layout=layout)
     click.echo(f"model {ref.dataset_id} uploaded; share this reference:", err=True)
     click.echo(ref.ref)
 

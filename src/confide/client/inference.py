@@ -18,8 +18,9 @@ if TYPE_CHECKING:
     from confide.client.sdk import Client
 
 # the modes platform tasks run (docs/inference/); the outsourced ones need a host with an accelerator
-# (`confide serve --accelerator`), else the enclave refuses the task before anything runs
-MODES = ("all-in-enclave", "outsourced-verified", "outsourced-blinded+verified")
+# (`confide serve --accelerator`), else the enclave refuses the task before anything runs; split
+# needs a model uploaded in the external-weights layout (upload_model(..., layout="external"))
+MODES = ("all-in-enclave", "outsourced-verified", "outsourced-blinded+verified", "split")
 
 
 def infer(
@@ -31,11 +32,13 @@ def infer(
     outputs: Sequence[str] | None = None,
     mode: str = "all-in-enclave",
     reply_timeout_s: float | None = None,
+    report: bool = False,
     **task: Any,
 ) -> str:
     """Create an ``infer`` task: the model (a reference from `upload_model`) on `data` (a reference
     to an uploaded .npz/.npy), output ``outputs`` (.npz) sealed to `recipients` (default: this
-    client). Returns the task id; the model's owner and the data's owner must approve it."""
+    client). Returns the task id; the model's owner and the data's owner must approve it.
+    `report` (mode split): also the ``report`` output (JSON sizes of the run), to the same recipients."""
     if mode not in MODES:
         raise ConfideError(
             f"mode must be one of {', '.join(MODES)} for platform tasks, got {mode!r}", where="infer"
@@ -46,10 +49,12 @@ def infer(
     if outputs is not None:
         params["outputs"] = list(outputs)
     to = list(recipients) if recipients is not None else [client.fingerprint]
+    if report and mode != "split":
+        raise ConfideError("the report output is written only in mode split", where="infer")
     return client.create_task(
         function="infer",
         inputs={"model": model, "data": data},
-        outputs={"outputs": to},
+        outputs={"outputs": to, "report": to} if report else {"outputs": to},
         params=params,
         **task,
     )
@@ -101,6 +106,28 @@ def describe(m: Manifest, clean: Callable[[str], str] = str) -> list[str]:
             "  the host also sees the layer shapes, the number and size of the messages, the timing "
             "of every layer, and the run's duration and output sizes",
         ]
+    elif mode == "split":
+        model, data = owners.get("model", "?"), owners.get("data", "?")
+        lines += [
+            f"  the model of {model} (uploaded in the external-weights layout) runs in the enclave as "
+            "consecutive submodels that each fit the enclave's memory budget, in ONNX Runtime in the "
+            f"sandbox; the data of {data} and the activations stay in the enclave; no accelerator "
+            "sees anything",
+            "  the enclave decrypts only the graph, then each submodel's weights chunk by chunk as it "
+            "needs them (every chunk checked against the approved file), and frees them after it",
+            f"  outputs -> {to}: the model's outputs on that data (which tell about both the model and the data)",
+            "  the host sees which byte ranges of the sealed model are read and when: the layer "
+            "boundaries, which layers' weights each submodel holds, and each submodel's time; "
+            "nothing of the data",
+            "  everyone sees the model's visible metadata (input/output names and shapes, parameter "
+            "count, FLOPs, size, the weights' and the graph's sizes); the host sees the run's "
+            "duration and each output's size",
+        ]
+        if any(o.name == "report" for o in m.outputs):
+            lines.append(
+                "  report -> its recipients: the submodels' count, weight and activation bytes and "
+                "the run's peak memory (sizes of the model and the batch)"
+            )
     else:
         lines.append("  this mode is not available for platform tasks: the enclave will refuse the task")
     return lines

@@ -360,12 +360,15 @@ class Client:
             meta = {"format": "parquet-pme", **policy}
             return self._upload(packed, name or path.stem, schema, rows, meta, "dataset")
 
-    def upload_model(self, path: Path, *, name: str | None = None) -> DatasetRef:
+    def upload_model(self, path: Path, *, name: str | None = None, layout: str = "auto") -> DatasetRef:
         """Upload an ONNX model like a dataset (sealed here, its key wrapped to the attested service),
         checked first; its visible metadata (input and output names and shapes, parameter count,
-        FLOPs, size: confide.infer.model_meta) is in the sealed header and the platform's record."""
+        FLOPs, size: confide.infer.model_meta) is in the sealed header and the platform's record.
+        `layout`: "inline" (sealed whole), "external" (ONNX's external-data layout, weights apart
+        from the graph: what the infer built-in's split mode needs, for a model larger than the
+        enclave's memory budget; every mode takes it) or "auto" (external above 64 MiB)."""
         try:
-            from confide.infer.model_meta import KIND, model_meta
+            from confide.infer.model_meta import upload_parts
         except ImportError as exc:
             raise ConfideError(
                 f"uploading a model needs the inference extra ({exc.name} is missing): "
@@ -378,9 +381,15 @@ class Client:
             data = path.read_bytes()
         except OSError as exc:
             raise ConfideError(f"cannot read model ({exc.strerror})", where=str(path)) from None
-        meta = model_meta(data, where=str(path))
-        schema = {"columns": [], "kind": KIND, "model": meta}
-        return self._upload(path, name or path.stem, schema, None, {"kind": KIND, "model": meta}, "model")
+        plaintext, metadata = upload_parts(data, layout=layout, where=str(path))
+        schema = {"columns": [], **metadata}
+        if plaintext is data:
+            return self._upload(path, name or path.stem, schema, None, metadata, "model")
+        with _tempdir(prefix="confide-model-") as tmp:  # the external layout, sealed from a file
+            converted = Path(tmp) / path.name
+            converted.write_bytes(plaintext)
+            del plaintext
+            return self._upload(converted, name or path.stem, schema, None, metadata, "model")
 
     def _upload(
         self,

@@ -231,12 +231,20 @@ BUILTINS: dict[str, _Builtin] = {
         "host's untrusted accelerator and checked with Freivalds' algorithm before use; the "
         "accelerator sees the 8-bit weights and the quantized inputs in clear) or "
         "outsourced-blinded+verified (the same, with every activation blinded by a fresh random "
-        "mask: the accelerator sees the 8-bit weights in clear and nothing about the inputs); "
+        "mask: the accelerator sees the 8-bit weights in clear and nothing about the inputs) or "
+        "split (a model larger than the enclave's memory budget, uploaded with the external-weights "
+        "layout, runs as consecutive submodels that each fit, ONNX Runtime on the CPU: the enclave "
+        "decrypts only the graph and each submodel's weights chunk by chunk, freed after it; no "
+        "accelerator sees anything; the host sees which weight bytes are read when, so the layer "
+        "boundaries and each submodel's time, nothing of the data); "
         "outputs (a list of model output names; default all); reply_timeout_s (outsourced modes: "
         "seconds to wait for each accelerator reply, default 120). A wrong accelerator result "
-        "fails the run naming the layer. Output: outputs (.npz, one array per model output).",
+        "fails the run naming the layer. Outputs, those the manifest names: outputs (.npz, one "
+        "array per model output) and, in split mode, report (JSON: the submodels' count, weight "
+        "and activation bytes, and the run's peak memory: sizes, nothing of the data).",
         ("model", "data"),
-        ("outputs",),
+        ("outputs", "report"),
+        optional_outputs=True,
     ),
     "describe": _Builtin(
         "describe.py",

@@ -28,6 +28,7 @@ from .sandbox import RunResult, SandboxLimits, Zygote, make_input_memfd
 from .sealed_file import SealedReader, SealedWriter, create_partial
 
 MIN_WORKING_MEMORY = 16 << 20
+ENCLAVE_PARAM = "_enclave"  # params the enclave fills in (run_sandboxed); a manifest may not set it
 _BLOCK = 1 << 20
 
 
@@ -108,10 +109,12 @@ def open_input(
     header_sha256: str | None = None,
     ciphertext_sha256: str | None = None,
     where: str | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> tuple[int, int]:
     """Decrypt a sealed input into a sealed memfd; returns (fd, bytes reserved against the budget).
     With `header_sha256` the file's header must have that digest; with `ciphertext_sha256` the
-    bytes decrypted must hash to it."""
+    bytes decrypted must hash to it. `metadata`, if given, receives the header's metadata as read
+    from the same bytes (authenticated once this returns)."""
     where = where or f"input {name!r} ({path})"
     reserved = 0
     with _open(path, where) as fh:
@@ -136,6 +139,8 @@ def open_input(
         except BaseException:
             budget.release(reserved)
             raise
+        if metadata is not None:
+            metadata.update(reader.header.metadata)
     return fd, reserved
 
 
@@ -267,13 +272,19 @@ def run_sandboxed(
     outputs: Mapping[str, OutputFile],
     max_output_bytes: int,
     stream: tuple[int, int] | None = None,
+    enclave_params: dict[str, Any] | None = None,
 ) -> RunResult:
     """One run: what is left of the memory budget is the function's allowance (at least
     MIN_WORKING_MEMORY), released afterwards. An output over its own cap ends as `output-limit`.
-    `stream`: the child's ends of an accelerator stream (accelerator_link), passed on as they are."""
+    `stream`: the child's ends of an accelerator stream (accelerator_link) or of the weight stream
+    (model_stream), passed on as they are. `enclave_params`: facts the enclave gives the function
+    in ``params[ENCLAVE_PARAM]`` (never the host's word, never the manifest's), with the
+    allowance added as ``memory_allowance``."""
     if budget.free < MIN_WORKING_MEMORY:
         budget.reserve(MIN_WORKING_MEMORY, "the function's working memory (minimum)")
     allowance = budget.reserve(budget.free, "the function's working memory")
+    if enclave_params is not None:
+        params = {**params, ENCLAVE_PARAM: {**enclave_params, "memory_allowance": allowance}}
     try:
         limits = SandboxLimits(
             memory_bytes=allowance,

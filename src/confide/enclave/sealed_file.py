@@ -291,6 +291,7 @@ class SealedReader:
         self.plaintext_size = body - self.n_chunks * TAG_LEN
         self._aead: AESGCM | None = None
         self._pos = end
+        self._pins: list[bytes] | None = None
 
     # ---- keys --------------------------------------------------------------------------------
     def unwrap_key(self, identity: Identity) -> bytes:
@@ -327,6 +328,14 @@ class SealedReader:
         return self
 
     # ---- chunks --------------------------------------------------------------------------------
+    def pin_chunks(self, digests: Sequence[bytes]) -> None:
+        """From now on each chunk read must have this SHA-256 of its ciphertext (recorded by a pass
+        over the file whose whole digest was checked, model_stream.py): a file changed after that
+        pass fails even where the change is a valid chunk under the same key."""
+        if len(digests) != self.n_chunks or any(len(d) != 32 for d in digests):
+            raise ValueError(f"pin_chunks needs {self.n_chunks} SHA-256 digests")
+        self._pins = list(digests)
+
     def _chunk_len(self, index: int) -> int:
         if index == self.n_chunks - 1:
             return self.plaintext_size - index * self.header.chunk_size + TAG_LEN
@@ -347,6 +356,14 @@ class SealedReader:
         self._pos = offset + got
         if got != n:
             raise IntegrityError(f"chunk {index} is short (file changed while reading?)", where=self.where)
+        if self._pins is not None and not hmac.compare_digest(
+            hashlib.sha256(cview).digest(), self._pins[index]
+        ):
+            raise IntegrityError(
+                f"chunk {index} of {self.n_chunks} is not the ciphertext whose digest was checked before "
+                "the run (the file changed after the check)",
+                where=self.where,
+            )
         out = memoryview(buf)[: n - TAG_LEN]
         final = index == self.n_chunks - 1
         try:

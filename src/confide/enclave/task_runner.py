@@ -24,7 +24,9 @@ signed by the service key, ``status: error`` and ``error.check`` naming the step
                  owner approved in the manifest.
 
 Then each input is decrypted into a sealed memfd while its bytes are hashed again (a blob swapped
-after step 7 is caught), the function runs in the sandbox, and the outputs, sealed to exactly the
+after step 7 is caught; the model of an ``infer`` task in mode ``split`` is hashed again with a
+digest kept per chunk, and only its graph decrypted: model_stream.py serves its weights to the
+child chunk by chunk), the function runs in the sandbox, and the outputs, sealed to exactly the
 manifest's recipients, are published under the host's paths only on success. A failed function
 gives an ``ok: false`` receipt with the sandbox's category; its own error text is sealed to the
 creator and every recipient as the ``_error`` output, if the host gave a path for it, cut to the
@@ -69,7 +71,10 @@ from .manifest import (
     verify_approval,
 )
 from .memory import MemoryBudget
+from .model_layout import parse_layout
+from .model_stream import PinnedModel, WeightServer
 from .pipeline import (
+    ENCLAVE_PARAM,
     MIN_WORKING_MEMORY,
     OutputFile,
     input_metadata,
@@ -80,7 +85,7 @@ from .pipeline import (
 )
 from .privacy_budget import PrivacyBudget
 from .run_ledger import RunLedger
-from .sandbox import SandboxLimits, Zygote
+from .sandbox import SandboxLimits, Zygote, make_input_memfd
 from .service import ServiceState
 
 
@@ -298,6 +303,18 @@ class TaskRunner:
                 f"mode {m.params.get('mode')} needs an accelerator and this host offers none (the "
                 "operator starts one with `confide serve --accelerator numpy|cuda|auto`); nothing ran",
             )
+        infer = m.function.kind == "builtin" and m.function.name == "infer"
+        if infer and ENCLAVE_PARAM in m.params:
+            raise TaskRefused(
+                "manifest",
+                f"params.{ENCLAVE_PARAM} is the enclave's own (it fills it in at run time); a manifest "
+                "may not set it",
+            )
+        split = infer and m.params.get("mode") == "split"  # the model is never decrypted whole
+        # what the enclave tells the infer built-in: its memory allowance and the model's layout
+        enclave_params: dict[str, Any] | None = {"model_layout": None} if infer else None
+        pinned: PinnedModel | None = None
+        server: WeightServer | None = None
         stream: tuple[int, int] | None = None
         try:
             with _step("runs"):  # counted (and sealed) before any input is decrypted
@@ -306,15 +323,36 @@ class TaskRunner:
                 self._charge_privacy(m)
             with _step("input"):
                 for inp in m.inputs:
+                    where = _input_where(m, inp.name)
+                    if split and inp.name == "model":  # the graph only; the weights on request
+                        pinned = PinnedModel(
+                            args["inputs"][inp.name],
+                            data_key=keys[inp.name],
+                            ciphertext_sha256=inp.ciphertext_sha256,
+                            where=where,
+                        )
+                        reserved += self.budget.reserve(
+                            pinned.layout.graph_bytes + pinned.buffer_bytes,
+                            "input 'model' (its graph and the weight stream's buffers)",
+                        )
+                        fds[inp.name] = make_input_memfd(pinned.graph_chunks(), name="confide-input-model")
+                        assert enclave_params is not None
+                        enclave_params["model_layout"] = pinned.layout.to_json()
+                        continue
+                    header: dict[str, Any] = {}
                     fds[inp.name], n = open_input(
                         args["inputs"][inp.name],
                         inp.name,
                         data_key=keys[inp.name],
                         budget=self.budget,
                         ciphertext_sha256=inp.ciphertext_sha256,
-                        where=_input_where(m, inp.name),
+                        where=where,
+                        metadata=header,
                     )
                     reserved += n
+                    if enclave_params is not None and inp.name == "model":
+                        layout = parse_layout(header, where=f"{where}: header metadata")
+                        enclave_params["model_layout"] = layout.to_json() if layout else None
             metadata = {"task_id": m.task_id, "manifest_sha256": m.digest}
             with _step("output"):
                 for o in m.outputs:
@@ -329,6 +367,9 @@ class TaskRunner:
                 if outsourced:
                     assert self.accelerator is not None
                     stream = self.accelerator.open_stream()
+                elif pinned is not None:  # the child sees it as ctx.accelerator
+                    server = WeightServer(pinned)
+                    stream = server.child_fds
                 result = run_sandboxed(
                     self.zygote,
                     self.budget,
@@ -339,6 +380,7 @@ class TaskRunner:
                     outputs=outputs,
                     max_output_bytes=max(o.max_bytes for o in m.outputs),
                     stream=stream,
+                    enclave_params=enclave_params,
                 )
             published: list[dict[str, Any]] = []
             error: dict[str, str] | None = None
@@ -373,6 +415,10 @@ class TaskRunner:
                 out.discard()
             for fd in (*fds.values(), *(stream or ())):
                 os.close(fd)
+            if server is not None:  # after the child's ends are closed: its thread sees the end
+                server.stop()
+            if pinned is not None:
+                pinned.close()
             self.budget.release(reserved)
 
     @staticmethod

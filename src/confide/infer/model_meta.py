@@ -11,6 +11,15 @@ FLOPs count a multiply-add as 2, per sample (every symbolic or zero dimension of
 MatMul 2·|out|·K, Gemm 2·M·N·K (+ M·N with a bias), Conv 2·|out|·(C/group)·kh·kw (+ |out| with a
 bias), and |out| for every other operator.
 
+``layout``: a model is sealed whole (``inline``, its weights inside the graph) or in ONNX's own
+external-data layout (``external``: the sealed plaintext is the weights blob followed by the graph,
+whose initializers name offsets into it; the graph's offset and size go into the header's
+``layout``, confide.enclave.model_layout). Every inference mode takes both; ``split`` (a model
+larger than the enclave's memory budget) needs ``external``. ``auto`` (the SDK's default) is
+``external`` for a model over ``EXTERNAL_ABOVE`` bytes (64 MiB), else ``inline``. Converting
+also turns each top-level Constant node holding a tensor into an initializer of the same name
+(exporters such as paddle2onnx put every weight in one), so that its bytes are weights too.
+
 PyTorch owners export first on their own machine::
 
     torch.onnx.export(model.eval(), example_input, "model.onnx", opset_version=17,
@@ -30,10 +39,14 @@ from onnx import helper, shape_inference
 from confide.client.sealing import encrypt_file
 from confide.enclave.errors import FormatError
 from confide.enclave.keys import PublicIdentity
+from confide.enclave.model_layout import LOCATION, Layout
 from confide.enclave.sealed_file import DEFAULT_CHUNK_SIZE, SealedHeader
 
 META_FORMAT = "confide-onnx-meta-v1"
 KIND = "onnx-model"
+LAYOUTS = ("auto", "inline", "external")
+EXTERNAL_ABOVE = 64 << 20
+SMALL_TENSOR = 1024  # tensors below this many bytes stay in the graph (shapes, axes, scalars)
 
 
 def _dims(t: onnx.TypeProto) -> list[int | str]:
@@ -165,3 +178,63 @@ def seal_model(
         metadata={"kind": KIND, "model": meta},
         chunk_size=chunk_size,
     )
+
+
+def _constants_to_initializers(model: onnx.ModelProto) -> None:
+    """Each top-level Constant node with a tensor ``value`` becomes an initializer of its output's
+    name (the same graph: a Constant's output is a constant tensor either way)."""
+    if model.ir_version < 4:  # initializers must then be graph inputs too: left as they are
+        return
+    keep = []
+    for n in model.graph.node:
+        attrs = {a.name: a for a in n.attribute}
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and set(attrs) == {"value"}:
+            t = onnx.TensorProto()
+            t.CopyFrom(attrs["value"].t)
+            t.name = n.output[0]
+            model.graph.initializer.append(t)
+        else:
+            keep.append(n)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
+def external_layout(data: bytes, *, where: str = "model") -> tuple[bytes, dict[str, Any]]:
+    """The model in the external-weights layout, written by onnx's own external-data writer:
+    (plaintext = weights blob + graph, the header's ``layout``). The graph is checked as the
+    enclave will check it (confide.enclave.infer.split.SplitGraph)."""
+    import tempfile
+
+    from confide.enclave.infer.split import SplitError, SplitGraph
+
+    model = load(data, where=where)
+    _constants_to_initializers(model)
+    with tempfile.TemporaryDirectory(prefix="confide-model-") as tmp:
+        onnx.save_model(
+            model,
+            str(Path(tmp) / "model.onnx"),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=LOCATION,
+            size_threshold=SMALL_TENSOR,
+        )
+        blob = Path(tmp) / LOCATION
+        weights = blob.read_bytes() if blob.exists() else b""
+        graph = (Path(tmp) / "model.onnx").read_bytes()
+    layout = Layout(len(weights), len(weights), len(graph))
+    try:
+        SplitGraph(graph, layout)
+    except SplitError as exc:
+        raise FormatError(f"cannot be put in the external-weights layout ({exc})", where=where) from None
+    return weights + graph, layout.to_json()
+
+
+def upload_parts(data: bytes, *, layout: str = "auto", where: str = "model") -> tuple[bytes, dict[str, Any]]:
+    """What an upload seals: (plaintext, header metadata ``{"kind", "model"[, "layout"]}``)."""
+    if layout not in LAYOUTS:
+        raise FormatError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}", where=where)
+    meta = model_meta(data, where=where)
+    if layout == "inline" or (layout == "auto" and len(data) <= EXTERNAL_ABOVE):
+        return data, {"kind": KIND, "model": meta}
+    plaintext, external = external_layout(data, where=where)
+    return plaintext, {"kind": KIND, "model": meta, "layout": external}

@@ -12,7 +12,16 @@ is the built-in ``infer``. Modes (docs/inference/):
   with Freivalds' algorithm before use (integrity only);
 - ``outsourced-blinded+verified``: the same with activations blinded by fresh CSPRNG masks in
   p = 2^23 + 2^21 + 7, so the accelerator sees only uniform field elements (integrity and input
-  privacy). In both outsourced modes the accelerator holds the model's 8-bit weights in clear.
+  privacy). In both outsourced modes the accelerator holds the model's 8-bit weights in clear;
+- ``split``: a model larger than the memory budget (sealed in the external-weights layout,
+  model_layout.py) runs as submodels that each fit (enclave/infer/split.py): the enclave decrypts
+  only the graph, and each segment's weights come through the weight stream (``ctx.accelerator``
+  in this mode: the enclave's own model_stream.py, never the host), chunk by chunk; the run's
+  figures go to the optional ``report`` output (JSON) if the manifest names it.
+
+A model in the external-weights layout runs in every mode: the enclave passes its layout, read
+from the authenticated header, and the memory allowance in ``params._enclave`` (a manifest may not
+set it).
 
 The outsourced modes read and write ``ctx.accelerator``, the byte stream to the accelerator that
 the enclave opened for this run (accelerator_link.py); without one they refuse. Each reply must
@@ -40,17 +49,26 @@ def run(ctx: Any) -> None:
 
     import numpy as np  # only inside the sandbox child, never in the enclave process
 
-    modes = ("all-in-enclave", "outsourced-verified", "outsourced-blinded+verified")
-    unknown = sorted(set(ctx.params) - {"outputs", "mode", "reply_timeout_s"})
+    modes = ("all-in-enclave", "outsourced-verified", "outsourced-blinded+verified", "split")
+    unknown = sorted(set(ctx.params) - {"outputs", "mode", "reply_timeout_s", "_enclave"})
     if unknown:
         raise ValueError(f"onnx-infer: unknown parameter(s) {', '.join(unknown)}")
     mode = ctx.params.get("mode", "all-in-enclave")
     if mode not in modes:
         raise ValueError(f"onnx-infer: mode {str(mode)[:40]!r} is not one of {', '.join(modes)}")
-    if "reply_timeout_s" in ctx.params and mode == "all-in-enclave":
+    if "reply_timeout_s" in ctx.params and mode in ("all-in-enclave", "split"):
         raise ValueError("onnx-infer: params.reply_timeout_s applies only to the outsourced modes")
+    if "report" in ctx.outputs and mode != "split":
+        raise ValueError("onnx-infer: output 'report' is written only in mode split")
+    enclave = ctx.params.get("_enclave", {})
+    if not isinstance(enclave, dict):
+        raise ValueError("onnx-infer: params._enclave must be an object (the enclave fills it in)")
+    layout = _layout(enclave)
+    if mode == "split":
+        _split(ctx, enclave, layout)
+        return
     if mode != "all-in-enclave":
-        _outsourced(ctx, mode)  # without ONNX Runtime
+        _outsourced(ctx, mode, layout)  # without ONNX Runtime
         return
     import onnxruntime as ort
 
@@ -63,11 +81,19 @@ def run(ctx: Any) -> None:
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    model_bytes = ctx.inputs["model"].read()
+    weights: dict[str, Any] = {}  # an external-layout model: its weights, fed as inputs (no copy)
+    if layout is not None:
+        from confide.enclave.infer.split import weight_arrays
+
+        graph = _graph(model_bytes, layout)
+        weights = weight_arrays(graph, model_bytes)
+        model_bytes = graph.full.SerializeToString()
     try:
-        session = ort.InferenceSession(ctx.inputs["model"].read(), so, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise ValueError(f"onnx-infer: input 'model' is not a model ONNX Runtime can load ({exc})") from None
-    declared = {i.name: i for i in session.get_inputs()}
+    declared = {i.name: i for i in session.get_inputs() if i.name not in weights}
     raw = ctx.inputs["data"].read()
     try:  # arrays are read eagerly, without pickle: an object array is refused here
         loaded = np.load(io.BytesIO(raw), allow_pickle=False)
@@ -105,10 +131,81 @@ def run(ctx: Any) -> None:
     wanted = ctx.params.get("outputs", names)
     if not isinstance(wanted, list) or not wanted or any(w not in names for w in wanted):
         raise ValueError(f"onnx-infer: params.outputs must be a non-empty list of {names}")
-    results = session.run(wanted, feeds)
-    buf = io.BytesIO()
-    np.savez(buf, **dict(zip(wanted, results, strict=False)))
-    ctx.outputs["outputs"].write(buf.getvalue())
+    results = session.run(wanted, {**feeds, **weights})
+    _write_outputs(ctx, dict(zip(wanted, results, strict=False)))
+
+
+def _write_outputs(ctx: Any, arrays: dict[str, Any]) -> None:
+    import io
+
+    import numpy as np
+
+    if "outputs" in ctx.outputs:  # the manifest may name only `report` (split mode)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        ctx.outputs["outputs"].write(buf.getvalue())
+
+
+def _layout(enclave: dict[str, Any]) -> Any:
+    """The model's external-weights layout, as the enclave read it from the sealed header; None for
+    a model sealed whole (then nothing more is imported: a zygote may pre-import numpy only)."""
+    if enclave.get("model_layout") is None:
+        return None
+    from confide.enclave.errors import ConfideError
+    from confide.enclave.model_layout import from_params
+
+    try:
+        return from_params(enclave.get("model_layout"), where="params._enclave.model_layout")
+    except ConfideError as exc:
+        raise ValueError(f"onnx-infer: {exc}") from None
+
+
+def _graph(model_bytes: bytes, layout: Any) -> Any:
+    """The graph of an external-layout model given whole (all-in-enclave, outsourced)."""
+    from confide.enclave.infer.split import SplitGraph
+
+    if len(model_bytes) != layout.weights_bytes + layout.graph_bytes:
+        raise ValueError(
+            f"onnx-infer: input 'model' has {len(model_bytes)} bytes, its layout says "
+            f"{layout.weights_bytes} + {layout.graph_bytes}"
+        )
+    return SplitGraph(model_bytes[layout.graph_offset :], layout)
+
+
+def _split(ctx: Any, enclave: dict[str, Any], layout: Any) -> None:
+    """Mode split: the model run as submodels that fit the memory allowance (infer/split.py)."""
+    import json
+
+    from confide.enclave.infer import split
+
+    start = split.memory_status()  # before onnx, ONNX Runtime, the graph and the data
+    allowance = enclave.get("memory_allowance")
+    lacking = "the weight stream" if ctx.accelerator is None else "a layout" if layout is None else None
+    if lacking is None and (isinstance(allowance, bool) or not isinstance(allowance, int) or allowance <= 0):
+        lacking = "a memory allowance"
+    if lacking is not None:
+        raise ValueError(
+            "onnx-infer: mode split needs the weight stream, the model's external-weights layout and "
+            "the memory allowance that the enclave gives an infer task (platform tasks, a model "
+            f"uploaded with --layout external); this run has no {lacking.split(' ', 1)[1]}"
+        )
+    graph = split.SplitGraph(ctx.inputs["model"].read(), layout)
+    feeds = _read_data(ctx.inputs["data"].read(), [v.name for v in graph.inputs])
+    split.check_feeds(graph.inputs, feeds)
+    wanted = ctx.params.get("outputs", graph.outputs)
+    if not isinstance(wanted, list) or not wanted or any(w not in graph.outputs for w in wanted):
+        raise ValueError(f"onnx-infer: params.outputs must be a non-empty list of {graph.outputs}")
+    results, figures = split.run_split(
+        graph,
+        feeds,
+        list(wanted),
+        split.WeightStream(*ctx.accelerator),
+        allowance=cast(int, allowance),
+        start=start,
+    )
+    _write_outputs(ctx, results)
+    if "report" in ctx.outputs:  # sizes of the model and the batch only, to the report's recipients
+        ctx.outputs["report"].write(json.dumps(figures, sort_keys=True).encode())
 
 
 REPLY_TIMEOUT_S = 120.0  # default wait for each accelerator reply (params.reply_timeout_s)
@@ -136,13 +233,12 @@ def _read_data(raw: bytes, declared: list[str]) -> dict[str, Any]:
     return arrays
 
 
-def _outsourced(ctx: Any, mode: str) -> None:
+def _outsourced(ctx: Any, mode: str, layout: Any = None) -> None:
     """The outsourced modes: the numpy executor, linear layers on the accelerator, every product checked."""
     if ctx.accelerator is None:  # before the imports: only an accelerator's zygote pre-imports them
         raise ValueError(
             f"onnx-infer: mode {mode} needs the accelerator stream and the enclave gave this run none"
         )
-    import io
 
     import numpy as np
     import onnx
@@ -153,7 +249,9 @@ def _outsourced(ctx: Any, mode: str) -> None:
     from confide.enclave.infer.wire import AcceleratorClient
 
     try:
-        model = onnx.load_model_from_string(ctx.inputs["model"].read())
+        raw = ctx.inputs["model"].read()
+        # an external-layout model: its weights put inline (the executor takes a whole ModelProto)
+        model = _inline(raw, layout) if layout is not None else onnx.load_model_from_string(raw)
         onnx.checker.check_model(model)
     except Exception as exc:
         raise ValueError(f"onnx-infer: input 'model' is not a valid ONNX model ({exc})") from None
@@ -200,7 +298,10 @@ def _outsourced(ctx: Any, mode: str) -> None:
     executor.precompute({n: tuple(a.shape) for n, a in feeds.items()}, 1)  # offline phase
     results, _stats = executor.run(feeds)  # raises naming the layer on any wrong product
     client.close()
-    buf = io.BytesIO()
-    out: dict[str, Any] = {n: results[n] for n in wanted}
-    np.savez(buf, **out)
-    ctx.outputs["outputs"].write(buf.getvalue())
+    _write_outputs(ctx, {n: results[n] for n in wanted})
+
+
+def _inline(raw: bytes, layout: Any) -> Any:
+    from confide.enclave.infer.split import inline_weights
+
+    return inline_weights(_graph(raw, layout), raw)

@@ -71,6 +71,8 @@ DEFAULT_PREIMPORT = (
     "confide.enclave.dp_params",
     "confide.enclave.builtins.dp_noise",
     "confide.enclave.builtins.duck",  # sql's and join-aggregate's DuckDB configuration
+    # infer's split mode and its external-weights layout (numpy at import; onnx only when it runs)
+    "confide.enclave.infer.split",
 )
 # What the infer built-in's outsourced modes need in the child (onnx, the graph checker: no thread at
 # import). Pre-imported only by an enclave whose host offers an accelerator (runtime.main): onnx
