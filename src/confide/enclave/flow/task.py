@@ -21,8 +21,10 @@ A job's key leaves the coordinator only to another worker whose evidence shows t
 key is sealed to; that worker in turn accepts the key only with the coordinator's evidence vouching
 for exactly that grant (this job, this worker, this ciphertext): ``evidence``, ``grant``, ``accept``.
 
-One sandboxed run per (stage, partition). A long-lived sandboxed child fed a stream of batches and
-spilling are later steps (issue 8).
+One sandboxed run per (stage, partition), or, for a task over the worker's memory budget, one per
+sub-partition (a keyed stage, spilled by key), per merged piece (a sort, sorted externally) or per
+piece (a sort's routing, streamed). A long-lived sandboxed child fed a stream of batches is a later
+step (issue 8).
 """
 
 from __future__ import annotations
@@ -407,8 +409,9 @@ class FlowEnclave:
         sealed files (a fresh key held only here; each file's header binds job, stage, partition,
         sub-partition and parent), then run the stage's functions once per sub-partition. Every
         record of a key lands in one sub-partition, so per-key operators (reduce, aggregate, group,
-        distinct, join) give the same result; a stage whose result depends on all records together
-        (sort, count) cannot spill and fails naming the budget."""
+        distinct, join) give the same result; a stage reading an unkeyed exchange (a union's
+        consumer) cannot spill and fails naming the budget (a sort's stages: _run_sort_spilled,
+        _run_routing_streamed)."""
         budget = self.memory_budget
         assert budget is not None
         plan = job.plan
@@ -418,7 +421,7 @@ class FlowEnclave:
         if not st.parents or None in keyed:
             raise FlowTaskError(
                 f"the partition holds {incoming} bytes, over half the worker's memory budget of {budget} "
-                "bytes, and this stage reads an unkeyed exchange (sort_by, count, union), which cannot "
+                "bytes, and this stage reads an unkeyed exchange (union, count), which cannot "
                 "spill: give it more partitions or the worker more memory",
                 where=where,
             )
