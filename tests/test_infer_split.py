@@ -227,11 +227,15 @@ def test_split_runs_it_within_the_budget_and_matches_onnxruntime(worker: Any, bi
     elapsed = time.monotonic() - started
     assert result["ok"], (body, _error(worker, outs) if outs["_error"].exists() else "")
     got = np.load(io.BytesIO(worker.read(outs["outputs"], LAB)), allow_pickle=False)["y"]
-    assert np.max(np.abs(got - big.ref)) <= 1e-5 * max(1.0, float(np.max(np.abs(big.ref))))
+    # within 1e-5 of plain ONNX Runtime, relative to the outputs' scale (here |y| up to 7.7: the
+    # weights fed as inputs are multiplied unpacked, another summation order than ORT's prepacked)
+    err, scale = float(np.max(np.abs(got - big.ref))), max(1.0, float(np.max(np.abs(big.ref))))
+    assert err <= 1e-5 * scale, (err, scale)
     report = json.loads(worker.read(outs["report"], LAB))
     allowance = report["memory_allowance_bytes"]
     print(
-        f"\nsplit: {big.weights / 2**20:.0f} MiB of weights, budget {BUDGET_MIB} MiB, {json.dumps(report)}, {elapsed:.1f} s"
+        f"\nsplit: {big.weights / 2**20:.0f} MiB of weights, budget {BUDGET_MIB} MiB, max error {err:.2e} "
+        f"(outputs up to {scale:.1f}), {elapsed:.1f} s: {json.dumps(report)}"
     )
     assert allowance < BUDGET_MIB << 20 and report["weights_bytes"] == big.weights
     assert report["weight_bytes_read"] == big.weights  # every weight read once, none twice

@@ -385,3 +385,123 @@ def test_the_models_are_shipped_not_downloaded(ppocr: dict[str, Any]) -> None:
     assert ppocr_det_path().name == "ch_PP-OCRv4_det_infer.onnx"
     assert model_meta(ppocr["bytes"])["parameters"] == 1_171_841  # its weights are Constant nodes
     assert Path(ppocr_det_path()).stat().st_size > 1 << 20
+
+
+# ---- split: a model run as submodels that fit the memory budget (docs/inference/split.md) --------
+
+SPLIT_BUDGET_MIB = 160  # MiniLM is 86 MiB; the sandbox child's ONNX Runtime and onnx take ~85 MiB
+
+
+@pytest.fixture(scope="module")
+def small_enclave(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """An enclave worker with a 160 MiB memory budget: too small for MiniLM all-in-enclave."""
+    from confide.client.home import Home
+    from confide.enclave.keys import PublicIdentity
+    from conftest import TaskKit
+
+    root = tmp_path_factory.mktemp("split-budget")
+    cfg = root / "enclave.toml"
+    cfg.write_text(f"[enclave]\nmemory_budget_mib = {SPLIT_BUDGET_MIB}\n")
+    enclave = Home(root / "home").start_enclave(config=cfg)
+    info = enclave.service_init()
+    yield TaskKit(root / "work", enclave, PublicIdentity.from_line(info["service"]))
+    enclave.close()
+
+
+def test_minilm_split_runs_where_all_in_enclave_cannot(small_enclave: Any, minilm: dict[str, Any]) -> None:
+    """MiniLM in the external-weights layout under a 160 MiB budget: all-in-enclave runs out of
+    memory in the child (the decrypted model, 86 MiB, plus ONNX Runtime do not fit); split runs it
+    in submodels (the word-embedding table, 45 MiB, is the largest one node needs)."""
+    import json
+
+    from confide.enclave.keys import Identity
+    from confide.infer.model_meta import upload_parts
+
+    plain, meta = upload_parts(minilm["bytes"], layout="external")
+    buf = io.BytesIO()
+    np.savez(buf, **minilm["feeds"])
+    owners = {"model": Identity.generate("vendor"), "data": Identity.generate("clinic")}
+    lab = Identity.generate("lab")
+    parties = {"vendor": owners["model"].public, "clinic": owners["data"].public, "lab": lab.public}
+
+    def run(mode: str) -> tuple[dict[str, Any], dict[str, Any], dict]:
+        return small_enclave.run_builtin(
+            "infer",
+            {"model": plain, "data": buf.getvalue()},
+            {"mode": mode},
+            owners=owners,
+            creator=lab,
+            outputs=("outputs", "report") if mode == "split" else ("outputs",),
+            participants=parties,
+            metadata={"model": meta},
+        )
+
+    result, _, outs = run("all-in-enclave")
+    assert not result["ok"] and not outs["outputs"].exists()
+    refused = result["category"]
+    assert refused == "memory-limit", refused
+    result, body, outs = run("split")
+    assert result["ok"], body
+    with np.load(io.BytesIO(small_enclave.read(outs["outputs"], lab)), allow_pickle=False) as z:
+        cos = cosine(z["embedding"], minilm["reference"])
+    assert np.min(cos) >= 0.999, cos
+    report = json.loads(small_enclave.read(outs["report"], lab))
+    print(
+        f"\nMiniLM, budget {SPLIT_BUDGET_MIB} MiB: all-in-enclave {refused}; split cosine {np.min(cos):.6f}, {report}"
+    )
+    assert report["segments"] >= 2 and report["weight_bytes_read"] == meta["layout"]["weights_bytes"]
+    assert report["peak_rss_growth_bytes"] <= report["memory_allowance_bytes"] < SPLIT_BUDGET_MIB << 20
+
+
+def test_ppocr_split_in_segments_matches_onnxruntime(ppocr: dict[str, Any], tmp_path: Path) -> None:
+    """PP-OCR's detector (weights in Constant nodes, made initializers by the owner's SDK) split in
+    several submodels, in process with the enclave's weight stream: the map ONNX Runtime gives."""
+    import hashlib
+    import json
+    import os
+
+    from confide.enclave.builtins import onnx_infer
+    from confide.enclave.infer import split
+    from confide.enclave.model_stream import PinnedModel, WeightServer
+    from confide.enclave.sandbox.context import Context
+    from confide.enclave.sealed_file import SealedWriter
+    from confide.infer.model_meta import upload_parts
+
+    plain, meta = upload_parts(ppocr["bytes"], layout="external")
+    key, path = os.urandom(32), tmp_path / "ppocr.sealed"
+    with open(path, "wb") as fh, SealedWriter(fh, data_key=key, metadata=meta, chunk_size=1 << 16) as w:
+        w.write(plain)
+    pinned = PinnedModel(
+        str(path),
+        data_key=key,
+        ciphertext_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        where="model",
+    )
+    server = WeightServer(pinned)
+    graph = b"".join(bytes(c) for c in pinned.graph_chunks())
+    stream = (os.fdopen(server.child_fds[0], "rb"), os.fdopen(server.child_fds[1], "wb"))
+    buf, out, rep = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    np.savez(buf, x=ppocr["x"])
+    # 16 MiB for each segment's weights, 2 x its live activations (2.8 MiB) and the 8 MiB margin:
+    # the model's 4.5 MiB of weights do not fit in one
+    allowance = split.RESERVE + (16 << 20)
+    enclave = {"memory_allowance": allowance, "model_layout": meta["layout"]}
+    ctx = Context(
+        {"mode": "split", "_enclave": enclave},
+        {"model": io.BytesIO(graph), "data": io.BytesIO(buf.getvalue())},  # type: ignore[dict-item]
+        {"outputs": out, "report": rep},  # type: ignore[dict-item]
+        stream,  # type: ignore[arg-type]
+    )
+    try:
+        onnx_infer.run(ctx)
+    finally:
+        for f in stream:
+            f.close()
+        server.stop()
+        pinned.close()
+    with np.load(io.BytesIO(out.getvalue()), allow_pickle=False) as z:
+        got = z[z.files[0]]
+    ref = ppocr["reference"]
+    assert np.mean((got > DET_THRESHOLD) == (ref > DET_THRESHOLD)) > 0.999
+    assert float(np.max(np.abs(got - ref))) < 1e-4
+    assert json.loads(rep.getvalue())["segments"] >= 2
