@@ -37,6 +37,12 @@ def right_side(line):
 
 def by_key(pair):
     return pair[0]
+
+def count_all(it):
+    yield sum(1 for _ in it)
+
+def small(pair):
+    return pair[1] < 50
 """
 LINES = [f"key{(i * 7919) % 3000:05d}-ünï {i % 97}" for i in range(12000)]  # ~4x the budget per bucket
 
@@ -113,6 +119,71 @@ def test_a_stage_that_cannot_spill_fails_naming_the_budget(
     assert "stage 2 partition" in str(err.value) and str(BUDGET) in str(err.value)
     assert not (tmp_path / "o" / "o.manifest.cnfseal").exists()
     assert not list((tmp_path / "s").glob("*"))
+
+
+def test_map_partitions_after_a_spilled_keyed_stage_is_refused_before_anything_spills(
+    data: Path, tmp_path: Path, zygote: Zygote, enclave_identity: Identity, recipient: Identity
+) -> None:
+    """A keyed stage over the budget runs once per sub-partition: a map_partitions in it would see
+    sub-partitions, not its partition (here it would count each sub-partition's records). Never a
+    different answer: the task is refused, naming stage, partition and budget, before it spills."""
+
+    def job(f: Any, t: Any) -> Any:
+        return t.map("kv").reduce_by_key("add", 1).map_partitions("count_all")
+
+    want = _run(make_enclave(zygote, enclave_identity), job, data, tmp_path / "free", recipient)
+    assert want == [3000]
+    tight = make_enclave(zygote, enclave_identity, memory_budget=BUDGET, spill_dir=tmp_path / "s")
+    with pytest.raises(FlowTaskError, match="map_partitions") as err:
+        _run(tight, job, data, tmp_path / "o", recipient)
+    msg = str(err.value)
+    assert "stage 1 partition 0" in msg and f"budget of {BUDGET} bytes" in msg
+    assert "more partitions or the worker more memory" in msg
+    assert not (tmp_path / "o" / "o.manifest.cnfseal").exists()
+    assert not (tmp_path / "s").exists()  # refused before any spill file (or its folder) was made
+
+
+SPILLABLE = {  # what may follow a keyed stage's per-key operators in a spilled task
+    "reduce, then per-record operators": lambda f, t: t.map("kv").reduce_by_key("add", 1).filter("small"),
+    "reduce, then another reduce's map side": lambda f, t: (
+        t.map("kv").reduce_by_key("add", 1).map("by_key").map("one").reduce_by_key("add", 1)
+    ),
+    "join, then count's map side": lambda f, t: (
+        t.map("left_side").join(t.map("right_side"), num_partitions=1).count("o")
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SPILLABLE))
+def test_per_record_operators_and_a_combiner_after_a_keyed_stage_still_spill(
+    name: str, data: Path, tmp_path: Path, zygote: Zygote, enclave_identity: Identity, recipient: Identity
+) -> None:
+    """What runs per sub-partition gives the partition's result: per-record operators, and a
+    shuffle's map-side combiner at the stage's end (the next stage combines the sub-partitions)."""
+
+    def run(enclave: Any, out: Path) -> list[Any]:
+        flow = Flow(FUNCTIONS + EXTRA)
+        ds = SPILLABLE[name](flow, flow.text(data))
+        action = ds if ds._node.kind == "sink" else ds.save("o")
+        flow.run(action, engine=LocalEngine([enclave]), recipients=[recipient.public], out_dir=out)
+        return open_result(out, "o", recipient)
+
+    want = run(make_enclave(zygote, enclave_identity), tmp_path / "free")
+    tight = make_enclave(zygote, enclave_identity, memory_budget=BUDGET, spill_dir=tmp_path / "s")
+    spilled: list[int] = []
+    run_task = tight.run_task
+
+    def recording(*args: Any, **kw: Any) -> Any:
+        tight.last_task = {}
+        out = run_task(*args, **kw)
+        spilled.append(tight.last_task.get("subpartitions", 0))
+        return out
+
+    tight.run_task = recording  # type: ignore[method-assign]
+    got = run(tight, tmp_path / "tight")
+    assert sorted(got, key=repr) == sorted(want, key=repr)
+    assert max(spilled) >= 8  # the keyed stage spilled
+    assert list((tmp_path / "s").iterdir()) == []
 
 
 def test_a_sort_over_the_budget_fits_when_range_partitioned(

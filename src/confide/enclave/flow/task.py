@@ -409,9 +409,11 @@ class FlowEnclave:
         sealed files (a fresh key held only here; each file's header binds job, stage, partition,
         sub-partition and parent), then run the stage's functions once per sub-partition. Every
         record of a key lands in one sub-partition, so per-key operators (reduce, aggregate, group,
-        distinct, join) give the same result; a stage reading an unkeyed exchange (a union's
-        consumer) cannot spill and fails naming the budget (a sort's stages: _run_sort_spilled,
-        _run_routing_streamed)."""
+        distinct, join) give the same result, and so do per-record operators after them and a
+        shuffle's map-side combiner at the end; anything else (map_partitions) would see a
+        sub-partition instead of the partition and is refused before anything spills, naming the
+        budget, as is a stage reading an unkeyed exchange (a union's consumer), which cannot spill
+        (a sort's stages: _run_sort_spilled, _run_routing_streamed)."""
         budget = self.memory_budget
         assert budget is not None
         plan = job.plan
@@ -423,6 +425,15 @@ class FlowEnclave:
                 f"the partition holds {incoming} bytes, over half the worker's memory budget of {budget} "
                 "bytes, and this stage reads an unkeyed exchange (union, count), which cannot "
                 "spill: give it more partitions or the worker more memory",
+                where=where,
+            )
+        op = _needs_whole_partition(st, [str(k) for k in keyed])
+        if op is not None:  # refused before anything spills: per sub-partition it would see a part
+            raise FlowTaskError(
+                f"the partition holds {incoming} bytes, over half the worker's memory budget of {budget} "
+                f"bytes, and this keyed stage runs {op}, which needs the whole partition at once (a "
+                "spilled stage runs once per sub-partition): give it more partitions or the worker "
+                "more memory",
                 where=where,
             )
         n_sub = min(4096, -(-incoming // max(1, budget // 4)))  # ~a quarter of the budget each
@@ -995,6 +1006,30 @@ def _csv_names(reader: SealedReader, where: str) -> list[str]:
 _PER_RECORD_OPS = frozenset({"map", "flat_map", "filter", "key_by"})
 # a shuffle's map-side combiners: run per piece, the reduce side combines the pieces' results
 _COMBINER_OPS = frozenset({"reduce_local", "aggregate_local", "group_local", "distinct_local", "count_local"})
+
+
+# per-key operators: a sub-partition holding every record of its keys gives those keys' results
+_PER_KEY_OPS = frozenset({"reduce_local", "aggregate_local", "group_local", "group_concat", "distinct_local"})
+
+
+def _needs_whole_partition(st: Stage, keyed: list[str]) -> str | None:
+    """The first operator of a keyed stage whose result per sub-partition (a spilled task runs the
+    stage once per sub-partition, its records routed by the exchange's key) could differ from its
+    result over the whole partition; None if there is none. Allowed: per-key operators first, while
+    the records are still partitioned by the routed key (distinct on any key, the others only on a
+    pair's key: a record's own key, "self", does not group by its first element); then per-record
+    operators; then, last, a shuffle's map-side combiner (the next stage combines the results)."""
+    chain = st.chain
+    i = 0
+    while i < len(chain) and chain[i]["op"] in _PER_KEY_OPS:
+        if chain[i]["op"] != "distinct_local" and any(k != "pair" for k in keyed):
+            return str(chain[i]["op"])
+        i += 1
+    while i < len(chain) and chain[i]["op"] in _PER_RECORD_OPS:
+        i += 1
+    if i == len(chain) - 1 and chain[i]["op"] in _COMBINER_OPS and st.output.kind != "sink":
+        return None
+    return str(chain[i]["op"]) if i < len(chain) else None
 
 
 def _framed(records: list[Any]) -> bytes:
