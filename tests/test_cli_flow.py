@@ -23,6 +23,11 @@ def _cli(env: dict[str, str], *args: str) -> Any:
 
 @pytest.fixture
 def world(tmp_path: Path) -> dict[str, Any]:
+    return make_world(tmp_path)
+
+
+def make_world(tmp_path: Path) -> dict[str, Any]:
+    """Keys of an owner, a reader and another party, the owner's sealed text, a development policy."""
     env = {"CONFIDE_HOME": str(tmp_path / "home"), "CONFIDE_POLICY": "", "CONFIDE_SIM_ROOT": ""}
     for who in ("owner", "reader", "other"):
         assert _cli(env, "keygen", who, "--out-dir", str(tmp_path)).exit_code == 0

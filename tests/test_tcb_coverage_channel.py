@@ -29,6 +29,7 @@ def call(name: str, **args: Any) -> bytes:
 
 TASK = {"manifest": "{}", "approvals": [], "dataset_keys": {}, "inputs": {}, "outputs": {}}
 RUN = {"request": "r", "inputs": {}, "outputs": {}}
+FINISH = {"task_id": "t", "reports": "/r", "out_dir": "/o"}
 
 
 @pytest.mark.parametrize(
@@ -58,6 +59,12 @@ RUN = {"request": "r", "inputs": {}, "outputs": {}}
             "dataset_keys",
         ),
         (call("task", **{**TASK, "outputs": {"o": "\0"}}), "task': outputs.o"),
+        (call("task", **TASK, flow_agents={"a": "b"}), "flow_agents"),
+        (call("flow_finish", **FINISH, engine_error="e" * 5000), "engine_error longer than 4096"),
+        (call("flow_finish", **{**FINISH, "task_id": "t" * 65}), "task_id longer than 64"),
+        (call("flow_finish", **{**FINISH, "reports": "/r\0"}), "flow_finish': reports: path must be"),
+        (call("flow_finish", **{**FINISH, "out_dir": ""}), "flow_finish': out_dir: path must be"),
+        (call("flow_finish", task_id="t", reports="/r"), "out_dir"),
     ],
 )
 def test_hostile_calls_are_refused(frame: bytes, message: str) -> None:

@@ -85,6 +85,20 @@ from confide.cli.common import friendly
     "outsourced modes: numpy on the CPU, cuda (PyTorch), or auto (cuda when available); none: "
     "such tasks are refused",
 )
+@click.option(
+    "--flow-engine",
+    type=click.Choice(["local", "spark"]),
+    default="local",
+    show_default=True,
+    help="where a flow task's stages run: local (inside the enclave worker's call) or spark (PySpark "
+    "and a node agent this server starts; the enclave worker opens and verifies the job)",
+)
+@click.option(
+    "--spark-master",
+    default=None,
+    metavar="URL",
+    help="Spark master for --flow-engine spark: local[N] or spark://HOST:PORT (default local[2])",
+)
 @friendly
 def serve(
     db_url: str | None,
@@ -104,13 +118,19 @@ def serve(
     upload_timeout: float,
     upload_min_kib_per_s: int,
     accelerator: str,
+    flow_engine: str,
+    spark_master: str | None,
 ) -> None:
     """Run the platform: parties talk to it over HTTP; it relays ciphertext to enclave workers.
 
     It is untrusted by design: it never holds a plaintext key or plaintext data.
     """
+    from confide.enclave.errors import ConfideError
     from confide.host.api.state import UploadLimits
     from confide.host.server import serve as run_server
+
+    if spark_master is not None and flow_engine != "spark":
+        raise ConfideError("a Spark master is for --flow-engine spark", where="--spark-master")
 
     run_server(
         db_url,
@@ -132,4 +152,6 @@ def serve(
             min_rate=upload_min_kib_per_s << 10,
         ),
         accelerator=None if accelerator == "none" else accelerator,
+        flow_engine=flow_engine,
+        spark_master=spark_master or "local[2]",
     )

@@ -106,14 +106,20 @@ CALLS: dict[str, CallSpec] = {
     ),
     "task": CallSpec(
         {"manifest": str, "approvals": list, "dataset_keys": dict, "inputs": dict, "outputs": dict},
-        {"function_source": dict, "audit_head": dict},
+        {"function_source": dict, "audit_head": dict, "flow_agents": list},
         "run a multi-party task: consent checked in the enclave, outputs sealed to the manifest's recipients",
+    ),
+    "flow_finish": CallSpec(
+        {"task_id": str, "reports": str, "out_dir": str},
+        {"engine_error": str},
+        "a flow task's stages ran on the host's engine: verify its task reports, seal its outputs, sign",
     ),
     "shutdown": CallSpec({}, {}, "stop the enclave"),
 }
 MAX_TASK_ENTRIES = 64
 MAX_MANIFEST_LEN = 256 << 10
 MAX_EVIDENCE_LEN = 256 << 10
+MAX_ENGINE_ERROR_LEN = 4096
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,14 @@ def parse_call(frame: bytes) -> Call:
                 raise FormatError(f"more than {MAX_TASK_ENTRIES} {key}", where=where)
         for table in ("inputs", "outputs"):
             _check_path_table(args[table], f"{where}: {table}")
+    if name == "flow_finish":
+        if len(args["task_id"]) > MAX_NAME_LEN or len(args.get("engine_error", "")) > MAX_ENGINE_ERROR_LEN:
+            raise FormatError(
+                f"task_id longer than {MAX_NAME_LEN} or engine_error longer than {MAX_ENGINE_ERROR_LEN} characters",
+                where=where,
+            )
+        for key in ("reports", "out_dir"):
+            _check_path(args[key], f"{where}: {key}")
     return Call(call_id, name, args)
 
 

@@ -123,6 +123,8 @@ class EnclaveRuntime:
             return self.run(call.args)
         if call.name == "task":
             return self.tasks.run(call.args)
+        if call.name == "flow_finish":
+            return self.tasks.finish_flow(call.args)
         if call.name == "service_info":
             return self.service.info()
         if call.name == "service_init":

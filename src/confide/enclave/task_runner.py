@@ -135,6 +135,7 @@ class TaskRunner:
         self.privacy = PrivacyBudget(backend, service.path.parent)
         self._run = 0  # this call's run number (0 until counted) and the approvals' limit
         self._max_runs = 0
+        self._flow_jobs: dict[str, Any] = {}  # flow tasks started on the host's engine (flow_finish)
 
     def run(self, args: dict[str, Any]) -> dict[str, Any]:
         service = self.service.require()  # without a service key there is nobody to sign a receipt
@@ -148,6 +149,10 @@ class TaskRunner:
         try:
             with _step("manifest"):
                 manifest = parse_manifest(args["manifest"])
+                if "flow_agents" in args and not _is_flow(manifest):
+                    raise FormatError(
+                        "the host passed flow_agents for a task that is not a dataflow job", where="task call"
+                    )
             source, keys = self._check(manifest, args, service)
             return self._execute(manifest, source, keys, args, service, started)
         except TaskRefused as exc:
@@ -442,20 +447,20 @@ class TaskRunner:
     def _execute_flow(
         self, m: Manifest, keys: dict[str, bytes], args: dict[str, Any], service: Identity, started: int
     ) -> dict[str, Any]:
-        """The `flow` built-in: the approved dataflow job, run whole in this enclave
-        (flow/in_enclave.py); each of its outputs sealed to the task output's recipients; the verified
-        per-stage counts signed in the receipt."""
+        """The `flow` built-in: the approved dataflow job, run whole in this enclave (flow/in_enclave.py)
+        or, when the host names node agents (`flow_agents`), started here for the host's engine and
+        finished by `flow_finish`; each of its outputs sealed to the task output's recipients; the
+        verified per-stage counts signed in the receipt."""
+        import shutil
         import tempfile
 
         from .flow import FlowIntegrityError, FlowTaskError
-        from .flow.driver import enc
-        from .flow.in_enclave import description_for, run_job, sink_names
+        from .flow import in_enclave as fl
         from .flow.plan import parse_plan
 
-        outputs: dict[str, OutputFile] = {}
         job = m.params.get("job")
         with _step("output"):
-            sinks = sink_names(job)
+            sinks = fl.sink_names(job)
             if sorted(sinks) != sorted(o.name for o in m.outputs):
                 raise FormatError(
                     f"the job writes outputs {sorted(sinks)}, the manifest declares {sorted(o.name for o in m.outputs)}",
@@ -470,25 +475,45 @@ class TaskRunner:
                     raise IntegrityError(
                         "the file is not the ciphertext the manifest pins", where=_input_where(m, inp.name)
                     )
-        metadata = {"task_id": m.task_id, "manifest_sha256": m.digest}
-        published: list[dict[str, Any]] = []
+        with _step("manifest"):
+            description = fl.description_for(
+                job, task_id=m.task_id, input_paths=paths, data_keys=keys, service=service
+            )
+            parse_plan(description)  # refused here, as the approved job, before anything runs
+        limits = SandboxLimits(
+            memory_bytes=max(MIN_WORKING_MEMORY, self.budget.free),
+            cpu_seconds=self.config.cpu_seconds,
+            wall_seconds=float(self.config.wall_seconds),
+        )
+        if "flow_agents" in args:
+            with _step("run"):  # an agent whose evidence does not check out gets no key: refused
+                agents = fl.parse_agents(args["flow_agents"])
+                enclave, ticket, graph = fl.open_job(
+                    description,
+                    paths,
+                    service=service,
+                    zygote=self.zygote,
+                    backend=self.backend,
+                    limits=limits,
+                    memory_budget=None,  # this coordinator runs no task: the agents do
+                    spill_dir=None,
+                )
+                grants = fl.grant_agents(enclave, ticket, agents)
+            context = _FlowRun(m, args["manifest"], dict(args["outputs"]), started, self._run, self._max_runs)
+            context.audit_head = self._audit_head
+            fl.remember(self._flow_jobs, m.task_id, fl.EngineJob(enclave, ticket, description, context))
+            return {
+                "ok": True,
+                "category": "flow-started",
+                "flow": {"task_id": m.task_id, "ticket": b64e(ticket), "graph": graph, "grants": grants},
+            }
+        results: dict[str, tuple[str, list[Any]]] = {}
         error: dict[str, str] | None = None
         counts: list[dict[str, Any]] | None = None
-        category = "ok"
         work = Path(tempfile.mkdtemp(prefix="confide-flow-task-"))
         try:
-            with _step("manifest"):
-                description = description_for(
-                    job, task_id=m.task_id, input_paths=paths, data_keys=keys, service=service
-                )
-                parse_plan(description)  # refused here, as the approved job, before anything runs
-            limits = SandboxLimits(
-                memory_bytes=max(MIN_WORKING_MEMORY, self.budget.free),
-                cpu_seconds=self.config.cpu_seconds,
-                wall_seconds=float(self.config.wall_seconds),
-            )
             try:
-                results, summary = run_job(
+                results, summary = fl.run_job(
                     description,
                     paths,
                     work,
@@ -500,15 +525,85 @@ class TaskRunner:
                 )
                 counts = list(summary["counts"])
             except (FlowTaskError, FlowIntegrityError, FormatError) as exc:
-                results, category = {}, "exception"
-                failure = f"{exc.message} ({exc.where})" if exc.where else exc.message
-                error = {"check": "run", "message": f"the dataflow job failed: {failure}"[:512]}
+                error = _flow_error(exc)
+            return self._flow_outputs(
+                m, args["manifest"], args["outputs"], results, counts, error, service, started
+            )
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def finish_flow(self, args: dict[str, Any]) -> dict[str, Any]:
+        """`flow_finish`: a flow task whose stages the host ran on its engine. The job started by this
+        worker's task call for `task_id` (refused if none waits: never started, finished already, or
+        the worker restarted) is taken back whatever happens next; the host's task reports go through
+        the same completeness verification as a local run, then the results are opened through their
+        sealed manifest and sealed as the task's outputs. A failure the host reports (`engine_error`)
+        or a verification that fails gives a signed receipt with status error and no output."""
+        from .flow import in_enclave as fl
+
+        service = self.service.require()
+        job = fl.take(self._flow_jobs, args["task_id"])
+        ctx: _FlowRun = job.context
+        self._run, self._max_runs, self._audit_head = ctx.run, ctx.max_runs, ctx.audit_head
+        results: dict[str, tuple[str, list[Any]]] = {}
+        counts: list[dict[str, Any]] | None = None
+        error: dict[str, str] | None = None
+        try:
+            if "engine_error" in args:
+                error = {"check": "run", "message": fl.engine_failure(args["engine_error"])}
+            else:
+                try:
+                    reports = fl.read_reports(args["reports"])
+                    results, summary = fl.finish(
+                        job.enclave, job.ticket, job.description, reports, args["out_dir"], service
+                    )
+                    counts = list(summary["counts"])
+                except ConfideError as exc:
+                    error = _flow_error(exc)
+                except OSError as exc:  # a part file or manifest the verification needs is not there
+                    error = {
+                        "check": "run",
+                        "message": f"the dataflow job failed: {exc.strerror} (a result file)",
+                    }
+            return self._flow_outputs(
+                ctx.manifest, ctx.text, ctx.outputs, results, counts, error, service, ctx.started
+            )
+        except TaskRefused as exc:
+            receipt = self._receipt(
+                service,
+                ctx.manifest,
+                ctx.text,
+                ctx.started,
+                outputs=[],
+                error={"check": exc.check, "message": exc.message},
+            )
+            return {"ok": False, "category": "refused", "receipt": b64e(receipt), "outputs": {}}
+
+    def _flow_outputs(
+        self,
+        m: Manifest,
+        manifest_text: str,
+        paths: Mapping[str, Any],
+        results: dict[str, tuple[str, list[Any]]],
+        counts: list[dict[str, Any]] | None,
+        error: dict[str, str] | None,
+        service: Identity,
+        started: int,
+    ) -> dict[str, Any]:
+        """A flow task's end, local run or engine's: each sink's records sealed as the task output of
+        its name (JSON lines of the flow record encoding, or text lines), and the signed receipt."""
+        from .flow.driver import enc
+
+        outputs: dict[str, OutputFile] = {}
+        metadata = {"task_id": m.task_id, "manifest_sha256": m.digest}
+        published: list[dict[str, Any]] = []
+        try:
             if error is None:
                 with _step("output"):
                     for o in m.outputs:
                         fmt, records = results[o.name]
                         out = outputs[o.name] = OutputFile(
-                            Path(args["outputs"][o.name]),
+                            Path(paths[o.name]),
                             [m.participant(r).identity for r in o.recipients],
                             {**metadata, "output": o.name},
                             max_bytes=o.max_bytes,
@@ -520,20 +615,17 @@ class TaskRunner:
                         published.append({"name": o.name, "sha256": out.publish(), "size": out.size})
                         del outputs[o.name]
             receipt = self._receipt(
-                service, m, args["manifest"], started, outputs=published, error=error, flow=counts
+                service, m, manifest_text, started, outputs=published, error=error, flow=counts
             )
             return {
                 "ok": error is None,
-                "category": category,
+                "category": "ok" if error is None else "exception",
                 "receipt": b64e(receipt),
                 "outputs": {p["name"]: {"sha256": p["sha256"], "size": p["size"]} for p in published},
             }
         finally:
             for out in outputs.values():
                 out.discard()
-            import shutil
-
-            shutil.rmtree(work, ignore_errors=True)
 
     def _receipt(
         self,
@@ -574,3 +666,23 @@ def _json_line(value: Any) -> str:
     import json
 
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _is_flow(m: Manifest) -> bool:
+    return m.function.kind == "builtin" and m.function.name == "flow"
+
+
+class _FlowRun:
+    """What a flow task's run keeps between its start and flow_finish (its receipt's fields)."""
+
+    def __init__(
+        self, m: Manifest, text: str, outputs: dict[str, Any], started: int, run: int, max_runs: int
+    ) -> None:
+        self.manifest, self.text, self.outputs = m, text, outputs
+        self.started, self.run, self.max_runs = started, run, max_runs
+        self.audit_head: dict[str, Any] | None = None
+
+
+def _flow_error(exc: ConfideError) -> dict[str, str]:
+    failure = f"{exc.message} ({exc.where})" if exc.where else exc.message
+    return {"check": "run", "message": f"the dataflow job failed: {failure}"[:512]}

@@ -9,8 +9,11 @@ that the tasks of a node run concurrently. The socket server itself handles only
 
 ``AgentClient`` is the same worker seen through the socket, as an ``Endpoint`` (the Spark engine's
 driver uses it to start and verify jobs). ``python -m confide.flow.node_agent --socket PATH
---identity KEYFILE [--backend sim --platform DIR]`` runs an agent until killed; when it serves it
-prints ``ready <public line>`` and ``evidence <base64>`` (what a Spark driver passes as `workers`).
+[--identity KEYFILE] [--backend sim --platform DIR --config TOML]`` runs an agent until killed (or,
+with ``--exit-with-stdin``, until its stdin closes: its parent went away); when it serves it prints
+``ready <public line>`` and ``evidence <base64>`` (what a Spark driver passes as `workers`). Without
+``--identity`` its key pair is generated inside the agent and never written: what the platform's
+server starts (confide.host.flow_engine), so the host never holds the key its job grants are sealed to.
 
 A worker that does not hold the job gets the job key from the grant the engine forwards with the
 task: HPKE-sealed to its identity by a coordinator that first checked this worker's evidence, and
@@ -44,6 +47,7 @@ from confide.enclave.sandbox.zygote import PARQUET_READER
 from .channel import ChannelError, Conn
 
 REPORT_BUCKET = 0xFFFFFFFF
+MAX_JOBS = 16  # jobs an agent holds the keys of; beyond, the oldest it took is forgotten
 _BUCKET = struct.Struct(">I")
 
 _ERRORS: dict[str, type[enclave_errors.ConfideError]] = {
@@ -162,6 +166,7 @@ class NodeAgent:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._accept_lock = threading.Lock()
+        self._taken: list[str] = []  # the jobs this agent took by grant, oldest first
 
     def start(self) -> NodeAgent:
         with contextlib.suppress(FileNotFoundError):
@@ -233,9 +238,15 @@ class NodeAgent:
         """Take the job key from the grant addressed to this worker, the first time it sees the job."""
         job = parse_header(ticket, where="ticket")[0].job
         with self._accept_lock:
-            if job in self.enclave._jobs:
-                return
             wrapped = grants.get(self.enclave.public_line)
+            if job in self.enclave._jobs:
+                if wrapped is None:
+                    return
+                try:  # the key it holds opens this ticket: the same run of the job
+                    self.enclave._job(ticket)
+                    return
+                except enclave_errors.ConfideError:
+                    pass  # another run of a job of that id (a platform task run again): a new key
             if wrapped is None:
                 raise flow_errors.FlowIntegrityError(
                     "this worker does not hold the job and no job key grant is addressed to it",
@@ -243,6 +254,11 @@ class NodeAgent:
                 )
             key, _, evidence = wrapped.partition(".")
             self.enclave.accept(ticket, base64.b64decode(key), base64.b64decode(evidence))
+            if job in self._taken:
+                self._taken.remove(job)
+            self._taken.append(job)
+            while len(self._taken) > MAX_JOBS:
+                self.enclave._jobs.pop(self._taken.pop(0), None)
 
     def _run_task(self, req: dict[str, Any], frames: list[bytes], conn: Conn) -> None:
         t0 = time.perf_counter()
@@ -372,36 +388,83 @@ def start_agent(
     zygotes: int = 2,
     limits: SandboxLimits | None = None,
     backend: TeeBackend | None = None,
+    strict: bool = True,
+    memory_budget: int | None = None,
+    spill_dir: str | Path | None = None,
 ) -> tuple[NodeAgent, ZygotePool]:
-    pool = ZygotePool([Zygote.start(preimport=(PARQUET_READER,)) for _ in range(max(1, zygotes))])
-    enclave = FlowEnclave(identity, pool, limits=limits, backend=backend)  # type: ignore[arg-type]
+    pool = ZygotePool(
+        [Zygote.start(strict=strict, preimport=(PARQUET_READER,)) for _ in range(max(1, zygotes))]
+    )
+    enclave = FlowEnclave(
+        identity,
+        pool,  # type: ignore[arg-type]
+        limits=limits,
+        backend=backend,
+        memory_budget=memory_budget,
+        spill_dir=spill_dir,
+    )
     return NodeAgent(enclave, socket_path).start(), pool
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m confide.flow.node_agent", description=__doc__)
     ap.add_argument("--socket", required=True, help="unix socket path the node's stubs connect to")
-    ap.add_argument("--identity", required=True, help="the worker's identity key file")
+    ap.add_argument(
+        "--identity",
+        default=None,
+        help="the worker's identity key file (default: a fresh key, never written)",
+    )
     ap.add_argument("--zygotes", type=int, default=2, help="concurrent tasks (sandbox zygotes)")
     ap.add_argument("--backend", default="sim", help="TEE backend that vouches for this worker")
     ap.add_argument("--platform", default=None, help="the simulated platform directory (sim backend)")
+    ap.add_argument("--config", default=None, help="enclave configuration (TOML): the enclave workers' own")
+    ap.add_argument(
+        "--spill-dir", default=None, help="spill a task over half the configured memory budget here, sealed"
+    )
+    ap.add_argument("--exit-with-stdin", action="store_true", help="stop when stdin closes (the parent left)")
     args = ap.parse_args(argv)
     try:
         from confide.enclave.backend import create_backend
         from confide.enclave.config import EnclaveConfig
+        from confide.enclave.pipeline import MIN_WORKING_MEMORY
 
-        identity = Identity.load(Path(args.identity))
+        config = EnclaveConfig.load(Path(args.config) if args.config else None)
+        identity = (
+            Identity.load(Path(args.identity)) if args.identity else Identity.generate("confide-flow-agent")
+        )
         platform = Path(
             args.platform or Path(os.environ.get("CONFIDE_HOME") or "~/.confide").expanduser() / "platform"
         )
-        backend = create_backend(args.backend, platform_dir=platform, config=EnclaveConfig())
-        agent, pool = start_agent(identity, args.socket, zygotes=args.zygotes, backend=backend)
+        backend = create_backend(args.backend, platform_dir=platform, config=config)
+        limits = SandboxLimits(
+            memory_bytes=max(MIN_WORKING_MEMORY, config.memory_budget_bytes),
+            cpu_seconds=config.cpu_seconds,
+            wall_seconds=float(config.wall_seconds),
+        )
+        agent, pool = start_agent(
+            identity,
+            args.socket,
+            zygotes=args.zygotes,
+            backend=backend,
+            limits=limits,
+            strict=config.sandbox == "strict",
+            memory_budget=config.memory_budget_bytes // 2 if args.spill_dir else None,
+            spill_dir=args.spill_dir,
+        )
     except (OSError, enclave_errors.ConfideError) as exc:
         print(f"error: {exc} (node agent)", file=sys.stderr)
         return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    if args.exit_with_stdin:
+
+        def watch() -> None:
+            while sys.stdin.buffer.read(4096):
+                pass
+            stop.set()
+
+        threading.Thread(target=watch, name="flow-agent-stdin", daemon=True).start()
     print(f"ready {agent.enclave.public_line}", flush=True)
     print(f"evidence {base64.b64encode(agent.enclave.evidence()).decode()}", flush=True)
     stop.wait()

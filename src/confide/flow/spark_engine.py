@@ -51,12 +51,16 @@ class SparkEngine:
     worker that opens and verifies the job (an ``AgentClient`` of the driver's node agent, or any
     ``Endpoint``); `socket_path` is where every node's agent listens (the job's public conf);
     `workers` the other nodes' agents as (public line, evidence) pairs (each agent prints both when
-    it starts, see node_agent): each gets the job key as a grant once its evidence is checked."""
+    it starts, see node_agent): each gets the job key as a grant once its evidence is checked.
+
+    ``run_stages`` alone runs the stages of a job another enclave opened and will verify (the
+    platform's flow task: its enclave worker is the coordinator, between two enclave calls); then
+    `coordinator` may be None."""
 
     def __init__(
         self,
         spark: Any,
-        coordinator: Endpoint,
+        coordinator: Endpoint | None,
         socket_path: str,
         *,
         workers: Sequence[tuple[str, bytes]] = (),
@@ -70,13 +74,18 @@ class SparkEngine:
         self.progress = progress
         self.task_timeout = task_timeout
 
+    def _coordinator(self) -> Endpoint:
+        if self.coordinator is None:
+            raise SparkEngineError("this engine has no coordinator to open and verify jobs", where="spark")
+        return self.coordinator
+
     @property
     def enclave_public(self) -> str:
-        return self.coordinator.public_line
+        return self._coordinator().public_line
 
     def evidence(self, nonce: bytes) -> bytes:
         """The coordinator's evidence for a client's fresh `nonce` (Flow.run checks it)."""
-        return self.coordinator.evidence(nonce)
+        return self._coordinator().evidence(nonce)
 
     # ---- hooks (the tests' malicious engine overrides them) ------------------------------------
     def _shuffled(self, stage: int, rdd: Any) -> Any:
@@ -93,9 +102,7 @@ class SparkEngine:
 
     # ---- the job loop ---------------------------------------------------------------------------
     def run(self, sealed_description: bytes, inputs: dict[str, str], out_dir: str) -> dict[str, Any]:
-        from pyspark import StorageLevel
-
-        coordinator = self.coordinator
+        coordinator = self._coordinator()
         ticket, graph = coordinator.start_job(sealed_description, inputs)
         own = coordinator.public_line
         grants = {}
@@ -103,6 +110,22 @@ class SparkEngine:
             if line != own:
                 wrapped, vouch = coordinator.grant(ticket, line, evidence)
                 grants[line] = f"{base64.b64encode(wrapped).decode()}.{base64.b64encode(vouch).decode()}"
+        reports = self.run_stages(ticket, graph, grants, inputs, out_dir)
+        return coordinator.finish_job(ticket, reports, out_dir)
+
+    def run_stages(
+        self,
+        ticket: bytes,
+        graph: dict[str, Any],
+        grants: dict[str, str],
+        inputs: dict[str, str],
+        out_dir: str,
+    ) -> list[bytes]:
+        """Every stage of the job graph on Spark, in order; the sealed task reports for the
+        coordinator's verification. Raises the first task's error (naming stage and partition), or
+        SparkEngineError when Spark itself failed."""
+        from pyspark import StorageLevel
+
         outs: dict[int, Any] = {}
         reports: list[bytes] = []
         try:
@@ -142,7 +165,7 @@ class SparkEngine:
         finally:
             for rdd in outs.values():
                 rdd.unpersist()
-        return coordinator.finish_job(ticket, self._reports(reports), out_dir)
+        return self._reports(reports)
 
     @staticmethod
     def _raise_errors(stage: int, meta: list[tuple[int, bytes]]) -> None:

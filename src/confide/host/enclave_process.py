@@ -148,9 +148,12 @@ class EnclaveProcess:
         outputs: Mapping[str, str | Path],
         function_source: Mapping[str, str] | None = None,
         audit_head: Mapping[str, Any] | None = None,
+        flow_agents: Sequence[Sequence[str]] | None = None,
     ) -> dict[str, Any]:
         """Run a task; `outputs` may include "_error" (where a failed function's sealed error text goes);
-        `audit_head` ({seq, sha256}) is signed into the receipt."""
+        `audit_head` ({seq, sha256}) is signed into the receipt. `flow_agents` ([public line, evidence
+        b64] of node agents): a flow task is only started, its stages left to the host's engine (the
+        reply's `flow`: ticket, graph, grants), and finished by `flow_finish`."""
         args: dict[str, Any] = {
             "manifest": manifest,
             "approvals": list(approvals),
@@ -162,7 +165,20 @@ class EnclaveProcess:
             args["function_source"] = dict(function_source)
         if audit_head is not None:
             args["audit_head"] = dict(audit_head)
+        if flow_agents is not None:
+            args["flow_agents"] = [list(a) for a in flow_agents]
         return self.call("task", **args)
+
+    def flow_finish(
+        self, task_id: str, reports: str | Path, out_dir: str | Path, *, engine_error: str | None = None
+    ) -> dict[str, Any]:
+        """Finish a flow task started with `flow_agents`: `reports` a file of the engine's sealed task
+        reports (confide.enclave.flow.in_enclave.write_reports), `out_dir` where its sinks wrote;
+        `engine_error` instead: the engine failed (the receipt says so). Returns what `task` returns."""
+        args: dict[str, Any] = {"task_id": task_id, "reports": str(reports), "out_dir": str(out_dir)}
+        if engine_error is not None:
+            args["engine_error"] = engine_error
+        return self.call("flow_finish", **args)
 
     def close(self, timeout: float = 10.0) -> None:
         if self.proc.poll() is None:

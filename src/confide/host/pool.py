@@ -12,7 +12,9 @@ through the database to and from an idle provisioned worker of another server sh
 
 A worker pulls queued tasks (see `scheduler`), runs each in its enclave, and publishes outputs only
 after the enclave replied. When the enclave process dies, the worker restarts it and the task goes
-back to the queue.
+back to the queue. With `--flow-engine spark` a flow task takes two enclave calls with the stages run
+on Spark between them (`flow_engine`): `task` opens the job, `flow_finish` verifies it and seals its
+outputs; a failure on Spark is reported to `flow_finish`, which signs the failed receipt.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from confide.host import audit
 from confide.host.blobstore import BlobStore
 from confide.host.db import Database, Evidence, Meta, Worker, insert_ignore, now
 from confide.host.enclave_process import EnclaveProcess
+from confide.host.flow_engine import SparkFlowEngine, run_on_engine
 from confide.host.provisioning import (
     INIT_CLAIM_STALE_S,
     META_SERVICE,
@@ -77,6 +80,8 @@ class PoolSettings:
     poll_seconds: float = 0.5
     lease_seconds: float = 60.0
     accelerator: str | None = None  # numpy | cuda | auto: one accelerator process per enclave worker
+    flow_engine: str = "local"  # local: flow tasks run inside the enclave's call; spark: on Spark
+    spark_master: str = "local[2]"
 
 
 class EnclaveWorker:
@@ -265,10 +270,23 @@ class EnclaveWorker:
             }
             if claimed.function_source is not None:
                 args["function_source"] = claimed.function_source
+            flow = self.pool.flow
+            engine = flow if flow is not None and _is_flow_task(claimed.manifest) else None
+            if engine is not None:
+                try:
+                    args["flow_agents"] = engine.agents()
+                except ConfideError as exc:
+                    sched.finish(
+                        claimed, ok=False, category="platform", receipt=None, outputs=(), message=str(exc)
+                    )
+                    log.warning("task %s: not run: %s", claimed.task_id, exc)
+                    return
             with self.pool.db.reading() as s:  # at least this run's task.running event: signed in the receipt
                 args["audit_head"] = audit.head(s)
             try:
                 reply = self.call("task", **args)
+                if engine is not None and isinstance(reply.get("flow"), dict):
+                    reply = self._run_on_engine(claimed, reply["flow"], args["inputs"], work)
             except WorkerGone as exc:
                 state = sched.worker_lost(claimed, exc.message)
                 log.warning(
@@ -288,6 +306,13 @@ class EnclaveWorker:
             self._publish(claimed, reply, paths)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _run_on_engine(
+        self, claimed: ClaimedTask, start: dict[str, Any], inputs: dict[str, str], work: Path
+    ) -> dict[str, Any]:
+        """A flow task the enclave started: its stages on Spark, then `flow_finish` (flow_engine)."""
+        assert self.pool.flow is not None
+        return run_on_engine(self.pool.flow, self.call, claimed.task_id, start, inputs, work)
 
     def _publish(self, claimed: ClaimedTask, reply: dict[str, Any], paths: dict[str, Path]) -> None:
         """Move the enclave's outputs into the blob store (digests checked), then record everything
@@ -364,6 +389,15 @@ def _fingerprint(line: str | None) -> str | None:
     return None if line is None else PublicIdentity.from_line(line).fingerprint
 
 
+def _is_flow_task(manifest: str) -> bool:
+    """The `flow` built-in (a dataflow job): the scheduler parsed this manifest when it claimed it."""
+    try:
+        fn = mf.parse_manifest(manifest).function
+    except ConfideError:
+        return False
+    return fn.kind == "builtin" and fn.name == "flow"
+
+
 class WorkerPool:
     def __init__(self, db: Database, blobs: BlobStore, scheduler: Scheduler, settings: PoolSettings) -> None:
         self.db = db
@@ -378,6 +412,15 @@ class WorkerPool:
         self._relay_look_lock = threading.Lock()
         self._relay_look_at = 0.0  # monotonic time of the next look for other servers' requests
         self.workers = [EnclaveWorker(self, i) for i in range(settings.size)]
+        self.flow: SparkFlowEngine | None = None
+        if settings.flow_engine == "spark" and settings.size:
+            self.flow = SparkFlowEngine(
+                master=settings.spark_master,
+                work_dir=settings.data_dir / "flow-engine",
+                platform_dir=settings.platform_dir,
+                backend=settings.backend,
+                enclave_config=settings.enclave_config,
+            )
         self._ready_lock = threading.Lock()  # one "N/M workers ready" line at a time
         self.maintenance = threading.Thread(target=self._maintain, name="confide-maintenance", daemon=True)
 
@@ -388,6 +431,9 @@ class WorkerPool:
         )
         if requeued:
             log.info("requeued %d task(s) left running by a stopped server", len(requeued))
+        if self.flow is not None:
+            log.info("flow engine: starting Spark %s and a node agent", self.settings.spark_master)
+            self.flow.start()
         for w in self.workers:
             w.thread.start()
         self.maintenance.start()
@@ -414,6 +460,8 @@ class WorkerPool:
                 ", ".join(left),
             )
         self.maintenance.join(5.0)
+        if self.flow is not None:
+            self.flow.stop()
 
     def log_ready(self) -> None:
         """A worker became ready: say how many are, and under which service key."""

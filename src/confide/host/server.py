@@ -49,6 +49,8 @@ class ServeOptions:
     blob_dir: Path | None = None  # shared by every server of one platform (default: DATA/blobs)
     uploads: UploadLimits = field(default_factory=UploadLimits)  # concurrency, per-party quota, time
     accelerator: str | None = None  # numpy | cuda | auto (untrusted; for infer's outsourced modes)
+    flow_engine: str = "local"  # local | spark: where a flow task's stages run (confide.host.flow_engine)
+    spark_master: str = "local[2]"
 
 
 def configure_logging() -> None:
@@ -111,6 +113,8 @@ def build(opts: ServeOptions) -> tuple[Platform, WorkerPool]:
             enclave_config=opts.enclave_config,
             backend=opts.backend,
             accelerator=opts.accelerator,
+            flow_engine=opts.flow_engine,
+            spark_master=opts.spark_master,
             poll_seconds=opts.poll_seconds,
             lease_seconds=opts.lease_seconds,
         ),
@@ -133,6 +137,8 @@ def serve(
     blob_dir: Path | None = None,
     uploads: UploadLimits | None = None,
     accelerator: str | None = None,
+    flow_engine: str = "local",
+    spark_master: str = "local[2]",
 ) -> None:
     """`confide serve`: run until SIGINT/SIGTERM (see `run`)."""
     run(
@@ -150,6 +156,8 @@ def serve(
             blob_dir=blob_dir,
             uploads=uploads or UploadLimits(),
             accelerator=accelerator,
+            flow_engine=flow_engine,
+            spark_master=spark_master,
         )
     )
 
@@ -159,6 +167,9 @@ def run(opts: ServeOptions, **uvicorn_options: Any) -> None:
     configure_logging()
     if opts.workers < 0:
         raise ConfideError("must be 0 or more", where="--workers")
+    from confide.host.flow_engine import check_available
+
+    check_available(opts.flow_engine)
     platform, pool = build(opts)
     app = create_app(platform)
     config = uvicorn.Config(
