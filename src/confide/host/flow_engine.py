@@ -169,6 +169,8 @@ class SparkFlowEngine:
             from confide.flow.spark_engine import spark_session
 
             self._sock_dir = tempfile.mkdtemp(prefix="cf-agent-")  # a unix socket path is < 108 bytes
+            # spill files a killed agent left (sealed under keys that died with it)
+            shutil.rmtree(self.work_dir / "spill", ignore_errors=True)
             self.agent = NodeAgentProcess(
                 Path(self._sock_dir) / "agent.sock",
                 platform_dir=self.platform_dir,
