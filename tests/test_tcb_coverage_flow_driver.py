@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from confide.enclave.flow import driver
-from confide.enclave.flow.task import DRIVER_SOURCE, _parse_output
+from confide.enclave.flow.emitter import _parse_output
+from confide.enclave.flow.task import DRIVER_SOURCE
 from confide.enclave.sandbox import SandboxLimits, Zygote, make_input_memfd
 from confide.enclave.sandbox.context import Context
 

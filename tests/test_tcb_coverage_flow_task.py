@@ -1,5 +1,5 @@
-"""confide.enclave.flow.task: the parts that read hostile bytes without a sandbox run: the sandbox's
-output frames (a malicious user function controls them) and a CSV input's header row."""
+"""confide.enclave.flow.task and .emitter: the parts that read hostile bytes without a sandbox run:
+the sandbox's output frames (a malicious user function controls them) and a CSV input's header row."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import struct
 import pytest
 
 from confide.enclave.flow import driver
+from confide.enclave.flow.emitter import _parse_output, sink_file_names
 from confide.enclave.flow.errors import FlowFormatError, FlowTaskError
-from confide.enclave.flow.task import _csv_names, _parse_output, manifest_name, sink_file_names
+from confide.enclave.flow.task import _csv_names, manifest_name
 from confide.enclave.keys import Identity
 from confide.enclave.sealed_file import SealedReader, SealedWriter
 

@@ -5,8 +5,9 @@ The engine that schedules tasks and moves batches (confide.flow) is outside the 
 """
 
 from confide.enclave.flow.batch import Header, JobKeys, parse_header
+from confide.enclave.flow.emitter import sink_file_names
 from confide.enclave.flow.errors import FlowFormatError, FlowIntegrityError, FlowTaskError
-from confide.enclave.flow.task import FlowEnclave, manifest_name, sink_file_names
+from confide.enclave.flow.task import FlowEnclave, manifest_name
 
 __all__ = [
     "FlowEnclave",

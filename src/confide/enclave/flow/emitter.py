@@ -1,0 +1,266 @@
+"""A task's output: the sandbox's (hostile) output parsed, bucketed by the keyed PRF and sealed into
+batches as it comes, or written to the sink's sealed part file.
+
+A task that runs in one sandboxed run gives the emitter its output once; a spilled or streamed task
+(a keyed stage's sub-partitions, a sort's merged pieces, a routing task's pieces) once per run. At
+most one batch per bucket is held in clear; a padded stream's full batches are sealed as they fill,
+its last batch and its dummies at the end; a range sort's map side samples its keys here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from ..encoding import canonical_json
+from ..keys import PublicIdentity
+from ..sealed_file import SealedWriter, create_partial
+from . import driver
+from .batch import Header
+from .errors import FlowFormatError, FlowTaskError
+from .padding import COUNT, check_bound, fixed_size_json, padded_payload, padded_payloads
+from .plan import Stage
+
+if TYPE_CHECKING:
+    from .task import FlowEnclave, _Job
+
+
+def sink_file_names(name: str, part: int) -> str:
+    return f"{name}-part-{part:05d}.cnfseal"
+
+
+class _HashingFile:
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh, self.sha = fh, hashlib.sha256()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.sha.update(data)
+        return self.fh.write(data)
+
+
+class _SinkFile:
+    """A sealed part file written as records come; published (renamed into place) only by close."""
+
+    def __init__(self, recipients: Sequence[str], path: Path, metadata: dict[str, Any]) -> None:
+        pubs = [PublicIdentity.from_line(r, where="job recipients") for r in recipients]
+        self.path = path
+        self.tmp, self.fh = create_partial(path)
+        self.hashing = _HashingFile(self.fh)
+        self.writer = SealedWriter(self.hashing, recipients=pubs, metadata=metadata)  # type: ignore[arg-type]
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def close(self) -> str:
+        self.writer.close()
+        self.fh.close()
+        os.replace(self.tmp, self.path)
+        return self.hashing.sha.hexdigest()
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.fh.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _parse_output(out: bytes, *, keyed: str | None, where: str) -> list[Any]:
+    """The sandbox's output frames, parsed as hostile input: on a hash output [key_json, record]
+    pairs, on a range output [bucket, record]."""
+    items: list[Any] = []
+    view = memoryview(out)
+    off = 0
+    while off < len(view):
+        if off + 4 > len(view):
+            raise FlowTaskError("the sandbox's output ends inside a frame header", where=where)
+        (n,) = driver.FRAME.unpack_from(view, off)
+        if n > driver.MAX_FRAME or off + 4 + n > len(view):
+            raise FlowTaskError("the sandbox's output has a frame of bad length", where=where)
+        try:
+            frame = json.loads(bytes(view[off + 4 : off + 4 + n]))
+        except (ValueError, RecursionError):
+            raise FlowTaskError("the sandbox's output is not valid JSON", where=where) from None
+        if not isinstance(frame, list):
+            raise FlowTaskError("the sandbox's output frame is not a list", where=where)
+        if keyed:
+            first = str if keyed == "hash" else int
+            for it in frame:
+                if not (isinstance(it, list) and len(it) == 2 and type(it[0]) is first):
+                    raise FlowTaskError("the sandbox's keyed output is malformed", where=where)
+        items.extend(frame)
+        off += 4 + n
+    return items
+
+
+def _payloads(recs: list[Any], batch_records: int) -> list[tuple[int, bytes]]:
+    """An unpadded stream: (record count, payload) per batch of up to `batch_records` records."""
+    out = []
+    for i in range(0, len(recs), batch_records):
+        part = recs[i : i + batch_records]
+        payload = COUNT.pack(len(part)) + json.dumps(part, ensure_ascii=False, separators=(",", ":")).encode()
+        out.append((len(part), payload))
+    return out
+
+
+class _Emitter:
+    """One task's output, fed the sandbox's output in one or more pieces (one per sub-partition or
+    merged piece of a spilled task, or piece of a streamed routing task): records are bucketed and
+    sealed into batches as they come (a padded stream's full batches too; its last one and its
+    dummies at the end), a sink's part file is written as it comes. Holds at most one batch per
+    bucket in clear."""
+
+    def __init__(
+        self, enclave: FlowEnclave, job: _Job, st: Stage, partition: int, out_dir: str | None, where: str
+    ) -> None:
+        self.enclave, self.job, self.st, self.partition, self.where = enclave, job, st, partition, where
+        self.kind = st.output.kind
+        self.records = 0
+        self.outputs: list[tuple[int, bytes]] = []
+        self.pending: dict[int, list[Any]] = {b: [] for b in job.plan.expected_buckets(st.id, partition)}
+        self.seq = dict.fromkeys(self.pending, 0)
+        self.counts = dict.fromkeys(self.pending, 0)
+        self.cache: dict[str, int] = {}
+        self.limit = enclave.batch_records  # records per unpadded batch (see add)
+        self.sink: _SinkFile | None = None
+        self.sample_keys: list[Any] = []  # a range sort's map side: a reservoir of encoded keys
+        self.sample_seen = 0
+        self.rng = random.Random(job.keys.sample_seed(st.id, partition))
+        if self.kind == "sink":
+            if out_dir is None:
+                raise FlowFormatError("the engine gave no output directory for a sink task", where=where)
+            name = st.output.sink_name
+            meta = {"confide_flow": {"job": job.plan.job_id, "output": name, "part": partition}}
+            fname = sink_file_names(name, partition)
+            self.sink = _SinkFile(job.plan.recipients, Path(out_dir) / fname, meta)
+            self.sink_name = fname
+
+    def add(self, out: bytes) -> None:
+        items = _parse_output(
+            out, keyed=self.kind if self.kind in ("hash", "range") else None, where=self.where
+        )
+        self.records += len(items)
+        budget = self.enclave.memory_budget
+        if budget is not None and items:  # batches of ~1/16 of the budget: the next task opens them
+            mean = max(1, len(out) // len(items))
+            self.limit = max(1, min(self.enclave.batch_records, budget // 16 // mean))
+        if self.sink is not None:
+            text = self.st.output.sink_format == "text"
+            for x in items:
+                if text:
+                    if not isinstance(x, str):
+                        raise FlowTaskError("a text sink got a non-text record", where=self.where)
+                    self.sink.write((x + "\n").encode("utf-8"))
+                else:
+                    self.sink.write(
+                        (json.dumps(x, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+                    )
+            return
+        if self.kind == "sample":  # (key, record) pairs to this task's own bucket, keys sampled
+            cap = self.st.output.sample
+            for rec in items:
+                if not (isinstance(rec, list) and len(rec) == 2):
+                    raise FlowTaskError(
+                        "sort_by's map side did not give (key, record) pairs", where=self.where
+                    )
+                self.sample_seen += 1
+                if len(self.sample_keys) < cap:
+                    self.sample_keys.append(rec[0])
+                else:
+                    j = self.rng.randrange(self.sample_seen)
+                    if j < cap:
+                        self.sample_keys[j] = rec[0]
+                self._put(self.partition, rec)
+            return
+        if self.kind == "range":  # the routing stage's [bucket, (key, record)]
+            n = self.st.output.buckets
+            for b, rec in items:
+                if type(b) is not int or not 0 <= b < n:
+                    raise FlowTaskError("the sort's routing gave a bucket out of range", where=self.where)
+                self._put(b, rec)
+            return
+        if self.kind == "hash":
+            n = self.st.output.buckets
+            for key, rec in items:
+                b = self.cache.get(key)
+                if b is None:
+                    b = self.cache[key] = self.job.keys.bucket_of(key, n)
+                self._put(b, rec)
+        else:
+            (only,) = self.pending
+            for rec in items:
+                self._put(only, rec)
+
+    def _put(self, bucket: int, rec: Any) -> None:
+        recs = self.pending[bucket]
+        recs.append(rec)
+        self.counts[bucket] += 1
+        pad = self.st.output.pad
+        if pad is None:
+            if len(recs) >= self.limit:
+                self._seal(bucket, _payloads(recs, self.enclave.batch_records))
+                recs.clear()
+        elif len(recs) >= pad.batch_records:  # a full padded batch: sealed now, the rest at the end
+            check_bound(self.counts[bucket], pad, self.where)
+            self._seal(bucket, [padded_payload(recs, pad, self.where)])
+            recs.clear()
+
+    def _seal(self, bucket: int, payloads: list[tuple[int, bytes]]) -> None:
+        keys = self.job.keys
+        for _, payload in payloads:
+            header = Header(keys.job_hex, "data", self.st.id, self.partition, bucket, self.seq[bucket], False)
+            self.outputs.append((bucket, keys.seal(header, payload)))
+            self.seq[bucket] += 1
+
+    def finish(self, report: dict[str, Any]) -> list[tuple[int, bytes]]:
+        report["records_out"] = self.records
+        if self.sink is not None:
+            sha = self.sink.close()
+            self.sink = None
+            name = self.st.output.sink_name
+            report["sink"] = {"output": name, "file": self.sink_name, "sha256": sha, "records": self.records}
+            return []
+        keys, pad = self.job.keys, self.st.output.pad
+        for b, recs in self.pending.items():
+            if self.kind != "sample" or b == self.partition:
+                self._seal(
+                    b,
+                    padded_payloads(recs, pad, self.where, sent=self.seq[b])
+                    if pad
+                    else _payloads(recs, self.enclave.batch_records),
+                )
+            recs.clear()
+            if self.kind == "sample":  # the last data batch of every stream: this task's sample
+                self._seal(b, [self._sample_payload()])
+                self.counts[b] += 1
+            counts = {"batches": self.seq[b], "records": self.counts[b]}
+            end = fixed_size_json(counts) if pad else canonical_json(counts)
+            header = Header(keys.job_hex, "end", self.st.id, self.partition, b, self.seq[b], True)
+            self.outputs.append((b, keys.seal(header, end)))
+            report["produced"][str(b)] = [self.seq[b], self.counts[b]]
+        return self.outputs
+
+    def _sample_payload(self) -> tuple[int, bytes]:
+        """One record: [this task's record count, its sampled keys]. Padded, its size is fixed by the
+        sample size and the record bound, whatever the keys and counts."""
+        keys = [json.dumps(k, ensure_ascii=False, separators=(",", ":")) for k in self.sample_keys]
+        body = f"[[{self.sample_seen},[{','.join(keys)}]]]".encode()
+        pad = self.st.output.pad
+        if pad is None:
+            return 1, COUNT.pack(1) + body
+        if any(len(k.encode()) > pad.record_bytes for k in keys):
+            raise FlowTaskError(
+                f"a sort key is over the job's padded record size ({pad.record_bytes} bytes encoded)",
+                where=self.where,
+            )
+        size = 32 + self.st.output.sample * (pad.record_bytes + 1)
+        return 1, COUNT.pack(1) + body + b" " * (size - len(body))
+
+    def abort(self) -> None:
+        if self.sink is not None:
+            self.sink.discard()
+            self.sink = None
