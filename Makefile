@@ -20,8 +20,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	bash examples/demo.sh
 
+# Two workers (pytest-xdist), each test file on one worker (module fixtures: servers, clusters).
+# tests/test_api_fuzz.py runs on its own: schemathesis gives every API operation's case the same
+# node id, and xdist would run one of them per test function.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --ignore=tests/test_api_fuzz.py
+	$(BIN)/python -m pytest -q tests/test_api_fuzz.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/core.py
