@@ -100,18 +100,15 @@ class PeakRss:
 
 # ONNX Runtime as the infer built-in runs it (one intra-op and one inter-op thread, sequential, no
 # spinning, the CPU provider): `ort_session` in this process, and ORT_SESSION_SRC, the same function's
-# source, which a sandboxed function's source includes to build its session the same way.
+# source, which a sandboxed function's source includes to build its session the same way (its zygote
+# pre-imports confide.enclave.infer.split, as the enclave's does).
 def ort_session(model: bytes) -> Any:
     import onnxruntime as ort
 
+    from confide.enclave.infer.split import session_options
+
     ort.set_default_logger_severity(3)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, session_options(ort), providers=["CPUExecutionProvider"])
 
 
 # the future import first: it must start the sandboxed function's module

@@ -118,7 +118,7 @@ def main() -> None:
         "batches": {},
     }
     # enclave-ort: one sandboxed task per measurement set
-    zygote = Zygote.start(strict=True, preimport=("numpy",))
+    zygote = Zygote.start(strict=True, preimport=("numpy", "confide.enclave.infer.split"))
     try:
         buf = io.BytesIO()
         np.save(buf, x_all)

@@ -75,7 +75,8 @@ def test_sealed_model_shows_its_metadata_and_refuses_tampering(tmp_path: Path) -
 
 @pytest.fixture(scope="module")
 def zygote():
-    z = Zygote.start(strict=True, preimport=("numpy",))  # onnxruntime cannot be pre-imported (a thread)
+    # as the enclave's zygote: numpy, and split (its session options); onnxruntime cannot be (a thread)
+    z = Zygote.start(strict=True, preimport=("numpy", "confide.enclave.infer.split"))
     yield z
     z.close()
 

@@ -74,13 +74,10 @@ def run(ctx: Any) -> None:
 
     if hasattr(ort, "disable_telemetry_events"):
         ort.disable_telemetry_events()
+    from confide.enclave.infer.split import session_options
+
     ort.set_default_logger_severity(3)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so = session_options(ort)
     model_bytes = ctx.inputs["model"].read()
     weights: dict[str, Any] = {}  # an external-layout model: its weights, fed as inputs (no copy)
     if layout is not None:

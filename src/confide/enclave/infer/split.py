@@ -472,6 +472,8 @@ def plan(
 
 
 def session_options(ort: Any) -> Any:
+    """ONNX Runtime as the infer built-in runs it: one intra-op and one inter-op thread, sequential,
+    no spinning (the split submodels, all-in-enclave, and the benchmarks' sandboxed baseline)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
