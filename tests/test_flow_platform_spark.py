@@ -154,7 +154,10 @@ def test_the_same_job_gives_the_local_paths_outputs_and_counts_on_spark(
     assert local["ok"] and local["category"] == "ok"
     assert sorted(map(tuple, _records(host, out))) == sorted(on_spark)
     spark_counts = result.receipt["flow"]
-    assert spark_counts == _receipt(host, local)["flow"]
+    # batch counts depend on which buckets the job key's PRF filled (a fresh key per run): not compared
+    assert [{**s, "batches_out": 0} for s in spark_counts] == [
+        {**s, "batches_out": 0} for s in _receipt(host, local)["flow"]
+    ]
     assert [s["tasks"] for s in spark_counts] == [1, 1, 2, 2] and spark_counts[-1]["records_out"] == len(WANT)
     assert shop.results(task, tmp / "shop-out").outputs == {}  # not a recipient
 
@@ -178,10 +181,10 @@ def test_a_failing_function_on_spark_fails_the_task_naming_stage_and_partition(
 
 # ---- a hostile host ---------------------------------------------------------------------------------
 
-ATTACKS = {
-    ("drop", 3): ("stage 3 partition 0", "stream from stage 2"),
-    ("replay", 3): ("stage 3 partition 0", "batch from stage 0 delivered to stage 3"),
-    ("drop_report", 0): ("stage 0 partition 0", "no report"),  # found by the enclave's verification
+ATTACKS = {  # the partition named is the one the engine attacked (MaliciousSparkEngine.target)
+    ("drop", 3): ("stage 3 partition {}", "stream from stage 2"),
+    ("replay", 3): ("stage 3 partition {}", "batch from stage 0 delivered to stage 3"),
+    ("drop_report", 0): ("stage 0 partition {}", "no report"),  # found by the enclave's verification
 }
 
 
@@ -206,6 +209,7 @@ def test_tampering_inside_spark_fails_the_task_with_no_output(
     receipt = _receipt(host, reply)
     assert not reply["ok"] and reply["outputs"] == {} and receipt["outputs"] == [] and not out.exists()
     where, what = ATTACKS[(attack, stage)]
+    where = where.format(engines[0].target)
     assert where in receipt["error"]["message"] and what in receipt["error"]["message"]
     assert "flow" not in receipt and receipt["run"] == 1
 

@@ -153,12 +153,12 @@ SPARK_ATTACKS = ("none", "drop", "duplicate", "replay", "drop_report")
 
 
 def tamper_partition(
-    attack: str, extra: Sequence[bytes], index: int, rows: Any
+    attack: str, extra: Sequence[bytes], target: int, index: int, rows: Any
 ) -> Any:  # runs in Spark's Python workers, on the shuffle's output
-    """Partition 0 of the attacked stage loses its first data batch, gets its first batch twice, or
-    gets batches of an earlier stage (`extra`) replayed into it."""
+    """Partition `target` of the attacked stage loses its first data batch, gets its first batch
+    twice, or gets batches of an earlier stage (`extra`) replayed into it."""
     rows = list(rows)
-    if index == 0:
+    if index == target:
         if attack == "drop":
             data = [i for i, (_, b) in enumerate(rows) if parse_header(b, where="spark")[0].kind == "data"]
             rows = [r for i, r in enumerate(rows) if not data or i != data[0]]
@@ -167,6 +167,11 @@ def tamper_partition(
         elif attack == "replay":
             rows = [*rows, *((0, b) for b in extra)]
     return iter(rows)
+
+
+def _partitions_with_data(index: int, rows: Any) -> Any:  # runs in Spark's Python workers
+    if any(parse_header(b, where="spark")[0].kind == "data" for _, b in rows):
+        yield index
 
 
 class MaliciousSparkEngine(SparkEngine):
@@ -184,6 +189,7 @@ class MaliciousSparkEngine(SparkEngine):
         self.pickled: list[bytes] = []  # every closure Spark shipped to its workers
         self.history: dict[int, list[bytes]] = {}
         self.done = False
+        self.target = 0  # the partition attacked: 0, or the first holding a data batch if 0 holds none
 
     def _closure(self, stage: int, fn: Any) -> Any:
         from pyspark import cloudpickle
@@ -203,8 +209,14 @@ class MaliciousSparkEngine(SparkEngine):
         if self.attack == "replay":
             earlier = [b for s, blobs in self.history.items() if s < stage - 1 for b in blobs]
             extra = earlier[:1]
+        # bucket assignment is a PRF under the job's fresh key, so which partitions hold data
+        # batches differs run to run: attack one that does (the host reads the public headers)
+        with_data = sorted(set(rdd.mapPartitionsWithIndex(_partitions_with_data).collect()))
+        if self.attack == "drop" and not with_data:
+            return rdd  # nothing to drop: `done` stays False and the test says so
+        self.target = 0 if not with_data or 0 in with_data else with_data[0]
         self.done = True
-        fn = functools.partial(tamper_partition, self.attack, extra)
+        fn = functools.partial(tamper_partition, self.attack, extra, self.target)
         return rdd.mapPartitionsWithIndex(fn, preservesPartitioning=True)
 
     def _reports(self, reports: list[bytes]) -> list[bytes]:
