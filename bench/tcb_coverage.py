@@ -65,6 +65,11 @@ TESTS = [
     "tests/test_flow_attest.py",  # flow: attested key release, spill, the platform's in-enclave jobs
     "tests/test_flow_spill.py",
     "tests/test_flow_padding.py",
+    "tests/test_flow_sort.py",  # range sort: sampling, boundaries, routing
+    "tests/test_flow_sort_spill.py",  # the external merge sort and the streamed routing task
+    "tests/test_builtin_infer_outsourced.py",  # the accelerator link, deadlines, hostile streams
+    "tests/test_cli_run_infer.py",  # confide run's accelerator stream
+    "tests/test_join_aggregate_engines.py",  # join-aggregate's DuckDB path in-process
     "tests/test_flow_platform.py",
     "tests/test_builtin_infer.py",
     "tests/test_infer_split.py",  # split mode: the weight stream in process, the planner, hostile reads

@@ -59,7 +59,6 @@ from .plan import JobPlan, Stage, parse_plan
 from .spill import run_spilled
 
 BATCH_RECORDS = 4096
-BATCH_BYTES = 1 << 20
 MAX_DESCRIPTION = 16 << 20
 GRANT_PURPOSE = "confide-flow-job-key"
 DRIVER_SOURCE = Path(driver.__file__).read_text(encoding="utf-8")
