@@ -70,6 +70,7 @@ TESTS = [
     "tests/test_builtin_infer_outsourced.py",  # the accelerator link, deadlines, hostile streams
     "tests/test_cli_run_infer.py",  # confide run's accelerator stream
     "tests/test_join_aggregate_engines.py",  # join-aggregate's DuckDB path in-process
+    "tests/test_real_models.py",  # the executor's 57 operators on MiniLM and PP-OCR, in process
     "tests/test_flow_platform.py",
     "tests/test_builtin_infer.py",
     "tests/test_infer_split.py",  # split mode: the weight stream in process, the planner, hostile reads
