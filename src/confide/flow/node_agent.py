@@ -239,14 +239,8 @@ class NodeAgent:
         job = parse_header(ticket, where="ticket")[0].job
         with self._accept_lock:
             wrapped = grants.get(self.enclave.public_line)
-            if job in self.enclave._jobs:
-                if wrapped is None:
-                    return
-                try:  # the key it holds opens this ticket: the same run of the job
-                    self.enclave._job(ticket)
-                    return
-                except enclave_errors.ConfideError:
-                    pass  # another run of a job of that id (a platform task run again): a new key
+            if job in self.enclave._jobs and (wrapped is None or self._key_opens(ticket)):
+                return
             if wrapped is None:
                 raise flow_errors.FlowIntegrityError(
                     "this worker does not hold the job and no job key grant is addressed to it",
@@ -259,6 +253,15 @@ class NodeAgent:
             self._taken.append(job)
             while len(self._taken) > MAX_JOBS:
                 self.enclave._jobs.pop(self._taken.pop(0), None)
+
+    def _key_opens(self, ticket: bytes) -> bool:
+        """True when the job key this worker holds opens `ticket` (the same run of the job); False
+        for another run of a job of that id (a platform task run again), whose grant brings a new key."""
+        try:
+            self.enclave._job(ticket)
+        except enclave_errors.ConfideError:
+            return False
+        return True
 
     def _run_task(self, req: dict[str, Any], frames: list[bytes], conn: Conn) -> None:
         t0 = time.perf_counter()
