@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from confide.enclave.flow import driver
-from confide.enclave.flow.emitter import _parse_output
+from confide.enclave.flow.emitter import _parse_keyed, _parse_output
 from confide.enclave.flow.task import DRIVER_SOURCE
 from confide.enclave.sandbox import SandboxLimits, Zygote, make_input_memfd
 from confide.enclave.sandbox.context import Context
@@ -96,9 +96,14 @@ def call(params: dict[str, Any], inputs: dict[str, bytes]) -> bytes:
     return out.getvalue()
 
 
-def records(data: bytes, keyed: bool = False) -> list[Any]:
-    items = _parse_output(data, keyed="hash" if keyed else None, where="t")
-    return [driver.dec(x[1] if keyed else x) for x in items]
+def records(data: bytes, keyed: str | None = None) -> list[Any]:
+    """The driver's output records; on a keyed output each one's key encoding is checked too."""
+    if keyed:
+        keys, recs = _parse_keyed(data, where="t")
+        got = [driver.dec(json.loads(r)) for r in recs]
+        assert keys == [driver.key_json(x[0] if keyed == "pair" else x).encode() for x in got]
+        return got
+    return [driver.dec(x) for x in _parse_output(data, keyed=None, where="t")]
 
 
 RAW = {"name": "in", "kind": "raw", "format": "text"}
@@ -111,7 +116,7 @@ def test_word_count_chain() -> None:
         {"op": "map", "fn": "one"},
         {"op": "reduce_local", "fn": "add"},
     ]
-    got = dict(records(call({"inputs": [RAW], "chain": chain, "keyed": "pair"}, {"in": TEXT}), keyed=True))
+    got = dict(records(call({"inputs": [RAW], "chain": chain, "keyed": "pair"}, {"in": TEXT}), keyed="pair"))
     assert got["the"] == 3 and got["end"] == 1 and got["dog"] == 1 and len(got) == 9
 
 
@@ -182,7 +187,9 @@ def test_joins_of_two_record_streams() -> None:
         call({"inputs": ins, "combine": "join", "how": "left", "chain": []}, {"l": left, "r": right})
     )
     assert ("k2", (2, None)) in outer and len(outer) == 4
-    concat = records(call({"inputs": ins, "chain": [], "keyed": "self"}, {"l": left, "r": right}), keyed=True)
+    concat = records(
+        call({"inputs": ins, "chain": [], "keyed": "self"}, {"l": left, "r": right}), keyed="self"
+    )
     assert len(concat) == 6
 
 

@@ -8,9 +8,11 @@ import json
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from confide.enclave.flow import driver
-from confide.enclave.flow.emitter import _parse_output, sink_file_names
+from confide.enclave.flow.emitter import _parse_keyed, _parse_output, sink_file_names
 from confide.enclave.flow.errors import FlowFormatError, FlowTaskError
 from confide.enclave.flow.task import _csv_names, manifest_name
 from confide.enclave.keys import Identity
@@ -28,9 +30,25 @@ def test_frames_are_concatenated_in_order() -> None:
     assert _parse_output(b"", keyed=None, where="s") == []
 
 
-def test_keyed_frames_carry_key_record_pairs() -> None:
-    out = _frame([["k1", 1], ["k2", [2]]])
-    assert _parse_output(out, keyed="hash", where="s") == [["k1", 1], ["k2", [2]]]
+def _keyed(keys: list[bytes], recs: list[bytes], n: int | None = None) -> bytes:
+    kb, rb = b"\n".join(keys), b"\n".join(recs)
+    body = driver.KEYED.pack(len(keys) if n is None else n, len(kb)) + kb + rb
+    return struct.pack(">I", len(body)) + body
+
+
+def test_keyed_frames_carry_keys_and_record_bytes() -> None:
+    out = io.BytesIO()
+    driver.write_keyed_frame(out, ['"k1"', '"k2"'], [["k1", 1], ["k2", {"$l": [2]}]])
+    driver.write_keyed_frame(out, [], [])
+    driver.write_keyed_frame(out, ["3"], [[3, "a\nb\u2028"]])
+    keys, recs = _parse_keyed(out.getvalue(), where="s")
+    assert keys == [b'"k1"', b'"k2"', b"3"]
+    assert [json.loads(r) for r in recs] == [["k1", 1], ["k2", {"$l": [2]}], [3, "a\nb\u2028"]]
+    assert _parse_keyed(b"", where="s") == ([], [])
+
+
+def test_range_frames_carry_bucket_record_pairs() -> None:
+    assert _parse_output(_frame([[0, 1], [3, [2]]]), keyed="range", where="s") == [[0, 1], [3, [2]]]
 
 
 @pytest.mark.parametrize(
@@ -45,14 +63,38 @@ def test_keyed_frames_carry_key_record_pairs() -> None:
         (_frame("[" * 100000), False, "frame is not a list"),  # a JSON string
         (_frame({"a": 1}), False, "frame is not a list"),
         (_frame(7), False, "frame is not a list"),
-        (_frame([["k", 1, 2]]), True, "keyed output is malformed"),
-        (_frame([[1, 1]]), True, "keyed output is malformed"),
-        (_frame(["k"]), True, "keyed output is malformed"),
+        (_frame([[1, 1, 2]]), True, "keyed output is malformed"),
+        (_frame([["k", 1]]), True, "keyed output is malformed"),
+        (_frame([1]), True, "keyed output is malformed"),
     ],
 )
 def test_hostile_sandbox_output_is_refused(out: bytes, keyed: bool, message: str) -> None:
     with pytest.raises(FlowTaskError) as info:
-        _parse_output(out, keyed="hash" if keyed else None, where="stage 1 partition 0")
+        _parse_output(out, keyed="range" if keyed else None, where="stage 1 partition 0")
+    assert message in str(info.value) and "stage 1 partition 0" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        (struct.pack(">I", 4) + b"\0\0\0\1", "too short"),
+        (_keyed([b"1"], [b"[1]"])[:-1], "frame of bad length"),
+        (struct.pack(">I", 8) + driver.KEYED.pack(1, 9), "bad lengths"),  # keys past the frame
+        (_keyed([], [], n=0) + b"", None),  # an empty frame is fine
+        (struct.pack(">I", 9) + driver.KEYED.pack(0, 0) + b"x", "bad lengths"),  # n=0, bytes after
+        (struct.pack(">I", 8) + driver.KEYED.pack(2, 0), "bad lengths"),  # records said, none there
+        (_keyed([b"1", b"2"], [b"[1]"]), "does not hold the 2 keys"),
+        (_keyed([b"1"], [b"[1]", b"[2]"], n=1), "does not hold the 1 keys"),  # a record split in two
+        (_keyed([b"1", b"2"], [b"[1]\n[3]", b"[2]"]), "does not hold the 2 keys"),  # a raw newline
+        (_keyed([b"1", b"2"], [b"", b"[2]"]), "does not hold the 2 keys"),  # an empty record
+    ],
+)
+def test_hostile_keyed_output_is_refused(out: bytes, message: str | None) -> None:
+    if message is None:
+        assert _parse_keyed(out, where="s") == ([], [])
+        return
+    with pytest.raises(FlowTaskError) as info:
+        _parse_keyed(out, where="stage 1 partition 0")
     assert message in str(info.value) and "stage 1 partition 0" in str(info.value)
 
 
@@ -169,3 +211,30 @@ def test_start_job_refuses_replays_missing_and_swapped_inputs(who: Identity, tmp
     other = _enclave(who)  # a worker that never opened (or was granted) this job
     with pytest.raises(FlowIntegrityError, match="is open in this enclave worker"):
         other.run_task(ticket, 0, 0, [])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=200), st.integers(0, 5), st.integers(0, 40))
+def test_fuzz_keyed_output_parses_or_fails_closed(tail: bytes, n: int, klen: int) -> None:
+    """Whatever a hostile sandbox writes, the keyed parser returns as many keys as records, none
+    empty or holding a newline, or refuses with FlowTaskError: never another exception."""
+    body = driver.KEYED.pack(n, klen) + tail
+    for out in (struct.pack(">I", len(body)) + body, tail):
+        try:
+            keys, recs = _parse_keyed(out, where="fuzz")
+        except FlowTaskError:
+            continue
+        assert len(keys) == len(recs)
+        assert all(r and b"\n" not in r for r in recs)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_fuzz_json_output_parses_or_fails_closed(data: bytes) -> None:
+    for out in (struct.pack(">I", len(data)) + data, data):
+        for keyed in (None, "range"):
+            try:
+                items = _parse_output(out, keyed=keyed, where="fuzz")
+            except FlowTaskError:
+                continue
+            assert isinstance(items, list)

@@ -11,8 +11,11 @@ parses it strictly.
 Records are Python values encoded as tagged JSON: None, bool, int, float, str as themselves, a
 tuple as a JSON array, a list as ``{"$l": [...]}``, bytes as ``{"$b": base64}``, a dict with str
 keys not starting with "$" as an object, any other dict as ``{"$d": [[k, v], ...]}``. A frame is a
-4-byte big-endian length and a JSON array of encoded records (or, on a keyed output,
-``[key_json, record]`` pairs, where key_json is the canonical encoding of the record's key).
+4-byte big-endian length and a JSON array of encoded records; on a keyed (hash) output it is
+instead ``u32 n | u32 keys length | keys | records``: n key encodings (key_json, the canonical
+encoding of each record's key) joined by newlines, then the n encoded records joined by newlines
+(compact JSON never holds a raw newline), so the enclave side buckets the records and seals their
+bytes without decoding and encoding them again.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
 FRAME = struct.Struct(">I")
+KEYED = struct.Struct(">II")  # a keyed frame's record count and the length of its keys
 FRAME_RECORDS = 2048  # records per frame the driver writes
 MAX_FRAME = 64 << 20
 _TAGS = ("$l", "$d", "$b")
@@ -33,12 +37,15 @@ _TAGS = ("$l", "$d", "$b")
 # ---- codec ------------------------------------------------------------------------------------------
 
 
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+
+
 def enc(v: Any) -> Any:
     t = type(v)
     if t is str or t is int or t is float or t is bool or v is None:
         return v
-    if t is tuple:
-        return [enc(x) for x in v]
+    if t is tuple:  # most records: a tuple of scalars, encoded without a call per field
+        return [x if type(x) in _SCALARS else enc(x) for x in v]
     if t is list:
         return {"$l": [enc(x) for x in v]}
     if t is dict:
@@ -84,14 +91,50 @@ def _canon(j: Any) -> Any:
     return j
 
 
+_STR_JSON = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def key_json(key: Any) -> str:
-    """The canonical encoding of a key (what the enclave's PRF is applied to)."""
+    """The canonical encoding of a key (what the enclave's PRF is applied to). An int or str key,
+    the common case, takes a fast path with the same result (json writes an int as int.__repr__)."""
+    t = type(key)
+    if t is int:
+        return int.__repr__(key)
+    if t is str:
+        return _STR_JSON(key)
     return canonical_encoded(enc(key))
 
 
 def canonical_encoded(j: Any) -> str:
     """key_json of an already encoded key (the enclave side routes encoded records by key)."""
     return json.dumps(_canon(j), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _record_encoder() -> Callable[[Any], str]:
+    """Compact JSON of one encoded record, as json.dumps(separators=(",", ":"), ensure_ascii=False)
+    writes it, without building an encoder per call (json's own C encoder, when it has one)."""
+    from json import encoder as je
+
+    make = getattr(je, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - CPython always has the C accelerator
+        return json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+    def refuse(o: Any) -> Any:
+        raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
+
+    c = make(None, refuse, je.encode_basestring, None, ":", ",", False, False, True)
+    join = "".join
+    return lambda o: join(c(o, 0))
+
+
+record_json = _record_encoder()
+
+
+def write_keyed_frame(out: BinaryIO, keys: list[str], records: list[Any]) -> None:
+    """A keyed output's frame: the records' key encodings and their encoded records (see above)."""
+    kb = "\n".join(keys).encode("utf-8")
+    rb = "\n".join([record_json(r) for r in records]).encode("utf-8")
+    out.write(FRAME.pack(8 + len(kb) + len(rb)) + KEYED.pack(len(keys), len(kb)) + kb + rb)
 
 
 def write_frame(out: BinaryIO, items: list[Any]) -> None:
@@ -360,14 +403,22 @@ def run(ctx: Any) -> None:
             write_frame(out, batch_r)
         return
     keyed = p["keyed"]  # None, "pair" (key = record[0]) or "self" (key = the record)
+    if keyed is not None:
+        keys: list[str] = []
+        recs: list[Any] = []
+        for x in it:
+            keys.append(key_json(_pair(x, "a keyed exchange")[0] if keyed == "pair" else x))
+            recs.append(enc(x))
+            if len(recs) >= FRAME_RECORDS:
+                write_keyed_frame(out, keys, recs)
+                keys, recs = [], []
+        if recs:
+            write_keyed_frame(out, keys, recs)
+        return
     text = p.get("text", False)
     batch: list[Any] = []
     for x in it:
-        if keyed == "pair":
-            batch.append([key_json(_pair(x, "a keyed exchange")[0]), enc(x)])
-        elif keyed == "self":
-            batch.append([key_json(x), enc(x)])
-        elif text:
+        if text:
             batch.append(x if type(x) is str else str(x))
         else:
             batch.append(enc(x))

@@ -3,7 +3,7 @@ batches as it comes, or written to the sink's sealed part file.
 
 A task that runs in one sandboxed run gives the emitter its output once; a spilled or streamed task
 (a keyed stage's sub-partitions, a sort's merged pieces, a routing task's pieces) once per run. At
-most one batch per bucket is held in clear; a padded stream's full batches are sealed as they fill,
+most one batch per bucket is held in clear between pieces; a padded stream's full batches are sealed as they fill,
 its last batch and its dummies at the end; a range sort's map side samples its keys here.
 """
 
@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -29,6 +29,8 @@ from .plan import Stage
 
 if TYPE_CHECKING:
     from .task import FlowEnclave, _Job
+
+CACHE_KEYS = 1 << 16  # keys whose bucket a task remembers; beyond, the cache starts again
 
 
 def sink_file_names(name: str, part: int) -> str:
@@ -69,10 +71,8 @@ class _SinkFile:
         self.tmp.unlink(missing_ok=True)
 
 
-def _parse_output(out: bytes, *, keyed: str | None, where: str) -> list[Any]:
-    """The sandbox's output frames, parsed as hostile input: on a hash output [key_json, record]
-    pairs, on a range output [bucket, record]."""
-    items: list[Any] = []
+def _frames(out: bytes, where: str) -> Iterator[memoryview]:
+    """The sandbox's output split into its length-prefixed frames, checked as hostile input."""
     view = memoryview(out)
     off = 0
     while off < len(view):
@@ -81,29 +81,66 @@ def _parse_output(out: bytes, *, keyed: str | None, where: str) -> list[Any]:
         (n,) = driver.FRAME.unpack_from(view, off)
         if n > driver.MAX_FRAME or off + 4 + n > len(view):
             raise FlowTaskError("the sandbox's output has a frame of bad length", where=where)
+        yield view[off + 4 : off + 4 + n]
+        off += 4 + n
+
+
+def _parse_output(out: bytes, *, keyed: str | None, where: str) -> list[Any]:
+    """The sandbox's JSON output frames, parsed as hostile input: on a range output [bucket, record]
+    pairs (keyed="range"), on a sample output [key, record] pairs."""
+    items: list[Any] = []
+    for frame in _frames(out, where):
         try:
-            frame = json.loads(bytes(view[off + 4 : off + 4 + n]))
+            recs = json.loads(bytes(frame))
         except (ValueError, RecursionError):
             raise FlowTaskError("the sandbox's output is not valid JSON", where=where) from None
-        if not isinstance(frame, list):
+        if not isinstance(recs, list):
             raise FlowTaskError("the sandbox's output frame is not a list", where=where)
         if keyed:
-            first = str if keyed == "hash" else int
-            for it in frame:
-                if not (isinstance(it, list) and len(it) == 2 and type(it[0]) is first):
+            for it in recs:
+                if not (isinstance(it, list) and len(it) == 2 and type(it[0]) is int):
                     raise FlowTaskError("the sandbox's keyed output is malformed", where=where)
-        items.extend(frame)
-        off += 4 + n
+        items.extend(recs)
     return items
 
 
-def _payloads(recs: list[Any], batch_records: int) -> list[tuple[int, bytes]]:
-    """An unpadded stream: (record count, payload) per batch of up to `batch_records` records."""
+def _parse_keyed(out: bytes, where: str) -> tuple[list[bytes], list[bytes]]:
+    """A hash output's frames (driver.write_keyed_frame), checked as hostile input: (the records' key
+    encodings, their encoded records). The records are not decoded here: their bytes (no newline in
+    them, none empty) become a batch's JSON array, which the next task's driver decodes, so a record
+    that is not one JSON value fails that task."""
+    keys: list[bytes] = []
+    recs: list[bytes] = []
+    size = driver.KEYED.size
+    for frame in _frames(out, where):
+        if len(frame) < size:
+            raise FlowTaskError("the sandbox's keyed output frame is too short", where=where)
+        n, klen = driver.KEYED.unpack_from(frame)
+        if size + klen > len(frame) or (n == 0) != (len(frame) == size):
+            raise FlowTaskError("the sandbox's keyed output frame has bad lengths", where=where)
+        if n == 0:
+            continue
+        ks = bytes(frame[size : size + klen]).split(b"\n")
+        rs = bytes(frame[size + klen :]).split(b"\n")
+        if len(ks) != n or len(rs) != n or b"" in rs:
+            raise FlowTaskError(
+                f"the sandbox's keyed output frame does not hold the {n} keys and records it says",
+                where=where,
+            )
+        keys.extend(ks)
+        recs.extend(rs)
+    return keys, recs
+
+
+_encode = driver.record_json
+
+
+def _payloads(recs: list[bytes], batch_records: int) -> list[tuple[int, bytes]]:
+    """An unpadded stream: (record count, payload) per batch of up to `batch_records` encoded records."""
     out = []
     for i in range(0, len(recs), batch_records):
         part = recs[i : i + batch_records]
-        payload = COUNT.pack(len(part)) + json.dumps(part, ensure_ascii=False, separators=(",", ":")).encode()
-        out.append((len(part), payload))
+        out.append((len(part), COUNT.pack(len(part)) + b"[" + b",".join(part) + b"]"))
     return out
 
 
@@ -121,10 +158,10 @@ class _Emitter:
         self.kind = st.output.kind
         self.records = 0
         self.outputs: list[tuple[int, bytes]] = []
-        self.pending: dict[int, list[Any]] = {b: [] for b in job.plan.expected_buckets(st.id, partition)}
+        self.pending: dict[int, list[bytes]] = {b: [] for b in job.plan.expected_buckets(st.id, partition)}
         self.seq = dict.fromkeys(self.pending, 0)
         self.counts = dict.fromkeys(self.pending, 0)
-        self.cache: dict[str, int] = {}
+        self.cache: dict[bytes, int] = {}
         self.limit = enclave.batch_records  # records per unpadded batch (see add)
         self.sink: _SinkFile | None = None
         self.sample_keys: list[Any] = []  # a range sort's map side: a reservoir of encoded keys
@@ -140,14 +177,12 @@ class _Emitter:
             self.sink_name = fname
 
     def add(self, out: bytes) -> None:
-        items = _parse_output(
-            out, keyed=self.kind if self.kind in ("hash", "range") else None, where=self.where
-        )
+        if self.kind == "hash":
+            self._add_keyed(*_parse_keyed(out, self.where), len(out))
+            return
+        items = _parse_output(out, keyed="range" if self.kind == "range" else None, where=self.where)
         self.records += len(items)
-        budget = self.enclave.memory_budget
-        if budget is not None and items:  # batches of ~1/16 of the budget: the next task opens them
-            mean = max(1, len(out) // len(items))
-            self.limit = max(1, min(self.enclave.batch_records, budget // 16 // mean))
+        self._set_limit(len(items), len(out))
         if self.sink is not None:
             text = self.st.output.sink_format == "text"
             for x in items:
@@ -156,9 +191,7 @@ class _Emitter:
                         raise FlowTaskError("a text sink got a non-text record", where=self.where)
                     self.sink.write((x + "\n").encode("utf-8"))
                 else:
-                    self.sink.write(
-                        (json.dumps(x, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
-                    )
+                    self.sink.write((_encode(x) + "\n").encode("utf-8"))
             return
         if self.kind == "sample":  # (key, record) pairs to this task's own bucket, keys sampled
             cap = self.st.output.sample
@@ -174,28 +207,59 @@ class _Emitter:
                     j = self.rng.randrange(self.sample_seen)
                     if j < cap:
                         self.sample_keys[j] = rec[0]
-                self._put(self.partition, rec)
+                self._put(self.partition, _encode(rec).encode("utf-8"))
             return
         if self.kind == "range":  # the routing stage's [bucket, (key, record)]
             n = self.st.output.buckets
             for b, rec in items:
-                if type(b) is not int or not 0 <= b < n:
+                if not 0 <= b < n:
                     raise FlowTaskError("the sort's routing gave a bucket out of range", where=self.where)
-                self._put(b, rec)
+                self._put(b, _encode(rec).encode("utf-8"))
             return
-        if self.kind == "hash":
-            n = self.st.output.buckets
-            for key, rec in items:
-                b = self.cache.get(key)
-                if b is None:
-                    b = self.cache[key] = self.job.keys.bucket_of(key, n)
-                self._put(b, rec)
-        else:
-            (only,) = self.pending
-            for rec in items:
-                self._put(only, rec)
+        (only,) = self.pending
+        for rec in items:
+            self._put(only, _encode(rec).encode("utf-8"))
 
-    def _put(self, bucket: int, rec: Any) -> None:
+    def _set_limit(self, records: int, size: int) -> None:
+        """Under a memory budget, batches of ~1/16 of it: the next task opens them."""
+        budget = self.enclave.memory_budget
+        if budget is not None and records:
+            mean = max(1, size // records)
+            self.limit = max(1, min(self.enclave.batch_records, budget // 16 // mean))
+
+    def _add_keyed(self, keys: list[bytes], recs: list[bytes], size: int) -> None:
+        """A hash output's records to their buckets by the keyed PRF, once per distinct key (the
+        cache is bounded: a task's keys may all differ)."""
+        self.records += len(recs)
+        self._set_limit(len(recs), size)
+        cache = self.cache
+        if len(cache) > CACHE_KEYS:
+            cache.clear()
+        miss = list({k for k in keys if k not in cache})
+        cache.update(zip(miss, self.job.keys.buckets_of(miss, self.st.output.buckets), strict=True))
+        if self.st.output.pad is not None:
+            for k, rec in zip(keys, recs, strict=True):
+                self._put(cache[k], rec)
+            return
+        pending = self.pending  # unpadded: bucket the lot, then seal the full batches
+        held = {b: len(r) for b, r in pending.items()}
+        for k, rec in zip(keys, recs, strict=True):
+            pending[cache[k]].append(rec)
+        for b, r in pending.items():
+            if len(r) > held[b]:
+                self.counts[b] += len(r) - held[b]
+                self._seal_full(b, r)
+
+    def _seal_full(self, bucket: int, recs: list[bytes]) -> None:
+        """Seal an unpadded bucket's full batches of `limit` records, as _put does one record at a
+        time (the same batches), keeping the rest pending."""
+        full = len(recs) - len(recs) % self.limit
+        if full:
+            for i in range(0, full, self.limit):
+                self._seal(bucket, _payloads(recs[i : i + self.limit], self.enclave.batch_records))
+            del recs[:full]
+
+    def _put(self, bucket: int, rec: bytes) -> None:
         recs = self.pending[bucket]
         recs.append(rec)
         self.counts[bucket] += 1

@@ -14,7 +14,6 @@ sizes depend only on the job's public graph.
 
 from __future__ import annotations
 
-import json
 import struct
 from typing import Any
 
@@ -46,9 +45,9 @@ def fixed_size_json(obj: dict[str, Any]) -> bytes:
     return canonical_json({**obj, "pad": " " * (target - body)})
 
 
-def padded_payload(records: list[Any], pad: Pad, where: str) -> tuple[int, bytes]:
-    """(record count, payload) of one padded data batch holding up to `pad.batch_records` records."""
-    encoded = [json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode() for r in records]
+def padded_payload(encoded: list[bytes], pad: Pad, where: str) -> tuple[int, bytes]:
+    """(record count, payload) of one padded data batch holding up to `pad.batch_records` records
+    (each already encoded as compact JSON)."""
     if any(len(e) > pad.record_bytes for e in encoded):
         raise FlowTaskError(
             f"a record is over the job's padded record size ({pad.record_bytes} bytes encoded)",
@@ -68,7 +67,7 @@ def check_bound(records: int, pad: Pad, where: str) -> None:
         )
 
 
-def padded_payloads(records: list[Any], pad: Pad, where: str, *, sent: int = 0) -> list[tuple[int, bytes]]:
+def padded_payloads(records: list[bytes], pad: Pad, where: str, *, sent: int = 0) -> list[tuple[int, bytes]]:
     """The (record count, payload) of the data batches of one stream after the `sent` full ones
     already sealed: `records` (the rest) in the next, dummies up to `pad.batches` in all."""
     check_bound(sent * pad.batch_records + len(records), pad, where)

@@ -1,7 +1,7 @@
 """A keyed stage's task over the memory budget: its records routed by key into sealed spill files.
 
 A task whose incoming batches exceed half the budget and whose stage reads keyed exchanges opens its
-batches one by one and routes each record by an HMAC of its canonical key (a fresh key per task)
+batches one by one and routes each record by a keyed PRF (BLAKE2b) of its canonical key (a fresh key per task)
 into sub-partitions of about a quarter of the budget (`_Spill`), written as sealed files under a
 fresh key held only in the enclave (`_SpillFiles`, shared with the external sort: each file's header
 binds job, stage, partition, slot and parent, checked when it is read back); then the stage's
@@ -14,7 +14,6 @@ spills (`_needs_whole_partition`).
 from __future__ import annotations
 
 import contextlib
-import hmac
 import io
 import json
 import os
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from ..sandbox import make_input_memfd
 from ..sealed_file import DEFAULT_CHUNK_SIZE, SealedReader, SealedWriter
 from . import driver
-from .batch import KEY_LEN, Header
+from .batch import KEY_LEN, Header, prf_buckets
 from .emitter import _Emitter
 from .errors import FlowIntegrityError, FlowTaskError
 from .plan import Stage
@@ -251,7 +250,7 @@ class _SpillFiles:
 
 
 class _Spill:
-    """A keyed stage's spilled partition: n_sub sub-partitions x parents, routed by a fresh HMAC key."""
+    """A keyed stage's spilled partition: n_sub sub-partitions x parents, routed by a fresh PRF key."""
 
     FLUSH_BYTES = 1 << 18
 
@@ -287,8 +286,7 @@ class _Spill:
                 raise FlowIntegrityError("a batch's records are not valid JSON", where=self.where) from None
             for rec in records:
                 key = rec if keyed[parent] == "self" else (rec[0] if isinstance(rec, list) and rec else None)
-                digest = hmac.new(self.route_key, driver.canonical_encoded(key).encode(), "sha256").digest()
-                sub = int.from_bytes(digest[:8], "big") % self.n_sub
+                (sub,) = prf_buckets(self.route_key, [driver.canonical_encoded(key).encode()], self.n_sub)
                 self._add(sub, parent, json.dumps(rec, ensure_ascii=False, separators=(",", ":")).encode())
 
         return route
