@@ -3,7 +3,8 @@ as plain PySpark with the same functions give the same results on ``local[2]``; 
 sealed batches, its pickled closures hold no code and no plaintext; a Spark-side shuffle that drops,
 duplicates or replays a batch (or drops a report) is refused by the enclave's verification; the job
 key reaches another node's worker only by grant; and a word count runs across a real standalone
-cluster (a master and two workers on 127.0.0.1, stopped at the end even on failure).
+cluster (a master and two workers on 127.0.0.1, stopped at the end even on failure), each worker
+with its own node agent.
 
 One SparkSession for the module (the cluster test, last, replaces it with its own)."""
 
@@ -28,9 +29,10 @@ import test_flow_ops as ops
 from confide.enclave.flow import FlowIntegrityError, FlowTaskError
 from confide.enclave.keys import Identity
 from confide.flow import Flow, LocalEngine, open_result, seal_text
-from confide.flow.malicious import FlakySparkEngine, MaliciousSparkEngine
+from confide.flow.malicious import FlakySparkEngine, MaliciousSparkEngine, SpeculativeSparkEngine
 from confide.flow.node_agent import AgentClient, NodeAgent, ZygotePool, start_agent
 from confide.flow.spark_engine import SparkEngine, spark_session
+from confide.flow.spark_stub import SOCKET_ENV
 from flow_support import (
     FUNCTIONS,
     enclave_identity,
@@ -320,6 +322,23 @@ def test_tasks_spark_runs_again_after_a_lost_executor_are_accepted(
     assert dict(open_result(tmp_path / "out", "wc", recipient)) == dict(want)
 
 
+def test_speculative_second_attempts_are_accepted_and_leave_one_file_per_part(
+    tmp_path: Path, spark: Any, agent: NodeAgent, secret_input: Path, recipient: Identity
+) -> None:
+    """Every task runs twice and Spark keeps the first attempt's rows (speculative execution): the
+    sink's two attempts write two part files (named per attempt), the manifest names the one whose
+    report was accepted, and the other is removed when the job finishes. (With one file name per
+    part, the later attempt replaced the kept one, and the recipient's open failed its SHA-256 check.)"""
+    eng = SpeculativeSparkEngine(spark, AgentClient(agent.socket_path), agent.socket_path, stages=(0, 1))
+    before = agent.stats.tasks
+    assert word_count(secret_input, eng, tmp_path / "out", recipient)["accepted"]
+    assert agent.stats.tasks - before == 2 * (3 + 2)
+    want = Counter(w for line in LINES for w in line.split())
+    assert dict(open_result(tmp_path / "out", "wc", recipient)) == dict(want)
+    parts = sorted(p.name for p in (tmp_path / "out").glob("wc-part-*"))
+    assert [n[: len("wc-part-00000")] for n in parts] == ["wc-part-00000", "wc-part-00001"], parts
+
+
 def test_spark_side_replay_of_an_earlier_stage_is_refused(
     tmp_path: Path, spark: Any, agent: NodeAgent, secret_input: Path, recipient: Identity
 ) -> None:
@@ -371,7 +390,9 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def standalone_cluster(work: Path, workers: int = 2) -> Iterator[str]:
+def standalone_cluster(
+    work: Path, workers: int = 2, worker_env: list[dict[str, str]] | None = None
+) -> Iterator[str]:
     import pyspark
 
     home = Path(pyspark.__file__).parent
@@ -387,11 +408,15 @@ def standalone_cluster(work: Path, workers: int = 2) -> Iterator[str]:
     url = f"spark://127.0.0.1:{port}"
     procs: list[tuple[subprocess.Popen[bytes], Path]] = []
 
-    def start(name: str, *args: str) -> None:
+    def start(name: str, *args: str, extra: dict[str, str] | None = None) -> None:
         log = work / f"{name}.log"
         with open(log, "wb") as fh:
             p = subprocess.Popen(
-                [spark_class, *args], stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                [spark_class, *args],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env={**env, **(extra or {})},
+                start_new_session=True,
             )
         procs.append((p, log))
 
@@ -410,7 +435,7 @@ def standalone_cluster(work: Path, workers: int = 2) -> Iterator[str]:
             (work / f"w{i}").mkdir()
             start(f"worker{i}", "org.apache.spark.deploy.worker.Worker", url, "--host", "127.0.0.1",
                   "--cores", "1", "--memory", "600m", "--webui-port", str(_free_port()),
-                  "--work-dir", str(work / f"w{i}"))  # fmt: skip
+                  "--work-dir", str(work / f"w{i}"), extra=(worker_env or [{}] * workers)[i])  # fmt: skip
         for p, log in procs[1:]:
             wait_for("Successfully registered with master", p, log)
         yield url
@@ -427,31 +452,55 @@ def standalone_cluster(work: Path, workers: int = 2) -> Iterator[str]:
                 p.wait()
 
 
-def test_word_count_on_a_standalone_cluster(
-    tmp_path: Path, agent: NodeAgent, secret_input: Path, recipient: Identity
+def test_word_count_across_two_nodes_each_with_its_own_agent(
+    tmp_path: Path, sockdir: Path, agent: NodeAgent, secret_input: Path, recipient: Identity
 ) -> None:
+    """A real standalone cluster of two workers, each standing for a host with its own node agent
+    (its own identity, its socket in that worker's CONFIDE_FLOW_SOCKET): the driver's agent opens and
+    verifies the job, each node's agent gets the job key only by a grant made after its evidence was
+    checked, and the tasks run on both nodes' agents, none on the driver's."""
     from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
     if active is not None:
         active.stop()
-    with standalone_cluster(tmp_path) as url:
-        session = spark_session(
-            url,
-            app="confide-flow-cluster",
-            **{"spark.executor.memory": "512m", "spark.executor.cores": "1", "spark.cores.max": "2"},
+    nodes = [
+        start_agent(
+            Identity.generate(f"node{i}"), sockdir / f"node{i}.sock", zygotes=1, backend=sim_backend()
         )
-        try:
-            sc = session.sparkContext
-            deadline = time.monotonic() + 120
-            while sc._jsc.sc().getExecutorMemoryStatus().size() < 3:  # the driver and two executors
-                assert time.monotonic() < deadline, "the two executors did not register"
-                time.sleep(0.3)
-            eng = SparkEngine(session, AgentClient(agent.socket_path), agent.socket_path)
-            before = agent.stats.tasks
-            assert word_count(secret_input, eng, tmp_path / "out", recipient, partitions=4)["accepted"]
-            assert agent.stats.tasks - before == 4 + 2  # every task went through the node's agent
-            want = Counter(w for ln in LINES for w in ln.split())
-            assert dict(open_result(tmp_path / "out", "wc", recipient)) == want
-        finally:
-            session.stop()
+        for i in range(2)
+    ]
+    env = [{SOCKET_ENV: a.socket_path} for a, _ in nodes]
+    try:
+        with standalone_cluster(tmp_path, worker_env=env) as url:
+            session = spark_session(
+                url,
+                app="confide-flow-cluster",
+                **{"spark.executor.memory": "512m", "spark.executor.cores": "1", "spark.cores.max": "2"},
+            )
+            try:
+                sc = session.sparkContext
+                deadline = time.monotonic() + 120
+                while sc._jsc.sc().getExecutorMemoryStatus().size() < 3:  # the driver and two executors
+                    assert time.monotonic() < deadline, "the two executors did not register"
+                    time.sleep(0.3)
+                coordinator = AgentClient(agent.socket_path)
+                workers = [(a.enclave.public_line, a.enclave.evidence()) for a, _ in nodes]
+                one = SparkEngine(session, coordinator, agent.socket_path, workers=workers[:1])
+                with pytest.raises(FlowIntegrityError, match="no job key grant is addressed to it"):
+                    word_count(secret_input, one, tmp_path / "o1", recipient, partitions=4)
+                eng = SparkEngine(session, coordinator, agent.socket_path, workers=workers)
+                before = agent.stats.tasks
+                served = [a.stats.tasks for a, _ in nodes]
+                assert word_count(secret_input, eng, tmp_path / "out", recipient, partitions=4)["accepted"]
+                served = [a.stats.tasks - n for (a, _), n in zip(nodes, served, strict=True)]
+                assert agent.stats.tasks == before  # the driver's agent only opened and verified
+                assert sum(served) == 4 + 2 and min(served) > 0, served  # every task, on both nodes
+                want = Counter(w for ln in LINES for w in ln.split())
+                assert dict(open_result(tmp_path / "out", "wc", recipient)) == want
+            finally:
+                session.stop()
+    finally:
+        for a, pool in nodes:
+            a.stop()
+            pool.close()

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from confide.enclave.flow import driver
-from confide.enclave.flow.emitter import _parse_keyed, _parse_output, sink_file_names
+from confide.enclave.flow.emitter import _parse_keyed, _parse_output, sink_file_names, stray_part_files
 from confide.enclave.flow.errors import FlowFormatError, FlowTaskError
 from confide.enclave.flow.task import _csv_names, manifest_name
 from confide.enclave.keys import Identity
@@ -144,9 +144,22 @@ def test_hostile_csv_headers_are_refused(who: Identity, data: bytes, message: st
     assert message in str(info.value) and "input 'a'" in str(info.value)
 
 
-def test_output_file_names() -> None:
-    assert sink_file_names("counts", 7) == "counts-part-00007.cnfseal"
+def test_output_file_names(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    assert sink_file_names("counts", 7, "0a1b2c3d") == "counts-part-00007-0a1b2c3d.cnfseal"
     assert manifest_name("counts") == "counts.manifest.cnfseal"
+    names = [
+        "c-part-00000-0a1b2c3d.cnfseal",  # kept: the manifest names it
+        "c-part-00000-ffffffff.cnfseal",  # another attempt's: stray
+        "c-part-00001-12345678.cnfseal",  # stray
+        "c-part-00000.cnfseal",  # not this layout
+        "c-part-00000-0A1B2C3D.cnfseal",  # not this layout (upper case)
+        "cc-part-00000-0a1b2c3d.cnfseal",  # another output
+        "c.manifest.cnfseal",
+    ]
+    for n in names:
+        (tmp_path / n).write_bytes(b"")
+    got = stray_part_files(tmp_path, "c", {names[0]})
+    assert [p.name for p in got] == [names[1], names[2]]
 
 
 # -- the enclave worker's job start and task entry, facing a hostile engine ----------------------

@@ -257,3 +257,27 @@ class FlakySparkEngine(SparkEngine):
         if stage not in self.stages:
             return fn
         return functools.partial(fail_first_attempt, fn, self.record, stage)
+
+
+def run_twice_keep_first(fn: Any, index: int, rows: Any) -> Any:
+    """Run a task twice on the same rows, as Spark's speculative execution does with a slow task:
+    the first attempt's rows are the ones Spark keeps, the second finishes later and is dropped (its
+    enclave work, a sink's part file included, is done all the same)."""
+    rows = list(rows)
+    first = list(fn(index, iter(rows)))
+    for _ in fn(index, iter(rows)):
+        pass
+    return iter(first)
+
+
+class SpeculativeSparkEngine(SparkEngine):
+    """Not an attack: a Spark engine whose every task of `stages` runs twice, the later attempt's
+    rows dropped (speculative execution's race, made certain). The job must be accepted, with the
+    kept attempt's results."""
+
+    def __init__(self, *args: Any, stages: Sequence[int] = (), **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.stages = set(stages)
+
+    def _closure(self, stage: int, fn: Any) -> Any:
+        return functools.partial(run_twice_keep_first, fn) if stage in self.stages else fn

@@ -6,6 +6,12 @@ reference and a ``TaskConf`` of public values and opaque sealed bytes (the socke
 ticket, the job key grants HPKE-sealed to each worker, the stage, paths). No user code, no key and
 no plaintext: the user's functions come from the sealed job description, opened in the enclave.
 
+The stub connects to its own node's agent: ``$CONFIDE_FLOW_SOCKET`` when the executor's environment
+sets it (a node whose agent listens elsewhere: set it in that Spark worker's environment, which its
+executors inherit), else the job's ``TaskConf.socket``. Which agent serves a task decides nothing:
+only an agent holding the job key (its own, or by a grant to its identity) can run it, and the
+coordinator's verification accepts each task's sealed report once.
+
 Rows are ``(bucket, sealed batch)``; a task's sealed report comes back as ``(REPORT_ROW, report)``
 and a failure as ``(ERROR_ROW, JSON)`` (the error as the enclave worker described it), so the
 driver collects them with the stage's reports instead of digging them out of Spark's stack traces.
@@ -14,12 +20,14 @@ driver collects them with the stage's reports instead of digging them out of Spa
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from .channel import Conn
 
+SOCKET_ENV = "CONFIDE_FLOW_SOCKET"  # this node's agent socket, where it is not the job's default
 REPORT_ROW = -1
 ERROR_ROW = -2
 _BUCKET = struct.Struct(">I")
@@ -58,7 +66,7 @@ def run_partition(
         "out_dir": conf.out_dir,
         "grants": conf.grants,
     }
-    conn = Conn.connect(conf.socket, timeout=conf.timeout)
+    conn = Conn.connect(os.environ.get(SOCKET_ENV) or conf.socket, timeout=conf.timeout)
     try:
         conn.send_json(req)
         conn.send(conf.ticket)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -33,8 +34,18 @@ if TYPE_CHECKING:
 CACHE_KEYS = 1 << 16  # keys whose bucket a task remembers; beyond, the cache starts again
 
 
-def sink_file_names(name: str, part: int) -> str:
-    return f"{name}-part-{part:05d}.cnfseal"
+def sink_file_names(name: str, part: int, attempt: str) -> str:
+    """A sink task's part file: named per attempt (8 hex digits, random per task run), so two runs of
+    one task (Spark's speculative execution, a retry) never write the same file; the manifest names
+    the one whose report the verification accepted."""
+    return f"{name}-part-{part:05d}-{attempt}.cnfseal"
+
+
+def stray_part_files(out_dir: str | Path, name: str, keep: set[str]) -> list[Path]:
+    """Part files of output `name` in `out_dir` that the manifest does not name (`keep`): another
+    attempt's, or an earlier job's whose manifest this one replaced."""
+    pattern = re.compile(rf"^{re.escape(name)}-part-\d{{5}}-[0-9a-f]{{8}}\.cnfseal$")
+    return sorted(p for p in Path(out_dir).iterdir() if pattern.match(p.name) and p.name not in keep)
 
 
 class _HashingFile:
@@ -172,7 +183,7 @@ class _Emitter:
                 raise FlowFormatError("the engine gave no output directory for a sink task", where=where)
             name = st.output.sink_name
             meta = {"confide_flow": {"job": job.plan.job_id, "output": name, "part": partition}}
-            fname = sink_file_names(name, partition)
+            fname = sink_file_names(name, partition, os.urandom(4).hex())
             self.sink = _SinkFile(job.plan.recipients, Path(out_dir) / fname, meta)
             self.sink_name = fname
 

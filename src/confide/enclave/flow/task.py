@@ -51,7 +51,7 @@ from ..sandbox import SandboxLimits, Zygote, make_input_memfd
 from ..sealed_file import SealedReader
 from . import driver
 from .batch import KEY_LEN, Header, JobKeys, parse_header
-from .emitter import _Emitter, _SinkFile
+from .emitter import _Emitter, _SinkFile, stray_part_files
 from .errors import FlowFormatError, FlowIntegrityError, FlowTaskError
 from .external_sort import run_routing_streamed, run_sort_spilled
 from .padding import COUNT, fixed_size_json
@@ -652,13 +652,16 @@ class FlowEnclave:
                     "files": [{"part": r["part"], **r["sink"]} for r in reps],
                 }
         manifest = {"job": plan.job_id, "outputs": outputs, "stages": stages}
-        for name in outputs:
+        for name, out in outputs.items():
             _seal_for(
                 plan.recipients,
                 [canonical_json({**manifest, "output": name})],
                 Path(out_dir) / manifest_name(name),
                 {"confide_flow": {"job": plan.job_id, "manifest": name}},
             )
+            for stray in stray_part_files(out_dir, name, {f["file"] for f in out["files"]}):
+                with contextlib.suppress(OSError):  # tidying only: no manifest names them
+                    stray.unlink()
         del self._jobs[plan.job_id]
         return {
             "job": plan.job_id,
