@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,12 +33,13 @@ import pytest
 from confide.client.manifest_build import build_manifest, sign_approval
 from confide.client.receipts import verify_task_receipt
 from confide.enclave import manifest as mf
-from confide.enclave.errors import EnclaveError
+from confide.enclave.errors import ConfideError, EnclaveError
 from confide.enclave.keys import Identity
 from confide.flow import Flow
 from confide.flow.malicious import MaliciousSparkEngine
 from confide.flow.platform import flow_task, job_params, read_records
-from confide.host.flow_engine import SparkFlowEngine, run_on_engine
+from confide.flow.spark_engine import SparkEngine
+from confide.host.flow_engine import NodeAgentProcess, SparkFlowEngine, read_agent_announcement, run_on_engine
 from platform_support import ServerProcess
 from test_flow_platform import BANK, FUNCTIONS, SHOP, world
 
@@ -212,6 +215,65 @@ def test_tampering_inside_spark_fails_the_task_with_no_output(
     where = where.format(engines[0].target)
     assert where in receipt["error"]["message"] and what in receipt["error"]["message"]
     assert "flow" not in receipt and receipt["run"] == 1
+
+
+def test_another_hosts_agent_runs_the_stages_by_the_enclaves_grant(
+    host: SimpleNamespace, tmp_path: Path
+) -> None:
+    """`confide serve --flow-agent FILE`: another host's node agent (its own process and key, its
+    announcement read from a file) is named to the enclave, which grants it the job key after
+    checking its evidence; Spark's stubs there reach it (here: the engine's socket is that agent's),
+    and the task succeeds. Not named, the same agent cannot run a stage: the task fails on the engine."""
+    other = NodeAgentProcess(
+        Path(tempfile.mkdtemp(prefix="cf-other-")) / "agent.sock",
+        platform_dir=host.home.platform_dir,
+        backend="sim",
+        config=None,
+        spill_dir=tmp_path / "spill",
+        zygotes=1,
+    )
+    (tmp_path / "agent.txt").write_text(f"ready {other.public_line}\nevidence {other.evidence}\nserving\n")
+    eng = host.engine
+    try:
+        eng.make_engine = lambda spark, sock: SparkEngine(spark, None, other.socket_path)
+        for named in (False, True):
+            eng.remote_agents = [list(read_agent_announcement(tmp_path / "agent.txt"))] if named else []
+            t = _manifest(host)
+            start, out = _start(host, t)
+            assert len(start["grants"]) == 1 + named
+            (tmp_path / f"{named}").mkdir()
+            reply = run_on_engine(
+                eng, host.kit.enclave.call, t.m.task_id, start, _inputs(t), tmp_path / f"{named}"
+            )
+            if named:
+                assert reply["ok"] and dict(map(tuple, _records(host, out))) == dict(WANT)
+            else:
+                assert not reply["ok"] and not out.exists()
+                assert "no job key grant is addressed to it" in _receipt(host, reply)["error"]["message"]
+    finally:
+        eng.make_engine, eng.remote_agents = None, []
+        other.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, "cannot read the node agent's announcement"),
+        ("evidence AAAA\n", "no 'ready ...' line"),
+        ("hello\n", "no 'ready ...' and no 'evidence ...' line"),
+        ("ready not-a-key\nevidence AAAA\n", "--flow-agent"),
+        ("ready {line}\nevidence ***\n", "not base64"),
+    ],
+)
+def test_a_bad_agent_announcement_is_refused_with_its_file_named(
+    tmp_path: Path, text: str | None, message: str
+) -> None:
+    f = tmp_path / "agent.txt"
+    if text is not None:
+        f.write_text(text.format(line=Identity.generate("a").public.to_line()))
+    with pytest.raises(ConfideError, match=re.escape(message)) as info:
+        read_agent_announcement(f)
+    assert str(f) in str(info.value)
 
 
 def test_an_agent_whose_evidence_does_not_bind_its_key_gets_no_grant(host: SimpleNamespace) -> None:

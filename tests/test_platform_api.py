@@ -387,6 +387,39 @@ def test_serve_refuses_a_bad_database_with_one_clear_line(tmp_path: Path) -> Non
         assert "Traceback" not in result.stderr and "secret" not in result.stderr
 
 
+def test_serve_refuses_bad_flow_agent_files_with_one_clear_line(tmp_path: Path) -> None:
+    bad = tmp_path / "agent.txt"
+    bad.write_text("ready nonsense\n")
+    for extra, where, reason in (
+        (["--flow-agent", str(bad)], "--flow-agent", "node agents are for --flow-engine spark"),
+        (
+            ["--flow-engine", "spark", "--flow-agent", str(bad)],
+            f"--flow-agent {bad}",
+            "no 'evidence ...' line",
+        ),
+        (["--flow-engine", "spark", "--flow-agent", str(tmp_path / "none")], "--flow-agent", "cannot read"),
+    ):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "confide.cli.main",
+                "serve",
+                "--data",
+                str(tmp_path),
+                "--workers",
+                "0",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 1, result.stderr
+        assert f"({where}" in result.stderr and reason in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_api_only_server_without_workers(tmp_path: Path) -> None:
     server = ServerProcess(tmp_path / "data", workers=0).start(wait_workers=False)
     try:

@@ -99,6 +99,17 @@ from confide.cli.common import friendly
     metavar="URL",
     help="Spark master for --flow-engine spark: local[N] or spark://HOST:PORT (default local[2])",
 )
+@click.option(
+    "--flow-agent",
+    "flow_agent_files",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    metavar="FILE",
+    help="for --flow-engine spark: another host's node agent, as the first two lines `python -m "
+    "confide.flow.node_agent` printed there (ready ..., evidence ...); repeat per host. The enclave "
+    "grants it a job key only once its evidence is checked; that host's Spark worker sets "
+    "CONFIDE_FLOW_SOCKET to the agent's socket",
+)
 @friendly
 def serve(
     db_url: str | None,
@@ -120,6 +131,7 @@ def serve(
     accelerator: str,
     flow_engine: str,
     spark_master: str | None,
+    flow_agent_files: tuple[Path, ...],
 ) -> None:
     """Run the platform: parties talk to it over HTTP; it relays ciphertext to enclave workers.
 
@@ -131,6 +143,11 @@ def serve(
 
     if spark_master is not None and flow_engine != "spark":
         raise ConfideError("a Spark master is for --flow-engine spark", where="--spark-master")
+    if flow_agent_files and flow_engine != "spark":
+        raise ConfideError("node agents are for --flow-engine spark", where="--flow-agent")
+    from confide.host.flow_engine import read_agent_announcement
+
+    flow_agents = tuple(read_agent_announcement(f) for f in flow_agent_files)
 
     run_server(
         db_url,
@@ -154,4 +171,5 @@ def serve(
         accelerator=None if accelerator == "none" else accelerator,
         flow_engine=flow_engine,
         spark_master=spark_master or "local[2]",
+        flow_agents=flow_agents,
     )

@@ -12,8 +12,11 @@ The node agent (``confide.flow.node_agent``) is started by the server like its e
 ``FlowEnclave`` process with the server's TEE backend, platform and enclave configuration (so the
 same measurement: the enclave worker grants it the job key only after checking its evidence), its
 bytecode the checked-hash cache (enclave/bytecode.py), its key pair generated inside it and never
-written. It stops with the server (its stdin closes). One agent serves one host; a cluster of
-several hosts would run one per host, each named to the enclave in `agents()`.
+written. It stops with the server (its stdin closes). One agent serves one host; on a cluster each
+other host runs its own (``python -m confide.flow.node_agent``, whose first two lines of output,
+``ready LINE`` and ``evidence B64``, go in a file the server reads: ``confide serve --flow-agent
+FILE``), and its Spark worker sets ``CONFIDE_FLOW_SOCKET`` to that agent's socket. `agents()` names
+them all to the enclave, which grants the job key to each only once its evidence is checked.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +131,43 @@ class NodeAgentProcess:
 
 
 MakeEngine = Callable[[Any, str], Any]  # (SparkSession, agent socket) -> a SparkEngine
+MAX_ANNOUNCEMENT = 1 << 20
+
+
+def read_agent_announcement(path: Path) -> tuple[str, str]:
+    """Another host's node agent as its start-up output announced it (``ready LINE`` and ``evidence
+    B64``, in a file): (public line, evidence base64). Only its form is checked here; the enclave
+    checks the evidence before it grants that agent a job key."""
+    where = f"--flow-agent {path}"
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_ANNOUNCEMENT + 1)
+    except OSError as exc:
+        raise ConfideError(
+            f"cannot read the node agent's announcement ({exc.strerror})", where=where
+        ) from None
+    if len(raw) > MAX_ANNOUNCEMENT:
+        raise ConfideError("the node agent's announcement is over 1 MiB", where=where)
+    got: dict[str, str] = {}
+    for line in raw.decode("utf-8", "replace").splitlines():
+        word, _, rest = line.partition(" ")
+        if word in ("ready", "evidence") and rest.strip():
+            got.setdefault(word, rest.strip())
+    missing = [w for w in ("ready", "evidence") if w not in got]
+    if missing:
+        raise ConfideError(
+            f"no {' and no '.join(repr(w + ' ...') for w in missing)} line: give the first two lines "
+            "`python -m confide.flow.node_agent` printed",
+            where=where,
+        )
+    try:
+        PublicIdentity.from_line(got["ready"], where=where)
+        base64.b64decode(got["evidence"], validate=True)
+    except ConfideError:
+        raise
+    except ValueError:
+        raise ConfideError("the evidence line is not base64", where=where) from None
+    return got["ready"], got["evidence"]
 
 
 class SparkFlowEngine:
@@ -144,8 +184,10 @@ class SparkFlowEngine:
         backend: str = "sim",
         enclave_config: Path | None = None,
         make_engine: MakeEngine | None = None,
+        remote_agents: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.master = master
+        self.remote_agents = [list(a) for a in remote_agents]  # other hosts' (public line, evidence)
         self.work_dir = work_dir
         self.platform_dir = platform_dir
         self.backend = backend
@@ -206,7 +248,7 @@ class SparkFlowEngine:
         """The node agents as the enclave's `flow_agents`: [[public line, evidence (base64)]]."""
         self._wait(timeout)
         assert self.agent is not None
-        return [[self.agent.public_line, self.agent.evidence]]
+        return [[self.agent.public_line, self.agent.evidence], *self.remote_agents]
 
     def run_stages(
         self, task_id: str, start: dict[str, Any], inputs: dict[str, str], out_dir: Path

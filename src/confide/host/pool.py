@@ -82,6 +82,7 @@ class PoolSettings:
     accelerator: str | None = None  # numpy | cuda | auto: one accelerator process per enclave worker
     flow_engine: str = "local"  # local: flow tasks run inside the enclave's call; spark: on Spark
     spark_master: str = "local[2]"
+    flow_agents: tuple[tuple[str, str], ...] = ()  # other hosts' node agents: (public line, evidence)
 
 
 class EnclaveWorker:
@@ -420,6 +421,7 @@ class WorkerPool:
                 platform_dir=settings.platform_dir,
                 backend=settings.backend,
                 enclave_config=settings.enclave_config,
+                remote_agents=settings.flow_agents,
             )
         self._ready_lock = threading.Lock()  # one "N/M workers ready" line at a time
         self.maintenance = threading.Thread(target=self._maintain, name="confide-maintenance", daemon=True)

@@ -51,6 +51,7 @@ class ServeOptions:
     accelerator: str | None = None  # numpy | cuda | auto (untrusted; for infer's outsourced modes)
     flow_engine: str = "local"  # local | spark: where a flow task's stages run (confide.host.flow_engine)
     spark_master: str = "local[2]"
+    flow_agents: tuple[tuple[str, str], ...] = ()  # other hosts' node agents: (public line, evidence)
 
 
 def configure_logging() -> None:
@@ -115,6 +116,7 @@ def build(opts: ServeOptions) -> tuple[Platform, WorkerPool]:
             accelerator=opts.accelerator,
             flow_engine=opts.flow_engine,
             spark_master=opts.spark_master,
+            flow_agents=opts.flow_agents,
             poll_seconds=opts.poll_seconds,
             lease_seconds=opts.lease_seconds,
         ),
@@ -139,6 +141,7 @@ def serve(
     accelerator: str | None = None,
     flow_engine: str = "local",
     spark_master: str = "local[2]",
+    flow_agents: tuple[tuple[str, str], ...] = (),
 ) -> None:
     """`confide serve`: run until SIGINT/SIGTERM (see `run`)."""
     run(
@@ -158,6 +161,7 @@ def serve(
             accelerator=accelerator,
             flow_engine=flow_engine,
             spark_master=spark_master,
+            flow_agents=flow_agents,
         )
     )
 

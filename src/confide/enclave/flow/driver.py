@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import itertools
 import json
 import struct
 from collections.abc import Callable, Iterable, Iterator
@@ -238,7 +239,9 @@ def _pair(x: Any, op: str) -> tuple[Any, Any]:
 def _reduce(it: Iterable[Any], fn: Callable[[Any, Any], Any]) -> Iterator[Any]:
     acc: dict[Any, Any] = {}
     for x in it:
-        k, v = _pair(x, "reduce_by_key")
+        if type(x) is not tuple or len(x) != 2:  # _pair's check, inline: once per record
+            _pair(x, "reduce_by_key")
+        k, v = x
         acc[k] = fn(acc[k], v) if k in acc else v
     yield from acc.items()
 
@@ -335,11 +338,11 @@ def _apply(op: dict[str, Any], it: Iterable[Any], fns: dict[str, Any]) -> Iterab
     kind = op["op"]
     fn: Any = fns[op["fn"]] if "fn" in op else None
     if kind == "map":
-        return (fn(x) for x in it)
+        return map(fn, it)
     if kind == "flat_map":
-        return (y for x in it for y in fn(x))
+        return itertools.chain.from_iterable(map(fn, it))
     if kind == "filter":
-        return (x for x in it if fn(x))
+        return filter(fn, it)
     if kind == "map_partitions":
         return fn(iter(it))
     if kind == "key_by":
