@@ -1,7 +1,8 @@
 """A worker's memory budget (issue 8): a keyed stage whose partition is four times the budget spills
 to sealed files, runs per sub-partition, gives the same result as without a budget, and never holds
-more than the budget in clear; a stage that cannot spill (a union's) fails naming the budget; a host that
-tampers with or swaps the spill files is refused; nothing is left on disk."""
+more than the budget in clear; a union's consumer over the budget runs in pieces with the same
+result (and refuses a map_partitions, naming the budget); a host that tampers with or swaps the
+spill files is refused; nothing is left on disk."""
 
 from __future__ import annotations
 
@@ -54,9 +55,11 @@ def data(tmp_path_factory: pytest.TempPathFactory, enclave_identity: Identity) -
     )
 
 
-def _run(enclave: Any, build: Any, data: Path, out: Path, recipient: Identity) -> list[Any]:
+def _run(
+    enclave: Any, build: Any, data: Path, out: Path, recipient: Identity, partitions: int | None = None
+) -> list[Any]:
     flow = Flow(FUNCTIONS + EXTRA)
-    action = build(flow, flow.text(data)).save("o")
+    action = build(flow, flow.text(data, partitions=partitions)).save("o")
     flow.run(action, engine=LocalEngine([enclave]), recipients=[recipient.public], out_dir=out)
     return open_result(out, "o", recipient)
 
@@ -106,17 +109,60 @@ def test_the_reduce_result_is_the_plain_one(
     assert got == dict(want) and Counter(type(k) for k in got) == Counter({str: 3000})
 
 
-def test_a_stage_that_cannot_spill_fails_naming_the_budget(
+def _union(build_rest: Any) -> Any:
+    def job(f: Any, t: Any) -> Any:
+        return build_rest(t.map("kv").union(t.map("kv")))
+
+    return job
+
+
+UNION_JOBS = {  # a union's consumer (it reads unkeyed, forward exchanges) over the budget
+    "map_filter_sink": _union(lambda u: u.filter("small").map("by_key")),
+    "then_reduce_by_key": _union(lambda u: u.map("by_key").map("one").reduce_by_key("add", 2)),
+}
+
+
+@pytest.mark.parametrize("name", ["map_filter_sink", "then_reduce_by_key"])
+def test_a_unions_consumer_over_the_budget_runs_in_pieces_with_the_same_result(
+    name: str, data: Path, tmp_path: Path, zygote: Zygote, enclave_identity: Identity, recipient: Identity
+) -> None:
+    """A union's consumer needs no other record than its own: over the budget it opens its batches
+    in order and runs a quarter of the budget at a time (no spill file), the map-side combiner of a
+    following reduce_by_key included; the result is the unbudgeted one."""
+    job = UNION_JOBS[name]
+    want = _run(make_enclave(zygote, enclave_identity), job, data, tmp_path / "free", recipient, 1)
+    tight = make_enclave(zygote, enclave_identity, memory_budget=BUDGET, spill_dir=tmp_path / "s")
+    seen: list[tuple[int, dict[str, int]]] = []
+    run_task = tight.run_task
+
+    def watch(ticket: bytes, stage: int, *a: Any, **k: Any) -> Any:
+        out = run_task(ticket, stage, *a, **k)
+        seen.append((stage, dict(tight.last_task)))
+        return out
+
+    tight.run_task = watch  # type: ignore[method-assign]
+    got = _run(tight, job, data, tmp_path / "o", recipient, 1)
+    assert Counter(map(repr, got)) == Counter(map(repr, want)) and len(want) > 100
+    consumer = [t for stage, t in seen if stage == 2]  # stages 0 and 1: the union's two sides
+    assert len(consumer) == 2 and all(t["subpartitions"] > 4 and t["spilled_bytes"] == 0 for t in consumer)
+    assert max(t["held_bytes"] for t in consumer) <= BUDGET
+    assert not list((tmp_path / "s").glob("*"))
+
+
+def test_a_unions_consumer_that_needs_its_whole_partition_is_refused_naming_the_budget(
     data: Path, tmp_path: Path, zygote: Zygote, enclave_identity: Identity, recipient: Identity
 ) -> None:
-    """A union's consumer reads an unkeyed (forward) exchange: it cannot spill."""
+    """Run piece by piece, a map_partitions would see pieces, not its partition: refused, naming
+    stage, partition, the operator and the budget, before a batch is opened; no output."""
     tight = make_enclave(zygote, enclave_identity, memory_budget=BUDGET, spill_dir=tmp_path / "s")
-    one = Flow(FUNCTIONS + EXTRA)
-    src = one.text(data, partitions=1)
-    action = src.map("kv").union(src.map("kv")).map("by_key").save("o")
-    with pytest.raises(FlowTaskError, match="cannot spill") as err:
-        one.run(action, engine=LocalEngine([tight]), recipients=[recipient.public], out_dir=tmp_path / "o")
-    assert "stage 2 partition" in str(err.value) and str(BUDGET) in str(err.value)
+    job = _union(lambda u: u.map_partitions("count_all"))
+    assert _run(make_enclave(zygote, enclave_identity), job, data, tmp_path / "free", recipient, 1) == [
+        len(LINES),
+        len(LINES),
+    ]
+    with pytest.raises(FlowTaskError, match="map_partitions") as err:
+        _run(tight, job, data, tmp_path / "o", recipient, 1)
+    assert "stage 2 partition" in str(err.value) and f"budget of {BUDGET} bytes" in str(err.value)
     assert not (tmp_path / "o" / "o.manifest.cnfseal").exists()
     assert not list((tmp_path / "s").glob("*"))
 

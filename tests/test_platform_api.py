@@ -360,64 +360,35 @@ def test_server_log_says_what_it_does(server: ServerProcess) -> None:
     assert "Traceback" not in log
 
 
+def _serve_refused(tmp_path: Path, *args: str) -> str:
+    """`confide serve --data TMP --workers 0 ARGS` that must fail at once: its stderr."""
+    cmd = [sys.executable, "-m", "confide.cli.main", "serve", "--data", str(tmp_path), "--workers", "0"]
+    result = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "error: " in result.stderr and "Traceback" not in result.stderr, result.stderr
+    return result.stderr
+
+
 def test_serve_refuses_a_bad_database_with_one_clear_line(tmp_path: Path) -> None:
     for url, reason in (
         ("mysql://u@h/db", "unsupported database 'mysql'"),
         ("postgresql://nobody:secret@127.0.0.1:1/none", "cannot open the database"),
     ):
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "confide.cli.main",
-                "serve",
-                "--db",
-                url,
-                "--data",
-                str(tmp_path),
-                "--workers",
-                "0",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert result.returncode == 1, result.stderr
-        assert "error: " in result.stderr and "(--db" in result.stderr and reason in result.stderr
-        assert "Traceback" not in result.stderr and "secret" not in result.stderr
+        err = _serve_refused(tmp_path, "--db", url)
+        assert "(--db" in err and reason in err and "secret" not in err
 
 
 def test_serve_refuses_bad_flow_agent_files_with_one_clear_line(tmp_path: Path) -> None:
     bad = tmp_path / "agent.txt"
     bad.write_text("ready nonsense\n")
-    for extra, where, reason in (
-        (["--flow-agent", str(bad)], "--flow-agent", "node agents are for --flow-engine spark"),
-        (
-            ["--flow-engine", "spark", "--flow-agent", str(bad)],
-            f"--flow-agent {bad}",
-            "no 'evidence ...' line",
-        ),
-        (["--flow-engine", "spark", "--flow-agent", str(tmp_path / "none")], "--flow-agent", "cannot read"),
+    spark = ("--flow-engine", "spark", "--flow-agent")
+    for args, where, reason in (
+        (("--flow-agent", str(bad)), "--flow-agent", "node agents are for --flow-engine spark"),
+        ((*spark, str(bad)), f"--flow-agent {bad}", "no 'evidence ...' line"),
+        ((*spark, str(tmp_path / "none")), "--flow-agent", "cannot read"),
     ):
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "confide.cli.main",
-                "serve",
-                "--data",
-                str(tmp_path),
-                "--workers",
-                "0",
-                *extra,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert result.returncode == 1, result.stderr
-        assert f"({where}" in result.stderr and reason in result.stderr, result.stderr
-        assert "Traceback" not in result.stderr
+        err = _serve_refused(tmp_path, *args)
+        assert f"({where}" in err and reason in err, err
 
 
 def test_api_only_server_without_workers(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from .emitter import _Emitter
 from .errors import FlowIntegrityError, FlowTaskError
 from .padding import COUNT
 from .plan import Stage
-from .spill import _not_per_piece, _SpillFiles
+from .spill import _not_per_piece, _SpillFiles, over_budget
 
 if TYPE_CHECKING:
     from .task import FlowEnclave, _Job
@@ -55,11 +55,8 @@ def run_sort_spilled(
     tail = list(st.chain[1:])
     op = _not_per_piece(tail, st)  # per piece = per partition only for per-record operators
     if op is not None:
-        raise FlowTaskError(
-            f"the partition holds {incoming} bytes, over half the worker's memory budget of "
-            f"{budget} bytes, and its sort is followed by {op}, which needs the whole "
-            "partition at once: give it more partitions or the worker more memory",
-            where=where,
+        raise over_budget(
+            incoming, budget, f"its sort is followed by {op}, which needs the whole partition at once", where
         )
     sorter = _SortRuns(enclave, job, st, partition, budget, incoming, where)
     try:
@@ -161,27 +158,15 @@ def run_routing_streamed(
             where=where,
         )
     # a piece, its routed output (the same records, each with its bucket) and the samples
-    piece_bytes = max(1, (budget - len(framed_samples)) // 4)
     emitter = _Emitter(enclave, job, st, partition, out_dir, where)
     try:
-        held, pieces, size = 0, 0, 0
-        piece: list[bytes] = []
-
-        def flush() -> None:
-            nonlocal held, pieces, size, piece
-            framed = b"".join(driver.FRAME.pack(len(f)) + f for f in piece)
-            piece, size = [], 0
-            held = max(held, run_piece(enclave, job, st, framed, [], emitter, where, framed_samples))
-            pieces += 1
+        pieces = Pieces(
+            enclave, job, st, emitter, where, (budget - len(framed_samples)) // 4, [], framed_samples
+        )
 
         def feed(parent: int, header: Header, payload: bytes) -> None:
-            nonlocal size
-            if sample_seq.get(header.part) == header.seq:
-                return  # that stream's sample (checked below to be its last data batch)
-            if piece and size + len(payload) > piece_bytes:
-                flush()
-            piece.append(payload)
-            size += len(payload)
+            if sample_seq.get(header.part) != header.seq:  # not that stream's sample (checked below)
+                pieces.add(payload)
 
         _, consumed, n_in = enclave._check_batches(job, st, partition, batches, where, sink=feed)
         for p, seq in sample_seq.items():
@@ -190,15 +175,56 @@ def run_routing_streamed(
                     f"stream from stage {k} partition {p}: its sample is not its last data batch",
                     where=where,
                 )
-        if piece or not pieces:
-            flush()
+        pieces.finish()
         report["consumed"] = consumed
         report["records_in"] = n_in
         outputs = emitter.finish(report)
     finally:
         emitter.abort()
-    enclave.last_task = {"held_bytes": held, "subpartitions": pieces, "spilled_bytes": 0}
+    enclave.last_task = {"held_bytes": pieces.held, "subpartitions": pieces.runs, "spilled_bytes": 0}
     return outputs
+
+
+class Pieces:
+    """A streamed task's records (encoded batch payloads, in order) cut into pieces of about
+    `piece_bytes`, each run through `chain` in one sandboxed run (run_piece) as it fills, its output
+    to `emitter`; `finish` runs the last (or the only, empty, one). `held`: the most one run was
+    given and gave back."""
+
+    def __init__(
+        self,
+        enclave: FlowEnclave,
+        job: _Job,
+        st: Stage,
+        emitter: _Emitter,
+        where: str,
+        piece_bytes: int,
+        chain: Sequence[dict[str, Any]],
+        samples: bytes | None = None,
+    ) -> None:
+        self.enclave, self.job, self.st, self.emitter, self.where = enclave, job, st, emitter, where
+        self.piece_bytes, self.chain, self.samples = max(1, piece_bytes), chain, samples
+        self.piece: list[bytes] = []
+        self.size = self.held = self.runs = 0
+
+    def add(self, payload: bytes) -> None:
+        if self.piece and self.size + len(payload) > self.piece_bytes:
+            self._flush()
+        self.piece.append(payload)
+        self.size += len(payload)
+
+    def finish(self) -> None:
+        if self.piece or not self.runs:
+            self._flush()
+
+    def _flush(self) -> None:
+        framed = b"".join(driver.FRAME.pack(len(f)) + f for f in self.piece)
+        self.piece, self.size = [], 0
+        held = run_piece(
+            self.enclave, self.job, self.st, framed, self.chain, self.emitter, self.where, self.samples
+        )
+        self.held = max(self.held, held)
+        self.runs += 1
 
 
 def run_piece(

@@ -39,6 +39,15 @@ _COMBINER_OPS = frozenset({"reduce_local", "aggregate_local", "group_local", "di
 _PER_KEY_OPS = frozenset({"reduce_local", "aggregate_local", "group_local", "group_concat", "distinct_local"})
 
 
+def over_budget(incoming: int, budget: int, why: str, where: str) -> FlowTaskError:
+    """The refusal of a task over the budget that cannot run in parts: `why` says what it runs."""
+    return FlowTaskError(
+        f"the partition holds {incoming} bytes, over half the worker's memory budget of {budget} "
+        f"bytes, and {why}: give it more partitions or the worker more memory",
+        where=where,
+    )
+
+
 def _needs_whole_partition(st: Stage, keyed: list[str]) -> str | None:
     """The first operator of a keyed stage whose result per sub-partition (a spilled task runs the
     stage once per sub-partition, its records routed by the exchange's key) could differ from its
@@ -68,6 +77,52 @@ def _not_per_piece(chain: Sequence[dict[str, Any]], st: Stage) -> str | None:
     return str(chain[i]["op"]) if i < len(chain) else None
 
 
+def run_unkeyed_streamed(
+    enclave: FlowEnclave,
+    job: _Job,
+    st: Stage,
+    partition: int,
+    batches: Sequence[bytes],
+    report: dict[str, Any],
+    out_dir: str | None,
+    incoming: int,
+    where: str,
+) -> list[tuple[int, bytes]]:
+    """A stage reading only unkeyed exchanges (a union's consumer: forward, single) over the budget:
+    no record needs another, so its batches are opened in order and run about a quarter of the
+    budget at a time, each piece in one sandboxed run, the output sealed as it comes; nothing
+    spills. Its operators must give the partition's result piece by piece (per-record operators,
+    then a shuffle's map-side combiner); anything else (map_partitions) is refused before a batch
+    is opened, naming the budget."""
+    from .external_sort import Pieces
+
+    budget = enclave.memory_budget
+    assert budget is not None
+    op = _not_per_piece(st.chain, st)
+    if op is not None:
+        raise over_budget(
+            incoming,
+            budget,
+            f"this stage runs {op}, which needs the whole partition at once (a streamed stage runs "
+            "once per piece)",
+            where,
+        )
+    emitter = _Emitter(enclave, job, st, partition, out_dir, where)
+    try:
+        pieces = Pieces(enclave, job, st, emitter, where, budget // 4, st.chain)
+        _, consumed, n_in = enclave._check_batches(
+            job, st, partition, batches, where, sink=lambda _parent, _header, payload: pieces.add(payload)
+        )
+        pieces.finish()
+        report["consumed"] = consumed
+        report["records_in"] = n_in
+        outputs = emitter.finish(report)
+    finally:
+        emitter.abort()
+    enclave.last_task = {"held_bytes": pieces.held, "subpartitions": pieces.runs, "spilled_bytes": 0}
+    return outputs
+
+
 def run_spilled(
     enclave: FlowEnclave,
     job: _Job,
@@ -86,29 +141,32 @@ def run_spilled(
     distinct, join) give the same result, and so do per-record operators after them and a
     shuffle's map-side combiner at the end; anything else (map_partitions) would see a
     sub-partition instead of the partition and is refused before anything spills, naming the
-    budget, as is a stage reading an unkeyed exchange (a union's consumer), which cannot spill
-    (a sort's stages: external_sort.run_sort_spilled, run_routing_streamed)."""
+    budget. A stage reading only unkeyed exchanges (a union's consumer) needs no spill: it runs in
+    pieces (run_unkeyed_streamed). (A sort's stages: external_sort.run_sort_spilled,
+    run_routing_streamed.)"""
     budget = enclave.memory_budget
     assert budget is not None
     plan = job.plan
     keyed = [
         plan.stages[k].output.keyed if plan.stages[k].output.kind == "hash" else None for k in st.parents
     ]
+    if st.parents and all(k is None for k in keyed):
+        return run_unkeyed_streamed(enclave, job, st, partition, batches, report, out_dir, incoming, where)
     if not st.parents or None in keyed:
-        raise FlowTaskError(
-            f"the partition holds {incoming} bytes, over half the worker's memory budget of {budget} "
-            "bytes, and this stage reads an unkeyed exchange (union, count), which cannot "
-            "spill: give it more partitions or the worker more memory",
-            where=where,
+        raise over_budget(
+            incoming,
+            budget,
+            "this stage reads keyed and unkeyed exchanges at once, which cannot spill",
+            where,
         )
     op = _needs_whole_partition(st, [str(k) for k in keyed])
     if op is not None:  # refused before anything spills: per sub-partition it would see a part
-        raise FlowTaskError(
-            f"the partition holds {incoming} bytes, over half the worker's memory budget of {budget} "
-            f"bytes, and this keyed stage runs {op}, which needs the whole partition at once (a "
-            "spilled stage runs once per sub-partition): give it more partitions or the worker "
-            "more memory",
-            where=where,
+        raise over_budget(
+            incoming,
+            budget,
+            f"this keyed stage runs {op}, which needs the whole partition at once (a spilled stage "
+            "runs once per sub-partition)",
+            where,
         )
     n_sub = min(4096, -(-incoming // max(1, budget // 4)))  # ~a quarter of the budget each
     spill = _Spill(enclave, job, st, partition, n_sub, len(st.parents), budget, where)
