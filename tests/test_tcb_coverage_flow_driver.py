@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from confide.enclave.flow import driver
 from confide.enclave.flow.emitter import _parse_keyed, _parse_output
@@ -293,3 +295,23 @@ def test_in_process_matches_the_sandboxed_driver(zygote: Zygote) -> None:
         os.close(fd)
     assert result.ok, result
     assert bytes(sink.data) == call(params, {"in": TEXT})
+
+
+_KEYS = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.tuples(inner, inner) | st.lists(inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_KEYS)
+def test_key_encodings_fast_paths_equal_the_canonical_form(key: Any) -> None:
+    """key_json's and canonical_encoded's int and str fast paths give the full canonical form."""
+    full = json.dumps(
+        driver._canon(driver.enc(key)), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    assert driver.key_json(key) == full == driver.canonical_encoded(driver.enc(key))
+    assert driver.record_json(driver.enc(key)) == json.dumps(
+        driver.enc(key), separators=(",", ":"), ensure_ascii=False
+    )

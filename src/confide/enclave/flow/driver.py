@@ -107,7 +107,13 @@ def key_json(key: Any) -> str:
 
 
 def canonical_encoded(j: Any) -> str:
-    """key_json of an already encoded key (the enclave side routes encoded records by key)."""
+    """key_json of an already encoded key (the enclave side routes encoded records by key); an int
+    or str key takes key_json's fast path (the same result)."""
+    t = type(j)
+    if t is int:
+        return int.__repr__(j)
+    if t is str:
+        return _STR_JSON(j)
     return json.dumps(_canon(j), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 

@@ -25,7 +25,7 @@ from ..sandbox import make_input_memfd
 from ..sealed_file import DEFAULT_CHUNK_SIZE, SealedReader, SealedWriter
 from . import driver
 from .batch import KEY_LEN, Header, prf_buckets
-from .emitter import _Emitter
+from .emitter import CACHE_KEYS, _Emitter
 from .errors import FlowIntegrityError, FlowTaskError
 from .plan import Stage
 
@@ -330,6 +330,7 @@ class _Spill:
         # buffered records per (sub, parent), flushed as frames: together at most ~a quarter budget
         self.flush = max(1 << 12, min(self.FLUSH_BYTES, budget // (4 * n_sub * n_parents)))
         self.buffers: dict[tuple[int, int], list[bytes]] = {}
+        self.cache: dict[bytes, int] = {}  # key encoding -> sub-partition (bounded like the emitter's)
         self.sizes: dict[tuple[int, int], int] = {}
 
     @property
@@ -342,10 +343,17 @@ class _Spill:
                 records = json.loads(payload)
             except (ValueError, RecursionError):
                 raise FlowIntegrityError("a batch's records are not valid JSON", where=self.where) from None
+            cache, whole = self.cache, keyed[parent] == "self"
+            if len(cache) > CACHE_KEYS:
+                cache.clear()
             for rec in records:
-                key = rec if keyed[parent] == "self" else (rec[0] if isinstance(rec, list) and rec else None)
-                (sub,) = prf_buckets(self.route_key, [driver.canonical_encoded(key).encode()], self.n_sub)
-                self._add(sub, parent, json.dumps(rec, ensure_ascii=False, separators=(",", ":")).encode())
+                key = rec if whole else (rec[0] if isinstance(rec, list) and rec else None)
+                k = driver.canonical_encoded(key).encode()
+                sub = cache.get(k)
+                if sub is None:
+                    (sub,) = prf_buckets(self.route_key, [k], self.n_sub)
+                    cache[k] = sub
+                self._add(sub, parent, driver.record_json(rec).encode())
 
         return route
 
