@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from confide.enclave.errors import ConfideError
-from confide.enclave.flow import FlowEnclave, FlowIntegrityError
+from confide.enclave.flow import FlowEnclave, FlowIntegrityError, FlowTaskError, driver
 from confide.enclave.keys import Identity
 from confide.enclave.sandbox import Zygote
 from confide.flow import Flow, open_result, seal_text
 from confide.flow.malicious import MaliciousEngine
-from flow_support import FUNCTIONS, enclave_identity, make_enclave, recipient, zygote
+from flow_support import FUNCTIONS, enclave_identity, make_enclave, recipient, sim_backend, zygote
 
 __all__ = ["enclave_identity", "recipient", "zygote"]  # fixtures
 
@@ -135,3 +135,30 @@ def test_truncated_input_file_is_refused(
         match=r"stage 0 partition 2: input 'in0': (file is truncated|chunk 3 of 4 failed authentication)",
     ):
         flow.run(action, engine=engine, recipients=[recipient.public], out_dir=tmp_path / "out")
+
+
+class _SplittingSandbox(FlowEnclave):
+    """Hostile function code that writes its stage-0 output itself: one record whose bytes hold two
+    JSON values ('["x",1],["y",1]' counted as one), which the enclave seals unparsed."""
+
+    def _run_driver(self, job, st, specs, fds, where, chain=None):  # type: ignore[no-untyped-def]
+        out = super()._run_driver(job, st, specs, fds, where, chain)
+        if st.id != 0:
+            return out
+        keys, recs = b'"x"', b'["x",1],["y",1]'
+        body = driver.KEYED.pack(1, len(keys)) + keys + recs
+        return driver.FRAME.pack(len(body)) + body
+
+
+def test_a_record_that_holds_two_values_fails_the_next_task_not_the_counts(
+    tmp_path: Path, zygote: Zygote, enclave_identity: Identity, inputs: tuple[Path, Path], recipient: Identity
+) -> None:
+    """The enclave seals a keyed output's record bytes without decoding them; the next task's driver
+    checks that its input holds as many records as the authenticated batches count, so a record
+    smuggling a second value fails that task (naming it) instead of being counted as one."""
+    hostile = _SplittingSandbox(enclave_identity, zygote, backend=sim_backend())
+    with pytest.raises(
+        FlowTaskError, match=r"stage 1 partition \d: the stage's functions failed: exception \(ValueError\)"
+    ):
+        run(MaliciousEngine([hostile]), inputs[0], tmp_path / "out", recipient)
+    assert not list((tmp_path / "out").glob("*.manifest.cnfseal"))

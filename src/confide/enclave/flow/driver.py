@@ -226,11 +226,18 @@ def _source(raw: bytes, spec: dict[str, Any]) -> Iterator[Any]:
         raise ValueError(f"unknown source format {fmt!r}")
 
 
-def _records(fh: BinaryIO) -> Iterator[Any]:
+def _records(fh: BinaryIO, expect: int | None = None) -> Iterator[Any]:
+    """The records of a task's framed input; with `expect` (the enclave's authenticated count of
+    them), read to the end, a different number fails the run: a record of the previous task's
+    output that held several JSON values (its bytes are sealed unparsed) is not taken as several."""
     data = fh.read()
+    n = 0
     for payload in iter_frames(data):
         for j in json.loads(bytes(payload)):
+            n += 1
             yield dec(j)
+    if expect is not None and n != expect:
+        raise ValueError(f"the input holds {n} records where the enclave counted {expect}")
 
 
 # ---- operators --------------------------------------------------------------------------------------
@@ -390,7 +397,9 @@ def run(ctx: Any) -> None:
         if spec["kind"] == "samples":  # a range sort's routing stage: every map task's sample
             samples.extend(_records(fh))
             continue
-        streams.append(_source(fh.read(), spec) if spec["kind"] == "raw" else _records(fh))
+        streams.append(
+            _source(fh.read(), spec) if spec["kind"] == "raw" else _records(fh, spec.get("records"))
+        )
     if p["combine"] == "join":
         it: Iterable[Any] = _join(streams[0], streams[1], p["how"])
     else:

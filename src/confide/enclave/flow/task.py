@@ -343,7 +343,10 @@ class FlowEnclave:
                 report["consumed"] = consumed
                 report["records_in"] = n_in
                 for i, data in enumerate(frames):
-                    specs.append({"name": f"in{i}", "kind": "frames"})
+                    spec_i: dict[str, Any] = {"name": f"in{i}", "kind": "frames"}
+                    if samples is None:  # each parent's records, as the batches counted them
+                        spec_i["records"] = sum(v[1] for v in consumed[str(st.parents[i])].values())
+                    specs.append(spec_i)
                     fds[f"in{i}"] = make_input_memfd(data, name=f"confide-flow-in{i}")
                 if samples is not None:
                     specs.append({"name": "samples", "kind": "samples"})
