@@ -150,15 +150,27 @@ class _SplittingSandbox(FlowEnclave):
         return driver.FRAME.pack(len(body)) + body
 
 
+@pytest.mark.parametrize("budget", [None, 256])
 def test_a_record_that_holds_two_values_fails_the_next_task_not_the_counts(
-    tmp_path: Path, zygote: Zygote, enclave_identity: Identity, inputs: tuple[Path, Path], recipient: Identity
+    budget: int | None,
+    tmp_path: Path,
+    zygote: Zygote,
+    enclave_identity: Identity,
+    inputs: tuple[Path, Path],
+    recipient: Identity,
 ) -> None:
-    """The enclave seals a keyed output's record bytes without decoding them; the next task's driver
-    checks that its input holds as many records as the authenticated batches count, so a record
-    smuggling a second value fails that task (naming it) instead of being counted as one."""
-    hostile = _SplittingSandbox(enclave_identity, zygote, backend=sim_backend())
-    with pytest.raises(
-        FlowTaskError, match=r"stage 1 partition \d: the stage's functions failed: exception \(ValueError\)"
-    ):
+    """The enclave seals a keyed output's record bytes without decoding them; the next task checks
+    that its input holds as many records as the authenticated batches count (its driver, or, over a
+    memory budget, the spill router that decodes them), so a record smuggling a second value fails
+    that task, naming it, instead of being counted as one."""
+    hostile = _SplittingSandbox(
+        enclave_identity, zygote, backend=sim_backend(), memory_budget=budget, spill_dir=tmp_path / "s"
+    )
+    what = (
+        "exception \\(ValueError\\)"
+        if budget is None
+        else "a batch holds 2 records where the enclave counted 1"
+    )
+    with pytest.raises(FlowTaskError, match=f"stage 1 partition \\d: .*{what}"):
         run(MaliciousEngine([hostile]), inputs[0], tmp_path / "out", recipient)
     assert not list((tmp_path / "out").glob("*.manifest.cnfseal"))

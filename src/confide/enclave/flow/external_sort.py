@@ -164,7 +164,7 @@ def run_routing_streamed(
             enclave, job, st, emitter, where, (budget - len(framed_samples)) // 4, [], framed_samples
         )
 
-        def feed(parent: int, header: Header, payload: bytes) -> None:
+        def feed(parent: int, header: Header, payload: bytes, count: int) -> None:
             if sample_seq.get(header.part) != header.seq:  # not that stream's sample (checked below)
                 pieces.add(payload)
 
@@ -303,7 +303,7 @@ class _SortRuns:
         self.passes = 0
         self.held = 0  # the most decrypted bytes (encoded records) held while forming runs
 
-    def add(self, parent: int, header: Header, payload: bytes) -> None:
+    def add(self, parent: int, header: Header, payload: bytes, count: int) -> None:
         """One opened batch's records (a sink of _check_batches): into the run being formed, which
         is sorted and spilled first if they would take it over a quarter of the budget."""
         if self.buffer and self.buffered + len(payload) > self.run_bytes:

@@ -111,7 +111,12 @@ def run_unkeyed_streamed(
     try:
         pieces = Pieces(enclave, job, st, emitter, where, budget // 4, st.chain)
         _, consumed, n_in = enclave._check_batches(
-            job, st, partition, batches, where, sink=lambda _parent, _header, payload: pieces.add(payload)
+            job,
+            st,
+            partition,
+            batches,
+            where,
+            sink=lambda _parent, _header, payload, _count: pieces.add(payload),
         )
         pieces.finish()
         report["consumed"] = consumed
@@ -337,12 +342,19 @@ class _Spill:
     def written(self) -> int:
         return self.files.written
 
-    def router(self, keyed: list[str]) -> Callable[[int, Header, bytes], None]:
-        def route(parent: int, header: Header, payload: bytes) -> None:
+    def router(self, keyed: list[str]) -> Callable[[int, Header, bytes, int], None]:
+        def route(parent: int, header: Header, payload: bytes, count: int) -> None:
             try:
                 records = json.loads(payload)
             except (ValueError, RecursionError):
                 raise FlowIntegrityError("a batch's records are not valid JSON", where=self.where) from None
+            if not isinstance(records, list) or len(records) != count:  # a record holding two values
+                raise FlowTaskError(
+                    f"a batch holds {len(records) if isinstance(records, list) else 'no list of'} records "
+                    f"where the enclave counted {count} (a record of the previous task's output is not "
+                    "one JSON value)",
+                    where=self.where,
+                )
             cache, whole = self.cache, keyed[parent] == "self"
             if len(cache) > CACHE_KEYS:
                 cache.clear()

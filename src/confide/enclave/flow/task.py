@@ -419,13 +419,13 @@ class FlowEnclave:
         bucket: int,
         batches: Sequence[bytes],
         where: str,
-        sink: Callable[[int, Header, bytes], None] | None = None,
+        sink: Callable[[int, Header, bytes, int], None] | None = None,
         samples: list[bytes] | None = None,
     ) -> tuple[list[bytes], dict[str, dict[str, list[int]]], int]:
         """Open and check every batch; returns one framed input per parent, what was consumed, and the
         record count. Any missing, extra, duplicated, out-of-order, foreign or forged batch fails.
         With `sink`, each data batch's records go to sink(parent index, its authenticated header,
-        payload) as it is opened and nothing is kept (the framed inputs come back empty). From a
+        payload, its authenticated record count) as it is opened and nothing is kept (the framed inputs come back empty). From a
         ``sample`` parent (a range sort's map side) each stream's last data batch is its sample:
         appended to `samples` (with a sink, the sink gets it: the caller picks it out)."""
         plan = job.plan
@@ -474,7 +474,7 @@ class FlowEnclave:
                 s["records"] += count
                 records = payload[COUNT.size :].rstrip(b" ")  # a padded batch's filler
                 if sink is not None:
-                    sink(st.parents.index(header.stage), header, records)
+                    sink(st.parents.index(header.stage), header, records, count)
                 else:
                     s["frames"].append(records)
                 s["next"] += 1
